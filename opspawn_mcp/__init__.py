@@ -1,0 +1,1 @@
+"""opspawn ops-core: the MCP-native orchestrator (server, scheduler, workers, host pool)."""

@@ -1,0 +1,107 @@
+"""The typed errors every front door maps.
+
+Each error kind is raised in exactly one layer (service, store, host pool, config) and mapped
+once per door: MCP turns it into a tool result with ``isError``, REST into an RFC 9457 problem
+with ``status``, gRPC into ``grpc_code``. Messages are written for the person (or LLM) on the
+other side of the door, so they say what to do, never how the code failed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class OpspawnError(Exception):
+    """Base of every error opspawn reports to a client."""
+
+    kind: ClassVar[str] = "error"
+    status: ClassVar[int] = 500
+    grpc_code: ClassVar[str] = "INTERNAL"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": self.kind, "message": self.message, **self.details}
+
+
+class InvalidInput(OpspawnError):
+    """The request is malformed: wrong type, empty goal, out-of-range limit."""
+
+    kind = "invalid_input"
+    status = 422
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class PayloadTooLarge(InvalidInput):
+    kind = "payload_too_large"
+    status = 413
+
+
+class NotFound(OpspawnError):
+    kind = "not_found"
+    status = 404
+    grpc_code = "NOT_FOUND"
+
+
+class TaskNotFound(NotFound):
+    def __init__(self, task_id: str) -> None:
+        super().__init__(
+            f"No task with id {task_id!r}. List tasks with list_tasks to find valid ids.",
+            task_id=task_id,
+        )
+
+
+class Forbidden(OpspawnError):
+    """The caller named something the config does not allow (a server, a tool)."""
+
+    kind = "forbidden"
+    status = 403
+    grpc_code = "PERMISSION_DENIED"
+
+
+class Unauthenticated(OpspawnError):
+    kind = "unauthenticated"
+    status = 401
+    grpc_code = "UNAUTHENTICATED"
+
+
+class Conflict(OpspawnError):
+    """The request is valid but the task's current state does not allow it."""
+
+    kind = "conflict"
+    status = 409
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class IllegalTransition(Conflict):
+    def __init__(self, task_id: str, current: str, wanted: str) -> None:
+        super().__init__(
+            f"Task {task_id} is {current}; it cannot become {wanted}.",
+            task_id=task_id,
+            current=current,
+            wanted=wanted,
+        )
+
+
+class Unavailable(OpspawnError):
+    """A dependency (store, broker, downstream MCP server, LLM) cannot be reached right now."""
+
+    kind = "unavailable"
+    status = 503
+    grpc_code = "UNAVAILABLE"
+
+
+class ConfigError(OpspawnError):
+    """The config file is wrong; ``problems`` holds one line per problem with its JSON path."""
+
+    kind = "config_error"
+    status = 400
+    grpc_code = "INVALID_ARGUMENT"
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s):\n{lines}", problems=problems)
+        self.problems = problems
