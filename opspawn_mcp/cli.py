@@ -1,0 +1,160 @@
+"""``opspawn-mcp``: the command line.
+
+Parsing and error reporting live here; each command's work lives in the module that owns it, so
+this file stays a table of contents. Every typed ``OpspawnError`` becomes one clear line on stderr
+and exit code 2; a traceback reaching the user is a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from opspawn_mcp.config import Config, find_config_path, load_config
+from opspawn_mcp.errors import ConfigError, OpspawnError
+
+EPILOG = """\
+config: --config FILE, else $OPSPAWN_CONFIG, else ./opspawn.json, else the embedded default
+(SQLite under the user's state dir, in-process broker and worker, the bundled example server).
+Every key under "opspawn" has an OPSPAWN_* env override; see docs/configuration.md.
+"""
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(find_config_path(args.config))
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    path = Path(args.file) if args.file else find_config_path(args.config)
+    config = load_config(path)
+    print(
+        f"{config.source}: OK ({len(config.mcp_servers)} server(s): {', '.join(config.mcp_servers) or 'none'})"
+    )
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    config = _load(args)
+    print(json.dumps(config.model_dump(mode="json", by_alias=True), indent=2))
+    return 0
+
+
+def _not_yet(what: str) -> int:
+    print(f"opspawn-mcp: {what} is not built yet.", file=sys.stderr)
+    return 2
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    return _not_yet("serve")
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    return _not_yet("worker")
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    return _not_yet("submit")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    return _not_yet("status")
+
+
+def cmd_servers(args: argparse.Namespace) -> int:
+    return _not_yet("servers")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="opspawn-mcp",
+        description="MCP-native orchestration server for LLM agents.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", metavar="FILE", help="config file (JSON)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the MCP server (stdio, SSE, streamable HTTP) with the embedded worker",
+        description="Run opspawn as an MCP server. Without --stdio it serves streamable HTTP at /mcp "
+        "and SSE at /sse on opspawn.server.host:port (127.0.0.1:8765 by default).",
+    )
+    serve.add_argument("--stdio", action="store_true", help="speak MCP over stdin/stdout (logs go to stderr)")
+    serve.add_argument("--host", help="bind address (overrides opspawn.server.host)")
+    serve.add_argument("--port", type=int, help="port (overrides opspawn.server.port)")
+    serve.set_defaults(func=cmd_serve)
+
+    worker = sub.add_parser(
+        "worker",
+        help="run a worker process that executes agent tasks from RabbitMQ",
+        description="Consume execute_agent_task_actor messages from opspawn.broker_url (amqp://...). "
+        "The embedded broker needs no separate worker: serve runs one in-process.",
+    )
+    worker.set_defaults(func=cmd_worker)
+
+    submit = sub.add_parser(
+        "submit",
+        help="submit a task to a running server",
+        description="Submit a task to a running opspawn server over MCP and print it as JSON.",
+    )
+    submit.add_argument("goal", help="what the agent must do")
+    submit.add_argument(
+        "--server", action="append", dest="servers", help="allowed downstream server (repeatable)"
+    )
+    submit.add_argument("--max-steps", type=int)
+    submit.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the result")
+    submit.add_argument("--url", help="server URL (default http://127.0.0.1:8765/mcp)")
+    submit.set_defaults(func=cmd_submit)
+
+    status = sub.add_parser(
+        "status", help="show a task", description="Show a task's status, result or error."
+    )
+    status.add_argument("task_id")
+    status.add_argument("--url", help="server URL (default http://127.0.0.1:8765/mcp)")
+    status.set_defaults(func=cmd_status)
+
+    servers = sub.add_parser(
+        "servers",
+        help="list the downstream MCP servers",
+        description="List the configured downstream MCP servers with their state and tools.",
+    )
+    servers.add_argument("--url", help="server URL (default http://127.0.0.1:8765/mcp)")
+    servers.set_defaults(func=cmd_servers)
+
+    config = sub.add_parser("config", help="check or show the config", description="Config file tools.")
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    check = config_sub.add_parser(
+        "check",
+        help="validate a config file",
+        description="Validate FILE (or the file opspawn would use) and print every problem with its JSON path.",
+    )
+    check.add_argument("file", nargs="?", help="config file to check")
+    check.set_defaults(func=cmd_config_check)
+    show = config_sub.add_parser(
+        "show", help="print the effective config (defaults and env overrides applied)"
+    )
+    show.set_defaults(func=cmd_config_show)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        print(f"opspawn-mcp: invalid config {exc.message}", file=sys.stderr)
+        return 2
+    except OpspawnError as exc:
+        print(f"opspawn-mcp: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
