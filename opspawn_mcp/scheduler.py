@@ -1,0 +1,50 @@
+"""The Scheduler: turns an accepted ``TaskSpec`` into a ``queued`` task in the store and a message.
+
+The store is the truth; the broker message carries only the task id. The order is fixed:
+persist first, then enqueue. If enqueueing fails the task simply stays ``queued`` and the
+worker's recovery loop re-enqueues it later, so an accepted task is never lost, and a message
+never points at a task that does not exist.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+from opspawn_mcp.models import Task, TaskSpec
+from opspawn_mcp.store.base import TaskStore
+
+log = logging.getLogger(__name__)
+
+
+class Enqueuer(Protocol):
+    """Hands a task id to whatever runs tasks (Dramatiq over RabbitMQ, or the embedded broker).
+
+    Implementations must be safe to call more than once for one id: the recovery loop may
+    re-enqueue a task whose first message was in fact delivered, and the actor is idempotent.
+    """
+
+    async def enqueue(self, task_id: str) -> None: ...
+
+
+class Scheduler:
+    """Persists and enqueues. It does not validate: ``TaskService`` has already done that."""
+
+    def __init__(self, store: TaskStore, enqueuer: Enqueuer) -> None:
+        self._store = store
+        self._enqueuer = enqueuer
+
+    async def schedule(self, spec: TaskSpec) -> Task:
+        """Store the task as ``queued``, then enqueue its id; return the stored task.
+
+        An enqueue failure is logged, not raised: the task is already accepted and durable, and
+        the recovery loop will enqueue it again. Raising here would tell the client the task was
+        refused while it may still run.
+        """
+        task = await self._store.create(Task(spec=spec))
+        await self._store.append_event(task.id, "state", {"status": task.status.value})
+        try:
+            await self._enqueuer.enqueue(task.id)
+        except Exception:
+            log.warning("enqueue of task %s failed; the recovery loop will retry it", task.id, exc_info=True)
+        return task
