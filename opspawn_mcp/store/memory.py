@@ -1,0 +1,198 @@
+"""An in-process store with exactly the SQL store's semantics.
+
+It backs ``store_url=memory://`` (a single-process server that keeps nothing) and the unit
+tests. One ``asyncio.Lock`` makes every method atomic, which is the in-memory equivalent
+of the SQL store's guarded ``UPDATE``: the compare-and-set still decides, not the caller.
+Tasks are copied in and out, so a caller mutating a returned ``Task`` cannot change the
+store behind its back (a database would not let it either).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+from collections.abc import Collection
+from datetime import datetime
+from typing import Any
+
+from opspawn_mcp.errors import Conflict, IllegalTransition, TaskNotFound, Unavailable
+from opspawn_mcp.models import Task, TaskEvent, TaskPage, TaskStatus, Usage, utcnow
+from opspawn_mcp.store._common import (
+    allowed_from,
+    as_utc,
+    check_kind,
+    check_limit,
+    decode_cursor,
+    encode_cursor,
+    lease_until,
+    transition_values,
+)
+
+
+class MemoryStore:
+    """``TaskStore`` in a dict. Nothing survives ``close()`` or the process."""
+
+    def __init__(self) -> None:
+        self._lock = asyncio.Lock()
+        self._tasks: dict[str, Task] = {}
+        self._events: dict[str, list[TaskEvent]] = {}
+        self._closed = False
+
+    async def start(self) -> None:
+        self._closed = False
+
+    async def close(self) -> None:
+        self._closed = True
+
+    async def ping(self) -> None:
+        if self._closed:
+            raise Unavailable("The in-memory task store is closed; restart the server.")
+
+    def _get(self, task_id: str) -> Task:
+        task = self._tasks.get(task_id)
+        if task is None:
+            raise TaskNotFound(task_id)
+        return task
+
+    async def create(self, task: Task) -> Task:
+        async with self._lock:
+            if task.id in self._tasks:
+                raise Conflict(f"A task with id {task.id!r} already exists; create it with a new id.")
+            stored = _normalised(task)
+            self._tasks[stored.id] = stored
+            self._events.setdefault(stored.id, [])
+            return stored.model_copy(deep=True)
+
+    async def get(self, task_id: str) -> Task:
+        async with self._lock:
+            return self._get(task_id).model_copy(deep=True)
+
+    async def list(
+        self, status: TaskStatus | None = None, limit: int = 50, cursor: str | None = None
+    ) -> TaskPage:
+        check_limit(limit)
+        after = decode_cursor(cursor) if cursor else None
+        async with self._lock:
+            rows = [t for t in self._tasks.values() if status is None or t.status == status]
+        rows.sort(key=lambda t: (t.created_at, t.id), reverse=True)
+        if after is not None:
+            rows = [t for t in rows if (t.created_at, t.id) < after]
+        page = rows[: limit + 1]
+        more = len(page) > limit
+        items = [t.model_copy(deep=True) for t in page[:limit]]
+        next_cursor = encode_cursor(items[-1].created_at, items[-1].id) if more else None
+        return TaskPage(items=items, next_cursor=next_cursor)
+
+    async def transition(
+        self,
+        task_id: str,
+        expected: Collection[TaskStatus],
+        new: TaskStatus,
+        *,
+        result: str | None = None,
+        error: str | None = None,
+        usage: Usage | None = None,
+        owner: str | None = None,
+    ) -> Task:
+        new = TaskStatus(new)
+        allowed = allowed_from(expected, new)
+        async with self._lock:
+            task = self._get(task_id)
+            if task.status not in allowed or (owner is not None and task.lease_owner != owner):
+                raise IllegalTransition(task_id, task.status.value, new.value)
+            values = transition_values(new, utcnow(), result=result, error=error, usage=usage)
+            if "usage" in values:
+                values["usage"] = values["usage"].model_copy()
+            updated = task.model_copy(update=values)
+            self._tasks[task_id] = updated
+            return updated.model_copy(deep=True)
+
+    async def claim(self, task_id: str, owner: str, ttl_s: float, max_attempts: int) -> Task | None:
+        async with self._lock:
+            now = utcnow()
+            until = lease_until(now, ttl_s)
+            task = self._get(task_id)
+            if not _claimable(task, now, max_attempts):
+                return None
+            updated = task.model_copy(
+                update={
+                    "status": TaskStatus.RUNNING,
+                    "lease_owner": owner,
+                    "lease_expires_at": until,
+                    "attempts": task.attempts + 1,
+                    "started_at": now,
+                }
+            )
+            self._tasks[task_id] = updated
+            return updated.model_copy(deep=True)
+
+    async def renew(self, task_id: str, owner: str, ttl_s: float) -> bool:
+        async with self._lock:
+            now = utcnow()
+            until = lease_until(now, ttl_s)
+            task = self._tasks.get(task_id)
+            if task is None or task.status is not TaskStatus.RUNNING or task.lease_owner != owner:
+                return False
+            self._tasks[task_id] = task.model_copy(update={"lease_expires_at": until})
+            return True
+
+    async def expired(self, now: datetime | None = None, limit: int = 100) -> builtins.list[Task]:
+        check_limit(limit)
+        cutoff = as_utc(now) if now is not None else utcnow()
+        async with self._lock:
+            rows = [
+                t
+                for t in self._tasks.values()
+                if t.status is TaskStatus.RUNNING
+                and t.lease_expires_at is not None
+                and t.lease_expires_at < cutoff
+            ]
+        rows.sort(key=lambda t: (t.lease_expires_at or cutoff, t.id))
+        return [t.model_copy(deep=True) for t in rows[:limit]]
+
+    async def record_progress(self, task_id: str, steps: int, usage: Usage) -> None:
+        async with self._lock:
+            task = self._get(task_id)
+            self._tasks[task_id] = task.model_copy(update={"steps": steps, "usage": usage.model_copy()})
+
+    async def append_event(self, task_id: str, kind: str, data: dict[str, Any]) -> TaskEvent:
+        check_kind(kind)
+        async with self._lock:
+            self._get(task_id)
+            log = self._events.setdefault(task_id, [])
+            event = TaskEvent.model_validate(
+                {"task_id": task_id, "seq": len(log) + 1, "time": utcnow(), "kind": kind, "data": data}
+            )
+            # Stored as a deep copy so later mutation of ``data`` by the caller changes nothing.
+            log.append(event.model_copy(deep=True))
+            return event
+
+    async def events(self, task_id: str, after_seq: int = 0, limit: int = 1000) -> builtins.list[TaskEvent]:
+        check_limit(limit)
+        async with self._lock:
+            self._get(task_id)
+            log = self._events.get(task_id, [])
+            return [e.model_copy(deep=True) for e in log[max(after_seq, 0) :][:limit]]
+
+
+def _normalised(task: Task) -> Task:
+    """A copy with every timestamp aware UTC, as the SQL store would read it back."""
+    stored = task.model_copy(deep=True)
+    for name in ("created_at", "started_at", "finished_at", "lease_expires_at"):
+        value = getattr(stored, name)
+        if value is not None:
+            setattr(stored, name, as_utc(value))
+    return stored
+
+
+def _claimable(task: Task, now: datetime, max_attempts: int) -> bool:
+    """Queued, or running with a lease that ran out, and attempts left: the claim's WHERE clause."""
+    if task.attempts >= max_attempts:
+        return False
+    if task.status is TaskStatus.QUEUED:
+        return True
+    return (
+        task.status is TaskStatus.RUNNING
+        and task.lease_expires_at is not None
+        and task.lease_expires_at < now
+    )

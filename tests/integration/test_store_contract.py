@@ -1,0 +1,412 @@
+"""One contract, three stores: every ``TaskStore`` behaves the same.
+
+Each test runs against the memory store, SQLite in ``tmp_path`` and the real PostgreSQL
+server (a fresh schema per test, dropped afterwards), so a semantic difference between the
+implementations shows up as a failing parameter, not as a production surprise. The race
+tests give every writer its own store instance (its own connection pool) so the database,
+not a Python lock, has to arbitrate. Nothing here asserts on timing: leases that must be
+expired are given a tiny TTL and then waited past, which only gets *more* true on a slow
+machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from opspawn_mcp.errors import IllegalTransition, InvalidInput, TaskNotFound
+from opspawn_mcp.models import Task, TaskSpec, TaskStatus, Usage, utcnow
+from opspawn_mcp.store import MemoryStore, TaskStore, open_store
+from tests.support.services import POSTGRES_URL, require_service
+
+BACKENDS = ["memory"]
+StoreFactory = Callable[[], Awaitable[TaskStore]]
+
+
+def _task(status: TaskStatus = TaskStatus.QUEUED, goal: str = "say hello") -> Task:
+    return Task(spec=TaskSpec(goal=goal), status=status)
+
+
+async def _drop_schema(schema: str) -> None:
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(POSTGRES_URL)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture(params=BACKENDS)
+async def open_new(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StoreFactory]:
+    """A factory of started stores that all see the same data (one DB file / one schema).
+
+    The memory store cannot be shared between instances, so its factory hands back the same
+    instance every time; the SQL factories open a new engine each call.
+    """
+    backend: str = request.param
+    opened: list[TaskStore] = []
+    schema: str | None = None
+    if backend == "postgres":
+        require_service("postgres")
+        schema = f"opspawn_test_{uuid.uuid4().hex[:12]}"
+    shared = MemoryStore()
+
+    async def factory() -> TaskStore:
+        if backend == "memory":
+            store: TaskStore = shared
+        elif backend == "sqlite":
+            store = open_store(f"sqlite+aiosqlite:///{tmp_path / 'db' / 'opspawn.db'}")
+        else:
+            store = open_store(POSTGRES_URL, schema=schema)
+        await store.start()
+        opened.append(store)
+        return store
+
+    try:
+        yield factory
+    finally:
+        for store in opened:
+            await store.close()
+        if schema is not None:
+            await _drop_schema(schema)
+
+
+@pytest.fixture
+async def store(open_new: StoreFactory) -> TaskStore:
+    return await open_new()
+
+
+# --- create / get / list -------------------------------------------------------------
+
+
+async def test_create_then_get_round_trips(store: TaskStore) -> None:
+    task = _task()
+    created = await store.create(task)
+    got = await store.get(task.id)
+    assert got == created
+    assert got.spec == task.spec
+    assert got.status is TaskStatus.QUEUED
+    assert got.created_at.utcoffset() == timedelta(0)
+    assert abs(got.created_at - task.created_at) < timedelta(milliseconds=1)
+
+
+async def test_get_unknown_raises_task_not_found(store: TaskStore) -> None:
+    with pytest.raises(TaskNotFound):
+        await store.get("no-such-task")
+
+
+async def test_list_is_newest_first_with_cursor_pages_and_status_filter(store: TaskStore) -> None:
+    base = utcnow()
+    tasks = []
+    for i in range(7):
+        status = TaskStatus.QUEUED if i % 2 == 0 else TaskStatus.RUNNING
+        task = _task(status, goal=f"goal {i}").model_copy(update={"created_at": base + timedelta(seconds=i)})
+        tasks.append(await store.create(task))
+    newest_first = [t.id for t in reversed(tasks)]
+
+    seen: list[str] = []
+    cursor: str | None = None
+    pages = 0
+    while True:
+        page = await store.list(limit=3, cursor=cursor)
+        pages += 1
+        seen += [t.id for t in page.items]
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    assert seen == newest_first
+    assert pages == 3
+
+    queued = await store.list(status=TaskStatus.QUEUED, limit=2)
+    assert [t.id for t in queued.items] == [tasks[6].id, tasks[4].id]
+    assert queued.next_cursor is not None
+    rest = await store.list(status=TaskStatus.QUEUED, limit=2, cursor=queued.next_cursor)
+    assert [t.id for t in rest.items] == [tasks[2].id, tasks[0].id]
+    assert rest.next_cursor is None
+    assert (await store.list(status=TaskStatus.CANCELLED)).items == []
+
+
+async def test_list_ties_on_created_at_are_broken_by_id(store: TaskStore) -> None:
+    same = utcnow()
+    ids = []
+    for _ in range(5):
+        ids.append((await store.create(_task().model_copy(update={"created_at": same}))).id)
+    seen: list[str] = []
+    cursor: str | None = None
+    while True:
+        page = await store.list(limit=2, cursor=cursor)
+        seen += [t.id for t in page.items]
+        if (cursor := page.next_cursor) is None:
+            break
+    assert seen == sorted(ids, reverse=True)
+
+
+async def test_list_rejects_a_forged_cursor(store: TaskStore) -> None:
+    with pytest.raises(InvalidInput):
+        await store.list(cursor="not-a-cursor!")
+
+
+# --- transitions -------------------------------------------------------------------------
+
+ALL_PAIRS = list(itertools.product(TaskStatus, TaskStatus))
+
+
+@pytest.mark.parametrize(("current", "new"), ALL_PAIRS, ids=[f"{a}->{b}" for a, b in ALL_PAIRS])
+async def test_transition_follows_can_become(store: TaskStore, current: TaskStatus, new: TaskStatus) -> None:
+    task = await store.create(_task(current))
+    if current.can_become(new):
+        moved = await store.transition(
+            task.id, {current}, new, result="r", error="e", usage=Usage(input_tokens=3)
+        )
+        assert moved.status is new
+        assert (moved.started_at is not None) == (new is TaskStatus.RUNNING)
+        assert (moved.finished_at is not None) == new.terminal
+        assert moved.result == "r" and moved.error == "e" and moved.usage.input_tokens == 3
+        assert await store.get(task.id) == moved
+    else:
+        with pytest.raises(IllegalTransition):
+            await store.transition(task.id, {current}, new)
+        assert (await store.get(task.id)).status is current
+
+
+async def test_transition_needs_the_current_status_in_expected(store: TaskStore) -> None:
+    task = await store.create(_task(TaskStatus.QUEUED))
+    with pytest.raises(IllegalTransition):
+        await store.transition(task.id, {TaskStatus.RUNNING}, TaskStatus.COMPLETED)
+    # Listing an illegal source in ``expected`` does not make the move legal.
+    done = await store.create(_task(TaskStatus.COMPLETED))
+    with pytest.raises(IllegalTransition):
+        await store.transition(done.id, {TaskStatus.COMPLETED, TaskStatus.RUNNING}, TaskStatus.FAILED)
+    assert (await store.get(done.id)).status is TaskStatus.COMPLETED
+
+
+async def test_transition_unknown_task_raises_not_found(store: TaskStore) -> None:
+    with pytest.raises(TaskNotFound):
+        await store.transition("missing", {TaskStatus.QUEUED}, TaskStatus.RUNNING)
+    with pytest.raises(TaskNotFound):
+        await store.transition("missing", {TaskStatus.COMPLETED}, TaskStatus.RUNNING)
+
+
+async def test_started_and_finished_at_are_set_on_the_way(store: TaskStore) -> None:
+    task = await store.create(_task())
+    assert task.started_at is None and task.finished_at is None
+    running = await store.transition(task.id, {TaskStatus.QUEUED}, TaskStatus.RUNNING)
+    assert running.started_at is not None and running.finished_at is None
+    done = await store.transition(task.id, {TaskStatus.RUNNING}, TaskStatus.COMPLETED, result="42")
+    assert done.finished_at is not None and done.finished_at >= running.started_at
+    assert done.started_at == running.started_at
+    assert done.finished_at.utcoffset() == timedelta(0)
+
+
+async def test_owner_guarded_transition(store: TaskStore) -> None:
+    task = await store.create(_task())
+    claimed = await store.claim(task.id, "worker-a", ttl_s=3600, max_attempts=3)
+    assert claimed is not None
+    with pytest.raises(IllegalTransition):
+        await store.transition(task.id, {TaskStatus.RUNNING}, TaskStatus.COMPLETED, owner="worker-b")
+    assert (await store.get(task.id)).status is TaskStatus.RUNNING
+    done = await store.transition(task.id, {TaskStatus.RUNNING}, TaskStatus.COMPLETED, owner="worker-a")
+    assert done.status is TaskStatus.COMPLETED
+    assert done.lease_owner is None and done.lease_expires_at is None
+
+
+# --- leases ------------------------------------------------------------------------------
+
+
+async def _expire(store: TaskStore, task_id: str, owner: str) -> None:
+    """Claim with a lease that is over once we have slept past it (slower only helps)."""
+    assert await store.claim(task_id, owner, ttl_s=0.001, max_attempts=10) is not None
+    await asyncio.sleep(0.05)
+
+
+async def test_claim_queued_task(store: TaskStore) -> None:
+    task = await store.create(_task())
+    claimed = await store.claim(task.id, "w1", ttl_s=60, max_attempts=3)
+    assert claimed is not None
+    assert claimed.status is TaskStatus.RUNNING
+    assert claimed.lease_owner == "w1"
+    assert claimed.attempts == 1
+    assert claimed.started_at is not None
+    assert claimed.lease_expires_at is not None and claimed.lease_expires_at > claimed.started_at
+    assert await store.get(task.id) == claimed
+
+
+async def test_claim_refuses_live_lease_and_terminal_tasks(store: TaskStore) -> None:
+    task = await store.create(_task())
+    assert await store.claim(task.id, "w1", ttl_s=3600, max_attempts=3) is not None
+    assert await store.claim(task.id, "w2", ttl_s=3600, max_attempts=3) is None
+    assert (await store.get(task.id)).lease_owner == "w1"
+    done = await store.create(_task(TaskStatus.COMPLETED))
+    assert await store.claim(done.id, "w1", ttl_s=60, max_attempts=3) is None
+
+
+async def test_claim_unknown_task_raises_not_found(store: TaskStore) -> None:
+    with pytest.raises(TaskNotFound):
+        await store.claim("missing", "w1", ttl_s=60, max_attempts=3)
+
+
+async def test_expired_lease_is_reclaimed_with_another_attempt(store: TaskStore) -> None:
+    task = await store.create(_task())
+    await _expire(store, task.id, "dead-worker")
+    again = await store.claim(task.id, "w2", ttl_s=3600, max_attempts=3)
+    assert again is not None
+    assert again.lease_owner == "w2" and again.attempts == 2
+    assert not await store.renew(task.id, "dead-worker", ttl_s=60)
+
+
+async def test_claim_stops_at_max_attempts(store: TaskStore) -> None:
+    task = await store.create(_task())
+    await _expire(store, task.id, "w1")
+    assert await store.claim(task.id, "w2", ttl_s=60, max_attempts=1) is None
+    current = await store.get(task.id)
+    assert current.attempts == 1 and current.lease_owner == "w1"
+    tired = await store.create(_task().model_copy(update={"attempts": 3}))
+    assert await store.claim(tired.id, "w1", ttl_s=60, max_attempts=3) is None
+
+
+async def test_renew_by_owner_only(store: TaskStore) -> None:
+    task = await store.create(_task())
+    first = await store.claim(task.id, "w1", ttl_s=1, max_attempts=3)
+    assert first is not None and first.lease_expires_at is not None
+    assert await store.renew(task.id, "w1", ttl_s=3600)
+    renewed = await store.get(task.id)
+    assert renewed.lease_expires_at is not None and renewed.lease_expires_at > first.lease_expires_at
+    assert not await store.renew(task.id, "stranger", ttl_s=3600)
+    assert (await store.get(task.id)).lease_owner == "w1"
+    assert not await store.renew("missing", "w1", ttl_s=60)
+    await store.transition(task.id, {TaskStatus.RUNNING}, TaskStatus.COMPLETED, owner="w1")
+    assert not await store.renew(task.id, "w1", ttl_s=60)
+
+
+async def test_expired_lists_running_tasks_past_their_lease(store: TaskStore) -> None:
+    live = await store.create(_task())
+    await store.claim(live.id, "w1", ttl_s=3600, max_attempts=3)
+    queued = await store.create(_task())
+    gone = await store.create(_task())
+    await _expire(store, gone.id, "w2")
+
+    assert [t.id for t in await store.expired()] == [gone.id]
+    later = await store.expired(now=utcnow() + timedelta(hours=2))
+    assert {t.id for t in later} == {live.id, gone.id}
+    assert queued.id not in {t.id for t in later}
+    assert len(await store.expired(now=utcnow() + timedelta(hours=2), limit=1)) == 1
+
+
+async def test_record_progress(store: TaskStore) -> None:
+    task = await store.create(_task())
+    await store.claim(task.id, "w1", ttl_s=60, max_attempts=3)
+    await store.record_progress(task.id, 4, Usage(input_tokens=100, output_tokens=20))
+    got = await store.get(task.id)
+    assert got.steps == 4
+    assert got.usage == Usage(input_tokens=100, output_tokens=20)
+    with pytest.raises(TaskNotFound):
+        await store.record_progress("missing", 1, Usage())
+
+
+# --- events ------------------------------------------------------------------------------
+
+
+async def test_events_in_order_with_after_seq(store: TaskStore) -> None:
+    task = await store.create(_task())
+    for i in range(5):
+        event = await store.append_event(task.id, "progress", {"step": i})
+        assert event.seq == i + 1
+        assert event.time.utcoffset() == timedelta(0)
+    events = await store.events(task.id)
+    assert [e.seq for e in events] == [1, 2, 3, 4, 5]
+    assert [e.data["step"] for e in events] == [0, 1, 2, 3, 4]
+    assert [e.seq for e in await store.events(task.id, after_seq=3)] == [4, 5]
+    assert [e.seq for e in await store.events(task.id, after_seq=1, limit=2)] == [2, 3]
+    assert await store.events(task.id, after_seq=5) == []
+    other = await store.create(_task())
+    assert (await store.append_event(other.id, "state", {"status": "queued"})).seq == 1
+
+
+async def test_events_for_unknown_task_and_kind(store: TaskStore) -> None:
+    with pytest.raises(TaskNotFound):
+        await store.append_event("missing", "log", {})
+    task = await store.create(_task())
+    with pytest.raises(InvalidInput):
+        await store.append_event(task.id, "not-a-kind", {})
+
+
+# --- schema and restarts ----------------------------------------------------------------
+
+
+async def test_start_is_idempotent_and_reopen_keeps_data(open_new: StoreFactory) -> None:
+    first = await open_new()
+    await first.start()
+    task = await first.create(_task())
+    await first.append_event(task.id, "log", {"line": "kept"})
+    second = await open_new()
+    await second.start()
+    assert (await second.get(task.id)).id == task.id
+    assert [e.data for e in await second.events(task.id)] == [{"line": "kept"}]
+    await second.ping()
+
+
+async def test_schema_version_is_recorded(store: TaskStore) -> None:
+    if isinstance(store, MemoryStore):
+        return  # nothing to migrate; the contract part (idempotent start) is tested above
+    from opspawn_mcp.store.sql import SCHEMA_VERSION, SqlStore
+
+    assert isinstance(store, SqlStore)
+    assert await store.schema_version() == SCHEMA_VERSION
+    await store.start()
+    assert await store.schema_version() == SCHEMA_VERSION
+
+
+# --- races -------------------------------------------------------------------------------
+
+WRITERS = 20
+
+
+async def test_exactly_one_concurrent_finisher_wins(open_new: StoreFactory) -> None:
+    stores = [await open_new() for _ in range(WRITERS)]
+    task = await stores[0].create(_task())
+    assert await stores[0].claim(task.id, "w", ttl_s=3600, max_attempts=3) is not None
+    finals = [TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED]
+
+    async def finish(i: int) -> Task:
+        return await stores[i].transition(
+            task.id, {TaskStatus.RUNNING}, finals[i % 3], result=f"writer {i}", error=f"writer {i}"
+        )
+
+    outcomes = await asyncio.gather(*(finish(i) for i in range(WRITERS)), return_exceptions=True)
+    winners = [o for o in outcomes if isinstance(o, Task)]
+    losers = [o for o in outcomes if isinstance(o, IllegalTransition)]
+    assert len(winners) == 1, outcomes
+    assert len(losers) == WRITERS - 1, outcomes
+    final = await stores[0].get(task.id)
+    assert final.status is winners[0].status
+    assert final.result == winners[0].result
+
+
+async def test_concurrent_appenders_get_gapless_unique_seqs(open_new: StoreFactory) -> None:
+    stores = [await open_new() for _ in range(WRITERS)]
+    task = await stores[0].create(_task())
+    per_writer = 5
+
+    async def write(i: int) -> list[int]:
+        return [
+            (await stores[i].append_event(task.id, "log", {"writer": i, "n": n})).seq
+            for n in range(per_writer)
+        ]
+
+    results = await asyncio.gather(*(write(i) for i in range(WRITERS)))
+    seqs = sorted(s for r in results for s in r)
+    total = WRITERS * per_writer
+    assert seqs == list(range(1, total + 1))
+    stored = await stores[0].events(task.id)
+    assert [e.seq for e in stored] == list(range(1, total + 1))
+    for r in results:
+        assert r == sorted(r)
