@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from platformdirs import user_state_path
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from opspawn_mcp.errors import ConfigError
 
@@ -107,15 +107,19 @@ class OpspawnSettings(_Strict):
     server: ServerSettings = Field(default_factory=ServerSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
 
-    @model_validator(mode="after")
-    def _known_urls(self) -> OpspawnSettings:
-        if not self.store_url.startswith(("sqlite", "postgresql", "memory")):
-            raise ValueError(
-                "store_url must start with sqlite+aiosqlite://, postgresql+asyncpg:// or be 'memory://'"
-            )
-        if self.broker_url != "embedded" and not self.broker_url.startswith(("amqp://", "amqps://")):
-            raise ValueError("broker_url must be 'embedded' or an amqp:// URL")
-        return self
+    @field_validator("store_url")
+    @classmethod
+    def _known_store(cls, url: str) -> str:
+        if not url.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://", "memory://")):
+            raise ValueError("must start with sqlite+aiosqlite://, postgresql+asyncpg:// or be memory://")
+        return url
+
+    @field_validator("broker_url")
+    @classmethod
+    def _known_broker(cls, url: str) -> str:
+        if url != "embedded" and not url.startswith(("amqp://", "amqps://")):
+            raise ValueError("must be 'embedded' or an amqp:// RabbitMQ URL")
+        return url
 
 
 class Config(_Strict):
