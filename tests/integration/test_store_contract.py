@@ -25,7 +25,7 @@ from opspawn_mcp.models import Task, TaskSpec, TaskStatus, Usage, utcnow
 from opspawn_mcp.store import MemoryStore, TaskStore, open_store
 from tests.support.services import POSTGRES_URL, require_service
 
-BACKENDS = ["memory"]
+BACKENDS = ["memory", "sqlite", "postgres"]
 StoreFactory = Callable[[], Awaitable[TaskStore]]
 
 
