@@ -12,9 +12,9 @@ import asyncio
 import builtins
 import os
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from opspawn_mcp.config import Config
 from opspawn_mcp.errors import (
@@ -27,6 +27,7 @@ from opspawn_mcp.errors import (
     TaskNotFound,
     Unavailable,
 )
+from opspawn_mcp.host.models import ServerInfo
 from opspawn_mcp.models import GOAL_MAX_CHARS, ModelSettings, Task, TaskEvent, TaskPage, TaskSpec, TaskStatus
 from opspawn_mcp.scheduler import Enqueuer, Scheduler
 from opspawn_mcp.store.base import TaskStore
@@ -36,13 +37,11 @@ EVENTS_PAGE_MAX = 1000
 LIST_PAGE_MAX = 200
 CANCELLED_BY_CLIENT = "cancelled by the client"
 
-InfoT_co = TypeVar("InfoT_co", bound=BaseModel, covariant=True)
 
+class ServerDirectory(Protocol):
+    """What the service needs from the host pool (``OpsMcpClient``): a snapshot, no I/O."""
 
-class ServerDirectory(Protocol[InfoT_co]):
-    """What the service needs from the host pool: a snapshot of the downstream servers (no I/O)."""
-
-    def servers_info(self) -> Sequence[InfoT_co]: ...
+    def servers_info(self) -> Sequence[ServerInfo]: ...
 
 
 EventCallback = Callable[[TaskEvent], Awaitable[None]]
@@ -62,7 +61,7 @@ class TaskService:
         config: Config,
         store: TaskStore,
         enqueuer: Enqueuer,
-        servers: ServerDirectory[BaseModel],
+        servers: ServerDirectory,
         *,
         poll_interval_s: float = 0.1,
         environ: Mapping[str, str] | None = None,
@@ -120,16 +119,29 @@ class TaskService:
         return list(dict.fromkeys(wanted))
 
     def _resolve_model(self, given: ModelSettings) -> ModelSettings:
-        """Fill unset model settings from the config and refuse what no worker could run."""
+        """Fill unset model settings from the config and refuse what no worker could run.
+
+        A server-side API key is only ever sent to the endpoint the config names: a client
+        that picks its own ``base_url`` gets no key, and may not name one, or it could
+        point the worker at its own host and read the key off the request.
+        """
         llm = self._config.opspawn.llm
         provider = given.provider or llm.provider
         same_provider = provider == llm.provider
+        foreign_url = given.base_url is not None and not (same_provider and given.base_url == llm.base_url)
+        if foreign_url and given.api_key_env:
+            raise Forbidden(
+                "model.api_key_env cannot be combined with a model.base_url the config does not name: "
+                "keys are only sent to the configured endpoint. Drop one of them.",
+                field="model.api_key_env",
+            )
+        default_key = llm.api_key_env if same_provider and not foreign_url else None
         resolved = given.model_copy(
             update={
                 "provider": provider,
                 "base_url": given.base_url or (llm.base_url if same_provider else None),
                 "model": given.model or (llm.model if same_provider else None),
-                "api_key_env": given.api_key_env or (llm.api_key_env if same_provider else None),
+                "api_key_env": given.api_key_env or default_key,
             }
         )
         if provider == "openai" and not resolved.model:
@@ -256,7 +268,7 @@ class TaskService:
 
     # -- health ---------------------------------------------------------------------------
 
-    def list_servers(self) -> builtins.list[BaseModel]:
+    def list_servers(self) -> builtins.list[ServerInfo]:
         """The configured downstream servers with state and tools, straight from the pool."""
         return list(self._servers.servers_info())
 

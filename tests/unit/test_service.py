@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from pydantic import BaseModel
 
 from opspawn_mcp.config import Config, parse_config
 from opspawn_mcp.errors import Conflict, Forbidden, InvalidInput, PayloadTooLarge, TaskNotFound, Unavailable
+from opspawn_mcp.host.models import ServerInfo
 from opspawn_mcp.models import GOAL_MAX_CHARS, TaskEvent, TaskSpec, TaskStatus
 from opspawn_mcp.service import TaskService
 from opspawn_mcp.store.memory import MemoryStore
@@ -33,16 +33,19 @@ class BrokenEnqueuer:
         raise ConnectionError("broker down")
 
 
-class Info(BaseModel):
-    name: str
-
-
 class Directory:
-    def servers_info(self) -> list[Info]:
-        return [Info(name="echo"), Info(name="files")]
+    """The pool's snapshot, as a fixed list."""
+
+    def servers_info(self) -> list[ServerInfo]:
+        return [
+            ServerInfo(name="echo", transport="stdio", state="idle"),
+            ServerInfo(
+                name="files", transport="streamable-http", state="ready", tools=["read"], tool_count=1
+            ),
+        ]
 
 
-def make_config(**llm: Any) -> Config:
+def make_config(environ: dict[str, str] | None = None, **llm: Any) -> Config:
     return parse_config(
         {
             "mcpServers": {
@@ -51,7 +54,7 @@ def make_config(**llm: Any) -> Config:
             },
             "opspawn": {"store_url": "memory://", "llm": llm or {"provider": "local"}},
         },
-        environ={},
+        environ=environ or {},
     )
 
 
@@ -306,8 +309,26 @@ async def test_wait_zero_returns_at_once(service: TaskService) -> None:
 
 
 async def test_list_servers_and_ready(service: TaskService, store: MemoryStore) -> None:
-    assert [s.model_dump() for s in service.list_servers()] == [{"name": "echo"}, {"name": "files"}]
+    assert [s.name for s in service.list_servers()] == ["echo", "files"]
     await service.ready()
     await store.close()
     with pytest.raises(Unavailable):
         await service.ready()
+
+
+async def test_a_key_is_never_sent_to_a_base_url_the_client_chose(
+    store: MemoryStore, enqueuer: RecordingEnqueuer
+) -> None:
+    config = make_config(
+        {"K": "secret"}, provider="openai", base_url="http://127.0.0.1:9/v1", model="m", api_key_env="K"
+    )
+    service = TaskService(config, store, enqueuer, Directory(), environ={"K": "secret"})
+    own = await service.submit({"goal": "x"})
+    assert own.spec.model.api_key_env == "K"
+    elsewhere = await service.submit({"goal": "x", "model": {"base_url": "http://evil.example/v1"}})
+    assert elsewhere.spec.model.api_key_env is None
+    with pytest.raises(Forbidden) as info:
+        await service.submit(
+            {"goal": "x", "model": {"base_url": "http://evil.example/v1", "api_key_env": "K"}}
+        )
+    assert "api_key_env" in info.value.message
