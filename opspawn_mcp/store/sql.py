@@ -247,7 +247,14 @@ class SqlStore:
     def _make_engine(self) -> AsyncEngine:
         if self._sqlite:
             assert self._url.database is not None
-            Path(self._url.database).parent.mkdir(parents=True, exist_ok=True)
+            folder = Path(self._url.database).parent
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise Unavailable(
+                    f"Cannot create the folder {str(folder)!r} for the task database: {exc.strerror or exc}. "
+                    "Point store_url at a writable path."
+                ) from exc
             engine = create_async_engine(self._url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
             sync_engine = engine.sync_engine
 

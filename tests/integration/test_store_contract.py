@@ -410,3 +410,160 @@ async def test_concurrent_appenders_get_gapless_unique_seqs(open_new: StoreFacto
     assert [e.seq for e in stored] == list(range(1, total + 1))
     for r in results:
         assert r == sorted(r)
+
+
+# --- URLs and failures (backend-specific, so outside the parametrised contract) ----------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mysql://root@localhost/db",
+        "sqlite:///plain-driver.db",
+        "postgresql://postgres@localhost/db",
+        "redis://x",
+    ],
+)
+def test_open_store_rejects_unknown_urls_and_says_what_works(url: str) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        open_store(url)
+    assert "memory://" in caught.value.message and "sqlite+aiosqlite:///" in caught.value.message
+
+
+def test_open_store_hides_the_password_of_a_bad_url() -> None:
+    with pytest.raises(InvalidInput) as caught:
+        open_store("mysql://root:hunter2@localhost/db")
+    assert "hunter2" not in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("url", "schema"),
+    [
+        ("sqlite+aiosqlite://", None),
+        ("sqlite+aiosqlite:///:memory:", None),
+        ("sqlite+aiosqlite:///x.db", "tenant"),
+        ("memory://", "tenant"),
+        ("postgresql+asyncpg://postgres@localhost/test?schema=bad-name", None),
+        ("postgresql+asyncpg://postgres@localhost/test?schema=a", "b"),
+    ],
+)
+def test_open_store_rejects_unusable_combinations(url: str, schema: str | None) -> None:
+    with pytest.raises(InvalidInput):
+        open_store(url, schema=schema)
+
+
+def test_open_store_picks_the_implementation(tmp_path: Path) -> None:
+    from opspawn_mcp.store.sql import SqlStore
+
+    assert isinstance(open_store("memory://"), MemoryStore)
+    assert isinstance(open_store(f"sqlite+aiosqlite:///{tmp_path / 'a.db'}"), SqlStore)
+    pg = open_store("postgresql+asyncpg://postgres@localhost/test?schema=tenant_1")
+    assert isinstance(pg, SqlStore) and pg.schema == "tenant_1"
+
+
+async def test_unreachable_postgres_is_unavailable_at_start_and_ping() -> None:
+    from opspawn_mcp.errors import Unavailable
+
+    store = open_store("postgresql+asyncpg://postgres:secret@127.0.0.1:1/test")
+    try:
+        with pytest.raises(Unavailable) as caught:
+            await store.start()
+        assert "127.0.0.1:1" in caught.value.message and "secret" not in caught.value.message
+        with pytest.raises(Unavailable):
+            await store.ping()
+    finally:
+        await store.close()
+
+
+async def test_sqlite_in_an_impossible_folder_is_unavailable(tmp_path: Path) -> None:
+    from opspawn_mcp.errors import Unavailable
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    store = open_store(f"sqlite+aiosqlite:///{blocker / 'opspawn.db'}")
+    with pytest.raises(Unavailable):
+        await store.start()
+    await store.close()
+
+
+async def test_ping_of_a_closed_store_is_unavailable(store: TaskStore) -> None:
+    from opspawn_mcp.errors import Unavailable
+
+    await store.ping()
+    await store.close()
+    with pytest.raises(Unavailable):
+        await store.ping()
+    await store.start()
+    await store.ping()
+
+
+async def test_sqlite_creates_parent_folders_and_uses_wal(tmp_path: Path) -> None:
+    from sqlalchemy import text
+
+    from opspawn_mcp.store.sql import SqlStore
+
+    path = tmp_path / "deep" / "er" / "opspawn.db"
+    store = open_store(f"sqlite+aiosqlite:///{path}")
+    assert isinstance(store, SqlStore)
+    await store.start()
+    try:
+        assert path.exists()
+        async with store._tx(write=False) as conn:  # white-box: the pragma is the point
+            assert (await conn.execute(text("PRAGMA journal_mode"))).scalar() == "wal"
+    finally:
+        await store.close()
+
+
+async def test_newer_schema_than_the_code_is_refused(tmp_path: Path) -> None:
+    from sqlalchemy import insert
+
+    from opspawn_mcp.errors import Unavailable
+    from opspawn_mcp.store.sql import SqlStore, schema_version
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'opspawn.db'}"
+    store = open_store(url)
+    assert isinstance(store, SqlStore)
+    await store.start()
+    async with store._tx() as conn:
+        await conn.execute(
+            insert(schema_version).values(version=999, description="future", applied_at=utcnow())
+        )
+    await store.close()
+    again = open_store(url)
+    with pytest.raises(Unavailable) as caught:
+        await again.start()
+    assert "999" in caught.value.message
+    await again.close()
+
+
+async def test_postgres_schema_from_the_url_isolates_stores() -> None:
+    require_service("postgres")
+    first_schema = f"opspawn_test_{uuid.uuid4().hex[:12]}"
+    second_schema = f"opspawn_test_{uuid.uuid4().hex[:12]}"
+    sep = "&" if "?" in POSTGRES_URL else "?"
+    first = open_store(f"{POSTGRES_URL}{sep}schema={first_schema}")
+    second = open_store(POSTGRES_URL, schema=second_schema)
+    try:
+        await first.start()
+        await second.start()
+        task = await first.create(_task())
+        assert (await first.get(task.id)).id == task.id
+        with pytest.raises(TaskNotFound):
+            await second.get(task.id)
+    finally:
+        await first.close()
+        await second.close()
+        await _drop_schema(first_schema)
+        await _drop_schema(second_schema)
+
+
+async def test_times_in_other_zones_come_back_as_the_same_instant_in_utc(store: TaskStore) -> None:
+    from datetime import timezone
+
+    local = utcnow().astimezone(timezone(timedelta(hours=5, minutes=30)))
+    task = await store.create(_task().model_copy(update={"created_at": local}))
+    got = await store.get(task.id)
+    assert got.created_at == local
+    assert got.created_at.utcoffset() == timedelta(0)
+    later = await store.expired(now=local + timedelta(days=1))
+    assert later == []
