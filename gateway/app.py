@@ -1,0 +1,170 @@
+"""The REST gateway: plain-HTTP routes over ``TaskService``, nothing more.
+
+Each handler translates HTTP to one service call and the result back; every rule (what a
+valid spec is, what cancel means, page limits, which servers exist) lives in the service
+and the models, and every error status comes from ``opspawn_mcp.errors``. So REST, MCP and
+gRPC clients see the same behaviour, and a rule is tested once, against the service.
+
+The gateway only owns what is about HTTP itself: reading a bounded body, JSON syntax,
+query-string parsing, the SSE framing, and the OpenAPI document.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from gateway.auth import BearerAuth
+from gateway.openapi import build_openapi
+from gateway.problems import EXCEPTION_HANDLERS, PROBLEM_MEDIA_TYPE, problem_response
+from opspawn_mcp.errors import OpspawnError, PayloadTooLarge
+from opspawn_mcp.models import TaskEvent
+from opspawn_mcp.service import TaskService
+
+# A spec is at most two 20k-char texts plus small fields; even fully \u-escaped that is under
+# 1 MiB, so anything larger is refused before it is read into memory.
+MAX_BODY_BYTES = 1024 * 1024
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _json(body: str, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def _int_or_raw(value: str | None) -> int | str | None:
+    """Turn a query value into an int when it is one; otherwise hand the raw text to the service,
+    which refuses it with its own message, so the allowed range is stated in one place only."""
+    if value is None:
+        return None
+    text = value.strip()
+    return int(text) if text.isascii() and text.lstrip("-").isdigit() and len(text) < 20 else value
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit``:
+    from ``Content-Length`` before reading anything, or while streaming a chunked body."""
+    too_large = PayloadTooLarge(f"The request body is larger than {limit} bytes.", limit=limit)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+def _sse(event: TaskEvent) -> str:
+    return f"id: {event.seq}\nevent: {event.kind}\ndata: {event.model_dump_json()}\n\n"
+
+
+async def _sse_stream(events: AsyncGenerator[TaskEvent, None]) -> AsyncIterator[str]:
+    """Frame the service's watch stream as SSE. A failure after the 200 went out can no longer
+    change the status, so it is sent as a final ``problem`` event carrying the same problem JSON."""
+    try:
+        async for event in events:
+            yield _sse(event)
+    except OpspawnError as exc:
+        payload = json.dumps({"status": exc.status, **exc.to_dict()})
+        yield f"event: problem\ndata: {payload}\n\n"
+    finally:
+        await events.aclose()
+
+
+class _Routes:
+    """The handlers, bound to one service."""
+
+    def __init__(self, service: TaskService, max_body_bytes: int, openapi: dict[str, Any]) -> None:
+        self.service = service
+        self.max_body_bytes = max_body_bytes
+        self.openapi = openapi
+
+    async def submit(self, request: Request) -> Response:
+        body = await _read_body(request, self.max_body_bytes)
+        try:
+            spec = json.loads(body)
+        except (ValueError, RecursionError):
+            return problem_response(400, "malformed_json", "The request body is not valid JSON.")
+        task = await self.service.submit(spec)
+        location = str(request.url_for("get_task", task_id=task.id))
+        return _json(task.model_dump_json(), 202, {"Location": location})
+
+    async def list(self, request: Request) -> Response:
+        query = request.query_params
+        kwargs: dict[str, Any] = {"status": query.get("status"), "cursor": query.get("cursor")}
+        if "limit" in query:
+            kwargs["limit"] = _int_or_raw(query["limit"])
+        page = await self.service.list(**kwargs)
+        return _json(page.model_dump_json())
+
+    async def get(self, request: Request) -> Response:
+        task = await self.service.get(request.path_params["task_id"])
+        return _json(task.model_dump_json())
+
+    async def cancel(self, request: Request) -> Response:
+        task = await self.service.cancel(request.path_params["task_id"])
+        return _json(task.model_dump_json())
+
+    async def events(self, request: Request) -> Response:
+        """SSE of the task's events until it ends; ``Last-Event-ID`` (sent by EventSource on
+        reconnect) resumes after the last event the client saw."""
+        task_id = request.path_params["task_id"]
+        raw = request.headers.get("last-event-id", request.query_params.get("after_seq"))
+        after = _int_or_raw(raw) if raw is not None else 0
+        # Checked before the 200 is sent, so an unknown task or bad seq gets a real 404/422:
+        # the watch generator itself would only raise once the stream had started.
+        await self.service.events(task_id, after, 1)  # type: ignore[arg-type]
+        stream = self.service.watch(task_id, after)  # type: ignore[arg-type]
+        return StreamingResponse(_sse_stream(stream), media_type="text/event-stream", headers=SSE_HEADERS)
+
+    async def servers(self, request: Request) -> Response:
+        infos = [s.model_dump(mode="json") for s in self.service.list_servers()]
+        return JSONResponse(infos)
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        await self.service.ready()
+        return JSONResponse({"status": "ready"})
+
+    async def openapi_json(self, request: Request) -> Response:
+        return JSONResponse(self.openapi)
+
+
+def _routes(h: _Routes) -> list[Route]:
+    return [
+        Route("/v1/tasks", h.submit, methods=["POST"], name="submit_task"),
+        Route("/v1/tasks", h.list, methods=["GET"], name="list_tasks"),
+        Route("/v1/tasks/{task_id}", h.get, methods=["GET"], name="get_task"),
+        Route("/v1/tasks/{task_id}/cancel", h.cancel, methods=["POST"], name="cancel_task"),
+        Route("/v1/tasks/{task_id}/events", h.events, methods=["GET"], name="task_events"),
+        Route("/v1/servers", h.servers, methods=["GET"], name="list_servers"),
+        Route("/healthz", h.healthz, methods=["GET"], name="healthz"),
+        Route("/readyz", h.readyz, methods=["GET"], name="readyz"),
+        Route("/openapi.json", h.openapi_json, methods=["GET"], name="openapi"),
+    ]
+
+
+def create_gateway(
+    service: TaskService, auth_token: str | None = None, *, max_body_bytes: int = MAX_BODY_BYTES
+) -> Starlette:
+    """The REST gateway as one ASGI app: mount it at ``/`` beside the MCP endpoints.
+
+    With ``auth_token`` every route except ``/healthz`` and ``/readyz`` needs
+    ``Authorization: Bearer <auth_token>``; errors of every kind are RFC 9457 problems.
+    """
+    handlers = _Routes(service, max_body_bytes, build_openapi(secured=auth_token is not None))
+    middleware = [Middleware(BearerAuth, token=auth_token)] if auth_token else []
+    return Starlette(routes=_routes(handlers), middleware=middleware, exception_handlers=EXCEPTION_HANDLERS)
+
+
+__all__ = ["MAX_BODY_BYTES", "PROBLEM_MEDIA_TYPE", "create_gateway"]

@@ -1,0 +1,226 @@
+"""The OpenAPI 3.1 document, generated from the same pydantic models the routes serialise.
+
+Schemas are never written by hand: request and response bodies come from ``models.py``,
+``ServerInfo`` and ``Problem`` through pydantic's JSON Schema (2020-12, which OpenAPI 3.1
+uses as is), and limits such as the page size come from the constants the service enforces.
+The schemathesis test checks the document against the running app, so it stays true.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
+
+from gateway.problems import PROBLEM_MEDIA_TYPE, Problem
+from opspawn_mcp.host.models import ServerInfo
+from opspawn_mcp.models import Task, TaskEvent, TaskPage, TaskSpec, TaskStatus
+from opspawn_mcp.service import LIST_PAGE_MAX
+
+REF = "#/components/schemas/{model}"
+
+_MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
+    (TaskSpec, "validation"),
+    (Task, "serialization"),
+    (TaskPage, "serialization"),
+    (TaskEvent, "serialization"),
+    (ServerInfo, "serialization"),
+    (Problem, "serialization"),
+]
+
+# Which error statuses each operation can answer, beyond 401 (added when a token is set).
+_DESCRIPTIONS = {
+    400: "The body is not valid JSON.",
+    401: "Missing or wrong bearer token.",
+    403: "The spec names a server this opspawn does not allow.",
+    404: "No such task, or no such route.",
+    409: "The task's state does not allow this (e.g. cancelling a finished task).",
+    413: "The body, or the goal in it, is too large.",
+    422: "The request is well-formed but invalid; `problems` lists each invalid field.",
+    503: "The task store (or broker) cannot be reached; retry later.",
+}
+
+
+def _problems(*statuses: int) -> dict[str, Any]:
+    return {
+        str(s): {
+            "description": _DESCRIPTIONS[s],
+            "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": REF.format(model="Problem")}}},
+        }
+        for s in statuses
+    }
+
+
+def _json(description: str, schema: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}, **extra}
+
+
+def build_openapi(*, secured: bool) -> dict[str, Any]:
+    """The whole document; ``secured`` adds the bearer scheme and 401 to every guarded operation."""
+    refs, defs = models_json_schema(_MODELS, ref_template=REF)
+
+    def ref(model: type[BaseModel], mode: JsonSchemaMode = "serialization") -> dict[str, Any]:
+        return dict(refs[(model, mode)])
+
+    task_id = {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    auth = (401,) if secured else ()
+
+    def op(summary: str, responses: dict[str, Any], *statuses: int, **extra: Any) -> dict[str, Any]:
+        return {
+            "summary": summary,
+            "operationId": extra.pop("operation_id"),
+            **extra,
+            "responses": {**responses, **_problems(*sorted({*auth, *statuses}))},
+        }
+
+    paths: dict[str, Any] = {
+        "/v1/tasks": {
+            "post": op(
+                "Submit a task; it is queued and runs in a worker.",
+                {
+                    "202": _json(
+                        "Accepted: the task is stored as queued.",
+                        ref(Task),
+                        headers={
+                            "Location": {
+                                "description": "URL of the new task.",
+                                "required": True,
+                                "schema": {"type": "string"},
+                            }
+                        },
+                    )
+                },
+                400,
+                403,
+                413,
+                422,
+                503,
+                operation_id="submitTask",
+                requestBody={
+                    "required": True,
+                    "content": {"application/json": {"schema": ref(TaskSpec, "validation")}},
+                },
+            ),
+            "get": op(
+                "List tasks, newest first.",
+                {"200": _json("One page of tasks.", ref(TaskPage))},
+                422,
+                503,
+                operation_id="listTasks",
+                parameters=[
+                    {
+                        "name": "status",
+                        "in": "query",
+                        "schema": {"type": "string", "enum": [s.value for s in TaskStatus]},
+                    },
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": LIST_PAGE_MAX, "default": 50},
+                    },
+                    {
+                        "name": "cursor",
+                        "in": "query",
+                        "description": "The next_cursor of the previous page.",
+                        "schema": {"type": "string"},
+                    },
+                ],
+            ),
+        },
+        "/v1/tasks/{task_id}": {
+            "get": op(
+                "Get one task.",
+                {"200": _json("The task.", ref(Task))},
+                404,
+                422,
+                503,
+                operation_id="getTask",
+                parameters=[task_id],
+            )
+        },
+        "/v1/tasks/{task_id}/cancel": {
+            "post": op(
+                "Cancel a queued or running task (cancelling a cancelled task is a no-op).",
+                {"200": _json("The task, now cancelled.", ref(Task))},
+                404,
+                409,
+                422,
+                503,
+                operation_id="cancelTask",
+                parameters=[task_id],
+            )
+        },
+        "/v1/tasks/{task_id}/events": {
+            "get": op(
+                "Server-Sent Events: the task's events, then live ones until the task ends.",
+                {
+                    "200": {
+                        "description": (
+                            "An event stream. Each SSE event has `id` = the event's seq, `event` = its kind "
+                            "and `data` = the TaskEvent as JSON. The stream ends when the task has ended. "
+                            "Reconnect with `Last-Event-ID` to resume after the last event received."
+                        ),
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    }
+                },
+                404,
+                422,
+                503,
+                operation_id="watchTask",
+                parameters=[
+                    task_id,
+                    {
+                        "name": "after_seq",
+                        "in": "query",
+                        "description": "Start after this event seq (0: from the start).",
+                        "schema": {"type": "integer", "minimum": 0, "default": 0},
+                    },
+                    {
+                        "name": "Last-Event-ID",
+                        "in": "header",
+                        "description": "Set by SSE clients on reconnect; wins over after_seq.",
+                        "schema": {"type": "string", "pattern": "^[0-9]+$"},
+                    },
+                ],
+            )
+        },
+        "/v1/servers": {
+            "get": op(
+                "The downstream MCP servers tasks may use, with their state and tools.",
+                {"200": _json("The servers.", {"type": "array", "items": ref(ServerInfo)})},
+                operation_id="listServers",
+            )
+        },
+    }
+    status_schema = {"type": "object", "properties": {"status": {"type": "string"}}, "required": ["status"]}
+    paths["/healthz"] = {
+        "get": {
+            "summary": "Liveness: the process is up.",
+            "operationId": "healthz",
+            "responses": {"200": _json("Up.", status_schema)},
+        }
+    }
+    paths["/readyz"] = {
+        "get": {
+            "summary": "Readiness: the task store and broker can be reached.",
+            "operationId": "readyz",
+            "responses": {"200": _json("Ready.", status_schema), **_problems(503)},
+        }
+    }
+    doc: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "opspawn REST gateway",
+            "version": "1",
+            "description": "The task API of opspawn for plain HTTP clients; the same TaskService as MCP and gRPC.",
+        },
+        "paths": paths,
+        "components": {"schemas": defs.get("$defs", {})},
+    }
+    if secured:
+        doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        doc["security"] = [{"bearer": []}]
+        for path in ("/healthz", "/readyz"):
+            paths[path]["get"]["security"] = []
+    return doc

@@ -1,0 +1,98 @@
+"""RFC 9457 problem details: the one shape every REST error takes.
+
+The status and the kind come from ``opspawn_mcp.errors`` (``.status``, ``.kind``), so the
+gateway never decides on its own that, say, a conflict is a 409. Starlette's own HTTP errors
+(unknown route, wrong method) and anything unexpected are turned into the same shape, so a
+client parses one error format and never sees a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from http import HTTPStatus
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from opspawn_mcp.errors import OpspawnError
+
+log = logging.getLogger(__name__)
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+TYPE_PREFIX = "urn:opspawn:problem:"
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem document; ``kind`` is the ``opspawn_mcp.errors`` kind of the error."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(description="A URN naming the problem kind: urn:opspawn:problem:<kind>.")
+    title: str
+    status: int
+    detail: str
+    kind: str
+    problems: list[str] | None = Field(
+        default=None,
+        description="For an invalid task spec (422): one line per invalid field, '<location>: <message>'.",
+    )
+
+
+def problem_response(
+    status: int,
+    kind: str,
+    detail: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    **extra: Any,
+) -> Response:
+    problem = Problem(
+        type=TYPE_PREFIX + kind,
+        title=HTTPStatus(status).phrase,
+        status=status,
+        detail=detail,
+        kind=kind,
+        **extra,
+    )
+    return JSONResponse(
+        problem.model_dump(mode="json", exclude_none=True),
+        status_code=status,
+        media_type=PROBLEM_MEDIA_TYPE,
+        headers=headers,
+    )
+
+
+def error_response(exc: OpspawnError) -> Response:
+    """The problem for a typed error: status and kind from errors.py, its details as extensions
+    (``problems`` for validation, ``task_id``, ``field``...), exactly what the other doors carry."""
+    reserved = set(Problem.model_fields) - {"problems"}
+    extra = {k: v for k, v in exc.details.items() if k not in reserved}
+    return problem_response(exc.status, exc.kind, exc.message, **extra)
+
+
+async def on_opspawn_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, OpspawnError)
+    return error_response(exc)
+
+
+async def on_http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return problem_response(exc.status_code, kind, str(exc.detail), headers=exc.headers)
+
+
+async def on_unexpected(request: Request, exc: Exception) -> Response:
+    """A bug: log it with the trace for us, answer a plain 500 problem for the client."""
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return problem_response(500, "internal", "The server failed to handle this request; it has been logged.")
+
+
+EXCEPTION_HANDLERS = {
+    OpspawnError: on_opspawn_error,
+    HTTPException: on_http_exception,
+    Exception: on_unexpected,
+}

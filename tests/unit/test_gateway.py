@@ -1,0 +1,326 @@
+"""The REST gateway's HTTP mapping, against the real TaskService and memory store.
+
+The service's rules are tested in test_service.py; here each test checks only how HTTP
+carries them: statuses, problem documents, headers, the SSE framing and the auth rule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.app import MAX_BODY_BYTES, create_gateway
+from gateway.problems import PROBLEM_MEDIA_TYPE
+from opspawn_mcp.config import Config, parse_config
+from opspawn_mcp.host.models import ServerInfo
+from opspawn_mcp.models import TaskStatus
+from opspawn_mcp.service import TaskService
+from opspawn_mcp.store.memory import MemoryStore
+
+TOKEN = "s3cret-token"
+
+
+class RecordingEnqueuer:
+    """A real enqueuer that keeps the ids it was given; no worker runs in these tests."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+
+    async def enqueue(self, task_id: str) -> None:
+        self.ids.append(task_id)
+
+
+class Directory:
+    def servers_info(self) -> list[ServerInfo]:
+        return [ServerInfo(name="echo", transport="stdio", state="ready", tools=["echo"], tool_count=1)]
+
+
+def make_config() -> Config:
+    return parse_config(
+        {
+            "mcpServers": {"echo": {"command": "python", "args": ["-m", "x"]}},
+            "opspawn": {"store_url": "memory://", "llm": {"provider": "local"}},
+        },
+        environ={},
+    )
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[MemoryStore]:
+    s = MemoryStore()
+    await s.start()
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+def enqueuer() -> RecordingEnqueuer:
+    return RecordingEnqueuer()
+
+
+@pytest.fixture
+def service(store: MemoryStore, enqueuer: RecordingEnqueuer) -> TaskService:
+    return TaskService(make_config(), store, enqueuer, Directory(), poll_interval_s=0.01, environ={})
+
+
+@pytest.fixture
+async def client(service: TaskService) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=create_gateway(service))
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+        yield c
+
+
+def assert_problem(response: httpx.Response, status: int, kind: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == PROBLEM_MEDIA_TYPE
+    body: dict[str, Any] = response.json()
+    assert body["status"] == status
+    assert body["kind"] == kind
+    assert body["type"] == f"urn:opspawn:problem:{kind}"
+    assert body["title"] and body["detail"]
+    return body
+
+
+async def finish(store: MemoryStore, task_id: str, result: str) -> None:
+    """Do what a worker does, through the real store: claim, log, complete."""
+    await store.claim(task_id, "w1", 30.0, 3)
+    await store.append_event(task_id, "state", {"status": "running"})
+    await store.append_event(task_id, "final", {"result": result})
+    await store.transition(task_id, {TaskStatus.RUNNING}, TaskStatus.COMPLETED, result=result, owner="w1")
+    await store.append_event(task_id, "state", {"status": "completed"})
+
+
+def parse_sse(text: str) -> list[dict[str, str]]:
+    events = []
+    for block in text.strip().split("\n\n"):
+        fields: dict[str, str] = {}
+        for line in block.splitlines():
+            key, _, value = line.partition(": ")
+            fields[key] = value
+        events.append(fields)
+    return events
+
+
+# -- submit -----------------------------------------------------------------------------
+
+
+async def test_submit_returns_202_with_location_and_the_queued_task(
+    client: httpx.AsyncClient, enqueuer: RecordingEnqueuer
+) -> None:
+    r = await client.post("/v1/tasks", json={"goal": "echo hi", "max_steps": 3})
+    assert r.status_code == 202
+    task = r.json()
+    assert task["status"] == "queued"
+    assert task["spec"]["max_steps"] == 3
+    assert enqueuer.ids == [task["id"]]
+    assert r.headers["location"] == f"http://gw/v1/tasks/{task['id']}"
+    again = await client.get(r.headers["location"])
+    assert again.status_code == 200
+    assert again.json()["id"] == task["id"]
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"", b"[" * 100_000, b"\xff\xfe"])
+async def test_malformed_json_is_400(client: httpx.AsyncClient, body: bytes) -> None:
+    r = await client.post("/v1/tasks", content=body, headers={"content-type": "application/json"})
+    assert_problem(r, 400, "malformed_json")
+
+
+async def test_declared_oversized_body_is_413_before_reading(client: httpx.AsyncClient) -> None:
+    r = await client.post(
+        "/v1/tasks", content=b"{}" + b" " * MAX_BODY_BYTES, headers={"content-type": "application/json"}
+    )
+    assert_problem(r, 413, "payload_too_large")
+
+
+async def test_chunked_oversized_body_is_413(client: httpx.AsyncClient) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"goal": "'
+        for _ in range(MAX_BODY_BYTES // 65536 + 2):
+            yield b"x" * 65536
+
+    r = await client.post("/v1/tasks", content=chunks())
+    assert "content-length" not in r.request.headers
+    assert_problem(r, 413, "payload_too_large")
+
+
+async def test_invalid_spec_is_422_with_the_field_locations(client: httpx.AsyncClient) -> None:
+    r = await client.post("/v1/tasks", json={"goal": "x", "max_steps": 0, "colour": "red"})
+    body = assert_problem(r, 422, "invalid_input")
+    joined = "\n".join(body["problems"])
+    assert "max_steps:" in joined
+    assert "colour: unknown field" in joined
+
+
+async def test_a_json_array_is_422_not_400(client: httpx.AsyncClient) -> None:
+    assert_problem(await client.post("/v1/tasks", json=["goal"]), 422, "invalid_input")
+
+
+async def test_unknown_server_is_403(client: httpx.AsyncClient) -> None:
+    body = assert_problem(
+        await client.post("/v1/tasks", json={"goal": "x", "servers": ["evil"]}), 403, "forbidden"
+    )
+    assert body["servers"] == ["evil"]
+
+
+# -- read -------------------------------------------------------------------------------
+
+
+async def test_unknown_task_is_404_naming_the_id(client: httpx.AsyncClient) -> None:
+    body = assert_problem(await client.get("/v1/tasks/nope"), 404, "not_found")
+    assert body["task_id"] == "nope"
+
+
+async def test_list_filters_by_status_and_pages_with_the_cursor(
+    client: httpx.AsyncClient, store: MemoryStore
+) -> None:
+    ids = [(await client.post("/v1/tasks", json={"goal": f"g{i}"})).json()["id"] for i in range(5)]
+    await finish(store, ids[0], "ok")
+    seen: list[str] = []
+    cursor: str | None = None
+    while True:
+        params: dict[str, Any] = {"status": "queued", "limit": 2}
+        if cursor:
+            params["cursor"] = cursor
+        page = (await client.get("/v1/tasks", params=params)).json()
+        seen += [t["id"] for t in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert sorted(seen) == sorted(ids[1:])
+    completed = (await client.get("/v1/tasks", params={"status": "completed"})).json()
+    assert [t["id"] for t in completed["items"]] == [ids[0]]
+
+
+@pytest.mark.parametrize(
+    "params", [{"limit": "0"}, {"limit": "lots"}, {"limit": "9" * 30}, {"status": "asleep"}, {"cursor": "zz"}]
+)
+async def test_bad_list_query_is_422(client: httpx.AsyncClient, params: dict[str, str]) -> None:
+    assert_problem(await client.get("/v1/tasks", params=params), 422, "invalid_input")
+
+
+# -- cancel -----------------------------------------------------------------------------
+
+
+async def test_cancel_then_cancel_a_finished_task_is_409(
+    client: httpx.AsyncClient, store: MemoryStore
+) -> None:
+    a = (await client.post("/v1/tasks", json={"goal": "a"})).json()["id"]
+    r = await client.post(f"/v1/tasks/{a}/cancel")
+    assert r.status_code == 200
+    assert r.json()["status"] == "cancelled"
+    b = (await client.post("/v1/tasks", json={"goal": "b"})).json()["id"]
+    await finish(store, b, "ok")
+    assert_problem(await client.post(f"/v1/tasks/{b}/cancel"), 409, "conflict")
+    assert_problem(await client.post("/v1/tasks/nope/cancel"), 404, "not_found")
+
+
+# -- events (SSE) -----------------------------------------------------------------------
+
+
+async def test_events_stream_ends_with_the_task_and_resumes_after_last_event_id(
+    client: httpx.AsyncClient, store: MemoryStore
+) -> None:
+    task_id = (await client.post("/v1/tasks", json={"goal": "g"})).json()["id"]
+    await finish(store, task_id, "42")
+    r = await client.get(f"/v1/tasks/{task_id}/events")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = parse_sse(r.text)
+    assert [e["event"] for e in events] == ["state", "state", "final", "state"]
+    assert [e["id"] for e in events] == ["1", "2", "3", "4"]
+    assert json.loads(events[2]["data"])["data"] == {"result": "42"}
+    resumed = await client.get(f"/v1/tasks/{task_id}/events", headers={"Last-Event-ID": "2"})
+    assert [e["id"] for e in parse_sse(resumed.text)] == ["3", "4"]
+    by_query = await client.get(f"/v1/tasks/{task_id}/events", params={"after_seq": 3})
+    assert [e["id"] for e in parse_sse(by_query.text)] == ["4"]
+
+
+async def test_events_follow_a_live_task_until_it_ends(client: httpx.AsyncClient, store: MemoryStore) -> None:
+    task_id = (await client.post("/v1/tasks", json={"goal": "g"})).json()["id"]
+    stream = asyncio.create_task(client.get(f"/v1/tasks/{task_id}/events"))
+    # The stream can only end once the task is terminal, so finishing it is what completes it.
+    await finish(store, task_id, "live")
+    r = await stream
+    assert [e["event"] for e in parse_sse(r.text)][-2:] == ["final", "state"]
+
+
+async def test_events_errors_come_before_the_stream(client: httpx.AsyncClient) -> None:
+    assert_problem(await client.get("/v1/tasks/nope/events"), 404, "not_found")
+    task_id = (await client.post("/v1/tasks", json={"goal": "g"})).json()["id"]
+    bad = await client.get(f"/v1/tasks/{task_id}/events", headers={"Last-Event-ID": "abc"})
+    assert_problem(bad, 422, "invalid_input")
+
+
+# -- servers, health --------------------------------------------------------------------
+
+
+async def test_servers_lists_the_pool(client: httpx.AsyncClient) -> None:
+    r = await client.get("/v1/servers")
+    assert r.status_code == 200
+    assert [(s["name"], s["state"], s["tools"]) for s in r.json()] == [("echo", "ready", ["echo"])]
+
+
+async def test_health_and_readiness(client: httpx.AsyncClient, store: MemoryStore) -> None:
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    assert (await client.get("/readyz")).json() == {"status": "ready"}
+    await store.close()
+    assert_problem(await client.get("/readyz"), 503, "unavailable")
+    assert (await client.get("/healthz")).status_code == 200
+
+
+async def test_unknown_route_and_wrong_method_are_problems(client: httpx.AsyncClient) -> None:
+    assert_problem(await client.get("/v2/nothing"), 404, "not_found")
+    assert_problem(await client.delete("/v1/tasks"), 405, "method_not_allowed")
+
+
+async def test_openapi_document_is_3_1_and_covers_every_route(client: httpx.AsyncClient) -> None:
+    doc = (await client.get("/openapi.json")).json()
+    assert doc["openapi"] == "3.1.0"
+    assert set(doc["paths"]) == {
+        "/v1/tasks",
+        "/v1/tasks/{task_id}",
+        "/v1/tasks/{task_id}/cancel",
+        "/v1/tasks/{task_id}/events",
+        "/v1/servers",
+        "/healthz",
+        "/readyz",
+    }
+    assert {"Task", "TaskSpec", "TaskPage", "TaskEvent", "ServerInfo", "Problem"} <= set(
+        doc["components"]["schemas"]
+    )
+
+
+# -- auth -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def secured(service: TaskService) -> Iterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=create_gateway(service, auth_token=TOKEN))
+    yield httpx.AsyncClient(transport=transport, base_url="http://gw")
+
+
+@pytest.mark.parametrize("header", [None, "Bearer wrong", f"Basic {TOKEN}", TOKEN])
+async def test_without_the_token_every_task_route_is_401(
+    secured: httpx.AsyncClient, header: str | None
+) -> None:
+    headers = {"Authorization": header} if header else {}
+    async with secured:
+        for method, path in [("GET", "/v1/tasks"), ("POST", "/v1/tasks"), ("GET", "/openapi.json")]:
+            r = await secured.request(method, path, headers=headers, json={"goal": "x"})
+            assert_problem(r, 401, "unauthenticated")
+            assert r.headers["www-authenticate"].startswith("Bearer")
+
+
+async def test_with_the_token_requests_pass_and_probes_never_need_it(secured: httpx.AsyncClient) -> None:
+    async with secured:
+        ok = await secured.post("/v1/tasks", json={"goal": "x"}, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert ok.status_code == 202
+        assert (await secured.get("/healthz")).status_code == 200
+        assert (await secured.get("/readyz")).status_code == 200
+        doc = (await secured.get("/openapi.json", headers={"Authorization": f"bearer {TOKEN}"})).json()
+        assert doc["security"] == [{"bearer": []}]
