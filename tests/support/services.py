@@ -12,7 +12,9 @@ import socket
 
 import pytest
 
-POSTGRES_URL = os.environ.get("OPSPAWN_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
+POSTGRES_URL = os.environ.get(
+    "OPSPAWN_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+)
 RABBITMQ_URL = os.environ.get("OPSPAWN_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 _PORTS = {"postgres": ("127.0.0.1", 5432), "rabbitmq": ("127.0.0.1", 5672)}
