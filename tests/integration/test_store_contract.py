@@ -567,3 +567,14 @@ async def test_times_in_other_zones_come_back_as_the_same_instant_in_utc(store: 
     assert got.created_at.utcoffset() == timedelta(0)
     later = await store.expired(now=local + timedelta(days=1))
     assert later == []
+
+
+async def test_many_stores_starting_at_once_migrate_exactly_once(open_new: StoreFactory) -> None:
+    stores = await asyncio.gather(*(open_new() for _ in range(WRITERS)))
+    task = await stores[0].create(_task())
+    assert all([(await s.get(task.id)).id == task.id for s in stores])
+    from opspawn_mcp.store.sql import SCHEMA_VERSION, SqlStore
+
+    for s in stores:
+        if isinstance(s, SqlStore):
+            assert await s.schema_version() == SCHEMA_VERSION
