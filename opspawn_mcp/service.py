@@ -35,6 +35,7 @@ from opspawn_mcp.store.base import TaskStore
 TASK_ID_MAX_CHARS = 64
 EVENTS_PAGE_MAX = 1000
 LIST_PAGE_MAX = 200
+WAIT_MAX_S = 600.0
 CANCELLED_BY_CLIENT = "cancelled by the client"
 
 
@@ -243,14 +244,22 @@ class TaskService:
                 return
             await asyncio.sleep(self._poll_s)
 
+    def check_wait(self, timeout_s: float) -> None:
+        """A wait is 0 to ``WAIT_MAX_S`` seconds: longer ones outlive most clients' request timeouts."""
+        if (
+            isinstance(timeout_s, bool)
+            or not isinstance(timeout_s, int | float)
+            or not 0 <= timeout_s <= WAIT_MAX_S
+        ):
+            raise InvalidInput(f"wait must be a number of seconds from 0 to {WAIT_MAX_S:g}.", field="wait")
+
     async def wait(self, task_id: str, timeout_s: float, on_event: EventCallback | None = None) -> Task:
         """Follow the task for up to ``timeout_s`` seconds, calling ``on_event`` for each new event;
         return the task as it is then (terminal, or still queued/running if time ran out).
 
         Every door that offers "submit and wait" uses this, so they all time out the same way.
         """
-        if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or timeout_s < 0:
-            raise InvalidInput("wait must be a number of seconds >= 0.", field="wait")
+        self.check_wait(timeout_s)
         task = await self.get(task_id)
         if timeout_s == 0 or task.status.terminal:
             return task

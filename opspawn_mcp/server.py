@@ -1,0 +1,452 @@
+"""opspawn's own MCP server: five tools and two resources over ``TaskService``, on every transport.
+
+The tools are thin adapters: they name the service's arguments for an LLM caller, call the
+service, and shape its answer. Every rule (which servers exist, goal limits, cancel rules)
+lives in ``TaskService`` and the models; a typed ``OpspawnError`` becomes a tool result with
+``isError`` and the error's message, so a bad request is something the caller can read and
+fix, never a protocol failure.
+
+The input schemas document the limits the models enforce (``maxLength``, ``minimum``...) but do
+not enforce them again: the service does, so an MCP caller gets exactly the message a REST or
+gRPC caller gets.
+
+HTTP: streamable HTTP at ``/mcp`` and SSE at ``/sse`` (+ ``/messages/``) share one Starlette
+app, so the REST gateway can be mounted beside them. ``BearerAuth`` guards the whole app when a
+token is configured; the SDK's ``TransportSecuritySettings`` check Host and Origin headers
+against DNS rebinding.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import socket
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from mcp.server import MCPServer
+from mcp.server.mcpserver import Context
+from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
+from mcp.server.transport_security import TransportSecuritySettings
+from mcp.types import ToolAnnotations
+from pydantic import BaseModel, Field
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from opspawn_mcp.config import LOCALHOSTS
+from opspawn_mcp.errors import NotFound, OpspawnError, Unauthenticated
+from opspawn_mcp.host.models import ServerInfo
+from opspawn_mcp.models import (
+    GOAL_MAX_CHARS,
+    MAX_STEPS_LIMIT,
+    TIMEOUT_LIMIT_S,
+    ModelSettings,
+    Task,
+    TaskStatus,
+)
+from opspawn_mcp.service import LIST_PAGE_MAX, WAIT_MAX_S, TaskService
+
+SERVER_NAME = "opspawn"
+MCP_PATH = "/mcp"
+SSE_PATH = "/sse"
+SSE_MESSAGE_PATH = "/messages/"
+
+INSTRUCTIONS = f"""\
+opspawn runs autonomous agent tasks for you. An agent gets a goal, an LLM and a set of downstream
+MCP servers (tools), works through it step by step in the background, and leaves a result.
+
+How to use it:
+1. list_servers shows the downstream servers an agent may use and their tools.
+2. submit_task starts a task and returns its task_id at once. Name the servers it needs in
+   `servers` (omit to allow all). To block until it finishes, pass `wait` (seconds, at most
+   {WAIT_MAX_S:g}); if it is still running when the wait ends you get its current status.
+3. get_status(task_id) shows status (queued, running, completed, failed, cancelled), steps taken,
+   the result or error, and token usage. Poll it until `done` is true.
+4. cancel_task(task_id) stops a queued or running task. list_tasks finds earlier tasks.
+
+Tasks outlive this conversation: keep the task_id. A task that failed carries an `error` saying
+why. Resources: opspawn://tasks/{{task_id}} (the task as JSON) and
+opspawn://tasks/{{task_id}}/events (its step log).
+"""
+
+TaskState = Literal["queued", "running", "completed", "failed", "cancelled"]
+
+
+class TaskProgress(BaseModel):
+    steps: int = Field(description="Agent steps taken so far.")
+    max_steps: int = Field(description="The step budget; the task fails if it needs more.")
+
+
+class TaskUsage(BaseModel):
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+
+
+class TaskView(BaseModel):
+    """A task as an MCP caller sees it: what it needs to decide its next call, nothing internal."""
+
+    task_id: str
+    status: TaskState
+    done: bool = Field(description="True once the task is completed, failed or cancelled.")
+    goal: str
+    servers: list[str] | None = Field(description="Downstream servers allowed; null means all.")
+    progress: TaskProgress
+    result: str | None = Field(description="The agent's answer, once completed.")
+    error: str | None = Field(description="Why it failed or was cancelled.")
+    usage: TaskUsage
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    next: str = Field(description="What to do next with this task.")
+
+    @classmethod
+    def of(cls, task: Task) -> TaskView:
+        status = task.status
+        if status is TaskStatus.COMPLETED:
+            hint = "Done: read `result`."
+        elif status is TaskStatus.FAILED:
+            hint = "Failed: read `error`; fix the goal or servers and submit again."
+        elif status is TaskStatus.CANCELLED:
+            hint = "Cancelled; submit again if still needed."
+        else:
+            hint = f"Still {status.value}: call get_status with task_id {task.id!r} later, or cancel_task."
+        return cls(
+            task_id=task.id,
+            status=status.value,
+            done=status.terminal,
+            goal=task.spec.goal,
+            servers=task.spec.servers,
+            progress=TaskProgress(steps=task.steps, max_steps=task.spec.max_steps),
+            result=task.result,
+            error=task.error,
+            usage=TaskUsage(
+                input_tokens=task.usage.input_tokens,
+                output_tokens=task.usage.output_tokens,
+                total_tokens=task.usage.total_tokens,
+            ),
+            created_at=task.created_at,
+            started_at=task.started_at,
+            finished_at=task.finished_at,
+            next=hint,
+        )
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskView]
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` to get the next (older) page; null at the end."
+    )
+
+
+class ServerList(BaseModel):
+    servers: list[ServerInfo]
+
+
+def _tool_error(exc: OpspawnError) -> ToolError:
+    """The one mapping from a typed error to an MCP tool error: kind first, then the fix."""
+    return ToolError(f"{exc.kind}: {exc.message}")
+
+
+def _describe_event(kind: str, data: dict[str, Any]) -> str:
+    """One short line per event for a progress notification's ``message``."""
+    text = json.dumps(data, default=str, separators=(",", ":"))
+    return f"{kind} {text[:200]}"
+
+
+TaskId = Annotated[str, Field(description="The task_id returned by submit_task or list_tasks.")]
+
+
+def build_server(service: TaskService) -> MCPServer:
+    """The MCP server for ``service``: the same object serves stdio, SSE and streamable HTTP."""
+    server: MCPServer = MCPServer(SERVER_NAME, instructions=INSTRUCTIONS, log_level="WARNING")
+
+    async def submit_task(
+        goal: Annotated[
+            str,
+            Field(
+                description="What the agent must do, in plain language, with everything it needs to know.",
+                json_schema_extra={"minLength": 1, "maxLength": GOAL_MAX_CHARS},
+            ),
+        ],
+        ctx: Context,
+        servers: Annotated[
+            list[str] | None,
+            Field(description="Names from list_servers the agent may use; omit to allow all of them."),
+        ] = None,
+        model: Annotated[
+            ModelSettings | None,
+            Field(description="LLM settings; omit to use the server's configured model."),
+        ] = None,
+        max_steps: Annotated[
+            int | None,
+            Field(
+                description="Step budget (LLM calls); default 10.",
+                json_schema_extra={"minimum": 1, "maximum": MAX_STEPS_LIMIT},
+            ),
+        ] = None,
+        planner: Annotated[
+            Literal["react", "plan_and_execute"] | None,
+            Field(description="'react' (default) acts step by step; 'plan_and_execute' plans first."),
+        ] = None,
+        timeout: Annotated[  # noqa: ASYNC109 - the task's run time limit, not this call's
+            float | None,
+            Field(
+                description="Seconds the task may run before it fails; default 300.",
+                json_schema_extra={"exclusiveMinimum": 0, "maximum": TIMEOUT_LIMIT_S},
+            ),
+        ] = None,
+        system_prompt: Annotated[
+            str | None, Field(description="Extra instructions for the agent's LLM.")
+        ] = None,
+        wait: Annotated[
+            float,
+            Field(
+                description="Seconds to wait for the result before returning (0 returns at once). "
+                "With a progress token you get a progress notification for each step.",
+                json_schema_extra={"minimum": 0, "maximum": WAIT_MAX_S},
+            ),
+        ] = 0,
+    ) -> TaskView:
+        """Start an agent task; returns at once (or after up to `wait` seconds) with its task_id."""
+        spec: dict[str, Any] = {"goal": goal}
+        optional = {
+            "servers": servers,
+            "model": model.model_dump(exclude_none=True) if model else None,
+            "max_steps": max_steps,
+            "planner": planner,
+            "timeout_s": timeout,
+            "system_prompt": system_prompt,
+        }
+        spec.update({k: v for k, v in optional.items() if v is not None})
+        try:
+            service.check_wait(wait)
+            task = await service.submit(spec)
+            if wait > 0:
+                count = 0
+
+                async def progress(event: Any) -> None:
+                    nonlocal count
+                    count += 1
+                    await ctx.report_progress(count, None, _describe_event(event.kind, event.data))
+
+                task = await service.wait(task.id, wait, progress)
+        except OpspawnError as exc:
+            raise _tool_error(exc) from exc
+        return TaskView.of(task)
+
+    async def get_status(task_id: TaskId) -> TaskView:
+        """Status, steps taken, result or error, token usage and times of one task."""
+        try:
+            return TaskView.of(await service.get(task_id))
+        except OpspawnError as exc:
+            raise _tool_error(exc) from exc
+
+    async def list_tasks(
+        status: Annotated[TaskState | None, Field(description="Only tasks in this status.")] = None,
+        limit: Annotated[
+            int,
+            Field(description="Page size.", json_schema_extra={"minimum": 1, "maximum": LIST_PAGE_MAX}),
+        ] = 20,
+        cursor: Annotated[
+            str | None, Field(description="next_cursor from the previous page; omit for the newest.")
+        ] = None,
+    ) -> TaskList:
+        """Tasks, newest first, one page at a time."""
+        try:
+            page = await service.list(status, limit, cursor)
+        except OpspawnError as exc:
+            raise _tool_error(exc) from exc
+        return TaskList(tasks=[TaskView.of(t) for t in page.items], next_cursor=page.next_cursor)
+
+    async def cancel_task(task_id: TaskId) -> TaskView:
+        """Stop a queued or running task. A running agent stops within one step."""
+        try:
+            return TaskView.of(await service.cancel(task_id))
+        except OpspawnError as exc:
+            raise _tool_error(exc) from exc
+
+    async def list_servers() -> ServerList:
+        """Downstream MCP servers agents may use, with their state and cached tool names."""
+        return ServerList(servers=service.list_servers())
+
+    read_only = ToolAnnotations(read_only_hint=True, open_world_hint=False)
+    server.add_tool(
+        submit_task,
+        title="Submit an agent task",
+        description="Start an autonomous agent task: an LLM works toward `goal` using the tools of the "
+        "allowed downstream servers (see list_servers). Returns the task's status with its task_id; "
+        "poll get_status until `done`, or pass `wait` to block for the result.",
+        annotations=ToolAnnotations(destructive_hint=False, idempotent_hint=False, open_world_hint=True),
+    )
+    server.add_tool(
+        get_status,
+        title="Get a task's status",
+        description="Show one task: status (queued, running, completed, failed, cancelled), steps taken, "
+        "the result when completed or the error when failed, token usage and times.",
+        annotations=read_only,
+    )
+    server.add_tool(
+        list_tasks,
+        title="List tasks",
+        description="List tasks newest first, optionally only those in one status. Page with `cursor`.",
+        annotations=read_only,
+    )
+    server.add_tool(
+        cancel_task,
+        title="Cancel a task",
+        description="Cancel a queued or running task. Cancelling a cancelled task is harmless; a completed "
+        "or failed task cannot be cancelled.",
+        annotations=ToolAnnotations(destructive_hint=True, idempotent_hint=True, open_world_hint=False),
+    )
+    server.add_tool(
+        list_servers,
+        title="List downstream servers",
+        description="The MCP servers opspawn's agents may use (name them in submit_task's `servers`), "
+        "with connection state and tool names.",
+        annotations=read_only,
+    )
+
+    @server.resource(
+        "opspawn://tasks/{task_id}",
+        name="task",
+        description="A task as JSON: spec, status, result or error, usage, times.",
+        mime_type="application/json",
+    )
+    async def task_resource(task_id: str) -> str:
+        try:
+            task = await service.get(task_id)
+        except NotFound as exc:
+            raise ResourceNotFoundError(exc.message) from exc
+        return task.model_dump_json(exclude={"lease_owner", "lease_expires_at"})
+
+    @server.resource(
+        "opspawn://tasks/{task_id}/events",
+        name="task-events",
+        description="A task's event log as a JSON array, oldest first (up to 1000 events).",
+        mime_type="application/json",
+    )
+    async def events_resource(task_id: str) -> str:
+        try:
+            events = await service.events(task_id, 0, 1000)
+        except NotFound as exc:
+            raise ResourceNotFoundError(exc.message) from exc
+        return json.dumps([e.model_dump(mode="json") for e in events])
+
+    return server
+
+
+# -- HTTP -------------------------------------------------------------------------------------
+
+
+def bearer_ok(header: str | None, token: str) -> bool:
+    """True when ``header`` is ``Bearer <token>`` (scheme case-insensitive, RFC 6750).
+
+    Constant-time, so the token cannot be recovered byte by byte from response timings.
+    """
+    if not header:
+        return False
+    scheme, _, given = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+class BearerAuth:
+    """Pure ASGI middleware requiring ``Authorization: Bearer <token>`` on every HTTP request.
+
+    Pure ASGI (not ``BaseHTTPMiddleware``) so the SSE streams it lets through are not buffered.
+    ``open_paths`` stay reachable without a token (health probes).
+    """
+
+    def __init__(self, app: ASGIApp, token: str, open_paths: Collection[str] = ()) -> None:
+        if not token:
+            raise ValueError("BearerAuth needs a non-empty token")
+        self.app = app
+        self.token = token
+        self.open_paths = frozenset(open_paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.open_paths:
+            await self.app(scope, receive, send)
+            return
+        if bearer_ok(Request(scope).headers.get("authorization"), self.token):
+            await self.app(scope, receive, send)
+            return
+        error = Unauthenticated("Send the server's token as 'Authorization: Bearer <token>'.")
+        response = JSONResponse(
+            error.to_dict(), status_code=error.status, headers={"WWW-Authenticate": 'Bearer realm="opspawn"'}
+        )
+        await response(scope, receive, send)
+
+
+def transport_security(
+    host: str, port: int, allowed_origins: Sequence[str] = ()
+) -> TransportSecuritySettings:
+    """DNS-rebinding protection: accept only Host headers naming this server, and only Origins
+    that are this server or listed in ``opspawn.server.allowed_origins``.
+
+    A wildcard bind (0.0.0.0, ::) has no single name, so it accepts the machine's own names and
+    the loopback names; put anything else (a reverse proxy's name) in ``allowed_origins``.
+    """
+    names: list[str] = ["127.0.0.1", "localhost", "[::1]"]
+    if host not in LOCALHOSTS:
+        if host in ("0.0.0.0", "::", ""):
+            names += [socket.gethostname(), socket.getfqdn()]
+        else:
+            names.append(f"[{host}]" if ":" in host else host)
+    for origin in allowed_origins:
+        names.append(origin.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0])
+    suffix = f":{port}" if port else ":*"
+    hosts: list[str] = []
+    for name in dict.fromkeys(names):
+        hosts += [name + suffix, name]
+    origins = [f"{scheme}://{h}" for h in hosts for scheme in ("http", "https")]
+    return TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        allowed_hosts=hosts,
+        allowed_origins=[*origins, *allowed_origins],
+    )
+
+
+def mcp_http_routes(
+    server: MCPServer, security: TransportSecuritySettings
+) -> tuple[list[BaseRoute], Callable[[], AbstractAsyncContextManager[None]]]:
+    """Routes for streamable HTTP (/mcp) and SSE (/sse, /messages/), and the lifespan the
+    streamable HTTP session manager needs; mount them in any Starlette app (the REST gateway's).
+    """
+    streamable = server.streamable_http_app(streamable_http_path=MCP_PATH, transport_security=security)
+    sse = server.sse_app(sse_path=SSE_PATH, message_path=SSE_MESSAGE_PATH, transport_security=security)
+
+    @asynccontextmanager
+    async def lifespan() -> AsyncIterator[None]:
+        async with server.session_manager.run():
+            yield
+
+    return [*streamable.routes, *sse.routes], lifespan
+
+
+def build_http_app(
+    server: MCPServer,
+    *,
+    host: str,
+    port: int,
+    token: str | None,
+    allowed_origins: Sequence[str] = (),
+    extra_routes: Sequence[BaseRoute] = (),
+) -> ASGIApp:
+    """One ASGI app serving both HTTP transports (and ``extra_routes``), behind the token if any."""
+    routes, session_lifespan = mcp_http_routes(server, transport_security(host, port, allowed_origins))
+
+    @asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        async with session_lifespan():
+            yield
+
+    app: ASGIApp = Starlette(routes=[*routes, *extra_routes], lifespan=lifespan)
+    if token:
+        app = BearerAuth(app, token)
+    return app

@@ -1,0 +1,248 @@
+"""The MCP door's mapping: tools and resources over a real TaskService, through an in-memory Client.
+
+The rules themselves are tested in test_service.py; here we check that each tool passes its
+arguments through, shapes the answer, and turns a typed error into ``isError`` with its message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from mcp import Client
+from mcp.server import MCPServer
+from starlette.applications import Starlette
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from opspawn_mcp.config import parse_config
+from opspawn_mcp.host.models import ServerInfo
+from opspawn_mcp.models import TaskStatus
+from opspawn_mcp.server import BearerAuth, bearer_ok, build_server, transport_security
+from opspawn_mcp.service import TaskService
+from opspawn_mcp.store.memory import MemoryStore
+
+
+class RecordingEnqueuer:
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.enqueued = asyncio.Event()
+
+    async def enqueue(self, task_id: str) -> None:
+        self.ids.append(task_id)
+        self.enqueued.set()
+
+
+class Directory:
+    def servers_info(self) -> list[ServerInfo]:
+        return [ServerInfo(name="echo", transport="stdio", state="ready", tools=["echo"], tool_count=1)]
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[MemoryStore]:
+    s = MemoryStore()
+    await s.start()
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+def enqueuer() -> RecordingEnqueuer:
+    return RecordingEnqueuer()
+
+
+@pytest.fixture
+def server(store: MemoryStore, enqueuer: RecordingEnqueuer) -> MCPServer:
+    """A fresh MCP server per test; each test opens its own Client, because anyio's cancel
+    scopes must be entered and left in the same task (a yield fixture would split them)."""
+    config = parse_config(
+        {"mcpServers": {"echo": {"command": "python"}}, "opspawn": {"store_url": "memory://"}}, environ={}
+    )
+    service = TaskService(config, store, enqueuer, Directory(), poll_interval_s=0.01, environ={})
+    return build_server(service)
+
+
+def text(result: Any) -> str:
+    return "".join(block.text for block in result.content)
+
+
+async def test_tools_have_descriptions_and_schemas(server: MCPServer) -> None:
+    async with Client(server) as client:
+        tools = {t.name: t for t in (await client.list_tools()).tools}
+        assert set(tools) == {"submit_task", "get_status", "list_tasks", "cancel_task", "list_servers"}
+        for tool in tools.values():
+            assert tool.description and tool.output_schema
+        submit = tools["submit_task"].input_schema
+        assert submit["required"] == ["goal"]
+        assert submit["properties"]["goal"]["maxLength"] == 20_000
+        assert submit["properties"]["max_steps"]["maximum"] == 100
+        assert set(submit["properties"]) >= {"servers", "model", "max_steps", "planner", "timeout", "wait"}
+        assert tools["get_status"].annotations is not None and tools["get_status"].annotations.read_only_hint
+        assert "submit_task" in (client.instructions or "")
+
+
+async def test_submit_returns_the_queued_task_at_once(server: MCPServer, enqueuer: RecordingEnqueuer) -> None:
+    async with Client(server) as client:
+        result = await client.call_tool(
+            "submit_task", {"goal": "echo hi", "servers": ["echo"], "max_steps": 3, "timeout": 60}
+        )
+        assert not result.is_error
+        view = result.structured_content
+        assert view is not None
+        assert view["status"] == "queued" and view["done"] is False
+        assert view["progress"] == {"steps": 0, "max_steps": 3}
+        assert enqueuer.ids == [view["task_id"]]
+        assert view["task_id"] in view["next"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"goal": "x", "servers": ["evil"]}, "forbidden: Unknown server(s) 'evil'"),
+        ({"goal": ""}, "invalid_input"),
+        ({"goal": "x" * 20_001}, "payload_too_large"),
+        ({"goal": "x", "max_steps": 0}, "max_steps"),
+        ({"goal": "x", "wait": -1}, "wait must be"),
+        ({"goal": 5}, "goal"),
+        ({"goal": "x", "model": {"provider": "openai"}}, "No model name"),
+    ],
+)
+async def test_bad_input_is_a_tool_error_with_a_clear_message(
+    server: MCPServer, enqueuer: RecordingEnqueuer, args: dict[str, Any], message: str
+) -> None:
+    async with Client(server) as client:
+        result = await client.call_tool("submit_task", args)
+        assert result.is_error
+        assert message in text(result)
+        assert enqueuer.ids == []
+
+
+async def test_get_status_list_and_cancel(server: MCPServer) -> None:
+    async with Client(server) as client:
+        first = (await client.call_tool("submit_task", {"goal": "a"})).structured_content
+        second = (await client.call_tool("submit_task", {"goal": "b"})).structured_content
+        assert first and second
+        status = await client.call_tool("get_status", {"task_id": first["task_id"]})
+        assert status.structured_content and status.structured_content["goal"] == "a"
+
+        cancelled = await client.call_tool("cancel_task", {"task_id": first["task_id"]})
+        assert cancelled.structured_content
+        assert cancelled.structured_content["status"] == "cancelled"
+        assert cancelled.structured_content["done"] is True
+
+        page = (await client.call_tool("list_tasks", {"limit": 1})).structured_content
+        assert page and [t["task_id"] for t in page["tasks"]] == [second["task_id"]]
+        rest = (
+            await client.call_tool("list_tasks", {"limit": 1, "cursor": page["next_cursor"]})
+        ).structured_content
+        assert rest and [t["task_id"] for t in rest["tasks"]] == [first["task_id"]]
+        only = (await client.call_tool("list_tasks", {"status": "cancelled"})).structured_content
+        assert only and [t["task_id"] for t in only["tasks"]] == [first["task_id"]]
+
+
+async def test_unknown_ids_and_conflicts_are_tool_errors(server: MCPServer, store: MemoryStore) -> None:
+    async with Client(server) as client:
+        missing = await client.call_tool("get_status", {"task_id": "nope"})
+        assert missing.is_error and "not_found: No task with id 'nope'" in text(missing)
+        task = (await client.call_tool("submit_task", {"goal": "a"})).structured_content
+        assert task
+        await store.claim(task["task_id"], "w", 30.0, 3)
+        await store.transition(task["task_id"], {TaskStatus.RUNNING}, TaskStatus.COMPLETED, result="ok")
+        conflict = await client.call_tool("cancel_task", {"task_id": task["task_id"]})
+        assert conflict.is_error and "conflict: " in text(conflict)
+
+
+async def test_list_servers(server: MCPServer) -> None:
+    async with Client(server) as client:
+        result = (await client.call_tool("list_servers", {})).structured_content
+        assert result and result["servers"][0]["name"] == "echo"
+        assert result["servers"][0]["tools"] == ["echo"]
+
+
+async def _worker(store: MemoryStore, enqueuer: RecordingEnqueuer) -> None:
+    """Plays the worker on the real store once the task is enqueued."""
+    await enqueuer.enqueued.wait()
+    task_id = enqueuer.ids[0]
+    await store.claim(task_id, "w", 30.0, 3)
+    await store.append_event(task_id, "state", {"status": "running"})
+    await store.append_event(task_id, "tool_call", {"tool": "echo__echo", "arguments": {"text": "hi"}})
+    await store.append_event(task_id, "final", {"result": "done: hi"})
+    await store.transition(task_id, {TaskStatus.RUNNING}, TaskStatus.COMPLETED, result="done: hi")
+
+
+async def test_submit_with_wait_reports_progress_and_returns_the_result(
+    server: MCPServer, store: MemoryStore, enqueuer: RecordingEnqueuer
+) -> None:
+    async with Client(server) as client:
+        progress: list[tuple[float, str | None]] = []
+
+        async def on_progress(value: float, total: float | None, message: str | None) -> None:
+            progress.append((value, message))
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(_worker(store, enqueuer))
+            result = await client.call_tool(
+                "submit_task", {"goal": "echo hi", "wait": 60}, progress_callback=on_progress
+            )
+        view = result.structured_content
+        assert view and view["status"] == "completed" and view["result"] == "done: hi"
+        values = [v for v, _ in progress]
+        assert values == sorted(values) and len(values) >= 3
+        assert any(m and m.startswith("tool_call") for _, m in progress)
+
+
+async def test_resources(server: MCPServer, store: MemoryStore) -> None:
+    async with Client(server) as client:
+        task = (await client.call_tool("submit_task", {"goal": "a"})).structured_content
+        assert task
+        body = await client.read_resource(f"opspawn://tasks/{task['task_id']}")
+        doc = json.loads(body.contents[0].text)  # type: ignore[union-attr]
+        assert doc["id"] == task["task_id"] and doc["spec"]["goal"] == "a"
+        assert "lease_owner" not in doc
+        events = await client.read_resource(f"opspawn://tasks/{task['task_id']}/events")
+        log = json.loads(events.contents[0].text)  # type: ignore[union-attr]
+        assert [e["kind"] for e in log] == ["state"]
+        templates = {t.uri_template for t in (await client.list_resource_templates()).resource_templates}
+        assert templates == {"opspawn://tasks/{task_id}", "opspawn://tasks/{task_id}/events"}
+        with pytest.raises(Exception, match="No task with id"):
+            await client.read_resource("opspawn://tasks/nope")
+
+
+def test_bearer_ok() -> None:
+    assert bearer_ok("Bearer s3cret", "s3cret")
+    assert bearer_ok("bearer s3cret", "s3cret")
+    assert not bearer_ok("Bearer wrong", "s3cret")
+    assert not bearer_ok("Basic s3cret", "s3cret")
+    assert not bearer_ok(None, "s3cret")
+
+
+def test_bearer_auth_middleware_answers_401_without_the_token() -> None:
+    async def ok(request: Any) -> Any:
+        from starlette.responses import PlainTextResponse
+
+        return PlainTextResponse("ok")
+
+    app = BearerAuth(
+        Starlette(routes=[Route("/x", ok), Route("/healthz", ok)]), "t0k", open_paths={"/healthz"}
+    )
+    with TestClient(app) as http:
+        denied = http.get("/x")
+        assert denied.status_code == 401
+        assert denied.json()["error"] == "unauthenticated"
+        assert denied.headers["www-authenticate"].startswith("Bearer")
+        assert http.get("/x", headers={"Authorization": "Bearer t0k"}).text == "ok"
+        assert http.get("/healthz").text == "ok"
+
+
+def test_transport_security_allows_only_this_servers_names() -> None:
+    local = transport_security("127.0.0.1", 8765)
+    assert local.enable_dns_rebinding_protection
+    assert "127.0.0.1:8765" in local.allowed_hosts and "localhost:8765" in local.allowed_hosts
+    assert "evil.example:8765" not in local.allowed_hosts
+    assert "http://localhost:8765" in local.allowed_origins
+    proxied = transport_security("10.0.0.5", 9000, ["https://ops.example.com"])
+    assert "10.0.0.5:9000" in proxied.allowed_hosts and "ops.example.com" in proxied.allowed_hosts
+    assert "https://ops.example.com" in proxied.allowed_origins
