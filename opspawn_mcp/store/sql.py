@@ -53,7 +53,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.types import TypeDecorator
 
@@ -98,7 +98,7 @@ metadata = MetaData()
 tasks = Table(
     "tasks",
     metadata,
-    Column("id", String(64), primary_key=True),
+    Column("id", String, primary_key=True),
     Column("status", String(16), nullable=False),
     Column("spec", _Json, nullable=False),
     Column("result", Text),
@@ -109,7 +109,7 @@ tasks = Table(
     Column("created_at", UtcDateTime, nullable=False),
     Column("started_at", UtcDateTime),
     Column("finished_at", UtcDateTime),
-    Column("lease_owner", String(255)),
+    Column("lease_owner", String),
     Column("lease_expires_at", UtcDateTime),
     # list(status=...) newest first, list() newest first, and the recovery loop's scan.
     Index("ix_tasks_status_created", "status", "created_at", "id"),
@@ -120,7 +120,7 @@ tasks = Table(
 task_events = Table(
     "task_events",
     metadata,
-    Column("task_id", String(64), ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False),
+    Column("task_id", String, ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False),
     Column("seq", Integer, nullable=False),
     Column("time", UtcDateTime, nullable=False),
     Column("kind", String(32), nullable=False),
@@ -291,9 +291,14 @@ class SqlStore:
                     await conn.execution_options(opspawn_begin="IMMEDIATE")
                 async with conn.begin():
                     yield conn
-        except IntegrityError:
-            raise
-        except (DBAPIError, OSError, TimeoutError) as exc:
+        except DBAPIError as exc:
+            if not _unreachable(exc):
+                raise  # a bug in a statement, not an outage: let it show as one
+            raise Unavailable(
+                f"The task database {self._where()} cannot be reached or is busy: {_first_line(exc)}. "
+                "Check that it is running and store_url is right, then retry."
+            ) from exc
+        except (OSError, TimeoutError) as exc:
             raise Unavailable(
                 f"The task database {self._where()} cannot be reached or is busy: {_first_line(exc)}. "
                 "Check that it is running and store_url is right, then retry."
@@ -519,6 +524,19 @@ class SqlStore:
             ):
                 raise TaskNotFound(task_id)
         return [_to_event(r) for r in rows]
+
+
+def _unreachable(exc: DBAPIError) -> bool:
+    """Connection trouble (refused, dropped, locked, wrong database) as opposed to a bad statement.
+
+    Drivers report failed connects as plain ``DBAPIError`` (asyncpg) or ``OperationalError``
+    (sqlite3); integrity, data and programming errors are ours to fix, not an outage.
+    """
+    return (
+        exc.connection_invalidated
+        or isinstance(exc, OperationalError | InterfaceError)
+        or type(exc) is DBAPIError
+    )
 
 
 def _first_line(exc: BaseException) -> str:
