@@ -1,0 +1,104 @@
+"""The downstream MCP server opspawn attaches by default, so a fresh install has tools to call.
+
+``config.example_server_config()`` runs ``python -m opspawn_mcp.example_server`` over stdio. The
+tools are small and deterministic on purpose: a demo agent (or a test) can predict every answer,
+and nothing here touches the network or the disk. stdout carries the MCP protocol, so every log
+line goes to stderr, where opspawn's host pool picks it up under this server's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import sys
+from typing import Annotated
+
+import anyio
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from pydantic import Field
+
+MAX_SLEEP_S = 30.0
+"""``sleep`` is for demos of progress and cancellation; longer waits only tie up a worker slot."""
+
+MAX_TEXT_CHARS = 100_000
+
+logger = logging.getLogger("opspawn.example_server")
+
+server: MCPServer = MCPServer(
+    "opspawn-example",
+    instructions=(
+        "Small deterministic utilities shipped with opspawn: echo text, add numbers, count words, "
+        "read the UTC clock, and sleep with progress reports."
+    ),
+    log_level="WARNING",
+)
+
+
+@server.tool(description="Return the given text unchanged. Useful to check that tool calls work end to end.")
+def echo(text: Annotated[str, Field(description="Text to send back.", max_length=MAX_TEXT_CHARS)]) -> str:
+    return text
+
+
+@server.tool(description="Add two numbers and return the sum.")
+def add(
+    a: Annotated[float, Field(description="First addend.")],
+    b: Annotated[float, Field(description="Second addend.")],
+) -> float:
+    return a + b
+
+
+@server.tool(
+    description="Count the words in a text: runs of non-whitespace characters, as str.split() sees them."
+)
+def word_count(
+    text: Annotated[str, Field(description="The text to count.", max_length=MAX_TEXT_CHARS)],
+) -> int:
+    return len(text.split())
+
+
+@server.tool(description="The current date and time in UTC, as an ISO 8601 string with a +00:00 offset.")
+def utc_now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+@server.tool(
+    description=(
+        f"Wait for the given number of seconds (at most {MAX_SLEEP_S:g}), reporting progress about "
+        "ten times, then return how long it slept. Cancelling the call stops the wait."
+    )
+)
+async def sleep(
+    seconds: Annotated[float, Field(description="How long to wait, in seconds.", ge=0)],
+    ctx: Context,
+) -> str:
+    if seconds > MAX_SLEEP_S:
+        raise ToolError(f"seconds must be at most {MAX_SLEEP_S:g}; split a longer wait into several calls")
+    steps = 10
+    for step in range(steps):
+        await anyio.sleep(seconds / steps)
+        await ctx.report_progress(step + 1, steps, f"slept {seconds * (step + 1) / steps:.2f}s")
+    return f"slept {seconds:g}s"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run over stdio (the default attachment) or over HTTP for trying the server by hand."""
+    parser = argparse.ArgumentParser(prog="python -m opspawn_mcp.example_server", description=__doc__)
+    parser.add_argument("--transport", choices=["stdio", "sse", "streamable-http"], default="stdio")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8766)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        stream=sys.stderr, level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if args.transport == "stdio":
+        server.run("stdio")
+    elif args.transport == "sse":
+        server.run("sse", host=args.host, port=args.port)
+    else:
+        server.run("streamable-http", host=args.host, port=args.port)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""OpsMcpClient: the process-wide pool of MCP sessions every agent's proxy calls go through.
+
+A worker runs many agent tasks on one event loop; they all share this pool, so a downstream
+server is started (or dialled) once per process, not once per task or per call. Access control
+lives here too: every call names a server, and a server outside the config or outside the task's
+allowed set is refused before any I/O, so a prompt-injected agent cannot reach a server its task
+was not given.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Mapping
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+import anyio.abc
+import mcp.types as types
+from mcp.shared.dispatcher import ProgressFnT
+
+from opspawn_mcp.config import ServerConfig
+from opspawn_mcp.errors import Forbidden, NotFound, Unavailable
+from opspawn_mcp.host.connection import ServerConnection
+from opspawn_mcp.host.models import ServerInfo
+
+logger = logging.getLogger("opspawn_mcp.host")
+
+
+class OpsMcpClient:
+    """One long-lived session per configured server, opened on first use and shared by all callers.
+
+    Use it as ``async with OpsMcpClient(config.mcp_servers) as pool:``; leaving the block closes
+    every session and stops every server process it started. ``eager=True`` connects to every
+    server on entry (failures are recorded, not raised) so ``servers_info`` is complete at once.
+    """
+
+    def __init__(self, servers: Mapping[str, ServerConfig], *, eager: bool = False) -> None:
+        self._servers = {name: ServerConnection(name, config) for name, config in servers.items()}
+        self._eager = eager
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    async def __aenter__(self) -> Self:
+        if self._tg is not None:
+            raise RuntimeError("this OpsMcpClient is already open; create one per process and share it")
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._tg = tg
+        for server in self._servers.values():
+            server.start(tg)
+        if self._eager:
+            async with anyio.create_task_group() as connect:
+                for server in self._servers.values():
+                    connect.start_soon(self._warm, server)
+        return self
+
+    @staticmethod
+    async def _warm(server: ServerConnection) -> None:
+        try:
+            await server.session()
+        except Unavailable as exc:
+            logger.warning("eager connect: %s", exc.message)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> bool | None:
+        tg, self._tg = self._tg, None
+        assert tg is not None, "__aexit__ without __aenter__"
+        for server in self._servers.values():
+            server.close()
+        # Owners leave their transports themselves; stdio shutdown is bounded (stdin close, then
+        # SIGTERM, then SIGKILL), so this join cannot hang on a server that ignores stdin.
+        return await tg.__aexit__(exc_type, exc_val, exc_tb)
+
+    # -- access ---------------------------------------------------------------------------------
+
+    @property
+    def server_names(self) -> list[str]:
+        return list(self._servers)
+
+    def _get(self, server: str) -> ServerConnection:
+        try:
+            return self._servers[server]
+        except KeyError:
+            known = ", ".join(sorted(self._servers)) or "none"
+            raise NotFound(
+                f"No MCP server named {server!r} is configured. Configured servers: {known}.",
+                server=server,
+            ) from None
+
+    def scoped(self, allowed: Collection[str] | None) -> ScopedCaller:
+        """A view for one task: only ``allowed`` servers (all configured ones when None)."""
+        return ScopedCaller(self, None if allowed is None else frozenset(allowed))
+
+    # -- McpCaller ------------------------------------------------------------------------------
+
+    async def list_tools(self, server: str) -> list[types.Tool]:
+        """The server's tools, from the cache kept fresh by list_changed and reconnects."""
+        return await self._get(server).list_tools()
+
+    async def call_tool(
+        self,
+        server: str,
+        tool: str,
+        arguments: dict[str, Any],
+        *,
+        progress_callback: ProgressFnT | None = None,
+    ) -> types.CallToolResult:
+        """Call ``tool`` on ``server`` through the shared session.
+
+        A tool error comes back as ``CallToolResult(isError=True)``; an unknown server raises
+        ``NotFound``; a server that cannot be reached, drops the connection or runs past its
+        ``timeout_s`` (the call is then cancelled on the server) raises ``Unavailable``.
+        """
+        return await self._get(server).call_tool(tool, arguments, progress_callback)
+
+    def servers_info(self) -> list[ServerInfo]:
+        """What ``list_servers`` shows; reads cached state only, never does I/O."""
+        return [server.info() for server in self._servers.values()]
+
+
+class ScopedCaller:
+    """``OpsMcpClient`` limited to one task's allowed servers; refuses others before any I/O."""
+
+    def __init__(self, client: OpsMcpClient, allowed: frozenset[str] | None) -> None:
+        self._client = client
+        self._allowed = allowed
+
+    @property
+    def allowed(self) -> frozenset[str] | None:
+        return self._allowed
+
+    def _check(self, server: str) -> None:
+        if self._allowed is not None and server not in self._allowed:
+            names = ", ".join(sorted(self._allowed)) or "none"
+            raise Forbidden(
+                f"This task may not use the MCP server {server!r}. Servers it may use: {names}.",
+                server=server,
+            )
+        self._client._get(server)
+
+    async def list_tools(self, server: str) -> list[types.Tool]:
+        self._check(server)
+        return await self._client.list_tools(server)
+
+    async def call_tool(
+        self,
+        server: str,
+        tool: str,
+        arguments: dict[str, Any],
+        *,
+        progress_callback: ProgressFnT | None = None,
+    ) -> types.CallToolResult:
+        self._check(server)
+        return await self._client.call_tool(server, tool, arguments, progress_callback=progress_callback)
+
+    def servers_info(self) -> list[ServerInfo]:
+        return [
+            info
+            for info in self._client.servers_info()
+            if self._allowed is None or info.name in self._allowed
+        ]

@@ -1,0 +1,393 @@
+"""One downstream server's long-lived session: opening it, sharing it, noticing when it breaks.
+
+Each session lives in its own owner task, started in the pool's task group. The owner enters the
+transport and the ``ClientSession`` with ``async with``, serves until told to stop or until the
+stream ends, and then leaves both contexts itself: anyio cancel scopes must be entered and exited
+by the same task, so a caller never opens or closes a transport, it only borrows the session.
+
+Callers that arrive while a session is opening wait for that attempt instead of starting a second
+one. A failure (cannot connect, the process exited, the HTTP stream dropped) ends the session and
+schedules the next attempt after an exponential backoff with jitter; after ``UNAVAILABLE_AFTER``
+failures in a row the server is ``unavailable`` and calls fail fast until the delay has passed,
+so a dead server costs other servers' callers nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.abc
+import mcp.types as types
+from mcp.client.session import ClientSession, IncomingMessage
+from mcp.shared.dispatcher import ProgressFnT
+from mcp.shared.exceptions import MCPError
+
+from opspawn_mcp.config import ServerConfig, StdioServerConfig
+from opspawn_mcp.errors import OpspawnError, Unavailable
+from opspawn_mcp.host.models import ServerInfo, ServerState
+from opspawn_mcp.host.transports import Secrets, WatchedReadStream, open_transport
+
+logger = logging.getLogger("opspawn_mcp.host")
+
+CLIENT_INFO = types.Implementation(name="opspawn", version="0.1.0")
+BACKOFF_BASE_S = 0.25
+BACKOFF_MAX_S = 30.0
+UNAVAILABLE_AFTER = 3
+"""Consecutive failures before a server is reported ``unavailable`` and calls stop waiting for it."""
+MIN_CONNECT_TIMEOUT_S = 30.0
+"""Starting a server (an interpreter, ``npx`` resolving a package) can take longer than a short
+per-call ``timeout_s``; the handshake gets at least this long."""
+MAX_CONNECT_TIMEOUT_S = 120.0
+
+
+def backoff_delay(failures: int, rng: random.Random | None = None) -> float:
+    """Full-range jitter around an exponential step, so restarting workers do not reconnect in step."""
+    step: float = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2.0 ** max(0, failures - 1))
+    jitter: float = (rng or random).random()
+    return step * (0.5 + jitter)
+
+
+def _is_connection_lost(exc: MCPError) -> bool:
+    """The SDK reports a closed stream, and a streamable-HTTP session the server forgot, this way."""
+    if exc.code == types.CONNECTION_CLOSED:
+        return True
+    return exc.code == types.INVALID_REQUEST and "session terminated" in exc.message.lower()
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for a person: exception groups from transports are unwrapped to their first leaf."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    if isinstance(exc, OpspawnError):
+        return exc.message
+    if isinstance(exc, TimeoutError):
+        return "timed out while connecting (initialize or tools/list did not answer)"
+    if isinstance(exc, MCPError):
+        return f"{exc.message} (MCP error {exc.code})"
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+@dataclass
+class _Attempt:
+    """One owner task's lifetime: ``ready`` fires when its session is usable or it has failed."""
+
+    ready: anyio.Event = field(default_factory=anyio.Event)
+    stop: anyio.Event = field(default_factory=anyio.Event)
+    session: ClientSession | None = None
+    error: str | None = None
+    ended: bool = False
+
+
+class ServerConnection:
+    """The pool's state for one configured server; all methods run on the pool's event loop."""
+
+    def __init__(self, name: str, config: ServerConfig) -> None:
+        self.name = name
+        self.config = config
+        self.secrets = Secrets()
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._limit: anyio.Semaphore | None = None
+        self._attempt: _Attempt | None = None
+        self._closing = False
+        self._failures = 0
+        self._retry_at = 0.0
+        self._tools: list[types.Tool] = []
+        self._tools_stale = False
+        self._refresh_lock: anyio.Lock | None = None
+        self.last_error: str | None = None
+        self.calls = 0
+        self.errors = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self, tg: anyio.abc.TaskGroup) -> None:
+        self._tg = tg
+        self._limit = anyio.Semaphore(self.config.max_concurrency)
+        self._refresh_lock = anyio.Lock()
+        self._closing = False
+
+    def close(self) -> None:
+        """Ask the owner task to leave its contexts; the pool's task group waits for it."""
+        self._closing = True
+        attempt, self._attempt = self._attempt, None
+        if attempt is not None:
+            attempt.stop.set()
+
+    @property
+    def transport(self) -> Any:
+        return "stdio" if isinstance(self.config, StdioServerConfig) else self.config.transport
+
+    @property
+    def state(self) -> ServerState:
+        attempt = self._attempt
+        if attempt is not None:
+            return "ready" if attempt.session is not None else "connecting"
+        if self._failures >= UNAVAILABLE_AFTER:
+            return "unavailable"
+        return "idle"
+
+    def info(self) -> ServerInfo:
+        names = [tool.name for tool in self._tools]
+        return ServerInfo(
+            name=self.name,
+            transport=self.transport,
+            state=self.state,
+            tools=names,
+            tool_count=len(names),
+            last_error=self.last_error,
+            calls=self.calls,
+            errors=self.errors,
+        )
+
+    # -- getting a session -----------------------------------------------------------------------
+
+    async def session(self) -> ClientSession:
+        """The open session, opening it (once, shared by all waiters) if there is none."""
+        while True:
+            if self._closing or self._tg is None:
+                raise Unavailable(
+                    f"The MCP host pool is closed, so server {self.name!r} cannot be reached. "
+                    "Use the client inside `async with OpsMcpClient(...)`.",
+                    server=self.name,
+                )
+            attempt = self._attempt
+            if attempt is None:
+                wait = self._retry_at - anyio.current_time()
+                if wait > 0:
+                    if self._failures >= UNAVAILABLE_AFTER:
+                        raise Unavailable(
+                            f"MCP server {self.name!r} is unavailable after {self._failures} failed attempts "
+                            f"(last error: {self.last_error}). It will be retried in {wait:.1f}s; "
+                            "check the server's command or URL and its log lines.",
+                            server=self.name,
+                            last_error=self.last_error,
+                        )
+                    await anyio.sleep(wait)
+                    continue
+                attempt = self._attempt = _Attempt()
+                self._tg.start_soon(self._own, attempt, name=f"mcp-server:{self.name}")
+            await attempt.ready.wait()
+            if attempt.session is not None and not attempt.ended:
+                return attempt.session
+            if attempt.error is not None:
+                raise Unavailable(
+                    f"Could not connect to MCP server {self.name!r}: {attempt.error}. "
+                    "The next call retries with backoff; check the server's config and its log lines.",
+                    server=self.name,
+                    last_error=attempt.error,
+                )
+
+    def _connect_timeout(self) -> float:
+        return min(max(self.config.timeout_s, MIN_CONNECT_TIMEOUT_S), MAX_CONNECT_TIMEOUT_S)
+
+    async def _own(self, attempt: _Attempt) -> None:
+        """Owner task: open, serve until stopped or broken, close; never lets an error escape."""
+        try:
+            async with anyio.create_task_group() as tg:
+                async with open_transport(self.name, self.config, self.secrets, tg) as (read, write):
+                    watched = WatchedReadStream(
+                        read, lambda: self._lost(attempt, "the server closed the stream")
+                    )
+                    async with ClientSession(
+                        watched,
+                        write,
+                        message_handler=lambda message: self._on_message(attempt, tg, message),
+                        client_info=CLIENT_INFO,
+                    ) as session:
+                        with anyio.fail_after(self._connect_timeout()):
+                            await session.initialize()
+                            tools = await self._list_all(session)
+                        self._ready(attempt, session, tools)
+                        await attempt.stop.wait()
+                tg.cancel_scope.cancel()
+        except Exception as exc:
+            self._failed(attempt, _describe(exc))
+        finally:
+            attempt.ended = True
+            attempt.session = None
+            if self._attempt is attempt:
+                # Stopped from outside without a recorded failure: still a lost session.
+                self._failed(attempt, attempt.error or "the session ended")
+            attempt.ready.set()
+
+    def _ready(self, attempt: _Attempt, session: ClientSession, tools: list[types.Tool]) -> None:
+        if attempt.stop.is_set():
+            return
+        attempt.session = session
+        self._tools = tools
+        self._tools_stale = False
+        self._failures = 0
+        self._retry_at = 0.0
+        logger.info("MCP server %r ready with %d tools", self.name, len(tools))
+        attempt.ready.set()
+
+    def _failed(self, attempt: _Attempt, error: str) -> None:
+        """Record a failure once per attempt and schedule the next one."""
+        attempt.stop.set()
+        if self._attempt is not attempt:
+            return
+        self._attempt = None
+        if self._closing:
+            return
+        error = self.secrets.redact(error)
+        attempt.error = error
+        self.last_error = error
+        self._failures += 1
+        delay = backoff_delay(self._failures)
+        self._retry_at = anyio.current_time() + delay
+        logger.warning(
+            "MCP server %r failed (%d in a row): %s; next attempt in %.2fs",
+            self.name,
+            self._failures,
+            error,
+            delay,
+        )
+        attempt.ready.set()
+
+    def _lost(self, attempt: _Attempt, why: str) -> None:
+        if self._closing:
+            return
+        detail = (
+            f"{why} (the process exited; its stderr is in the log under [{self.name}])"
+            if self.transport == "stdio"
+            else f"{why} (the HTTP connection dropped)"
+        )
+        self._failed(attempt, detail)
+
+    async def _on_message(self, attempt: _Attempt, tg: anyio.abc.TaskGroup, message: IncomingMessage) -> None:
+        """Runs on the session's receive path: only schedule work here, never wait on the session."""
+        if isinstance(message, types.ToolListChangedNotification):
+            self._tools_stale = True
+            session = attempt.session
+            if session is not None:
+                tg.start_soon(self._refresh_quietly, session)
+        elif isinstance(message, Exception):
+            logger.warning(
+                "MCP server %r transport error: %s", self.name, self.secrets.redact(_describe(message))
+            )
+
+    # -- catalogue -------------------------------------------------------------------------------
+
+    @staticmethod
+    async def _list_all(session: ClientSession) -> list[types.Tool]:
+        tools: list[types.Tool] = []
+        cursor: str | None = None
+        while True:
+            params = types.PaginatedRequestParams(cursor=cursor) if cursor else None
+            page = await session.list_tools(params=params)
+            tools.extend(page.tools)
+            cursor = page.next_cursor
+            if not cursor:
+                return tools
+
+    async def _refresh(self, session: ClientSession) -> None:
+        assert self._refresh_lock is not None
+        async with self._refresh_lock:
+            if not self._tools_stale:
+                return
+            self._tools_stale = False
+            try:
+                with anyio.fail_after(self._connect_timeout()):
+                    tools = await self._list_all(session)
+            except BaseException:
+                self._tools_stale = True
+                raise
+            self._tools = tools
+            logger.info("MCP server %r tool list changed: %d tools", self.name, len(tools))
+
+    async def _refresh_quietly(self, session: ClientSession) -> None:
+        try:
+            await self._refresh(session)
+        except Exception as exc:
+            logger.warning("MCP server %r: refreshing tools failed: %s", self.name, _describe(exc))
+
+    async def list_tools(self) -> list[types.Tool]:
+        session = await self.session()
+        if self._tools_stale:
+            try:
+                await self._refresh(session)
+            except MCPError as exc:
+                if _is_connection_lost(exc):
+                    raise self._call_failed(exc, "tools/list", session) from None
+                raise Unavailable(
+                    f"MCP server {self.name!r} refused tools/list: {self.secrets.redact(_describe(exc))}.",
+                    server=self.name,
+                ) from None
+            except TimeoutError:
+                raise Unavailable(
+                    f"MCP server {self.name!r} did not answer tools/list within {self._connect_timeout():g}s.",
+                    server=self.name,
+                ) from None
+        return list(self._tools)
+
+    # -- calls -----------------------------------------------------------------------------------
+
+    def _call_failed(self, exc: MCPError, what: str, session: ClientSession) -> Unavailable:
+        attempt = self._attempt
+        detail = self.secrets.redact(_describe(exc))
+        if attempt is not None and attempt.session is session:
+            self._failed(attempt, f"connection lost during {what}: {detail}")
+        return Unavailable(
+            f"MCP server {self.name!r} dropped the connection during {what} ({detail}). "
+            "The call may or may not have run; the next call reconnects.",
+            server=self.name,
+            last_error=self.last_error,
+        )
+
+    async def call_tool(
+        self, tool: str, arguments: dict[str, Any], progress_callback: ProgressFnT | None
+    ) -> types.CallToolResult:
+        self.calls += 1
+        session: ClientSession | None = None
+        try:
+            session = await self.session()
+            assert self._limit is not None
+            async with self._limit:
+                result = await session.call_tool(
+                    tool,
+                    arguments,
+                    read_timeout_seconds=self.config.timeout_s,
+                    progress_callback=progress_callback,
+                )
+        except MCPError as exc:
+            self.errors += 1
+            if exc.code == types.REQUEST_TIMEOUT:
+                raise Unavailable(
+                    f"MCP server {self.name!r} did not answer {tool!r} within {self.config.timeout_s:g}s; "
+                    "the call was cancelled on the server. Try smaller input, or raise the server's "
+                    "timeout_s in the config.",
+                    server=self.name,
+                    tool=tool,
+                    timeout_s=self.config.timeout_s,
+                ) from None
+            if _is_connection_lost(exc) and session is not None:
+                raise self._call_failed(exc, f"the call to {tool!r}", session) from None
+            return _error_result(
+                f"MCP server {self.name!r} rejected the call to {tool!r}: {self.secrets.redact(exc.message)} "
+                f"(MCP error {exc.code})."
+            )
+        except OpspawnError:
+            self.errors += 1
+            raise
+        except (anyio.get_cancelled_exc_class(), KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:
+            # A malformed result (schema mismatch, unexpected result kind) is the server's fault and
+            # something the agent can report; it must not take the worker down.
+            self.errors += 1
+            return _error_result(
+                f"MCP server {self.name!r} returned an unusable result for {tool!r}: "
+                f"{self.secrets.redact(_describe(exc))}."
+            )
+        if result.is_error:
+            self.errors += 1
+        return result
+
+
+def _error_result(text: str) -> types.CallToolResult:
+    return types.CallToolResult(content=[types.TextContent(type="text", text=text)], is_error=True)

@@ -1,0 +1,25 @@
+"""What ``list_servers`` reports about each downstream server: plain data, no I/O to produce it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+ServerState = Literal["idle", "connecting", "ready", "unavailable"]
+"""``idle``: no session (not used yet, or the last one ended); ``connecting``: a session is opening;
+``ready``: a session is open and its tool list is cached; ``unavailable``: connecting failed several
+times in a row, so calls fail fast until the backoff delay has passed."""
+
+
+class ServerInfo(BaseModel):
+    """One downstream server as this process's pool sees it. Never holds a secret's value."""
+
+    name: str
+    transport: Literal["stdio", "sse", "streamable-http"]
+    state: ServerState
+    tools: list[str] = Field(default_factory=list, description="Cached tool names, from the last tools/list.")
+    tool_count: int = 0
+    last_error: str | None = Field(default=None, description="The last failure, with secrets redacted.")
+    calls: int = Field(default=0, description="tools/call requests made through this pool.")
+    errors: int = Field(default=0, description="Calls that failed or returned isError.")

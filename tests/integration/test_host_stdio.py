@@ -1,0 +1,270 @@
+"""OpsMcpClient against the testing server over real stdio: sharing, faults, catalogue, shutdown."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import anyio
+import mcp.types as types
+import pytest
+
+from opspawn_mcp.config import StdioServerConfig, example_server_config
+from opspawn_mcp.errors import Forbidden, NotFound, Unavailable
+from opspawn_mcp.host import OpsMcpClient, ServerInfo
+from tests.servers.harness import is_alive, lines, started_pids, stdio_config, wait_until
+
+
+def _text(result: types.CallToolResult) -> str:
+    return "".join(block.text for block in result.content if isinstance(block, types.TextContent))
+
+
+def _info(pool: OpsMcpClient, name: str) -> ServerInfo:
+    return next(info for info in pool.servers_info() if info.name == name)
+
+
+async def test_concurrent_calls_on_a_cold_server_share_one_process(tmp_path: Path) -> None:
+    async with OpsMcpClient({"t": stdio_config(tmp_path)}) as pool:
+        assert _info(pool, "t").state == "idle"
+        pids: list[str] = []
+
+        async def call() -> None:
+            pids.append(_text(await pool.call_tool("t", "pid", {})))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(25):
+                tg.start_soon(call)
+        assert len(set(pids)) == 1
+        assert started_pids(tmp_path) == [int(pids[0])]
+        info = _info(pool, "t")
+        assert info.state == "ready"
+        assert info.calls == 25 and info.errors == 0
+        assert {"echo", "sleep", "crash"} <= set(info.tools)
+        assert info.tool_count == len(info.tools)
+        assert info.transport == "stdio"
+
+
+async def test_tool_errors_are_results_not_exceptions(tmp_path: Path) -> None:
+    async with OpsMcpClient({"t": stdio_config(tmp_path)}) as pool:
+        failed = await pool.call_tool("t", "fail", {"message": "nope"})
+        assert failed.is_error and _text(failed) == "nope"
+        unknown = await pool.call_tool("t", "no_such_tool", {})
+        assert unknown.is_error
+        ok = await pool.call_tool("t", "echo", {"text": "still fine"})
+        assert not ok.is_error and _text(ok) == "still fine"
+        info = _info(pool, "t")
+        assert (info.calls, info.errors, info.state) == (3, 2, "ready")
+
+
+async def test_crash_is_reported_then_the_next_call_reconnects(tmp_path: Path) -> None:
+    async with OpsMcpClient({"t": stdio_config(tmp_path)}) as pool:
+        first = int(_text(await pool.call_tool("t", "pid", {})))
+        with pytest.raises(Unavailable) as caught:
+            await pool.call_tool("t", "crash", {})
+        assert "'t'" in caught.value.message and "reconnect" in caught.value.message
+        info = _info(pool, "t")
+        assert info.state in ("idle", "connecting") and info.last_error
+        await wait_until(lambda: not is_alive(first), "the crashed process is reaped")
+        second = int(_text(await pool.call_tool("t", "pid", {})))
+        assert second != first
+        assert started_pids(tmp_path) == [first, second]
+        assert _info(pool, "t").state == "ready"
+        assert "crash" in _info(pool, "t").tools
+
+
+async def test_server_exiting_while_idle_is_noticed(tmp_path: Path) -> None:
+    async with OpsMcpClient({"t": stdio_config(tmp_path)}) as pool:
+        first = int(_text(await pool.call_tool("t", "pid", {})))
+        # Kill it from outside, as an OOM killer would; no call is in flight.
+        import os
+        import signal
+
+        os.kill(first, signal.SIGKILL)
+        await wait_until(lambda: _info(pool, "t").state != "ready", "the pool notices the exit")
+        assert "exited" in (_info(pool, "t").last_error or "")
+        second = int(_text(await pool.call_tool("t", "pid", {})))
+        assert second != first
+
+
+async def test_timeout_cancels_the_call_on_the_server(tmp_path: Path) -> None:
+    async with OpsMcpClient({"t": stdio_config(tmp_path, timeout_s=1.0)}) as pool:
+        pid = _text(await pool.call_tool("t", "pid", {}))
+        with pytest.raises(Unavailable) as caught:
+            await pool.call_tool("t", "sleep", {"seconds": 60, "tag": "slow"})
+        assert "cancelled on the server" in caught.value.message
+        await wait_until(lambda: "cancelled slow" in lines(tmp_path / "cancels"), "server saw the cancel")
+        # The session survives a timeout: same process, still answering.
+        assert _text(await pool.call_tool("t", "pid", {})) == pid
+        assert _info(pool, "t").errors == 1
+
+
+async def test_caller_cancellation_also_reaches_the_server(tmp_path: Path) -> None:
+    async with OpsMcpClient({"t": stdio_config(tmp_path)}) as pool:
+        await pool.call_tool("t", "echo", {"text": "warm"})
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pool.call_tool, "t", "sleep", {"seconds": 60, "tag": "abandoned"})
+            await wait_until(lambda: "started abandoned" in lines(tmp_path / "cancels"), "call started")
+            tg.cancel_scope.cancel()
+        await wait_until(
+            lambda: "cancelled abandoned" in lines(tmp_path / "cancels"), "server saw the cancel"
+        )
+
+
+async def test_progress_reaches_the_callback(tmp_path: Path) -> None:
+    seen: list[tuple[float, float | None]] = []
+
+    async def progress(value: float, total: float | None, message: str | None) -> None:
+        seen.append((value, total))
+
+    async with OpsMcpClient({"t": stdio_config(tmp_path)}) as pool:
+        result = await pool.call_tool("t", "sleep", {"seconds": 0.3}, progress_callback=progress)
+        assert not result.is_error
+    assert seen and seen[-1][0] == seen[-1][1]
+
+
+async def test_list_changed_refreshes_the_catalogue(tmp_path: Path) -> None:
+    async with OpsMcpClient({"t": stdio_config(tmp_path)}) as pool:
+        before = {tool.name for tool in await pool.list_tools("t")}
+        assert "fresh_tool" not in before
+        await pool.call_tool("t", "add_tool", {"name": "fresh_tool"})
+        await wait_until(lambda: "fresh_tool" in _info(pool, "t").tools, "catalogue refreshed")
+        assert "fresh_tool" in {tool.name for tool in await pool.list_tools("t")}
+        assert _text(await pool.call_tool("t", "fresh_tool", {"text": "hi"})) == "fresh_tool: hi"
+        assert _info(pool, "t").tool_count == len(before) + 1
+
+
+async def test_refused_servers_never_start_a_process(tmp_path: Path) -> None:
+    servers = {"a": stdio_config(tmp_path), "b": stdio_config(tmp_path)}
+    async with OpsMcpClient(servers) as pool:
+        task = pool.scoped(["a"])
+        with pytest.raises(Forbidden) as forbidden:
+            await task.call_tool("b", "echo", {"text": "x"})
+        assert "'b'" in forbidden.value.message and "a" in forbidden.value.message
+        with pytest.raises(Forbidden):
+            await task.list_tools("b")
+        with pytest.raises(NotFound):
+            await pool.call_tool("nope", "echo", {})
+        with pytest.raises(NotFound):
+            await pool.scoped(None).call_tool("nope", "echo", {})
+        assert started_pids(tmp_path) == []
+        assert [info.name for info in task.servers_info()] == ["a"]
+        assert _text(await task.call_tool("a", "echo", {"text": "allowed"})) == "allowed"
+        assert len(started_pids(tmp_path)) == 1
+
+
+async def test_a_failing_server_becomes_unavailable_without_blocking_others(tmp_path: Path) -> None:
+    broken = StdioServerConfig(command=sys.executable, args=["-c", "import sys; sys.exit(2)"], timeout_s=10)
+    async with OpsMcpClient({"broken": broken, "t": stdio_config(tmp_path)}) as pool:
+        errors: list[str] = []
+        while _info(pool, "broken").state != "unavailable":
+            with pytest.raises(Unavailable) as caught:
+                await pool.call_tool("broken", "anything", {})
+            errors.append(caught.value.message)
+            assert len(errors) < 10
+        assert len(errors) == 3
+        info = _info(pool, "broken")
+        assert info.last_error and "exited" in info.last_error
+        with pytest.raises(Unavailable) as fast:
+            await pool.call_tool("broken", "anything", {})
+        assert "unavailable" in fast.value.message and "retried in" in fast.value.message
+        assert _text(await pool.call_tool("t", "echo", {"text": "unaffected"})) == "unaffected"
+        assert _info(pool, "broken").errors == 4
+
+
+async def test_missing_command_is_a_clear_error(tmp_path: Path) -> None:
+    missing = StdioServerConfig(command="/nonexistent/mcp-server")
+    async with OpsMcpClient({"m": missing}) as pool:
+        with pytest.raises(Unavailable) as caught:
+            await pool.list_tools("m")
+        assert "'m'" in caught.value.message and "nonexistent" in caught.value.message
+
+
+async def test_unset_secret_variable_is_named(tmp_path: Path) -> None:
+    config = stdio_config(tmp_path, env={"TOKEN": "${OPSPAWN_TEST_UNSET_SECRET_VAR}"})
+    async with OpsMcpClient({"t": config}) as pool:
+        with pytest.raises(Unavailable) as caught:
+            await pool.call_tool("t", "echo", {"text": "x"})
+        assert "OPSPAWN_TEST_UNSET_SECRET_VAR" in caught.value.message
+    assert started_pids(tmp_path) == []
+
+
+async def test_secrets_reach_the_server_and_not_the_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = "s3cret-value-for-test"
+    monkeypatch.setenv("OPSPAWN_TEST_SECRET", secret)
+    config = stdio_config(tmp_path, env={"TOKEN": "${OPSPAWN_TEST_SECRET}"})
+    async with OpsMcpClient({"t": config}) as pool:
+        assert _text(await pool.call_tool("t", "env", {"name": "TOKEN"})) == secret
+        with pytest.raises(Unavailable):
+            await pool.call_tool("t", "crash", {"message": f"dying with {secret}"})
+        assert secret not in repr(pool.servers_info())
+    assert "${OPSPAWN_TEST_SECRET}" in config.env["TOKEN"]
+
+
+async def test_stderr_goes_to_the_log_under_the_server_name(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="opspawn_mcp.host.stderr")
+    async with OpsMcpClient({"loud": stdio_config(tmp_path)}) as pool:
+        await pool.call_tool("loud", "say_stderr", {"text": "marker-1234"})
+        await wait_until(
+            lambda: any("[loud] marker-1234" in r.getMessage() for r in caplog.records), "stderr line logged"
+        )
+
+
+async def test_shutdown_leaves_no_process_even_when_one_ignores_stdin(tmp_path: Path) -> None:
+    servers = {
+        "polite": stdio_config(tmp_path),
+        "stubborn": stdio_config(tmp_path, "--ignore-stdin-close"),
+    }
+    outcome: list[BaseException] = []
+
+    async def in_flight(pool: OpsMcpClient) -> None:
+        try:
+            await pool.call_tool("polite", "sleep", {"seconds": 60, "tag": "at-shutdown"})
+        except Unavailable as exc:
+            outcome.append(exc)
+
+    async with anyio.create_task_group() as outer, OpsMcpClient(servers) as pool:
+        for name in servers:
+            await pool.call_tool(name, "echo", {"text": "hi"})
+        pids = started_pids(tmp_path)
+        assert len(pids) == 2 and all(is_alive(pid) for pid in pids)
+        # A call in flight at shutdown must not keep the pool open.
+        outer.start_soon(in_flight, pool)
+        await wait_until(lambda: "started at-shutdown" in lines(tmp_path / "cancels"), "call started")
+    assert not [pid for pid in pids if is_alive(pid)]
+    assert len(outcome) == 1
+    with pytest.raises(Unavailable):
+        await pool.call_tool("polite", "echo", {"text": "after close"})
+    assert all(info.state != "ready" for info in pool.servers_info())
+
+
+async def test_eager_connects_everything_on_entry(tmp_path: Path) -> None:
+    broken = StdioServerConfig(command=sys.executable, args=["-c", "raise SystemExit(1)"])
+    async with OpsMcpClient({"t": stdio_config(tmp_path), "broken": broken}, eager=True) as pool:
+        assert _info(pool, "t").state == "ready"
+        assert _info(pool, "t").tool_count > 0
+        assert _info(pool, "broken").state == "idle"
+        assert _info(pool, "broken").last_error
+
+
+async def test_example_server_tools(tmp_path: Path) -> None:
+    async with OpsMcpClient({"example": example_server_config()}) as pool:
+        names = {tool.name for tool in await pool.list_tools("example")}
+        assert names == {"echo", "add", "word_count", "utc_now", "sleep"}
+        assert _text(await pool.call_tool("example", "add", {"a": 2, "b": 3.5})) == "5.5"
+        assert _text(await pool.call_tool("example", "word_count", {"text": "one two  three"})) == "3"
+        assert _text(await pool.call_tool("example", "echo", {"text": "hé"})) == "hé"
+        assert "+00:00" in _text(await pool.call_tool("example", "utc_now", {}))
+        ticks: list[float] = []
+
+        async def progress(value: float, total: float | None, message: str | None) -> None:
+            ticks.append(value)
+
+        slept = await pool.call_tool("example", "sleep", {"seconds": 0.2}, progress_callback=progress)
+        assert _text(slept) == "slept 0.2s" and ticks[-1] == 10
+        too_long = await pool.call_tool("example", "sleep", {"seconds": 999})
+        assert too_long.is_error and "at most" in _text(too_long)

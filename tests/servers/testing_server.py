@@ -1,0 +1,131 @@
+"""A small real MCP server for the host pool's tests, the same tools on stdio, SSE and streamable HTTP.
+
+Each tool exists to provoke one behaviour of a client: ``sleep`` records on disk that it was
+cancelled (so a test proves the cancellation crossed the wire, not that the client gave up),
+``fail`` returns ``isError``, ``crash`` kills the process mid-call, ``add_tool`` changes the tool
+list and announces it, ``pid`` tells a test which process answered. ``--pid-log`` appends the pid
+at start, so a test counts how many processes a client started; ``--ignore-stdin-close`` makes
+the process ignore stdin EOF and SIGTERM, the worst case for a client's shutdown.
+
+    python -m tests.servers.testing_server --transport stdio|sse|streamable-http --port N
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.types import CallToolResult, TextContent
+
+server: MCPServer = MCPServer("opspawn-testing", log_level="WARNING")
+_cancel_file: Path | None = None
+
+
+def _record(line: str) -> None:
+    if _cancel_file is not None:
+        with _cancel_file.open("a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
+@server.tool(description="Return the text unchanged.")
+def echo(text: str) -> str:
+    return text
+
+
+@server.tool(description="Return this server process's pid.")
+def pid() -> int:
+    return os.getpid()
+
+
+@server.tool(
+    description="Sleep, reporting progress; record 'cancelled <tag>' to the cancel file if cancelled."
+)
+async def sleep(seconds: float, ctx: Context, tag: str = "") -> str:
+    _record(f"started {tag}")
+    try:
+        steps = max(1, int(seconds * 10))
+        for step in range(steps):
+            await anyio.sleep(seconds / steps)
+            await ctx.report_progress(step + 1, steps)
+    except anyio.get_cancelled_exc_class():
+        _record(f"cancelled {tag}")
+        raise
+    _record(f"finished {tag}")
+    return f"slept {seconds}"
+
+
+@server.tool(description="Return a tool error (isError) with the given message.")
+def fail(message: str = "failed on purpose") -> CallToolResult:
+    return CallToolResult(content=[TextContent(type="text", text=message)], is_error=True)
+
+
+@server.tool(description="Exit the process at once, without answering; print `message` to stderr first.")
+def crash(code: int = 3, message: str = "") -> str:
+    if message:
+        print(message, file=sys.stderr, flush=True)
+    os._exit(code)
+
+
+@server.tool(description="Return the value of an environment variable of this process, or ''.")
+def env(name: str) -> str:
+    return os.environ.get(name, "")
+
+
+@server.tool(description="Add a tool named `name` that echoes, then send notifications/tools/list_changed.")
+async def add_tool(name: str, ctx: Context) -> str:
+    def added(text: str = "") -> str:
+        return f"{name}: {text}"
+
+    server.add_tool(added, name=name, description=f"Added at runtime as {name}.")
+    await ctx.session.send_tool_list_changed()
+    return f"added {name}"
+
+
+@server.tool(description="Write a line to stderr (tests read it back from the client's log).")
+def say_stderr(text: str) -> str:
+    print(text, file=sys.stderr, flush=True)
+    return "ok"
+
+
+def _linger(*_: Any) -> None:
+    """After stdin closes, ignore SIGTERM and stay alive: only SIGKILL ends the process."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    while True:
+        time.sleep(3600)
+
+
+def main(argv: list[str] | None = None) -> None:
+    global _cancel_file
+    parser = argparse.ArgumentParser(prog="python -m tests.servers.testing_server")
+    parser.add_argument("--transport", choices=["stdio", "sse", "streamable-http"], default="stdio")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--cancel-file", default=os.environ.get("TESTING_SERVER_CANCEL_FILE"))
+    parser.add_argument("--pid-log", default=os.environ.get("TESTING_SERVER_PID_LOG"))
+    parser.add_argument("--ignore-stdin-close", action="store_true")
+    parser.add_argument("--tag", default="", help="ignored; lets a test find its own processes")
+    args = parser.parse_args(argv)
+    _cancel_file = Path(args.cancel_file) if args.cancel_file else None
+    if args.pid_log:
+        with open(args.pid_log, "a", encoding="utf-8") as f:
+            f.write(f"{os.getpid()}\n")
+    print(f"testing server {os.getpid()} starting on {args.transport}", file=sys.stderr, flush=True)
+    if args.transport == "stdio":
+        server.run("stdio")
+        if args.ignore_stdin_close:
+            _linger()
+    elif args.transport == "sse":
+        server.run("sse", host=args.host, port=args.port)
+    else:
+        server.run("streamable-http", host=args.host, port=args.port)
+
+
+if __name__ == "__main__":
+    main()
