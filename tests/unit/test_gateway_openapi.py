@@ -8,6 +8,8 @@ between releases; a new version is adopted deliberately, not by surprise in CI.
 
 from __future__ import annotations
 
+from typing import Any
+
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis import checks
@@ -61,5 +63,5 @@ CHECKS = [
 
 @schema.parametrize()
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
-def test_every_answer_matches_the_openapi_document(case: schemathesis.Case) -> None:
+def test_every_answer_matches_the_openapi_document(case: schemathesis.Case[Any]) -> None:
     case.call_and_validate(headers={"Authorization": f"Bearer {TOKEN}"}, checks=CHECKS)

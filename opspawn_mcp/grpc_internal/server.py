@@ -1,0 +1,153 @@
+"""Running the gRPC door: the task servicer, standard health checking and server reflection.
+
+``serve_grpc`` is an async context manager, so the server is stopped (with a short grace for
+open ``WatchTask`` streams) by whoever started it, however that scope ends. With a token
+configured every call except health checks needs ``authorization: Bearer <token>`` metadata,
+the same rule as the MCP and REST doors; health stays open because probes carry no secrets.
+
+The health status follows ``TaskService.ready()``: SERVING while the store answers, NOT_SERVING
+when it does not, so a load balancer stops sending tasks to a server that cannot keep them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from opspawn_mcp.errors import OpspawnError
+from opspawn_mcp.grpc_internal.gen import tasks_pb2 as pb
+from opspawn_mcp.grpc_internal.gen import tasks_pb2_grpc as pb_grpc
+from opspawn_mcp.grpc_internal.task_servicer import TaskServicer
+from opspawn_mcp.service import TaskService
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["TaskService"].full_name
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+READINESS_INTERVAL_S = 5.0
+STOP_GRACE_S = 5.0
+UNAUTHENTICATED_MESSAGE = "Send the server's token as 'authorization: Bearer <token>' metadata."
+
+
+def bearer_ok(metadata: Any, token: str) -> bool:
+    """True when the call's ``authorization`` metadata is ``Bearer <token>`` (constant-time)."""
+    for key, value in metadata or ():
+        if key.lower() == "authorization" and isinstance(value, str):
+            scheme, _, given = value.partition(" ")
+            return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+    return False
+
+
+class BearerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Refuses calls without the token before they reach a servicer."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(HEALTH_PREFIX):
+            return handler
+        if bearer_ok(details.invocation_metadata, self._token):
+            return handler
+        return _denying(handler)
+
+
+async def _deny(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+
+
+def _denying(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as ``handler`` that only aborts with UNAUTHENTICATED."""
+    codecs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(_deny, **codecs)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(_deny, **codecs)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(_deny, **codecs)
+    return grpc.stream_stream_rpc_method_handler(_deny, **codecs)
+
+
+@dataclass(frozen=True)
+class GrpcServer:
+    """A running gRPC server; ``port`` is the bound one (useful when 0 was asked for)."""
+
+    server: grpc.aio.Server
+    host: str
+    port: int
+
+    @property
+    def target(self) -> str:
+        return f"{_host(self.host)}:{self.port}"
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+async def _refresh_health(service: TaskService, servicer: Any) -> None:
+    status = health_pb2.HealthCheckResponse
+    try:
+        await service.ready()
+        state = status.SERVING
+    except OpspawnError:
+        state = status.NOT_SERVING
+    for name in ("", SERVICE_NAME):
+        await servicer.set(name, state)
+
+
+async def _follow_readiness(service: TaskService, servicer: Any, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        await _refresh_health(service, servicer)
+
+
+@contextlib.asynccontextmanager
+async def serve_grpc(
+    service: TaskService,
+    host: str,
+    port: int,
+    auth_token: str | None = None,
+    *,
+    readiness_interval_s: float = READINESS_INTERVAL_S,
+) -> AsyncIterator[GrpcServer]:
+    """Serve ``opspawn.v1.TaskService`` plus health and reflection on ``host:port`` until the
+    ``async with`` block ends; the health status is refreshed every ``readiness_interval_s``."""
+    interceptors = [BearerInterceptor(auth_token)] if auth_token else []
+    server = grpc.aio.server(interceptors=interceptors)
+    pb_grpc.add_TaskServiceServicer_to_server(TaskServicer(service), server)  # type: ignore[no-untyped-call]
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    bound = server.add_insecure_port(f"{_host(host)}:{port}")
+    await _refresh_health(service, health_servicer)  # a status exists before the first call
+    await server.start()
+    readiness = asyncio.create_task(
+        _follow_readiness(service, health_servicer, readiness_interval_s), name="grpc-readiness"
+    )
+    log.info("gRPC TaskService on %s:%s", host, bound)
+    try:
+        yield GrpcServer(server, host, bound)
+    finally:
+        readiness.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await readiness
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(STOP_GRACE_S)

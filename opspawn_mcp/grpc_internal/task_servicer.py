@@ -1,0 +1,98 @@
+"""The gRPC ``opspawn.v1.TaskService``: each method is one ``TaskService`` call.
+
+Requests become the same dicts a REST or MCP client sends and the service validates them;
+typed errors become gRPC statuses through ``OpspawnError.grpc_code``, so this module
+decides nothing about what is valid or which code an error gets.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from opspawn_mcp.errors import OpspawnError
+from opspawn_mcp.grpc_internal import convert
+from opspawn_mcp.grpc_internal.gen import tasks_pb2 as pb
+from opspawn_mcp.grpc_internal.gen import tasks_pb2_grpc as pb_grpc
+from opspawn_mcp.service import TaskService
+
+log = logging.getLogger(__name__)
+
+
+async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
+    """End the call with the error's status; an unexpected exception is a bug: logged with its
+    trace here, reported as a bare INTERNAL there (no trace crosses the wire)."""
+    if isinstance(exc, OpspawnError):
+        await context.abort(grpc.StatusCode[exc.grpc_code], exc.message)
+    log.error("unhandled error in a gRPC call", exc_info=exc)
+    await context.abort(
+        grpc.StatusCode.INTERNAL, "The server failed to handle this call; it has been logged."
+    )
+
+
+class TaskServicer(pb_grpc.TaskServiceServicer):
+    def __init__(self, service: TaskService) -> None:
+        self._service = service
+
+    async def SubmitTask(
+        self, request: pb.SubmitTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.Task:
+        try:
+            task = await self._service.submit(convert.spec_from_pb(request.spec))
+        except Exception as exc:
+            await abort_with(context, exc)
+            raise
+        return convert.task_to_pb(task)
+
+    async def GetTask(
+        self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.Task:
+        try:
+            task = await self._service.get(request.task_id)
+        except Exception as exc:
+            await abort_with(context, exc)
+            raise
+        return convert.task_to_pb(task)
+
+    async def ListTasks(
+        self, request: pb.ListTasksRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListTasksResponse:
+        kwargs: dict[str, Any] = {"status": convert.status_from_pb(request.status)}
+        if request.HasField("limit"):
+            kwargs["limit"] = request.limit
+        if request.HasField("cursor"):
+            kwargs["cursor"] = request.cursor
+        try:
+            page = await self._service.list(**kwargs)
+        except Exception as exc:
+            await abort_with(context, exc)
+            raise
+        return convert.page_to_pb(page)
+
+    async def CancelTask(
+        self, request: pb.CancelTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.Task:
+        try:
+            task = await self._service.cancel(request.task_id)
+        except Exception as exc:
+            await abort_with(context, exc)
+            raise
+        return convert.task_to_pb(task)
+
+    async def WatchTask(
+        self, request: pb.WatchTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.TaskEvent]:
+        """Events after ``after_seq``, live until the task ends. A client that goes away cancels
+        this generator, and closing the service's watch stops its polling."""
+        stream = self._service.watch(request.task_id, request.after_seq)
+        try:
+            async for event in stream:
+                yield convert.event_to_pb(event)
+        except Exception as exc:
+            await abort_with(context, exc)
+            raise
+        finally:
+            await stream.aclose()

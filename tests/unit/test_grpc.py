@@ -1,0 +1,275 @@
+"""The gRPC door's mapping, against a real grpc.aio server over the real TaskService.
+
+The service's rules are tested in test_service.py; here: that each method is the service
+call, that results round-trip to the shared models, that typed errors become the right
+status codes, and that auth, health checking and reflection work as standard clients expect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from opspawn_mcp.config import Config, parse_config
+from opspawn_mcp.errors import Unavailable
+from opspawn_mcp.grpc_internal import GrpcServer, serve_grpc
+from opspawn_mcp.grpc_internal.convert import event_from_pb, task_from_pb
+from opspawn_mcp.grpc_internal.gen import tasks_pb2 as pb
+from opspawn_mcp.grpc_internal.gen import tasks_pb2_grpc as pb_grpc
+from opspawn_mcp.host.models import ServerInfo
+from opspawn_mcp.models import Task, TaskStatus
+from opspawn_mcp.service import TaskService
+from opspawn_mcp.store.memory import MemoryStore
+
+TOKEN = "grpc-token"
+
+
+class RecordingEnqueuer:
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+
+    async def enqueue(self, task_id: str) -> None:
+        self.ids.append(task_id)
+
+
+class Directory:
+    def servers_info(self) -> list[ServerInfo]:
+        return [ServerInfo(name="echo", transport="stdio", state="idle")]
+
+
+class DownStore(MemoryStore):
+    """A store whose database has gone away: every read fails the way the SQL store's do."""
+
+    async def get(self, task_id: str) -> Task:
+        raise Unavailable("The task store cannot be reached; retry later.")
+
+
+def make_config() -> Config:
+    return parse_config(
+        {
+            "mcpServers": {"echo": {"command": "python", "args": ["-m", "x"]}},
+            "opspawn": {"store_url": "memory://", "llm": {"provider": "local"}},
+        },
+        environ={},
+    )
+
+
+def make_service(store: MemoryStore, enqueuer: RecordingEnqueuer | None = None) -> TaskService:
+    return TaskService(
+        make_config(), store, enqueuer or RecordingEnqueuer(), Directory(), poll_interval_s=0.01, environ={}
+    )
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[MemoryStore]:
+    s = MemoryStore()
+    await s.start()
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+def enqueuer() -> RecordingEnqueuer:
+    return RecordingEnqueuer()
+
+
+@pytest.fixture
+def service(store: MemoryStore, enqueuer: RecordingEnqueuer) -> TaskService:
+    return make_service(store, enqueuer)
+
+
+@pytest.fixture
+async def server(service: TaskService) -> AsyncIterator[GrpcServer]:
+    async with serve_grpc(service, "127.0.0.1", 0, readiness_interval_s=0.01) as running:
+        yield running
+
+
+@pytest.fixture
+async def channel(server: GrpcServer) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(server.target) as ch:
+        yield ch
+
+
+@pytest.fixture
+def stub(channel: grpc.aio.Channel) -> Any:
+    return pb_grpc.TaskServiceStub(channel)  # type: ignore[no-untyped-call]
+
+
+async def finish(store: MemoryStore, task_id: str, result: str) -> None:
+    """Do what a worker does, through the real store: claim, log, complete."""
+    await store.claim(task_id, "w1", 30.0, 3)
+    await store.append_event(task_id, "state", {"status": "running"})
+    await store.append_event(task_id, "final", {"result": result})
+    await store.transition(task_id, {TaskStatus.RUNNING}, TaskStatus.COMPLETED, result=result, owner="w1")
+    await store.append_event(task_id, "state", {"status": "completed"})
+
+
+async def code_of(call: Any) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    return info.value.code(), info.value.details() or ""
+
+
+async def test_submit_then_get_round_trips_to_the_service_model(
+    stub: Any, service: TaskService, enqueuer: RecordingEnqueuer
+) -> None:
+    spec = pb.TaskSpec(goal="echo hi", max_steps=3, servers=["echo"], model=pb.ModelSettings(temperature=0.5))
+    created = await stub.SubmitTask(pb.SubmitTaskRequest(spec=spec))
+    assert created.status == pb.TASK_STATUS_QUEUED
+    assert enqueuer.ids == [created.id]
+    fetched = await stub.GetTask(pb.GetTaskRequest(task_id=created.id))
+    expected = (await service.get(created.id)).model_dump(exclude={"lease_owner", "lease_expires_at"})
+    assert task_from_pb(fetched).model_dump(exclude={"lease_owner", "lease_expires_at"}) == expected
+    assert expected["spec"]["servers"] == ["echo"]
+    assert expected["spec"]["timeout_s"] == 300.0  # unset fields took the model's defaults
+
+
+async def test_servers_unset_means_all_and_restricted_empty_means_none(
+    stub: Any, service: TaskService
+) -> None:
+    open_task = await stub.SubmitTask(pb.SubmitTaskRequest(spec=pb.TaskSpec(goal="a")))
+    assert (await service.get(open_task.id)).spec.servers is None
+    closed = await stub.SubmitTask(pb.SubmitTaskRequest(spec=pb.TaskSpec(goal="b", restrict_servers=True)))
+    assert (await service.get(closed.id)).spec.servers == []
+    assert task_from_pb(closed).spec.servers == []
+
+
+@pytest.mark.parametrize(
+    ("spec", "code", "words"),
+    [
+        (pb.TaskSpec(goal=""), grpc.StatusCode.INVALID_ARGUMENT, "goal"),
+        (pb.TaskSpec(goal="x", max_steps=0), grpc.StatusCode.INVALID_ARGUMENT, "max_steps"),
+        (pb.TaskSpec(goal="x", planner="yolo"), grpc.StatusCode.INVALID_ARGUMENT, "planner"),
+        (pb.TaskSpec(goal="x", servers=["evil"]), grpc.StatusCode.PERMISSION_DENIED, "'evil'"),
+        (pb.TaskSpec(goal="x" * 20_001), grpc.StatusCode.INVALID_ARGUMENT, "20000"),
+    ],
+)
+async def test_bad_specs_map_to_their_codes(
+    stub: Any, spec: pb.TaskSpec, code: grpc.StatusCode, words: str
+) -> None:
+    got, details = await code_of(stub.SubmitTask(pb.SubmitTaskRequest(spec=spec)))
+    assert got == code
+    assert words in details
+
+
+async def test_not_found_and_conflict(stub: Any, store: MemoryStore) -> None:
+    assert (await code_of(stub.GetTask(pb.GetTaskRequest(task_id="nope"))))[0] == grpc.StatusCode.NOT_FOUND
+    assert (await code_of(stub.CancelTask(pb.CancelTaskRequest(task_id="nope"))))[
+        0
+    ] == grpc.StatusCode.NOT_FOUND
+    task = await stub.SubmitTask(pb.SubmitTaskRequest(spec=pb.TaskSpec(goal="x")))
+    await finish(store, task.id, "ok")
+    code, details = await code_of(stub.CancelTask(pb.CancelTaskRequest(task_id=task.id)))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "completed" in details
+
+
+async def test_cancel_a_queued_task(stub: Any) -> None:
+    task = await stub.SubmitTask(pb.SubmitTaskRequest(spec=pb.TaskSpec(goal="x")))
+    cancelled = await stub.CancelTask(pb.CancelTaskRequest(task_id=task.id))
+    assert cancelled.status == pb.TASK_STATUS_CANCELLED
+    assert cancelled.HasField("finished_at")
+
+
+async def test_list_filters_and_pages(stub: Any, store: MemoryStore) -> None:
+    ids = [(await stub.SubmitTask(pb.SubmitTaskRequest(spec=pb.TaskSpec(goal=f"g{i}")))).id for i in range(5)]
+    await finish(store, ids[0], "ok")
+    seen: list[str] = []
+    request = pb.ListTasksRequest(status=pb.TASK_STATUS_QUEUED, limit=2)
+    while True:
+        page = await stub.ListTasks(request)
+        seen += [t.id for t in page.items]
+        if not page.HasField("next_cursor"):
+            break
+        request = pb.ListTasksRequest(status=pb.TASK_STATUS_QUEUED, limit=2, cursor=page.next_cursor)
+    assert sorted(seen) == sorted(ids[1:])
+    every = await stub.ListTasks(pb.ListTasksRequest())
+    assert len(every.items) == 5
+    code, _ = await code_of(stub.ListTasks(pb.ListTasksRequest(limit=0)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_watch_streams_until_the_task_ends_and_resumes(stub: Any, store: MemoryStore) -> None:
+    task = await stub.SubmitTask(pb.SubmitTaskRequest(spec=pb.TaskSpec(goal="x")))
+    call = stub.WatchTask(pb.WatchTaskRequest(task_id=task.id))
+    first = await call.read()
+    assert event_from_pb(first).data == {"status": "queued"}
+    # The stream ends only because the task ends: finishing it is what closes the stream.
+    await finish(store, task.id, "42")
+    rest = []
+    while (message := await call.read()) is not grpc.aio.EOF:
+        rest.append(event_from_pb(message))
+    assert [e.kind for e in rest] == ["state", "final", "state"]
+    assert rest[1].data == {"result": "42"}
+    resumed = [e.seq async for e in stub.WatchTask(pb.WatchTaskRequest(task_id=task.id, after_seq=2))]
+    assert resumed == [3, 4]
+
+
+async def test_watch_unknown_task_is_not_found(stub: Any) -> None:
+    call = stub.WatchTask(pb.WatchTaskRequest(task_id="nope"))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call.read()
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_an_unreachable_store_is_unavailable() -> None:
+    async with (
+        serve_grpc(make_service(DownStore()), "127.0.0.1", 0) as running,
+        grpc.aio.insecure_channel(running.target) as ch,
+    ):
+        stub = pb_grpc.TaskServiceStub(ch)  # type: ignore[no-untyped-call]
+        code, _ = await code_of(stub.GetTask(pb.GetTaskRequest(task_id="x")))
+        assert code == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_health_follows_readiness(channel: grpc.aio.Channel, store: MemoryStore) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    name = "opspawn.v1.TaskService"
+    ok = await health.Check(health_pb2.HealthCheckRequest(service=name))
+    assert ok.status == health_pb2.HealthCheckResponse.SERVING
+    watch = health.Watch(health_pb2.HealthCheckRequest(service=name))
+    assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+    await store.close()  # the store goes down; the next readiness refresh reports it
+    assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    watch.cancel()
+
+
+async def test_reflection_lists_the_services(channel: grpc.aio.Channel) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    call = stub.ServerReflectionInfo()
+    await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+    reply = await call.read()
+    await call.done_writing()
+    names = {s.name for s in reply.list_services_response.service}
+    assert {"opspawn.v1.TaskService", "grpc.health.v1.Health"} <= names
+
+
+@pytest.mark.parametrize(
+    "metadata", [None, (("authorization", "Bearer wrong"),), (("authorization", TOKEN),)]
+)
+async def test_with_a_token_calls_without_it_are_unauthenticated(
+    service: TaskService, metadata: tuple[tuple[str, str], ...] | None
+) -> None:
+    async with (
+        serve_grpc(service, "127.0.0.1", 0, TOKEN) as running,
+        grpc.aio.insecure_channel(running.target) as ch,
+    ):
+        stub = pb_grpc.TaskServiceStub(ch)  # type: ignore[no-untyped-call]
+        request = pb.SubmitTaskRequest(spec=pb.TaskSpec(goal="x"))
+        code, _ = await code_of(stub.SubmitTask(request, metadata=metadata))
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+        watch = stub.WatchTask(pb.WatchTaskRequest(task_id="x"), metadata=metadata)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await watch.read()
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        ok = await stub.SubmitTask(request, metadata=(("authorization", f"Bearer {TOKEN}"),))
+        assert ok.status == pb.TASK_STATUS_QUEUED
+        health = health_pb2_grpc.HealthStub(ch)
+        assert (
+            await health.Check(health_pb2.HealthCheckRequest())
+        ).status == health_pb2.HealthCheckResponse.SERVING
