@@ -1,0 +1,363 @@
+"""The agent loop: ask the model, run the tools it calls, feed back what they returned, repeat.
+
+A run always ends with a ``RunResult``: tool failures are observations the model sees, model
+failures end the run ``failed`` with the reason, limits end it ``timed_out`` or with a forced
+final answer, and ``cancel()`` ends it ``cancelled``. Hosts rely on that: a worker never has to
+guess what an exception out of ``run`` means.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import anyio
+from pydantic import BaseModel, ValidationError
+
+from agentkit.errors import AgentConfigError
+from agentkit.llm.base import LLM, LLMError, LLMResponse, Message, ToolCall, ToolChoice, ToolDefinition, Usage
+from agentkit.memory import Memory
+from agentkit.planners import Planner, RunContext, get_planner
+from agentkit.result import AgentEvent, EventKind, RunResult, RunStatus, Step
+from agentkit.tools import Tool, ToolRegistry, ToolResult
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are an agent that reaches the user's goal step by step. Call a tool whenever it can give "
+    "you information or do work you cannot do yourself; read each tool result before the next "
+    "step. When you know the answer, reply with it directly, without calling a tool."
+)
+FORCED_FINAL_PROMPT = (
+    "You have used all {max_steps} steps. Do not call any tool. Give your best final answer to the "
+    "goal now, using only what you found so far."
+)
+EMPTY_REPLY_PROMPT = "Your reply was empty. Call a tool, or give the final answer."
+OUTPUT_PROMPT = (
+    "Your final answer must be only a JSON object (no prose, no code fence) that matches this JSON "
+    "schema:\n{schema}"
+)
+OUTPUT_RETRY_PROMPT = (
+    "Your final answer did not match the required schema: {error}\n"
+    "Reply again with only a JSON object that matches:\n{schema}"
+)
+
+EventCallback = Callable[[AgentEvent], Awaitable[None]]
+
+
+class _MeteredLLM:
+    """Sums usage over every call a run makes, including those of planners and memory."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.inner = llm
+        self.usage = Usage()
+
+    async def chat(
+        self,
+        messages: Sequence[Message],
+        *,
+        tools: Sequence[ToolDefinition] = (),
+        tool_choice: ToolChoice = "auto",
+    ) -> LLMResponse:
+        response = await self.inner.chat(messages, tools=tools, tool_choice=tool_choice)
+        self.usage = self.usage + response.usage
+        return response
+
+
+class Agent:
+    """An LLM with tools, a planner and a memory, run towards one goal at a time.
+
+    ``tools`` may be a ``ToolRegistry`` (shared, so tools added later are seen) or a sequence of
+    tools. ``planner`` is a name (``"react"``, ``"plan_and_execute"``) or a ``Planner``. Without a
+    ``memory`` the model sees the whole transcript. ``output_type`` makes the final answer a
+    validated pydantic model (``RunResult.data``), with one retry that shows the model its errors.
+    ``tool_timeout_s`` bounds each tool call (a slow tool becomes an error observation).
+    """
+
+    def __init__(
+        self,
+        llm: LLM,
+        tools: ToolRegistry | Sequence[Tool] | None = None,
+        *,
+        planner: str | Planner = "react",
+        memory: Memory | None = None,
+        system_prompt: str | None = None,
+        max_steps: int = 10,
+        timeout_s: float | None = None,
+        on_event: EventCallback | None = None,
+        output_type: type[BaseModel] | None = None,
+        tool_timeout_s: float | None = None,
+    ) -> None:
+        if max_steps < 1:
+            raise AgentConfigError("max_steps must be at least 1.")
+        if timeout_s is not None and timeout_s <= 0:
+            raise AgentConfigError("timeout_s must be positive, or None for no limit.")
+        self.llm = llm
+        self.tools = tools if isinstance(tools, ToolRegistry) else ToolRegistry(tools or ())
+        self.planner = get_planner(planner)
+        self.memory = memory
+        self.system_prompt = system_prompt if system_prompt is not None else DEFAULT_SYSTEM_PROMPT
+        self.max_steps = max_steps
+        self.timeout_s = timeout_s
+        self.on_event = on_event
+        self.output_type = output_type
+        self.tool_timeout_s = tool_timeout_s
+        self._scopes: set[anyio.CancelScope] = set()
+        self._cancel_pending = False
+        self._cancelled_scopes: set[anyio.CancelScope] = set()
+
+    def cancel(self) -> None:
+        """Stop the runs in progress promptly (they return ``cancelled``).
+
+        Works during a model call or a tool call, not only between steps. Called when no run is in
+        progress, it cancels the next run as soon as it starts (a host's cancel may race the
+        start). Call it from the event loop's thread.
+        """
+        if not self._scopes:
+            self._cancel_pending = True
+        for scope in list(self._scopes):
+            self._cancelled_scopes.add(scope)
+            scope.cancel()
+
+    def _system_message(self) -> Message | None:
+        parts = [self.system_prompt] if self.system_prompt else []
+        if self.output_type is not None:
+            parts.append(OUTPUT_PROMPT.format(schema=json.dumps(self.output_type.model_json_schema())))
+        return Message.system("\n\n".join(parts)) if parts else None
+
+    async def _emit(self, kind: EventKind, step: int, data: dict[str, Any]) -> None:
+        if self.on_event is None:
+            return
+        try:
+            await self.on_event(AgentEvent(kind=kind, step=step, data=data))
+        except Exception:
+            # A broken progress sink must not break the run it reports on.
+            log.exception("the on_event callback failed for a %s event", kind)
+
+    async def run(self, goal: str) -> RunResult:
+        """Run until a final answer, ``max_steps``, ``timeout_s`` or ``cancel()``.
+
+        Never raises for tool or model failures. If the task awaiting ``run`` is itself cancelled
+        (not through ``cancel()``), the cancellation propagates as usual for asyncio/anyio.
+        """
+        system = self._system_message()
+        transcript = ([system] if system else []) + [Message.user(goal)]
+        steps: list[Step] = []
+        metered = _MeteredLLM(self.llm)
+        memory = copy.copy(self.memory)  # memories keep per-run state (summaries)
+
+        async def emit(kind: EventKind, data: dict[str, Any]) -> None:
+            await self._emit(kind, ctx.step, data)
+
+        ctx = RunContext(
+            goal=goal, llm=metered, tools=self.tools, transcript=transcript, steps=steps, emit=emit
+        )
+        deadline = anyio.current_time() + self.timeout_s if self.timeout_s is not None else math.inf
+        scope = anyio.CancelScope(deadline=deadline)
+        result: RunResult | None = None
+        self._scopes.add(scope)
+        if self._cancel_pending:
+            self._cancel_pending = False
+            self._cancelled_scopes.add(scope)
+            scope.cancel()
+        try:
+            with scope:
+                try:
+                    result = await self._loop(ctx, memory)
+                except LLMError as exc:
+                    result = RunResult(status=RunStatus.FAILED, error=str(exc))
+                except Exception as exc:  # a bug in a planner, memory or callback: still data
+                    log.exception("agent run failed unexpectedly")
+                    result = RunResult(
+                        status=RunStatus.FAILED, error=f"internal error: {type(exc).__name__}: {exc}"
+                    )
+        finally:
+            self._scopes.discard(scope)
+            cancelled = scope in self._cancelled_scopes
+            self._cancelled_scopes.discard(scope)
+        if result is None:
+            if cancelled:
+                result = RunResult(status=RunStatus.CANCELLED, error="The run was cancelled.")
+            else:
+                result = RunResult(
+                    status=RunStatus.TIMED_OUT,
+                    error=f"The run did not finish within timeout_s={self.timeout_s}; raise it or simplify the goal.",
+                )
+        result.steps = steps
+        result.usage = metered.usage
+        result.messages = transcript
+        if result.status is RunStatus.COMPLETED:
+            data = result.data.model_dump(mode="json") if result.data is not None else None
+            await self._emit(
+                "final",
+                ctx.step,
+                {
+                    "status": result.status.value,
+                    "output": result.output,
+                    "data": data,
+                    "usage": _usage(result.usage),
+                },
+            )
+        else:
+            await self._emit(
+                "error",
+                ctx.step,
+                {"status": result.status.value, "error": result.error, "usage": _usage(result.usage)},
+            )
+        return result
+
+    async def _call_llm(
+        self, ctx: RunContext, memory: Memory | None, step: Step, tool_choice: ToolChoice
+    ) -> LLMResponse:
+        window = await memory.window(ctx.transcript, ctx.llm) if memory is not None else list(ctx.transcript)
+        tools = self.tools.definitions() if tool_choice != "none" else []
+        response = await ctx.llm.chat(window, tools=tools, tool_choice=tool_choice if tools else "none")
+        step.content = response.content
+        step.usage = response.usage
+        await ctx.emit(
+            "llm",
+            {
+                "content": response.content,
+                "tool_calls": [c.model_dump(mode="json") for c in response.tool_calls],
+                "usage": _usage(response.usage),
+                "finish_reason": response.finish_reason,
+                "kind": step.kind,
+            },
+        )
+        return response
+
+    def _new_step(self, ctx: RunContext, kind: Any = "act") -> Step:
+        ctx.step = len(ctx.steps) + 1
+        step = Step(index=ctx.step, kind=kind)
+        ctx.steps.append(step)
+        return step
+
+    async def _loop(self, ctx: RunContext, memory: Memory | None) -> RunResult:
+        await self.planner.begin(ctx)
+        for _ in range(self.max_steps):
+            step = self._new_step(ctx)
+            response = await self._call_llm(ctx, memory, step, self.planner.tool_choice(ctx))
+            if response.tool_calls:
+                step.tool_calls = response.tool_calls
+                ctx.add(Message.assistant(response.content, response.tool_calls))
+                step.tool_results = await self._run_tools(ctx, response.tool_calls)
+                for r in step.tool_results:
+                    ctx.add(Message.tool(r.call_id, r.name, r.content))
+                await self.planner.after_tools(ctx, step)
+                continue
+            text = (response.content or "").strip()
+            if not text:
+                ctx.add(Message.assistant(response.content))
+                ctx.add(Message.user(EMPTY_REPLY_PROMPT))
+                continue
+            ctx.add(Message.assistant(text))
+            if await self.planner.accept_answer(ctx, text):
+                step.kind = "final"
+                return await self._finish(ctx, memory, text)
+        # Out of steps: one last call with tools disabled, so the run still ends with an answer.
+        step = self._new_step(ctx, "forced_final")
+        ctx.add(Message.user(FORCED_FINAL_PROMPT.format(max_steps=self.max_steps)))
+        response = await self._call_llm(ctx, memory, step, "none")
+        text = (response.content or "").strip()
+        ctx.add(Message.assistant(text))
+        if not text:
+            return RunResult(
+                status=RunStatus.FAILED,
+                error=f"No final answer after max_steps={self.max_steps}; raise max_steps or simplify the goal.",
+            )
+        return await self._finish(ctx, memory, text)
+
+    async def _finish(self, ctx: RunContext, memory: Memory | None, text: str) -> RunResult:
+        if self.output_type is None:
+            return RunResult(status=RunStatus.COMPLETED, output=text)
+        schema = json.dumps(self.output_type.model_json_schema())
+        try:
+            return RunResult(
+                status=RunStatus.COMPLETED, output=text, data=_parse_output(self.output_type, text)
+            )
+        except ValidationError as exc:
+            error = _errors(exc)
+        await ctx.emit("error", {"error": f"final answer did not validate: {error}", "retrying": True})
+        step = self._new_step(ctx, "output_retry")
+        ctx.add(Message.user(OUTPUT_RETRY_PROMPT.format(error=error, schema=schema)))
+        response = await self._call_llm(ctx, memory, step, "none")
+        retry = (response.content or "").strip()
+        ctx.add(Message.assistant(retry))
+        try:
+            return RunResult(
+                status=RunStatus.COMPLETED, output=retry, data=_parse_output(self.output_type, retry)
+            )
+        except ValidationError as exc:
+            step.error = _errors(exc)
+            return RunResult(
+                status=RunStatus.FAILED,
+                output=retry,
+                error=(
+                    f"The final answer did not match {self.output_type.__name__} after one retry: {step.error}. "
+                    "Use a stronger model, a simpler output type, or describe the fields in the goal."
+                ),
+            )
+
+    async def _run_tools(self, ctx: RunContext, calls: Sequence[ToolCall]) -> list[ToolResult]:
+        results: list[ToolResult | None] = [None] * len(calls)
+
+        async def run_one(index: int, call: ToolCall) -> None:
+            await ctx.emit("tool_call", {"id": call.id, "name": call.name, "arguments": call.arguments})
+            result = await self._call_tool(call)
+            results[index] = result
+            await ctx.emit("tool_result", result.model_dump(mode="json"))
+
+        if self.planner.parallel_tool_calls and len(calls) > 1:
+            async with anyio.create_task_group() as tg:
+                for i, c in enumerate(calls):
+                    tg.start_soon(run_one, i, c)
+        else:
+            for i, c in enumerate(calls):
+                await run_one(i, c)
+        return [r for r in results if r is not None]
+
+    async def _call_tool(self, call: ToolCall) -> ToolResult:
+        if self.tool_timeout_s is None:
+            return await self.tools.call(call)
+        with anyio.move_on_after(self.tool_timeout_s):
+            return await self.tools.call(call)
+        return ToolResult(
+            call_id=call.id,
+            name=call.name,
+            is_error=True,
+            content=f"Tool {call.name} did not finish within {self.tool_timeout_s}s; try other arguments or another tool.",
+        )
+
+
+_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
+
+
+def _parse_output(output_type: type[BaseModel], text: str) -> BaseModel:
+    """Validate a final answer, tolerating a code fence or prose around the JSON object."""
+    candidate = text.strip()
+    fenced = _FENCE.match(candidate)
+    if fenced:
+        candidate = fenced.group(1)
+    start, end = candidate.find("{"), candidate.rfind("}")
+    if start != -1 and end > start:
+        candidate = candidate[start : end + 1]
+    return output_type.model_validate_json(candidate)
+
+
+def _errors(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'answer'}: {e['msg']}" for e in exc.errors(include_url=False)
+    )
+
+
+def _usage(usage: Usage) -> dict[str, int]:
+    return {
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "total_tokens": usage.total_tokens,
+    }

@@ -1,0 +1,178 @@
+"""Calling downstream MCP servers as agent tools, through a caller the host injects.
+
+The host (opspawn's connection pool, or your own ``mcp`` client sessions) implements
+``McpCaller`` and decides where calls go and which servers are allowed; agentkit only shapes the
+calls and maps results, so it never needs to know about transports or configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import mcp.types as mcp_types
+
+from agentkit.errors import ToolError
+from agentkit.tools import Tool, ToolResult
+
+log = logging.getLogger(__name__)
+
+PROXY_TOOL_NAME = "mcp_proxy_tool"
+SEPARATOR = "__"
+
+
+@runtime_checkable
+class McpCaller(Protocol):
+    """Where MCP calls go. Implementations may raise any exception (forbidden server, server
+    down, unknown tool); the proxy turns it into an error observation for the model."""
+
+    async def list_tools(self, server: str) -> list[mcp_types.Tool]: ...
+
+    async def call_tool(
+        self, server: str, tool: str, arguments: dict[str, Any]
+    ) -> mcp_types.CallToolResult: ...
+
+
+def _describe_resource(resource: mcp_types.TextResourceContents | mcp_types.BlobResourceContents) -> str:
+    mime = f" ({resource.mime_type})" if resource.mime_type else ""
+    if isinstance(resource, mcp_types.TextResourceContents):
+        return f"[resource {resource.uri}{mime}]\n{resource.text}"
+    return f"[binary resource {resource.uri}{mime}, {len(resource.blob)} base64 characters]"
+
+
+def result_from_mcp(result: mcp_types.CallToolResult, *, server: str = "", tool: str = "") -> ToolResult:
+    """Map an MCP ``CallToolResult`` to an observation without losing anything.
+
+    The model reads a text rendering (text verbatim, resources with their URI, binary content as a
+    labelled placeholder, structured content as JSON when there is no text); ``parts`` keeps every
+    content block as MCP JSON and ``structured`` the structured content, for the host and events.
+    """
+    texts: list[str] = []
+    for block in result.content:
+        if isinstance(block, mcp_types.TextContent):
+            texts.append(block.text)
+        elif isinstance(block, mcp_types.ImageContent):
+            texts.append(f"[image {block.mime_type}, {len(block.data)} base64 characters]")
+        elif isinstance(block, mcp_types.AudioContent):
+            texts.append(f"[audio {block.mime_type}, {len(block.data)} base64 characters]")
+        elif isinstance(block, mcp_types.EmbeddedResource):
+            texts.append(_describe_resource(block.resource))
+        elif isinstance(block, mcp_types.ResourceLink):
+            texts.append(
+                f"[resource link {block.uri}" + (f": {block.description}" if block.description else "") + "]"
+            )
+        else:  # a content type newer than this code: keep its JSON
+            texts.append(json.dumps(block.model_dump(mode="json", by_alias=True, exclude_none=True)))
+    structured = result.structured_content
+    if structured is not None and not any(isinstance(b, mcp_types.TextContent) for b in result.content):
+        texts.append(json.dumps(structured))
+    content = "\n".join(texts)
+    if result.is_error:
+        where = f"{server}/{tool}" if server else tool
+        content = f"The tool {where} reported an error: {content}" if where else content
+    return ToolResult(
+        content=content,
+        is_error=bool(result.is_error),
+        parts=[b.model_dump(mode="json", by_alias=True, exclude_none=True) for b in result.content],
+        structured=dict(structured) if isinstance(structured, dict) else None,
+    )
+
+
+async def _call(caller: McpCaller, server: str, tool: str, arguments: dict[str, Any]) -> ToolResult:
+    try:
+        result = await caller.call_tool(server, tool, arguments)
+    except Exception as exc:
+        raise ToolError(
+            f"calling {tool!r} on MCP server {server!r} failed: {type(exc).__name__}: {exc}. "
+            "Check the server and tool names, or try another tool."
+        ) from exc
+    return result_from_mcp(result, server=server, tool=tool)
+
+
+def mcp_proxy_tool(caller: McpCaller) -> Tool:
+    """One tool, ``mcp_proxy_tool(server, tool, arguments)``, that reaches any allowed server.
+
+    Flexible (new servers need no new tools) but harder for small models than the flat tools of
+    ``expand_server_tools``; offer both when in doubt.
+    """
+
+    async def handler(values: dict[str, Any]) -> Any:
+        server, name, arguments = values.get("server"), values.get("tool"), values.get("arguments", {})
+        if not isinstance(server, str) or not server or not isinstance(name, str) or not name:
+            raise ToolError('send "server" and "tool" as non-empty strings and "arguments" as an object.')
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError:
+                raise ToolError(f'"arguments" must be a JSON object, got {arguments!r}.') from None
+        if arguments is None:
+            arguments = {}
+        if not isinstance(arguments, dict):
+            raise ToolError(f'"arguments" must be an object, got {type(arguments).__name__}.')
+        return await _call(caller, server, name, arguments)
+
+    return Tool(
+        PROXY_TOOL_NAME,
+        "Call a tool on a downstream MCP server. Give the server name, the tool name and the tool's "
+        "arguments as an object.",
+        {
+            "type": "object",
+            "properties": {
+                "server": {"type": "string", "description": "Name of the MCP server."},
+                "tool": {"type": "string", "description": "Name of the tool on that server."},
+                "arguments": {"type": "object", "description": "Arguments for the tool."},
+            },
+            "required": ["server", "tool"],
+        },
+        handler,
+    )
+
+
+def flat_tool_name(server: str, tool: str) -> str:
+    """``server__tool`` with characters OpenAI-style APIs refuse replaced by ``_``, cut to 64."""
+    name = f"{server}{SEPARATOR}{tool}"
+    cleaned = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "_-") else "_" for ch in name)
+    return cleaned[:64]
+
+
+def _flat_tool(caller: McpCaller, server: str, downstream: mcp_types.Tool) -> Tool:
+    schema = dict(downstream.input_schema or {})
+    schema.setdefault("type", "object")
+    schema.setdefault("properties", {})
+    required = [r for r in schema.get("required", []) if isinstance(r, str)]
+    tool_name = downstream.name
+
+    async def handler(values: dict[str, Any]) -> Any:
+        missing = [r for r in required if r not in values]
+        if missing:
+            raise ToolError(
+                f"missing required argument(s) {', '.join(missing)}; schema: {json.dumps(schema)}"
+            )
+        return await _call(caller, server, tool_name, values)
+
+    description = downstream.description or downstream.title or f"{tool_name} on {server}"
+    return Tool(flat_tool_name(server, tool_name), f"[{server}] {description}", schema, handler)
+
+
+async def expand_server_tools(
+    caller: McpCaller, servers: Sequence[str], *, strict: bool = False
+) -> list[Tool]:
+    """One flat tool per downstream tool, named ``server__tool`` with the downstream schema.
+
+    Every flat tool goes through ``caller.call_tool`` like the proxy does, so the host's routing
+    and permissions apply unchanged. A server whose tools cannot be listed is logged and left out
+    (the agent can still run with the rest), unless ``strict`` is set, which re-raises.
+    """
+    tools: list[Tool] = []
+    for server in servers:
+        try:
+            listed = await caller.list_tools(server)
+        except Exception as exc:
+            if strict:
+                raise
+            log.warning("cannot list the tools of MCP server %r, leaving them out: %s", server, exc)
+            continue
+        tools.extend(_flat_tool(caller, server, t) for t in listed)
+    return tools

@@ -1,0 +1,323 @@
+"""Tools: plain functions the model can call, with schemas derived from their signatures.
+
+The schema comes from type hints and the docstring because that is where a Python author already
+writes it; arguments are validated with pydantic before the function runs, and every failure
+(bad arguments, an exception, an unknown name) becomes an error observation the model can read
+and correct, never an exception out of the agent loop.
+"""
+
+from __future__ import annotations
+
+import builtins
+import inspect
+import json
+import re
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from functools import partial
+from typing import Any, get_type_hints, overload
+
+import anyio.to_thread
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from agentkit.errors import ToolDefinitionError, ToolError, ToolRegistryError
+from agentkit.llm.base import ToolCall, ToolDefinition
+
+ToolHandler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+_TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class ToolResult(BaseModel):
+    """What a tool call produced.
+
+    ``content`` is the text the model reads. ``parts`` keeps rich content (MCP images, resources,
+    structured output) as JSON so nothing is lost for the host, events and the database, even
+    where the model only sees a text rendering of it.
+    """
+
+    call_id: str = ""
+    name: str = ""
+    content: str
+    is_error: bool = False
+    parts: list[dict[str, Any]] = Field(default_factory=list)
+    structured: dict[str, Any] | None = None
+
+
+class Tool:
+    """A callable with a name, a description and a JSON schema, ready to offer to a model."""
+
+    def __init__(
+        self,
+        name: str,
+        description: str,
+        parameters: dict[str, Any],
+        handler: ToolHandler,
+        *,
+        args_model: type[BaseModel] | None = None,
+    ) -> None:
+        if not _TOOL_NAME.match(name):
+            raise ToolDefinitionError(
+                f"Tool name {name!r} is not accepted by OpenAI-style APIs: use 1-64 letters, digits, '_' or '-'."
+            )
+        self.name = name
+        self.description = description
+        self.parameters = parameters
+        self._handler = handler
+        self.args_model = args_model
+
+    def __repr__(self) -> str:
+        return f"Tool({self.name!r})"
+
+    def definition(self) -> ToolDefinition:
+        return ToolDefinition(name=self.name, description=self.description, parameters=self.parameters)
+
+    async def invoke(self, arguments: dict[str, Any], *, call_id: str = "") -> ToolResult:
+        """Run the tool; never raises except for cancellation."""
+
+        def error(text: str) -> ToolResult:
+            return ToolResult(call_id=call_id, name=self.name, content=text, is_error=True)
+
+        values: dict[str, Any] = arguments
+        if self.args_model is not None:
+            try:
+                parsed = self.args_model.model_validate(arguments)
+            except ValidationError as exc:
+                return error(
+                    f"Invalid arguments for tool {self.name}: {_validation_summary(exc)}. "
+                    f"Call it again with arguments matching its schema: {json.dumps(self.parameters)}"
+                )
+            values = {k: getattr(parsed, k) for k in type(parsed).model_fields}
+        try:
+            output = await self._handler(values)
+        except ToolError as exc:
+            return error(f"Tool {self.name} failed: {exc}")
+        except Exception as exc:
+            return error(f"Tool {self.name} raised {type(exc).__name__}: {exc}")
+        result = to_tool_result(output)
+        return result.model_copy(update={"call_id": call_id, "name": self.name})
+
+
+def to_tool_result(output: Any) -> ToolResult:
+    """Render what a function returned as an observation (JSON for structured values)."""
+    if isinstance(output, ToolResult):
+        return output
+    if output is None:
+        return ToolResult(content="")
+    if isinstance(output, str):
+        return ToolResult(content=output)
+    if isinstance(output, BaseModel):
+        return ToolResult(content=output.model_dump_json(), structured=output.model_dump(mode="json"))
+    try:
+        text = json.dumps(output, default=str)
+    except (TypeError, ValueError):
+        text = str(output)
+    return ToolResult(content=text, structured=output if isinstance(output, dict) else None)
+
+
+def _validation_summary(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "arguments"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+# --- @tool -------------------------------------------------------------------------------------
+
+_ARGS_HEADER = re.compile(r"^\s*(Args|Arguments|Parameters|Params)\s*:\s*$", re.IGNORECASE)
+_SECTION_HEADER = re.compile(r"^\s*(Returns?|Raises|Yields|Examples?|Notes?)\s*:\s*$", re.IGNORECASE)
+_GOOGLE_ARG = re.compile(r"^\s*(\*{0,2}\w+)\s*(?:\([^)]*\))?\s*:\s*(.*)$")
+_SPHINX_ARG = re.compile(r"^\s*:param\s+(?:[\w\[\], |]+\s+)?(\w+)\s*:\s*(.*)$")
+
+
+def parse_docstring(doc: str | None) -> tuple[str, dict[str, str]]:
+    """The summary and per-argument descriptions from a Google- or Sphinx-style docstring."""
+    if not doc:
+        return "", {}
+    lines = inspect.cleandoc(doc).splitlines()
+    summary: list[str] = []
+    args: dict[str, str] = {}
+    in_args = False
+    current: str | None = None
+    arg_indent = 0
+    for line in lines:
+        sphinx = _SPHINX_ARG.match(line)
+        if sphinx:
+            current = sphinx.group(1)
+            args[current] = sphinx.group(2).strip()
+            in_args = False
+            continue
+        if line.strip().startswith(":"):
+            current = None
+            continue
+        if _ARGS_HEADER.match(line):
+            in_args, current = True, None
+            continue
+        if _SECTION_HEADER.match(line):
+            in_args, current = False, None
+            continue
+        if in_args:
+            indent = len(line) - len(line.lstrip())
+            match = _GOOGLE_ARG.match(line)
+            if match and (current is None or indent <= arg_indent):
+                current = match.group(1).lstrip("*")
+                arg_indent = indent
+                args[current] = match.group(2).strip()
+            elif current and line.strip():
+                args[current] = f"{args[current]} {line.strip()}".strip()
+            continue
+        if current and line.strip():  # continuation of a :param: line
+            args[current] = f"{args[current]} {line.strip()}"
+            continue
+        if not args:
+            summary.append(line)
+    text = "\n".join(summary).strip()
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    return " ".join(" ".join(paragraphs).split()) if paragraphs else "", args
+
+
+def _clean_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """Drop pydantic's auto-generated titles: they cost tokens and tell the model nothing."""
+    schema.pop("title", None)
+    for prop in schema.get("properties", {}).values():
+        if isinstance(prop, dict):
+            prop.pop("title", None)
+    for definition in schema.get("$defs", {}).values():
+        if isinstance(definition, dict):
+            _clean_schema(definition)
+    return schema
+
+
+def _from_function(fn: Callable[..., Any], name: str | None, description: str | None) -> Tool:
+    tool_name = name or fn.__name__
+    summary, arg_docs = parse_docstring(fn.__doc__)
+    try:
+        hints = get_type_hints(fn)
+    except Exception as exc:
+        raise ToolDefinitionError(f"Cannot resolve the type hints of {tool_name}: {exc}") from exc
+    fields: dict[str, Any] = {}
+    for param in inspect.signature(fn).parameters.values():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            raise ToolDefinitionError(
+                f"Tool {tool_name} takes *{param.name}: give every argument a name and a type instead."
+            )
+        if param.name not in hints:
+            raise ToolDefinitionError(
+                f"Argument {param.name!r} of tool {tool_name} has no type hint; add one so the model "
+                "knows what to send."
+            )
+        default = ... if param.default is inspect.Parameter.empty else param.default
+        fields[param.name] = (hints[param.name], Field(default, description=arg_docs.get(param.name)))
+    args_model = create_model(f"{tool_name}_args", __config__=ConfigDict(extra="ignore"), **fields)
+    parameters = _clean_schema(args_model.model_json_schema())
+    parameters.setdefault("properties", {})
+
+    if inspect.iscoroutinefunction(fn):
+
+        async def handler(values: dict[str, Any]) -> Any:
+            return await fn(**values)
+
+    else:
+
+        async def handler(values: dict[str, Any]) -> Any:
+            # Sync tools may block (files, requests): keep them off the event loop, and let a
+            # cancelled run return at once instead of waiting for the thread.
+            return await anyio.to_thread.run_sync(partial(fn, **values), abandon_on_cancel=True)
+
+    return Tool(tool_name, description or summary, parameters, handler, args_model=args_model)
+
+
+@overload
+def tool(fn: Callable[..., Any], /) -> Tool: ...
+@overload
+def tool(
+    *, name: str | None = None, description: str | None = None
+) -> Callable[[Callable[..., Any]], Tool]: ...
+def tool(
+    fn: Callable[..., Any] | None = None, /, *, name: str | None = None, description: str | None = None
+) -> Tool | Callable[[Callable[..., Any]], Tool]:
+    """Turn an async or sync function into a ``Tool``: ``@tool`` or ``@tool(name=..., description=...)``.
+
+    Argument types come from the type hints, descriptions from the docstring's ``Args:`` section
+    (or ``:param x:`` lines). The returned ``Tool`` is still directly awaitable through ``invoke``.
+    """
+    if fn is not None:
+        return _from_function(fn, name, description)
+    return lambda f: _from_function(f, name, description)
+
+
+class ToolRegistry:
+    """The tools an agent may call, by unique name (a duplicate would make calls ambiguous)."""
+
+    def __init__(self, tools: Sequence[Tool] = ()) -> None:
+        self._tools: dict[str, Tool] = {}
+        for t in tools:
+            self.add(t)
+
+    def add(self, tool: Tool) -> Tool:
+        if tool.name in self._tools:
+            raise ToolRegistryError(
+                f"A tool named {tool.name!r} is already registered; remove it first or give the new one "
+                "another name (tool(fn, name=...))."
+            )
+        self._tools[tool.name] = tool
+        return tool
+
+    def remove(self, name: str) -> Tool:
+        try:
+            return self._tools.pop(name)
+        except KeyError:
+            raise ToolRegistryError(
+                f"No tool named {name!r}; registered: {', '.join(self.names()) or 'none'}."
+            ) from None
+
+    def get(self, name: str) -> Tool | None:
+        return self._tools.get(name)
+
+    def __getitem__(self, name: str) -> Tool:
+        tool = self._tools.get(name)
+        if tool is None:
+            raise ToolRegistryError(
+                f"No tool named {name!r}; registered: {', '.join(self.names()) or 'none'}."
+            )
+        return tool
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tools
+
+    def __iter__(self) -> Iterator[Tool]:
+        return iter(list(self._tools.values()))
+
+    def __len__(self) -> int:
+        return len(self._tools)
+
+    def list(self) -> builtins.list[Tool]:
+        return list(self._tools.values())
+
+    def names(self) -> builtins.list[str]:
+        return list(self._tools)
+
+    def definitions(self) -> builtins.list[ToolDefinition]:
+        return [t.definition() for t in self._tools.values()]
+
+    async def call(self, call: ToolCall) -> ToolResult:
+        """Run one model tool call; unknown names and unparseable arguments become error observations."""
+        tool = self._tools.get(call.name)
+        if tool is None:
+            return ToolResult(
+                call_id=call.id,
+                name=call.name,
+                is_error=True,
+                content=f"There is no tool named {call.name!r}. Available tools: {', '.join(self.names()) or 'none'}.",
+            )
+        if call.raw_arguments is not None:
+            return ToolResult(
+                call_id=call.id,
+                name=call.name,
+                is_error=True,
+                content=(
+                    f"The arguments for {call.name} were not a JSON object: {call.raw_arguments!r}. "
+                    f"Send a JSON object matching: {json.dumps(tool.parameters)}"
+                ),
+            )
+        return await tool.invoke(call.arguments, call_id=call.id)
