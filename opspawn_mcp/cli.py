@@ -12,9 +12,13 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from opspawn_mcp.config import Config, find_config_path, load_config
 from opspawn_mcp.errors import ConfigError, OpspawnError
+
+if TYPE_CHECKING:
+    from mcp.types import CallToolResult
 
 EPILOG = """\
 config: --config FILE, else $OPSPAWN_CONFIG, else ./opspawn.json, else the embedded default
@@ -48,23 +52,136 @@ def _not_yet(what: str) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    return _not_yet("serve")
+    """Run the runtime (store, pool, worker, MCP server) until stdin closes or a signal arrives.
+
+    Logs go to stderr in every mode: with ``--stdio``, stdout carries the protocol and nothing else.
+    """
+    import asyncio
+    import logging
+
+    from opspawn_mcp.app import auth_token, check_bind
+
+    config = _load(args)
+    logging.basicConfig(
+        stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    for noisy in ("httpx", "httpx2", "mcp"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not args.stdio:
+        # Refuse a bad bind before opening anything, so the error is the only output.
+        check_bind(args.host or config.opspawn.server.host, auth_token(config))
+    asyncio.run(_serve(config, args))
+    return 0
+
+
+async def _serve(config: Config, args: argparse.Namespace) -> None:
+    from opspawn_mcp.app import Runtime
+
+    async with Runtime(config) as runtime:
+        if args.stdio:
+            await runtime.serve_stdio()
+        else:
+            await runtime.serve_http(args.host, args.port)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    return _not_yet("worker")
+    """Run one worker process against RabbitMQ and the configured store until SIGTERM/SIGINT."""
+    import logging
+
+    from opspawn_mcp.worker import run_worker_process
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_worker_process(_load(args))
+
+
+DEFAULT_URL = "http://127.0.0.1:8765/mcp"
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    return _not_yet("submit")
+    arguments: dict[str, object] = {"goal": args.goal, "wait": args.wait}
+    if args.servers:
+        arguments["servers"] = args.servers
+    if args.max_steps is not None:
+        arguments["max_steps"] = args.max_steps
+    return _remote(args, "submit_task", arguments)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    return _not_yet("status")
+    return _remote(args, "get_status", {"task_id": args.task_id})
 
 
 def cmd_servers(args: argparse.Namespace) -> int:
-    return _not_yet("servers")
+    return _remote(args, "list_servers", {})
+
+
+def _remote(args: argparse.Namespace, tool: str, arguments: dict[str, object]) -> int:
+    """Call one tool of a running server over streamable HTTP and print its answer as JSON.
+
+    These commands are MCP clients like any other, so they see exactly what an assistant sees.
+    The bearer token comes from the env variable the config names, never from the command line
+    (where ``ps`` would show it).
+    """
+    import asyncio
+    import os
+
+    config = _load(args)
+    url = args.url or os.environ.get("OPSPAWN_URL") or DEFAULT_URL
+    token_env = config.opspawn.server.auth_token_env
+    token = os.environ.get(token_env) if token_env else None
+    try:
+        result = asyncio.run(_call_tool(url, token, tool, arguments))
+    except _Unreachable as exc:
+        print(f"opspawn-mcp: {exc}", file=sys.stderr)
+        return 2
+    if result.is_error:
+        text = "".join(getattr(block, "text", "") for block in result.content)
+        print(f"opspawn-mcp: {text.removeprefix(f'Error executing tool {tool}: ')}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.structured_content, indent=2))
+    return 0
+
+
+class _Unreachable(Exception):
+    """The server could not be reached or refused us; the message is the one line to show."""
+
+
+async def _call_tool(url: str, token: str | None, tool: str, arguments: dict[str, object]) -> CallToolResult:
+    import httpx2
+    from mcp import Client
+    from mcp.client.streamable_http import streamable_http_client
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        async with (
+            httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30.0, read=None)) as http,
+            Client(streamable_http_client(url, http_client=http)) as client,
+        ):
+            return await client.call_tool(tool, arguments)
+    except Exception as exc:
+        raise _Unreachable(_reason(url, exc)) from None
+
+
+def _reason(url: str, exc: BaseException) -> str:
+    """Find the transport failure inside whatever the MCP client wrapped it in."""
+    import httpx2
+
+    seen: list[BaseException] = []
+    stack: list[BaseException] = [exc]
+    while stack:
+        err = stack.pop()
+        seen.append(err)
+        if isinstance(err, BaseExceptionGroup):
+            stack.extend(err.exceptions)
+        for nested in (err.__cause__, err.__context__):
+            if nested is not None and nested not in seen:
+                stack.append(nested)
+    for err in seen:
+        if isinstance(err, httpx2.HTTPStatusError) and err.response.status_code == 401:
+            return f"the opspawn server at {url} wants a token: set the env variable opspawn.server.auth_token_env names"
+    for err in seen:
+        if isinstance(err, httpx2.ConnectError | httpx2.ConnectTimeout | ConnectionError):
+            return f"no opspawn server at {url}: start one with `opspawn-mcp serve`"
+    return f"could not talk to the opspawn server at {url}: {exc}"
 
 
 def build_parser() -> argparse.ArgumentParser:

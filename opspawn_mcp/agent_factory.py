@@ -1,0 +1,135 @@
+"""Turning a stored ``TaskSpec`` into a runnable agentkit ``Agent``.
+
+Everything here is resolved at run time, in the worker, never at submit time:
+
+* the model settings are merged with ``opspawn.llm`` once more (a task persisted before a config
+  change, or submitted by an older server, still gets complete settings);
+* the API key is read from the environment variable the settings *name*, in the worker's own
+  environment, and handed straight to the client: it never enters the store, an event or a log;
+* the tools are bound to ``pool.scoped(spec.servers)``, so an agent can reach only the servers
+  its task allows, whatever the model asks for.
+
+Problems a human must fix (no model name, unset key variable, no local model installed) raise
+``AgentSetupError`` with a sentence saying what to change; the worker fails the task with it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import agentkit
+from agentkit.llm import LLM, LocalGGUF, OpenAICompatible
+from opspawn_mcp.config import Config, LlmDefaults
+from opspawn_mcp.models import ModelSettings, TaskSpec
+
+EventHandler = Callable[[Any], Awaitable[None]]
+
+
+class AgentSetupError(Exception):
+    """The task cannot start as specified; ``str(exc)`` tells a human what to change."""
+
+
+def resolve_model(given: ModelSettings, defaults: LlmDefaults) -> ModelSettings:
+    """Fill unset fields from the config defaults, but only from the same provider.
+
+    A task that asks for ``openai`` while the default is ``local`` must not inherit a base URL
+    meant for something else; the same rule as ``TaskService`` uses at submit time.
+    """
+    provider = given.provider or defaults.provider
+    same = provider == defaults.provider
+    return given.model_copy(
+        update={
+            "provider": provider,
+            "base_url": given.base_url or (defaults.base_url if same else None),
+            "model": given.model or (defaults.model if same else None),
+            "api_key_env": given.api_key_env or (defaults.api_key_env if same else None),
+        }
+    )
+
+
+def build_llm(
+    settings: ModelSettings, defaults: LlmDefaults, environ: Mapping[str, str] | None = None
+) -> LLM:
+    """The model client for resolved ``settings``; raises ``AgentSetupError`` with a fix."""
+    env = os.environ if environ is None else environ
+    if settings.provider == "local":
+        try:
+            return LocalGGUF()
+        except Exception as exc:
+            raise AgentSetupError(
+                f"The local model cannot be loaded ({exc}); install opspawn[local-llm] on the worker "
+                "or set model.provider to 'openai' with a base_url."
+            ) from exc
+    if not settings.model:
+        raise AgentSetupError(
+            "No model name for the 'openai' provider: set model.model in the task or opspawn.llm.model "
+            "in the config."
+        )
+    api_key: str | None = None
+    if settings.api_key_env:
+        api_key = env.get(settings.api_key_env)
+        if not api_key:
+            raise AgentSetupError(
+                f"model.api_key_env names {settings.api_key_env}, which is not set in the worker's "
+                "environment; export it where the worker runs."
+            )
+    try:
+        return OpenAICompatible(
+            base_url=settings.base_url,
+            api_key=api_key,
+            model=settings.model,
+            timeout_s=defaults.timeout_s,
+            temperature=settings.temperature,
+            max_tokens=settings.max_tokens,
+        )
+    except Exception as exc:
+        raise AgentSetupError(f"The model client cannot be created: {exc}") from exc
+
+
+async def build_tools(caller: Any, servers: list[str]) -> agentkit.ToolRegistry:
+    """The proxy tool plus one flat tool per downstream tool of every allowed server.
+
+    A server that is down leaves out its flat tools only (``expand_server_tools`` logs it); the
+    proxy can still reach it later if it comes back, and the agent sees the error as data.
+    """
+    registry = agentkit.ToolRegistry()
+    registry.add(agentkit.mcp_proxy_tool(caller))
+    for tool in await agentkit.expand_server_tools(caller, servers):
+        if tool.name not in registry:
+            registry.add(tool)
+    return registry
+
+
+async def build_agent(
+    spec: TaskSpec, config: Config, pool: Any, on_event: EventHandler
+) -> tuple[agentkit.Agent, LLM]:
+    """The agent for one task, and its LLM (the caller closes it when the run ends)."""
+    defaults = config.opspawn.llm
+    settings = resolve_model(spec.model, defaults)
+    llm = build_llm(settings, defaults)
+    servers = list(spec.servers) if spec.servers is not None else list(config.mcp_servers)
+    try:
+        caller = pool.scoped(servers)
+        tools = await build_tools(caller, servers)
+        agent = agentkit.Agent(
+            llm,
+            tools,
+            planner=spec.planner,
+            system_prompt=spec.system_prompt,
+            max_steps=spec.max_steps,
+            timeout_s=spec.timeout_s,
+            on_event=on_event,
+        )
+    except BaseException:
+        await close_llm(llm)
+        raise
+    return agent, llm
+
+
+async def close_llm(llm: Any) -> None:
+    """Release the client's HTTP connections; LLMs without ``aclose`` hold nothing to release."""
+    close = getattr(llm, "aclose", None)
+    if close is not None:
+        await close()

@@ -1,0 +1,152 @@
+"""The message broker: how a task id travels from the scheduler to a worker.
+
+Two brokers, chosen by ``opspawn.broker_url``:
+
+* ``amqp://...``: Dramatiq's ``RabbitmqBroker``. ``DramatiqEnqueuer`` publishes one message per
+  task id on the task queue; ``opspawn-mcp worker`` processes (``worker.run_worker_process``)
+  consume it with the async actor ``execute_agent_task_actor``.
+* ``embedded``: no broker process at all. ``worker.EmbeddedWorker`` *is* the enqueuer: it keeps
+  the ids in an in-process queue and runs the same actor body on the server's own event loop
+  (see ``worker.py`` for why that beats a ``StubBroker`` + Dramatiq worker threads).
+
+The message carries only the task id: the store is the truth, so a message can be duplicated,
+redelivered or lost without harm (the actor is idempotent and the recovery loop re-enqueues).
+
+We build the broker with a deliberately short middleware list. Dramatiq's defaults would fight
+our own rules: ``Retries`` re-runs a failed message behind the store's back (we count attempts
+in the store, with a limit, instead), ``TimeLimit`` kills an actor after 10 minutes (an agent
+task has its own ``timeout_s`` up to a day) and ``AgeLimit``/``Callbacks``/``Pipelines`` are
+unused. ``AsyncIO`` is what lets one process run many agent tasks concurrently on one loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import dramatiq
+from dramatiq.brokers.rabbitmq import RabbitmqBroker
+from dramatiq.middleware.asyncio import AsyncIO
+
+from opspawn_mcp.config import Config
+from opspawn_mcp.errors import Unavailable
+
+ACTOR_NAME = "execute_agent_task_actor"
+DEFAULT_QUEUE_NAME = "opspawn_tasks"
+# Named like every other override (``opspawn.worker.queue_name`` -> ``OPSPAWN_WORKER_QUEUE_NAME``)
+# so it becomes an ordinary config key, with this same env name, once config.py grows the field.
+QUEUE_NAME_ENV = "OPSPAWN_WORKER_QUEUE_NAME"
+
+__all__ = [
+    "ACTOR_NAME",
+    "DEFAULT_QUEUE_NAME",
+    "DramatiqEnqueuer",
+    "build_rabbitmq_broker",
+    "is_embedded",
+    "open_enqueuer",
+    "queue_name_for",
+]
+
+
+def is_embedded(config: Config) -> bool:
+    return config.opspawn.broker_url == "embedded"
+
+
+def queue_name_for(config: Config) -> str:
+    """The RabbitMQ queue the server publishes to and the workers consume.
+
+    One name per deployment; tests use a unique one per run so parallel runs against one
+    RabbitMQ never steal each other's messages.
+    """
+    configured = getattr(config.opspawn.worker, "queue_name", None)
+    name = configured or os.environ.get(QUEUE_NAME_ENV) or DEFAULT_QUEUE_NAME
+    return str(name)
+
+
+def build_rabbitmq_broker(url: str, middleware: list[Any] | None = None) -> Any:
+    """A ``RabbitmqBroker`` with only the middleware we want (see the module docstring).
+
+    ``confirm_delivery`` makes a publish wait for RabbitMQ's ack, so ``enqueue`` returning
+    means the message is durable, and a deleted queue is re-declared instead of the message
+    silently vanishing.
+    """
+    stack = middleware if middleware is not None else [AsyncIO()]
+    return RabbitmqBroker(url=url, confirm_delivery=True, middleware=stack)
+
+
+def task_message(queue_name: str, task_id: str) -> Any:
+    """The one message shape: the actor's name and the task id, nothing else."""
+    return dramatiq.Message(
+        queue_name=queue_name, actor_name=ACTOR_NAME, args=(task_id,), kwargs={}, options={}
+    )
+
+
+class DramatiqEnqueuer:
+    """``scheduler.Enqueuer`` over a Dramatiq broker (RabbitMQ in production).
+
+    Pika's ``BlockingConnection`` blocks and is bound to a thread, so every publish runs on one
+    dedicated thread: the event loop never blocks, and the process holds one publishing
+    connection instead of one per thread of the default executor. Safe to call from any loop.
+
+    Use ``DramatiqEnqueuer.for_config(config)`` in the server (it owns the broker and closes
+    it in ``close()``), or pass an existing broker (the worker process shares its own).
+    """
+
+    def __init__(self, broker: Any, queue_name: str, *, owns_broker: bool = False) -> None:
+        self._broker = broker
+        self._queue_name = queue_name
+        self._owns_broker = owns_broker
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opspawn-publish")
+
+    @classmethod
+    def for_config(cls, config: Config) -> DramatiqEnqueuer:
+        if is_embedded(config):
+            raise ValueError("broker_url is 'embedded': use worker.EmbeddedWorker as the enqueuer instead")
+        broker = build_rabbitmq_broker(config.opspawn.broker_url)
+        return cls(broker, queue_name_for(config), owns_broker=True)
+
+    @property
+    def queue_name(self) -> str:
+        return self._queue_name
+
+    def _publish(self, task_id: str) -> None:
+        self._broker.enqueue(task_message(self._queue_name, task_id))
+
+    async def enqueue(self, task_id: str) -> None:
+        """Publish the id; raise ``Unavailable`` when RabbitMQ cannot take it.
+
+        The scheduler logs that and moves on: the task is already ``queued`` in the store and
+        the recovery loop of any worker re-enqueues it once it looks stale.
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self._publish, task_id)
+        except dramatiq.BrokerError as exc:
+            raise Unavailable(
+                f"RabbitMQ did not accept the message for task {task_id} ({exc}); "
+                "check that RabbitMQ is running and opspawn.broker_url is right."
+            ) from exc
+
+    async def aclose(self) -> None:
+        """Close the publishing connection (on its own thread, where pika wants it)."""
+        loop = asyncio.get_running_loop()
+        if self._owns_broker:
+            await loop.run_in_executor(self._executor, self._broker.close)
+        self._executor.shutdown(wait=False)
+
+    async def __aenter__(self) -> DramatiqEnqueuer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+def open_enqueuer(config: Config) -> DramatiqEnqueuer:
+    """The RabbitMQ enqueuer for a server whose ``broker_url`` is ``amqp://``.
+
+    For ``embedded``, the enqueuer is the ``EmbeddedWorker`` itself (it must run in the same
+    process and on the same loop as the store it writes to).
+    """
+    return DramatiqEnqueuer.for_config(config)

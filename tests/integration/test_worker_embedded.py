@@ -1,0 +1,300 @@
+"""The actor end to end with the embedded broker: real SQLite store, real testing MCP server over
+stdio, real OpenAI-compatible HTTP server (the fake, in rule or scripted mode), real TaskService.
+
+Waits poll the store with a hang guard only; nothing asserts on how long anything took.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from opspawn_mcp.config import Config, parse_config
+from opspawn_mcp.host import OpsMcpClient
+from opspawn_mcp.models import ModelSettings, Task, TaskEvent, TaskSpec, TaskStatus
+from opspawn_mcp.service import TaskService
+from opspawn_mcp.store import open_store
+from opspawn_mcp.store.base import TaskStore
+from opspawn_mcp.worker import EmbeddedWorker
+from tests.servers.harness import free_port, lines, stdio_config, wait_until, wait_until_async
+from tests.support.fake_openai import FakeOpenAI, FakeOpenAIServer, tool_call
+
+
+@dataclass
+class Stack:
+    config: Config
+    store: TaskStore
+    pool: OpsMcpClient
+    worker: EmbeddedWorker
+    service: TaskService
+    fake: FakeOpenAI
+    tmp_path: Path
+
+    async def finished(self, task_id: str) -> Task:
+        async def done() -> bool:
+            return (await self.store.get(task_id)).status.terminal
+
+        await wait_until_async(done)
+        await self.worker.join()
+        return await self.store.get(task_id)
+
+    async def events(self, task_id: str) -> list[TaskEvent]:
+        return await self.store.events(task_id)
+
+
+def make_config(tmp_path: Path, base_url: str, **worker: Any) -> Config:
+    config = parse_config(
+        {
+            "opspawn": {
+                "store_url": f"sqlite+aiosqlite:///{tmp_path / 'opspawn.db'}",
+                "broker_url": "embedded",
+                "llm": {"provider": "openai", "base_url": base_url, "model": "fake-model", "timeout_s": 10},
+                "worker": {"concurrency": 4, "lease_ttl_s": 2, "max_attempts": 3, **worker},
+            }
+        },
+        "<test>",
+        environ={},
+    )
+    config.mcp_servers = {"t": stdio_config(tmp_path)}
+    return config
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeOpenAIServer]:
+    with FakeOpenAIServer() as server:
+        yield server
+
+
+@asynccontextmanager
+async def open_stack(tmp_path: Path, base_url: str, fake: FakeOpenAI, **worker: Any) -> AsyncIterator[Stack]:
+    """The composed runtime, opened and closed inside the test's own task (anyio scopes require it)."""
+    config = make_config(tmp_path, base_url, **worker)
+    store = open_store(config.opspawn.store_url)
+    await store.start()
+    try:
+        async with (
+            OpsMcpClient(config.mcp_servers) as pool,
+            EmbeddedWorker(config, store, pool) as embedded,
+        ):
+            service = TaskService(config, store, embedded, pool, environ={})
+            yield Stack(config, store, pool, embedded, service, fake, tmp_path)
+    finally:
+        await store.close()
+
+
+def _states(events: list[TaskEvent]) -> list[str]:
+    return [e.data["status"] for e in events if e.kind == "state"]
+
+
+async def test_echo_task_completes_through_the_proxy_with_events(
+    tmp_path: Path, fake: FakeOpenAIServer
+) -> None:
+    async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
+        task = await stack.service.submit({"goal": "echo hello opspawn", "servers": ["t"]})
+        done = await stack.finished(task.id)
+
+        assert done.status is TaskStatus.COMPLETED, done.error
+        assert done.result == "done: hello opspawn"
+        assert done.attempts == 1
+        assert done.steps == 2
+        assert done.usage.input_tokens > 0 and done.usage.output_tokens > 0
+        assert done.lease_owner is None and done.finished_at is not None
+        events = await stack.events(task.id)
+        assert _states(events) == ["queued", "running", "completed"]
+        calls = [e for e in events if e.kind == "tool_call"]
+        assert [c.data["name"] for c in calls] == ["t__echo"]
+        assert calls[0].data["arguments"] == {"text": "hello opspawn"}
+        results = [e for e in events if e.kind == "tool_result"]
+        assert results[0].data["content"] == "hello opspawn" and results[0].data["is_error"] is False
+        assert [e.data["output"] for e in events if e.kind == "final"] == ["done: hello opspawn"]
+        assert [e.seq for e in events] == list(range(1, len(events) + 1))
+
+
+async def test_redelivered_message_for_a_finished_task_is_a_no_op(
+    tmp_path: Path, fake: FakeOpenAIServer
+) -> None:
+    async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
+        task = await stack.service.submit({"goal": "echo once", "servers": ["t"]})
+        done = await stack.finished(task.id)
+        before = await stack.events(task.id)
+
+        for _ in range(3):
+            await stack.worker.enqueue(task.id)
+        await stack.worker.join()
+
+        after = await stack.store.get(task.id)
+        assert after.status is TaskStatus.COMPLETED
+        assert after.attempts == done.attempts == 1
+        assert after.result == done.result and after.finished_at == done.finished_at
+        assert await stack.events(task.id) == before
+
+
+async def test_a_failing_tool_is_an_observation_the_task_reports(
+    tmp_path: Path, fake: FakeOpenAIServer
+) -> None:
+    async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
+        stack.fake.script(tool_call("t__fail", message="disk full on /data"))
+        task = await stack.service.submit({"goal": "use the failing tool", "servers": ["t"]})
+        done = await stack.finished(task.id)
+
+        # The tool error reached the model as data (rule 1 of the fake answers with it); the worker
+        # neither crashed nor hid it.
+        assert done.status is TaskStatus.COMPLETED, done.error
+        assert done.result == "done: The tool t/fail reported an error: disk full on /data"
+        results = [e for e in await stack.events(task.id) if e.kind == "tool_result"]
+        assert results[0].data["is_error"] is True
+        assert "disk full on /data" in results[0].data["content"]
+
+
+async def test_a_downstream_server_crash_is_an_observation_not_a_worker_crash(
+    tmp_path: Path, fake: FakeOpenAIServer
+) -> None:
+    async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
+        stack.fake.script(tool_call("t__crash", code=3, message="boom"))
+        task = await stack.service.submit({"goal": "crash the server", "servers": ["t"]})
+        done = await stack.finished(task.id)
+
+        assert done.status is TaskStatus.COMPLETED, done.error
+        results = [e for e in await stack.events(task.id) if e.kind == "tool_result"]
+        assert results[0].data["is_error"] is True
+        # The pool reconnects: the next task uses the server again.
+        again = await stack.service.submit({"goal": "echo back again", "servers": ["t"]})
+        assert (await stack.finished(again.id)).result == "done: back again"
+
+
+async def test_a_failing_llm_fails_the_task_with_the_servers_answer(
+    tmp_path: Path, fake: FakeOpenAIServer
+) -> None:
+    async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
+        stack.fake.fail_next(401, times=1)
+        task = await stack.service.submit({"goal": "echo nope", "servers": ["t"]})
+        done = await stack.finished(task.id)
+
+        assert done.status is TaskStatus.FAILED
+        assert done.error is not None
+        assert done.error.startswith("the agent failed: The model server at ")
+        assert "HTTP 401" in done.error and "API key" in done.error
+        events = await stack.events(task.id)
+        assert _states(events) == ["queued", "running", "failed"]
+        assert events[-1].data["reason"] == done.error
+
+
+async def test_an_unreachable_llm_fails_the_task_saying_what_to_check(
+    tmp_path: Path, fake: FakeOpenAIServer
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    async with open_stack(tmp_path, dead, fake.fake) as stack:
+        task = await stack.service.submit({"goal": "echo nobody home", "servers": ["t"]})
+        done = await stack.finished(task.id)
+        assert done.status is TaskStatus.FAILED
+        assert done.error is not None
+        assert f"Cannot reach the model server at {dead}" in done.error
+        assert "check that it is running" in done.error
+
+
+async def test_missing_api_key_variable_fails_with_the_variable_name(
+    tmp_path: Path, fake: FakeOpenAIServer
+) -> None:
+    async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
+        # Accepted where the variable was set (another server process), run where it is not.
+        spec = TaskSpec(
+            goal="echo secret", servers=["t"], model=ModelSettings(api_key_env="OPSPAWN_TEST_UNSET_KEY_VAR")
+        )
+        created = await stack.store.create(Task(spec=spec))
+        await stack.worker.enqueue(created.id)
+        done = await stack.finished(created.id)
+        assert done.status is TaskStatus.FAILED
+        assert done.error is not None and "OPSPAWN_TEST_UNSET_KEY_VAR" in done.error
+        assert "not set in the worker's environment" in done.error
+
+
+async def test_cancel_stops_a_running_agent_mid_tool_call(tmp_path: Path, fake: FakeOpenAIServer) -> None:
+    async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
+        task = await stack.service.submit({"goal": "sleep 30", "servers": ["t"]})
+
+        async def sleeping() -> bool:
+            return any(e.kind == "tool_call" for e in await stack.events(task.id))
+
+        await wait_until_async(sleeping)
+        cancelled = await stack.service.cancel(task.id)
+        assert cancelled.status is TaskStatus.CANCELLED
+
+        await wait_until(lambda: not stack.worker.runner.running, "the agent stopped")
+        await stack.worker.join()
+        final = await stack.store.get(task.id)
+        assert final.status is TaskStatus.CANCELLED
+        assert final.error == "cancelled by the client"
+        events = await stack.events(task.id)
+        assert _states(events) == ["queued", "running", "cancelled"]
+        assert not any(e.kind == "final" for e in events)
+        # The cancellation crossed the wire: the testing server saw its sleep cancelled.
+        await wait_until(
+            lambda: any(line.startswith("cancelled") for line in lines(stack.tmp_path / "cancels")),
+            "the downstream sleep was cancelled",
+        )
+
+
+async def test_a_cancelled_queued_task_never_starts(tmp_path: Path, fake: FakeOpenAIServer) -> None:
+    async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
+        # Claim the only path in: a task cancelled before its message is processed is refused.
+        spec = stack.service.validate({"goal": "echo never", "servers": ["t"]})
+        created = await stack.store.create(Task(spec=spec))
+        await stack.store.transition(created.id, {TaskStatus.QUEUED}, TaskStatus.CANCELLED, error="cancelled")
+        await stack.worker.enqueue(created.id)
+        await stack.worker.join()
+
+        task = await stack.store.get(created.id)
+        assert task.status is TaskStatus.CANCELLED and task.attempts == 0
+        assert await stack.events(created.id) == []
+
+
+async def test_expired_lease_is_recovered_and_the_task_completes(
+    tmp_path: Path, fake: FakeOpenAIServer
+) -> None:
+    async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
+        spec = stack.service.validate({"goal": "echo recovered", "servers": ["t"]})
+        created = await stack.store.create(Task(spec=spec))
+        # A worker that claims the task and then dies: its lease simply runs out.
+        assert await stack.store.claim(created.id, "dead-worker", 0.2, 3) is not None
+
+        done = await stack.finished(created.id)
+        assert done.status is TaskStatus.COMPLETED, done.error
+        assert done.result == "done: recovered"
+        assert done.attempts == 2
+        assert _states(await stack.events(created.id)).count("completed") == 1
+
+
+async def test_a_task_out_of_attempts_fails_saying_it_gave_up(tmp_path: Path, fake: FakeOpenAIServer) -> None:
+    async with open_stack(tmp_path, fake.base_url, fake.fake, max_attempts=1) as stack:
+        spec = stack.service.validate({"goal": "echo too late", "servers": ["t"]})
+        created = await stack.store.create(Task(spec=spec))
+        assert await stack.store.claim(created.id, "dead-worker", 0.2, 1) is not None
+
+        done = await stack.finished(created.id)
+        assert done.status is TaskStatus.FAILED
+        assert done.error is not None
+        assert done.error.startswith("gave up after 1 attempts: the worker running it stopped renewing")
+
+
+async def test_queued_tasks_left_by_a_previous_process_run_on_start(
+    tmp_path: Path, fake: FakeOpenAIServer
+) -> None:
+    config = make_config(tmp_path, fake.base_url)
+    store = open_store(config.opspawn.store_url)
+    await store.start()
+    try:
+        # Stored but never enqueued: the previous process died before handling its message.
+        spec = TaskSpec(goal="echo survived a restart", servers=["t"])
+        created = await store.create(Task(spec=spec))
+    finally:
+        await store.close()
+
+    async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
+        done = await stack.finished(created.id)
+        assert done.status is TaskStatus.COMPLETED
+        assert done.result == "done: survived a restart"
