@@ -114,8 +114,8 @@ async def test_caller_cancellation_also_reaches_the_server(tmp_path: Path) -> No
 async def test_progress_reaches_the_callback(tmp_path: Path) -> None:
     seen: list[tuple[float, float | None]] = []
 
-    async def progress(value: float, total: float | None, message: str | None) -> None:
-        seen.append((value, total))
+    async def progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((progress, total))
 
     async with OpsMcpClient({"t": stdio_config(tmp_path)}) as pool:
         result = await pool.call_tool("t", "sleep", {"seconds": 0.3}, progress_callback=progress)
@@ -261,8 +261,8 @@ async def test_example_server_tools(tmp_path: Path) -> None:
         assert "+00:00" in _text(await pool.call_tool("example", "utc_now", {}))
         ticks: list[float] = []
 
-        async def progress(value: float, total: float | None, message: str | None) -> None:
-            ticks.append(value)
+        async def progress(progress: float, total: float | None, message: str | None) -> None:
+            ticks.append(progress)
 
         slept = await pool.call_tool("example", "sleep", {"seconds": 0.2}, progress_callback=progress)
         assert _text(slept) == "slept 0.2s" and ticks[-1] == 10

@@ -7,7 +7,9 @@ can kill and restart on the same port to play a dropped HTTP server.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -91,6 +93,11 @@ async def wait_until_async(
             await anyio.sleep(0.05)
 
 
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
 def _port_open(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
@@ -166,13 +173,12 @@ class HttpServer:
         if process is None:
             return
         with anyio.CancelScope(shield=True):
-            if process.returncode is None:
-                process.terminate()
-                with anyio.move_on_after(10):
-                    await process.wait()
-                if process.returncode is None:
-                    process.kill()
-                    await process.wait()
+            # The whole group: `npx` runs the real server as its child.
+            _signal_group(process.pid, signal.SIGTERM)
+            with anyio.move_on_after(10):
+                await process.wait()
+            _signal_group(process.pid, signal.SIGKILL)
+            await process.wait()
             await process.aclose()
 
     async def __aenter__(self) -> Self:

@@ -73,6 +73,12 @@ def crash(code: int = 3, message: str = "") -> str:
     os._exit(code)
 
 
+@server.tool(description="Return an HTTP request header of this call (lower-case name), or ''.")
+def header(name: str, ctx: Context) -> str:
+    headers = ctx.headers or {}
+    return headers.get(name, "")
+
+
 @server.tool(description="Return the value of an environment variable of this process, or ''.")
 def env(name: str) -> str:
     return os.environ.get(name, "")

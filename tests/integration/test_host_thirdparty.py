@@ -1,0 +1,78 @@
+"""OpsMcpClient against servers we did not write: PyPI mcp-server-time and npm server-everything."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import anyio
+import mcp.types as types
+import pytest
+
+from opspawn_mcp.config import StdioServerConfig
+from opspawn_mcp.host import OpsMcpClient
+from tests.servers.harness import HttpServer, free_port
+from tests.support.services import require_command, unavailable
+
+EVERYTHING = "@modelcontextprotocol/server-everything"
+NPX_TIMEOUT_S = 120.0
+"""The first ``npx -y`` may download the package; the handshake waits for it (CI pre-installs it)."""
+
+
+def _text(result: types.CallToolResult) -> str:
+    return "".join(block.text for block in result.content if isinstance(block, types.TextContent))
+
+
+async def test_mcp_server_time_over_stdio() -> None:
+    if importlib.util.find_spec("mcp_server_time") is None:
+        unavailable("the PyPI package mcp-server-time (pip install mcp-server-time)")
+    config = StdioServerConfig(command=sys.executable, args=["-m", "mcp_server_time"])
+    async with OpsMcpClient({"time": config}) as pool:
+        names = {tool.name for tool in await pool.list_tools("time")}
+        assert {"get_current_time", "convert_time"} <= names
+        now = await pool.call_tool("time", "get_current_time", {"timezone": "UTC"})
+        assert not now.is_error and "UTC" in _text(now)
+        bad = await pool.call_tool("time", "get_current_time", {"timezone": "Not/AZone"})
+        assert bad.is_error
+        info = pool.servers_info()[0]
+        assert (info.state, info.calls, info.errors) == ("ready", 2, 1)
+
+
+@pytest.mark.node
+async def test_server_everything_over_stdio() -> None:
+    npx = require_command("npx")
+    config = StdioServerConfig(command=npx, args=["-y", EVERYTHING], timeout_s=NPX_TIMEOUT_S)
+    async with OpsMcpClient({"everything": config}) as pool:
+        names = {tool.name for tool in await pool.list_tools("everything")}
+        assert {"echo", "get-sum"} <= names
+        results: list[str] = []
+
+        async def call(i: int) -> None:
+            results.append(_text(await pool.call_tool("everything", "echo", {"message": f"m{i}"})))
+
+        async with anyio.create_task_group() as tg:
+            for i in range(10):
+                tg.start_soon(call, i)
+        assert len(results) == 10 and all(f"m{i}" in " ".join(results) for i in range(10))
+        total = await pool.call_tool("everything", "get-sum", {"a": 2, "b": 40})
+        assert "42" in _text(total)
+
+
+@pytest.mark.node
+async def test_server_everything_over_streamable_http(tmp_path: Path) -> None:
+    npx = require_command("npx")
+    port = free_port()
+    server = HttpServer(
+        "streamable-http",
+        tmp_path,
+        command=[npx, "-y", EVERYTHING, "streamableHttp"],
+        port=port,
+        env={"PORT": str(port)},
+    )
+    async with server, OpsMcpClient({"everything": server.config(timeout_s=NPX_TIMEOUT_S)}) as pool:
+        names = {tool.name for tool in await pool.list_tools("everything")}
+        assert {"echo", "get-sum"} <= names
+        echoed = await pool.call_tool("everything", "echo", {"message": "over http"})
+        assert "over http" in _text(echoed)
+        assert pool.servers_info()[0].state == "ready"

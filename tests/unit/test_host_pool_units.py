@@ -1,0 +1,91 @@
+"""The host pool's pure parts: backoff, secret handling, access checks made before any I/O."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from opspawn_mcp.config import HttpServerConfig, StdioServerConfig
+from opspawn_mcp.errors import Forbidden, NotFound, Unavailable
+from opspawn_mcp.host import OpsMcpClient, ServerInfo
+from opspawn_mcp.host.connection import BACKOFF_BASE_S, BACKOFF_MAX_S, backoff_delay
+from opspawn_mcp.host.transports import Secrets
+
+# A command that cannot run: any attempt to connect would fail loudly, so a refusal proves no I/O.
+NEVER = StdioServerConfig(command="/nonexistent/never-started")
+
+
+def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
+    rng = random.Random(7)
+    for failures in range(1, 20):
+        step = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (failures - 1))
+        delay = backoff_delay(failures, rng)
+        assert 0.5 * step <= delay <= 1.5 * step
+    assert len({backoff_delay(3, rng) for _ in range(20)}) > 1
+
+
+def test_secrets_expand_from_the_environment_and_redact(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPSPAWN_UNIT_SECRET", "hunter2-long")
+    secrets = Secrets()
+    assert secrets.expand("s", "Bearer ${OPSPAWN_UNIT_SECRET}") == "Bearer hunter2-long"
+    assert secrets.redact("401 for token hunter2-long") == "401 for token ***"
+    assert secrets.expand("s", "no refs") == "no refs"
+
+
+def test_an_unset_variable_names_itself_and_the_server() -> None:
+    with pytest.raises(Unavailable) as caught:
+        Secrets().expand("github", "${OPSPAWN_UNIT_SURELY_UNSET}")
+    assert "OPSPAWN_UNIT_SURELY_UNSET" in caught.value.message and "'github'" in caught.value.message
+
+
+async def test_scoped_refusals_happen_before_any_io() -> None:
+    pool = OpsMcpClient({"allowed": NEVER, "other": NEVER})
+    task = pool.scoped({"allowed"})
+    assert task.allowed == frozenset({"allowed"})
+    with pytest.raises(Forbidden) as forbidden:
+        await task.call_tool("other", "t", {})
+    assert forbidden.value.status == 403 and forbidden.value.details["server"] == "other"
+    with pytest.raises(Forbidden):
+        await task.list_tools("unknown")
+    with pytest.raises(NotFound) as missing:
+        await pool.call_tool("unknown", "t", {})
+    assert "allowed, other" in missing.value.message
+    # Not entered: a permitted server is refused with advice, not by trying to connect.
+    with pytest.raises(Unavailable) as closed:
+        await task.call_tool("allowed", "t", {})
+    assert "async with OpsMcpClient" in closed.value.message
+
+
+def test_servers_info_is_pure_data() -> None:
+    pool = OpsMcpClient(
+        {
+            "local": NEVER,
+            "remote": HttpServerConfig(url="https://example.invalid/mcp", headers={"X": "${TOKEN}"}),
+            "legacy": HttpServerConfig(url="https://example.invalid/sse", transport="sse"),
+        }
+    )
+    infos = {info.name: info for info in pool.servers_info()}
+    assert infos["local"] == ServerInfo(name="local", transport="stdio", state="idle")
+    assert infos["remote"].transport == "streamable-http" and infos["legacy"].transport == "sse"
+    dumped = infos["remote"].model_dump()
+    assert set(dumped) == {
+        "name",
+        "transport",
+        "state",
+        "tools",
+        "tool_count",
+        "last_error",
+        "calls",
+        "errors",
+    }
+    assert [i.name for i in pool.scoped(["legacy"]).servers_info()] == ["legacy"]
+
+
+def test_pool_and_scoped_view_are_agentkit_mcp_callers() -> None:
+    from agentkit.mcp_proxy import McpCaller, mcp_proxy_tool
+
+    pool = OpsMcpClient({"local": NEVER})
+    callers: list[McpCaller] = [pool, pool.scoped(None)]
+    for caller in callers:
+        assert mcp_proxy_tool(caller) is not None
