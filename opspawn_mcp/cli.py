@@ -150,14 +150,34 @@ async def _call_tool(url: str, token: str | None, tool: str, arguments: dict[str
     from mcp import Client
     from mcp.client.streamable_http import streamable_http_client
 
+    refused: list[int] = []
+
+    async def note_refusal(response: httpx2.Response) -> None:
+        # The MCP client turns an HTTP 401 into a generic JSON-RPC error; keep the status.
+        if response.status_code in (401, 403):
+            refused.append(response.status_code)
+
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         async with (
-            httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30.0, read=None)) as http,
+            httpx2.AsyncClient(
+                headers=headers,
+                timeout=httpx2.Timeout(30.0, read=None),
+                event_hooks={"response": [note_refusal]},
+            ) as http,
             Client(streamable_http_client(url, http_client=http)) as client,
         ):
             return await client.call_tool(tool, arguments)
     except Exception as exc:
+        if refused:
+            hint = (
+                "check the token"
+                if token
+                else "set the env variable named by opspawn.server.auth_token_env to the server's token"
+            )
+            raise _Unreachable(
+                f"the opspawn server at {url} refused the request (HTTP {refused[0]}): {hint}"
+            ) from None
         raise _Unreachable(_reason(url, exc)) from None
 
 
@@ -175,9 +195,6 @@ def _reason(url: str, exc: BaseException) -> str:
         for nested in (err.__cause__, err.__context__):
             if nested is not None and nested not in seen:
                 stack.append(nested)
-    for err in seen:
-        if isinstance(err, httpx2.HTTPStatusError) and err.response.status_code == 401:
-            return f"the opspawn server at {url} wants a token: set the env variable opspawn.server.auth_token_env names"
     for err in seen:
         if isinstance(err, httpx2.ConnectError | httpx2.ConnectTimeout | ConnectionError):
             return f"no opspawn server at {url}: start one with `opspawn-mcp serve`"

@@ -1,0 +1,247 @@
+"""The server process's runtime: the one owner of everything ``opspawn-mcp serve`` runs.
+
+``Runtime`` opens, in order, the store, the downstream MCP pool, the enqueuer (the embedded
+worker, or a RabbitMQ publisher), the ``TaskService`` and the MCP server, and closes them in
+reverse: running agents stop and hand their tasks back before the pool and the store they use
+go away, and no child process or task outlives the ``async with`` block::
+
+    async with Runtime(config) as rt:
+        await rt.serve_http("127.0.0.1", 8765)     # or: await rt.serve_stdio()
+
+Binding rules live here, once: HTTP binds loopback by default, and binding anywhere else needs
+a bearer token (``opspawn.server.auth_token_env``), or the server refuses to start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AsyncExitStack, contextmanager
+from types import TracebackType
+from typing import Any
+
+import uvicorn
+from mcp.server import MCPServer
+from starlette.routing import BaseRoute
+from starlette.types import ASGIApp
+
+from opspawn_mcp.broker import DramatiqEnqueuer, is_embedded
+from opspawn_mcp.config import LOCALHOSTS, Config
+from opspawn_mcp.errors import Forbidden, Unavailable
+from opspawn_mcp.host import OpsMcpClient
+from opspawn_mcp.scheduler import Enqueuer
+from opspawn_mcp.server import MCP_PATH, SSE_PATH, build_http_app, build_server
+from opspawn_mcp.service import TaskService
+from opspawn_mcp.store import open_store
+from opspawn_mcp.store.base import TaskStore
+from opspawn_mcp.worker import EmbeddedWorker
+
+log = logging.getLogger("opspawn_mcp.app")
+
+
+def auth_token(config: Config, environ: dict[str, str] | None = None) -> str | None:
+    """The bearer token's value, read from the env variable the config names (never stored)."""
+    name = config.opspawn.server.auth_token_env
+    if not name:
+        return None
+    env = os.environ if environ is None else environ
+    value = env.get(name, "")
+    if not value.strip():
+        raise Forbidden(
+            f"opspawn.server.auth_token_env names {name}, but it is unset or empty; "
+            "set it to a long random token."
+        )
+    return value.strip()
+
+
+def check_bind(host: str, token: str | None) -> None:
+    """Refuse to expose the server beyond this machine without a token.
+
+    Anyone who can reach the port could otherwise run agents with the configured LLM key and
+    every configured downstream server.
+    """
+    if host not in LOCALHOSTS and not token:
+        raise Forbidden(
+            f"Refusing to serve on {host} without a token: anyone who can reach it could run agents. "
+            "Set opspawn.server.auth_token_env to the name of an env variable holding a token "
+            "(clients then send 'Authorization: Bearer <token>'), or bind 127.0.0.1."
+        )
+
+
+class Runtime:
+    """Owns the store, the pool, the enqueuer/worker, the service and the MCP server.
+
+    ``store`` may be passed in (tests share one); otherwise ``opspawn.store_url`` decides and
+    the runtime owns it. Enter and exit in the same task: the pool's task group requires it.
+    """
+
+    def __init__(self, config: Config, *, store: TaskStore | None = None) -> None:
+        self.config = config
+        self._given_store = store
+        self._stack: AsyncExitStack | None = None
+        self._service: TaskService | None = None
+        self._mcp: MCPServer | None = None
+
+    @property
+    def service(self) -> TaskService:
+        if self._service is None:
+            raise RuntimeError("Runtime is not started; use it as an async context manager")
+        return self._service
+
+    @property
+    def mcp(self) -> MCPServer:
+        if self._mcp is None:
+            raise RuntimeError("Runtime is not started; use it as an async context manager")
+        return self._mcp
+
+    async def __aenter__(self) -> Runtime:
+        async with AsyncExitStack() as stack:
+            store = self._given_store
+            if store is None:
+                store = open_store(self.config.opspawn.store_url)
+                await store.start()
+                stack.push_async_callback(store.close)
+            pool = await stack.enter_async_context(OpsMcpClient(self.config.mcp_servers))
+            enqueuer: Enqueuer
+            if is_embedded(self.config):
+                enqueuer = await stack.enter_async_context(EmbeddedWorker(self.config, store, pool))
+            else:
+                enqueuer = await stack.enter_async_context(DramatiqEnqueuer.for_config(self.config))
+            self._service = TaskService(self.config, store, enqueuer, pool)
+            self._mcp = build_server(self._service)
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        stack, self._stack = self._stack, None
+        self._service = None
+        self._mcp = None
+        if stack is not None:
+            await stack.__aexit__(exc_type, exc, tb)
+
+    # -- transports -------------------------------------------------------------------------
+
+    async def serve_stdio(self) -> None:
+        """Speak MCP on stdin/stdout until the client closes stdin or SIGINT/SIGTERM arrives.
+
+        The SDK diverts fd 1 to stderr meanwhile, so a stray print cannot corrupt the protocol
+        stream. A signal cancels only this call, so the runtime still closes in order.
+        """
+        task = asyncio.current_task()
+        assert task is not None
+        stopped = False
+
+        def stop() -> None:
+            nonlocal stopped
+            stopped = True
+            task.cancel()
+
+        with _on_signals(stop):
+            try:
+                await self.mcp.run_stdio_async()
+            except asyncio.CancelledError:
+                if not stopped:
+                    raise
+                task.uncancel()
+
+    def http_app(
+        self, host: str, port: int, *, token: str | None = None, extra_routes: Sequence[BaseRoute] = ()
+    ) -> ASGIApp:
+        """The ASGI app for /mcp and /sse (plus ``extra_routes``, e.g. the REST gateway's)."""
+        return build_http_app(
+            self.mcp,
+            host=host,
+            port=port,
+            token=token,
+            allowed_origins=self.config.opspawn.server.allowed_origins,
+            extra_routes=extra_routes,
+        )
+
+    async def serve_http(
+        self,
+        host: str | None = None,
+        port: int | None = None,
+        *,
+        extra_routes: Sequence[BaseRoute] = (),
+        on_ready: Callable[[str], Any] | None = None,
+    ) -> None:
+        """Serve streamable HTTP and SSE until cancelled or signalled.
+
+        The socket is bound here, before the app is built, so port 0 (tests) yields a known
+        port for the Host-header checks and for ``on_ready(base_url)``.
+        """
+        settings = self.config.opspawn.server
+        host = settings.host if host is None else host
+        port = settings.port if port is None else port
+        token = auth_token(self.config)
+        check_bind(host, token)
+        sock = _bind(host, port)
+        actual = sock.getsockname()[1]
+        shown = f"[{host}]" if ":" in host else host
+        base = f"http://{shown}:{actual}"
+        app = self.http_app(host, actual, token=token, extra_routes=extra_routes)
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False)
+        server = _Server(config)
+        print(
+            f"opspawn: serving MCP at {base}{MCP_PATH} (SSE at {base}{SSE_PATH})", file=sys.stderr, flush=True
+        )
+        if on_ready is not None:
+            on_ready(base)
+
+        def stop() -> None:
+            server.should_exit = True
+
+        try:
+            with _on_signals(stop):
+                await server.serve(sockets=[sock])
+        finally:
+            sock.close()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, minus its signal handling: it re-raises the signal after shutting down, which
+    would kill the process before the runtime closes (agents, child servers, the store).
+    ``_on_signals`` asks it to exit instead, and the runtime then closes in order."""
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@contextmanager
+def _on_signals(callback: Callable[[], None]) -> Iterator[None]:
+    """Call ``callback`` on SIGINT/SIGTERM while inside the block (main thread only)."""
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, callback)
+        except (NotImplementedError, RuntimeError, ValueError):
+            continue
+        installed.append(sig)
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise Unavailable(f"Cannot listen on {host}:{port}: {exc.strerror}.") from None
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock

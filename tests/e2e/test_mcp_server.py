@@ -1,0 +1,332 @@
+"""opspawn's MCP server end to end: real processes, real transports, a real agent run.
+
+``opspawn-mcp serve`` runs as a subprocess (stdio, or HTTP on 127.0.0.1 with a free port) with
+the embedded worker, a SQLite store, the testing MCP server as its downstream server and the
+fake OpenAI server (another process) as its LLM. The fake's rule mode turns the goal
+"echo X" into a call of ``testing__echo`` through opspawn's proxy and the answer "done: X";
+"sleep N" calls ``testing__sleep``, which is how a task is kept running to be cancelled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from mcp import Client, StdioServerParameters
+from mcp.client.sse import sse_client
+from mcp.types import CallToolResult
+
+from tests.support.fake_openai import spawn_fake_openai
+from tests.support.services import require_command
+
+REPO = Path(__file__).resolve().parents[2]
+TOKEN_ENV = "OPSPAWN_E2E_TOKEN"
+TOKEN = "e2e-secret-token"
+
+
+def opspawn_command() -> str:
+    return (
+        require_command("opspawn-mcp")
+        if not (Path(sys.executable).parent / "opspawn-mcp").exists()
+        else str(Path(sys.executable).parent / "opspawn-mcp")
+    )
+
+
+@pytest.fixture(scope="module")
+def llm_url() -> Iterator[str]:
+    with spawn_fake_openai() as base_url:
+        yield base_url
+
+
+def write_config(path: Path, llm_url: str, **server: Any) -> Path:
+    config = {
+        "mcpServers": {
+            "testing": {
+                "command": sys.executable,
+                "args": ["-m", "tests.servers.testing_server", "--transport", "stdio"],
+                "cwd": str(REPO),
+            }
+        },
+        "opspawn": {
+            "store_url": f"sqlite+aiosqlite:///{path.parent / 'opspawn.db'}",
+            "llm": {"provider": "openai", "base_url": llm_url, "model": "fake"},
+            "server": server,
+        },
+    }
+    path.write_text(json.dumps(config))
+    return path
+
+
+class ServerProcess:
+    """``opspawn-mcp serve`` over HTTP; stderr goes to a file so a chatty log never blocks it."""
+
+    def __init__(self, config: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.log = config.parent / "serve.log"
+        self._log_file = self.log.open("w")
+        self.proc = subprocess.Popen(
+            [opspawn_command(), "--config", str(config), "serve", "--port", "0", *args],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=self._log_file,
+            env={**os.environ, **(env or {})},
+        )
+        self.base = self._wait_for_address()
+        self.url = f"{self.base}/mcp"
+
+    def _wait_for_address(self) -> str:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            for line in self.log.read_text().splitlines():
+                if line.startswith("opspawn: serving MCP at "):
+                    return line.split()[4].removesuffix("/mcp")
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"opspawn-mcp serve did not start:\n{self.log.read_text()}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self._log_file.close()
+        return code
+
+
+@pytest.fixture(scope="module")
+def http_server(tmp_path_factory: pytest.TempPathFactory, llm_url: str) -> Iterator[ServerProcess]:
+    config = write_config(tmp_path_factory.mktemp("http") / "opspawn.json", llm_url)
+    server = ServerProcess(config)
+    yield server
+    code = server.stop()
+    log = server.log.read_text()
+    assert code == 0, log
+    assert "Traceback" not in log, log
+
+
+def text(result: CallToolResult) -> str:
+    return "".join(getattr(block, "text", "") for block in result.content)
+
+
+def view(result: CallToolResult) -> dict[str, Any]:
+    assert not result.is_error, text(result)
+    assert result.structured_content is not None
+    return result.structured_content
+
+
+async def poll(client: Client, task_id: str, until: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+    """get_status until ``until`` holds; returns every status seen (pytest-timeout bounds it)."""
+    import asyncio
+
+    seen: list[dict[str, Any]] = []
+    while True:
+        status = view(await client.call_tool("get_status", {"task_id": task_id}))
+        seen.append(status)
+        if until(status):
+            return seen
+        await asyncio.sleep(0.1)
+
+
+async def check_echo_task_with_progress(client: Client) -> None:
+    progress: list[tuple[float, str | None]] = []
+
+    async def on_progress(value: float, total: float | None, message: str | None) -> None:
+        progress.append((value, message))
+
+    done = view(
+        await client.call_tool(
+            "submit_task",
+            {"goal": "echo hello opspawn", "servers": ["testing"], "wait": 120},
+            progress_callback=on_progress,
+        )
+    )
+    assert done["status"] == "completed", done
+    assert done["result"] == "done: hello opspawn"
+    assert done["progress"]["steps"] >= 1
+    assert done["usage"]["total_tokens"] > 0
+    assert progress, "no notifications/progress arrived"
+    assert [v for v, _ in progress] == sorted(v for v, _ in progress)
+    assert any("testing__echo" in (m or "") or "echo" in (m or "") for _, m in progress)
+    status = view(await client.call_tool("get_status", {"task_id": done["task_id"]}))
+    assert status["status"] == "completed" and status["done"] is True
+
+
+async def check_bad_input(client: Client) -> None:
+    unknown = await client.call_tool("submit_task", {"goal": "echo x", "servers": ["nope"]})
+    assert unknown.is_error and "Unknown server(s) 'nope'" in text(unknown)
+    empty = await client.call_tool("submit_task", {"goal": ""})
+    assert empty.is_error and "goal" in text(empty)
+    missing = await client.call_tool("get_status", {"task_id": "no-such-task"})
+    assert missing.is_error and "No task with id" in text(missing)
+
+
+# -- stdio --------------------------------------------------------------------------------------
+
+
+async def test_stdio_runs_a_task_through_the_proxy_with_progress(tmp_path: Path, llm_url: str) -> None:
+    config = write_config(tmp_path / "opspawn.json", llm_url)
+    params = StdioServerParameters(
+        command=opspawn_command(), args=["--config", str(config), "serve", "--stdio"], cwd=str(REPO)
+    )
+    async with Client(params) as client:
+        assert "submit_task" in (client.instructions or "")
+        names = {t.name for t in (await client.list_tools()).tools}
+        assert names == {"submit_task", "get_status", "list_tasks", "cancel_task", "list_servers"}
+        await check_echo_task_with_progress(client)
+        await check_bad_input(client)
+        servers = view(await client.call_tool("list_servers", {}))["servers"]
+        assert [s["name"] for s in servers] == ["testing"]
+
+
+# -- streamable HTTP and SSE ------------------------------------------------------------------
+
+
+async def test_http_runs_a_task_and_get_status_shows_progress(http_server: ServerProcess) -> None:
+    async with Client(http_server.url) as client:
+        task = view(await client.call_tool("submit_task", {"goal": "echo over http", "servers": ["testing"]}))
+        assert task["status"] in ("queued", "running")
+        seen = await poll(client, task["task_id"], lambda s: s["done"])
+        final = seen[-1]
+        assert final["status"] == "completed", final
+        assert final["result"] == "done: over http"
+        assert final["progress"]["steps"] >= 1
+        assert final["started_at"] and final["finished_at"]
+        events = await client.read_resource(f"opspawn://tasks/{task['task_id']}/events")
+        log = json.loads(events.contents[0].text)  # type: ignore[union-attr]
+        assert log[0]["kind"] == "state" and log[-1]["seq"] == len(log)
+        assert any(e["kind"] == "tool_call" for e in log)
+        await check_bad_input(client)
+
+
+async def test_http_cancels_a_running_task(http_server: ServerProcess) -> None:
+    async with Client(http_server.url) as client:
+        task = view(await client.call_tool("submit_task", {"goal": "sleep 30", "servers": ["testing"]}))
+        await poll(client, task["task_id"], lambda s: s["status"] == "running")
+        cancelled = view(await client.call_tool("cancel_task", {"task_id": task["task_id"]}))
+        assert cancelled["status"] == "cancelled" and cancelled["done"] is True
+        # The worker notices and stops; the task stays cancelled (its final transition fails).
+        listed = view(await client.call_tool("list_tasks", {"status": "cancelled"}))
+        assert task["task_id"] in [t["task_id"] for t in listed["tasks"]]
+        again = view(await client.call_tool("get_status", {"task_id": task["task_id"]}))
+        assert again["status"] == "cancelled"
+        conflict = await client.call_tool("cancel_task", {"task_id": task["task_id"]})
+        assert not conflict.is_error  # cancelling a cancelled task is harmless
+
+
+async def test_sse_transport_serves_the_same_tools(http_server: ServerProcess) -> None:
+    async with Client(sse_client(f"{http_server.base}/sse")) as client:
+        names = {t.name for t in (await client.list_tools()).tools}
+        assert "submit_task" in names
+        servers = view(await client.call_tool("list_servers", {}))
+        assert servers["servers"][0]["name"] == "testing"
+
+
+def test_dns_rebinding_hosts_are_refused(http_server: ServerProcess) -> None:
+    body = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+    headers = {"Host": "evil.example", "Accept": "application/json, text/event-stream"}
+    response = httpx.post(http_server.url, json=body, headers=headers)
+    assert response.status_code == 421
+    origin = {"Origin": "http://evil.example", "Accept": "application/json, text/event-stream"}
+    assert httpx.post(http_server.url, json=body, headers=origin).status_code == 403
+
+
+# -- the CLI as an MCP client -----------------------------------------------------------------
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [opspawn_command(), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
+
+
+def test_cli_submit_status_servers(http_server: ServerProcess, tmp_path: Path) -> None:
+    url = http_server.url
+    submitted = run_cli("submit", "echo from the cli", "--server", "testing", "--wait", "120", "--url", url)
+    assert submitted.returncode == 0, submitted.stderr
+    task = json.loads(submitted.stdout)
+    assert task["status"] == "completed" and task["result"] == "done: from the cli"
+    status = run_cli("status", task["task_id"], "--url", url)
+    assert status.returncode == 0 and json.loads(status.stdout)["task_id"] == task["task_id"]
+    servers = run_cli("servers", "--url", url)
+    assert servers.returncode == 0 and json.loads(servers.stdout)["servers"][0]["name"] == "testing"
+    bad = run_cli("status", "nope", "--url", url)
+    assert bad.returncode == 2 and "No task with id 'nope'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_cli_without_a_server_says_so_in_one_line() -> None:
+    from tests.support.fake_openai import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/mcp"
+    result = run_cli("servers", "--url", url)
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        == f"opspawn-mcp: no opspawn server at {url}: start one with `opspawn-mcp serve`"
+    )
+
+
+# -- security ---------------------------------------------------------------------------------
+
+
+def test_refuses_to_bind_everywhere_without_a_token(tmp_path: Path, llm_url: str) -> None:
+    config = write_config(tmp_path / "opspawn.json", llm_url)
+    result = run_cli("--config", str(config), "serve", "--host", "0.0.0.0", "--port", "0")
+    assert result.returncode == 2
+    assert "Refusing to serve on 0.0.0.0 without a token" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+async def test_a_token_is_required_when_configured(tmp_path: Path, llm_url: str) -> None:
+    config = write_config(tmp_path / "opspawn.json", llm_url, auth_token_env=TOKEN_ENV)
+    server = ServerProcess(config, env={TOKEN_ENV: TOKEN})
+    try:
+        accept = {"Accept": "application/json, text/event-stream"}
+        body = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+        async with httpx.AsyncClient() as http:
+            denied = await http.post(server.url, json=body, headers=accept)
+            assert denied.status_code == 401
+            assert denied.json()["error"] == "unauthenticated"
+            wrong = await http.post(server.url, json=body, headers={**accept, "Authorization": "Bearer nope"})
+            assert wrong.status_code == 401
+            sse = await http.get(f"{server.base}/sse")
+            assert sse.status_code == 401
+
+        import httpx2
+        from mcp.client.streamable_http import streamable_http_client
+
+        async with (
+            httpx2.AsyncClient(headers={"Authorization": f"Bearer {TOKEN}"}) as authed,
+            Client(streamable_http_client(server.url, http_client=authed)) as client,
+        ):
+            assert view(await client.call_tool("list_servers", {}))["servers"]
+
+        cli = run_cli("--config", str(config), "servers", "--url", server.url, env={TOKEN_ENV: TOKEN})
+        assert cli.returncode == 0, cli.stderr
+        no_token = run_cli("--config", str(config), "servers", "--url", server.url, env={TOKEN_ENV: "wrong"})
+        assert (
+            no_token.returncode == 2 and "refused the request (HTTP 401): check the token" in no_token.stderr
+        )
+    finally:
+        assert server.stop() == 0
+
+
+ProgressFn = Callable[[float, float | None, str | None], Awaitable[None]]
