@@ -1,0 +1,292 @@
+"""Separate ``opspawn-mcp --config F worker`` processes against real RabbitMQ and PostgreSQL.
+
+Each test gets its own RabbitMQ queue (``OPSPAWN_WORKER_QUEUE_NAME``) and its own PostgreSQL
+schema, both removed afterwards, so parallel runs on one RabbitMQ/PostgreSQL never collide.
+The LLM is the fake OpenAI-compatible server over real HTTP; the worker starts the testing MCP
+server over stdio. Waits poll the store with a hang guard only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from opspawn_mcp.broker import DramatiqEnqueuer, build_rabbitmq_broker
+from opspawn_mcp.config import Config, load_config
+from opspawn_mcp.host import OpsMcpClient
+from opspawn_mcp.models import Task, TaskEvent, TaskStatus
+from opspawn_mcp.service import TaskService
+from opspawn_mcp.store import open_store
+from opspawn_mcp.store.base import TaskStore
+from tests.servers.harness import REPO_ROOT, lines, stdio_config, wait_until, wait_until_async
+from tests.support.fake_openai import FakeOpenAIServer
+from tests.support.services import POSTGRES_URL, RABBITMQ_URL, require_service
+
+pytestmark = [pytest.mark.rabbitmq, pytest.mark.postgres]
+
+READY = "opspawn-mcp worker ready"
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeOpenAIServer]:
+    with FakeOpenAIServer() as server:
+        yield server
+
+
+@dataclass
+class Deployment:
+    config_path: Path
+    config: Config
+    queue: str
+    store: TaskStore
+    service: TaskService
+    tmp_path: Path
+
+    async def finished(self, task_id: str) -> Task:
+        async def done() -> bool:
+            return (await self.store.get(task_id)).status.terminal
+
+        await wait_until_async(done)
+        return await self.store.get(task_id)
+
+    async def events(self, task_id: str) -> list[TaskEvent]:
+        return await self.store.events(task_id)
+
+
+class WorkerProcess:
+    """``opspawn-mcp --config F worker`` in its own session (so kill -9 takes its children too)."""
+
+    def __init__(self, deployment: Deployment, name: str) -> None:
+        self.deployment = deployment
+        self.log_path = deployment.tmp_path / f"worker-{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        env = {**os.environ, "OPSPAWN_WORKER_QUEUE_NAME": self.deployment.queue}
+        with self.log_path.open("ab") as log:
+            return subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "opspawn_mcp.cli",
+                    "--config",
+                    str(self.deployment.config_path),
+                    "worker",
+                ],
+                cwd=REPO_ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+
+    async def start(self) -> None:
+        self.process = self._spawn()
+        process = self.process
+
+        def ready() -> bool:
+            if process.poll() is not None:
+                raise AssertionError(f"the worker exited with {process.returncode}:\n{self.log()}")
+            return READY in self.log()
+
+        await wait_until(ready, "the worker is ready")
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def kill_hard(self) -> None:
+        """SIGKILL the worker and everything it started: no cleanup code runs anywhere."""
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    async def stop(self) -> int:
+        """SIGTERM and wait: the graceful path."""
+        process = self.process
+        if process is None:
+            return 0
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(process.wait, 60)
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # leftovers, if the worker leaked any
+        return code
+
+
+def _delete_queues(queue: str) -> None:
+    import pika
+
+    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+    try:
+        channel = connection.channel()
+        for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
+            channel.queue_delete(queue=name)
+    finally:
+        connection.close()
+
+
+async def _drop_schema(schema: str) -> None:
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(POSTGRES_URL)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+    finally:
+        await engine.dispose()
+
+
+@asynccontextmanager
+async def deployment(tmp_path: Path, base_url: str, **worker: Any) -> AsyncIterator[Deployment]:
+    require_service("rabbitmq")
+    require_service("postgres")
+    run = uuid.uuid4().hex[:10]
+    queue, schema = f"opspawn_test_{run}", f"opspawn_worker_{run}"
+    store_url = f"{POSTGRES_URL}?schema={schema}"
+    server = stdio_config(tmp_path)
+    raw = {
+        "mcpServers": {"t": server.model_dump(exclude={"timeout_s", "max_concurrency"})},
+        "opspawn": {
+            "store_url": store_url,
+            "broker_url": RABBITMQ_URL,
+            "llm": {"provider": "openai", "base_url": base_url, "model": "fake-model", "timeout_s": 10},
+            "worker": {"concurrency": 4, "lease_ttl_s": 2, "max_attempts": 3, **worker},
+        },
+    }
+    config_path = tmp_path / "opspawn.json"
+    config_path.write_text(json.dumps(raw), encoding="utf-8")
+    config = load_config(config_path)
+    store = open_store(store_url)
+    await store.start()
+    enqueuer = DramatiqEnqueuer(build_rabbitmq_broker(RABBITMQ_URL), queue, owns_broker=True)
+    try:
+        async with OpsMcpClient(config.mcp_servers) as pool:
+            service = TaskService(config, store, enqueuer, pool)
+            yield Deployment(config_path, config, queue, store, service, tmp_path)
+    finally:
+        await enqueuer.aclose()
+        await store.close()
+        await asyncio.to_thread(_delete_queues, queue)
+        await _drop_schema(schema)
+
+
+@contextmanager
+def _no_leftovers(*workers: WorkerProcess) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for w in workers:
+            if w.process is not None and w.process.poll() is None:
+                with suppress(ProcessLookupError):
+                    os.killpg(w.process.pid, signal.SIGKILL)
+                w.process.wait()
+
+
+def _states(events: list[TaskEvent]) -> list[str]:
+    return [e.data["status"] for e in events if e.kind == "state"]
+
+
+async def test_a_worker_process_runs_a_task_from_rabbitmq(tmp_path: Path, fake: FakeOpenAIServer) -> None:
+    async with deployment(tmp_path, fake.base_url) as d:
+        worker = WorkerProcess(d, "a")
+        with _no_leftovers(worker):
+            await worker.start()
+            task = await d.service.submit({"goal": "echo over rabbitmq", "servers": ["t"]})
+            done = await d.finished(task.id)
+            assert done.status is TaskStatus.COMPLETED, f"{done.error}\n{worker.log()}"
+            assert done.result == "done: over rabbitmq"
+            assert done.attempts == 1
+            events = await d.events(task.id)
+            assert _states(events) == ["queued", "running", "completed"]
+            assert [e.data["name"] for e in events if e.kind == "tool_call"] == ["t__echo"]
+            assert await worker.stop() == 0
+            assert "shutting down" in worker.log()
+
+
+async def test_killed_worker_mid_task_the_next_worker_completes_it_once(
+    tmp_path: Path, fake: FakeOpenAIServer
+) -> None:
+    async with deployment(tmp_path, fake.base_url) as d:
+        first, second = WorkerProcess(d, "first"), WorkerProcess(d, "second")
+        with _no_leftovers(first, second):
+            await first.start()
+            task = await d.service.submit({"goal": "sleep 3", "servers": ["t"]})
+
+            async def sleeping() -> bool:
+                return any(e.kind == "tool_call" for e in await d.events(task.id))
+
+            await wait_until_async(sleeping)
+            first.kill_hard()
+            assert (await d.store.get(task.id)).status is TaskStatus.RUNNING
+
+            await second.start()
+            done = await d.finished(task.id)
+            assert done.status is TaskStatus.COMPLETED, f"{done.error}\n{second.log()}"
+            assert done.result is not None and done.result.startswith("done: slept 3")
+            assert done.attempts == 2
+            events = await d.events(task.id)
+            assert _states(events).count("completed") == 1
+            assert [e.kind for e in events].count("final") == 1
+            assert sum(1 for line in lines(tmp_path / "cancels") if line.startswith("finished")) == 1
+            assert await second.stop() == 0
+
+
+async def test_sigterm_hands_a_running_task_back_and_another_worker_finishes_it(
+    tmp_path: Path, fake: FakeOpenAIServer
+) -> None:
+    async with deployment(tmp_path, fake.base_url) as d:
+        first, second = WorkerProcess(d, "first"), WorkerProcess(d, "second")
+        with _no_leftovers(first, second):
+            await first.start()
+            task = await d.service.submit({"goal": "sleep 30", "servers": ["t"]})
+
+            async def sleeping() -> bool:
+                return any(e.kind == "tool_call" for e in await d.events(task.id))
+
+            await wait_until_async(sleeping)
+            assert await first.stop() == 0
+            handed_back = await d.store.get(task.id)
+            assert handed_back.status is TaskStatus.QUEUED, first.log()
+            assert _states(await d.events(task.id))[-1] == "queued"
+
+            # The next worker takes the re-published message; cancel it to end the test quickly.
+            await second.start()
+
+            async def running_again() -> bool:
+                return (await d.store.get(task.id)).attempts == 2
+
+            await wait_until_async(running_again)
+            await d.service.cancel(task.id)
+            done = await d.finished(task.id)
+            assert done.status is TaskStatus.CANCELLED
+            assert await second.stop() == 0
+
+
+def test_worker_refuses_the_embedded_broker(tmp_path: Path) -> None:
+    config_path = tmp_path / "opspawn.json"
+    config_path.write_text(json.dumps({"opspawn": {"store_url": "memory://"}}), encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-m", "opspawn_mcp.cli", "--config", str(config_path), "worker"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "the embedded broker runs inside `opspawn-mcp serve`" in result.stderr
+    assert "set opspawn.broker_url to amqp://" in result.stderr
