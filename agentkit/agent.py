@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 from pydantic import BaseModel, ValidationError
 
 from agentkit.errors import AgentConfigError
@@ -238,8 +239,12 @@ class Agent:
         return step
 
     async def _loop(self, ctx: RunContext, memory: Memory | None) -> RunResult:
+        await anyio.lowlevel.checkpoint()
         await self.planner.begin(ctx)
         for _ in range(self.max_steps):
+            # A checkpoint per step, so cancel() and the timeout land between steps even when the
+            # model and the tools never yield (scripted or cached responses).
+            await anyio.lowlevel.checkpoint()
             step = self._new_step(ctx)
             response = await self._call_llm(ctx, memory, step, self.planner.tool_choice(ctx))
             if response.tool_calls:

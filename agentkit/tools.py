@@ -188,13 +188,34 @@ def _clean_schema(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
+def _argument_hints(fn: Callable[..., Any], tool_name: str) -> dict[str, Any]:
+    """Resolved argument annotations; the return annotation is not needed and may be unresolvable
+    (a class local to a function, under ``from __future__ import annotations``)."""
+    try:
+        return get_type_hints(fn, include_extras=True)
+    except Exception:
+        pass
+    hints: dict[str, Any] = {}
+    for param in inspect.signature(fn).parameters.values():
+        annotation = param.annotation
+        if annotation is inspect.Parameter.empty:
+            continue
+        if isinstance(annotation, str):
+            try:
+                annotation = eval(annotation, getattr(fn, "__globals__", {}))
+            except Exception as exc:
+                raise ToolDefinitionError(
+                    f"Cannot resolve the type hint {param.annotation!r} of argument {param.name!r} of tool "
+                    f"{tool_name}: {exc}. Define the type at module level."
+                ) from exc
+        hints[param.name] = annotation
+    return hints
+
+
 def _from_function(fn: Callable[..., Any], name: str | None, description: str | None) -> Tool:
     tool_name = name or fn.__name__
     summary, arg_docs = parse_docstring(fn.__doc__)
-    try:
-        hints = get_type_hints(fn)
-    except Exception as exc:
-        raise ToolDefinitionError(f"Cannot resolve the type hints of {tool_name}: {exc}") from exc
+    hints = _argument_hints(fn, tool_name)
     fields: dict[str, Any] = {}
     for param in inspect.signature(fn).parameters.values():
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):

@@ -1,0 +1,137 @@
+"""ReAct options and plan-and-execute, driven by ScriptedLLM."""
+
+from __future__ import annotations
+
+from agentkit import (
+    Agent,
+    AgentEvent,
+    PlanAndExecutePlanner,
+    ReActPlanner,
+    RunStatus,
+    ToolError,
+    get_planner,
+    tool,
+)
+from agentkit.llm import ScriptedLLM, call
+from agentkit.planners import parse_plan
+
+
+@tool
+def lookup(key: str) -> str:
+    """Look a key up."""
+    table = {"capital": "Paris", "population": "2.1 million"}
+    if key not in table:
+        raise ToolError(f"unknown key {key!r}; known keys: {', '.join(table)}")
+    return table[key]
+
+
+@tool
+def other(x: int) -> int:
+    """Another tool."""
+    return x
+
+
+def test_planners_are_chosen_by_name() -> None:
+    assert isinstance(get_planner("react"), ReActPlanner)
+    assert isinstance(get_planner("plan_and_execute"), PlanAndExecutePlanner)
+    planner = ReActPlanner(require_tool_first=True)
+    assert get_planner(planner) is planner
+    assert isinstance(Agent(ScriptedLLM([]), planner="plan-and-execute").planner, PlanAndExecutePlanner)
+
+
+async def test_react_can_require_a_tool_on_the_first_step() -> None:
+    llm = ScriptedLLM([call("lookup", key="capital"), "Paris"])
+    await Agent(llm, [lookup], planner=ReActPlanner(require_tool_first=True)).run("capital?")
+    assert llm.calls[0].tool_choice == "lookup"  # the only tool, named: strongest constraint
+    assert llm.calls[1].tool_choice == "auto"
+
+    llm = ScriptedLLM([call("lookup", key="capital"), "Paris"])
+    await Agent(llm, [lookup, other], planner=ReActPlanner(require_tool_first=True)).run("capital?")
+    assert llm.calls[0].tool_choice == "required"
+
+
+async def test_react_max_tool_rounds_withdraws_tools() -> None:
+    llm = ScriptedLLM([call("lookup", key="capital"), "Paris"])
+    result = await Agent(llm, [lookup], planner=ReActPlanner(max_tool_rounds=1)).run("capital?")
+    assert result.output == "Paris"
+    assert llm.calls[1].tool_choice == "none" and llm.calls[1].tools == []
+
+
+async def test_react_stops_a_model_that_repeats_the_same_call() -> None:
+    llm = ScriptedLLM([call("lookup", key="capital"), call("lookup", key="capital"), "Paris"])
+    result = await Agent(llm, [lookup]).run("capital?")
+    assert result.output == "Paris"
+    assert llm.calls[1].tool_choice == "auto"
+    assert llm.calls[2].tools == []
+    assert "already have that result" in (llm.calls[2].messages[-1].content or "")
+
+
+def test_parse_plan() -> None:
+    assert parse_plan("Plan:\n1. Look up the capital\n2) Answer\nStep 3: done") == [
+        "Look up the capital",
+        "Answer",
+        "done",
+    ]
+    assert parse_plan("- first\n- second") == ["first", "second"]
+    assert parse_plan(None) == []
+
+
+async def test_plan_and_execute_plans_then_executes_step_by_step() -> None:
+    events: list[AgentEvent] = []
+
+    async def on_event(event: AgentEvent) -> None:
+        events.append(event)
+
+    llm = ScriptedLLM(
+        [
+            "1. Look up the capital\n2. Look up the population\n3. Answer",
+            call("lookup", key="capital"),
+            call("lookup", key="population"),
+            "Paris, 2.1 million",
+        ]
+    )
+    result = await Agent(llm, [lookup], planner="plan_and_execute", on_event=on_event).run(
+        "Capital of France and its population?"
+    )
+    assert result.status is RunStatus.COMPLETED and result.output == "Paris, 2.1 million"
+    plan_call = llm.calls[0]
+    assert plan_call.tools == [] and "numbered plan" in (plan_call.messages[0].content or "")
+    assert "lookup" in (plan_call.messages[0].content or "")
+    assert events[0].kind == "plan"
+    assert events[0].data["plan"] == ["Look up the capital", "Look up the population", "Answer"]
+    assert llm.calls[1].messages[-1].content == "Carry out step 1: Look up the capital"
+    assert "Now carry out step 2: Look up the population" in (llm.calls[2].messages[-1].content or "")
+    assert "Now carry out step 3: Answer" in (llm.calls[3].messages[-1].content or "")
+    assert result.usage.total_tokens > sum(s.usage.total_tokens for s in result.steps)  # the plan call counts
+
+
+async def test_plan_and_execute_revises_the_plan_when_a_step_fails() -> None:
+    events: list[AgentEvent] = []
+
+    async def on_event(event: AgentEvent) -> None:
+        events.append(event)
+
+    llm = ScriptedLLM(
+        [
+            "1. Look up the country\n2. Answer",
+            call("lookup", key="country"),
+            "1. Look up the capital\n2. Answer",  # the revision
+            call("lookup", key="capital"),
+            "Paris",
+        ]
+    )
+    result = await Agent(llm, [lookup], planner="plan_and_execute", on_event=on_event).run("Capital?")
+    assert result.output == "Paris"
+    revise_call = llm.calls[2]
+    assert revise_call.tools == [] and "unknown key 'country'" in (revise_call.messages[0].content or "")
+    plans = [e.data for e in events if e.kind == "plan"]
+    assert [p["revision"] for p in plans] == [0, 1]
+    assert plans[1]["plan"] == ["Look up the capital", "Answer"]
+    assert "Revised plan" in (llm.calls[3].messages[-1].content or "")
+
+
+async def test_plan_and_execute_treats_early_text_as_a_step_result() -> None:
+    llm = ScriptedLLM(["1. Think\n2. Answer", "thinking done", "final"])
+    result = await Agent(llm, [lookup], planner="plan_and_execute").run("x")
+    assert result.output == "final"
+    assert "Now carry out step 2: Answer" in (llm.calls[2].messages[-1].content or "")
