@@ -3,12 +3,12 @@
 With a token configured, a request needs ``Authorization: Bearer <token>`` or it gets a 401
 problem (with ``WWW-Authenticate``). Liveness and readiness probes stay open, because
 orchestrators probe without credentials and the answers reveal nothing about tasks.
-The comparison is constant-time so the token cannot be guessed byte by byte from timings.
+The token check itself is ``opspawn_mcp.server.bearer_ok`` (constant-time), shared with MCP; this
+middleware exists only to answer in the gateway's problem+json and to leave the probes open.
 """
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Collection
 
 from starlette.requests import Request
@@ -16,16 +16,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.problems import error_response
 from opspawn_mcp.errors import Unauthenticated
+from opspawn_mcp.server import bearer_ok
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
-
-
-def bearer_ok(header: str | None, token: str) -> bool:
-    """True when ``header`` is ``Bearer <token>`` (scheme case-insensitive, per RFC 6750)."""
-    if not header:
-        return False
-    scheme, _, given = header.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
 
 class BearerAuth:

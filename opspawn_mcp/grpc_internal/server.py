@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from opspawn_mcp.errors import OpspawnError
 from opspawn_mcp.grpc_internal.gen import tasks_pb2 as pb
 from opspawn_mcp.grpc_internal.gen import tasks_pb2_grpc as pb_grpc
 from opspawn_mcp.grpc_internal.task_servicer import TaskServicer
+from opspawn_mcp.server import bearer_ok
 from opspawn_mcp.service import TaskService
 
 log = logging.getLogger(__name__)
@@ -38,12 +38,11 @@ STOP_GRACE_S = 5.0
 UNAUTHENTICATED_MESSAGE = "Send the server's token as 'authorization: Bearer <token>' metadata."
 
 
-def bearer_ok(metadata: Any, token: str) -> bool:
-    """True when the call's ``authorization`` metadata is ``Bearer <token>`` (constant-time)."""
+def _metadata_ok(metadata: Any, token: str) -> bool:
+    """The call's ``authorization`` metadata checked by the HTTP doors' own ``bearer_ok``."""
     for key, value in metadata or ():
         if key.lower() == "authorization" and isinstance(value, str):
-            scheme, _, given = value.partition(" ")
-            return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+            return bearer_ok(value, token)
     return False
 
 
@@ -61,7 +60,7 @@ class BearerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(details)
         if handler is None or details.method.startswith(HEALTH_PREFIX):
             return handler
-        if bearer_ok(details.invocation_metadata, self._token):
+        if _metadata_ok(details.invocation_metadata, self._token):
             return handler
         return _denying(handler)
 
