@@ -27,12 +27,14 @@ from typing import Any
 
 import uvicorn
 from mcp.server import MCPServer
-from starlette.routing import BaseRoute
+from starlette.routing import BaseRoute, Mount
 from starlette.types import ASGIApp
 
+from gateway.app import create_gateway
 from opspawn_mcp.broker import DramatiqEnqueuer, is_embedded
 from opspawn_mcp.config import LOCALHOSTS, Config
 from opspawn_mcp.errors import Forbidden, Unavailable
+from opspawn_mcp.grpc_internal import serve_grpc
 from opspawn_mcp.host import OpsMcpClient
 from opspawn_mcp.scheduler import Enqueuer
 from opspawn_mcp.server import MCP_PATH, SSE_PATH, build_http_app, build_server
@@ -186,21 +188,31 @@ class Runtime:
         actual = sock.getsockname()[1]
         shown = f"[{host}]" if ":" in host else host
         base = f"http://{shown}:{actual}"
-        app = self.http_app(host, actual, token=token, extra_routes=extra_routes)
+        # The REST gateway (gateway/) answers every path the MCP routes do not: /v1/..., probes.
+        rest = Mount("/", app=create_gateway(self.service, token))
+        app = self.http_app(host, actual, token=token, extra_routes=[*extra_routes, rest])
         config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False)
         server = _Server(config)
-        print(
-            f"opspawn: serving MCP at {base}{MCP_PATH} (SSE at {base}{SSE_PATH})", file=sys.stderr, flush=True
-        )
-        if on_ready is not None:
-            on_ready(base)
 
         def stop() -> None:
             server.should_exit = True
 
         try:
-            with _on_signals(stop):
-                await server.serve(sockets=[sock])
+            async with AsyncExitStack() as doors:
+                if settings.grpc_port is not None:
+                    grpc_door = await doors.enter_async_context(
+                        serve_grpc(self.service, host, settings.grpc_port, token)
+                    )
+                    print(f"opspawn: serving gRPC at {grpc_door.target}", file=sys.stderr, flush=True)
+                print(
+                    f"opspawn: serving MCP at {base}{MCP_PATH} (SSE at {base}{SSE_PATH}), REST at {base}/v1",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                if on_ready is not None:
+                    on_ready(base)
+                with _on_signals(stop):
+                    await server.serve(sockets=[sock])
         finally:
             sock.close()
 
