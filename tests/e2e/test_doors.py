@@ -1,6 +1,6 @@
 """The three front doors agree: the same task scenarios through MCP, REST and gRPC against one
-real ``serve`` process (uvicorn + grpc.aio on free ports, embedded worker, SQLite store, the
-bundled example MCP server, and the fake OpenAI-compatible LLM in its own process).
+real ``opspawn-mcp serve`` process (uvicorn + grpc.aio on free ports, embedded worker, SQLite
+store, the bundled example MCP server, and the fake OpenAI-compatible LLM in its own process).
 
 Each scenario states its expectation once (a final status and result, or an error class from
 ``opspawn_mcp.errors``), and each door is checked against it through its own mapping: MCP's
@@ -37,6 +37,7 @@ from opspawn_mcp.grpc_internal.gen import tasks_pb2 as pb
 from opspawn_mcp.grpc_internal.gen import tasks_pb2_grpc as pb_grpc
 from tests.servers.harness import HANG_GUARD_S, REPO_ROOT, free_port
 from tests.support.fake_openai import spawn_fake_openai
+from tests.support.services import require_command
 
 TOKEN = "doors-e2e-token"
 TOKEN_ENV = "OPSPAWN_DOORS_TOKEN"
@@ -76,6 +77,11 @@ def _wait_ready(proc: subprocess.Popen[bytes], http: str, grpc_target: str, log:
         time.sleep(0.05)
 
 
+def _opspawn_mcp() -> str:
+    beside = Path(sys.executable).parent / "opspawn-mcp"
+    return str(beside) if beside.exists() else require_command("opspawn-mcp")
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("doors")
@@ -103,7 +109,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         env = {**os.environ, TOKEN_ENV: TOKEN}
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.e2e.test_doors_runner", "--config", str(path)],
+                [_opspawn_mcp(), "--config", str(path), "serve"],
                 cwd=REPO_ROOT,
                 env=env,
                 stdout=out,
