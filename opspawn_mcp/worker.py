@@ -80,6 +80,7 @@ CANCEL_GRACE_S = 10.0
 # Event payload strings are capped: a tool returning megabytes must not bloat the event log.
 MAX_EVENT_TEXT = 8_000
 SHUTDOWN_REASON = "worker shutting down"
+STORE_RETRY_S = 2.0
 
 __all__ = [
     "EmbeddedWorker",
@@ -209,11 +210,20 @@ class TaskRunner:
         owner = f"{self.owner}/{uuid.uuid4().hex[:6]}"
         try:
             task = await self.store.claim(task_id, owner, self._ttl, self._max_attempts)
+            if task is None:
+                await self._refused(task_id)
+                return
         except TaskNotFound:
             log.warning("message for unknown task %s dropped", task_id)
             return
-        if task is None:
-            await self._refused(task_id)
+        except Unavailable as exc:
+            # The store is down: keep the message alive instead of letting the broker
+            # dead-letter it. The pause keeps a long outage from becoming a hot loop.
+            log.warning(
+                "task %s: store unavailable (%s); re-enqueueing in %.1fs", task_id, exc, STORE_RETRY_S
+            )
+            await asyncio.sleep(STORE_RETRY_S)
+            await self._enqueue(task_id)
             return
         execution = _Execution(task, owner)
         self._running[owner] = execution

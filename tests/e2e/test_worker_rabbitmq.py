@@ -217,6 +217,25 @@ async def test_a_worker_process_runs_a_task_from_rabbitmq(tmp_path: Path, fake: 
             assert "shutting down" in worker.log()
 
 
+async def test_one_worker_process_runs_tasks_concurrently_sharing_one_downstream_server(
+    tmp_path: Path, fake: FakeOpenAIServer
+) -> None:
+    async with deployment(tmp_path, fake.base_url) as d:
+        worker = WorkerProcess(d, "a")
+        with _no_leftovers(worker):
+            await worker.start()
+            tasks = [await d.service.submit({"goal": "sleep 2", "servers": ["t"]}) for _ in range(4)]
+            done = [await d.finished(t.id) for t in tasks]
+            assert all(t.status is TaskStatus.COMPLETED for t in done), [t.error for t in done]
+            # All four were running at once (on the worker's one event loop): each started
+            # before any of them finished. An ordering, not a duration.
+            first_finish = min(t.finished_at for t in done if t.finished_at is not None)
+            assert all(t.started_at is not None and t.started_at < first_finish for t in done)
+            # ...and they shared one pool: the testing server was started once for the process.
+            assert len(lines(tmp_path / "pids")) == 1
+            assert await worker.stop() == 0
+
+
 async def test_killed_worker_mid_task_the_next_worker_completes_it_once(
     tmp_path: Path, fake: FakeOpenAIServer
 ) -> None:
