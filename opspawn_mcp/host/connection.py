@@ -29,7 +29,7 @@ from mcp.shared.exceptions import MCPError
 from opspawn_mcp.config import ServerConfig, StdioServerConfig
 from opspawn_mcp.errors import OpspawnError, Unavailable
 from opspawn_mcp.host.models import ServerInfo, ServerState
-from opspawn_mcp.host.transports import Secrets, WatchedReadStream, open_transport
+from opspawn_mcp.host.transports import Secrets, WatchedReadStream, open_transport, stderr_log
 
 logger = logging.getLogger("opspawn_mcp.host")
 
@@ -38,6 +38,17 @@ BACKOFF_BASE_S = 0.25
 BACKOFF_MAX_S = 30.0
 UNAVAILABLE_AFTER = 3
 """Consecutive failures before a server is reported ``unavailable`` and calls stop waiting for it."""
+STDERR_DRAIN_S = 1.0
+_LOG_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "notice": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+    "alert": logging.CRITICAL,
+    "emergency": logging.CRITICAL,
+}
 MIN_CONNECT_TIMEOUT_S = 30.0
 """Starting a server (an interpreter, ``npx`` resolving a package) can take longer than a short
 per-call ``timeout_s``; the handshake gets at least this long."""
@@ -189,22 +200,14 @@ class ServerConnection:
         """Owner task: open, serve until stopped or broken, close; never lets an error escape."""
         try:
             async with anyio.create_task_group() as tg:
-                async with open_transport(self.name, self.config, self.secrets, tg) as (read, write):
-                    watched = WatchedReadStream(
-                        read, lambda: self._lost(attempt, "the server closed the stream")
-                    )
-                    async with ClientSession(
-                        watched,
-                        write,
-                        message_handler=lambda message: self._on_message(attempt, tg, message),
-                        client_info=CLIENT_INFO,
-                    ) as session:
-                        with anyio.fail_after(self._connect_timeout()):
-                            await session.initialize()
-                            tools = await self._list_all(session)
-                        self._ready(attempt, session, tools)
-                        await attempt.stop.wait()
-                tg.cancel_scope.cancel()
+                try:
+                    await self._serve(attempt, tg)
+                except Exception as exc:
+                    self._failed(attempt, _describe(exc))
+                # The transport is closed and the process reaped; give the stderr reader a moment
+                # to log the last lines (a crash's traceback) before it is cancelled. A grandchild
+                # still holding the pipe cannot stall shutdown past this deadline.
+                tg.cancel_scope.deadline = anyio.current_time() + STDERR_DRAIN_S
         except Exception as exc:
             self._failed(attempt, _describe(exc))
         finally:
@@ -215,12 +218,36 @@ class ServerConnection:
                 self._failed(attempt, attempt.error or "the session ended")
             attempt.ready.set()
 
+    async def _serve(self, attempt: _Attempt, tg: anyio.abc.TaskGroup) -> None:
+        async with open_transport(self.name, self.config, self.secrets, tg) as (read, write):
+            watched = WatchedReadStream(read, lambda: self._lost(attempt, "the server closed the stream"))
+            async with ClientSession(
+                watched,
+                write,
+                message_handler=lambda message: self._on_message(attempt, tg, message),
+                logging_callback=self._on_log,
+                client_info=CLIENT_INFO,
+            ) as session:
+                with anyio.fail_after(self._connect_timeout()):
+                    await session.initialize()
+                    self._tools_stale = False
+                    tools = await self._list_all(session)
+                self._ready(attempt, session, tools)
+                await attempt.stop.wait()
+
+    async def _on_log(self, params: types.LoggingMessageNotificationParams) -> None:
+        """``notifications/message`` from the server goes to the same log as its stderr."""
+        level = _LOG_LEVELS.get(params.level, logging.INFO)
+        text = params.data if isinstance(params.data, str) else repr(params.data)
+        stderr_log.log(
+            level, "[%s] %s", self.name, self.secrets.redact(text), extra={"mcp_server": self.name}
+        )
+
     def _ready(self, attempt: _Attempt, session: ClientSession, tools: list[types.Tool]) -> None:
         if attempt.stop.is_set():
             return
         attempt.session = session
         self._tools = tools
-        self._tools_stale = False
         self._failures = 0
         self._retry_at = 0.0
         logger.info("MCP server %r ready with %d tools", self.name, len(tools))

@@ -131,6 +131,9 @@ async def pump_stderr(name: str, fd: int, secrets: Secrets) -> None:
                 chunk = os.read(fd, 65536)
             except BlockingIOError:
                 continue
+            except OSError as exc:
+                stderr_log.warning("[%s] reading stderr failed: %s", name, exc)
+                break
             if not chunk:
                 break
             buffer += chunk

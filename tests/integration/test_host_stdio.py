@@ -212,6 +212,28 @@ async def test_stderr_goes_to_the_log_under_the_server_name(
         await wait_until(
             lambda: any("[loud] marker-1234" in r.getMessage() for r in caplog.records), "stderr line logged"
         )
+        await pool.call_tool("loud", "log_message", {"text": "via-mcp-log"})
+        await wait_until(
+            lambda: any(
+                "[loud] via-mcp-log" in r.getMessage() and r.levelno == logging.WARNING
+                for r in caplog.records
+            ),
+            "MCP log message logged",
+        )
+
+
+async def test_a_server_dying_at_start_leaves_its_last_words_in_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="opspawn_mcp.host.stderr")
+    code = "import sys; print('boom-at-start', file=sys.stderr); sys.exit(2)"
+    async with OpsMcpClient({"dying": StdioServerConfig(command=sys.executable, args=["-c", code])}) as pool:
+        with pytest.raises(Unavailable):
+            await pool.list_tools("dying")
+        await wait_until(
+            lambda: any("[dying] boom-at-start" in r.getMessage() for r in caplog.records),
+            "last words logged",
+        )
 
 
 async def test_shutdown_leaves_no_process_even_when_one_ignores_stdin(tmp_path: Path) -> None:

@@ -100,6 +100,12 @@ def say_stderr(text: str) -> str:
     return "ok"
 
 
+@server.tool(description="Send `text` to the client as an MCP log message (notifications/message).")
+async def log_message(text: str, ctx: Context) -> str:
+    await ctx.warning(text)
+    return "ok"
+
+
 def _linger(*_: Any) -> None:
     """After stdin closes, ignore SIGTERM and stay alive: only SIGKILL ends the process."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
