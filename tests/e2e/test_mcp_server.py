@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,9 @@ TOKEN = "e2e-secret-token"
 
 
 def opspawn_command() -> str:
-    return (
-        require_command("opspawn-mcp")
-        if not (Path(sys.executable).parent / "opspawn-mcp").exists()
-        else str(Path(sys.executable).parent / "opspawn-mcp")
-    )
+    """The ``opspawn-mcp`` of this interpreter's environment, else the one on PATH."""
+    beside = Path(sys.executable).parent / "opspawn-mcp"
+    return str(beside) if beside.exists() else require_command("opspawn-mcp")
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +171,15 @@ async def check_bad_input(client: Client) -> None:
     assert missing.is_error and "No task with id" in text(missing)
 
 
+async def wait_for_log(server: ServerProcess, needle: str) -> None:
+    """Until the server's stderr log has ``needle`` (pytest-timeout bounds the wait)."""
+    import asyncio
+
+    while needle not in server.log.read_text():
+        assert server.proc.poll() is None, server.log.read_text()
+        await asyncio.sleep(0.1)
+
+
 # -- stdio --------------------------------------------------------------------------------------
 
 
@@ -189,6 +196,61 @@ async def test_stdio_runs_a_task_through_the_proxy_with_progress(tmp_path: Path,
         await check_bad_input(client)
         servers = view(await client.call_tool("list_servers", {}))["servers"]
         assert [s["name"] for s in servers] == ["testing"]
+
+
+def test_stdio_writes_only_protocol_messages_to_stdout(tmp_path: Path, llm_url: str) -> None:
+    config = write_config(tmp_path / "opspawn.json", llm_url)
+    requests = [
+        {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": "2025-06-18",
+                "capabilities": {},
+                "clientInfo": {"name": "raw", "version": "0"},
+            },
+        },
+        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/list"},
+        {
+            "jsonrpc": "2.0",
+            "id": 3,
+            "method": "tools/call",
+            "params": {"name": "list_servers", "arguments": {}},
+        },
+    ]
+    errlog = (tmp_path / "stderr.log").open("w")
+    proc = subprocess.Popen(
+        [opspawn_command(), "--config", str(config), "serve", "--stdio"],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=errlog,
+        text=True,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    for request in requests:
+        proc.stdin.write(json.dumps(request) + "\n")
+        proc.stdin.flush()
+    answers: dict[int, dict[str, Any]] = {}
+    for line in proc.stdout:
+        message = json.loads(line)  # every stdout line is a JSON-RPC message, nothing else
+        assert message["jsonrpc"] == "2.0"
+        if "id" in message:
+            answers[message["id"]] = message
+        if 3 in answers:
+            break
+    proc.stdin.close()  # the client going away ends the server
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=60) == 0
+    errlog.close()
+    err = (tmp_path / "stderr.log").read_text()
+    assert rest.strip() == ""
+    assert answers[1]["result"]["serverInfo"]["name"] == "opspawn"
+    assert len(answers[2]["result"]["tools"]) == 5
+    assert answers[3]["result"]["structuredContent"]["servers"][0]["name"] == "testing"
+    assert "Traceback" not in err
 
 
 # -- streamable HTTP and SSE ------------------------------------------------------------------
@@ -209,6 +271,7 @@ async def test_http_runs_a_task_and_get_status_shows_progress(http_server: Serve
         assert log[0]["kind"] == "state" and log[-1]["seq"] == len(log)
         assert any(e["kind"] == "tool_call" for e in log)
         await check_bad_input(client)
+        await check_echo_task_with_progress(client)  # notifications/progress over the HTTP stream
 
 
 async def test_http_cancels_a_running_task(http_server: ServerProcess) -> None:
@@ -217,7 +280,11 @@ async def test_http_cancels_a_running_task(http_server: ServerProcess) -> None:
         await poll(client, task["task_id"], lambda s: s["status"] == "running")
         cancelled = view(await client.call_tool("cancel_task", {"task_id": task["task_id"]}))
         assert cancelled["status"] == "cancelled" and cancelled["done"] is True
-        # The worker notices and stops; the task stays cancelled (its final transition fails).
+        # The worker notices within a step and stops the agent, writing nothing more to the task.
+        await wait_for_log(http_server, f"task {task['task_id']}: agent stopped (cancelled)")
+        events = await client.read_resource(f"opspawn://tasks/{task['task_id']}/events")
+        log = json.loads(events.contents[0].text)  # type: ignore[union-attr]
+        assert log[-1]["kind"] == "state" and log[-1]["data"]["status"] == "cancelled"
         listed = view(await client.call_tool("list_tasks", {"status": "cancelled"}))
         assert task["task_id"] in [t["task_id"] for t in listed["tasks"]]
         again = view(await client.call_tool("get_status", {"task_id": task["task_id"]}))
@@ -327,6 +394,3 @@ async def test_a_token_is_required_when_configured(tmp_path: Path, llm_url: str)
         )
     finally:
         assert server.stop() == 0
-
-
-ProgressFn = Callable[[float, float | None, str | None], Awaitable[None]]

@@ -1,0 +1,57 @@
+"""The runtime's binding rules and an in-process Runtime serving real HTTP on a free port."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from mcp import Client
+
+from opspawn_mcp.app import Runtime, auth_token, check_bind
+from opspawn_mcp.config import parse_config
+from opspawn_mcp.errors import Forbidden
+from opspawn_mcp.store.memory import MemoryStore
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1"])
+def test_loopback_needs_no_token(host: str) -> None:
+    check_bind(host, None)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3"])
+def test_other_addresses_need_a_token(host: str) -> None:
+    with pytest.raises(Forbidden, match=f"Refusing to serve on {host} without a token"):
+        check_bind(host, None)
+    check_bind(host, "s3cret")
+
+
+def test_auth_token_reads_the_named_variable() -> None:
+    config = parse_config({"opspawn": {"server": {"auth_token_env": "TOK"}}}, environ={"TOK": "x"})
+    assert auth_token(config, {"TOK": " abc "}) == "abc"
+    with pytest.raises(Forbidden, match="TOK"):
+        auth_token(config, {"TOK": ""})
+    assert auth_token(parse_config({}, environ={}), {}) is None
+
+
+async def test_runtime_serves_mcp_over_http_in_process() -> None:
+    # An LLM endpoint nobody listens on: the embedded worker fails the task fast, loading nothing.
+    llm = {"provider": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m"}
+    config = parse_config({"opspawn": {"store_url": "memory://", "llm": llm}}, environ={})
+    store = MemoryStore()
+    await store.start()
+    ready: asyncio.Queue[str] = asyncio.Queue()
+    async with Runtime(config, store=store) as runtime:
+        serving = asyncio.create_task(runtime.serve_http("127.0.0.1", 0, on_ready=ready.put_nowait))
+        base = await ready.get()
+        async with Client(f"{base}/mcp") as client:
+            task = (await client.call_tool("submit_task", {"goal": "x", "servers": []})).structured_content
+            assert task is not None and task["status"] in ("queued", "running", "failed")
+            assert (await runtime.service.get(task["task_id"])).spec.servers == []
+        async with httpx.AsyncClient() as http:
+            refused = await http.get(f"{base}/sse", headers={"Host": "evil.example"})
+            assert refused.status_code == 421
+        serving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await serving
+    await store.close()
