@@ -34,7 +34,7 @@ from opspawn_mcp.host.transports import Secrets, WatchedReadStream, open_transpo
 logger = logging.getLogger("opspawn_mcp.host")
 
 CLIENT_INFO = types.Implementation(name="opspawn", version="0.1.0")
-BACKOFF_BASE_S = 0.25
+BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 30.0
 UNAVAILABLE_AFTER = 3
 """Consecutive failures before a server is reported ``unavailable`` and calls stop waiting for it."""
@@ -248,8 +248,8 @@ class ServerConnection:
             return
         attempt.session = session
         self._tools = tools
-        self._failures = 0
-        self._retry_at = 0.0
+        # The failure count is reset by a call that gets an answer, not by the handshake: a server
+        # that starts fine and dies on every call must still back off and end up unavailable.
         logger.info("MCP server %r ready with %d tools", self.name, len(tools))
         attempt.ready.set()
 
@@ -350,6 +350,7 @@ class ServerConnection:
                     f"MCP server {self.name!r} did not answer tools/list within {self._connect_timeout():g}s.",
                     server=self.name,
                 ) from None
+        self._failures = 0
         return list(self._tools)
 
     # -- calls -----------------------------------------------------------------------------------
@@ -411,6 +412,7 @@ class ServerConnection:
                 f"MCP server {self.name!r} returned an unusable result for {tool!r}: "
                 f"{self.secrets.redact(_describe(exc))}."
             )
+        self._failures = 0
         if result.is_error:
             self.errors += 1
         return result

@@ -172,6 +172,21 @@ async def test_a_failing_server_becomes_unavailable_without_blocking_others(tmp_
         assert _info(pool, "broken").errors == 4
 
 
+async def test_a_server_dying_on_every_call_backs_off_to_unavailable(tmp_path: Path) -> None:
+    async with OpsMcpClient({"t": stdio_config(tmp_path)}) as pool:
+        crashes = 0
+        while _info(pool, "t").state != "unavailable":
+            with pytest.raises(Unavailable):
+                await pool.call_tool("t", "crash", {})
+            crashes += 1
+            assert crashes <= 3
+        assert len(started_pids(tmp_path)) == 3
+        with pytest.raises(Unavailable) as fast:
+            await pool.call_tool("t", "echo", {"text": "x"})
+        assert "unavailable" in fast.value.message
+        assert len(started_pids(tmp_path)) == 3
+
+
 async def test_missing_command_is_a_clear_error(tmp_path: Path) -> None:
     missing = StdioServerConfig(command="/nonexistent/mcp-server")
     async with OpsMcpClient({"m": missing}) as pool:
