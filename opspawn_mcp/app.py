@@ -20,7 +20,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import AsyncExitStack, contextmanager
 from types import TracebackType
 from typing import Any
@@ -31,6 +31,7 @@ from starlette.routing import BaseRoute, Mount
 from starlette.types import ASGIApp
 
 from gateway.app import create_gateway
+from gateway.auth import OPEN_PATHS as PROBE_PATHS
 from opspawn_mcp.broker import DramatiqEnqueuer, is_embedded
 from opspawn_mcp.config import LOCALHOSTS, Config
 from opspawn_mcp.errors import Forbidden, Unavailable
@@ -154,9 +155,16 @@ class Runtime:
                 task.uncancel()
 
     def http_app(
-        self, host: str, port: int, *, token: str | None = None, extra_routes: Sequence[BaseRoute] = ()
+        self,
+        host: str,
+        port: int,
+        *,
+        token: str | None = None,
+        extra_routes: Sequence[BaseRoute] = (),
+        open_paths: Collection[str] = (),
     ) -> ASGIApp:
-        """The ASGI app for /mcp and /sse (plus ``extra_routes``, e.g. the REST gateway's)."""
+        """The ASGI app for /mcp and /sse (plus ``extra_routes``, e.g. the REST gateway's);
+        ``open_paths`` (health probes) skip the token check."""
         return build_http_app(
             self.mcp,
             host=host,
@@ -164,6 +172,7 @@ class Runtime:
             token=token,
             allowed_origins=self.config.opspawn.server.allowed_origins,
             extra_routes=extra_routes,
+            open_paths=open_paths,
         )
 
     async def serve_http(
@@ -174,7 +183,8 @@ class Runtime:
         extra_routes: Sequence[BaseRoute] = (),
         on_ready: Callable[[str], Any] | None = None,
     ) -> None:
-        """Serve streamable HTTP and SSE until cancelled or signalled.
+        """Serve MCP (streamable HTTP and SSE), the REST gateway on the same port, and gRPC on
+        ``opspawn.server.grpc_port`` if set, until cancelled or signalled.
 
         The socket is bound here, before the app is built, so port 0 (tests) yields a known
         port for the Host-header checks and for ``on_ready(base_url)``.
@@ -190,7 +200,10 @@ class Runtime:
         base = f"http://{shown}:{actual}"
         # The REST gateway (gateway/) answers every path the MCP routes do not: /v1/..., probes.
         rest = Mount("/", app=create_gateway(self.service, token))
-        app = self.http_app(host, actual, token=token, extra_routes=[*extra_routes, rest])
+        # Probes stay open (orchestrators send no token); the gateway guards everything else itself.
+        app = self.http_app(
+            host, actual, token=token, extra_routes=[*extra_routes, rest], open_paths=PROBE_PATHS
+        )
         config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False)
         server = _Server(config)
 

@@ -437,6 +437,7 @@ def build_http_app(
     token: str | None,
     allowed_origins: Sequence[str] = (),
     extra_routes: Sequence[BaseRoute] = (),
+    open_paths: Collection[str] = (),
 ) -> ASGIApp:
     """One ASGI app serving both HTTP transports (and ``extra_routes``), behind the token if any."""
     routes, session_lifespan = mcp_http_routes(server, transport_security(host, port, allowed_origins))
@@ -448,5 +449,5 @@ def build_http_app(
 
     app: ASGIApp = Starlette(routes=[*routes, *extra_routes], lifespan=lifespan)
     if token:
-        app = BearerAuth(app, token)
+        app = BearerAuth(app, token, open_paths)
     return app

@@ -376,6 +376,8 @@ async def test_a_token_is_required_when_configured(tmp_path: Path, llm_url: str)
             assert wrong.status_code == 401
             sse = await http.get(f"{server.base}/sse")
             assert sse.status_code == 401
+            probe = await http.get(f"{server.base}/healthz")  # probes need no token
+            assert probe.status_code == 200
 
         import httpx2
         from mcp.client.streamable_http import streamable_http_client
