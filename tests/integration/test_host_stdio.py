@@ -45,6 +45,20 @@ async def test_concurrent_calls_on_a_cold_server_share_one_process(tmp_path: Pat
         assert info.transport == "stdio"
 
 
+async def test_max_concurrency_bounds_calls_in_flight(tmp_path: Path) -> None:
+    async with OpsMcpClient({"t": stdio_config(tmp_path, max_concurrency=2)}) as pool:
+        async with anyio.create_task_group() as tg:
+            for i in range(6):
+                tg.start_soon(pool.call_tool, "t", "sleep", {"seconds": 1.0, "tag": str(i)})
+    # The server appends started/finished lines in the order it runs them.
+    running = peak = 0
+    for line in lines(tmp_path / "cancels"):
+        running += 1 if line.startswith("started") else -1
+        peak = max(peak, running)
+    assert peak == 2
+    assert sum(line.startswith("finished") for line in lines(tmp_path / "cancels")) == 6
+
+
 async def test_tool_errors_are_results_not_exceptions(tmp_path: Path) -> None:
     async with OpsMcpClient({"t": stdio_config(tmp_path)}) as pool:
         failed = await pool.call_tool("t", "fail", {"message": "nope"})
