@@ -46,10 +46,10 @@ async def test_concurrent_calls_on_a_cold_server_share_one_process(tmp_path: Pat
 
 
 async def test_max_concurrency_bounds_calls_in_flight(tmp_path: Path) -> None:
-    async with OpsMcpClient({"t": stdio_config(tmp_path, max_concurrency=2)}) as pool:
-        async with anyio.create_task_group() as tg:
-            for i in range(6):
-                tg.start_soon(pool.call_tool, "t", "sleep", {"seconds": 1.0, "tag": str(i)})
+    pool = OpsMcpClient({"t": stdio_config(tmp_path, max_concurrency=2)})
+    async with pool, anyio.create_task_group() as tg:
+        for i in range(6):
+            tg.start_soon(pool.call_tool, "t", "sleep", {"seconds": 1.0, "tag": str(i)})
     # The server appends started/finished lines in the order it runs them.
     running = peak = 0
     for line in lines(tmp_path / "cancels"):
