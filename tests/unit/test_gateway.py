@@ -17,8 +17,9 @@ import pytest
 from gateway.app import MAX_BODY_BYTES, create_gateway
 from gateway.problems import PROBLEM_MEDIA_TYPE
 from opspawn_mcp.config import Config, parse_config
+from opspawn_mcp.errors import Unavailable
 from opspawn_mcp.host.models import ServerInfo
-from opspawn_mcp.models import TaskStatus
+from opspawn_mcp.models import Task, TaskEvent, TaskStatus
 from opspawn_mcp.service import TaskService
 from opspawn_mcp.store.memory import MemoryStore
 
@@ -324,3 +325,54 @@ async def test_with_the_token_requests_pass_and_probes_never_need_it(secured: ht
         assert (await secured.get("/readyz")).status_code == 200
         doc = (await secured.get("/openapi.json", headers={"Authorization": f"bearer {TOKEN}"})).json()
         assert doc["security"] == [{"bearer": []}]
+
+
+# -- failures after the fact, and bugs --------------------------------------------------------
+
+
+class StoreThatDiesMidStream(MemoryStore):
+    """Answers the pre-stream check, then loses its database while the stream is being served."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.event_reads = 0
+
+    async def events(self, task_id: str, after_seq: int = 0, limit: int = 1000) -> list[TaskEvent]:
+        self.event_reads += 1
+        if self.event_reads > 1:
+            raise Unavailable("The task store cannot be reached; retry later.")
+        return await super().events(task_id, after_seq, limit)
+
+
+class BrokenStore(MemoryStore):
+    """A store with a bug (not a typed error): the gateway must not leak its trace."""
+
+    async def get(self, task_id: str) -> Task:
+        raise RuntimeError("secret internal detail")
+
+
+async def test_a_failure_after_the_stream_started_ends_it_with_a_problem_event(
+    enqueuer: RecordingEnqueuer,
+) -> None:
+    store = StoreThatDiesMidStream()
+    service = TaskService(make_config(), store, enqueuer, Directory(), poll_interval_s=0.01, environ={})
+    task = await service.submit({"goal": "g"})
+    transport = httpx.ASGITransport(app=create_gateway(service))
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+        r = await c.get(f"/v1/tasks/{task.id}/events")
+    assert r.status_code == 200
+    last = parse_sse(r.text)[-1]
+    assert last["event"] == "problem"
+    problem = json.loads(last["data"])
+    assert (problem["status"], problem["error"]) == (503, "unavailable")
+
+
+async def test_a_bug_is_a_500_problem_without_the_trace(enqueuer: RecordingEnqueuer) -> None:
+    service = TaskService(make_config(), BrokenStore(), enqueuer, Directory(), environ={})
+    transport = httpx.ASGITransport(app=create_gateway(service), raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+        r = await c.get("/v1/tasks/abc")
+    body = assert_problem(r, 500, "internal")
+    assert "secret" not in r.text
+    assert "Traceback" not in r.text
+    assert body["detail"]

@@ -273,3 +273,26 @@ async def test_with_a_token_calls_without_it_are_unauthenticated(
         assert (
             await health.Check(health_pb2.HealthCheckRequest())
         ).status == health_pb2.HealthCheckResponse.SERVING
+
+
+class BrokenStore(MemoryStore):
+    """A store with a bug (not a typed error): the door must not leak its text or trace."""
+
+    async def get(self, task_id: str) -> Task:
+        raise RuntimeError("secret internal detail")
+
+
+async def test_a_bug_is_internal_without_its_details() -> None:
+    async with (
+        serve_grpc(make_service(BrokenStore()), "127.0.0.1", 0) as running,
+        grpc.aio.insecure_channel(running.target) as ch,
+    ):
+        stub = pb_grpc.TaskServiceStub(ch)  # type: ignore[no-untyped-call]
+        code, details = await code_of(stub.GetTask(pb.GetTaskRequest(task_id="x")))
+        assert code == grpc.StatusCode.INTERNAL
+        assert "secret" not in details
+        watch = stub.WatchTask(pb.WatchTaskRequest(task_id="x"))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await watch.read()
+        assert info.value.code() == grpc.StatusCode.INTERNAL
+        assert "secret" not in (info.value.details() or "")
