@@ -8,6 +8,7 @@ between releases; a new version is adopted deliberately, not by surprise in CI.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import schemathesis
@@ -17,6 +18,7 @@ from schemathesis import checks
 from gateway.app import create_gateway
 from opspawn_mcp.config import parse_config
 from opspawn_mcp.host.models import ServerInfo
+from opspawn_mcp.models import TaskStatus, Usage
 from opspawn_mcp.service import TaskService
 from opspawn_mcp.store.memory import MemoryStore
 
@@ -36,6 +38,21 @@ class Directory:
         return [ServerInfo(name="echo", transport="stdio", state="idle")]
 
 
+async def _seed(service: TaskService, store: MemoryStore) -> None:
+    """Tasks in every state, so listing them puts every optional Task field under the schema check."""
+    done, failed, cancelled, _queued = [
+        (await service.submit({"goal": goal, "servers": ["echo"]})).id for goal in "abcd"
+    ]
+    for task_id, status, extra in (
+        (done, TaskStatus.COMPLETED, {"result": "42", "usage": Usage(input_tokens=3, output_tokens=4)}),
+        (failed, TaskStatus.FAILED, {"error": "the LLM refused"}),
+    ):
+        await store.claim(task_id, "w1", 30.0, 3)
+        await store.append_event(task_id, "tool_call", {"tool": "echo__echo", "arguments": {"text": "x"}})
+        await store.transition(task_id, {TaskStatus.RUNNING}, status, owner="w1", **extra)
+    await service.cancel(cancelled)
+
+
 def _app() -> object:
     config = parse_config(
         {
@@ -45,7 +62,9 @@ def _app() -> object:
         environ={},
     )
     # MemoryStore.start only flips a flag; the store is usable without awaiting it here.
-    service = TaskService(config, MemoryStore(), RecordingEnqueuer(), Directory(), environ={})
+    store = MemoryStore()
+    service = TaskService(config, store, RecordingEnqueuer(), Directory(), environ={})
+    asyncio.run(_seed(service, store))
     return create_gateway(service, auth_token=TOKEN)
 
 
