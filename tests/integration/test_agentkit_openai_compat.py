@@ -116,6 +116,14 @@ async def test_client_errors_are_not_retried() -> None:
     assert len(server.fake.requests) == 1
 
 
+async def test_a_slow_server_hits_the_client_timeout(server: FakeOpenAIServer) -> None:
+    server.fake.script({"content": "late", "delay": 30})
+    async with client(server, timeout_s=0.2, max_retries=0) as llm:
+        with pytest.raises(LLMError, match=r"timeout_s=0.2") as info:
+            await llm.chat([Message.user("x")])
+    assert info.value.retryable
+
+
 async def test_unreachable_server_is_an_llm_error() -> None:
     with FakeOpenAIServer() as server:
         url = server.base_url

@@ -28,6 +28,8 @@ Scripted mode
 * ``{"content": ..., "tool_calls": [{"name": ..., "arguments": {...}, "id": optional}]}``;
 * ``{"status": 429 | 500 | ..., "retry_after": optional seconds, "message": optional}``: an HTTP error.
 
+Any scripted dict may carry ``"delay": seconds`` to answer late (for client timeouts).
+
 ``FakeOpenAI(mode="scripted")`` answers HTTP 400 once the queue is empty instead of using the rules.
 ``fake.requests`` holds every request body received, for assertions.
 
@@ -81,6 +83,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
 
+import anyio
 import httpx
 import uvicorn
 from starlette.applications import Starlette
@@ -196,6 +199,8 @@ class FakeOpenAI:
         reply = self._next(body)
         if reply is None:
             return _error(400, "fake_openai: the script is empty (scripted mode); script more replies")
+        if reply.get("delay"):
+            await anyio.sleep(float(reply["delay"]))
         if "status" in reply:
             headers = (
                 {"retry-after": str(reply["retry_after"])} if reply.get("retry_after") is not None else {}
@@ -347,6 +352,7 @@ class FakeOpenAIServer:
     def __exit__(self, *exc: object) -> None:
         if self._server is not None:
             self._server.should_exit = True
+            self._server.force_exit = True  # do not wait for requests a test abandoned (delays)
         if self._thread is not None:
             self._thread.join(timeout=10)
 

@@ -255,6 +255,21 @@ async def test_cancel_during_a_model_call() -> None:
     assert results[0].status is RunStatus.CANCELLED
 
 
+async def test_cancel_between_steps_stops_before_the_next_model_call() -> None:
+    agent: Agent
+
+    async def on_event(event: AgentEvent) -> None:
+        if event.kind == "tool_result":
+            agent.cancel()
+
+    llm = ScriptedLLM([call("add", a=1, b=2), "never asked"])
+    agent = Agent(llm, [add], on_event=on_event)
+    result = await agent.run("x")
+    assert result.status is RunStatus.CANCELLED
+    assert len(llm.calls) == 1
+    assert result.steps[0].tool_results[0].content == "3"
+
+
 async def test_cancel_before_the_run_starts_cancels_it() -> None:
     llm = ScriptedLLM(["answer"])
     agent = Agent(llm)
