@@ -24,7 +24,7 @@ import socket
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
@@ -44,9 +44,11 @@ from opspawn_mcp.host.models import ServerInfo
 from opspawn_mcp.models import (
     GOAL_MAX_CHARS,
     MAX_STEPS_LIMIT,
+    SYSTEM_PROMPT_MAX_CHARS,
     TIMEOUT_LIMIT_S,
     ModelSettings,
     Task,
+    TaskSpec,
     TaskStatus,
 )
 from opspawn_mcp.service import LIST_PAGE_MAX, WAIT_MAX_S, TaskService
@@ -159,7 +161,24 @@ def _describe_event(kind: str, data: dict[str, Any]) -> str:
     return f"{kind} {text[:200]}"
 
 
-TaskId = Annotated[str, Field(description="The task_id returned by submit_task or list_tasks.")]
+def _arg(description: str, **schema: Any) -> Any:
+    """A tool argument's JSON schema, documented but not enforced by the SDK.
+
+    The arguments are typed ``Any`` so every check (types, limits, enums) happens once, in
+    ``TaskService`` and the models: an MCP caller then gets the same ``invalid_input: ...``
+    message a REST or gRPC caller gets, instead of the SDK's own validation text.
+    """
+    return Field(description=description, json_schema_extra=schema)
+
+
+PLANNERS = get_args(TaskSpec.model_fields["planner"].annotation)
+_MODEL_SCHEMA = {
+    k: v
+    for k, v in ModelSettings.model_json_schema().items()
+    if k in ("type", "properties", "additionalProperties")
+}
+
+TaskId = Annotated[Any, _arg("The task_id returned by submit_task or list_tasks.", type="string")]
 
 
 def build_server(service: TaskService) -> MCPServer:
@@ -168,48 +187,59 @@ def build_server(service: TaskService) -> MCPServer:
 
     async def submit_task(
         goal: Annotated[
-            str,
-            Field(
-                description="What the agent must do, in plain language, with everything it needs to know.",
-                json_schema_extra={"minLength": 1, "maxLength": GOAL_MAX_CHARS},
+            Any,
+            _arg(
+                "What the agent must do, in plain language, with everything it needs to know.",
+                type="string",
+                minLength=1,
+                maxLength=GOAL_MAX_CHARS,
             ),
         ],
         ctx: Context,
         servers: Annotated[
-            list[str] | None,
-            Field(description="Names from list_servers the agent may use; omit to allow all of them."),
-        ] = None,
-        model: Annotated[
-            ModelSettings | None,
-            Field(description="LLM settings; omit to use the server's configured model."),
-        ] = None,
-        max_steps: Annotated[
-            int | None,
-            Field(
-                description="Step budget (LLM calls); default 10.",
-                json_schema_extra={"minimum": 1, "maximum": MAX_STEPS_LIMIT},
+            Any,
+            _arg(
+                "Names from list_servers the agent may use; omit to allow all of them.",
+                type="array",
+                items={"type": "string"},
             ),
         ] = None,
+        model: Annotated[
+            Any, _arg("LLM settings; omit to use the server's configured model.", **_MODEL_SCHEMA)
+        ] = None,
+        max_steps: Annotated[
+            Any,
+            _arg("Step budget (LLM calls); default 10.", type="integer", minimum=1, maximum=MAX_STEPS_LIMIT),
+        ] = None,
         planner: Annotated[
-            Literal["react", "plan_and_execute"] | None,
-            Field(description="'react' (default) acts step by step; 'plan_and_execute' plans first."),
+            Any,
+            _arg(
+                "'react' (default) acts step by step; 'plan_and_execute' plans first.",
+                type="string",
+                enum=list(PLANNERS),
+            ),
         ] = None,
         timeout: Annotated[  # noqa: ASYNC109 - the task's run time limit, not this call's
-            float | None,
-            Field(
-                description="Seconds the task may run before it fails; default 300.",
-                json_schema_extra={"exclusiveMinimum": 0, "maximum": TIMEOUT_LIMIT_S},
+            Any,
+            _arg(
+                "Seconds the task may run before it fails; default 300.",
+                type="number",
+                exclusiveMinimum=0,
+                maximum=TIMEOUT_LIMIT_S,
             ),
         ] = None,
         system_prompt: Annotated[
-            str | None, Field(description="Extra instructions for the agent's LLM.")
+            Any,
+            _arg("Extra instructions for the agent's LLM.", type="string", maxLength=SYSTEM_PROMPT_MAX_CHARS),
         ] = None,
         wait: Annotated[
-            float,
-            Field(
-                description="Seconds to wait for the result before returning (0 returns at once). "
+            Any,
+            _arg(
+                "Seconds to wait for the result before returning (0 returns at once). "
                 "With a progress token you get a progress notification for each step.",
-                json_schema_extra={"minimum": 0, "maximum": WAIT_MAX_S},
+                type="number",
+                minimum=0,
+                maximum=WAIT_MAX_S,
             ),
         ] = 0,
     ) -> TaskView:
@@ -217,7 +247,7 @@ def build_server(service: TaskService) -> MCPServer:
         spec: dict[str, Any] = {"goal": goal}
         optional = {
             "servers": servers,
-            "model": model.model_dump(exclude_none=True) if model else None,
+            "model": model,
             "max_steps": max_steps,
             "planner": planner,
             "timeout_s": timeout,
@@ -248,13 +278,12 @@ def build_server(service: TaskService) -> MCPServer:
             raise _tool_error(exc) from exc
 
     async def list_tasks(
-        status: Annotated[TaskState | None, Field(description="Only tasks in this status.")] = None,
-        limit: Annotated[
-            int,
-            Field(description="Page size.", json_schema_extra={"minimum": 1, "maximum": LIST_PAGE_MAX}),
-        ] = 20,
+        status: Annotated[
+            Any, _arg("Only tasks in this status.", type="string", enum=[s.value for s in TaskStatus])
+        ] = None,
+        limit: Annotated[Any, _arg("Page size.", type="integer", minimum=1, maximum=LIST_PAGE_MAX)] = 20,
         cursor: Annotated[
-            str | None, Field(description="next_cursor from the previous page; omit for the newest.")
+            Any, _arg("next_cursor from the previous page; omit for the newest.", type="string")
         ] = None,
     ) -> TaskList:
         """Tasks, newest first, one page at a time."""

@@ -176,6 +176,8 @@ class TaskService:
     ) -> TaskPage:
         """Newest first. ``cursor`` is the ``next_cursor`` of the previous page."""
         wanted = _status(status)
+        if cursor is not None and not isinstance(cursor, str):
+            raise InvalidInput("cursor must be the next_cursor string of a previous page.", field="cursor")
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= LIST_PAGE_MAX:
             raise InvalidInput(f"limit must be an integer from 1 to {LIST_PAGE_MAX}.", field="limit")
         return await self._store.list(wanted, limit, cursor or None)
@@ -292,7 +294,9 @@ class TaskService:
 
 
 def _check_id(task_id: str) -> str:
-    if not isinstance(task_id, str) or not task_id.strip():
+    if not isinstance(task_id, str):
+        raise InvalidInput("task_id must be a string: the id submit_task returned.", field="task_id")
+    if not task_id.strip():
         raise InvalidInput("task_id is empty; pass the id submit_task returned.", field="task_id")
     if len(task_id) > TASK_ID_MAX_CHARS:
         raise TaskNotFound(task_id[:TASK_ID_MAX_CHARS] + "...")

@@ -106,7 +106,12 @@ async def test_submit_returns_the_queued_task_at_once(server: MCPServer, enqueue
         ({"goal": "x" * 20_001}, "payload_too_large"),
         ({"goal": "x", "max_steps": 0}, "max_steps"),
         ({"goal": "x", "wait": -1}, "wait must be"),
-        ({"goal": 5}, "goal"),
+        ({"goal": 5}, "invalid_input: Invalid task spec: goal: Input should be a valid string"),
+        ({"goal": "x", "planner": "yolo"}, "invalid_input: Invalid task spec: planner"),
+        ({"goal": "x", "max_steps": "many"}, "invalid_input: Invalid task spec: max_steps"),
+        ({"goal": "x", "servers": "testing"}, "invalid_input: Invalid task spec: servers"),
+        ({"goal": "x", "model": {"temperature": 9}}, "invalid_input: Invalid task spec: model.temperature"),
+        ({"goal": "x", "wait": "soon"}, "invalid_input: wait must be"),
         ({"goal": "x", "model": {"provider": "openai"}}, "No model name"),
     ],
 )
@@ -141,6 +146,26 @@ async def test_get_status_list_and_cancel(server: MCPServer) -> None:
         assert rest and [t["task_id"] for t in rest["tasks"]] == [first["task_id"]]
         only = (await client.call_tool("list_tasks", {"status": "cancelled"})).structured_content
         assert only and [t["task_id"] for t in only["tasks"]] == [first["task_id"]]
+
+
+@pytest.mark.parametrize(
+    ("tool", "args", "message"),
+    [
+        ("list_tasks", {"status": "done"}, "invalid_input: Unknown status 'done'"),
+        ("list_tasks", {"limit": "x"}, "invalid_input: limit must be"),
+        ("list_tasks", {"limit": 0}, "invalid_input: limit must be"),
+        ("list_tasks", {"cursor": 5}, "invalid_input: cursor must be"),
+        ("get_status", {"task_id": 5}, "invalid_input: task_id must be a string"),
+        ("cancel_task", {"task_id": ""}, "invalid_input: task_id is empty"),
+    ],
+)
+async def test_every_argument_error_comes_from_the_service(
+    server: MCPServer, tool: str, args: dict[str, Any], message: str
+) -> None:
+    async with Client(server) as client:
+        result = await client.call_tool(tool, args)
+        assert result.is_error
+        assert message in text(result)
 
 
 async def test_unknown_ids_and_conflicts_are_tool_errors(server: MCPServer, store: MemoryStore) -> None:
