@@ -403,16 +403,8 @@ async def test_unknown_task_is_not_found(server: Server, door_name: str) -> None
     [({"goal": "x", "max_steps": 0}, "max_steps"), ({"goal": "x", "planner": "yolo"}, "planner")],
 )
 async def test_bad_input_is_invalid_with_the_same_message(
-    server: Server, door_name: str, spec: dict[str, Any], field: str, request: pytest.FixtureRequest
+    server: Server, door_name: str, spec: dict[str, Any], field: str
 ) -> None:
-    if door_name == "mcp" and field == "planner":
-        # A real disagreement this suite found: server.py types submit_task's `planner` as a
-        # Literal, so the MCP SDK refuses "yolo" with its own pydantic text before TaskService
-        # sees it (no "invalid_input:" kind). Strict: fixing server.py turns this into a failure
-        # that says to remove the mark.
-        request.applymarker(
-            pytest.mark.xfail(strict=True, reason="MCP submit_task validates `planner` itself (server.py)")
-        )
     async with open_door(door_name, server) as door:
         with pytest.raises(DoorError) as info:
             await door.submit(spec)
