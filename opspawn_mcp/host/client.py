@@ -49,9 +49,14 @@ class OpsMcpClient:
         for server in self._servers.values():
             server.start(tg)
         if self._eager:
-            async with anyio.create_task_group() as connect:
-                for server in self._servers.values():
-                    connect.start_soon(self._warm, server)
+            try:
+                async with anyio.create_task_group() as connect:
+                    for server in self._servers.values():
+                        connect.start_soon(self._warm, server)
+            except BaseException as exc:
+                # Cancelled while connecting: close what was opened, or the task group leaks.
+                await self.__aexit__(type(exc), exc, exc.__traceback__)
+                raise
         return self
 
     @staticmethod

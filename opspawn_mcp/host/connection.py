@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import anyio.abc
@@ -130,7 +130,7 @@ class ServerConnection:
             attempt.stop.set()
 
     @property
-    def transport(self) -> Any:
+    def transport(self) -> Literal["stdio", "sse", "streamable-http"]:
         return "stdio" if isinstance(self.config, StdioServerConfig) else self.config.transport
 
     @property
