@@ -21,7 +21,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Collection, Iterator, Sequence
-from contextlib import AsyncExitStack, contextmanager
+from contextlib import AsyncExitStack, contextmanager, suppress
 from types import TracebackType
 from typing import Any
 
@@ -110,6 +110,8 @@ class Runtime:
                 await store.start()
                 stack.push_async_callback(store.close)
             pool = await stack.enter_async_context(OpsMcpClient(self.config.mcp_servers))
+            warming = asyncio.create_task(_warm(pool), name="opspawn-warm-pool")
+            stack.push_async_callback(_cancel, warming)
             enqueuer: Enqueuer
             if is_embedded(self.config):
                 enqueuer = await stack.enter_async_context(EmbeddedWorker(self.config, store, pool))
@@ -256,6 +258,25 @@ def _on_signals(callback: Callable[[], None]) -> Iterator[None]:
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
+
+
+async def _warm(pool: OpsMcpClient) -> None:
+    """Connect to every downstream server in the background, so ``list_servers`` shows their
+    tools (and a broken one its error) without delaying startup; failures are only recorded."""
+
+    async def one(name: str) -> None:
+        try:
+            await pool.list_tools(name)
+        except Exception as exc:
+            log.warning("downstream server %r is not reachable yet: %s", name, exc)
+
+    await asyncio.gather(*(one(name) for name in pool.server_names))
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with suppress(asyncio.CancelledError):
+        await task
 
 
 def _bind(host: str, port: int) -> socket.socket:

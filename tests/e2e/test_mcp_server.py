@@ -9,6 +9,7 @@ fake OpenAI server (another process) as its LLM. The fake's rule mode turns the 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -127,8 +128,6 @@ def view(result: CallToolResult) -> dict[str, Any]:
 
 async def poll(client: Client, task_id: str, until: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
     """get_status until ``until`` holds; returns every status seen (pytest-timeout bounds it)."""
-    import asyncio
-
     seen: list[dict[str, Any]] = []
     while True:
         status = view(await client.call_tool("get_status", {"task_id": task_id}))
@@ -173,8 +172,6 @@ async def check_bad_input(client: Client) -> None:
 
 async def wait_for_log(server: ServerProcess, needle: str) -> None:
     """Until the server's stderr log has ``needle`` (pytest-timeout bounds the wait)."""
-    import asyncio
-
     while needle not in server.log.read_text():
         assert server.proc.poll() is None, server.log.read_text()
         await asyncio.sleep(0.1)
@@ -297,8 +294,14 @@ async def test_sse_transport_serves_the_same_tools(http_server: ServerProcess) -
     async with Client(sse_client(f"{http_server.base}/sse")) as client:
         names = {t.name for t in (await client.list_tools()).tools}
         assert "submit_task" in names
-        servers = view(await client.call_tool("list_servers", {}))
-        assert servers["servers"][0]["name"] == "testing"
+        # The runtime connects to its downstream servers in the background after start.
+        while True:
+            servers = view(await client.call_tool("list_servers", {}))["servers"]
+            assert servers[0]["name"] == "testing" and servers[0]["state"] != "unavailable", servers
+            if servers[0]["state"] == "ready":
+                break
+            await asyncio.sleep(0.1)
+        assert "echo" in servers[0]["tools"] and servers[0]["tool_count"] == len(servers[0]["tools"])
 
 
 def test_dns_rebinding_hosts_are_refused(http_server: ServerProcess) -> None:
