@@ -23,7 +23,7 @@ from starlette.routing import Route
 
 from gateway.auth import BearerAuth
 from gateway.openapi import build_openapi
-from gateway.problems import EXCEPTION_HANDLERS, PROBLEM_MEDIA_TYPE, problem_response
+from gateway.problems import EXCEPTION_HANDLERS, PROBLEM_MEDIA_TYPE, error_document, problem_response
 from opspawn_mcp.errors import OpspawnError, PayloadTooLarge
 from opspawn_mcp.models import TaskEvent
 from opspawn_mcp.service import TaskService
@@ -73,8 +73,7 @@ async def _sse_stream(events: AsyncGenerator[TaskEvent, None]) -> AsyncIterator[
         async for event in events:
             yield _sse(event)
     except OpspawnError as exc:
-        payload = json.dumps({"status": exc.status, **exc.to_dict()})
-        yield f"event: problem\ndata: {payload}\n\n"
+        yield f"event: problem\ndata: {json.dumps(error_document(exc))}\n\n"
     finally:
         await events.aclose()
 

@@ -42,14 +42,7 @@ class Problem(BaseModel):
     )
 
 
-def problem_response(
-    status: int,
-    kind: str,
-    detail: str,
-    *,
-    headers: Mapping[str, str] | None = None,
-    **extra: Any,
-) -> Response:
+def problem_document(status: int, kind: str, detail: str, **extra: Any) -> dict[str, Any]:
     problem = Problem(
         type=TYPE_PREFIX + kind,
         title=HTTPStatus(status).phrase,
@@ -58,20 +51,36 @@ def problem_response(
         kind=kind,
         **extra,
     )
-    return JSONResponse(
-        problem.model_dump(mode="json", exclude_none=True),
-        status_code=status,
-        media_type=PROBLEM_MEDIA_TYPE,
-        headers=headers,
-    )
+    return problem.model_dump(mode="json", exclude_none=True)
 
 
-def error_response(exc: OpspawnError) -> Response:
+def error_document(exc: OpspawnError) -> dict[str, Any]:
     """The problem for a typed error: status and kind from errors.py, its details as extensions
     (``problems`` for validation, ``task_id``, ``field``...), exactly what the other doors carry."""
     reserved = set(Problem.model_fields) - {"problems"}
     extra = {k: v for k, v in exc.details.items() if k not in reserved}
-    return problem_response(exc.status, exc.kind, exc.message, **extra)
+    return problem_document(exc.status, exc.kind, exc.message, **extra)
+
+
+def problem_response(
+    status: int,
+    kind: str,
+    detail: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    **extra: Any,
+) -> Response:
+    return _respond(problem_document(status, kind, detail, **extra), headers)
+
+
+def error_response(exc: OpspawnError) -> Response:
+    return _respond(error_document(exc))
+
+
+def _respond(document: dict[str, Any], headers: Mapping[str, str] | None = None) -> Response:
+    return JSONResponse(
+        document, status_code=document["status"], media_type=PROBLEM_MEDIA_TYPE, headers=headers
+    )
 
 
 async def on_opspawn_error(request: Request, exc: Exception) -> Response:

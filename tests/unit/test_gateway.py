@@ -364,7 +364,11 @@ async def test_a_failure_after_the_stream_started_ends_it_with_a_problem_event(
     last = parse_sse(r.text)[-1]
     assert last["event"] == "problem"
     problem = json.loads(last["data"])
-    assert (problem["status"], problem["error"]) == (503, "unavailable")
+    assert (problem["status"], problem["kind"], problem["type"]) == (
+        503,
+        "unavailable",
+        "urn:opspawn:problem:unavailable",
+    )
 
 
 async def test_a_bug_is_a_500_problem_without_the_trace(enqueuer: RecordingEnqueuer) -> None:
