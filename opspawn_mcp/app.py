@@ -184,19 +184,22 @@ class Runtime:
         *,
         extra_routes: Sequence[BaseRoute] = (),
         on_ready: Callable[[str], Any] | None = None,
+        sock: socket.socket | None = None,
     ) -> None:
         """Serve MCP (streamable HTTP and SSE), the REST gateway on the same port, and gRPC on
         ``opspawn.server.grpc_port`` if set, until cancelled or signalled.
 
-        The socket is bound here, before the app is built, so port 0 (tests) yields a known
-        port for the Host-header checks and for ``on_ready(base_url)``.
+        The socket is bound before the app is built (or passed in, bound by ``bind_http``
+        before the runtime opened anything), so port 0 (tests) yields a known port for the
+        Host-header checks and for ``on_ready(base_url)``. The socket is closed on return.
         """
         settings = self.config.opspawn.server
         host = settings.host if host is None else host
         port = settings.port if port is None else port
         token = auth_token(self.config)
         check_bind(host, token)
-        sock = _bind(host, port)
+        if sock is None:
+            sock = bind_http(host, port)
         actual = sock.getsockname()[1]
         shown = f"[{host}]" if ":" in host else host
         base = f"http://{shown}:{actual}"
@@ -279,7 +282,8 @@ async def _cancel(task: asyncio.Task[None]) -> None:
         await task
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def bind_http(host: str, port: int) -> socket.socket:
+    """A listening socket for ``serve_http``; ``Unavailable`` (one clear line) if the port is taken."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,7 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from opspawn_mcp.app import auth_token, check_bind
+    from opspawn_mcp.app import auth_token, bind_http, check_bind
 
     config = _load(args)
     logging.basicConfig(
@@ -67,21 +68,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     for noisy in ("httpx", "httpx2", "mcp"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    sock = None
     if not args.stdio:
-        # Refuse a bad bind before opening anything, so the error is the only output.
-        check_bind(args.host or config.opspawn.server.host, auth_token(config))
-    asyncio.run(_serve(config, args))
+        # Refuse a bad bind (no token, port taken) before opening anything, so the error is
+        # the only output.
+        host = args.host or config.opspawn.server.host
+        check_bind(host, auth_token(config))
+        sock = bind_http(host, config.opspawn.server.port if args.port is None else args.port)
+    try:
+        asyncio.run(_serve(config, args, sock))
+    finally:
+        if sock is not None:
+            sock.close()
     return 0
 
 
-async def _serve(config: Config, args: argparse.Namespace) -> None:
+async def _serve(config: Config, args: argparse.Namespace, sock: socket.socket | None) -> None:
     from opspawn_mcp.app import Runtime
 
-    async with Runtime(config) as runtime:
-        if args.stdio:
-            await runtime.serve_stdio()
-        else:
-            await runtime.serve_http(args.host, args.port)
+    try:
+        async with Runtime(config) as runtime:
+            if sock is None:
+                await runtime.serve_stdio()
+            else:
+                await runtime.serve_http(args.host, args.port, sock=sock)
+    except BaseExceptionGroup as group:
+        # Task groups (the MCP pool's) wrap what they propagate; a typed error inside is still
+        # the one clear line main() prints, not a traceback.
+        typed, _ = group.split(OpspawnError)
+        if typed is None:
+            raise
+        first: BaseException = typed
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

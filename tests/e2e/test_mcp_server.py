@@ -365,6 +365,14 @@ def test_refuses_to_bind_everywhere_without_a_token(tmp_path: Path, llm_url: str
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_a_taken_port_is_one_clear_line(http_server: ServerProcess, tmp_path: Path, llm_url: str) -> None:
+    config = write_config(tmp_path / "opspawn.json", llm_url)
+    port = http_server.base.rsplit(":", 1)[1]
+    result = run_cli("--config", str(config), "serve", "--port", port)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"opspawn-mcp: Cannot listen on 127.0.0.1:{port}: Address already in use."
+
+
 async def test_a_token_is_required_when_configured(tmp_path: Path, llm_url: str) -> None:
     config = write_config(tmp_path / "opspawn.json", llm_url, auth_token_env=TOKEN_ENV)
     server = ServerProcess(config, env={TOKEN_ENV: TOKEN})
