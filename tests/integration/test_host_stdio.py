@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -91,9 +93,6 @@ async def test_server_exiting_while_idle_is_noticed(tmp_path: Path) -> None:
     async with OpsMcpClient({"t": stdio_config(tmp_path)}) as pool:
         first = int(_text(await pool.call_tool("t", "pid", {})))
         # Kill it from outside, as an OOM killer would; no call is in flight.
-        import os
-        import signal
-
         os.kill(first, signal.SIGKILL)
         await wait_until(lambda: _info(pool, "t").state != "ready", "the pool notices the exit")
         assert "exited" in (_info(pool, "t").last_error or "")
