@@ -298,3 +298,29 @@ async def test_queued_tasks_left_by_a_previous_process_run_on_start(
         done = await stack.finished(created.id)
         assert done.status is TaskStatus.COMPLETED
         assert done.result == "done: survived a restart"
+
+
+async def test_stopping_the_server_hands_a_running_task_back_for_the_next_start(
+    tmp_path: Path, fake: FakeOpenAIServer
+) -> None:
+    async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
+        task = await stack.service.submit({"goal": "sleep 30", "servers": ["t"]})
+
+        async def sleeping() -> bool:
+            return any(e.kind == "tool_call" for e in await stack.events(task.id))
+
+        await wait_until_async(sleeping)
+    # The runtime closed (as `serve` does on SIGTERM): the task is queued again, not lost.
+    async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
+
+        async def running_again() -> bool:
+            return (await stack.store.get(task.id)).attempts == 2
+
+        await wait_until_async(running_again)
+        events = await stack.events(task.id)
+        assert {"status": "queued", "reason": "worker shutting down"} in [
+            e.data for e in events if e.kind == "state"
+        ]
+        await stack.service.cancel(task.id)
+        done = await stack.finished(task.id)
+        assert done.status is TaskStatus.CANCELLED
