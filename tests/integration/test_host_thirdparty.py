@@ -15,9 +15,10 @@ from opspawn_mcp.host import OpsMcpClient
 from tests.servers.harness import HttpServer, free_port
 from tests.support.services import require_command, unavailable
 
-EVERYTHING = "@modelcontextprotocol/server-everything"
-NPX_TIMEOUT_S = 120.0
-"""The first ``npx -y`` may download the package; the handshake waits for it (CI pre-installs it)."""
+EVERYTHING = "mcp-server-everything"
+"""npm's @modelcontextprotocol/server-everything; `make test` installs it into tests/node and puts its
+bin folder on PATH, so no test downloads anything."""
+NODE_TIMEOUT_S = 60.0
 
 
 def _text(result: types.CallToolResult) -> str:
@@ -41,8 +42,8 @@ async def test_mcp_server_time_over_stdio() -> None:
 
 @pytest.mark.node
 async def test_server_everything_over_stdio() -> None:
-    npx = require_command("npx")
-    config = StdioServerConfig(command=npx, args=["-y", EVERYTHING], timeout_s=NPX_TIMEOUT_S)
+    everything = require_command(EVERYTHING)
+    config = StdioServerConfig(command=everything, timeout_s=NODE_TIMEOUT_S)
     async with OpsMcpClient({"everything": config}) as pool:
         names = {tool.name for tool in await pool.list_tools("everything")}
         assert {"echo", "get-sum"} <= names
@@ -61,16 +62,16 @@ async def test_server_everything_over_stdio() -> None:
 
 @pytest.mark.node
 async def test_server_everything_over_streamable_http(tmp_path: Path) -> None:
-    npx = require_command("npx")
+    everything = require_command(EVERYTHING)
     port = free_port()
     server = HttpServer(
         "streamable-http",
         tmp_path,
-        command=[npx, "-y", EVERYTHING, "streamableHttp"],
+        command=[everything, "streamableHttp"],
         port=port,
         env={"PORT": str(port)},
     )
-    async with server, OpsMcpClient({"everything": server.config(timeout_s=NPX_TIMEOUT_S)}) as pool:
+    async with server, OpsMcpClient({"everything": server.config(timeout_s=NODE_TIMEOUT_S)}) as pool:
         names = {tool.name for tool in await pool.list_tools("everything")}
         assert {"echo", "get-sum"} <= names
         echoed = await pool.call_tool("everything", "echo", {"message": "over http"})
