@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from mcp.client.sse import sse_client
 from mcp.types import CallToolResult
 
 from tests.support.fake_openai import spawn_fake_openai
-from tests.support.services import require_command
+from tests.support.services import POSTGRES_URL, RABBITMQ_URL, require_command, require_service
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN_ENV = "OPSPAWN_E2E_TOKEN"
@@ -407,3 +408,75 @@ async def test_a_token_is_required_when_configured(tmp_path: Path, llm_url: str)
         )
     finally:
         assert server.stop() == 0
+
+
+# -- the distributed deployment: serve publishes to RabbitMQ, a worker process runs the task ----
+
+
+def test_serve_with_rabbitmq_hands_tasks_to_a_worker_process(tmp_path: Path, llm_url: str) -> None:
+    """``serve`` with an ``amqp://`` broker_url runs no agents itself: it publishes the id, and a
+    separate ``opspawn-mcp worker`` sharing the PostgreSQL store runs the task."""
+    require_service("rabbitmq")
+    require_service("postgres")
+    run = uuid.uuid4().hex[:10]
+    queue, schema = f"opspawn_mcp_test_{run}", f"opspawn_mcp_{run}"
+    config = write_config(tmp_path / "opspawn.json", llm_url)
+    raw = json.loads(config.read_text())
+    raw["opspawn"]["store_url"] = f"{POSTGRES_URL}?schema={schema}"
+    raw["opspawn"]["broker_url"] = RABBITMQ_URL
+    config.write_text(json.dumps(raw))
+    env = {"OPSPAWN_WORKER_QUEUE_NAME": queue}
+    worker_log = tmp_path / "worker.log"
+    server: ServerProcess | None = None
+    with worker_log.open("w") as log:
+        worker = subprocess.Popen(
+            [opspawn_command(), "--config", str(config), "worker"],
+            cwd=REPO,
+            stdout=log,
+            stderr=log,
+            env={**os.environ, **env},
+        )
+    try:
+        while "opspawn-mcp worker ready" not in worker_log.read_text():
+            assert worker.poll() is None, worker_log.read_text()
+            time.sleep(0.1)
+        server = ServerProcess(config, env=env)
+        submitted = run_cli(
+            "submit", "echo via rabbitmq", "--server", "testing", "--wait", "120", "--url", server.url
+        )
+        assert submitted.returncode == 0, submitted.stderr
+        task = json.loads(submitted.stdout)
+        assert task["status"] == "completed" and task["result"] == "done: via rabbitmq"
+        done_line = f"task {task['task_id']} completed"
+        assert done_line in worker_log.read_text()  # the worker process ran it...
+        assert done_line not in server.log.read_text()  # ...not the server
+    finally:
+        if server is not None:
+            assert server.stop() == 0, server.log.read_text()
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=60)
+        _drop(queue, schema)
+
+
+def _drop(queue: str, schema: str) -> None:
+    import pika
+    from sqlalchemy import text as sql
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+    try:
+        channel = connection.channel()
+        for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
+            channel.queue_delete(queue=name)
+    finally:
+        connection.close()
+
+    async def drop_schema() -> None:
+        engine = create_async_engine(POSTGRES_URL)
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        finally:
+            await engine.dispose()
+
+    asyncio.run(drop_schema())
