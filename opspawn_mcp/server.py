@@ -24,7 +24,7 @@ import socket
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, get_args
 
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
@@ -76,8 +76,6 @@ why. Resources: opspawn://tasks/{{task_id}} (the task as JSON) and
 opspawn://tasks/{{task_id}}/events (its step log).
 """
 
-TaskState = Literal["queued", "running", "completed", "failed", "cancelled"]
-
 
 class TaskProgress(BaseModel):
     steps: int = Field(description="Agent steps taken so far.")
@@ -94,7 +92,7 @@ class TaskView(BaseModel):
     """A task as an MCP caller sees it: what it needs to decide its next call, nothing internal."""
 
     task_id: str
-    status: TaskState
+    status: TaskStatus
     done: bool = Field(description="True once the task is completed, failed or cancelled.")
     goal: str
     servers: list[str] | None = Field(description="Downstream servers allowed; null means all.")
@@ -120,7 +118,7 @@ class TaskView(BaseModel):
             hint = f"Still {status.value}: call get_status with task_id {task.id!r} later, or cancel_task."
         return cls(
             task_id=task.id,
-            status=status.value,
+            status=status,
             done=status.terminal,
             goal=task.spec.goal,
             servers=task.spec.servers,
