@@ -621,6 +621,30 @@ def _runtime_middleware(host: _ProcessHost) -> Any:
     return _Runtime()
 
 
+def _rabbitmq_problem(broker: Any) -> str | None:
+    """One connection attempt up front, so a wrong URL is one clear line, not endless retries."""
+    import pika
+    import pika.exceptions
+
+    try:
+        pika.BlockingConnection(broker.parameters).close()
+    except pika.exceptions.AMQPError as exc:
+        return f"{type(exc).__name__}: {exc}".rstrip(": ")
+    except OSError as exc:
+        return str(exc)
+    return None
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        creds, _, host = rest.rpartition("@")
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://{creds}@{host}"
+    return url
+
+
 def run_worker_process(config: Config, stop: threading.Event | None = None) -> int:
     """``opspawn-mcp worker``: consume tasks from RabbitMQ until SIGTERM/SIGINT (or ``stop``).
 
@@ -640,6 +664,14 @@ def run_worker_process(config: Config, stop: threading.Event | None = None) -> i
         return 2
     stop = stop or threading.Event()
     broker = build_rabbitmq_broker(config.opspawn.broker_url, middleware=[AsyncIO()])
+    problem = _rabbitmq_problem(broker)
+    if problem is not None:
+        print(
+            f"opspawn-mcp: cannot reach RabbitMQ at {_redact(config.opspawn.broker_url)} ({problem}); "
+            "check that it is running and that opspawn.broker_url is right",
+            file=sys.stderr,
+        )
+        return 2
     host = _ProcessHost(config, broker)
     broker.add_middleware(_runtime_middleware(host))
     _process_runner = host.runner

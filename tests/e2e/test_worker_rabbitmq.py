@@ -30,7 +30,7 @@ from opspawn_mcp.models import Task, TaskEvent, TaskStatus
 from opspawn_mcp.service import TaskService
 from opspawn_mcp.store import open_store
 from opspawn_mcp.store.base import TaskStore
-from tests.servers.harness import REPO_ROOT, lines, stdio_config, wait_until, wait_until_async
+from tests.servers.harness import REPO_ROOT, free_port, lines, stdio_config, wait_until, wait_until_async
 from tests.support.fake_openai import FakeOpenAIServer
 from tests.support.services import POSTGRES_URL, RABBITMQ_URL, require_service
 
@@ -309,3 +309,23 @@ def test_worker_refuses_the_embedded_broker(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "the embedded broker runs inside `opspawn-mcp serve`" in result.stderr
     assert "set opspawn.broker_url to amqp://" in result.stderr
+
+
+def test_worker_with_an_unreachable_rabbitmq_says_so_and_exits(tmp_path: Path) -> None:
+    config_path = tmp_path / "opspawn.json"
+    url = f"amqp://guest:secret-pass@127.0.0.1:{free_port()}/"
+    config_path.write_text(
+        json.dumps({"opspawn": {"store_url": "memory://", "broker_url": url}}), encoding="utf-8"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "opspawn_mcp.cli", "--config", str(config_path), "worker"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "cannot reach RabbitMQ at amqp://guest:***@127.0.0.1:" in result.stderr
+    assert "check that it is running and that opspawn.broker_url is right" in result.stderr
+    assert "secret-pass" not in result.stderr
