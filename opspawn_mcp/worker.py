@@ -58,7 +58,7 @@ from opspawn_mcp.broker import (
     queue_name_for,
 )
 from opspawn_mcp.config import Config
-from opspawn_mcp.errors import IllegalTransition, OpspawnError, TaskNotFound, Unavailable
+from opspawn_mcp.errors import Conflict, IllegalTransition, OpspawnError, TaskNotFound, Unavailable
 from opspawn_mcp.models import Task, TaskStatus, Usage, utcnow
 from opspawn_mcp.recovery import (
     STALE_QUEUED_S,
@@ -399,6 +399,10 @@ class TaskRunner:
                 return
             await self.store.append_event(task_id, kind, data)
             await self.store.record_progress(task_id, execution.steps, execution.usage)
+        except Conflict:
+            # The task was cancelled between the check above and the append; the store has
+            # closed its log, so the agent stops here.
+            execution.stop("cancelled")
         except OpspawnError as exc:
             # The store hiccuped: the agent keeps going; the heartbeat decides if we lost the task.
             log.warning("task %s: could not record an event: %s", task_id, exc)

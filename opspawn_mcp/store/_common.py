@@ -15,7 +15,7 @@ from collections.abc import Collection
 from datetime import UTC, datetime, timedelta
 from typing import Any, get_args
 
-from opspawn_mcp.errors import InvalidInput
+from opspawn_mcp.errors import Conflict, InvalidInput
 from opspawn_mcp.models import EventKind, TaskStatus, Usage
 
 EVENT_KINDS: frozenset[str] = frozenset(get_args(EventKind))
@@ -75,6 +75,14 @@ def lease_until(now: datetime, ttl_s: float) -> datetime:
 def check_kind(kind: str) -> None:
     if kind not in EVENT_KINDS:
         raise InvalidInput(f"Unknown event kind {kind!r}; use one of {', '.join(sorted(EVENT_KINDS))}.")
+
+
+def check_log_open(task_id: str, status: TaskStatus, kind: str) -> None:
+    """A finished task's log is closed to everything but its own state events, so a worker whose
+    agent was mid-step when the task was cancelled cannot write after the final ``state`` event,
+    and a watcher that stops at that event misses nothing."""
+    if status.terminal and kind != "state":
+        raise Conflict(f"Task {task_id} is {status.value}; its event log is closed.", task_id=task_id)
 
 
 def check_limit(limit: int) -> None:

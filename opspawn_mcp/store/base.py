@@ -68,7 +68,10 @@ class TaskStore(Protocol):
         """Store the step count and token usage so far (shown by get_status while running)."""
 
     async def append_event(self, task_id: str, kind: str, data: dict[str, Any]) -> TaskEvent:
-        """Append with the next ``seq`` for that task (1, 2, 3...), unique even under races."""
+        """Append with the next ``seq`` for that task (1, 2, 3...), unique even under races.
+
+        Once the task is terminal only ``state`` events are accepted; anything else raises
+        ``Conflict`` (checked under the same lock as the append, so it cannot race a cancel)."""
 
     async def events(
         self, task_id: str, after_seq: int = 0, limit: int = 1000

@@ -22,6 +22,7 @@ from opspawn_mcp.store._common import (
     as_utc,
     check_kind,
     check_limit,
+    check_log_open,
     decode_cursor,
     encode_cursor,
     lease_until,
@@ -158,7 +159,7 @@ class MemoryStore:
     async def append_event(self, task_id: str, kind: str, data: dict[str, Any]) -> TaskEvent:
         check_kind(kind)
         async with self._lock:
-            self._get(task_id)
+            check_log_open(task_id, self._get(task_id).status, kind)
             log = self._events.setdefault(task_id, [])
             event = TaskEvent.model_validate(
                 {"task_id": task_id, "seq": len(log) + 1, "time": utcnow(), "kind": kind, "data": data}

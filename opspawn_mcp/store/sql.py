@@ -64,6 +64,7 @@ from opspawn_mcp.store._common import (
     as_utc,
     check_kind,
     check_limit,
+    check_log_open,
     decode_cursor,
     encode_cursor,
     lease_until,
@@ -488,10 +489,11 @@ class SqlStore:
             # On PostgreSQL the row lock queues appenders of one task, so max(seq)+1 is
             # unique; SQLite renders no FOR UPDATE but BEGIN IMMEDIATE already serialises.
             owner_row = (
-                await conn.execute(select(tasks.c.id).where(tasks.c.id == task_id).with_for_update())
+                await conn.execute(select(tasks.c.status).where(tasks.c.id == task_id).with_for_update())
             ).first()
             if owner_row is None:
                 raise TaskNotFound(task_id)
+            check_log_open(task_id, TaskStatus(owner_row.status), kind)
             last = (
                 await conn.execute(
                     select(func.coalesce(func.max(task_events.c.seq), 0)).where(

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from opspawn_mcp.errors import IllegalTransition, InvalidInput, TaskNotFound
+from opspawn_mcp.errors import Conflict, IllegalTransition, InvalidInput, TaskNotFound
 from opspawn_mcp.models import Task, TaskSpec, TaskStatus, Usage, utcnow
 from opspawn_mcp.store import MemoryStore, TaskStore, open_store
 from tests.support.services import POSTGRES_URL, require_service
@@ -337,6 +337,15 @@ async def test_events_for_unknown_task_and_kind(store: TaskStore) -> None:
     task = await store.create(_task())
     with pytest.raises(InvalidInput):
         await store.append_event(task.id, "not-a-kind", {})
+
+
+async def test_a_finished_tasks_log_takes_only_state_events(store: TaskStore) -> None:
+    task = await store.create(_task())
+    await store.transition(task.id, [TaskStatus.QUEUED], TaskStatus.CANCELLED)
+    with pytest.raises(Conflict):
+        await store.append_event(task.id, "llm", {"late": True})
+    final = await store.append_event(task.id, "state", {"status": "cancelled"})
+    assert [e.seq for e in await store.events(task.id)] == [final.seq]
 
 
 # --- schema and restarts ----------------------------------------------------------------
