@@ -198,8 +198,12 @@ class TaskRunner:
     # -- the actor body ---------------------------------------------------------------------
 
     async def execute(self, task_id: str) -> None:
-        """Run the task once, or do nothing if it is not ours to run. Never raises for a task's
-        own failure; only a store that cannot be reached at claim time propagates."""
+        """Run the task once, or do nothing if it is not ours to run.
+
+        Never raises for anything the task does. If the store is down at claim time the id is
+        re-enqueued after a pause; only a failure of that re-enqueue propagates (the broker then
+        dead-letters the message, and the task, still ``queued`` in the store, is re-enqueued by
+        the next worker start)."""
         if self._closing:
             # Hand the message back untouched rather than starting work we would abandon.
             if self._requeue_on_shutdown:
@@ -235,12 +239,17 @@ class TaskRunner:
             await self._run(execution)
         except Exception as exc:
             log.exception("task %s: unexpected error in the worker", task_id)
-            await self._finish(
-                execution,
-                TaskStatus.FAILED,
-                error=f"internal error in the opspawn worker ({type(exc).__name__}: {exc}); "
-                "please report it with the task id",
-            )
+            try:
+                await self._finish(
+                    execution,
+                    TaskStatus.FAILED,
+                    error=f"internal error in the opspawn worker ({type(exc).__name__}: {exc}); "
+                    "please report it with the task id",
+                )
+            except Exception:
+                # Most likely the store itself is down. The lease will lapse and the recovery
+                # loop runs the task again, so nothing is lost by giving up here.
+                log.exception("task %s: could not record the failure; recovery will retry it", task_id)
         finally:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -418,7 +427,9 @@ class TaskRunner:
                 if await self.store.renew(task_id, execution.owner, self._ttl):
                     continue
                 current = await self.store.get(task_id)
-            except (OpspawnError, OSError) as exc:
+            except Exception as exc:
+                # Keep trying: while the store is unreachable nobody else can take the task
+                # over either, and the owner-guarded final transition settles any doubt.
                 log.warning("task %s: lease renewal failed, retrying: %s", task_id, exc)
                 continue
             execution.stop("cancelled" if current.status is TaskStatus.CANCELLED else "lost")
