@@ -693,7 +693,11 @@ def run_worker_process(config: Config, stop: threading.Event | None = None) -> i
     queue = queue_name_for(config)
     actor_fn: Any = execute_agent_task_actor
     dramatiq.Actor(actor_fn, broker=broker, actor_name=ACTOR_NAME, queue_name=queue, priority=0, options={})
-    worker = dramatiq.Worker(broker, worker_threads=config.opspawn.worker.concurrency, worker_timeout=1000)
+    concurrency = config.opspawn.worker.concurrency
+    worker = dramatiq.Worker(broker, worker_threads=concurrency, worker_timeout=1000)
+    # Prefetch no more than we can run: an agent task lasts seconds to hours, so a message
+    # buffered behind busy threads would wait while another worker sits idle.
+    worker.queue_prefetch = concurrency
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
