@@ -21,10 +21,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from gateway.auth import BearerAuth
 from gateway.openapi import build_openapi
-from gateway.problems import EXCEPTION_HANDLERS, PROBLEM_MEDIA_TYPE, error_document, problem_response
-from opspawn_mcp.errors import OpspawnError, PayloadTooLarge
+from gateway.problems import EXCEPTION_HANDLERS, error_document, problem_response
+from opspawn_mcp.auth import BearerAuth
+from opspawn_mcp.errors import PROBLEM_MEDIA_TYPE, OpspawnError, PayloadTooLarge
 from opspawn_mcp.models import TaskEvent
 from opspawn_mcp.service import TaskService
 

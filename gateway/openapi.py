@@ -13,7 +13,8 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
-from gateway.problems import PROBLEM_MEDIA_TYPE, Problem
+from gateway.problems import Problem
+from opspawn_mcp.errors import PROBLEM_MEDIA_TYPE
 from opspawn_mcp.host.models import ServerInfo
 from opspawn_mcp.models import Task, TaskEvent, TaskPage, TaskSpec, TaskStatus
 from opspawn_mcp.service import LIST_PAGE_MAX

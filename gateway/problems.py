@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from http import HTTPStatus
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -18,12 +17,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from opspawn_mcp.errors import OpspawnError
+from opspawn_mcp.errors import PROBLEM_MEDIA_TYPE, OpspawnError, problem_document
 
 log = logging.getLogger(__name__)
-
-PROBLEM_MEDIA_TYPE = "application/problem+json"
-TYPE_PREFIX = "urn:opspawn:problem:"
 
 
 class Problem(BaseModel):
@@ -42,24 +38,10 @@ class Problem(BaseModel):
     )
 
 
-def problem_document(status: int, kind: str, detail: str, **extra: Any) -> dict[str, Any]:
-    problem = Problem(
-        type=TYPE_PREFIX + kind,
-        title=HTTPStatus(status).phrase,
-        status=status,
-        detail=detail,
-        kind=kind,
-        **extra,
-    )
-    return problem.model_dump(mode="json", exclude_none=True)
-
-
 def error_document(exc: OpspawnError) -> dict[str, Any]:
     """The problem for a typed error: status and kind from errors.py, its details as extensions
     (``problems`` for validation, ``task_id``, ``field``...), exactly what the other doors carry."""
-    reserved = set(Problem.model_fields) - {"problems"}
-    extra = {k: v for k, v in exc.details.items() if k not in reserved}
-    return problem_document(exc.status, exc.kind, exc.message, **extra)
+    return exc.problem()
 
 
 def problem_response(

@@ -31,7 +31,7 @@ from starlette.routing import BaseRoute, Mount
 from starlette.types import ASGIApp
 
 from gateway.app import create_gateway
-from gateway.auth import OPEN_PATHS as PROBE_PATHS
+from opspawn_mcp.auth import PROBE_PATHS
 from opspawn_mcp.broker import DramatiqEnqueuer, is_embedded
 from opspawn_mcp.config import LOCALHOSTS, Config
 from opspawn_mcp.errors import Forbidden, Unavailable
@@ -204,7 +204,7 @@ class Runtime:
         shown = f"[{host}]" if ":" in host else host
         base = f"http://{shown}:{actual}"
         # The REST gateway (gateway/) answers every path the MCP routes do not: /v1/..., probes.
-        rest = Mount("/", app=create_gateway(self.service, token))
+        rest = Mount("/", app=create_gateway(self.service))  # the whole app is behind BearerAuth
         # Probes stay open (orchestrators send no token); the gateway guards everything else itself.
         app = self.http_app(
             host, actual, token=token, extra_routes=[*extra_routes, rest], open_paths=PROBE_PATHS

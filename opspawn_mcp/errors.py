@@ -8,7 +8,25 @@ other side of the door, so they say what to do, never how the code failed.
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Any, ClassVar
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+PROBLEM_TYPE_PREFIX = "urn:opspawn:problem:"
+_PROBLEM_MEMBERS = frozenset({"type", "title", "status", "detail", "kind"})
+
+
+def problem_document(status: int, kind: str, detail: str, **extra: Any) -> dict[str, Any]:
+    """An RFC 9457 problem: ``type`` names the kind as a URN, extensions carry the details."""
+    document: dict[str, Any] = {
+        "type": PROBLEM_TYPE_PREFIX + kind,
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+        "kind": kind,
+    }
+    document.update({k: v for k, v in extra.items() if v is not None})
+    return document
 
 
 class OpspawnError(Exception):
@@ -25,6 +43,11 @@ class OpspawnError(Exception):
 
     def to_dict(self) -> dict[str, Any]:
         return {"error": self.kind, "message": self.message, **self.details}
+
+    def problem(self) -> dict[str, Any]:
+        """This error as an RFC 9457 problem document (the REST body, and any HTTP 401)."""
+        extra = {k: v for k, v in self.details.items() if k not in _PROBLEM_MEMBERS}
+        return problem_document(self.status, self.kind, self.message, **extra)
 
 
 class InvalidInput(OpspawnError):

@@ -18,7 +18,6 @@ against DNS rebinding.
 
 from __future__ import annotations
 
-import hmac
 import json
 import socket
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
@@ -33,13 +32,12 @@ from mcp.server.transport_security import TransportSecuritySettings
 from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp
 
+from opspawn_mcp.auth import BearerAuth
 from opspawn_mcp.config import LOCALHOSTS
-from opspawn_mcp.errors import NotFound, OpspawnError, Unauthenticated
+from opspawn_mcp.errors import NotFound, OpspawnError
 from opspawn_mcp.host.models import ServerInfo
 from opspawn_mcp.models import (
     GOAL_MAX_CHARS,
@@ -369,45 +367,6 @@ def build_server(service: TaskService) -> MCPServer:
 
 
 # -- HTTP -------------------------------------------------------------------------------------
-
-
-def bearer_ok(header: str | None, token: str) -> bool:
-    """True when ``header`` is ``Bearer <token>`` (scheme case-insensitive, RFC 6750).
-
-    Constant-time, so the token cannot be recovered byte by byte from response timings.
-    """
-    if not header:
-        return False
-    scheme, _, given = header.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
-
-
-class BearerAuth:
-    """Pure ASGI middleware requiring ``Authorization: Bearer <token>`` on every HTTP request.
-
-    Pure ASGI (not ``BaseHTTPMiddleware``) so the SSE streams it lets through are not buffered.
-    ``open_paths`` stay reachable without a token (health probes).
-    """
-
-    def __init__(self, app: ASGIApp, token: str, open_paths: Collection[str] = ()) -> None:
-        if not token:
-            raise ValueError("BearerAuth needs a non-empty token")
-        self.app = app
-        self.token = token
-        self.open_paths = frozenset(open_paths)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.open_paths:
-            await self.app(scope, receive, send)
-            return
-        if bearer_ok(Request(scope).headers.get("authorization"), self.token):
-            await self.app(scope, receive, send)
-            return
-        error = Unauthenticated("Send the server's token as 'Authorization: Bearer <token>'.")
-        response = JSONResponse(
-            error.to_dict(), status_code=error.status, headers={"WWW-Authenticate": 'Bearer realm="opspawn"'}
-        )
-        await response(scope, receive, send)
 
 
 def transport_security(

@@ -22,11 +22,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from opspawn_mcp.auth import bearer_ok
 from opspawn_mcp.errors import OpspawnError
 from opspawn_mcp.grpc_internal.gen import tasks_pb2 as pb
 from opspawn_mcp.grpc_internal.gen import tasks_pb2_grpc as pb_grpc
 from opspawn_mcp.grpc_internal.task_servicer import TaskServicer
-from opspawn_mcp.server import bearer_ok
 from opspawn_mcp.service import TaskService
 
 log = logging.getLogger(__name__)

@@ -383,7 +383,7 @@ async def test_a_token_is_required_when_configured(tmp_path: Path, llm_url: str)
         async with httpx.AsyncClient() as http:
             denied = await http.post(server.url, json=body, headers=accept)
             assert denied.status_code == 401
-            assert denied.json()["error"] == "unauthenticated"
+            assert denied.json()["kind"] == "unauthenticated"
             wrong = await http.post(server.url, json=body, headers={**accept, "Authorization": "Bearer nope"})
             assert wrong.status_code == 401
             sse = await http.get(f"{server.base}/sse")

@@ -15,9 +15,8 @@ import httpx
 import pytest
 
 from gateway.app import MAX_BODY_BYTES, create_gateway
-from gateway.problems import PROBLEM_MEDIA_TYPE
 from opspawn_mcp.config import Config, parse_config
-from opspawn_mcp.errors import Unavailable
+from opspawn_mcp.errors import PROBLEM_MEDIA_TYPE, Unavailable
 from opspawn_mcp.host.models import ServerInfo
 from opspawn_mcp.models import Task, TaskEvent, TaskStatus
 from opspawn_mcp.service import TaskService

@@ -18,10 +18,11 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
+from opspawn_mcp.auth import BearerAuth, bearer_ok
 from opspawn_mcp.config import parse_config
 from opspawn_mcp.host.models import ServerInfo
 from opspawn_mcp.models import TaskStatus
-from opspawn_mcp.server import BearerAuth, bearer_ok, build_server, transport_security
+from opspawn_mcp.server import build_server, transport_security
 from opspawn_mcp.service import TaskService
 from opspawn_mcp.store.memory import MemoryStore
 
@@ -244,7 +245,7 @@ def test_bearer_ok() -> None:
     assert not bearer_ok(None, "s3cret")
 
 
-def test_bearer_auth_middleware_answers_401_without_the_token() -> None:
+def test_bearer_auth_middleware_answers_a_401_problem_without_the_token() -> None:
     async def ok(request: Any) -> Any:
         from starlette.responses import PlainTextResponse
 
@@ -256,7 +257,8 @@ def test_bearer_auth_middleware_answers_401_without_the_token() -> None:
     with TestClient(app) as http:
         denied = http.get("/x")
         assert denied.status_code == 401
-        assert denied.json()["error"] == "unauthenticated"
+        assert denied.headers["content-type"] == "application/problem+json"
+        assert denied.json()["kind"] == "unauthenticated" and denied.json()["status"] == 401
         assert denied.headers["www-authenticate"].startswith("Bearer")
         assert http.get("/x", headers={"Authorization": "Bearer t0k"}).text == "ok"
         assert http.get("/healthz").text == "ok"
