@@ -22,7 +22,6 @@ unused. ``AsyncIO`` is what lets one process run many agent tasks concurrently o
 from __future__ import annotations
 
 import asyncio
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -34,14 +33,9 @@ from opspawn_mcp.config import Config
 from opspawn_mcp.errors import Unavailable
 
 ACTOR_NAME = "execute_agent_task_actor"
-DEFAULT_QUEUE_NAME = "opspawn_tasks"
-# Named like every other override (``opspawn.worker.queue_name`` -> ``OPSPAWN_WORKER_QUEUE_NAME``)
-# so it becomes an ordinary config key, with this same env name, once config.py grows the field.
-QUEUE_NAME_ENV = "OPSPAWN_WORKER_QUEUE_NAME"
 
 __all__ = [
     "ACTOR_NAME",
-    "DEFAULT_QUEUE_NAME",
     "DramatiqEnqueuer",
     "build_rabbitmq_broker",
     "is_embedded",
@@ -60,9 +54,7 @@ def queue_name_for(config: Config) -> str:
     One name per deployment; tests use a unique one per run so parallel runs against one
     RabbitMQ never steal each other's messages.
     """
-    configured = getattr(config.opspawn.worker, "queue_name", None)
-    name = configured or os.environ.get(QUEUE_NAME_ENV) or DEFAULT_QUEUE_NAME
-    return str(name)
+    return config.opspawn.worker.queue_name
 
 
 def build_rabbitmq_broker(url: str, middleware: list[Any] | None = None) -> Any:

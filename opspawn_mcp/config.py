@@ -91,6 +91,11 @@ class WorkerSettings(_Strict):
     concurrency: int = Field(default=8, ge=1, le=1000, description="Agent tasks run at once.")
     lease_ttl_s: float = Field(default=30.0, gt=0)
     max_attempts: int = Field(default=3, ge=1, le=100)
+    queue_name: str = Field(
+        default="opspawn_tasks",
+        pattern=r"^[A-Za-z0-9_.-]{1,200}$",
+        description="The RabbitMQ queue serve publishes to and workers consume; one per deployment.",
+    )
 
 
 def default_store_url() -> str:
