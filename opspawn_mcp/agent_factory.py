@@ -9,6 +9,19 @@ Everything here is resolved at run time, in the worker, never at submit time:
 * the tools are bound to ``pool.scoped(spec.servers)``, so an agent can reach only the servers
   its task allows, whatever the model asks for.
 
+The bundled local model (``provider: local``, SmolLM2-135M by default) gets a setup of its own,
+because a 135M model follows only the simplest protocol reliably (see ``SMALL_MODEL_*``):
+
+* only the flat tools (``example__echo``, ...), not ``mcp_proxy_tool``: picking a tool by name
+  and filling in its own arguments is something it can do; naming a server, a tool and a nested
+  ``arguments`` object in one call is not (it copies the schema into the arguments instead);
+* a short system prompt that says exactly that: call the tool for the request, then answer;
+* with the default ``react`` planner, a tool call is required on the first step and the tools
+  are withdrawn after one round (``ReActPlanner(require_tool_first=True, max_tool_rounds=1)``),
+  so it neither answers from thin air nor loops on calls.
+
+A task's own ``system_prompt`` or ``planner: plan_and_execute`` is respected as given.
+
 Problems a human must fix (no model name, unset key variable, no local model installed) raise
 ``AgentSetupError`` with a sentence saying what to change; the worker fails the task with it.
 """
@@ -88,15 +101,31 @@ def build_llm(
         raise AgentSetupError(f"The model client cannot be created: {exc}") from exc
 
 
-async def build_tools(caller: Any, servers: list[str]) -> agentkit.ToolRegistry:
+SMALL_MODEL_SYSTEM_PROMPT = (
+    "You are a helpful assistant. Call the one function that does what the user asks, with the "
+    'words from the user message as its arguments. Example: for the message "reverse abc" you call '
+    'functions.x__reverse with {"text": "abc"}. Then answer with the function result.'
+)
+"""The system prompt of tasks on the local model that bring none of their own."""
+
+
+def small_model_planner() -> agentkit.ReActPlanner:
+    """ReAct as a small model can follow it: one tool round, then the answer."""
+    return agentkit.ReActPlanner(require_tool_first=True, max_tool_rounds=1)
+
+
+async def build_tools(caller: Any, servers: list[str], *, proxy: bool = True) -> agentkit.ToolRegistry:
     """The proxy tool plus one flat tool per downstream tool of every allowed server.
 
     A server that is down leaves out its flat tools only (``expand_server_tools`` logs it); the
-    proxy can still reach it later if it comes back, and the agent sees the error as data.
+    proxy can still reach it later if it comes back, and the agent sees the error as data. With
+    ``proxy=False`` (small models) the proxy is added only when there is no flat tool at all.
     """
     registry = agentkit.ToolRegistry()
-    registry.add(agentkit.mcp_proxy_tool(caller))
-    for tool in await agentkit.expand_server_tools(caller, servers):
+    flat = await agentkit.expand_server_tools(caller, servers)
+    if proxy or not flat:
+        registry.add(agentkit.mcp_proxy_tool(caller))
+    for tool in flat:
         if tool.name not in registry:
             registry.add(tool)
     return registry
@@ -112,12 +141,18 @@ async def build_agent(
     servers = list(spec.servers) if spec.servers is not None else list(config.mcp_servers)
     try:
         caller = pool.scoped(servers)
-        tools = await build_tools(caller, servers)
+        small = settings.provider == "local"
+        tools = await build_tools(caller, servers, proxy=not small)
+        planner: str | agentkit.Planner = spec.planner
+        system_prompt = spec.system_prompt
+        if small:
+            planner = small_model_planner() if spec.planner == "react" else spec.planner
+            system_prompt = SMALL_MODEL_SYSTEM_PROMPT if system_prompt is None else system_prompt
         agent = agentkit.Agent(
             llm,
             tools,
-            planner=spec.planner,
-            system_prompt=spec.system_prompt,
+            planner=planner,
+            system_prompt=system_prompt,
             max_steps=spec.max_steps,
             timeout_s=spec.timeout_s,
             on_event=on_event,

@@ -115,6 +115,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 DEFAULT_URL = "http://127.0.0.1:8765/mcp"
+RESPONSE_MARGIN_S = 60.0
+"""How long a server may take to answer beyond the work asked of it (a ``--wait``)."""
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -123,7 +125,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         arguments["servers"] = args.servers
     if args.max_steps is not None:
         arguments["max_steps"] = args.max_steps
-    return _remote(args, "submit_task", arguments)
+    # The server answers only when the wait ends, so the client must wait longer than that.
+    return _remote(args, "submit_task", arguments, timeout_s=max(args.wait, 0.0) + RESPONSE_MARGIN_S)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -134,7 +137,9 @@ def cmd_servers(args: argparse.Namespace) -> int:
     return _remote(args, "list_servers", {})
 
 
-def _remote(args: argparse.Namespace, tool: str, arguments: dict[str, object]) -> int:
+def _remote(
+    args: argparse.Namespace, tool: str, arguments: dict[str, object], *, timeout_s: float = RESPONSE_MARGIN_S
+) -> int:
     """Call one tool of a running server over streamable HTTP and print its answer as JSON.
 
     These commands are MCP clients like any other, so they see exactly what an assistant sees.
@@ -149,7 +154,7 @@ def _remote(args: argparse.Namespace, tool: str, arguments: dict[str, object]) -
     token_env = config.opspawn.server.auth_token_env
     token = os.environ.get(token_env) if token_env else None
     try:
-        result = asyncio.run(_call_tool(url, token, tool, arguments))
+        result = asyncio.run(_call_tool(url, token, tool, arguments, timeout_s))
     except _Unreachable as exc:
         print(f"opspawn-mcp: {exc}", file=sys.stderr)
         return 2
@@ -165,7 +170,10 @@ class _Unreachable(Exception):
     """The server could not be reached or refused us; the message is the one line to show."""
 
 
-async def _call_tool(url: str, token: str | None, tool: str, arguments: dict[str, object]) -> CallToolResult:
+async def _call_tool(
+    url: str, token: str | None, tool: str, arguments: dict[str, object], timeout_s: float = RESPONSE_MARGIN_S
+) -> CallToolResult:
+    """One ``tools/call``; the answer may take up to ``timeout_s`` (HTTP read and MCP request alike)."""
     import httpx2
     from mcp import Client
     from mcp.client.streamable_http import streamable_http_client
@@ -182,12 +190,12 @@ async def _call_tool(url: str, token: str | None, tool: str, arguments: dict[str
         async with (
             httpx2.AsyncClient(
                 headers=headers,
-                timeout=httpx2.Timeout(30.0, read=None),
+                timeout=httpx2.Timeout(30.0, read=timeout_s),
                 event_hooks={"response": [note_refusal]},
             ) as http,
             Client(streamable_http_client(url, http_client=http)) as client,
         ):
-            return await client.call_tool(tool, arguments)
+            return await client.call_tool(tool, arguments, read_timeout_seconds=timeout_s)
     except Exception as exc:
         if refused:
             hint = (
@@ -198,27 +206,46 @@ async def _call_tool(url: str, token: str | None, tool: str, arguments: dict[str
             raise _Unreachable(
                 f"the opspawn server at {url} refused the request (HTTP {refused[0]}): {hint}"
             ) from None
-        raise _Unreachable(_reason(url, exc)) from None
+        raise _Unreachable(_reason(url, exc, timeout_s)) from None
 
 
-def _reason(url: str, exc: BaseException) -> str:
-    """Find the transport failure inside whatever the MCP client wrapped it in."""
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The real errors inside ``exc``: exception groups (task groups) unwrapped, in order."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def _reason(url: str, exc: BaseException, timeout_s: float = RESPONSE_MARGIN_S) -> str:
+    """One line naming the real cause, whatever the MCP client wrapped it in.
+
+    Checked from the most to the least specific: a server that went away mid-request (it
+    crashed or stopped; later cleanup requests then fail to connect too), no server at all, a
+    timeout, and otherwise the first underlying error by type and message.
+    """
     import httpx2
 
-    seen: list[BaseException] = []
-    stack: list[BaseException] = [exc]
-    while stack:
-        err = stack.pop()
-        seen.append(err)
-        if isinstance(err, BaseExceptionGroup):
-            stack.extend(err.exceptions)
-        for nested in (err.__cause__, err.__context__):
-            if nested is not None and nested not in seen:
-                stack.append(nested)
-    for err in seen:
-        if isinstance(err, httpx2.ConnectError | httpx2.ConnectTimeout | ConnectionError):
-            return f"no opspawn server at {url}: start one with `opspawn-mcp serve`"
-    return f"could not talk to the opspawn server at {url}: {exc}"
+    leaves = _leaves(exc)
+    related: list[BaseException] = []
+    for leaf in leaves:
+        err: BaseException | None = leaf
+        while err is not None and err not in related:
+            related.append(err)
+            err = err.__cause__ or err.__context__
+    if any(isinstance(e, httpx2.RemoteProtocolError | httpx2.ReadError) for e in related):
+        return (
+            f"the opspawn server at {url} closed the connection before answering: it stopped or "
+            "crashed; check its log"
+        )
+    if any(isinstance(e, httpx2.ConnectError | httpx2.ConnectTimeout | ConnectionError) for e in related):
+        return f"no opspawn server at {url}: start one with `opspawn-mcp serve`"
+    if any(isinstance(e, httpx2.TimeoutException | TimeoutError) for e in related):
+        return f"the opspawn server at {url} did not answer within {timeout_s:g} s"
+    first = leaves[0]
+    detail = str(first).strip()
+    return f"could not talk to the opspawn server at {url}: {type(first).__name__}" + (
+        f": {detail}" if detail else ""
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

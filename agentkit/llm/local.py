@@ -8,6 +8,14 @@ an empty message. Each turn is two small completions: a grammar picks ``function
 ``message``, then a grammar built from the tool's JSON schema writes the arguments (or free text
 writes the answer). A 135M model cannot produce a malformed call this way.
 
+No tool schema can crash the process: llama.cpp parses a grammar with a recursive-descent parser
+that recurses once per nested group, and ``json_schema_to_gbnf`` writes a ``maxLength`` (or
+``minItems``/``maxItems``, or a ``{m,n}`` in a ``pattern``) of N as N nested groups, so an
+ordinary ``"maxLength": 100000`` overflows the thread's stack and kills the process with SIGSEGV,
+nothing Python can catch. ``grammar_for_schema`` therefore drops length and item bounds above
+``REPEAT_LIMIT`` (the tool still validates them), bounds free-form objects to two levels, and
+falls back to a generic JSON-object grammar when the result is still too deep or too large.
+
 llama.cpp calls block for seconds, so each one runs in a worker thread (the event loop keeps
 serving other tasks); a lock serialises them because a ``Llama`` context is not thread-safe.
 The model loads on first use, so building an agent stays cheap.
@@ -74,14 +82,17 @@ def default_model_path() -> Path:
 def render_chatml(messages: Sequence[Message], tools: Sequence[ToolDefinition]) -> str:
     """The ChatML prompt (SmolLM2's own format), with tool calls and results written as text.
 
-    Shaped for small models: tool results are plain user-turn sentences (``name returned: ...``),
+    Shaped for small models: each tool's arguments are listed as ``{"name": "type"}`` only
+    (``compact_schema``; the grammar enforces the rest), because a small model copies whatever
+    descriptions, titles and limits it reads into its arguments; tool results are plain user-turn sentences (``name returned: ...``),
     consecutive user-side messages are merged into one turn, and a turn that carries tool results
     ends by restating the goal, which is what lets a 135M model copy the result into its answer.
     """
     system = [m.content for m in messages if m.role == "system" and m.content]
     if tools:
         functions = "\n".join(
-            f"functions.{t.name}: {t.description} Arguments schema: {json.dumps(t.parameters)}" for t in tools
+            f"functions.{t.name}: {t.description} Arguments schema: {json.dumps(compact_schema(t.parameters))}"
+            for t in tools
         )
         system.append(TOOLS_PROMPT.format(functions=functions))
     goal = next((m.content or "" for m in messages if m.role == "user"), "")
@@ -112,6 +123,20 @@ def render_chatml(messages: Sequence[Message], tools: Sequence[ToolDefinition]) 
         parts.append(f"<|im_start|>{role}\n" + "\n".join(texts) + "<|im_end|>\n")
     parts.append("<|im_start|>assistant\n")
     return "".join(parts)
+
+
+def compact_schema(parameters: dict[str, Any]) -> dict[str, Any]:
+    """``{"argument": "type"}`` for each top-level property: what a small model needs to read."""
+    properties = parameters.get("properties")
+    if not isinstance(properties, dict):
+        return {}
+    compact: dict[str, Any] = {}
+    for name, prop in properties.items():
+        kind = prop.get("type", "any") if isinstance(prop, dict) else "any"
+        if isinstance(prop, dict) and isinstance(prop.get("enum"), list):
+            kind = f"one of {json.dumps(prop['enum'])}"
+        compact[name] = " | ".join(map(str, kind)) if isinstance(kind, list) else kind
+    return compact
 
 
 def _gbnf_literal(text: str) -> str:
@@ -220,12 +245,9 @@ class LocalGGUF:
                 return LLMResponse(content=text.strip(), usage=usage + more, finish_reason="stop")
             name = picked.removeprefix("functions.")
             definition = next(t for t in offered if t.name == name)
-            try:
-                grammar = LlamaGrammar.from_json_schema(
-                    json.dumps(definition.parameters), verbose=self.verbose
-                )
-            except Exception:  # a schema the converter cannot handle: any JSON object
-                grammar = LlamaGrammar.from_string(_ANY_JSON_OBJECT, verbose=self.verbose)
+            grammar = LlamaGrammar.from_string(
+                grammar_for_schema(definition.parameters), verbose=self.verbose
+            )
             raw, more = self._complete(prompt + f"functions.{name}:\n", grammar)
             args, raw_text = parse_arguments(raw.strip())
             call = ToolCall(id=new_call_id(), name=name, arguments=args, raw_arguments=raw_text)
@@ -250,12 +272,107 @@ class LocalGGUF:
             raise LLMError(f"The local model failed: {type(exc).__name__}: {exc}") from exc
 
 
-_ANY_JSON_OBJECT = r"""
+REPEAT_LIMIT = 32
+"""Length and item bounds above this are left out of grammars (see the module docstring)."""
+MAX_GRAMMAR_DEPTH = 64
+"""Deepest group nesting handed to llama.cpp; its parser recurses once per level."""
+MAX_GRAMMAR_CHARS = 200_000
+
+_BOUND_KEYS = frozenset({"maxLength", "minLength", "maxItems", "minItems"})
+_LITERAL_KEYS = frozenset({"const", "enum", "default", "examples"})
+_SCALAR: dict[str, Any] = {"type": ["string", "number", "boolean", "null"]}
+_FLAT_VALUE: dict[str, Any] = {
+    "anyOf": [
+        _SCALAR,
+        {"type": "array", "items": _SCALAR},
+        {"type": "object", "additionalProperties": _SCALAR},
+    ]
+}
+BOUNDED_OBJECT: dict[str, Any] = {"type": "object", "additionalProperties": _FLAT_VALUE}
+"""What a free-form object (no ``properties``) inside a tool schema becomes: keys whose values are
+scalars, or lists or objects of scalars. Deep enough for real tool arguments, and it stops a small
+model from writing ever deeper objects until it runs out of tokens."""
+
+
+def _is_free_form_object(node: dict[str, Any]) -> bool:
+    return (
+        node.get("type") == "object"
+        and not node.get("properties")
+        and node.get("additionalProperties", True) is True
+        and not any(k in node for k in ("$ref", "anyOf", "oneOf", "allOf", "patternProperties"))
+    )
+
+
+def bounded_schema(node: Any, *, top: bool = True) -> Any:
+    """A copy of a JSON schema with the constraints that make grammars explode taken out.
+
+    Length and item bounds above ``REPEAT_LIMIT`` are dropped and nested free-form objects become
+    ``BOUNDED_OBJECT``. Literal values (``const``, ``enum``, ``default``, ``examples``) are kept as
+    they are.
+    """
+    if isinstance(node, list):
+        return [bounded_schema(item, top=False) for item in node]
+    if not isinstance(node, dict):
+        return node
+    if not top and _is_free_form_object(node):
+        extra = {k: v for k, v in node.items() if k in ("description", "title")}
+        return {**BOUNDED_OBJECT, **extra}
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _BOUND_KEYS and isinstance(value, int) and value > REPEAT_LIMIT:
+            continue
+        out[key] = value if key in _LITERAL_KEYS else bounded_schema(value, top=False)
+    return out
+
+
+def grammar_depth(grammar: str) -> int:
+    """The deepest nesting of ``(`` groups in a GBNF text (string literals, character classes and
+    comments do not count)."""
+    depth = deepest = 0
+    i, n = 0, len(grammar)
+    while i < n:
+        ch = grammar[i]
+        if ch in '"[':
+            close = '"' if ch == '"' else "]"
+            i += 1
+            while i < n and grammar[i] != close:
+                i += 2 if grammar[i] == "\\" else 1
+        elif ch == "#":
+            while i < n and grammar[i] != "\n":
+                i += 1
+        elif ch == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch == ")":
+            depth -= 1
+        i += 1
+    return deepest
+
+
+def grammar_for_schema(schema: dict[str, Any]) -> str:
+    """A GBNF grammar for tool arguments matching ``schema`` that llama.cpp can always load.
+
+    Exact where it is safe; otherwise (a schema the converter cannot handle, or a grammar nested
+    deeper than ``MAX_GRAMMAR_DEPTH`` or longer than ``MAX_GRAMMAR_CHARS``) any JSON object, which
+    the tool then validates.
+    """
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    try:
+        grammar: str = json_schema_to_gbnf(json.dumps(bounded_schema(schema)))
+    except Exception:  # the converter asserts on schemas it does not know
+        return ANY_JSON_OBJECT
+    if len(grammar) > MAX_GRAMMAR_CHARS or grammar_depth(grammar) > MAX_GRAMMAR_DEPTH:
+        return ANY_JSON_OBJECT
+    return grammar
+
+
+ANY_JSON_OBJECT = r"""
 root   ::= object
 value  ::= object | array | string | number | ("true" | "false" | "null") ws
 object ::= "{" ws ( string ":" ws value ("," ws string ":" ws value)* )? "}" ws
 array  ::= "[" ws ( value ("," ws value)* )? "]" ws
 string ::= "\"" ( [^"\\] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F]) )* "\"" ws
 number ::= ("-"? ([0-9] | [1-9] [0-9]*)) ("." [0-9]+)? ([eE] [-+]? [0-9]+)? ws
-ws ::= ([ \t\n] ws)?
+ws ::= [ \t\n]?
 """
