@@ -53,6 +53,9 @@ class DroppingEnqueuer:
     async def enqueue(self, task_id: str) -> None:
         return None
 
+    async def ping(self) -> None:
+        return None
+
 
 class NoServers:
     def servers_info(self) -> list[ServerInfo]:

@@ -121,6 +121,25 @@ class DramatiqEnqueuer:
                 "check that RabbitMQ is running and opspawn.broker_url is right."
             ) from exc
 
+    def _check_connection(self) -> None:
+        connection = self._broker.connection
+        if connection.is_closed:
+            del self._broker.connection  # the next use reconnects
+            connection = self._broker.connection
+        connection.process_data_events(time_limit=0)
+
+    async def ping(self) -> None:
+        """Raise ``Unavailable`` unless the publishing connection to RabbitMQ is up (reopening
+        it if it dropped), on the publishing thread, where pika wants it."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self._check_connection)
+        except Exception as exc:  # pika raises many unrelated types for "cannot reach"
+            raise Unavailable(
+                f"RabbitMQ cannot be reached ({type(exc).__name__}); check that it is running "
+                "and that opspawn.broker_url is right."
+            ) from exc
+
     async def aclose(self) -> None:
         """Close the publishing connection (on its own thread, where pika wants it)."""
         loop = asyncio.get_running_loop()

@@ -26,6 +26,9 @@ class Enqueuer(Protocol):
 
     async def enqueue(self, task_id: str) -> None: ...
 
+    async def ping(self) -> None:
+        """Raise ``Unavailable`` when tasks cannot be handed on (readiness checks)."""
+
 
 class Scheduler:
     """Persists and enqueues. It does not validate: ``TaskService`` has already done that."""

@@ -69,6 +69,7 @@ class TaskService:
     ) -> None:
         self._config = config
         self._store = store
+        self._enqueuer = enqueuer
         self._scheduler = Scheduler(store, enqueuer)
         self._servers = servers
         self._poll_s = poll_interval_s
@@ -284,13 +285,14 @@ class TaskService:
         return list(self._servers.servers_info())
 
     async def ready(self) -> None:
-        """Raise ``Unavailable`` when the service cannot accept tasks (the store is down)."""
+        """Raise ``Unavailable`` when the service cannot run tasks: the store or the broker is down."""
         try:
             await self._store.ping()
         except OpspawnError:
             raise
         except Exception as exc:
             raise Unavailable(f"The task store cannot be reached: {exc}") from exc
+        await self._enqueuer.ping()
 
 
 def _check_id(task_id: str) -> str:

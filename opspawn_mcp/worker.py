@@ -473,6 +473,11 @@ class EmbeddedWorker:
             raise Unavailable("The embedded worker is stopped; the task stays queued until the next start.")
         self._queue.put_nowait(task_id)
 
+    async def ping(self) -> None:
+        """Ready while the consumers run; they live on this loop, so there is nothing to reach."""
+        if self._closed or any(t.done() for t in self._tasks):
+            raise Unavailable("The embedded worker is not running; restart opspawn-mcp serve.")
+
     async def __aenter__(self) -> EmbeddedWorker:
         settings = self.config.opspawn.worker
         self._runner = TaskRunner(
