@@ -15,57 +15,13 @@ import httpx
 import pytest
 
 from gateway.app import MAX_BODY_BYTES, create_gateway
-from opspawn_mcp.config import Config, parse_config
 from opspawn_mcp.errors import PROBLEM_MEDIA_TYPE, Unavailable
-from opspawn_mcp.host.models import ServerInfo
-from opspawn_mcp.models import Task, TaskEvent, TaskStatus
+from opspawn_mcp.models import TaskEvent
 from opspawn_mcp.service import TaskService
 from opspawn_mcp.store.memory import MemoryStore
+from tests.support.service_kit import BrokenStore, RecordingEnqueuer, finish, make_service
 
 TOKEN = "s3cret-token"
-
-
-class RecordingEnqueuer:
-    """A real enqueuer that keeps the ids it was given; no worker runs in these tests."""
-
-    def __init__(self) -> None:
-        self.ids: list[str] = []
-
-    async def enqueue(self, task_id: str) -> None:
-        self.ids.append(task_id)
-
-
-class Directory:
-    def servers_info(self) -> list[ServerInfo]:
-        return [ServerInfo(name="echo", transport="stdio", state="ready", tools=["echo"], tool_count=1)]
-
-
-def make_config() -> Config:
-    return parse_config(
-        {
-            "mcpServers": {"echo": {"command": "python", "args": ["-m", "x"]}},
-            "opspawn": {"store_url": "memory://", "llm": {"provider": "local"}},
-        },
-        environ={},
-    )
-
-
-@pytest.fixture
-async def store() -> AsyncIterator[MemoryStore]:
-    s = MemoryStore()
-    await s.start()
-    yield s
-    await s.close()
-
-
-@pytest.fixture
-def enqueuer() -> RecordingEnqueuer:
-    return RecordingEnqueuer()
-
-
-@pytest.fixture
-def service(store: MemoryStore, enqueuer: RecordingEnqueuer) -> TaskService:
-    return TaskService(make_config(), store, enqueuer, Directory(), poll_interval_s=0.01, environ={})
 
 
 @pytest.fixture
@@ -84,15 +40,6 @@ def assert_problem(response: httpx.Response, status: int, kind: str) -> dict[str
     assert body["type"] == f"urn:opspawn:problem:{kind}"
     assert body["title"] and body["detail"]
     return body
-
-
-async def finish(store: MemoryStore, task_id: str, result: str) -> None:
-    """Do what a worker does, through the real store: claim, log, complete."""
-    await store.claim(task_id, "w1", 30.0, 3)
-    await store.append_event(task_id, "state", {"status": "running"})
-    await store.append_event(task_id, "final", {"result": result})
-    await store.transition(task_id, {TaskStatus.RUNNING}, TaskStatus.COMPLETED, result=result, owner="w1")
-    await store.append_event(task_id, "state", {"status": "completed"})
 
 
 def parse_sse(text: str) -> list[dict[str, str]]:
@@ -262,7 +209,10 @@ async def test_events_errors_come_before_the_stream(client: httpx.AsyncClient) -
 async def test_servers_lists_the_pool(client: httpx.AsyncClient) -> None:
     r = await client.get("/v1/servers")
     assert r.status_code == 200
-    assert [(s["name"], s["state"], s["tools"]) for s in r.json()] == [("echo", "ready", ["echo"])]
+    assert [(s["name"], s["state"], s["tools"]) for s in r.json()] == [
+        ("echo", "ready", ["echo"]),
+        ("files", "ready", ["read"]),
+    ]
 
 
 async def test_health_and_readiness(client: httpx.AsyncClient, store: MemoryStore) -> None:
@@ -343,18 +293,11 @@ class StoreThatDiesMidStream(MemoryStore):
         return await super().events(task_id, after_seq, limit)
 
 
-class BrokenStore(MemoryStore):
-    """A store with a bug (not a typed error): the gateway must not leak its trace."""
-
-    async def get(self, task_id: str) -> Task:
-        raise RuntimeError("secret internal detail")
-
-
 async def test_a_failure_after_the_stream_started_ends_it_with_a_problem_event(
     enqueuer: RecordingEnqueuer,
 ) -> None:
     store = StoreThatDiesMidStream()
-    service = TaskService(make_config(), store, enqueuer, Directory(), poll_interval_s=0.01, environ={})
+    service = make_service(store, enqueuer)
     task = await service.submit({"goal": "g"})
     transport = httpx.ASGITransport(app=create_gateway(service))
     async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
@@ -371,7 +314,7 @@ async def test_a_failure_after_the_stream_started_ends_it_with_a_problem_event(
 
 
 async def test_a_bug_is_a_500_problem_without_the_trace(enqueuer: RecordingEnqueuer) -> None:
-    service = TaskService(make_config(), BrokenStore(), enqueuer, Directory(), environ={})
+    service = make_service(BrokenStore(), enqueuer)
     transport = httpx.ASGITransport(app=create_gateway(service), raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
         r = await c.get("/v1/tasks/abc")

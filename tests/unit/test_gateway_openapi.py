@@ -16,26 +16,12 @@ from hypothesis import HealthCheck, settings
 from schemathesis import checks
 
 from gateway.app import create_gateway
-from opspawn_mcp.config import parse_config
-from opspawn_mcp.host.models import ServerInfo
 from opspawn_mcp.models import TaskStatus, Usage
 from opspawn_mcp.service import TaskService
 from opspawn_mcp.store.memory import MemoryStore
+from tests.support.service_kit import make_service
 
 TOKEN = "schemathesis-token"
-
-
-class RecordingEnqueuer:
-    def __init__(self) -> None:
-        self.ids: list[str] = []
-
-    async def enqueue(self, task_id: str) -> None:
-        self.ids.append(task_id)
-
-
-class Directory:
-    def servers_info(self) -> list[ServerInfo]:
-        return [ServerInfo(name="echo", transport="stdio", state="idle")]
 
 
 async def _seed(service: TaskService, store: MemoryStore) -> None:
@@ -54,16 +40,9 @@ async def _seed(service: TaskService, store: MemoryStore) -> None:
 
 
 def _app() -> object:
-    config = parse_config(
-        {
-            "mcpServers": {"echo": {"command": "python", "args": ["-m", "x"]}},
-            "opspawn": {"store_url": "memory://", "llm": {"provider": "local"}},
-        },
-        environ={},
-    )
     # MemoryStore.start only flips a flag; the store is usable without awaiting it here.
     store = MemoryStore()
-    service = TaskService(config, store, RecordingEnqueuer(), Directory(), environ={})
+    service = make_service(store)
     asyncio.run(_seed(service, store))
     return create_gateway(service, auth_token=TOKEN)
 

@@ -8,6 +8,7 @@ status codes, and that auth, health checking and reflection work as standard cli
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
@@ -15,31 +16,17 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from opspawn_mcp.config import Config, parse_config
 from opspawn_mcp.errors import Unavailable
-from opspawn_mcp.grpc_internal import GrpcServer, serve_grpc
+from opspawn_mcp.grpc_internal import serve_grpc
 from opspawn_mcp.grpc_internal.convert import event_from_pb, task_from_pb
 from opspawn_mcp.grpc_internal.gen import tasks_pb2 as pb
 from opspawn_mcp.grpc_internal.gen import tasks_pb2_grpc as pb_grpc
-from opspawn_mcp.host.models import ServerInfo
-from opspawn_mcp.models import Task, TaskStatus
+from opspawn_mcp.models import Task
 from opspawn_mcp.service import TaskService
 from opspawn_mcp.store.memory import MemoryStore
+from tests.support.service_kit import BrokenStore, RecordingEnqueuer, finish, make_service
 
 TOKEN = "grpc-token"
-
-
-class RecordingEnqueuer:
-    def __init__(self) -> None:
-        self.ids: list[str] = []
-
-    async def enqueue(self, task_id: str) -> None:
-        self.ids.append(task_id)
-
-
-class Directory:
-    def servers_info(self) -> list[ServerInfo]:
-        return [ServerInfo(name="echo", transport="stdio", state="idle")]
 
 
 class DownStore(MemoryStore):
@@ -49,64 +36,29 @@ class DownStore(MemoryStore):
         raise Unavailable("The task store cannot be reached; retry later.")
 
 
-def make_config() -> Config:
-    return parse_config(
-        {
-            "mcpServers": {"echo": {"command": "python", "args": ["-m", "x"]}},
-            "opspawn": {"store_url": "memory://", "llm": {"provider": "local"}},
-        },
-        environ={},
-    )
+@asynccontextmanager
+async def connected(service: TaskService, auth_token: str | None = None) -> AsyncIterator[grpc.aio.Channel]:
+    """``service`` served over gRPC on a free loopback port, and a channel to it."""
+    async with (
+        serve_grpc(service, "127.0.0.1", 0, auth_token, readiness_interval_s=0.01) as running,
+        grpc.aio.insecure_channel(running.target) as ch,
+    ):
+        yield ch
 
 
-def make_service(store: MemoryStore, enqueuer: RecordingEnqueuer | None = None) -> TaskService:
-    return TaskService(
-        make_config(), store, enqueuer or RecordingEnqueuer(), Directory(), poll_interval_s=0.01, environ={}
-    )
-
-
-@pytest.fixture
-async def store() -> AsyncIterator[MemoryStore]:
-    s = MemoryStore()
-    await s.start()
-    yield s
-    await s.close()
+def task_stub(channel: grpc.aio.Channel) -> Any:
+    return pb_grpc.TaskServiceStub(channel)  # type: ignore[no-untyped-call]
 
 
 @pytest.fixture
-def enqueuer() -> RecordingEnqueuer:
-    return RecordingEnqueuer()
-
-
-@pytest.fixture
-def service(store: MemoryStore, enqueuer: RecordingEnqueuer) -> TaskService:
-    return make_service(store, enqueuer)
-
-
-@pytest.fixture
-async def server(service: TaskService) -> AsyncIterator[GrpcServer]:
-    async with serve_grpc(service, "127.0.0.1", 0, readiness_interval_s=0.01) as running:
-        yield running
-
-
-@pytest.fixture
-async def channel(server: GrpcServer) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(server.target) as ch:
+async def channel(service: TaskService) -> AsyncIterator[grpc.aio.Channel]:
+    async with connected(service) as ch:
         yield ch
 
 
 @pytest.fixture
 def stub(channel: grpc.aio.Channel) -> Any:
-    return pb_grpc.TaskServiceStub(channel)  # type: ignore[no-untyped-call]
-
-
-async def finish(store: MemoryStore, task_id: str, result: str) -> None:
-    """Do what a worker does, through the real store: claim, log, complete."""
-    await store.claim(task_id, "w1", 30.0, 3)
-    await store.append_event(task_id, "state", {"status": "running"})
-    await store.append_event(task_id, "final", {"result": result})
-    await store.transition(task_id, {TaskStatus.RUNNING}, TaskStatus.COMPLETED, result=result, owner="w1")
-    await store.append_event(task_id, "state", {"status": "completed"})
+    return task_stub(channel)
 
 
 async def code_of(call: Any) -> tuple[grpc.StatusCode, str]:
@@ -218,11 +170,8 @@ async def test_watch_unknown_task_is_not_found(stub: Any) -> None:
 
 
 async def test_an_unreachable_store_is_unavailable() -> None:
-    async with (
-        serve_grpc(make_service(DownStore()), "127.0.0.1", 0) as running,
-        grpc.aio.insecure_channel(running.target) as ch,
-    ):
-        stub = pb_grpc.TaskServiceStub(ch)  # type: ignore[no-untyped-call]
+    async with connected(make_service(DownStore())) as ch:
+        stub = task_stub(ch)
         code, _ = await code_of(stub.GetTask(pb.GetTaskRequest(task_id="x")))
         assert code == grpc.StatusCode.UNAVAILABLE
 
@@ -255,11 +204,8 @@ async def test_reflection_lists_the_services(channel: grpc.aio.Channel) -> None:
 async def test_with_a_token_calls_without_it_are_unauthenticated(
     service: TaskService, metadata: tuple[tuple[str, str], ...] | None
 ) -> None:
-    async with (
-        serve_grpc(service, "127.0.0.1", 0, TOKEN) as running,
-        grpc.aio.insecure_channel(running.target) as ch,
-    ):
-        stub = pb_grpc.TaskServiceStub(ch)  # type: ignore[no-untyped-call]
+    async with connected(service, TOKEN) as ch:
+        stub = task_stub(ch)
         request = pb.SubmitTaskRequest(spec=pb.TaskSpec(goal="x"))
         code, _ = await code_of(stub.SubmitTask(request, metadata=metadata))
         assert code == grpc.StatusCode.UNAUTHENTICATED
@@ -275,19 +221,9 @@ async def test_with_a_token_calls_without_it_are_unauthenticated(
         ).status == health_pb2.HealthCheckResponse.SERVING
 
 
-class BrokenStore(MemoryStore):
-    """A store with a bug (not a typed error): the door must not leak its text or trace."""
-
-    async def get(self, task_id: str) -> Task:
-        raise RuntimeError("secret internal detail")
-
-
 async def test_a_bug_is_internal_without_its_details() -> None:
-    async with (
-        serve_grpc(make_service(BrokenStore()), "127.0.0.1", 0) as running,
-        grpc.aio.insecure_channel(running.target) as ch,
-    ):
-        stub = pb_grpc.TaskServiceStub(ch)  # type: ignore[no-untyped-call]
+    async with connected(make_service(BrokenStore())) as ch:
+        stub = task_stub(ch)
         code, details = await code_of(stub.GetTask(pb.GetTaskRequest(task_id="x")))
         assert code == grpc.StatusCode.INTERNAL
         assert "secret" not in details

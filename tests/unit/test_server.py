@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -19,50 +18,17 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from opspawn_mcp.auth import BearerAuth, bearer_ok
-from opspawn_mcp.config import parse_config
-from opspawn_mcp.host.models import ServerInfo
 from opspawn_mcp.models import TaskStatus
 from opspawn_mcp.server import build_server, transport_security
 from opspawn_mcp.service import TaskService
 from opspawn_mcp.store.memory import MemoryStore
-
-
-class RecordingEnqueuer:
-    def __init__(self) -> None:
-        self.ids: list[str] = []
-        self.enqueued = asyncio.Event()
-
-    async def enqueue(self, task_id: str) -> None:
-        self.ids.append(task_id)
-        self.enqueued.set()
-
-
-class Directory:
-    def servers_info(self) -> list[ServerInfo]:
-        return [ServerInfo(name="echo", transport="stdio", state="ready", tools=["echo"], tool_count=1)]
+from tests.support.service_kit import RecordingEnqueuer
 
 
 @pytest.fixture
-async def store() -> AsyncIterator[MemoryStore]:
-    s = MemoryStore()
-    await s.start()
-    yield s
-    await s.close()
-
-
-@pytest.fixture
-def enqueuer() -> RecordingEnqueuer:
-    return RecordingEnqueuer()
-
-
-@pytest.fixture
-def server(store: MemoryStore, enqueuer: RecordingEnqueuer) -> MCPServer:
+def server(service: TaskService) -> MCPServer:
     """A fresh MCP server per test; each test opens its own Client, because anyio's cancel
     scopes must be entered and left in the same task (a yield fixture would split them)."""
-    config = parse_config(
-        {"mcpServers": {"echo": {"command": "python"}}, "opspawn": {"store_url": "memory://"}}, environ={}
-    )
-    service = TaskService(config, store, enqueuer, Directory(), poll_interval_s=0.01, environ={})
     return build_server(service)
 
 
@@ -184,7 +150,7 @@ async def test_unknown_ids_and_conflicts_are_tool_errors(server: MCPServer, stor
 async def test_list_servers(server: MCPServer) -> None:
     async with Client(server) as client:
         result = (await client.call_tool("list_servers", {})).structured_content
-        assert result and result["servers"][0]["name"] == "echo"
+        assert result and [s["name"] for s in result["servers"]] == ["echo", "files"]
         assert result["servers"][0]["tools"] == ["echo"]
 
 

@@ -3,27 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from opspawn_mcp.config import Config, parse_config
 from opspawn_mcp.errors import Conflict, Forbidden, InvalidInput, PayloadTooLarge, TaskNotFound, Unavailable
-from opspawn_mcp.host.models import ServerInfo
 from opspawn_mcp.models import GOAL_MAX_CHARS, TaskEvent, TaskSpec, TaskStatus
 from opspawn_mcp.service import TaskService
 from opspawn_mcp.store.memory import MemoryStore
-
-
-class RecordingEnqueuer:
-    """A real enqueuer that keeps the ids it was given, in order."""
-
-    def __init__(self) -> None:
-        self.ids: list[str] = []
-
-    async def enqueue(self, task_id: str) -> None:
-        self.ids.append(task_id)
+from tests.support.service_kit import RecordingEnqueuer, make_config, make_service
 
 
 class BrokenEnqueuer:
@@ -31,49 +19,6 @@ class BrokenEnqueuer:
 
     async def enqueue(self, task_id: str) -> None:
         raise ConnectionError("broker down")
-
-
-class Directory:
-    """The pool's snapshot, as a fixed list."""
-
-    def servers_info(self) -> list[ServerInfo]:
-        return [
-            ServerInfo(name="echo", transport="stdio", state="idle"),
-            ServerInfo(
-                name="files", transport="streamable-http", state="ready", tools=["read"], tool_count=1
-            ),
-        ]
-
-
-def make_config(environ: dict[str, str] | None = None, **llm: Any) -> Config:
-    return parse_config(
-        {
-            "mcpServers": {
-                "echo": {"command": "python", "args": ["-m", "x"]},
-                "files": {"url": "http://127.0.0.1:1/mcp"},
-            },
-            "opspawn": {"store_url": "memory://", "llm": llm or {"provider": "local"}},
-        },
-        environ=environ or {},
-    )
-
-
-@pytest.fixture
-async def store() -> AsyncIterator[MemoryStore]:
-    s = MemoryStore()
-    await s.start()
-    yield s
-    await s.close()
-
-
-@pytest.fixture
-def enqueuer() -> RecordingEnqueuer:
-    return RecordingEnqueuer()
-
-
-@pytest.fixture
-def service(store: MemoryStore, enqueuer: RecordingEnqueuer) -> TaskService:
-    return TaskService(make_config(), store, enqueuer, Directory(), poll_interval_s=0.01, environ={})
 
 
 async def test_submit_persists_queued_and_enqueues_the_id(
@@ -95,7 +40,7 @@ async def test_submit_accepts_a_spec_model(service: TaskService) -> None:
 
 
 async def test_an_enqueue_failure_keeps_the_task_queued(store: MemoryStore) -> None:
-    service = TaskService(make_config(), store, BrokenEnqueuer(), Directory(), environ={})
+    service = make_service(store, BrokenEnqueuer())
     task = await service.submit({"goal": "echo hi"})
     assert (await store.get(task.id)).status is TaskStatus.QUEUED
 
@@ -158,7 +103,7 @@ async def test_openai_without_a_model_name_is_invalid(service: TaskService) -> N
 
 async def test_model_defaults_come_from_the_config(store: MemoryStore, enqueuer: RecordingEnqueuer) -> None:
     config = make_config(provider="openai", base_url="http://127.0.0.1:9/v1", model="m")
-    service = TaskService(config, store, enqueuer, Directory(), environ={})
+    service = make_service(store, enqueuer, config=config)
     task = await service.submit({"goal": "x", "model": {"temperature": 0.5}})
     assert task.spec.model.model_dump(exclude_none=True) == {
         "provider": "openai",
@@ -322,7 +267,7 @@ async def test_a_key_is_never_sent_to_a_base_url_the_client_chose(
     config = make_config(
         {"K": "secret"}, provider="openai", base_url="http://127.0.0.1:9/v1", model="m", api_key_env="K"
     )
-    service = TaskService(config, store, enqueuer, Directory(), environ={"K": "secret"})
+    service = make_service(store, enqueuer, config=config, environ={"K": "secret"})
     own = await service.submit({"goal": "x"})
     assert own.spec.model.api_key_env == "K"
     elsewhere = await service.submit({"goal": "x", "model": {"base_url": "http://evil.example/v1"}})

@@ -1,0 +1,100 @@
+"""The parts a real ``TaskService`` needs in the unit tests, shared by every door's tests.
+
+The fixtures over these (``store``, ``enqueuer``, ``service``) are in ``tests/unit/conftest.py``;
+the classes and builders live here because some tests (the schemathesis one) build their app
+at import time, outside any fixture.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from opspawn_mcp.config import Config, parse_config
+from opspawn_mcp.host.models import ServerInfo
+from opspawn_mcp.models import Task, TaskStatus
+from opspawn_mcp.scheduler import Enqueuer
+from opspawn_mcp.service import TaskService
+from opspawn_mcp.store.memory import MemoryStore
+
+
+class RecordingEnqueuer:
+    """A real enqueuer that keeps the ids it was given, in order; no worker runs.
+
+    ``enqueued`` is set on the first id, for a test that plays the worker.
+    """
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.enqueued = asyncio.Event()
+
+    async def enqueue(self, task_id: str) -> None:
+        self.ids.append(task_id)
+        self.enqueued.set()
+
+    async def ping(self) -> None:
+        """Its broker is always reachable."""
+
+
+class Directory:
+    """The pool's snapshot, as a fixed list: one entry per server ``make_config`` defines."""
+
+    def servers_info(self) -> list[ServerInfo]:
+        return [
+            ServerInfo(name="echo", transport="stdio", state="ready", tools=["echo"], tool_count=1),
+            ServerInfo(
+                name="files", transport="streamable-http", state="ready", tools=["read"], tool_count=1
+            ),
+        ]
+
+
+def make_config(environ: dict[str, str] | None = None, **llm: Any) -> Config:
+    """Two downstream servers, ``echo`` (stdio) and ``files`` (HTTP), and a memory store.
+
+    ``llm`` replaces ``opspawn.llm`` (the local provider by default); ``environ`` is what the
+    config's ``${VAR}`` references are resolved against.
+    """
+    return parse_config(
+        {
+            "mcpServers": {
+                "echo": {"command": "python", "args": ["-m", "x"]},
+                "files": {"url": "http://127.0.0.1:1/mcp"},
+            },
+            "opspawn": {"store_url": "memory://", "llm": llm or {"provider": "local"}},
+        },
+        environ=environ or {},
+    )
+
+
+def make_service(
+    store: MemoryStore,
+    enqueuer: Enqueuer | None = None,
+    *,
+    config: Config | None = None,
+    environ: dict[str, str] | None = None,
+) -> TaskService:
+    """A ``TaskService`` over ``store`` and the fixed ``Directory``; watchers poll every 10 ms."""
+    return TaskService(
+        config or make_config(),
+        store,
+        enqueuer if enqueuer is not None else RecordingEnqueuer(),
+        Directory(),
+        poll_interval_s=0.01,
+        environ=environ or {},
+    )
+
+
+class BrokenStore(MemoryStore):
+    """A store with a bug (not a typed error): a door must not leak its text or trace."""
+
+    async def get(self, task_id: str) -> Task:
+        raise RuntimeError("secret internal detail")
+
+
+async def finish(store: MemoryStore, task_id: str, result: str) -> None:
+    """Do what a worker does, through the real store: claim, log, complete."""
+    await store.claim(task_id, "w1", 30.0, 3)
+    await store.append_event(task_id, "state", {"status": "running"})
+    await store.append_event(task_id, "final", {"result": result})
+    await store.transition(task_id, {TaskStatus.RUNNING}, TaskStatus.COMPLETED, result=result, owner="w1")
+    await store.append_event(task_id, "state", {"status": "completed"})
