@@ -35,9 +35,8 @@ from mcp.client.streamable_http import streamable_http_client
 from opspawn_mcp.errors import Conflict, InvalidInput, OpspawnError, TaskNotFound, Unauthenticated
 from opspawn_mcp.grpc_internal.gen import tasks_pb2 as pb
 from opspawn_mcp.grpc_internal.gen import tasks_pb2_grpc as pb_grpc
-from tests.servers.harness import HANG_GUARD_S, REPO_ROOT, free_port
+from tests.servers.harness import HANG_GUARD_S, REPO_ROOT, free_port, opspawn_command
 from tests.support.fake_openai import spawn_fake_openai
-from tests.support.services import require_command
 
 TOKEN = "doors-e2e-token"
 TOKEN_ENV = "OPSPAWN_DOORS_TOKEN"
@@ -77,11 +76,6 @@ def _wait_ready(proc: subprocess.Popen[bytes], http: str, grpc_target: str, log:
         time.sleep(0.05)
 
 
-def _opspawn_mcp() -> str:
-    beside = Path(sys.executable).parent / "opspawn-mcp"
-    return str(beside) if beside.exists() else require_command("opspawn-mcp")
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("doors")
@@ -109,7 +103,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         env = {**os.environ, TOKEN_ENV: TOKEN}
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [_opspawn_mcp(), "--config", str(path), "serve"],
+                [opspawn_command(), "--config", str(path), "serve"],
                 cwd=REPO_ROOT,
                 env=env,
                 stdout=out,
@@ -159,7 +153,10 @@ class DoorError(Exception):
 
 class Door(Protocol):
     async def run(self, spec: dict[str, Any]) -> Outcome:
-        """Submit and follow the task until it ends; the final task."""
+        """Submit and follow the task until it ends; the final task. (MCP's door waits instead.)"""
+        task = await self.submit(spec)
+        await self.follow(task.task_id)
+        return await self.get(task.task_id)
 
     async def submit(self, spec: dict[str, Any]) -> Outcome: ...
 
@@ -251,7 +248,7 @@ class McpDoor:
         return [e["kind"] for e in items]
 
 
-class RestDoor:
+class RestDoor(Door):
     def __init__(self, server: Server, token: str) -> None:
         self.client = httpx.AsyncClient(
             base_url=server.http,
@@ -271,11 +268,6 @@ class RestDoor:
     @staticmethod
     def _outcome(task: dict[str, Any]) -> Outcome:
         return Outcome(task["id"], task["status"], task["result"])
-
-    async def run(self, spec: dict[str, Any]) -> Outcome:
-        task = await self.submit(spec)
-        await self.follow(task.task_id)
-        return await self.get(task.task_id)
 
     async def submit(self, spec: dict[str, Any]) -> Outcome:
         r = await self.client.post("/v1/tasks", json=spec)
@@ -302,7 +294,7 @@ class RestDoor:
         return kinds
 
 
-class GrpcDoor:
+class GrpcDoor(Door):
     def __init__(self, server: Server, token: str) -> None:
         self.channel = grpc.aio.insecure_channel(server.grpc)
         self.stub = pb_grpc.TaskServiceStub(self.channel)  # type: ignore[no-untyped-call]
@@ -318,11 +310,6 @@ class GrpcDoor:
     def _outcome(task: pb.Task) -> Outcome:
         status = pb.TaskStatus.Name(task.status).removeprefix("TASK_STATUS_").lower()
         return Outcome(task.id, status, task.result if task.HasField("result") else None)
-
-    async def run(self, spec: dict[str, Any]) -> Outcome:
-        task = await self.submit(spec)
-        await self.follow(task.task_id)
-        return await self.get(task.task_id)
 
     async def submit(self, spec: dict[str, Any]) -> Outcome:
         return self._outcome(await self._unary("SubmitTask", pb.SubmitTaskRequest(spec=pb.TaskSpec(**spec))))

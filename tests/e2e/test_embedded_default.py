@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,18 +22,13 @@ import httpx
 import pytest
 
 from agentkit.llm import LLMError, default_model_path
-from tests.servers.harness import HANG_GUARD_S, free_port
-from tests.support.services import require_command, unavailable
+from tests.servers.harness import HANG_GUARD_S, free_port, opspawn_command
+from tests.support.services import unavailable
 
 pytestmark = pytest.mark.local_llm
 
 WAIT_S = 300
 """The ``--wait`` of the submit: generous, so a slow machine only takes longer."""
-
-
-def _opspawn_mcp() -> str:
-    beside = Path(sys.executable).parent / "opspawn-mcp"
-    return str(beside) if beside.exists() else require_command("opspawn-mcp")
 
 
 def _require_local_model() -> None:
@@ -57,7 +51,7 @@ def embedded_server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[byte
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [_opspawn_mcp(), "serve", "--port", str(port)],
+            [opspawn_command(), "serve", "--port", str(port)],
             cwd=tmp_path,  # no ./opspawn.json here
             env=env,
             stdout=out,
@@ -93,7 +87,7 @@ def test_echo_hello_round_trip_on_the_embedded_default(
 ) -> None:
     url, proc, env, log = embedded_server
     submitted = subprocess.run(
-        [_opspawn_mcp(), "submit", "echo hello", "--wait", str(WAIT_S), "--url", url],
+        [opspawn_command(), "submit", "echo hello", "--wait", str(WAIT_S), "--url", url],
         cwd=tmp_path,
         env=env,
         capture_output=True,

@@ -27,18 +27,18 @@ from mcp import Client, StdioServerParameters
 from mcp.client.sse import sse_client
 from mcp.types import CallToolResult
 
+from tests.servers.harness import REPO_ROOT, opspawn_command
 from tests.support.fake_openai import spawn_fake_openai
-from tests.support.services import POSTGRES_URL, RABBITMQ_URL, require_command, require_service
+from tests.support.services import (
+    POSTGRES_URL,
+    RABBITMQ_URL,
+    delete_queues,
+    drop_schema,
+    require_service,
+)
 
-REPO = Path(__file__).resolve().parents[2]
 TOKEN_ENV = "OPSPAWN_E2E_TOKEN"
 TOKEN = "e2e-secret-token"
-
-
-def opspawn_command() -> str:
-    """The ``opspawn-mcp`` of this interpreter's environment, else the one on PATH."""
-    beside = Path(sys.executable).parent / "opspawn-mcp"
-    return str(beside) if beside.exists() else require_command("opspawn-mcp")
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def write_config(path: Path, llm_url: str, **server: Any) -> Path:
             "testing": {
                 "command": sys.executable,
                 "args": ["-m", "tests.servers.testing_server", "--transport", "stdio"],
-                "cwd": str(REPO),
+                "cwd": str(REPO_ROOT),
             }
         },
         "opspawn": {
@@ -74,7 +74,7 @@ class ServerProcess:
         self._log_file = self.log.open("w")
         self.proc = subprocess.Popen(
             [opspawn_command(), "--config", str(config), "serve", "--port", "0", *args],
-            cwd=REPO,
+            cwd=REPO_ROOT,
             stdout=subprocess.DEVNULL,
             stderr=self._log_file,
             env={**os.environ, **(env or {})},
@@ -184,7 +184,7 @@ async def wait_for_log(server: ServerProcess, needle: str) -> None:
 async def test_stdio_runs_a_task_through_the_proxy_with_progress(tmp_path: Path, llm_url: str) -> None:
     config = write_config(tmp_path / "opspawn.json", llm_url)
     params = StdioServerParameters(
-        command=opspawn_command(), args=["--config", str(config), "serve", "--stdio"], cwd=str(REPO)
+        command=opspawn_command(), args=["--config", str(config), "serve", "--stdio"], cwd=str(REPO_ROOT)
     )
     async with Client(params) as client:
         assert "submit_task" in (client.instructions or "")
@@ -221,7 +221,7 @@ def test_stdio_writes_only_protocol_messages_to_stdout(tmp_path: Path, llm_url: 
     errlog = (tmp_path / "stderr.log").open("w")
     proc = subprocess.Popen(
         [opspawn_command(), "--config", str(config), "serve", "--stdio"],
-        cwd=REPO,
+        cwd=REPO_ROOT,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=errlog,
@@ -320,7 +320,7 @@ def test_dns_rebinding_hosts_are_refused(http_server: ServerProcess) -> None:
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [opspawn_command(), *args],
-        cwd=REPO,
+        cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         env={**os.environ, **(env or {})},
@@ -431,7 +431,7 @@ def test_serve_with_rabbitmq_hands_tasks_to_a_worker_process(tmp_path: Path, llm
     with worker_log.open("w") as log:
         worker = subprocess.Popen(
             [opspawn_command(), "--config", str(config), "worker"],
-            cwd=REPO,
+            cwd=REPO_ROOT,
             stdout=log,
             stderr=log,
             env={**os.environ, **env},
@@ -455,28 +455,5 @@ def test_serve_with_rabbitmq_hands_tasks_to_a_worker_process(tmp_path: Path, llm
             assert server.stop() == 0, server.log.read_text()
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=60)
-        _drop(queue, schema)
-
-
-def _drop(queue: str, schema: str) -> None:
-    import pika
-    from sqlalchemy import text as sql
-    from sqlalchemy.ext.asyncio import create_async_engine
-
-    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
-    try:
-        channel = connection.channel()
-        for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
-            channel.queue_delete(queue=name)
-    finally:
-        connection.close()
-
-    async def drop_schema() -> None:
-        engine = create_async_engine(POSTGRES_URL)
-        try:
-            async with engine.begin() as conn:
-                await conn.execute(sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        finally:
-            await engine.dispose()
-
-    asyncio.run(drop_schema())
+        delete_queues(queue)
+        asyncio.run(drop_schema(schema))

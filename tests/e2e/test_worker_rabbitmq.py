@@ -30,9 +30,10 @@ from opspawn_mcp.models import Task, TaskEvent, TaskStatus
 from opspawn_mcp.service import TaskService
 from opspawn_mcp.store import open_store
 from opspawn_mcp.store.base import TaskStore
-from tests.servers.harness import REPO_ROOT, free_port, lines, stdio_config, wait_until, wait_until_async
+from tests.servers.harness import REPO_ROOT, free_port, lines, stdio_config, wait_until
 from tests.support.fake_openai import FakeOpenAIServer
-from tests.support.services import POSTGRES_URL, RABBITMQ_URL, require_service
+from tests.support.services import POSTGRES_URL, RABBITMQ_URL, delete_queues, drop_schema, require_service
+from tests.support.task_waits import states, until, until_a_tool_is_called, until_finished
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.postgres]
 
@@ -55,11 +56,7 @@ class Deployment:
     tmp_path: Path
 
     async def finished(self, task_id: str) -> Task:
-        async def done() -> bool:
-            return (await self.store.get(task_id)).status.terminal
-
-        await wait_until_async(done)
-        return await self.store.get(task_id)
+        return await until_finished(self.store, task_id)
 
     async def events(self, task_id: str) -> list[TaskEvent]:
         return await self.store.events(task_id)
@@ -126,30 +123,6 @@ class WorkerProcess:
         return code
 
 
-def _delete_queues(queue: str) -> None:
-    import pika
-
-    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
-    try:
-        channel = connection.channel()
-        for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
-            channel.queue_delete(queue=name)
-    finally:
-        connection.close()
-
-
-async def _drop_schema(schema: str) -> None:
-    from sqlalchemy import text
-    from sqlalchemy.ext.asyncio import create_async_engine
-
-    engine = create_async_engine(POSTGRES_URL)
-    try:
-        async with engine.begin() as conn:
-            await conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-    finally:
-        await engine.dispose()
-
-
 @asynccontextmanager
 async def deployment(tmp_path: Path, base_url: str, **worker: Any) -> AsyncIterator[Deployment]:
     require_service("rabbitmq")
@@ -180,8 +153,8 @@ async def deployment(tmp_path: Path, base_url: str, **worker: Any) -> AsyncItera
     finally:
         await enqueuer.aclose()
         await store.close()
-        await asyncio.to_thread(_delete_queues, queue)
-        await _drop_schema(schema)
+        await asyncio.to_thread(delete_queues, queue)
+        await drop_schema(schema)
 
 
 @contextmanager
@@ -196,10 +169,6 @@ def _no_leftovers(*workers: WorkerProcess) -> Iterator[None]:
                 w.process.wait()
 
 
-def _states(events: list[TaskEvent]) -> list[str]:
-    return [e.data["status"] for e in events if e.kind == "state"]
-
-
 async def test_a_worker_process_runs_a_task_from_rabbitmq(tmp_path: Path, fake: FakeOpenAIServer) -> None:
     async with deployment(tmp_path, fake.base_url) as d:
         worker = WorkerProcess(d, "a")
@@ -211,7 +180,7 @@ async def test_a_worker_process_runs_a_task_from_rabbitmq(tmp_path: Path, fake: 
             assert done.result == "done: over rabbitmq"
             assert done.attempts == 1
             events = await d.events(task.id)
-            assert _states(events) == ["queued", "running", "completed"]
+            assert states(events) == ["queued", "running", "completed"]
             assert [e.data["name"] for e in events if e.kind == "tool_call"] == ["t__echo"]
             assert await worker.stop() == 0
             assert "shutting down" in worker.log()
@@ -244,11 +213,7 @@ async def test_killed_worker_mid_task_the_next_worker_completes_it_once(
         with _no_leftovers(first, second):
             await first.start()
             task = await d.service.submit({"goal": "sleep 3", "servers": ["t"]})
-
-            async def sleeping() -> bool:
-                return any(e.kind == "tool_call" for e in await d.events(task.id))
-
-            await wait_until_async(sleeping)
+            await until_a_tool_is_called(d.store, task.id)
             first.kill_hard()
             assert (await d.store.get(task.id)).status is TaskStatus.RUNNING
 
@@ -258,7 +223,7 @@ async def test_killed_worker_mid_task_the_next_worker_completes_it_once(
             assert done.result is not None and done.result.startswith("done: slept 3")
             assert done.attempts == 2
             events = await d.events(task.id)
-            assert _states(events).count("completed") == 1
+            assert states(events).count("completed") == 1
             assert [e.kind for e in events].count("final") == 1
             assert sum(1 for line in lines(tmp_path / "cancels") if line.startswith("finished")) == 1
             assert await second.stop() == 0
@@ -272,23 +237,15 @@ async def test_sigterm_hands_a_running_task_back_and_another_worker_finishes_it(
         with _no_leftovers(first, second):
             await first.start()
             task = await d.service.submit({"goal": "sleep 30", "servers": ["t"]})
-
-            async def sleeping() -> bool:
-                return any(e.kind == "tool_call" for e in await d.events(task.id))
-
-            await wait_until_async(sleeping)
+            await until_a_tool_is_called(d.store, task.id)
             assert await first.stop() == 0
             handed_back = await d.store.get(task.id)
             assert handed_back.status is TaskStatus.QUEUED, first.log()
-            assert _states(await d.events(task.id))[-1] == "queued"
+            assert states(await d.events(task.id))[-1] == "queued"
 
             # The next worker takes the re-published message; cancel it to end the test quickly.
             await second.start()
-
-            async def running_again() -> bool:
-                return (await d.store.get(task.id)).attempts == 2
-
-            await wait_until_async(running_again)
+            await until(d.store, task.id, lambda t: t.attempts == 2)
             await d.service.cancel(task.id)
             done = await d.finished(task.id)
             assert done.status is TaskStatus.CANCELLED

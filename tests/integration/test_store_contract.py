@@ -23,7 +23,7 @@ import pytest
 from opspawn_mcp.errors import Conflict, IllegalTransition, InvalidInput, TaskNotFound
 from opspawn_mcp.models import Task, TaskSpec, TaskStatus, Usage, utcnow
 from opspawn_mcp.store import MemoryStore, TaskStore, open_store
-from tests.support.services import POSTGRES_URL, require_service
+from tests.support.services import POSTGRES_URL, drop_schema, require_service
 
 BACKENDS = ["memory", "sqlite", "postgres"]
 StoreFactory = Callable[[], Awaitable[TaskStore]]
@@ -31,18 +31,6 @@ StoreFactory = Callable[[], Awaitable[TaskStore]]
 
 def _task(status: TaskStatus = TaskStatus.QUEUED, goal: str = "say hello") -> Task:
     return Task(spec=TaskSpec(goal=goal), status=status)
-
-
-async def _drop_schema(schema: str) -> None:
-    from sqlalchemy import text
-    from sqlalchemy.ext.asyncio import create_async_engine
-
-    engine = create_async_engine(POSTGRES_URL)
-    try:
-        async with engine.begin() as conn:
-            await conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-    finally:
-        await engine.dispose()
 
 
 @pytest.fixture(params=BACKENDS)
@@ -77,7 +65,7 @@ async def open_new(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
         for store in opened:
             await store.close()
         if schema is not None:
-            await _drop_schema(schema)
+            await drop_schema(schema)
 
 
 @pytest.fixture
@@ -562,8 +550,8 @@ async def test_postgres_schema_from_the_url_isolates_stores() -> None:
     finally:
         await first.close()
         await second.close()
-        await _drop_schema(first_schema)
-        await _drop_schema(second_schema)
+        await drop_schema(first_schema)
+        await drop_schema(second_schema)
 
 
 async def test_times_in_other_zones_come_back_as_the_same_instant_in_utc(store: TaskStore) -> None:

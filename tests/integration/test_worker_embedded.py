@@ -21,8 +21,9 @@ from opspawn_mcp.service import TaskService
 from opspawn_mcp.store import open_store
 from opspawn_mcp.store.base import TaskStore
 from opspawn_mcp.worker import EmbeddedWorker
-from tests.servers.harness import free_port, lines, stdio_config, wait_until, wait_until_async
+from tests.servers.harness import free_port, lines, stdio_config, wait_until
 from tests.support.fake_openai import FakeOpenAI, FakeOpenAIServer, tool_call
+from tests.support.task_waits import states, until, until_a_tool_is_called, until_finished
 
 
 @dataclass
@@ -36,10 +37,7 @@ class Stack:
     tmp_path: Path
 
     async def finished(self, task_id: str) -> Task:
-        async def done() -> bool:
-            return (await self.store.get(task_id)).status.terminal
-
-        await wait_until_async(done)
+        await until_finished(self.store, task_id)
         await self.worker.join()
         return await self.store.get(task_id)
 
@@ -87,10 +85,6 @@ async def open_stack(tmp_path: Path, base_url: str, fake: FakeOpenAI, **worker: 
         await store.close()
 
 
-def _states(events: list[TaskEvent]) -> list[str]:
-    return [e.data["status"] for e in events if e.kind == "state"]
-
-
 async def test_echo_task_completes_through_the_proxy_with_events(
     tmp_path: Path, fake: FakeOpenAIServer
 ) -> None:
@@ -105,7 +99,7 @@ async def test_echo_task_completes_through_the_proxy_with_events(
         assert done.usage.input_tokens > 0 and done.usage.output_tokens > 0
         assert done.lease_owner is None and done.finished_at is not None
         events = await stack.events(task.id)
-        assert _states(events) == ["queued", "running", "completed"]
+        assert states(events) == ["queued", "running", "completed"]
         calls = [e for e in events if e.kind == "tool_call"]
         assert [c.data["name"] for c in calls] == ["t__echo"]
         assert calls[0].data["arguments"] == {"text": "hello opspawn"}
@@ -180,7 +174,7 @@ async def test_a_failing_llm_fails_the_task_with_the_servers_answer(
         assert done.error.startswith("the agent failed: The model server at ")
         assert "HTTP 401" in done.error and "API key" in done.error
         events = await stack.events(task.id)
-        assert _states(events) == ["queued", "running", "failed"]
+        assert states(events) == ["queued", "running", "failed"]
         assert events[-1].data["reason"] == done.error
 
 
@@ -216,11 +210,7 @@ async def test_missing_api_key_variable_fails_with_the_variable_name(
 async def test_cancel_stops_a_running_agent_mid_tool_call(tmp_path: Path, fake: FakeOpenAIServer) -> None:
     async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
         task = await stack.service.submit({"goal": "sleep 30", "servers": ["t"]})
-
-        async def sleeping() -> bool:
-            return any(e.kind == "tool_call" for e in await stack.events(task.id))
-
-        await wait_until_async(sleeping)
+        await until_a_tool_is_called(stack.store, task.id)
         cancelled = await stack.service.cancel(task.id)
         assert cancelled.status is TaskStatus.CANCELLED
 
@@ -230,7 +220,7 @@ async def test_cancel_stops_a_running_agent_mid_tool_call(tmp_path: Path, fake: 
         assert final.status is TaskStatus.CANCELLED
         assert final.error == "cancelled by the client"
         events = await stack.events(task.id)
-        assert _states(events) == ["queued", "running", "cancelled"]
+        assert states(events) == ["queued", "running", "cancelled"]
         assert not any(e.kind == "final" for e in events)
         # The cancellation crossed the wire: the testing server saw its sleep cancelled.
         await wait_until(
@@ -266,7 +256,7 @@ async def test_expired_lease_is_recovered_and_the_task_completes(
         assert done.status is TaskStatus.COMPLETED, done.error
         assert done.result == "done: recovered"
         assert done.attempts == 2
-        assert _states(await stack.events(created.id)).count("completed") == 1
+        assert states(await stack.events(created.id)).count("completed") == 1
 
 
 async def test_a_task_out_of_attempts_fails_saying_it_gave_up(tmp_path: Path, fake: FakeOpenAIServer) -> None:
@@ -305,18 +295,10 @@ async def test_stopping_the_server_hands_a_running_task_back_for_the_next_start(
 ) -> None:
     async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
         task = await stack.service.submit({"goal": "sleep 30", "servers": ["t"]})
-
-        async def sleeping() -> bool:
-            return any(e.kind == "tool_call" for e in await stack.events(task.id))
-
-        await wait_until_async(sleeping)
+        await until_a_tool_is_called(stack.store, task.id)
     # The runtime closed (as `serve` does on SIGTERM): the task is queued again, not lost.
     async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
-
-        async def running_again() -> bool:
-            return (await stack.store.get(task.id)).attempts == 2
-
-        await wait_until_async(running_again)
+        await until(stack.store, task.id, lambda t: t.attempts == 2)
         events = await stack.events(task.id)
         assert {"status": "queued", "reason": "worker shutting down"} in [
             e.data for e in events if e.kind == "state"

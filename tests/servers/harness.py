@@ -22,10 +22,17 @@ import anyio
 import anyio.abc
 
 from opspawn_mcp.config import HttpServerConfig, StdioServerConfig
+from tests.support.services import require_command
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HANG_GUARD_S = 60.0
 """Deadline for polling loops: only there to turn a hang into a failure, never a timing assertion."""
+
+
+def opspawn_command() -> str:
+    """The ``opspawn-mcp`` of this interpreter's environment, else the one on PATH."""
+    beside = Path(sys.executable).parent / "opspawn-mcp"
+    return str(beside) if beside.exists() else require_command("opspawn-mcp")
 
 
 def free_port() -> int:

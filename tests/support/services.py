@@ -46,3 +46,29 @@ def require_command(command: str) -> str:
         unavailable(f"the command {command!r}")
     assert path is not None
     return path
+
+
+def delete_queues(queue: str) -> None:
+    """Delete a test's RabbitMQ queue and the delay and dead-letter queues Dramatiq made for it."""
+    import pika
+
+    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+    try:
+        channel = connection.channel()
+        for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
+            channel.queue_delete(queue=name)
+    finally:
+        connection.close()
+
+
+async def drop_schema(schema: str) -> None:
+    """Drop a test's PostgreSQL schema and everything in it."""
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(POSTGRES_URL)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+    finally:
+        await engine.dispose()
