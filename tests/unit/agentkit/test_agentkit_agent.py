@@ -14,6 +14,7 @@ from agentkit import (
     LLMError,
     LLMResponse,
     ReActPlanner,
+    RunResult,
     RunStatus,
     ToolCall,
     Usage,
@@ -210,6 +211,20 @@ async def test_timeout_ends_the_run_timed_out() -> None:
     assert len(result.steps) == 1
 
 
+async def run_then_cancel(agent: Agent, started: anyio.Event) -> RunResult:
+    """Run ``agent`` and cancel it from outside once ``started`` is set; the run's result."""
+    results: list[RunResult] = []
+
+    async def runner() -> None:
+        results.append(await agent.run("x"))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(runner)
+        await started.wait()
+        agent.cancel()
+    return results[0]
+
+
 async def test_cancel_during_a_tool_call() -> None:
     started = anyio.Event()
 
@@ -220,18 +235,9 @@ async def test_cancel_during_a_tool_call() -> None:
         await anyio.sleep_forever()
         return ""
 
-    agent = Agent(ScriptedLLM([call("slow"), "never"]), [slow])
-    results = []
-
-    async def runner() -> None:
-        results.append(await agent.run("x"))
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(runner)
-        await started.wait()
-        agent.cancel()
-    assert results[0].status is RunStatus.CANCELLED
-    assert results[0].steps[0].tool_calls[0].name == "slow"
+    result = await run_then_cancel(Agent(ScriptedLLM([call("slow"), "never"]), [slow]), started)
+    assert result.status is RunStatus.CANCELLED
+    assert result.steps[0].tool_calls[0].name == "slow"
 
 
 async def test_cancel_during_a_model_call() -> None:
@@ -242,17 +248,8 @@ async def test_cancel_during_a_model_call() -> None:
         await anyio.sleep_forever()
         raise AssertionError
 
-    agent = Agent(ScriptedLLM([wait_forever]))
-    results = []
-
-    async def runner() -> None:
-        results.append(await agent.run("x"))
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(runner)
-        await entered.wait()
-        agent.cancel()
-    assert results[0].status is RunStatus.CANCELLED
+    result = await run_then_cancel(Agent(ScriptedLLM([wait_forever])), entered)
+    assert result.status is RunStatus.CANCELLED
 
 
 async def test_cancel_between_steps_stops_before_the_next_model_call() -> None:
