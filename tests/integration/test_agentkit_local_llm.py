@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from agentkit import Agent, AgentEvent, ReActPlanner, RunStatus, tool
-from agentkit.llm import LLMError, LocalGGUF, Message, OpenAICompatible, default_model_path
+from agentkit.llm import LLMError, LocalGGUF, Message, OpenAICompatible, ToolDefinition, default_model_path
 from tests.support.fake_openai import free_port
 from tests.support.services import unavailable
 
@@ -104,6 +104,50 @@ async def test_local_gguf_grammar_constrains_tool_arguments_and_keeps_the_loop_f
     call = response.tool_calls[0]
     assert call.name == "add" and call.raw_arguments is None
     assert set(call.arguments) == {"a", "b"} and all(isinstance(v, int) for v in call.arguments.values())
+
+
+async def test_local_gguf_survives_schemas_that_used_to_crash_llama_cpp() -> None:
+    # ``"maxLength": 100000`` (the example server's echo) became 100000 nested grammar groups and
+    # overflowed the model thread's stack: SIGSEGV, the whole process gone. The proxy's free-form
+    # ``arguments`` object is bounded too. Each forced call must come back as a call.
+    echo = ToolDefinition(
+        name="echo",
+        description="Return the given text unchanged.",
+        parameters={
+            "type": "object",
+            "properties": {"text": {"type": "string", "maxLength": 100_000}},
+            "required": ["text"],
+        },
+    )
+    items = ToolDefinition(
+        name="total",
+        description="Add up numbers.",
+        parameters={
+            "type": "object",
+            "properties": {"xs": {"type": "array", "items": {"type": "number"}, "maxItems": 50_000}},
+            "required": ["xs"],
+        },
+    )
+    proxy = ToolDefinition(
+        name="call",
+        description="Call a tool on a server.",
+        parameters={
+            "type": "object",
+            "properties": {
+                "server": {"type": "string"},
+                "tool": {"type": "string"},
+                "arguments": {"type": "object"},
+            },
+            "required": ["server", "tool", "arguments"],
+        },
+    )
+    llm = LocalGGUF(model_path(), n_ctx=2048, max_tokens=64)
+    tools = [echo, items, proxy]
+    for definition in tools:
+        response = await llm.chat([Message.user("echo hello")], tools=tools, tool_choice=definition.name)
+        assert [c.name for c in response.tool_calls] == [definition.name]
+    echoed = (await llm.chat([Message.user("echo hello")], tools=[echo], tool_choice="echo")).tool_calls[0]
+    assert isinstance(echoed.arguments.get("text"), str), echoed
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+from opspawn_mcp.cli import _call_tool, _reason, _Unreachable
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -59,3 +66,89 @@ def test_a_missing_config_file_is_a_clear_error() -> None:
     out = run_cli("--config", "/nonexistent/opspawn.json", "config", "check")
     assert out.returncode == 2
     assert "cannot read the file" in out.stderr and "Traceback" not in out.stderr
+
+
+# -- talking to a server: one line naming the real cause ----------------------------------------
+
+
+@contextmanager
+def broken_server(answer: bytes | None) -> Iterator[str]:
+    """A TCP server that reads each request, then sends ``answer`` and closes (``None``: never
+    answers, holding the connection until the test ends). Stands in for a server that crashed
+    mid-request, hangs, or is not an MCP server."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.recv(65536)
+            if answer is None:
+                held.append(conn)
+                continue
+            conn.sendall(answer)
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/mcp"
+    finally:
+        done.set()
+        listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(); close() alone does not
+        listener.close()
+        for conn in held:
+            conn.close()
+        thread.join()
+
+
+def call(url: str, timeout_s: float = 60.0) -> str:
+    with pytest.raises(_Unreachable) as caught:
+        asyncio.run(_call_tool(url, None, "list_servers", {}, timeout_s))
+    message = str(caught.value)
+    assert "\n" not in message and "TaskGroup" not in message and "sub-exception" not in message
+    return message
+
+
+def test_a_server_that_dies_mid_request_is_named_as_such() -> None:
+    with broken_server(b"") as url:
+        assert call(url) == (
+            f"the opspawn server at {url} closed the connection before answering: it stopped or "
+            "crashed; check its log"
+        )
+
+
+def test_a_server_that_never_answers_is_a_timeout_with_its_length() -> None:
+    with broken_server(None) as url:
+        assert call(url, timeout_s=0.5) == f"the opspawn server at {url} did not answer within 0.5 s"
+
+
+def test_something_else_on_the_port_names_the_underlying_error() -> None:
+    reply = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n\r\nabc"
+    with broken_server(reply) as url:
+        message = call(url)
+    assert message.startswith(f"could not talk to the opspawn server at {url}: MCPError: ")
+    assert "text/plain" in message
+
+
+def test_exception_groups_are_unwrapped_to_the_first_real_error() -> None:
+    nested = ExceptionGroup("outer", [ExceptionGroup("inner", [ValueError("the real cause")])])
+    assert _reason("http://x/mcp", nested) == (
+        "could not talk to the opspawn server at http://x/mcp: ValueError: the real cause"
+    )
+
+
+def test_no_server_at_all_is_one_line_from_every_client_command() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/mcp"  # bound, never listening
+        for args in (["submit", "hi", "--wait", "5"], ["status", "t1"], ["servers"]):
+            out = run_cli(*args, "--url", url)
+            assert out.returncode == 2
+            assert (
+                out.stderr == f"opspawn-mcp: no opspawn server at {url}: start one with `opspawn-mcp serve`\n"
+            )
