@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from agentkit.llm import OpenAICompatible
-from opspawn_mcp.agent_factory import AgentSetupError, build_llm, resolve_model
-from opspawn_mcp.config import LlmDefaults
-from opspawn_mcp.models import ModelSettings
+from agentkit import ReActPlanner
+from agentkit.llm import LocalGGUF, OpenAICompatible
+from agentkit.mcp_proxy import PROXY_TOOL_NAME
+from opspawn_mcp.agent_factory import (
+    SMALL_MODEL_SYSTEM_PROMPT,
+    AgentSetupError,
+    build_agent,
+    build_llm,
+    close_llm,
+    resolve_model,
+)
+from opspawn_mcp.config import LlmDefaults, load_config
+from opspawn_mcp.host import OpsMcpClient
+from opspawn_mcp.models import ModelSettings, TaskSpec
 
 DEFAULTS = LlmDefaults(
     provider="openai", base_url="http://127.0.0.1:9/v1", model="default-model", api_key_env="DEFAULT_KEY"
@@ -47,3 +59,55 @@ def test_openai_without_a_model_name_says_what_to_set() -> None:
     defaults = LlmDefaults(provider="openai", base_url="http://127.0.0.1:9/v1")
     with pytest.raises(AgentSetupError, match=r"set model\.model in the task or opspawn\.llm\.model"):
         build_llm(resolve_model(ModelSettings(), defaults), defaults, environ={})
+
+
+# -- the agent for the bundled small local model -------------------------------------------------
+
+FLAT = ["example__echo", "example__add", "example__word_count", "example__utc_now", "example__sleep"]
+
+
+async def _ignore(event: Any) -> None:
+    return None
+
+
+async def test_the_local_model_gets_flat_tools_a_short_prompt_and_one_tool_round() -> None:
+    # A 135M model cannot fill in mcp_proxy_tool's server/tool/arguments; it copies the schema
+    # into the arguments instead. With only the flat tools it picks echo and writes {"text": ...}.
+    config = load_config(None, environ={})  # the embedded default: the example server, local model
+    async with OpsMcpClient(config.mcp_servers) as pool:
+        agent, llm = await build_agent(TaskSpec(goal="echo hello"), config, pool, _ignore)
+        try:
+            assert isinstance(llm, LocalGGUF)
+            assert sorted(agent.tools.names()) == sorted(FLAT)
+            assert PROXY_TOOL_NAME not in agent.tools
+            assert isinstance(agent.planner, ReActPlanner)
+            assert agent.planner.require_tool_first and agent.planner.max_tool_rounds == 1
+            assert agent.system_prompt == SMALL_MODEL_SYSTEM_PROMPT
+        finally:
+            await close_llm(llm)
+
+        # What the task asks for itself is respected.
+        spec = TaskSpec(goal="x", system_prompt="Be brief.", planner="plan_and_execute")
+        agent, llm = await build_agent(spec, config, pool, _ignore)
+        assert agent.system_prompt == "Be brief." and not isinstance(agent.planner, ReActPlanner)
+        await close_llm(llm)
+
+        # Any other model keeps the proxy next to the flat tools, and the generic setup.
+        remote = TaskSpec(
+            goal="x", model=ModelSettings(provider="openai", base_url="http://127.0.0.1:9/v1", model="m")
+        )
+        agent, llm = await build_agent(remote, config, pool, _ignore)
+        try:
+            assert sorted(agent.tools.names()) == sorted([PROXY_TOOL_NAME, *FLAT])
+            assert isinstance(agent.planner, ReActPlanner) and not agent.planner.require_tool_first
+            assert agent.system_prompt != SMALL_MODEL_SYSTEM_PROMPT
+        finally:
+            await close_llm(llm)
+
+
+async def test_the_local_model_keeps_the_proxy_when_no_server_lists_tools() -> None:
+    config = load_config(None, environ={})
+    async with OpsMcpClient(config.mcp_servers) as pool:
+        agent, llm = await build_agent(TaskSpec(goal="x", servers=[]), config, pool, _ignore)
+        assert agent.tools.names() == [PROXY_TOOL_NAME]
+        await close_llm(llm)
