@@ -20,6 +20,9 @@ class BrokenEnqueuer:
     async def enqueue(self, task_id: str) -> None:
         raise ConnectionError("broker down")
 
+    async def ping(self) -> None:
+        raise Unavailable("RabbitMQ cannot be reached (broker down)")
+
 
 async def test_submit_persists_queued_and_enqueues_the_id(
     service: TaskService, store: MemoryStore, enqueuer: RecordingEnqueuer
@@ -43,6 +46,8 @@ async def test_an_enqueue_failure_keeps_the_task_queued(store: MemoryStore) -> N
     service = make_service(store, BrokenEnqueuer())
     task = await service.submit({"goal": "echo hi"})
     assert (await store.get(task.id)).status is TaskStatus.QUEUED
+    with pytest.raises(Unavailable, match="RabbitMQ"):
+        await service.ready()  # and the server stops saying it can take work
 
 
 async def test_unknown_server_is_forbidden_and_names_the_allowed_ones(service: TaskService) -> None:
