@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -35,7 +34,7 @@ from mcp.client.streamable_http import streamable_http_client
 from opspawn_mcp.errors import Conflict, InvalidInput, OpspawnError, TaskNotFound, Unauthenticated
 from opspawn_mcp.grpc_internal.gen import tasks_pb2 as pb
 from opspawn_mcp.grpc_internal.gen import tasks_pb2_grpc as pb_grpc
-from tests.servers.harness import HANG_GUARD_S, REPO_ROOT, free_port, opspawn_command
+from tests.servers.harness import HANG_GUARD_S, REPO_ROOT, free_port, opspawn_process
 from tests.support.fake_openai import spawn_fake_openai
 
 TOKEN = "doors-e2e-token"
@@ -101,27 +100,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         path.write_text(json.dumps(config))
         log = tmp / "serve.log"
         env = {**os.environ, TOKEN_ENV: TOKEN}
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [opspawn_command(), "--config", str(path), "serve"],
-                cwd=REPO_ROOT,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        try:
+        with opspawn_process("--config", str(path), "serve", cwd=REPO_ROOT, env=env, log=log) as proc:
             http = f"http://127.0.0.1:{http_port}"
             target = f"127.0.0.1:{grpc_port}"
             _wait_ready(proc, http, target, log)
             yield Server(http=http, grpc=target)
-        finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=HANG_GUARD_S)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
 
 
 # -- the doors --------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ import httpx
 import pytest
 
 from agentkit.llm import LLMError, default_model_path
-from tests.servers.harness import HANG_GUARD_S, free_port, opspawn_command
+from tests.servers.harness import HANG_GUARD_S, free_port, opspawn_command, opspawn_process
 from tests.support.services import unavailable
 
 pytestmark = pytest.mark.local_llm
@@ -49,16 +48,8 @@ def embedded_server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[byte
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [opspawn_command(), "serve", "--port", str(port)],
-            cwd=tmp_path,  # no ./opspawn.json here
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
+    # cwd is tmp_path: no ./opspawn.json there
+    with opspawn_process("serve", "--port", str(port), cwd=tmp_path, env=env, log=log) as proc:
         deadline = time.monotonic() + HANG_GUARD_S
         while True:
             if proc.poll() is not None:
@@ -72,14 +63,6 @@ def embedded_server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[byte
                 raise RuntimeError(f"serve never became ready: {log.read_text()[-3000:]}")
             time.sleep(0.05)
         yield f"{url}/mcp", proc, env, log
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=HANG_GUARD_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def test_echo_hello_round_trip_on_the_embedded_default(

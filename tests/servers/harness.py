@@ -13,7 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Literal, Self
@@ -33,6 +33,33 @@ def opspawn_command() -> str:
     """The ``opspawn-mcp`` of this interpreter's environment, else the one on PATH."""
     beside = Path(sys.executable).parent / "opspawn-mcp"
     return str(beside) if beside.exists() else require_command("opspawn-mcp")
+
+
+@contextlib.contextmanager
+def opspawn_process(
+    *args: str, cwd: Path, env: dict[str, str], log: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``opspawn-mcp *args`` in its own session, its output in ``log``. On leaving: SIGINT (what
+    Ctrl-C sends) and a wait; its whole group is killed only if it hangs past the hang guard."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [opspawn_command(), *args],
+            cwd=cwd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=HANG_GUARD_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def free_port() -> int:
