@@ -53,7 +53,6 @@ async def give_up(store: TaskStore, task_id: str, attempts: int, last: str | Non
         )
     except IllegalTransition:
         return False
-    await store.append_event(task_id, "state", {"status": "failed", "reason": reason})
     log.warning("task %s failed: %s", task_id, reason)
     return True
 

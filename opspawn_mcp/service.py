@@ -210,9 +210,6 @@ class TaskService:
                 task_id=latest.id,
                 status=latest.status.value,
             ) from None
-        await self._store.append_event(
-            task.id, "state", {"status": task.status.value, "reason": CANCELLED_BY_CLIENT}
-        )
         return task
 
     # -- events ---------------------------------------------------------------------------

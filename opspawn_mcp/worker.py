@@ -357,10 +357,6 @@ class TaskRunner:
         except IllegalTransition:
             log.info("task %s: not %s, it changed meanwhile (cancelled or taken over)", task_id, status)
             return
-        data: dict[str, Any] = {"status": status.value}
-        if error is not None:
-            data["reason"] = error
-        await self.store.append_event(task_id, "state", data)
         log.info("task %s %s%s", task_id, status.value, f": {error}" if error else "")
 
     async def _hand_back(self, execution: _Execution) -> None:
@@ -368,11 +364,14 @@ class TaskRunner:
         task_id = execution.task.id
         try:
             await self.store.transition(
-                task_id, {TaskStatus.RUNNING}, TaskStatus.QUEUED, owner=execution.owner
+                task_id,
+                {TaskStatus.RUNNING},
+                TaskStatus.QUEUED,
+                owner=execution.owner,
+                reason=SHUTDOWN_REASON,
             )
         except IllegalTransition:
             return
-        await self.store.append_event(task_id, "state", {"status": "queued", "reason": SHUTDOWN_REASON})
         if self._requeue_on_shutdown:
             try:
                 await self._enqueue(task_id)

@@ -77,6 +77,11 @@ def check_kind(kind: str) -> None:
         raise InvalidInput(f"Unknown event kind {kind!r}; use one of {', '.join(sorted(EVENT_KINDS))}.")
 
 
+def state_event(new: TaskStatus, reason: str | None) -> dict[str, Any]:
+    """The ``state`` event a transition writes with itself: the new status and why."""
+    return {"status": new.value} if reason is None else {"status": new.value, "reason": reason}
+
+
 def check_log_open(task_id: str, status: TaskStatus, kind: str) -> None:
     """A finished task's log is closed to everything but its own state events, so a worker whose
     agent was mid-step when the task was cancelled cannot write after the final ``state`` event,

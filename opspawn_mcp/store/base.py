@@ -45,9 +45,14 @@ class TaskStore(Protocol):
         error: str | None = None,
         usage: Usage | None = None,
         owner: str | None = None,
+        reason: str | None = None,
     ) -> Task:
         """Atomically move the task to ``new`` if its status is in ``expected`` and the move is
         legal (and, when ``owner`` is given, the task's lease belongs to ``owner``).
+
+        In the same transaction it appends the ``state`` event ``{"status": new, "reason": ...}``
+        (``reason`` defaults to ``error``), so a reader that sees the new status also sees its
+        event: a watcher that stops at a terminal status never misses the final state event.
 
         Sets ``started_at`` on entering running and ``finished_at`` on a terminal state; leaving
         running clears the lease. Raises ``TaskNotFound`` or ``IllegalTransition``.

@@ -26,6 +26,7 @@ from opspawn_mcp.store._common import (
     decode_cursor,
     encode_cursor,
     lease_until,
+    state_event,
     transition_values,
 )
 
@@ -94,6 +95,7 @@ class MemoryStore:
         error: str | None = None,
         usage: Usage | None = None,
         owner: str | None = None,
+        reason: str | None = None,
     ) -> Task:
         new = TaskStatus(new)
         allowed = allowed_from(expected, new)
@@ -106,6 +108,7 @@ class MemoryStore:
                 values["usage"] = values["usage"].model_copy()
             updated = task.model_copy(update=values)
             self._tasks[task_id] = updated
+            self._append(task_id, "state", state_event(new, reason or error))
             return updated.model_copy(deep=True)
 
     async def claim(self, task_id: str, owner: str, ttl_s: float, max_attempts: int) -> Task | None:
@@ -160,13 +163,17 @@ class MemoryStore:
         check_kind(kind)
         async with self._lock:
             check_log_open(task_id, self._get(task_id).status, kind)
-            log = self._events.setdefault(task_id, [])
-            event = TaskEvent.model_validate(
-                {"task_id": task_id, "seq": len(log) + 1, "time": utcnow(), "kind": kind, "data": data}
-            )
-            # Stored as a deep copy so later mutation of ``data`` by the caller changes nothing.
-            log.append(event.model_copy(deep=True))
-            return event
+            return self._append(task_id, kind, data)
+
+    def _append(self, task_id: str, kind: str, data: dict[str, Any]) -> TaskEvent:
+        """Append under the caller's lock."""
+        log = self._events.setdefault(task_id, [])
+        event = TaskEvent.model_validate(
+            {"task_id": task_id, "seq": len(log) + 1, "time": utcnow(), "kind": kind, "data": data}
+        )
+        # Stored as a deep copy so later mutation of ``data`` by the caller changes nothing.
+        log.append(event.model_copy(deep=True))
+        return event
 
     async def events(self, task_id: str, after_seq: int = 0, limit: int = 1000) -> builtins.list[TaskEvent]:
         check_limit(limit)

@@ -68,6 +68,7 @@ from opspawn_mcp.store._common import (
     decode_cursor,
     encode_cursor,
     lease_until,
+    state_event,
     transition_values,
 )
 
@@ -187,6 +188,23 @@ def _to_task(row: Row[Any]) -> Task:
 def _to_event(row: Row[Any]) -> TaskEvent:
     m = row._mapping
     return TaskEvent(task_id=m["task_id"], seq=m["seq"], time=m["time"], kind=m["kind"], data=m["data"])
+
+
+async def _insert_event(conn: AsyncConnection, task_id: str, kind: str, data: dict[str, Any]) -> TaskEvent:
+    """Append with seq = max + 1, inside a transaction that holds the task's row lock."""
+    last = (
+        await conn.execute(
+            select(func.coalesce(func.max(task_events.c.seq), 0)).where(task_events.c.task_id == task_id)
+        )
+    ).scalar_one()
+    row = (
+        await conn.execute(
+            insert(task_events)
+            .values(task_id=task_id, seq=int(last) + 1, time=utcnow(), kind=kind, data=data)
+            .returning(*task_events.c)
+        )
+    ).one()
+    return _to_event(row)
 
 
 class SqlStore:
@@ -394,6 +412,7 @@ class SqlStore:
         error: str | None = None,
         usage: Usage | None = None,
         owner: str | None = None,
+        reason: str | None = None,
     ) -> Task:
         new = TaskStatus(new)
         allowed = allowed_from(expected, new)
@@ -411,6 +430,8 @@ class SqlStore:
                     guarded = guarded.where(tasks.c.lease_owner == owner)
                 row = (await conn.execute(guarded.values(**values).returning(*tasks.c))).first()
             if row is not None:
+                # The UPDATE holds the task's row lock, which queues appenders as in append_event.
+                await _insert_event(conn, task_id, "state", state_event(new, reason or error))
                 return _to_task(row)
             current = (await conn.execute(select(tasks.c.status).where(tasks.c.id == task_id))).scalar()
         if current is None:
@@ -494,21 +515,7 @@ class SqlStore:
             if owner_row is None:
                 raise TaskNotFound(task_id)
             check_log_open(task_id, TaskStatus(owner_row.status), kind)
-            last = (
-                await conn.execute(
-                    select(func.coalesce(func.max(task_events.c.seq), 0)).where(
-                        task_events.c.task_id == task_id
-                    )
-                )
-            ).scalar_one()
-            row = (
-                await conn.execute(
-                    insert(task_events)
-                    .values(task_id=task_id, seq=int(last) + 1, time=utcnow(), kind=kind, data=data)
-                    .returning(*task_events.c)
-                )
-            ).one()
-        return _to_event(row)
+            return await _insert_event(conn, task_id, kind, data)
 
     async def events(self, task_id: str, after_seq: int = 0, limit: int = 1000) -> builtins.list[TaskEvent]:
         check_limit(limit)

@@ -327,13 +327,20 @@ async def test_events_for_unknown_task_and_kind(store: TaskStore) -> None:
         await store.append_event(task.id, "not-a-kind", {})
 
 
+async def test_a_transition_writes_its_state_event_with_it(store: TaskStore) -> None:
+    task = await store.create(_task())
+    await store.transition(task.id, [TaskStatus.QUEUED], TaskStatus.CANCELLED, error="by client")
+    events = await store.events(task.id)
+    assert [(e.kind, e.data) for e in events] == [("state", {"status": "cancelled", "reason": "by client"})]
+
+
 async def test_a_finished_tasks_log_takes_only_state_events(store: TaskStore) -> None:
     task = await store.create(_task())
     await store.transition(task.id, [TaskStatus.QUEUED], TaskStatus.CANCELLED)
     with pytest.raises(Conflict):
         await store.append_event(task.id, "llm", {"late": True})
-    final = await store.append_event(task.id, "state", {"status": "cancelled"})
-    assert [e.seq for e in await store.events(task.id)] == [final.seq]
+    await store.append_event(task.id, "state", {"status": "cancelled", "note": "state events still land"})
+    assert [e.kind for e in await store.events(task.id)] == ["state", "state"]
 
 
 # --- schema and restarts ----------------------------------------------------------------

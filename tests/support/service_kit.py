@@ -97,4 +97,3 @@ async def finish(store: MemoryStore, task_id: str, result: str) -> None:
     await store.append_event(task_id, "state", {"status": "running"})
     await store.append_event(task_id, "final", {"result": result})
     await store.transition(task_id, {TaskStatus.RUNNING}, TaskStatus.COMPLETED, result=result, owner="w1")
-    await store.append_event(task_id, "state", {"status": "completed"})

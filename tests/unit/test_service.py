@@ -215,8 +215,10 @@ async def test_watch_follows_the_log_until_the_task_is_terminal(
             seen.append(event)
             if event.data.get("status") == "running":
                 go.set()
-    assert [e.kind for e in seen] == ["state", "state", "progress", "final"]
-    assert [e.seq for e in seen] == [1, 2, 3, 4]
+    # The transition's own state event comes last: watchers never stop before it.
+    assert [e.kind for e in seen] == ["state", "state", "progress", "final", "state"]
+    assert seen[-1].data == {"status": "completed"}
+    assert [e.seq for e in seen] == [1, 2, 3, 4, 5]
 
 
 async def test_watch_after_a_seq_and_of_a_finished_task_ends(service: TaskService) -> None:
@@ -248,7 +250,7 @@ async def test_wait_returns_the_finished_task_and_reports_events(
         done = await service.wait(task.id, 60, on_event)
     assert done.status is TaskStatus.COMPLETED
     assert done.result == "done"
-    assert kinds[-1] == "final"
+    assert kinds[-2:] == ["final", "state"]
 
 
 async def test_wait_zero_returns_at_once(service: TaskService) -> None:
