@@ -11,6 +11,8 @@ query-string parsing, the SSE framing, and the OpenAPI document.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
@@ -66,25 +68,61 @@ def _sse(event: TaskEvent) -> str:
     return f"id: {event.seq}\nevent: {event.kind}\ndata: {event.model_dump_json()}\n\n"
 
 
-async def _sse_stream(events: AsyncGenerator[TaskEvent, None]) -> AsyncIterator[str]:
-    """Frame the service's watch stream as SSE. A failure after the 200 went out can no longer
-    change the status, so it is sent as a final ``problem`` event carrying the same problem JSON."""
+SSE_HEARTBEAT_S = 15.0
+"""A quiet stream gets an SSE comment this often, so proxies and load balancers with idle
+timeouts (often 30-60 s) do not cut a task that is busy in one long tool call."""
+SSE_KEEPALIVE = ": keepalive\n\n"
+_SSE_BUFFER = 64
+
+
+async def _sse_stream(events: AsyncGenerator[TaskEvent, None], heartbeat_s: float) -> AsyncIterator[str]:
+    """Frame the service's watch stream as SSE, with a comment line after ``heartbeat_s`` of quiet.
+
+    A failure after the 200 went out can no longer change the status, so it is sent as a final
+    ``problem`` event carrying the same problem JSON. The watch runs in its own task feeding a
+    small queue, so waiting for the next frame can time out without cancelling the watch itself.
+    """
+    frames: asyncio.Queue[str | None] = asyncio.Queue(_SSE_BUFFER)
+
+    async def pump() -> None:
+        try:
+            async for event in events:
+                await frames.put(_sse(event))
+        except OpspawnError as exc:
+            await frames.put(f"event: problem\ndata: {json.dumps(error_document(exc))}\n\n")
+        finally:
+            await events.aclose()
+            await frames.put(None)  # also after an unexpected error, which ``await producer`` raises
+
+    producer = asyncio.create_task(pump())
     try:
-        async for event in events:
-            yield _sse(event)
-    except OpspawnError as exc:
-        yield f"event: problem\ndata: {json.dumps(error_document(exc))}\n\n"
+        while True:
+            try:
+                frame = await asyncio.wait_for(frames.get(), heartbeat_s)
+            except TimeoutError:
+                yield SSE_KEEPALIVE
+                continue
+            if frame is None:
+                break
+            yield frame
+        await producer
     finally:
-        await events.aclose()
+        if not producer.done():
+            producer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await producer
 
 
 class _Routes:
     """The handlers, bound to one service."""
 
-    def __init__(self, service: TaskService, max_body_bytes: int, openapi: dict[str, Any]) -> None:
+    def __init__(
+        self, service: TaskService, max_body_bytes: int, openapi: dict[str, Any], sse_heartbeat_s: float
+    ) -> None:
         self.service = service
         self.max_body_bytes = max_body_bytes
         self.openapi = openapi
+        self.sse_heartbeat_s = sse_heartbeat_s
 
     async def submit(self, request: Request) -> Response:
         body = await _read_body(request, self.max_body_bytes)
@@ -122,7 +160,8 @@ class _Routes:
         # the watch generator itself would only raise once the stream had started.
         await self.service.events(task_id, after, 1)  # type: ignore[arg-type]
         stream = self.service.watch(task_id, after)  # type: ignore[arg-type]
-        return StreamingResponse(_sse_stream(stream), media_type="text/event-stream", headers=SSE_HEADERS)
+        frames = _sse_stream(stream, self.sse_heartbeat_s)
+        return StreamingResponse(frames, media_type="text/event-stream", headers=SSE_HEADERS)
 
     async def servers(self, request: Request) -> Response:
         infos = [s.model_dump(mode="json") for s in self.service.list_servers()]
@@ -154,14 +193,20 @@ def _routes(h: _Routes) -> list[Route]:
 
 
 def create_gateway(
-    service: TaskService, auth_token: str | None = None, *, max_body_bytes: int = MAX_BODY_BYTES
+    service: TaskService,
+    auth_token: str | None = None,
+    *,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    sse_heartbeat_s: float = SSE_HEARTBEAT_S,
 ) -> Starlette:
     """The REST gateway as one ASGI app: mount it at ``/`` beside the MCP endpoints.
 
     With ``auth_token`` every route except ``/healthz`` and ``/readyz`` needs
     ``Authorization: Bearer <auth_token>``; errors of every kind are RFC 9457 problems.
     """
-    handlers = _Routes(service, max_body_bytes, build_openapi(secured=auth_token is not None))
+    handlers = _Routes(
+        service, max_body_bytes, build_openapi(secured=auth_token is not None), sse_heartbeat_s
+    )
     middleware = [Middleware(BearerAuth, token=auth_token)] if auth_token else []
     return Starlette(routes=_routes(handlers), middleware=middleware, exception_handlers=EXCEPTION_HANDLERS)
 

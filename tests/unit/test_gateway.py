@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 
 from gateway.app import MAX_BODY_BYTES, create_gateway
 from opspawn_mcp.errors import PROBLEM_MEDIA_TYPE, Unavailable
@@ -322,3 +324,31 @@ async def test_a_bug_is_a_500_problem_without_the_trace(enqueuer: RecordingEnque
     assert "secret" not in r.text
     assert "Traceback" not in r.text
     assert body["detail"]
+
+
+async def test_a_quiet_event_stream_sends_keepalive_comments(service: TaskService) -> None:
+    """Proxies cut idle streams: while a task is quiet the stream carries SSE comments.
+
+    Served by a real uvicorn: httpx's ASGI transport buffers whole bodies, so it cannot show a
+    stream that only ends when the test acts on what it has read."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()  # connections wait in the backlog until uvicorn accepts them
+        port = sock.getsockname()[1]
+        config = uvicorn.Config(create_gateway(service, sse_heartbeat_s=0.01), log_level="warning")
+        server = uvicorn.Server(config)
+        serving = asyncio.create_task(server.serve(sockets=[sock]))
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+                task_id = (await http.post("/v1/tasks", json={"goal": "g"})).json()["id"]
+                seen: list[str] = []
+                async with http.stream("GET", f"/v1/tasks/{task_id}/events") as response:
+                    async for line in response.aiter_lines():
+                        seen.append(line)
+                        if line == ": keepalive" and seen.count(line) == 1:
+                            await service.cancel(task_id)  # the stream ends with the task
+        finally:
+            server.should_exit = True
+            await serving
+    assert ": keepalive" in seen
+    assert [e["event"] for e in parse_sse("\n".join(seen)) if "event" in e][-1] == "state"
