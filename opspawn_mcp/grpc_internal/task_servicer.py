@@ -8,8 +8,8 @@ decides nothing about what is valid or which code an error gets.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 
@@ -20,6 +20,7 @@ from opspawn_mcp.grpc_internal.gen import tasks_pb2_grpc as pb_grpc
 from opspawn_mcp.service import TaskService
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
@@ -33,6 +34,15 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: Exception
     )
 
 
+async def answer(context: grpc.aio.ServicerContext[Any, Any], call: Callable[[], Awaitable[T]]) -> T:
+    """Run one unary call; any error (conversion included) ends the call through ``abort_with``."""
+    try:
+        return await call()
+    except Exception as exc:
+        await abort_with(context, exc)
+        raise
+
+
 class TaskServicer(pb_grpc.TaskServiceServicer):
     def __init__(self, service: TaskService) -> None:
         self._service = service
@@ -40,22 +50,13 @@ class TaskServicer(pb_grpc.TaskServiceServicer):
     async def SubmitTask(
         self, request: pb.SubmitTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.Task:
-        try:
-            task = await self._service.submit(convert.spec_from_pb(request.spec))
-        except Exception as exc:
-            await abort_with(context, exc)
-            raise
+        task = await answer(context, lambda: self._service.submit(convert.spec_from_pb(request.spec)))
         return convert.task_to_pb(task)
 
     async def GetTask(
         self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.Task:
-        try:
-            task = await self._service.get(request.task_id)
-        except Exception as exc:
-            await abort_with(context, exc)
-            raise
-        return convert.task_to_pb(task)
+        return convert.task_to_pb(await answer(context, lambda: self._service.get(request.task_id)))
 
     async def ListTasks(
         self, request: pb.ListTasksRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -65,22 +66,12 @@ class TaskServicer(pb_grpc.TaskServiceServicer):
             kwargs["limit"] = request.limit
         if request.HasField("cursor"):
             kwargs["cursor"] = request.cursor
-        try:
-            page = await self._service.list(**kwargs)
-        except Exception as exc:
-            await abort_with(context, exc)
-            raise
-        return convert.page_to_pb(page)
+        return convert.page_to_pb(await answer(context, lambda: self._service.list(**kwargs)))
 
     async def CancelTask(
         self, request: pb.CancelTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.Task:
-        try:
-            task = await self._service.cancel(request.task_id)
-        except Exception as exc:
-            await abort_with(context, exc)
-            raise
-        return convert.task_to_pb(task)
+        return convert.task_to_pb(await answer(context, lambda: self._service.cancel(request.task_id)))
 
     async def WatchTask(
         self, request: pb.WatchTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
