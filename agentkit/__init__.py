@@ -10,6 +10,7 @@ from agentkit.llm import LLM, LLMError, LLMResponse, Message, ToolCall, Usage
 from agentkit.mcp_proxy import McpCaller, expand_server_tools, mcp_proxy_tool, result_from_mcp
 from agentkit.memory import BufferMemory, Memory, SummaryMemory
 from agentkit.planners import PlanAndExecutePlanner, Planner, ReActPlanner, RunContext, get_planner
+from agentkit.progress import ProgressCallback, ToolProgress, report_progress
 from agentkit.result import AgentEvent, RunResult, RunStatus, Step
 from agentkit.tools import Tool, ToolRegistry, ToolResult, tool
 
@@ -27,6 +28,7 @@ __all__ = [
     "Message",
     "PlanAndExecutePlanner",
     "Planner",
+    "ProgressCallback",
     "ReActPlanner",
     "RunContext",
     "RunResult",
@@ -37,6 +39,7 @@ __all__ = [
     "ToolCall",
     "ToolDefinitionError",
     "ToolError",
+    "ToolProgress",
     "ToolRegistry",
     "ToolRegistryError",
     "ToolResult",
@@ -44,6 +47,7 @@ __all__ = [
     "expand_server_tools",
     "get_planner",
     "mcp_proxy_tool",
+    "report_progress",
     "result_from_mcp",
     "tool",
 ]

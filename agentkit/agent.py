@@ -24,6 +24,7 @@ from agentkit.errors import AgentConfigError
 from agentkit.llm.base import LLM, LLMError, LLMResponse, Message, ToolCall, ToolChoice, ToolDefinition, Usage
 from agentkit.memory import Memory
 from agentkit.planners import Planner, RunContext, get_planner
+from agentkit.progress import ToolProgress, reset_current_progress, set_current_progress
 from agentkit.result import AgentEvent, EventKind, RunResult, RunStatus, Step
 from agentkit.tools import Tool, ToolRegistry, ToolResult
 
@@ -78,6 +79,9 @@ class Agent:
     ``memory`` the model sees the whole transcript. ``output_type`` makes the final answer a
     validated pydantic model (``RunResult.data``), with one retry that shows the model its errors.
     ``tool_timeout_s`` bounds each tool call (a slow tool becomes an error observation).
+    Progress a tool reports while it runs (``agentkit.progress.report_progress``, or a downstream
+    MCP server's progress notifications through the MCP tools) becomes ``progress`` events, at
+    most one per ``progress_interval_s`` per tool call plus always the last one.
     """
 
     def __init__(
@@ -93,6 +97,7 @@ class Agent:
         on_event: EventCallback | None = None,
         output_type: type[BaseModel] | None = None,
         tool_timeout_s: float | None = None,
+        progress_interval_s: float = 0.5,
     ) -> None:
         if max_steps < 1:
             raise AgentConfigError("max_steps must be at least 1.")
@@ -108,6 +113,7 @@ class Agent:
         self.on_event = on_event
         self.output_type = output_type
         self.tool_timeout_s = tool_timeout_s
+        self.progress_interval_s = progress_interval_s
         self._scopes: set[anyio.CancelScope] = set()
         self._cancel_pending = False
         self._cancelled_scopes: set[anyio.CancelScope] = set()
@@ -313,7 +319,7 @@ class Agent:
 
         async def run_one(index: int, call: ToolCall) -> None:
             await ctx.emit("tool_call", {"id": call.id, "name": call.name, "arguments": call.arguments})
-            result = await self._call_tool(call)
+            result = await self._call_tool(ctx, call)
             results[index] = result
             await ctx.emit("tool_result", result.model_dump(mode="json"))
 
@@ -326,7 +332,26 @@ class Agent:
                 await run_one(i, c)
         return [r for r in results if r is not None]
 
-    async def _call_tool(self, call: ToolCall) -> ToolResult:
+    async def _call_tool(self, ctx: RunContext, call: ToolCall) -> ToolResult:
+        """Run one call with its progress sink installed for the tools (and MCP callers) it uses."""
+        if self.on_event is None:
+            return await self._invoke_tool(call)
+        step = ctx.step
+
+        async def emit(data: dict[str, Any]) -> None:
+            await self._emit("progress", step, data)
+
+        progress = ToolProgress(emit, tool=call.name, call_id=call.id, interval_s=self.progress_interval_s)
+        token = set_current_progress(progress)
+        try:
+            result = await self._invoke_tool(call)
+            await progress.finish()  # before the tool_result event, so progress never follows it
+        finally:
+            progress.close()
+            reset_current_progress(token)
+        return result
+
+    async def _invoke_tool(self, call: ToolCall) -> ToolResult:
         if self.tool_timeout_s is None:
             return await self.tools.call(call)
         with anyio.move_on_after(self.tool_timeout_s):

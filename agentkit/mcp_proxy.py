@@ -3,10 +3,16 @@
 The host (opspawn's connection pool, or your own ``mcp`` client sessions) implements
 ``McpCaller`` and decides where calls go and which servers are allowed; agentkit only shapes the
 calls and maps results, so it never needs to know about transports or configuration.
+
+Progress: when an agent runs a proxy or flat tool, ``call_tool`` gets a ``progress_callback``
+keyword (the call's ``ToolProgress``, see ``agentkit.progress``); pass it to the ``mcp`` session's
+``call_tool`` and the downstream server's progress notifications become ``progress`` agent
+events. A caller whose ``call_tool`` has no such keyword still works, without progress.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from collections.abc import Sequence
@@ -15,6 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 import mcp.types as mcp_types
 
 from agentkit.errors import ToolError
+from agentkit.progress import ProgressCallback, current_progress
 from agentkit.tools import Tool, ToolResult
 
 log = logging.getLogger(__name__)
@@ -26,13 +33,31 @@ SEPARATOR = "__"
 @runtime_checkable
 class McpCaller(Protocol):
     """Where MCP calls go. Implementations may raise any exception (forbidden server, server
-    down, unknown tool); the proxy turns it into an error observation for the model."""
+    down, unknown tool); the proxy turns it into an error observation for the model.
+
+    ``progress_callback``, when given, should receive the downstream server's progress
+    notifications for this call (the ``mcp`` SDK's ``call_tool`` takes the same keyword).
+    """
 
     async def list_tools(self, server: str) -> list[mcp_types.Tool]: ...
 
     async def call_tool(
-        self, server: str, tool: str, arguments: dict[str, Any]
+        self,
+        server: str,
+        tool: str,
+        arguments: dict[str, Any],
+        *,
+        progress_callback: ProgressCallback | None = None,
     ) -> mcp_types.CallToolResult: ...
+
+
+def _takes_progress(caller: McpCaller) -> bool:
+    """Whether ``caller.call_tool`` accepts ``progress_callback`` (callers older than it do not)."""
+    try:
+        parameters = inspect.signature(caller.call_tool).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "progress_callback" or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 def _describe_resource(resource: mcp_types.TextResourceContents | mcp_types.BlobResourceContents) -> str:
@@ -81,8 +106,12 @@ def result_from_mcp(result: mcp_types.CallToolResult, *, server: str = "", tool:
 
 
 async def _call(caller: McpCaller, server: str, tool: str, arguments: dict[str, Any]) -> ToolResult:
+    progress = current_progress()
     try:
-        result = await caller.call_tool(server, tool, arguments)
+        if progress is not None and _takes_progress(caller):
+            result = await caller.call_tool(server, tool, arguments, progress_callback=progress)
+        else:
+            result = await caller.call_tool(server, tool, arguments)
     except Exception as exc:
         raise ToolError(
             f"calling {tool!r} on MCP server {server!r} failed: {type(exc).__name__}: {exc}. "

@@ -58,7 +58,9 @@ class RunResult(BaseModel):
         return self.status is RunStatus.COMPLETED
 
 
-EventKind = Literal["llm", "tool_call", "tool_result", "final", "error", "plan"]
+EventKind = Literal["llm", "tool_call", "tool_result", "progress", "final", "error", "plan"]
+"""``progress``: a running tool call reported progress; ``data`` holds ``tool``, ``call_id``,
+``progress``, ``total`` and ``message`` (see ``agentkit.progress``)."""
 
 
 class AgentEvent(BaseModel):

@@ -20,6 +20,12 @@ because a 135M model follows only the simplest protocol reliably (see ``SMALL_MO
   are withdrawn after one round (``ReActPlanner(require_tool_first=True, max_tool_rounds=1)``),
   so it neither answers from thin air nor loops on calls.
 
+Downstream progress (``notifications/progress`` during a long MCP call) reaches the task: the
+agent hands each MCP tool call a progress callback, and every report becomes a ``progress``
+agent event, which the worker writes as a ``progress`` task event. ``PROGRESS_INTERVAL_S``
+throttles them per tool call (the last report is always kept), so a chatty server cannot flood
+the store.
+
 A task's own ``system_prompt`` or ``planner: plan_and_execute`` is respected as given.
 
 Problems a human must fix (no model name, unset key variable, no local model installed) raise
@@ -101,6 +107,9 @@ def build_llm(
         raise AgentSetupError(f"The model client cannot be created: {exc}") from exc
 
 
+PROGRESS_INTERVAL_S = 0.5
+"""At most one downstream progress event per tool call per this many seconds, plus the last."""
+
 SMALL_MODEL_SYSTEM_PROMPT = (
     "You are a helpful assistant. Call the one function that does what the user asks, with the "
     'words from the user message as its arguments. Example: for the message "reverse abc" you call '
@@ -156,6 +165,7 @@ async def build_agent(
             max_steps=spec.max_steps,
             timeout_s=spec.timeout_s,
             on_event=on_event,
+            progress_interval_s=PROGRESS_INTERVAL_S,
         )
     except BaseException:
         await close_llm(llm)

@@ -145,6 +145,29 @@ async def test_a_failing_tool_is_an_observation_the_task_reports(
         assert "disk full on /data" in results[0].data["content"]
 
 
+async def test_downstream_progress_during_a_long_call_reaches_the_event_log(
+    tmp_path: Path, fake: FakeOpenAIServer
+) -> None:
+    async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
+        stack.fake.script(tool_call("t__sleep", seconds=0.6))
+        task = await stack.service.submit({"goal": "sleep a little", "servers": ["t"]})
+        done = await stack.finished(task.id)
+
+        assert done.status is TaskStatus.COMPLETED, done.error
+        events = await stack.events(task.id)
+        progress = [e for e in events if e.kind == "progress"]
+        # The testing server reports 6 steps of 6; the worker's throttle may merge some, but the
+        # first and the last report always reach the log, in order, between call and result.
+        assert progress, [e.kind for e in events]
+        assert {e.data["tool"] for e in progress} == {"t__sleep"}
+        assert all(e.data["total"] == 6 and e.data["step"] == 1 for e in progress)
+        ticks = [e.data["progress"] for e in progress]
+        assert ticks[0] == 1 and ticks[-1] == 6 and ticks == sorted(set(ticks))
+        call_seq = next(e.seq for e in events if e.kind == "tool_call")
+        result_seq = next(e.seq for e in events if e.kind == "tool_result")
+        assert all(call_seq < e.seq < result_seq for e in progress)
+
+
 async def test_a_downstream_server_crash_is_an_observation_not_a_worker_crash(
     tmp_path: Path, fake: FakeOpenAIServer
 ) -> None:
