@@ -79,6 +79,9 @@ class Agent:
     ``memory`` the model sees the whole transcript. ``output_type`` makes the final answer a
     validated pydantic model (``RunResult.data``), with one retry that shows the model its errors.
     ``tool_timeout_s`` bounds each tool call (a slow tool becomes an error observation).
+    ``max_tool_errors`` ends the run ``failed`` after that many tool calls in a row returned errors:
+    one failed call is an observation the model can correct, a streak means the tool (or its
+    server) is broken and more steps only burn tokens.
     Progress a tool reports while it runs (``agentkit.progress.report_progress``, or a downstream
     MCP server's progress notifications through the MCP tools) becomes ``progress`` events, at
     most one per ``progress_interval_s`` per tool call plus always the last one.
@@ -98,9 +101,12 @@ class Agent:
         output_type: type[BaseModel] | None = None,
         tool_timeout_s: float | None = None,
         progress_interval_s: float = 0.5,
+        max_tool_errors: int | None = None,
     ) -> None:
         if max_steps < 1:
             raise AgentConfigError("max_steps must be at least 1.")
+        if max_tool_errors is not None and max_tool_errors < 1:
+            raise AgentConfigError("max_tool_errors must be at least 1, or None for no limit.")
         if timeout_s is not None and timeout_s <= 0:
             raise AgentConfigError("timeout_s must be positive, or None for no limit.")
         self.llm = llm
@@ -114,6 +120,7 @@ class Agent:
         self.output_type = output_type
         self.tool_timeout_s = tool_timeout_s
         self.progress_interval_s = progress_interval_s
+        self.max_tool_errors = max_tool_errors
         self._scopes: set[anyio.CancelScope] = set()
         self._cancel_pending = False
         self._cancelled_scopes: set[anyio.CancelScope] = set()
@@ -247,6 +254,7 @@ class Agent:
     async def _loop(self, ctx: RunContext, memory: Memory | None) -> RunResult:
         await anyio.lowlevel.checkpoint()
         await self.planner.begin(ctx)
+        error_streak = 0
         for _ in range(self.max_steps):
             # A checkpoint per step, so cancel() and the timeout land between steps even when the
             # model and the tools never yield (scripted or cached responses).
@@ -259,6 +267,16 @@ class Agent:
                 step.tool_results = await self._run_tools(ctx, response.tool_calls)
                 for r in step.tool_results:
                     ctx.add(Message.tool(r.call_id, r.name, r.content))
+                    error_streak = error_streak + 1 if r.is_error else 0
+                if self.max_tool_errors is not None and error_streak >= self.max_tool_errors:
+                    last = step.tool_results[-1]
+                    return RunResult(
+                        status=RunStatus.FAILED,
+                        error=(
+                            f"{error_streak} tool calls failed in a row; the last, {last.name}, said: "
+                            f"{last.content[:500]}. Check that tool's server and arguments, then retry."
+                        ),
+                    )
                 await self.planner.after_tools(ctx, step)
                 continue
             text = (response.content or "").strip()

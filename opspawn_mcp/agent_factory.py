@@ -110,6 +110,11 @@ def build_llm(
 PROGRESS_INTERVAL_S = 0.5
 """At most one downstream progress event per tool call per this many seconds, plus the last."""
 
+MAX_TOOL_ERRORS = 3
+"""Tool calls failing in a row before the task fails: one error is an observation the model can
+correct from; a streak means a broken tool or server, and the task says so instead of spending
+its remaining steps."""
+
 SMALL_MODEL_SYSTEM_PROMPT = (
     "You are a helpful assistant. Call the one function that does what the user asks, with the "
     'words from the user message as its arguments. Example: for the message "reverse abc" you call '
@@ -166,6 +171,7 @@ async def build_agent(
             timeout_s=spec.timeout_s,
             on_event=on_event,
             progress_interval_s=PROGRESS_INTERVAL_S,
+            max_tool_errors=MAX_TOOL_ERRORS,
         )
     except BaseException:
         await close_llm(llm)

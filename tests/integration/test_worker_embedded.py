@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from opspawn_mcp.agent_factory import MAX_TOOL_ERRORS
 from opspawn_mcp.config import Config, parse_config
 from opspawn_mcp.host import OpsMcpClient
 from opspawn_mcp.models import ModelSettings, Task, TaskEvent, TaskSpec, TaskStatus
@@ -143,6 +144,24 @@ async def test_a_failing_tool_is_an_observation_the_task_reports(
         results = [e for e in await stack.events(task.id) if e.kind == "tool_result"]
         assert results[0].data["is_error"] is True
         assert "disk full on /data" in results[0].data["content"]
+
+
+async def test_a_tool_that_keeps_failing_fails_the_task_with_its_error(
+    tmp_path: Path, fake: FakeOpenAIServer
+) -> None:
+    async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
+        for _ in range(MAX_TOOL_ERRORS):
+            stack.fake.script(tool_call("t__fail", message="disk full on /data"))
+        task = await stack.service.submit({"goal": "use the failing tool", "servers": ["t"]})
+        done = await stack.finished(task.id)
+
+        assert done.status is TaskStatus.FAILED
+        assert done.error is not None
+        assert f"{MAX_TOOL_ERRORS} tool calls failed in a row; the last, t__fail, said:" in done.error
+        assert "disk full on /data" in done.error
+        events = await stack.events(task.id)
+        assert [e.kind for e in events].count("tool_result") == MAX_TOOL_ERRORS
+        assert states(events)[-1] == "failed" and events[-1].data["reason"] == done.error
 
 
 async def test_downstream_progress_during_a_long_call_reaches_the_event_log(

@@ -97,6 +97,25 @@ async def test_tool_errors_are_observations_the_model_corrects_from() -> None:
     assert result.steps[1].tool_results[0].content == "5"
 
 
+async def test_a_streak_of_tool_errors_fails_the_run_with_the_last_error() -> None:
+    llm = ScriptedLLM(
+        [call("add", a="x", b=1), call("add", a=2, b=2), call("add", a="y", b=1)], repeat_last=True
+    )
+    result = await Agent(llm, [add], max_tool_errors=2).run("add")
+    # One success between errors resets the streak: the run ends on the 2nd error in a row.
+    assert result.status is RunStatus.FAILED
+    assert len(result.steps) == 4
+    assert (result.error or "").startswith(
+        "2 tool calls failed in a row; the last, add, said: Invalid arguments"
+    )
+
+
+async def test_without_a_limit_tool_errors_stay_observations() -> None:
+    llm = ScriptedLLM([call("add", a="x", b=1)] * 3 + ["gave up"])
+    result = await Agent(llm, [add]).run("add")
+    assert result.status is RunStatus.COMPLETED and result.output == "gave up"
+
+
 async def test_parallel_tool_calls_run_concurrently() -> None:
     a_started, b_started = anyio.Event(), anyio.Event()
 
@@ -325,5 +344,7 @@ def test_bad_settings_are_refused() -> None:
         Agent(ScriptedLLM([]), max_steps=0)
     with pytest.raises(AgentConfigError):
         Agent(ScriptedLLM([]), timeout_s=0)
+    with pytest.raises(AgentConfigError):
+        Agent(ScriptedLLM([]), max_tool_errors=0)
     with pytest.raises(AgentConfigError, match="Unknown planner"):
         Agent(ScriptedLLM([]), planner="tree_of_thought")
