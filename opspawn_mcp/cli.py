@@ -47,11 +47,6 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _not_yet(what: str) -> int:
-    print(f"opspawn-mcp: {what} is not built yet.", file=sys.stderr)
-    return 2
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the runtime (store, pool, worker, MCP server) until stdin closes or a signal arrives.
 

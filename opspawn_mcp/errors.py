@@ -41,9 +41,6 @@ class OpspawnError(Exception):
         self.message = message
         self.details = details
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"error": self.kind, "message": self.message, **self.details}
-
     def problem(self) -> dict[str, Any]:
         """This error as an RFC 9457 problem document (the REST body, and any HTTP 401)."""
         extra = {k: v for k, v in self.details.items() if k not in _PROBLEM_MEMBERS}
