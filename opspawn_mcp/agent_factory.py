@@ -2,10 +2,11 @@
 
 Everything here is resolved at run time, in the worker, never at submit time:
 
-* the model settings are merged with ``opspawn.llm`` once more (a task persisted before a config
-  change, or submitted by an older server, still gets complete settings);
-* the API key is read from the environment variable the settings *name*, in the worker's own
-  environment, and handed straight to the client: it never enters the store, an event or a log;
+* the task names a model *profile*; its endpoint, model and key variable come from this
+  worker's config (``opspawn.llm`` is ``default``, ``opspawn.models`` the others), never from
+  the task, so no client can point a worker at a URL or at an environment variable;
+* the API key is read from the variable the profile names, in the worker's own environment,
+  and handed straight to the client: it never enters the store, an event or a log;
 * the tools are bound to ``pool.scoped(spec.servers)``, so an agent can reach only the servers
   its task allows, whatever the model asks for.
 
@@ -40,7 +41,7 @@ from typing import Any
 
 import agentkit
 from agentkit.llm import LLM, LocalGGUF, OpenAICompatible
-from opspawn_mcp.config import Config, LlmDefaults
+from opspawn_mcp.config import DEFAULT_PROFILE, Config, LlmProfile
 from opspawn_mcp.models import ModelSettings, TaskSpec
 
 EventHandler = Callable[[Any], Awaitable[None]]
@@ -50,56 +51,46 @@ class AgentSetupError(Exception):
     """The task cannot start as specified; ``str(exc)`` tells a human what to change."""
 
 
-def resolve_model(given: ModelSettings, defaults: LlmDefaults) -> ModelSettings:
-    """Fill unset fields from the config defaults, but only from the same provider.
-
-    A task that asks for ``openai`` while the default is ``local`` must not inherit a base URL
-    meant for something else; the same rule as ``TaskService`` uses at submit time.
-    """
-    provider = given.provider or defaults.provider
-    same = provider == defaults.provider
-    return given.model_copy(
-        update={
-            "provider": provider,
-            "base_url": given.base_url or (defaults.base_url if same else None),
-            "model": given.model or (defaults.model if same else None),
-            "api_key_env": given.api_key_env or (defaults.api_key_env if same else None),
-        }
-    )
+def profile_for(settings: ModelSettings, config: Config) -> LlmProfile:
+    """The config's profile the task chose (the service resolved the name at submit time)."""
+    name = settings.profile or DEFAULT_PROFILE
+    profile = config.opspawn.profiles.get(name)
+    if profile is None:
+        raise AgentSetupError(
+            f"The task asks for model profile {name!r}, which this worker's config does not define "
+            f"(it has: {', '.join(config.opspawn.profiles)}); add it to opspawn.models or resubmit."
+        )
+    return profile
 
 
-def build_llm(
-    settings: ModelSettings, defaults: LlmDefaults, environ: Mapping[str, str] | None = None
-) -> LLM:
-    """The model client for resolved ``settings``; raises ``AgentSetupError`` with a fix."""
+def build_llm(settings: ModelSettings, profile: LlmProfile, environ: Mapping[str, str] | None = None) -> LLM:
+    """The model client for ``profile`` tuned by the task's ``settings``; ``AgentSetupError``
+    with a fix when it cannot be built."""
     env = os.environ if environ is None else environ
-    if settings.provider == "local":
+    if profile.provider == "local":
         try:
             return LocalGGUF()
         except Exception as exc:
             raise AgentSetupError(
                 f"The local model cannot be loaded ({exc}); install opspawn[local-llm] on the worker "
-                "or set model.provider to 'openai' with a base_url."
+                "or configure a profile with provider 'openai'."
             ) from exc
-    if not settings.model:
-        raise AgentSetupError(
-            "No model name for the 'openai' provider: set model.model in the task or opspawn.llm.model "
-            "in the config."
-        )
+    if not profile.model:
+        raise AgentSetupError("The model profile has no model name: set its 'model' in the config.")
     api_key: str | None = None
-    if settings.api_key_env:
-        api_key = env.get(settings.api_key_env)
+    if profile.api_key_env:
+        api_key = env.get(profile.api_key_env)
         if not api_key:
             raise AgentSetupError(
-                f"model.api_key_env names {settings.api_key_env}, which is not set in the worker's "
-                "environment; export it where the worker runs."
+                f"The model profile's api_key_env names {profile.api_key_env}, which is not set in the "
+                "worker's environment; export it where the worker runs."
             )
     try:
         return OpenAICompatible(
-            base_url=settings.base_url,
+            base_url=profile.base_url,
             api_key=api_key,
-            model=settings.model,
-            timeout_s=defaults.timeout_s,
+            model=profile.model,
+            timeout_s=profile.timeout_s,
             temperature=settings.temperature,
             max_tokens=settings.max_tokens,
         )
@@ -149,13 +140,12 @@ async def build_agent(
     spec: TaskSpec, config: Config, pool: Any, on_event: EventHandler
 ) -> tuple[agentkit.Agent, LLM]:
     """The agent for one task, and its LLM (the caller closes it when the run ends)."""
-    defaults = config.opspawn.llm
-    settings = resolve_model(spec.model, defaults)
-    llm = build_llm(settings, defaults)
+    profile = profile_for(spec.model, config)
+    llm = build_llm(spec.model, profile)
     servers = list(spec.servers) if spec.servers is not None else list(config.mcp_servers)
     try:
         caller = pool.scoped(servers)
-        small = settings.provider == "local"
+        small = profile.provider == "local"
         tools = await build_tools(caller, servers, proxy=not small)
         planner: str | agentkit.Planner = spec.planner
         system_prompt = spec.system_prompt
@@ -172,6 +162,8 @@ async def build_agent(
             on_event=on_event,
             progress_interval_s=PROGRESS_INTERVAL_S,
             max_tool_errors=MAX_TOOL_ERRORS,
+            max_tool_calls=spec.budget.max_tool_calls,
+            max_total_tokens=spec.budget.max_llm_tokens,
         )
     except BaseException:
         await close_llm(llm)

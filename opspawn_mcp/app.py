@@ -9,34 +9,34 @@ go away, and no child process or task outlives the ``async with`` block::
         await rt.serve_http("127.0.0.1", 8765)     # or: await rt.serve_stdio()
 
 Binding rules live here, once: HTTP binds loopback by default, and binding anywhere else needs
-a bearer token (``opspawn.server.auth_token_env``), or the server refuses to start.
+bearer tokens (``opspawn.server.tokens``), or the server refuses to start.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import socket
 import sys
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AsyncExitStack, contextmanager, suppress
 from types import TracebackType
 from typing import Any
 
 import uvicorn
 from mcp.server import MCPServer
-from starlette.routing import BaseRoute, Mount
-from starlette.types import ASGIApp
+from starlette.applications import Starlette
+from starlette.routing import BaseRoute
 
-from gateway.app import create_gateway
-from opspawn_mcp.auth import PROBE_PATHS
+from gateway.app import gateway_routes
 from opspawn_mcp.broker import DramatiqEnqueuer, is_embedded
 from opspawn_mcp.config import LOCALHOSTS, Config
 from opspawn_mcp.errors import Forbidden, Unavailable
 from opspawn_mcp.grpc_internal import serve_grpc
 from opspawn_mcp.host import OpsMcpClient
+from opspawn_mcp.http_guard import HttpGuard
+from opspawn_mcp.principals import Principals
 from opspawn_mcp.scheduler import Enqueuer
 from opspawn_mcp.server import MCP_PATH, SSE_PATH, build_http_app, build_server
 from opspawn_mcp.service import TaskService
@@ -47,32 +47,18 @@ from opspawn_mcp.worker import EmbeddedWorker
 log = logging.getLogger("opspawn_mcp.app")
 
 
-def auth_token(config: Config, environ: dict[str, str] | None = None) -> str | None:
-    """The bearer token's value, read from the env variable the config names (never stored)."""
-    name = config.opspawn.server.auth_token_env
-    if not name:
-        return None
-    env = os.environ if environ is None else environ
-    value = env.get(name, "")
-    if not value.strip():
-        raise Forbidden(
-            f"opspawn.server.auth_token_env names {name}, but it is unset or empty; "
-            "set it to a long random token."
-        )
-    return value.strip()
-
-
-def check_bind(host: str, token: str | None) -> None:
-    """Refuse to expose the server beyond this machine without a token.
+def check_bind(host: str, principals: Principals) -> None:
+    """Refuse to expose the server beyond this machine unless every call must carry a token
+    (``opspawn.server.tokens`` or ``auth_token_env``).
 
     Anyone who can reach the port could otherwise run agents with the configured LLM key and
     every configured downstream server.
     """
-    if host not in LOCALHOSTS and not token:
+    if host not in LOCALHOSTS and not principals.auth_required:
         raise Forbidden(
             f"Refusing to serve on {host} without a token: anyone who can reach it could run agents. "
-            "Set opspawn.server.auth_token_env to the name of an env variable holding a token "
-            "(clients then send 'Authorization: Bearer <token>'), or bind 127.0.0.1."
+            "Name tokens in opspawn.server.tokens (each the name of an env variable holding a long "
+            "random token; clients then send 'Authorization: Bearer <token>'), or bind 127.0.0.1."
         )
 
 
@@ -118,7 +104,7 @@ class Runtime:
             else:
                 enqueuer = await stack.enter_async_context(DramatiqEnqueuer.for_config(self.config))
             self._service = TaskService(self.config, store, enqueuer, pool)
-            self._mcp = build_server(self._service)
+            self._mcp = build_server(self._service, Principals.from_config(self.config).local)
             self._stack = stack.pop_all()
         return self
 
@@ -137,8 +123,12 @@ class Runtime:
         """Speak MCP on stdin/stdout until the client closes stdin or SIGINT/SIGTERM arrives.
 
         The SDK diverts fd 1 to stderr meanwhile, so a stray print cannot corrupt the protocol
-        stream. A signal cancels only this call, so the runtime still closes in order.
+        stream. ``opspawn_mcp.stdio`` screens each line first, so a malformed message gets a
+        JSON-RPC error instead of silence, and its read can be cancelled. A signal cancels only
+        this call, so the runtime still closes in order.
         """
+        from opspawn_mcp.stdio import serve_stdio
+
         task = asyncio.current_task()
         assert task is not None
         stopped = False
@@ -150,7 +140,7 @@ class Runtime:
 
         with _on_signals(stop):
             try:
-                await self.mcp.run_stdio_async()
+                await serve_stdio(self.mcp)
             except asyncio.CancelledError:
                 if not stopped:
                     raise
@@ -161,21 +151,26 @@ class Runtime:
         host: str,
         port: int,
         *,
-        token: str | None = None,
+        principals: Principals | None = None,
         extra_routes: Sequence[BaseRoute] = (),
-        open_paths: Collection[str] = (),
-    ) -> ASGIApp:
-        """The ASGI app for /mcp and /sse (plus ``extra_routes``, e.g. the REST gateway's);
-        ``open_paths`` (health probes) skip the token check."""
-        return build_http_app(
-            self.mcp,
-            host=host,
-            port=port,
-            token=token,
-            allowed_origins=self.config.opspawn.server.allowed_origins,
-            extra_routes=extra_routes,
-            open_paths=open_paths,
+    ) -> Starlette:
+        """The one HTTP app ``serve_http`` serves: MCP (/mcp, /sse), ``extra_routes`` and the REST
+        gateway, all behind one ``HttpGuard`` for ``host:port`` (pass the real port, not 0).
+
+        ``principals`` defaults to the config's; the guard and the OpenAPI document's security
+        come from the same object, so the document says exactly what the guard demands.
+        """
+        principals = Principals.from_config(self.config) if principals is None else principals
+        settings = self.config.opspawn.server
+        guard = HttpGuard.for_server(
+            principals,
+            host,
+            port,
+            allowed_hosts=settings.allowed_hosts,
+            allowed_origins=settings.allowed_origins,
         )
+        rest = gateway_routes(self.service, auth_required=principals.auth_required)
+        return build_http_app(self.mcp, guard, extra_routes=[*extra_routes, *rest])
 
     async def serve_http(
         self,
@@ -192,23 +187,19 @@ class Runtime:
         The socket is bound before the app is built (or passed in, bound by ``bind_http``
         before the runtime opened anything), so port 0 (tests) yields a known port for the
         Host-header checks and for ``on_ready(base_url)``. The socket is closed on return.
+        Both doors authenticate with one ``Principals``, read from the config once.
         """
         settings = self.config.opspawn.server
         host = settings.host if host is None else host
         port = settings.port if port is None else port
-        token = auth_token(self.config)
-        check_bind(host, token)
+        principals = Principals.from_config(self.config)
+        check_bind(host, principals)
         if sock is None:
             sock = bind_http(host, port)
         actual = sock.getsockname()[1]
         shown = f"[{host}]" if ":" in host else host
         base = f"http://{shown}:{actual}"
-        # The REST gateway (gateway/) answers every path the MCP routes do not: /v1/..., probes.
-        rest = Mount("/", app=create_gateway(self.service))  # the whole app is behind BearerAuth
-        # Probes stay open (orchestrators send no token); the gateway guards everything else itself.
-        app = self.http_app(
-            host, actual, token=token, extra_routes=[*extra_routes, rest], open_paths=PROBE_PATHS
-        )
+        app = self.http_app(host, actual, principals=principals, extra_routes=extra_routes)
         config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False)
         server = _Server(config)
 
@@ -219,7 +210,7 @@ class Runtime:
             async with AsyncExitStack() as doors:
                 if settings.grpc_port is not None:
                     grpc_door = await doors.enter_async_context(
-                        serve_grpc(self.service, host, settings.grpc_port, token)
+                        serve_grpc(self.service, host, settings.grpc_port, principals)
                     )
                     print(f"opspawn: serving gRPC at {grpc_door.target}", file=sys.stderr, flush=True)
                 print(

@@ -69,22 +69,71 @@ class HttpServerConfig(_ServerBase):
 ServerConfig = StdioServerConfig | HttpServerConfig
 
 
-class LlmDefaults(_Strict):
-    """The model a task gets when its spec names none. ``local`` needs no network at all."""
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+DEFAULT_PROFILE = "default"
+LOCAL_PRINCIPAL = "local"
+
+
+class LlmProfile(_Strict):
+    """One named model: where it is, which model, and which env variable holds its key.
+
+    Only the config names endpoints and keys; a client picks a profile by name and may tune
+    only ``temperature`` and ``max_tokens`` (``models.ModelSettings``). ``local`` needs no
+    network at all.
+    """
 
     provider: Literal["openai", "local"] = "local"
-    base_url: str | None = None
+    base_url: str | None = Field(default=None, pattern=r"^https?://")
     model: str | None = None
-    api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    api_key_env: str | None = Field(default=None, pattern=_ENV_NAME)
     timeout_s: float = Field(default=120.0, gt=0)
+
+
+class Limits(_Strict):
+    """What one principal may use; unset means unlimited. Submit limits are checked by the
+    service (429 / RESOURCE_EXHAUSTED), per-task budgets by the worker."""
+
+    max_in_flight: int | None = Field(default=None, ge=1, description="Queued + running tasks at once.")
+    submits_per_minute: float | None = Field(default=None, gt=0, description="Token-bucket refill rate.")
+    submit_burst: int | None = Field(
+        default=None, ge=1, description="Bucket size; default: one minute's worth, at least 1."
+    )
+    max_task_tokens: int | None = Field(default=None, ge=1, description="LLM tokens one task may use.")
+    max_tool_calls: int | None = Field(default=None, ge=1, description="Tool calls one task may make.")
+    max_task_seconds: float | None = Field(default=None, gt=0, description="Upper bound of timeout_s.")
+
+    def over(self, base: Limits) -> Limits:
+        """These limits with every unset field taken from ``base``."""
+        return base.model_copy(update=self.model_dump(exclude_none=True))
+
+
+class TokenSettings(_Strict):
+    """A named bearer token: who the caller is, and what it may use."""
+
+    token_env: str = Field(pattern=_ENV_NAME, description="The env variable holding the token.")
+    admin: bool = Field(default=False, description="Sees and cancels every principal's tasks.")
+    servers: list[str] | None = Field(default=None, description="Downstream servers allowed; null: all.")
+    models: list[str] | None = Field(default=None, description="Model profiles allowed; null: all.")
+    limits: Limits = Field(default_factory=Limits)
 
 
 class ServerSettings(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8765, ge=0, le=65535)
-    auth_token_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    auth_token_env: str | None = Field(default=None, pattern=_ENV_NAME)
+    tokens: dict[str, TokenSettings] = Field(default_factory=dict)
     grpc_port: int | None = Field(default=None, ge=0, le=65535)
+    allowed_hosts: list[str] = Field(default_factory=list)
     allowed_origins: list[str] = Field(default_factory=list)
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if not re.match(r"^https?://[^/\s]+$", origin):
+                raise ValueError(f"{origin!r} is not an origin: write scheme://host[:port], no path")
+        return origins
 
 
 class WorkerSettings(_Strict):
@@ -108,9 +157,16 @@ class OpspawnSettings(_Strict):
     broker_url: str = Field(
         default="embedded", description="'embedded' (in-process) or an amqp:// RabbitMQ URL."
     )
-    llm: LlmDefaults = Field(default_factory=LlmDefaults)
+    llm: LlmProfile = Field(default_factory=LlmProfile)
+    models: dict[str, LlmProfile] = Field(default_factory=dict)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    limits: Limits = Field(default_factory=Limits)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+
+    @property
+    def profiles(self) -> dict[str, LlmProfile]:
+        """Every model profile by name: ``opspawn.llm`` is ``default``, then ``opspawn.models``."""
+        return {DEFAULT_PROFILE: self.llm, **self.models}
 
     @field_validator("store_url")
     @classmethod
@@ -180,6 +236,13 @@ def _format_loc(prefix: str, loc: tuple[int | str, ...]) -> str:
     return "".join(parts) or "(top level)"
 
 
+class _BadOverride(Exception):
+    """An ``OPSPAWN_*`` variable for a list or object key that is not JSON."""
+
+
+_JSON_OVERRIDES = frozenset({"allowed_origins", "allowed_hosts", "models", "tokens"})
+
+
 def _env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
     """Apply ``OPSPAWN_*`` variables onto the ``opspawn`` section, as strings pydantic converts."""
     section = dict(raw.get("opspawn") or {})
@@ -195,7 +258,10 @@ def _env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str,
                     target[name] = nested
             elif key in environ:
                 text = environ[key]
-                target[name] = json.loads(text) if name == "allowed_origins" else text
+                try:
+                    target[name] = json.loads(text) if name in _JSON_OVERRIDES else text
+                except json.JSONDecodeError as exc:
+                    raise _BadOverride(f"{key}: not valid JSON ({exc.msg})") from None
 
     walk(OpspawnSettings, section, "OPSPAWN")
     if section:
@@ -221,12 +287,64 @@ def _env_problems(config: Config, environ: Mapping[str, str]) -> list[str]:
             check(f"mcpServers.{name}.url", server.url)
             for key, val in server.headers.items():
                 check(f"mcpServers.{name}.headers.{key}", val)
-    llm = config.opspawn.llm
-    if llm.api_key_env and llm.api_key_env not in environ:
-        problems.append(f"opspawn.llm.api_key_env: environment variable {llm.api_key_env} is not set")
-    auth = config.opspawn.server.auth_token_env
-    if auth and auth not in environ:
-        problems.append(f"opspawn.server.auth_token_env: environment variable {auth} is not set")
+    for name, profile in config.opspawn.profiles.items():
+        where = "opspawn.llm" if name == DEFAULT_PROFILE else f"opspawn.models.{name}"
+        if profile.api_key_env and profile.api_key_env not in environ:
+            problems.append(f"{where}.api_key_env: environment variable {profile.api_key_env} is not set")
+    http = config.opspawn.server
+    if http.auth_token_env and not environ.get(http.auth_token_env, "").strip():
+        problems.append(
+            f"opspawn.server.auth_token_env: environment variable {http.auth_token_env} is not set or empty"
+        )
+    seen: dict[str, str] = {}
+    for name, token in http.tokens.items():
+        value = environ.get(token.token_env, "").strip()
+        if not value:
+            problems.append(
+                f"opspawn.server.tokens.{name}.token_env: environment variable {token.token_env} is not set or empty"
+            )
+        elif value in seen:
+            problems.append(
+                f"opspawn.server.tokens.{name}: holds the same token as tokens.{seen[value]}; "
+                "give every principal its own token"
+            )
+        else:
+            seen[value] = name
+    return problems
+
+
+def _reference_problems(config: Config) -> list[str]:
+    """Names that must refer to something the config defines: profiles, servers, principals."""
+    problems: list[str] = []
+    settings = config.opspawn
+    if DEFAULT_PROFILE in settings.models:
+        problems.append(
+            f"opspawn.models.{DEFAULT_PROFILE}: the default profile is opspawn.llm; configure it there"
+        )
+    for name in settings.models:
+        if not re.match(_NAME, name):
+            problems.append(f"opspawn.models.{name}: a profile name is 1-64 letters, digits, '_', '-' or '.'")
+    server = settings.server
+    if server.auth_token_env and server.tokens:
+        problems.append(
+            "opspawn.server.auth_token_env: use either one token (auth_token_env) or named tokens "
+            '(tokens); move it into tokens, e.g. "tokens": {"admin": {"token_env": "'
+            f'{server.auth_token_env}", "admin": true}}}}'
+        )
+    for name, token in server.tokens.items():
+        where = f"opspawn.server.tokens.{name}"
+        if not re.match(_NAME, name) or name == LOCAL_PRINCIPAL:
+            problems.append(
+                f"{where}: a principal name is 1-64 letters, digits, '_', '-' or '.', and not "
+                f"{LOCAL_PRINCIPAL!r} (the local user over stdio)"
+            )
+        for server_name in token.servers or ():
+            if server_name not in config.mcp_servers:
+                problems.append(f"{where}.servers: {server_name!r} is not in mcpServers")
+        for profile in token.models or ():
+            if profile not in settings.profiles:
+                known = ", ".join(settings.profiles)
+                problems.append(f"{where}.models: {profile!r} is not a model profile (known: {known})")
     return problems
 
 
@@ -256,18 +374,17 @@ def parse_config(raw: Any, source: str = "<config>", environ: Mapping[str, str] 
             servers[name] = model.model_validate(entry)  # type: ignore[assignment]
         except ValidationError as exc:
             problems += _problems(exc, where)
-    rest = {k: v for k, v in _env_overrides(raw, env).items() if k != "mcpServers"}
     try:
+        rest = {k: v for k, v in _env_overrides(raw, env).items() if k != "mcpServers"}
         config = Config.model_validate(rest)
-    except (ValidationError, json.JSONDecodeError) as exc:
-        if isinstance(exc, json.JSONDecodeError):
-            problems.append(f"opspawn.server.allowed_origins: override is not valid JSON: {exc}")
-        else:
-            problems += _problems(exc, "")
+    except ValidationError as exc:
+        problems += _problems(exc, "")
+    except _BadOverride as exc:
+        problems.append(str(exc))
     if problems:
         raise ConfigError(source, problems)
     config.mcp_servers = servers
-    problems = _env_problems(config, env)
+    problems = _reference_problems(config) + _env_problems(config, env)
     if problems:
         raise ConfigError(source, problems)
     config.source = source

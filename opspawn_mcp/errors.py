@@ -8,6 +8,7 @@ other side of the door, so they say what to do, never how the code failed.
 
 from __future__ import annotations
 
+import math
 from http import HTTPStatus
 from typing import Any, ClassVar
 
@@ -88,6 +89,21 @@ class Unauthenticated(OpspawnError):
     grpc_code = "UNAUTHENTICATED"
 
 
+class MisdirectedRequest(OpspawnError):
+    """HTTP only: the Host header names a server this is not (DNS rebinding, a wrong proxy)."""
+
+    kind = "misdirected_request"
+    status = 421
+    grpc_code = "PERMISSION_DENIED"
+
+
+class UnsupportedMediaType(InvalidInput):
+    """HTTP only: a request body that is not ``application/json``."""
+
+    kind = "unsupported_media_type"
+    status = 415
+
+
 class Conflict(OpspawnError):
     """The request is valid but the task's current state does not allow it."""
 
@@ -103,6 +119,21 @@ class IllegalTransition(Conflict):
             task_id=task_id,
             current=current,
             wanted=wanted,
+        )
+
+
+class RateLimited(OpspawnError):
+    """The caller is over one of its limits (tasks in flight, submit rate); ``retry_after_s`` says
+    when trying again can succeed. REST adds ``Retry-After``, gRPC ``retry-after`` metadata."""
+
+    kind = "rate_limited"
+    status = 429
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, *, retry_after_s: float, **details: Any) -> None:
+        self.retry_after_s = max(1, math.ceil(retry_after_s))
+        super().__init__(
+            f"{message} Retry in {self.retry_after_s} s.", retry_after_s=self.retry_after_s, **details
         )
 
 

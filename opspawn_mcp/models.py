@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 GOAL_MAX_CHARS = 20_000
 SYSTEM_PROMPT_MAX_CHARS = 20_000
@@ -60,22 +60,30 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ModelSettings(_Strict):
-    """Which LLM runs the agent. Unset fields fall back to the config's ``opspawn.llm`` defaults.
+PROFILE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
-    ``api_key_env`` names an environment variable of the worker; the key itself never travels
-    with a task, so it never reaches the store, the logs or an answer.
+
+class ModelSettings(_Strict):
+    """Which configured model profile runs the agent, and the harmless knobs a client may turn.
+
+    Endpoints, model names and keys live only in the config (``opspawn.llm``, ``opspawn.models``):
+    no request can point a worker at a URL or name an environment variable.
     """
 
-    provider: Literal["openai", "local"] | None = Field(
+    profile: str | None = Field(
         default=None,
-        description="'openai' for any OpenAI-compatible endpoint, 'local' for the bundled GGUF model.",
+        pattern=PROFILE_PATTERN,
+        description="A model profile of this server's config; omit for the default one.",
     )
-    base_url: str | None = Field(default=None, max_length=2048)
-    model: str | None = Field(default=None, max_length=256)
-    api_key_env: str | None = Field(default=None, max_length=256, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    max_tokens: int | None = Field(default=None, ge=1, le=200_000)
+    max_tokens: int | None = Field(default=None, ge=1, le=200_000, description="Per LLM response.")
+
+
+class Budget(_Strict):
+    """Per-task budgets the worker enforces; the caller's limits cap them at submit time."""
+
+    max_llm_tokens: int | None = Field(default=None, ge=1, description="LLM tokens the task may use in all.")
+    max_tool_calls: int | None = Field(default=None, ge=1, description="Tool calls the task may make.")
 
 
 class TaskSpec(_Strict):
@@ -92,6 +100,12 @@ class TaskSpec(_Strict):
     planner: Literal["react", "plan_and_execute"] = "react"
     max_steps: int = Field(default=10, ge=1, le=MAX_STEPS_LIMIT)
     timeout_s: float = Field(default=300.0, gt=0, le=TIMEOUT_LIMIT_S)
+    budget: Budget = Field(default_factory=Budget)
+
+    @field_validator("goal", "system_prompt", "servers", mode="before")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        return refuse_nul(value)
 
 
 class Usage(_Strict):
@@ -103,8 +117,17 @@ class Usage(_Strict):
         return self.input_tokens + self.output_tokens
 
 
+def refuse_nul(value: Any) -> Any:
+    """NUL cannot be stored (PostgreSQL text refuses it) and is never meant: a 422, not a 503."""
+    texts = value if isinstance(value, list) else [value]
+    if any(isinstance(t, str) and "\x00" in t for t in texts):
+        raise ValueError("must not contain NUL (\\u0000) characters")
+    return value
+
+
 class Task(BaseModel):
     id: str = Field(default_factory=new_task_id)
+    principal: str = Field(default="local", description="Who submitted it: a token's name, or 'local'.")
     spec: TaskSpec
     status: TaskStatus = TaskStatus.QUEUED
     result: str | None = None
@@ -115,8 +138,9 @@ class Task(BaseModel):
     created_at: datetime = Field(default_factory=utcnow)
     started_at: datetime | None = None
     finished_at: datetime | None = None
-    lease_owner: str | None = None
-    lease_expires_at: datetime | None = None
+    # The worker's lease (host:pid/claim and expiry): internal, never in an answer at any door.
+    lease_owner: str | None = Field(default=None, exclude=True)
+    lease_expires_at: datetime | None = Field(default=None, exclude=True)
 
 
 EventKind = Literal["state", "llm", "tool_call", "tool_result", "progress", "log", "final", "error"]

@@ -37,14 +37,14 @@ class Scheduler:
         self._store = store
         self._enqueuer = enqueuer
 
-    async def schedule(self, spec: TaskSpec) -> Task:
-        """Store the task as ``queued``, then enqueue its id; return the stored task.
+    async def schedule(self, spec: TaskSpec, *, principal: str) -> Task:
+        """Store ``principal``'s task as ``queued``, then enqueue its id; return the stored task.
 
         An enqueue failure is logged, not raised: the task is already accepted and durable, and
         the recovery loop will enqueue it again. Raising here would tell the client the task was
         refused while it may still run.
         """
-        task = await self._store.create(Task(spec=spec))
+        task = await self._store.create(Task(spec=spec, principal=principal))
         await self._store.append_event(task.id, "state", {"status": task.status.value})
         try:
             await self._enqueuer.enqueue(task.id)

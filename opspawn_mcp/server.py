@@ -11,16 +11,14 @@ not enforce them again: the service does, so an MCP caller gets exactly the mess
 gRPC caller gets.
 
 HTTP: streamable HTTP at ``/mcp`` and SSE at ``/sse`` (+ ``/messages/``) share one Starlette
-app, so the REST gateway can be mounted beside them. ``BearerAuth`` guards the whole app when a
-token is configured; the SDK's ``TransportSecuritySettings`` check Host and Origin headers
-against DNS rebinding.
+app with the REST routes, behind the one HTTP guard (``opspawn_mcp.http_guard``: Host, Origin,
+token, content type), which also names the caller for the tools.
 """
 
 from __future__ import annotations
 
 import json
-import socket
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime
 from typing import Annotated, Any, get_args
@@ -29,26 +27,27 @@ from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.server.transport_security import TransportSecuritySettings
-from mcp.types import ToolAnnotations
+from mcp.types import CallToolResult, InputRequiredResult, ToolAnnotations
 from pydantic import BaseModel, Field
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
-from starlette.types import ASGIApp
 
-from opspawn_mcp.auth import BearerAuth
-from opspawn_mcp.config import LOCALHOSTS
-from opspawn_mcp.errors import NotFound, OpspawnError
+from gateway.problems import EXCEPTION_HANDLERS
+from opspawn_mcp.errors import InvalidInput, NotFound, OpspawnError
 from opspawn_mcp.host.models import ServerInfo
+from opspawn_mcp.http_guard import HttpGuard
 from opspawn_mcp.models import (
     GOAL_MAX_CHARS,
     MAX_STEPS_LIMIT,
     SYSTEM_PROMPT_MAX_CHARS,
     TIMEOUT_LIMIT_S,
+    Budget,
     ModelSettings,
     Task,
     TaskSpec,
     TaskStatus,
 )
+from opspawn_mcp.principals import LOCAL, Principal, principal_of
 from opspawn_mcp.service import LIST_PAGE_MAX, WAIT_MAX_S, TaskService
 
 SERVER_NAME = "opspawn"
@@ -168,18 +167,62 @@ def _arg(description: str, **schema: Any) -> Any:
 
 
 PLANNERS = get_args(TaskSpec.model_fields["planner"].annotation)
-_MODEL_SCHEMA = {
-    k: v
-    for k, v in ModelSettings.model_json_schema().items()
-    if k in ("type", "properties", "additionalProperties")
-}
+
+
+def _object_schema(model: type[BaseModel]) -> dict[str, Any]:
+    return {k: v for k, v in model.model_json_schema().items() if k in ("type", "properties")} | {
+        "additionalProperties": False
+    }
+
+
+_MODEL_SCHEMA = _object_schema(ModelSettings)
+_BUDGET_SCHEMA = _object_schema(Budget)
+SUBMIT_ARGUMENTS = frozenset({*TaskSpec.model_fields, "wait"} - {"timeout_s"} | {"timeout"})
+"""The arguments submit_task takes: the spec's fields (``timeout_s`` is ``timeout``) and ``wait``."""
 
 TaskId = Annotated[Any, _arg("The task_id returned by submit_task or list_tasks.", type="string")]
 
 
-def build_server(service: TaskService) -> MCPServer:
-    """The MCP server for ``service``: the same object serves stdio, SSE and streamable HTTP."""
-    server: MCPServer = MCPServer(SERVER_NAME, instructions=INSTRUCTIONS, log_level="WARNING")
+def caller(ctx: Context, local: Principal) -> Principal:
+    """Who sent this MCP request: over HTTP the principal the HTTP guard authenticated; with no
+    HTTP request (stdio, an in-process client) the local user, ``local``."""
+    request = ctx.request_context.request
+    return local if request is None else principal_of(request.scope)
+
+
+class _Server(MCPServer):
+    """The SDK's server, with ``submit_task``'s arguments checked like a REST body: a missing
+    goal gets the service's message (not the SDK's "validation error for submit_taskArguments"),
+    and an unknown argument is refused (the SDK would drop it silently) with the names it takes."""
+
+    async def call_tool(
+        self, name: str, arguments: dict[str, Any], context: Context | None = None
+    ) -> CallToolResult | InputRequiredResult:
+        if name == "submit_task":
+            unknown = sorted(set(arguments) - SUBMIT_ARGUMENTS)
+            if "goal" not in arguments:
+                raise _tool_error(
+                    InvalidInput(
+                        "Invalid task spec: goal: Field required.", problems=["goal: Field required"]
+                    )
+                )
+            if unknown:
+                raise _tool_error(
+                    InvalidInput(
+                        f"submit_task has no argument(s) {', '.join(map(repr, unknown))}; it takes: "
+                        f"{', '.join(sorted(SUBMIT_ARGUMENTS))}.",
+                        problems=[f"{u}: unknown argument" for u in unknown],
+                    )
+                )
+        return await super().call_tool(name, arguments, context)
+
+
+def build_server(service: TaskService, local: Principal = LOCAL) -> MCPServer:
+    """The MCP server for ``service``: the same object serves stdio, SSE and streamable HTTP.
+
+    ``local`` is who stdio (and in-process) callers are: the config's local principal.
+    """
+    server: MCPServer = _Server(SERVER_NAME, instructions=INSTRUCTIONS, log_level="WARNING")
 
     async def submit_task(
         goal: Annotated[
@@ -201,7 +244,15 @@ def build_server(service: TaskService) -> MCPServer:
             ),
         ] = None,
         model: Annotated[
-            Any, _arg("LLM settings; omit to use the server's configured model.", **_MODEL_SCHEMA)
+            Any,
+            _arg(
+                "A model profile of this server by name, and its temperature/max_tokens; omit for the "
+                "default profile.",
+                **_MODEL_SCHEMA,
+            ),
+        ] = None,
+        budget: Annotated[
+            Any, _arg("Per-task budgets: max_llm_tokens, max_tool_calls.", **_BUDGET_SCHEMA)
         ] = None,
         max_steps: Annotated[
             Any,
@@ -240,10 +291,13 @@ def build_server(service: TaskService) -> MCPServer:
         ] = 0,
     ) -> TaskView:
         """Start an agent task; returns at once (or after up to `wait` seconds) with its task_id."""
-        spec: dict[str, Any] = {"goal": goal}
+        by = caller(ctx, local)
+        spec: dict[str, Any] = {}
         optional = {
+            "goal": goal,
             "servers": servers,
             "model": model,
+            "budget": budget,
             "max_steps": max_steps,
             "planner": planner,
             "timeout_s": timeout,
@@ -252,7 +306,7 @@ def build_server(service: TaskService) -> MCPServer:
         spec.update({k: v for k, v in optional.items() if v is not None})
         try:
             service.check_wait(wait)
-            task = await service.submit(spec)
+            task = await service.submit(spec, by=by)
             if wait > 0:
                 count = 0
 
@@ -261,19 +315,20 @@ def build_server(service: TaskService) -> MCPServer:
                     count += 1
                     await ctx.report_progress(count, None, _describe_event(event.kind, event.data))
 
-                task = await service.wait(task.id, wait, progress)
+                task = await service.wait(task.id, wait, progress, by=by)
         except OpspawnError as exc:
             raise _tool_error(exc) from exc
         return TaskView.of(task)
 
-    async def get_status(task_id: TaskId) -> TaskView:
+    async def get_status(ctx: Context, task_id: TaskId = None) -> TaskView:
         """Status, steps taken, result or error, token usage and times of one task."""
         try:
-            return TaskView.of(await service.get(task_id))
+            return TaskView.of(await service.get(task_id, by=caller(ctx, local)))
         except OpspawnError as exc:
             raise _tool_error(exc) from exc
 
     async def list_tasks(
+        ctx: Context,
         status: Annotated[
             Any, _arg("Only tasks in this status.", type="string", enum=[s.value for s in TaskStatus])
         ] = None,
@@ -284,21 +339,21 @@ def build_server(service: TaskService) -> MCPServer:
     ) -> TaskList:
         """Tasks, newest first, one page at a time."""
         try:
-            page = await service.list(status, limit, cursor)
+            page = await service.list(status, limit, cursor, by=caller(ctx, local))
         except OpspawnError as exc:
             raise _tool_error(exc) from exc
         return TaskList(tasks=[TaskView.of(t) for t in page.items], next_cursor=page.next_cursor)
 
-    async def cancel_task(task_id: TaskId) -> TaskView:
+    async def cancel_task(ctx: Context, task_id: TaskId = None) -> TaskView:
         """Stop a queued or running task. A running agent stops within one step."""
         try:
-            return TaskView.of(await service.cancel(task_id))
+            return TaskView.of(await service.cancel(task_id, by=caller(ctx, local)))
         except OpspawnError as exc:
             raise _tool_error(exc) from exc
 
-    async def list_servers() -> ServerList:
+    async def list_servers(ctx: Context) -> ServerList:
         """Downstream MCP servers agents may use, with their state and cached tool names."""
-        return ServerList(servers=service.list_servers())
+        return ServerList(servers=service.list_servers(by=caller(ctx, local)))
 
     read_only = ToolAnnotations(read_only_hint=True, open_world_hint=False)
     server.add_tool(
@@ -343,12 +398,12 @@ def build_server(service: TaskService) -> MCPServer:
         description="A task as JSON: spec, status, result or error, usage, times.",
         mime_type="application/json",
     )
-    async def task_resource(task_id: str) -> str:
+    async def task_resource(task_id: str, ctx: Context) -> str:
         try:
-            task = await service.get(task_id)
+            task = await service.get(task_id, by=caller(ctx, local))
         except NotFound as exc:
             raise ResourceNotFoundError(exc.message) from exc
-        return task.model_dump_json(exclude={"lease_owner", "lease_expires_at"})
+        return task.model_dump_json()
 
     @server.resource(
         "opspawn://tasks/{task_id}/events",
@@ -356,9 +411,9 @@ def build_server(service: TaskService) -> MCPServer:
         description="A task's event log as a JSON array, oldest first (up to 1000 events).",
         mime_type="application/json",
     )
-    async def events_resource(task_id: str) -> str:
+    async def events_resource(task_id: str, ctx: Context) -> str:
         try:
-            events = await service.events(task_id, 0, 1000)
+            events = await service.events(task_id, 0, 1000, by=caller(ctx, local))
         except NotFound as exc:
             raise ResourceNotFoundError(exc.message) from exc
         return json.dumps([e.model_dump(mode="json") for e in events])
@@ -369,43 +424,18 @@ def build_server(service: TaskService) -> MCPServer:
 # -- HTTP -------------------------------------------------------------------------------------
 
 
-def transport_security(
-    host: str, port: int, allowed_origins: Sequence[str] = ()
-) -> TransportSecuritySettings:
-    """DNS-rebinding protection: accept only Host headers naming this server, and only Origins
-    that are this server or listed in ``opspawn.server.allowed_origins``.
-
-    A wildcard bind (0.0.0.0, ::) has no single name, so it accepts the machine's own names and
-    the loopback names; put anything else (a reverse proxy's name) in ``allowed_origins``.
-    """
-    names: list[str] = ["127.0.0.1", "localhost", "[::1]"]
-    if host not in LOCALHOSTS:
-        if host in ("0.0.0.0", "::", ""):
-            names += [socket.gethostname(), socket.getfqdn()]
-        else:
-            names.append(f"[{host}]" if ":" in host else host)
-    for origin in allowed_origins:
-        names.append(origin.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0])
-    suffix = f":{port}" if port else ":*"
-    hosts: list[str] = []
-    for name in dict.fromkeys(names):
-        hosts += [name + suffix, name]
-    origins = [f"{scheme}://{h}" for h in hosts for scheme in ("http", "https")]
-    return TransportSecuritySettings(
-        enable_dns_rebinding_protection=True,
-        allowed_hosts=hosts,
-        allowed_origins=[*origins, *allowed_origins],
-    )
-
-
 def mcp_http_routes(
-    server: MCPServer, security: TransportSecuritySettings
+    server: MCPServer,
 ) -> tuple[list[BaseRoute], Callable[[], AbstractAsyncContextManager[None]]]:
     """Routes for streamable HTTP (/mcp) and SSE (/sse, /messages/), and the lifespan the
-    streamable HTTP session manager needs; mount them in any Starlette app (the REST gateway's).
+    streamable HTTP session manager needs.
+
+    The SDK's own DNS-rebinding check is off: these routes are only served behind the HTTP
+    guard (``build_http_app``), which checks Host and Origin for every route alike.
     """
-    streamable = server.streamable_http_app(streamable_http_path=MCP_PATH, transport_security=security)
-    sse = server.sse_app(sse_path=SSE_PATH, message_path=SSE_MESSAGE_PATH, transport_security=security)
+    unchecked = TransportSecuritySettings(enable_dns_rebinding_protection=False)
+    streamable = server.streamable_http_app(streamable_http_path=MCP_PATH, transport_security=unchecked)
+    sse = server.sse_app(sse_path=SSE_PATH, message_path=SSE_MESSAGE_PATH, transport_security=unchecked)
 
     @asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:
@@ -416,24 +446,20 @@ def mcp_http_routes(
 
 
 def build_http_app(
-    server: MCPServer,
-    *,
-    host: str,
-    port: int,
-    token: str | None,
-    allowed_origins: Sequence[str] = (),
-    extra_routes: Sequence[BaseRoute] = (),
-    open_paths: Collection[str] = (),
-) -> ASGIApp:
-    """One ASGI app serving both HTTP transports (and ``extra_routes``), behind the token if any."""
-    routes, session_lifespan = mcp_http_routes(server, transport_security(host, port, allowed_origins))
+    server: MCPServer, guard: HttpGuard, *, extra_routes: Sequence[BaseRoute] = ()
+) -> Starlette:
+    """The one HTTP app: both MCP transports and ``extra_routes`` (the REST gateway's) in one
+    router, behind ``guard.middleware()``; an unknown path or a wrong method is a problem too."""
+    routes, session_lifespan = mcp_http_routes(server)
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         async with session_lifespan():
             yield
 
-    app: ASGIApp = Starlette(routes=[*routes, *extra_routes], lifespan=lifespan)
-    if token:
-        app = BearerAuth(app, token, open_paths)
-    return app
+    return Starlette(
+        routes=[*routes, *extra_routes],
+        middleware=guard.middleware(),
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=lifespan,
+    )

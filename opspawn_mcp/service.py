@@ -1,8 +1,8 @@
 """TaskService: the one API behind every front door (MCP tools, REST routes, gRPC methods).
 
-Every rule about what a client may ask lives here once: which servers a task may use, how a
-spec is validated and its model settings resolved, what cancel means in each state, how a
-watcher follows a task. The doors only translate their wire format to these calls and the
+Every rule about what a client may ask lives here once: which servers and model profiles a
+task may use, how a spec is validated and resolved for its caller, which tasks a caller may
+see, the caller's limits, what cancel means in each state, how a watcher follows a task. The doors only translate their wire format to these calls and the
 typed ``OpspawnError``s back, so behaviour and messages are identical at every door.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import os
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -28,7 +28,18 @@ from opspawn_mcp.errors import (
     Unavailable,
 )
 from opspawn_mcp.host.models import ServerInfo
-from opspawn_mcp.models import GOAL_MAX_CHARS, ModelSettings, Task, TaskEvent, TaskPage, TaskSpec, TaskStatus
+from opspawn_mcp.limits import SubmitGate
+from opspawn_mcp.models import (
+    GOAL_MAX_CHARS,
+    Budget,
+    ModelSettings,
+    Task,
+    TaskEvent,
+    TaskPage,
+    TaskSpec,
+    TaskStatus,
+)
+from opspawn_mcp.principals import Principal
 from opspawn_mcp.scheduler import Enqueuer, Scheduler
 from opspawn_mcp.store.base import TaskStore
 
@@ -51,10 +62,14 @@ EventCallback = Callable[[TaskEvent], Awaitable[None]]
 class TaskService:
     """Validates requests, schedules tasks, and reads them back; owns none of its parts.
 
-    ``config`` says which downstream servers exist and the LLM defaults; ``store`` is the
-    truth; ``enqueuer`` hands ids to the workers; ``servers`` describes the downstream pool.
+    ``config`` says which downstream servers and model profiles exist; ``store`` is the truth;
+    ``enqueuer`` hands ids to the workers; ``servers`` describes the downstream pool.
     ``poll_interval_s`` bounds how stale a watcher can be: the worker may be another process,
     so the event log in the store is the only channel there is.
+
+    Every call names its caller (``by``): a principal sees and cancels only its own tasks
+    (an admin sees all), may use only its allowed servers and profiles, and is held to its
+    limits. Someone else's task is "not found", so ids cannot be probed.
     """
 
     def __init__(
@@ -65,7 +80,7 @@ class TaskService:
         servers: ServerDirectory,
         *,
         poll_interval_s: float = 0.1,
-        environ: Mapping[str, str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._config = config
         self._store = store
@@ -73,15 +88,15 @@ class TaskService:
         self._scheduler = Scheduler(store, enqueuer)
         self._servers = servers
         self._poll_s = poll_interval_s
-        self._environ = environ
+        self._gate = SubmitGate(store, clock)
 
     # -- validation -----------------------------------------------------------------------
 
-    def validate(self, spec: TaskSpec | Mapping[str, Any]) -> TaskSpec:
+    def validate(self, spec: TaskSpec | Mapping[str, Any], *, by: Principal) -> TaskSpec:
         """Turn a client's request into a spec that can run, or raise a typed error saying why not.
 
-        Returns a copy whose model settings are fully resolved against ``opspawn.llm``, so the
-        worker runs exactly what was accepted even if the defaults change later.
+        Returns a copy with the model profile, the servers and the budget resolved for ``by``,
+        so the worker runs exactly what was accepted even if the config changes later.
         """
         if isinstance(spec, TaskSpec):
             raw: Any = spec.model_dump(exclude_unset=True)
@@ -96,101 +111,134 @@ class TaskService:
                 "Shorten it or move bulky material into a downstream server the agent can read.",
                 field="goal",
             )
+        self._refuse_endpoint_fields(raw.get("model"), by)
         try:
             checked = TaskSpec.model_validate(raw)
         except ValidationError as exc:
             raise InvalidInput(_describe(exc), problems=_problems(exc)) from None
         if not checked.goal.strip():
             raise InvalidInput("The goal is blank; say what the agent must do.", field="goal")
-        servers = self._check_servers(checked.servers)
-        return checked.model_copy(update={"servers": servers, "model": self._resolve_model(checked.model)})
+        return checked.model_copy(
+            update={
+                "servers": self._check_servers(checked.servers, by),
+                "model": self._check_model(checked.model, by),
+                "timeout_s": self._check_timeout(checked, raw, by),
+                "budget": self._check_budget(checked.budget, by),
+            }
+        )
 
-    def _check_servers(self, wanted: list[str] | None) -> list[str] | None:
-        """Only servers the config defines may be used: the caller cannot add its own."""
+    def _profiles(self, by: Principal) -> builtins.list[str]:
+        names = list(self._config.opspawn.profiles)
+        return names if by.models is None else [n for n in names if n in by.models]
+
+    def _refuse_endpoint_fields(self, model: Any, by: Principal) -> None:
+        """Say plainly why ``base_url``, ``api_key_env``... are refused: models are chosen by name."""
+        if not isinstance(model, Mapping):
+            return
+        named = sorted(k for k in model if k in _ENDPOINT_FIELDS)
+        if named:
+            raise InvalidInput(
+                f"model.{named[0]} cannot be set by a client: endpoints, model names and keys are "
+                f"chosen in the server's config. Pick a model profile by name with model.profile "
+                f"(yours: {', '.join(self._profiles(by))}) and tune only temperature and max_tokens.",
+                field=f"model.{named[0]}",
+            )
+
+    def _check_model(self, given: ModelSettings, by: Principal) -> ModelSettings:
+        profile = given.profile or by.default_profile
+        allowed = self._profiles(by)
+        if profile not in allowed:
+            raise Forbidden(
+                f"Unknown model profile {profile!r}; you may use: {', '.join(allowed) or 'none'}.",
+                field="model.profile",
+            )
+        return given.model_copy(update={"profile": profile})
+
+    def _check_servers(self, wanted: builtins.list[str] | None, by: Principal) -> builtins.list[str] | None:
+        """Only servers the config defines (and the caller may use): nobody can add their own."""
+        configured = [n for n in self._config.mcp_servers if by.servers is None or n in by.servers]
         if wanted is None:
-            return None
-        configured = self._config.mcp_servers
+            return None if by.servers is None else configured
         unknown = [name for name in wanted if name not in configured]
         if unknown:
-            known = ", ".join(sorted(configured)) or "none are configured"
+            known = ", ".join(configured) or "none are available to you"
             raise Forbidden(
-                f"Unknown server(s) {', '.join(map(repr, unknown))}; this opspawn allows only: {known}. "
-                "Call list_servers to see them.",
+                f"Unknown server(s) {', '.join(map(repr, unknown))}; you may use: {known}. "
+                "List them with list_servers (REST: GET /v1/servers).",
                 servers=unknown,
             )
         return list(dict.fromkeys(wanted))
 
-    def _resolve_model(self, given: ModelSettings) -> ModelSettings:
-        """Fill unset model settings from the config and refuse what no worker could run.
-
-        A server-side API key is only ever sent to the endpoint the config names: a client
-        that picks its own ``base_url`` gets no key, and may not name one, or it could
-        point the worker at its own host and read the key off the request.
-        """
-        llm = self._config.opspawn.llm
-        provider = given.provider or llm.provider
-        same_provider = provider == llm.provider
-        foreign_url = given.base_url is not None and not (same_provider and given.base_url == llm.base_url)
-        if foreign_url and given.api_key_env:
-            raise Forbidden(
-                "model.api_key_env cannot be combined with a model.base_url the config does not name: "
-                "keys are only sent to the configured endpoint. Drop one of them.",
-                field="model.api_key_env",
-            )
-        default_key = llm.api_key_env if same_provider and not foreign_url else None
-        resolved = given.model_copy(
-            update={
-                "provider": provider,
-                "base_url": given.base_url or (llm.base_url if same_provider else None),
-                "model": given.model or (llm.model if same_provider else None),
-                "api_key_env": given.api_key_env or default_key,
-            }
+    def _check_timeout(self, spec: TaskSpec, raw: Mapping[str, Any], by: Principal) -> float:
+        limit = by.limits.max_task_seconds
+        if limit is None or spec.timeout_s <= limit:
+            return spec.timeout_s
+        if "timeout_s" not in raw:
+            return limit  # the default is longer than this caller may run: its limit applies
+        raise InvalidInput(
+            f"timeout_s={spec.timeout_s:g} is over your limit of {limit:g} s; ask for at most that.",
+            field="timeout_s",
         )
-        if provider == "openai" and not resolved.model:
-            raise InvalidInput(
-                "No model name for the 'openai' provider: pass model.model or set opspawn.llm.model.",
-                field="model.model",
-            )
-        key = resolved.api_key_env
-        if key and self._config.opspawn.broker_url == "embedded":
-            env = os.environ if self._environ is None else self._environ
-            if key not in env:
-                # The embedded worker shares this process's environment, so we can tell now
-                # instead of letting the task fail later.
+
+    def _check_budget(self, budget: Budget, by: Principal) -> Budget:
+        limits = by.limits
+        caps = {"max_llm_tokens": limits.max_task_tokens, "max_tool_calls": limits.max_tool_calls}
+        resolved: dict[str, int | None] = {}
+        for name, cap in caps.items():
+            asked: int | None = getattr(budget, name)
+            if cap is not None and asked is not None and asked > cap:
                 raise InvalidInput(
-                    f"model.api_key_env names {key}, which is not set for this server.",
-                    field="model.api_key_env",
+                    f"budget.{name}={asked} is over your limit of {cap}; ask for at most that.",
+                    field=f"budget.{name}",
                 )
-        return resolved
+            resolved[name] = asked if asked is not None else cap
+        return Budget(**resolved)
 
     # -- commands ---------------------------------------------------------------------------
 
-    async def submit(self, spec: TaskSpec | Mapping[str, Any]) -> Task:
-        """Validate, persist as ``queued``, enqueue; the returned task is durable and will run."""
-        return await self._scheduler.schedule(self.validate(spec))
+    async def submit(self, spec: TaskSpec | Mapping[str, Any], *, by: Principal) -> Task:
+        """Validate, check the caller's limits, persist as ``queued``, enqueue.
 
-    async def get(self, task_id: str) -> Task:
-        return await self._store.get(_check_id(task_id))
+        The returned task is durable and will run.
+        """
+        checked = self.validate(spec, by=by)
+        async with self._gate.admit(by):
+            return await self._scheduler.schedule(checked, principal=by.name)
+
+    async def get(self, task_id: str, *, by: Principal) -> Task:
+        task = await self._store.get(_check_id(task_id))
+        if not by.may_see(task.principal):
+            raise TaskNotFound(task.id)
+        return task
 
     async def list(
-        self, status: TaskStatus | str | None = None, limit: int = 50, cursor: str | None = None
+        self,
+        status: TaskStatus | str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+        *,
+        by: Principal,
     ) -> TaskPage:
-        """Newest first. ``cursor`` is the ``next_cursor`` of the previous page."""
+        """Newest first, the caller's own tasks (an admin's: all). ``cursor`` is the previous
+        page's ``next_cursor``."""
         wanted = _status(status)
         if cursor is not None and not isinstance(cursor, str):
             raise InvalidInput("cursor must be the next_cursor string of a previous page.", field="cursor")
+        if isinstance(cursor, str) and "\x00" in cursor:
+            raise InvalidInput("The cursor is not one this server issued.", field="cursor")
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= LIST_PAGE_MAX:
             raise InvalidInput(f"limit must be an integer from 1 to {LIST_PAGE_MAX}.", field="limit")
-        return await self._store.list(wanted, limit, cursor or None)
+        owner = None if by.admin else by.name
+        return await self._store.list(wanted, limit, cursor or None, principal=owner)
 
-    async def cancel(self, task_id: str) -> Task:
+    async def cancel(self, task_id: str, *, by: Principal) -> Task:
         """Cancel a queued or running task; cancelling a cancelled task is a no-op.
 
         A running task is cancelled in the store only: its worker's own final transition then
         fails the compare-and-set, which is how it learns to stop (within one step). A task
         that already completed or failed cannot be cancelled: that is a ``Conflict``.
         """
-        current = await self.get(task_id)
+        current = await self.get(task_id, by=by)
         if current.status is TaskStatus.CANCELLED:
             return current
         try:
@@ -214,22 +262,26 @@ class TaskService:
 
     # -- events ---------------------------------------------------------------------------
 
-    async def events(self, task_id: str, after_seq: int = 0, limit: int = 100) -> builtins.list[TaskEvent]:
+    async def events(
+        self, task_id: str, after_seq: int = 0, limit: int = 100, *, by: Principal
+    ) -> builtins.list[TaskEvent]:
         """One page of the task's event log, oldest first, after ``after_seq``."""
-        task = await self.get(task_id)
+        task = await self.get(task_id, by=by)
         _check_seq(after_seq)
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= EVENTS_PAGE_MAX:
             raise InvalidInput(f"limit must be an integer from 1 to {EVENTS_PAGE_MAX}.", field="limit")
         return await self._store.events(task.id, after_seq, limit)
 
-    async def watch(self, task_id: str, after_seq: int = 0) -> AsyncGenerator[TaskEvent, None]:
+    async def watch(
+        self, task_id: str, after_seq: int = 0, *, by: Principal
+    ) -> AsyncGenerator[TaskEvent, None]:
         """Yield the task's events as they are written, ending once the task is terminal.
 
         The status is read *before* each batch: if it was already terminal, that batch holds
         every event written before the final transition, so nothing the worker wrote ahead of
         finishing is missed. An unknown id raises on the first iteration.
         """
-        task = await self.get(task_id)
+        task = await self.get(task_id, by=by)
         _check_seq(after_seq)
         seq = after_seq
         while True:
@@ -253,17 +305,19 @@ class TaskService:
         ):
             raise InvalidInput(f"wait must be a number of seconds from 0 to {WAIT_MAX_S:g}.", field="wait")
 
-    async def wait(self, task_id: str, timeout_s: float, on_event: EventCallback | None = None) -> Task:
+    async def wait(
+        self, task_id: str, timeout_s: float, on_event: EventCallback | None = None, *, by: Principal
+    ) -> Task:
         """Follow the task for up to ``timeout_s`` seconds, calling ``on_event`` for each new event;
         return the task as it is then (terminal, or still queued/running if time ran out).
 
         Every door that offers "submit and wait" uses this, so they all time out the same way.
         """
         self.check_wait(timeout_s)
-        task = await self.get(task_id)
+        task = await self.get(task_id, by=by)
         if timeout_s == 0 or task.status.terminal:
             return task
-        stream = self.watch(task.id)
+        stream = self.watch(task.id, by=by)
         try:
             async with asyncio.timeout(timeout_s):
                 async for event in stream:
@@ -273,13 +327,13 @@ class TaskService:
             pass
         finally:
             await stream.aclose()
-        return await self.get(task.id)
+        return await self.get(task.id, by=by)
 
     # -- health ---------------------------------------------------------------------------
 
-    def list_servers(self) -> builtins.list[ServerInfo]:
-        """The configured downstream servers with state and tools, straight from the pool."""
-        return list(self._servers.servers_info())
+    def list_servers(self, *, by: Principal) -> builtins.list[ServerInfo]:
+        """The downstream servers the caller may use, with state and tools, from the pool."""
+        return [s for s in self._servers.servers_info() if by.servers is None or s.name in by.servers]
 
     async def ready(self) -> None:
         """Raise ``Unavailable`` when the service cannot run tasks: the store or the broker is down."""
@@ -292,19 +346,29 @@ class TaskService:
         await self._enqueuer.ping()
 
 
+_ENDPOINT_FIELDS = frozenset({"provider", "base_url", "model", "api_key_env", "api_key"})
+"""Fields of the old model settings a client could once set; named in the refusal's message."""
+
+
 def _check_id(task_id: str) -> str:
     if not isinstance(task_id, str):
         raise InvalidInput("task_id must be a string: the id submit_task returned.", field="task_id")
     if not task_id.strip():
         raise InvalidInput("task_id is empty; pass the id submit_task returned.", field="task_id")
+    if "\x00" in task_id:
+        raise InvalidInput("task_id must not contain NUL characters.", field="task_id")
     if len(task_id) > TASK_ID_MAX_CHARS:
         raise TaskNotFound(task_id[:TASK_ID_MAX_CHARS] + "...")
     return task_id.strip()
 
 
+SEQ_MAX = 2**31 - 1
+"""Event sequence numbers are 32-bit in the store; a larger ``after_seq`` names no event."""
+
+
 def _check_seq(after_seq: int) -> None:
-    if isinstance(after_seq, bool) or not isinstance(after_seq, int) or after_seq < 0:
-        raise InvalidInput("after_seq must be an integer >= 0.", field="after_seq")
+    if isinstance(after_seq, bool) or not isinstance(after_seq, int) or not 0 <= after_seq <= SEQ_MAX:
+        raise InvalidInput(f"after_seq must be an integer from 0 to {SEQ_MAX}.", field="after_seq")
 
 
 def _status(status: TaskStatus | str | None) -> TaskStatus | None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
+from opspawn_mcp.errors import InvalidInput
 from opspawn_mcp.grpc_internal.gen import tasks_pb2 as pb
 from opspawn_mcp.models import Task, TaskEvent, TaskPage, TaskStatus
 
@@ -26,8 +27,13 @@ def status_to_pb(status: TaskStatus) -> int:
 
 
 def status_from_pb(value: int) -> TaskStatus | None:
-    """``UNSPECIFIED`` (the proto default) means "no filter"."""
-    name = pb.TaskStatus.Name(value).removeprefix(_PREFIX)
+    """``UNSPECIFIED`` (the proto default) means "no filter"; a number the enum does not define
+    (proto3 keeps unknown values) is ``InvalidInput``."""
+    try:
+        name = pb.TaskStatus.Name(value).removeprefix(_PREFIX)
+    except ValueError:
+        names = ", ".join(pb.TaskStatus.keys())
+        raise InvalidInput(f"Unknown status {value}; use one of {names}.", field="status") from None
     return None if name == "UNSPECIFIED" else TaskStatus[name]
 
 
@@ -48,7 +54,7 @@ def _tidy_spec(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def task_to_pb(task: Task) -> pb.Task:
-    data = task.model_dump(mode="json", exclude_none=True, exclude={"lease_owner", "lease_expires_at"})
+    data = task.model_dump(mode="json", exclude_none=True)
     data["status"] = _PREFIX + task.status.name
     data["spec"] = _tidy_spec(data["spec"])
     message = pb.Task()

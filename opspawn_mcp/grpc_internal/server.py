@@ -2,8 +2,8 @@
 
 ``serve_grpc`` is an async context manager, so the server is stopped (with a short grace for
 open ``WatchTask`` streams) by whoever started it, however that scope ends. With a token
-configured every call except health checks needs ``authorization: Bearer <token>`` metadata,
-the same rule as the MCP and REST doors; health stays open because probes carry no secrets.
+configured every call except health checks needs ``authorization: Bearer <token>`` metadata
+naming a principal (``opspawn_mcp.principals``), the same rule as the MCP and REST doors; health stays open because probes carry no secrets.
 
 The health status follows ``TaskService.ready()``: SERVING while the store answers, NOT_SERVING
 when it does not, so a load balancer stops sending tasks to a server that cannot keep them.
@@ -22,11 +22,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from opspawn_mcp.auth import bearer_ok
 from opspawn_mcp.errors import OpspawnError
 from opspawn_mcp.grpc_internal.gen import tasks_pb2 as pb
 from opspawn_mcp.grpc_internal.gen import tasks_pb2_grpc as pb_grpc
-from opspawn_mcp.grpc_internal.task_servicer import TaskServicer
+from opspawn_mcp.grpc_internal.task_servicer import UNAUTHENTICATED_MESSAGE, TaskServicer, authorization_of
+from opspawn_mcp.principals import Principals
 from opspawn_mcp.service import TaskService
 
 log = logging.getLogger(__name__)
@@ -35,22 +35,13 @@ SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["TaskService"].full_name
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 READINESS_INTERVAL_S = 5.0
 STOP_GRACE_S = 5.0
-UNAUTHENTICATED_MESSAGE = "Send the server's token as 'authorization: Bearer <token>' metadata."
-
-
-def _metadata_ok(metadata: Any, token: str) -> bool:
-    """The call's ``authorization`` metadata checked by the HTTP doors' own ``bearer_ok``."""
-    for key, value in metadata or ():
-        if key.lower() == "authorization" and isinstance(value, str):
-            return bearer_ok(value, token)
-    return False
 
 
 class BearerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Refuses calls without the token before they reach a servicer."""
+    """Refuses calls without a valid token before they reach a servicer (health stays open)."""
 
-    def __init__(self, token: str) -> None:
-        self._token = token
+    def __init__(self, principals: Principals) -> None:
+        self._principals = principals
 
     async def intercept_service(
         self,
@@ -60,7 +51,7 @@ class BearerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(details)
         if handler is None or details.method.startswith(HEALTH_PREFIX):
             return handler
-        if _metadata_ok(details.invocation_metadata, self._token):
+        if self._principals.authenticate(authorization_of(details.invocation_metadata)) is not None:
             return handler
         return _denying(handler)
 
@@ -123,15 +114,15 @@ async def serve_grpc(
     service: TaskService,
     host: str,
     port: int,
-    auth_token: str | None = None,
+    principals: Principals,
     *,
     readiness_interval_s: float = READINESS_INTERVAL_S,
 ) -> AsyncIterator[GrpcServer]:
     """Serve ``opspawn.v1.TaskService`` plus health and reflection on ``host:port`` until the
     ``async with`` block ends; the health status is refreshed every ``readiness_interval_s``."""
-    interceptors = [BearerInterceptor(auth_token)] if auth_token else []
+    interceptors = [BearerInterceptor(principals)] if principals.auth_required else []
     server = grpc.aio.server(interceptors=interceptors)
-    pb_grpc.add_TaskServiceServicer_to_server(TaskServicer(service), server)  # type: ignore[no-untyped-call]
+    pb_grpc.add_TaskServiceServicer_to_server(TaskServicer(service, principals), server)  # type: ignore[no-untyped-call]
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

@@ -31,9 +31,18 @@ class TaskStore(Protocol):
         """Raise ``TaskNotFound`` for an unknown id."""
 
     async def list(
-        self, status: TaskStatus | None = None, limit: int = 50, cursor: str | None = None
+        self,
+        status: TaskStatus | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+        *,
+        principal: str | None = None,
     ) -> TaskPage:
-        """Newest first; ``cursor`` is the opaque ``next_cursor`` of the previous page."""
+        """Newest first; ``cursor`` is the opaque ``next_cursor`` of the previous page;
+        ``principal`` keeps only that principal's tasks (None: everyone's)."""
+
+    async def count_active(self, principal: str) -> int:
+        """How many of ``principal``'s tasks are queued or running (its tasks in flight)."""
 
     async def transition(
         self,

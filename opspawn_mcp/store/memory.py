@@ -70,12 +70,21 @@ class MemoryStore:
             return self._get(task_id).model_copy(deep=True)
 
     async def list(
-        self, status: TaskStatus | None = None, limit: int = 50, cursor: str | None = None
+        self,
+        status: TaskStatus | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+        *,
+        principal: str | None = None,
     ) -> TaskPage:
         check_limit(limit)
         after = decode_cursor(cursor) if cursor else None
         async with self._lock:
-            rows = [t for t in self._tasks.values() if status is None or t.status == status]
+            rows = [
+                t
+                for t in self._tasks.values()
+                if (status is None or t.status == status) and (principal is None or t.principal == principal)
+            ]
         rows.sort(key=lambda t: (t.created_at, t.id), reverse=True)
         if after is not None:
             rows = [t for t in rows if (t.created_at, t.id) < after]
@@ -84,6 +93,10 @@ class MemoryStore:
         items = [t.model_copy(deep=True) for t in page[:limit]]
         next_cursor = encode_cursor(items[-1].created_at, items[-1].id) if more else None
         return TaskPage(items=items, next_cursor=next_cursor)
+
+    async def count_active(self, principal: str) -> int:
+        async with self._lock:
+            return sum(1 for t in self._tasks.values() if t.principal == principal and not t.status.terminal)
 
     async def transition(
         self,

@@ -46,6 +46,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     or_,
     select,
     text,
@@ -53,10 +54,18 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DataError,
+    DBAPIError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.types import TypeDecorator
 
+from opspawn_mcp.config import DEFAULT_PROFILE, LOCAL_PRINCIPAL
 from opspawn_mcp.errors import Conflict, IllegalTransition, InvalidInput, TaskNotFound, Unavailable
 from opspawn_mcp.models import Task, TaskEvent, TaskPage, TaskSpec, TaskStatus, Usage, utcnow
 from opspawn_mcp.store._common import (
@@ -113,10 +122,14 @@ tasks = Table(
     Column("finished_at", UtcDateTime),
     Column("lease_owner", String),
     Column("lease_expires_at", UtcDateTime),
+    Column("principal", String, nullable=False, server_default=LOCAL_PRINCIPAL),
     # list(status=...) newest first, list() newest first, and the recovery loop's scan.
     Index("ix_tasks_status_created", "status", "created_at", "id"),
     Index("ix_tasks_created", "created_at", "id"),
     Index("ix_tasks_status_lease", "status", "lease_expires_at"),
+    # One principal's tasks newest first, and its tasks in flight.
+    Index("ix_tasks_principal_created", "principal", "created_at", "id"),
+    Index("ix_tasks_principal_status", "principal", "status"),
 )
 
 task_events = Table(
@@ -144,8 +157,34 @@ def _migration_1(conn: Connection) -> None:
     task_events.create(conn, checkfirst=True)
 
 
+def _migration_2(conn: Connection) -> None:
+    """Tasks belong to principals, and models are chosen by profile name.
+
+    On a database migration 1 has just created, the table already has the new shape. On an
+    older one: add ``principal`` (old tasks were the local user's), its indexes, and rewrite
+    specs whose ``model`` still names an endpoint to the default profile with the same knobs.
+    """
+    columns = {c["name"] for c in inspect(conn).get_columns("tasks")}
+    if "principal" not in columns:
+        conn.execute(
+            text(f"ALTER TABLE tasks ADD COLUMN principal VARCHAR NOT NULL DEFAULT '{LOCAL_PRINCIPAL}'")
+        )
+        for index in tasks.indexes:
+            if "principal" in index.columns:
+                index.create(conn, checkfirst=True)
+    for task_id, spec in conn.execute(select(tasks.c.id, tasks.c.spec)).all():
+        model = dict(spec.get("model") or {})
+        if model.keys() - {"profile", "temperature", "max_tokens"}:
+            kept = {k: model[k] for k in ("temperature", "max_tokens") if model.get(k) is not None}
+            new_spec = {**spec, "model": {"profile": DEFAULT_PROFILE, **kept}}
+            conn.execute(update(tasks).where(tasks.c.id == task_id).values(spec=new_spec))
+
+
 # Append only: a released version's step never changes, a new one gets the next number.
-MIGRATIONS: Final = ((1, "tasks and task_events", _migration_1),)
+MIGRATIONS: Final = (
+    (1, "tasks and task_events", _migration_1),
+    (2, "task principals; model profiles by name", _migration_2),
+)
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
 
 
@@ -182,6 +221,7 @@ def _to_task(row: Row[Any]) -> Task:
         finished_at=m["finished_at"],
         lease_owner=m["lease_owner"],
         lease_expires_at=m["lease_expires_at"],
+        principal=m["principal"],
     )
 
 
@@ -311,6 +351,11 @@ class SqlStore:
                 async with conn.begin():
                     yield conn
         except DBAPIError as exc:
+            if _bad_value(exc):
+                raise InvalidInput(
+                    f"The database refused a value of this request: {_first_line(exc)}. "
+                    "Remove control characters (NUL) and keep numbers within range."
+                ) from exc
             if not _unreachable(exc):
                 raise  # a bug in a statement, not an outage: let it show as one
             raise Unavailable(
@@ -364,6 +409,7 @@ class SqlStore:
             "finished_at": task.finished_at,
             "lease_owner": task.lease_owner,
             "lease_expires_at": task.lease_expires_at,
+            "principal": task.principal,
         }
         try:
             async with self._tx() as conn:
@@ -380,12 +426,19 @@ class SqlStore:
         return _to_task(row)
 
     async def list(
-        self, status: TaskStatus | None = None, limit: int = 50, cursor: str | None = None
+        self,
+        status: TaskStatus | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+        *,
+        principal: str | None = None,
     ) -> TaskPage:
         check_limit(limit)
         query = select(tasks).order_by(tasks.c.created_at.desc(), tasks.c.id.desc()).limit(limit + 1)
         if status is not None:
             query = query.where(tasks.c.status == TaskStatus(status).value)
+        if principal is not None:
+            query = query.where(tasks.c.principal == principal)
         if cursor:
             created_at, last_id = decode_cursor(cursor)
             query = query.where(
@@ -401,6 +454,12 @@ class SqlStore:
         return TaskPage(
             items=items, next_cursor=encode_cursor(items[-1].created_at, items[-1].id) if more else None
         )
+
+    async def count_active(self, principal: str) -> int:
+        active = [s.value for s in TaskStatus if not s.terminal]
+        query = select(func.count()).where(tasks.c.principal == principal, tasks.c.status.in_(active))
+        async with self._tx(write=False) as conn:
+            return int((await conn.execute(query)).scalar_one())
 
     async def transition(
         self,
@@ -533,6 +592,24 @@ class SqlStore:
             ):
                 raise TaskNotFound(task_id)
         return [_to_event(r) for r in rows]
+
+
+def _bad_value(exc: DBAPIError) -> bool:
+    """A value the database cannot hold (NUL in text, an integer out of range): the request's
+    fault, not an outage. asyncpg reports a client-side range check as its own ``DataError``,
+    a subclass of ``InterfaceError``, so the original exception's type decides too."""
+    original = getattr(exc.orig, "__cause__", None) or exc.orig
+    return isinstance(exc, DataError) or type(original).__name__ in _BAD_VALUE_ERRORS
+
+
+_BAD_VALUE_ERRORS = frozenset(
+    {
+        "DataError",
+        "CharacterNotInRepertoireError",
+        "UntranslatableCharacterError",
+        "NumericValueOutOfRangeError",
+    }
+)
 
 
 def _unreachable(exc: DBAPIError) -> bool:

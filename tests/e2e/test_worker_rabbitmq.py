@@ -27,6 +27,7 @@ from opspawn_mcp.broker import DramatiqEnqueuer, build_rabbitmq_broker
 from opspawn_mcp.config import Config, load_config
 from opspawn_mcp.host import OpsMcpClient
 from opspawn_mcp.models import Task, TaskEvent, TaskStatus
+from opspawn_mcp.principals import LOCAL
 from opspawn_mcp.service import TaskService
 from opspawn_mcp.store import open_store
 from opspawn_mcp.store.base import TaskStore
@@ -174,7 +175,7 @@ async def test_a_worker_process_runs_a_task_from_rabbitmq(tmp_path: Path, fake: 
         worker = WorkerProcess(d, "a")
         with _no_leftovers(worker):
             await worker.start()
-            task = await d.service.submit({"goal": "echo over rabbitmq", "servers": ["t"]})
+            task = await d.service.submit({"goal": "echo over rabbitmq", "servers": ["t"]}, by=LOCAL)
             done = await d.finished(task.id)
             assert done.status is TaskStatus.COMPLETED, f"{done.error}\n{worker.log()}"
             assert done.result == "done: over rabbitmq"
@@ -193,7 +194,9 @@ async def test_one_worker_process_runs_tasks_concurrently_sharing_one_downstream
         worker = WorkerProcess(d, "a")
         with _no_leftovers(worker):
             await worker.start()
-            tasks = [await d.service.submit({"goal": "sleep 2", "servers": ["t"]}) for _ in range(4)]
+            tasks = [
+                await d.service.submit({"goal": "sleep 2", "servers": ["t"]}, by=LOCAL) for _ in range(4)
+            ]
             done = [await d.finished(t.id) for t in tasks]
             assert all(t.status is TaskStatus.COMPLETED for t in done), [t.error for t in done]
             # All four were running at once (on the worker's one event loop): each started
@@ -212,7 +215,7 @@ async def test_killed_worker_mid_task_the_next_worker_completes_it_once(
         first, second = WorkerProcess(d, "first"), WorkerProcess(d, "second")
         with _no_leftovers(first, second):
             await first.start()
-            task = await d.service.submit({"goal": "sleep 3", "servers": ["t"]})
+            task = await d.service.submit({"goal": "sleep 3", "servers": ["t"]}, by=LOCAL)
             await until_a_tool_is_called(d.store, task.id)
             first.kill_hard()
             assert (await d.store.get(task.id)).status is TaskStatus.RUNNING
@@ -236,7 +239,7 @@ async def test_sigterm_hands_a_running_task_back_and_another_worker_finishes_it(
         first, second = WorkerProcess(d, "first"), WorkerProcess(d, "second")
         with _no_leftovers(first, second):
             await first.start()
-            task = await d.service.submit({"goal": "sleep 30", "servers": ["t"]})
+            task = await d.service.submit({"goal": "sleep 30", "servers": ["t"]}, by=LOCAL)
             await until_a_tool_is_called(d.store, task.id)
             assert await first.stop() == 0
             handed_back = await d.store.get(task.id)
@@ -246,7 +249,7 @@ async def test_sigterm_hands_a_running_task_back_and_another_worker_finishes_it(
             # The next worker takes the re-published message; cancel it to end the test quickly.
             await second.start()
             await until(d.store, task.id, lambda t: t.attempts == 2)
-            await d.service.cancel(task.id)
+            await d.service.cancel(task.id, by=LOCAL)
             done = await d.finished(task.id)
             assert done.status is TaskStatus.CANCELLED
             assert await second.stop() == 0

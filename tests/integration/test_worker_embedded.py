@@ -18,6 +18,7 @@ from opspawn_mcp.agent_factory import MAX_TOOL_ERRORS
 from opspawn_mcp.config import Config, parse_config
 from opspawn_mcp.host import OpsMcpClient
 from opspawn_mcp.models import ModelSettings, Task, TaskEvent, TaskSpec, TaskStatus
+from opspawn_mcp.principals import LOCAL
 from opspawn_mcp.service import TaskService
 from opspawn_mcp.store import open_store
 from opspawn_mcp.store.base import TaskStore
@@ -90,7 +91,7 @@ async def test_echo_task_completes_through_the_proxy_with_events(
     tmp_path: Path, fake: FakeOpenAIServer
 ) -> None:
     async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
-        task = await stack.service.submit({"goal": "echo hello opspawn", "servers": ["t"]})
+        task = await stack.service.submit({"goal": "echo hello opspawn", "servers": ["t"]}, by=LOCAL)
         done = await stack.finished(task.id)
 
         assert done.status is TaskStatus.COMPLETED, done.error
@@ -114,7 +115,7 @@ async def test_redelivered_message_for_a_finished_task_is_a_no_op(
     tmp_path: Path, fake: FakeOpenAIServer
 ) -> None:
     async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
-        task = await stack.service.submit({"goal": "echo once", "servers": ["t"]})
+        task = await stack.service.submit({"goal": "echo once", "servers": ["t"]}, by=LOCAL)
         done = await stack.finished(task.id)
         before = await stack.events(task.id)
 
@@ -134,7 +135,7 @@ async def test_a_failing_tool_is_an_observation_the_task_reports(
 ) -> None:
     async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
         stack.fake.script(tool_call("t__fail", message="disk full on /data"))
-        task = await stack.service.submit({"goal": "use the failing tool", "servers": ["t"]})
+        task = await stack.service.submit({"goal": "use the failing tool", "servers": ["t"]}, by=LOCAL)
         done = await stack.finished(task.id)
 
         # The tool error reached the model as data (rule 1 of the fake answers with it); the worker
@@ -152,7 +153,7 @@ async def test_a_tool_that_keeps_failing_fails_the_task_with_its_error(
     async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
         for _ in range(MAX_TOOL_ERRORS):
             stack.fake.script(tool_call("t__fail", message="disk full on /data"))
-        task = await stack.service.submit({"goal": "use the failing tool", "servers": ["t"]})
+        task = await stack.service.submit({"goal": "use the failing tool", "servers": ["t"]}, by=LOCAL)
         done = await stack.finished(task.id)
 
         assert done.status is TaskStatus.FAILED
@@ -169,7 +170,7 @@ async def test_downstream_progress_during_a_long_call_reaches_the_event_log(
 ) -> None:
     async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
         stack.fake.script(tool_call("t__sleep", seconds=0.6))
-        task = await stack.service.submit({"goal": "sleep a little", "servers": ["t"]})
+        task = await stack.service.submit({"goal": "sleep a little", "servers": ["t"]}, by=LOCAL)
         done = await stack.finished(task.id)
 
         assert done.status is TaskStatus.COMPLETED, done.error
@@ -192,14 +193,14 @@ async def test_a_downstream_server_crash_is_an_observation_not_a_worker_crash(
 ) -> None:
     async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
         stack.fake.script(tool_call("t__crash", code=3, message="boom"))
-        task = await stack.service.submit({"goal": "crash the server", "servers": ["t"]})
+        task = await stack.service.submit({"goal": "crash the server", "servers": ["t"]}, by=LOCAL)
         done = await stack.finished(task.id)
 
         assert done.status is TaskStatus.COMPLETED, done.error
         results = [e for e in await stack.events(task.id) if e.kind == "tool_result"]
         assert results[0].data["is_error"] is True
         # The pool reconnects: the next task uses the server again.
-        again = await stack.service.submit({"goal": "echo back again", "servers": ["t"]})
+        again = await stack.service.submit({"goal": "echo back again", "servers": ["t"]}, by=LOCAL)
         assert (await stack.finished(again.id)).result == "done: back again"
 
 
@@ -208,7 +209,7 @@ async def test_a_failing_llm_fails_the_task_with_the_servers_answer(
 ) -> None:
     async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
         stack.fake.fail_next(401, times=1)
-        task = await stack.service.submit({"goal": "echo nope", "servers": ["t"]})
+        task = await stack.service.submit({"goal": "echo nope", "servers": ["t"]}, by=LOCAL)
         done = await stack.finished(task.id)
 
         assert done.status is TaskStatus.FAILED
@@ -225,7 +226,7 @@ async def test_an_unreachable_llm_fails_the_task_saying_what_to_check(
 ) -> None:
     dead = f"http://127.0.0.1:{free_port()}/v1"
     async with open_stack(tmp_path, dead, fake.fake) as stack:
-        task = await stack.service.submit({"goal": "echo nobody home", "servers": ["t"]})
+        task = await stack.service.submit({"goal": "echo nobody home", "servers": ["t"]}, by=LOCAL)
         done = await stack.finished(task.id)
         assert done.status is TaskStatus.FAILED
         assert done.error is not None
@@ -251,9 +252,9 @@ async def test_missing_api_key_variable_fails_with_the_variable_name(
 
 async def test_cancel_stops_a_running_agent_mid_tool_call(tmp_path: Path, fake: FakeOpenAIServer) -> None:
     async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
-        task = await stack.service.submit({"goal": "sleep 30", "servers": ["t"]})
+        task = await stack.service.submit({"goal": "sleep 30", "servers": ["t"]}, by=LOCAL)
         await until_a_tool_is_called(stack.store, task.id)
-        cancelled = await stack.service.cancel(task.id)
+        cancelled = await stack.service.cancel(task.id, by=LOCAL)
         assert cancelled.status is TaskStatus.CANCELLED
 
         await wait_until(lambda: not stack.worker.runner.running, "the agent stopped")
@@ -274,7 +275,7 @@ async def test_cancel_stops_a_running_agent_mid_tool_call(tmp_path: Path, fake: 
 async def test_a_cancelled_queued_task_never_starts(tmp_path: Path, fake: FakeOpenAIServer) -> None:
     async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
         # Claim the only path in: a task cancelled before its message is processed is refused.
-        spec = stack.service.validate({"goal": "echo never", "servers": ["t"]})
+        spec = stack.service.validate({"goal": "echo never", "servers": ["t"]}, by=LOCAL)
         created = await stack.store.create(Task(spec=spec))
         await stack.store.transition(created.id, {TaskStatus.QUEUED}, TaskStatus.CANCELLED, error="cancelled")
         await stack.worker.enqueue(created.id)
@@ -290,7 +291,7 @@ async def test_expired_lease_is_recovered_and_the_task_completes(
     tmp_path: Path, fake: FakeOpenAIServer
 ) -> None:
     async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
-        spec = stack.service.validate({"goal": "echo recovered", "servers": ["t"]})
+        spec = stack.service.validate({"goal": "echo recovered", "servers": ["t"]}, by=LOCAL)
         created = await stack.store.create(Task(spec=spec))
         # A worker that claims the task and then dies: its lease simply runs out.
         assert await stack.store.claim(created.id, "dead-worker", 0.2, 3) is not None
@@ -304,7 +305,7 @@ async def test_expired_lease_is_recovered_and_the_task_completes(
 
 async def test_a_task_out_of_attempts_fails_saying_it_gave_up(tmp_path: Path, fake: FakeOpenAIServer) -> None:
     async with open_stack(tmp_path, fake.base_url, fake.fake, max_attempts=1) as stack:
-        spec = stack.service.validate({"goal": "echo too late", "servers": ["t"]})
+        spec = stack.service.validate({"goal": "echo too late", "servers": ["t"]}, by=LOCAL)
         created = await stack.store.create(Task(spec=spec))
         assert await stack.store.claim(created.id, "dead-worker", 0.2, 1) is not None
 
@@ -337,7 +338,7 @@ async def test_stopping_the_server_hands_a_running_task_back_for_the_next_start(
     tmp_path: Path, fake: FakeOpenAIServer
 ) -> None:
     async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
-        task = await stack.service.submit({"goal": "sleep 30", "servers": ["t"]})
+        task = await stack.service.submit({"goal": "sleep 30", "servers": ["t"]}, by=LOCAL)
         await until_a_tool_is_called(stack.store, task.id)
     # The runtime closed (as `serve` does on SIGTERM): the task is queued again, not lost.
     async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
@@ -346,6 +347,6 @@ async def test_stopping_the_server_hands_a_running_task_back_for_the_next_start(
         assert {"status": "queued", "reason": "worker shutting down"} in [
             e.data for e in events if e.kind == "state"
         ]
-        await stack.service.cancel(task.id)
+        await stack.service.cancel(task.id, by=LOCAL)
         done = await stack.finished(task.id)
         assert done.status is TaskStatus.CANCELLED

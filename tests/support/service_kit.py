@@ -71,7 +71,6 @@ def make_service(
     enqueuer: Enqueuer | None = None,
     *,
     config: Config | None = None,
-    environ: dict[str, str] | None = None,
 ) -> TaskService:
     """A ``TaskService`` over ``store`` and the fixed ``Directory``; watchers poll every 10 ms."""
     return TaskService(
@@ -80,7 +79,6 @@ def make_service(
         enqueuer if enqueuer is not None else RecordingEnqueuer(),
         Directory(),
         poll_interval_s=0.01,
-        environ=environ or {},
     )
 
 

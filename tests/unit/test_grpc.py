@@ -16,17 +16,20 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from opspawn_mcp.config import parse_config
 from opspawn_mcp.errors import Unavailable
 from opspawn_mcp.grpc_internal import serve_grpc
 from opspawn_mcp.grpc_internal.convert import event_from_pb, task_from_pb
 from opspawn_mcp.grpc_internal.gen import tasks_pb2 as pb
 from opspawn_mcp.grpc_internal.gen import tasks_pb2_grpc as pb_grpc
+from opspawn_mcp.limits import IN_FLIGHT_RETRY_S
 from opspawn_mcp.models import Task
+from opspawn_mcp.principals import LOCAL, Principals
 from opspawn_mcp.service import TaskService
 from opspawn_mcp.store.memory import MemoryStore
 from tests.support.service_kit import BrokenStore, RecordingEnqueuer, finish, make_service
 
-TOKEN = "grpc-token"
+TOKEN = "grpc_token"
 
 
 class DownStore(MemoryStore):
@@ -36,11 +39,24 @@ class DownStore(MemoryStore):
         raise Unavailable("The task store cannot be reached; retry later.")
 
 
+def principals_with(tokens: dict[str, Any]) -> Principals:
+    """The principals of a config whose ``opspawn.server.tokens`` are ``tokens``; each token's
+    value is its env variable's name in lower case."""
+    environ = {t["token_env"]: t["token_env"].lower() for t in tokens.values()}
+    config = parse_config({"opspawn": {"server": {"tokens": tokens}}}, environ=environ)
+    return Principals.from_config(config, environ)
+
+
+NO_TOKENS = Principals.from_config(parse_config({}, environ={}), {})
+
+
 @asynccontextmanager
-async def connected(service: TaskService, auth_token: str | None = None) -> AsyncIterator[grpc.aio.Channel]:
+async def connected(
+    service: TaskService, principals: Principals = NO_TOKENS
+) -> AsyncIterator[grpc.aio.Channel]:
     """``service`` served over gRPC on a free loopback port, and a channel to it."""
     async with (
-        serve_grpc(service, "127.0.0.1", 0, auth_token, readiness_interval_s=0.01) as running,
+        serve_grpc(service, "127.0.0.1", 0, principals, readiness_interval_s=0.01) as running,
         grpc.aio.insecure_channel(running.target) as ch,
     ):
         yield ch
@@ -75,8 +91,8 @@ async def test_submit_then_get_round_trips_to_the_service_model(
     assert created.status == pb.TASK_STATUS_QUEUED
     assert enqueuer.ids == [created.id]
     fetched = await stub.GetTask(pb.GetTaskRequest(task_id=created.id))
-    expected = (await service.get(created.id)).model_dump(exclude={"lease_owner", "lease_expires_at"})
-    assert task_from_pb(fetched).model_dump(exclude={"lease_owner", "lease_expires_at"}) == expected
+    expected = (await service.get(created.id, by=LOCAL)).model_dump()
+    assert task_from_pb(fetched).model_dump() == expected
     assert expected["spec"]["servers"] == ["echo"]
     assert expected["spec"]["timeout_s"] == 300.0  # unset fields took the model's defaults
 
@@ -85,9 +101,9 @@ async def test_servers_unset_means_all_and_restricted_empty_means_none(
     stub: Any, service: TaskService
 ) -> None:
     open_task = await stub.SubmitTask(pb.SubmitTaskRequest(spec=pb.TaskSpec(goal="a")))
-    assert (await service.get(open_task.id)).spec.servers is None
+    assert (await service.get(open_task.id, by=LOCAL)).spec.servers is None
     closed = await stub.SubmitTask(pb.SubmitTaskRequest(spec=pb.TaskSpec(goal="b", restrict_servers=True)))
-    assert (await service.get(closed.id)).spec.servers == []
+    assert (await service.get(closed.id, by=LOCAL)).spec.servers == []
     assert task_from_pb(closed).spec.servers == []
 
 
@@ -204,7 +220,7 @@ async def test_reflection_lists_the_services(channel: grpc.aio.Channel) -> None:
 async def test_with_a_token_calls_without_it_are_unauthenticated(
     service: TaskService, metadata: tuple[tuple[str, str], ...] | None
 ) -> None:
-    async with connected(service, TOKEN) as ch:
+    async with connected(service, principals_with({"ops": {"token_env": TOKEN.upper()}})) as ch:
         stub = task_stub(ch)
         request = pb.SubmitTaskRequest(spec=pb.TaskSpec(goal="x"))
         code, _ = await code_of(stub.SubmitTask(request, metadata=metadata))
@@ -232,3 +248,44 @@ async def test_a_bug_is_internal_without_its_details() -> None:
             await watch.read()
         assert info.value.code() == grpc.StatusCode.INTERNAL
         assert "secret" not in (info.value.details() or "")
+
+
+async def test_principals_see_only_their_own_tasks(service: TaskService) -> None:
+    tokens = {"alice": {"token_env": "ALICE"}, "bob": {"token_env": "BOB"}}
+    async with connected(service, principals_with(tokens)) as ch:
+        stub = task_stub(ch)
+        alice, bob = ((("authorization", f"Bearer {name}"),) for name in ("alice", "bob"))
+        task = await stub.SubmitTask(pb.SubmitTaskRequest(spec=pb.TaskSpec(goal="mine")), metadata=alice)
+        assert task.principal == "alice"
+        for call in (
+            stub.GetTask(pb.GetTaskRequest(task_id=task.id), metadata=bob),
+            stub.CancelTask(pb.CancelTaskRequest(task_id=task.id), metadata=bob),
+        ):
+            assert (await code_of(call))[0] == grpc.StatusCode.NOT_FOUND
+        watch = stub.WatchTask(pb.WatchTaskRequest(task_id=task.id), metadata=bob)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await watch.read()
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert len((await stub.ListTasks(pb.ListTasksRequest(), metadata=bob)).items) == 0
+        assert len((await stub.ListTasks(pb.ListTasksRequest(), metadata=alice)).items) == 1
+
+
+async def test_an_unknown_status_number_is_invalid_argument_without_exception_text(stub: Any) -> None:
+    code, details = await code_of(stub.ListTasks(pb.ListTasksRequest(status=99)))  # type: ignore[arg-type]
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "99" in details and "ValueError" not in details and "Unexpected" not in details
+
+
+async def test_over_the_limit_is_resource_exhausted_with_retry_after(service: TaskService) -> None:
+    tokens = {"capped": {"token_env": "CAPPED", "limits": {"max_in_flight": 1}}}
+    principals = principals_with(tokens)
+    assert principals.authenticate("Bearer capped") is not None
+    async with connected(service, principals) as ch:
+        stub = task_stub(ch)
+        metadata = (("authorization", "Bearer capped"),)
+        request = pb.SubmitTaskRequest(spec=pb.TaskSpec(goal="x"))
+        await stub.SubmitTask(request, metadata=metadata)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.SubmitTask(request, metadata=metadata)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert dict(info.value.trailing_metadata() or ())["retry-after"] == str(int(IN_FLIGHT_RETRY_S))

@@ -27,23 +27,25 @@ TASK_STATUS_FAILED: TaskStatus
 TASK_STATUS_CANCELLED: TaskStatus
 
 class ModelSettings(_message.Message):
-    __slots__ = ("provider", "base_url", "model", "api_key_env", "temperature", "max_tokens")
-    PROVIDER_FIELD_NUMBER: _ClassVar[int]
-    BASE_URL_FIELD_NUMBER: _ClassVar[int]
-    MODEL_FIELD_NUMBER: _ClassVar[int]
-    API_KEY_ENV_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("profile", "temperature", "max_tokens")
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    provider: str
-    base_url: str
-    model: str
-    api_key_env: str
+    profile: str
     temperature: float
     max_tokens: int
-    def __init__(self, provider: _Optional[str] = ..., base_url: _Optional[str] = ..., model: _Optional[str] = ..., api_key_env: _Optional[str] = ..., temperature: _Optional[float] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+    def __init__(self, profile: _Optional[str] = ..., temperature: _Optional[float] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+
+class Budget(_message.Message):
+    __slots__ = ("max_llm_tokens", "max_tool_calls")
+    MAX_LLM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
+    max_llm_tokens: int
+    max_tool_calls: int
+    def __init__(self, max_llm_tokens: _Optional[int] = ..., max_tool_calls: _Optional[int] = ...) -> None: ...
 
 class TaskSpec(_message.Message):
-    __slots__ = ("goal", "system_prompt", "model", "servers", "restrict_servers", "planner", "max_steps", "timeout_s")
+    __slots__ = ("goal", "system_prompt", "model", "servers", "restrict_servers", "planner", "max_steps", "timeout_s", "budget")
     GOAL_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +54,7 @@ class TaskSpec(_message.Message):
     PLANNER_FIELD_NUMBER: _ClassVar[int]
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
     goal: str
     system_prompt: str
     model: ModelSettings
@@ -60,7 +63,8 @@ class TaskSpec(_message.Message):
     planner: str
     max_steps: int
     timeout_s: float
-    def __init__(self, goal: _Optional[str] = ..., system_prompt: _Optional[str] = ..., model: _Optional[_Union[ModelSettings, _Mapping]] = ..., servers: _Optional[_Iterable[str]] = ..., restrict_servers: _Optional[bool] = ..., planner: _Optional[str] = ..., max_steps: _Optional[int] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+    budget: Budget
+    def __init__(self, goal: _Optional[str] = ..., system_prompt: _Optional[str] = ..., model: _Optional[_Union[ModelSettings, _Mapping]] = ..., servers: _Optional[_Iterable[str]] = ..., restrict_servers: _Optional[bool] = ..., planner: _Optional[str] = ..., max_steps: _Optional[int] = ..., timeout_s: _Optional[float] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("input_tokens", "output_tokens")
@@ -71,7 +75,7 @@ class Usage(_message.Message):
     def __init__(self, input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("id", "spec", "status", "result", "error", "usage", "steps", "attempts", "created_at", "started_at", "finished_at")
+    __slots__ = ("id", "spec", "status", "result", "error", "usage", "steps", "attempts", "created_at", "started_at", "finished_at", "principal")
     ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +87,7 @@ class Task(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
     id: str
     spec: TaskSpec
     status: TaskStatus
@@ -94,7 +99,8 @@ class Task(_message.Message):
     created_at: _timestamp_pb2.Timestamp
     started_at: _timestamp_pb2.Timestamp
     finished_at: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., status: _Optional[_Union[TaskStatus, str]] = ..., result: _Optional[str] = ..., error: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., steps: _Optional[int] = ..., attempts: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    principal: str
+    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., status: _Optional[_Union[TaskStatus, str]] = ..., result: _Optional[str] = ..., error: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., steps: _Optional[int] = ..., attempts: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., principal: _Optional[str] = ...) -> None: ...
 
 class TaskEvent(_message.Message):
     __slots__ = ("task_id", "seq", "time", "kind", "data")
