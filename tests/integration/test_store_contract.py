@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
@@ -367,6 +368,77 @@ async def test_schema_version_is_recorded(store: TaskStore) -> None:
     assert await store.schema_version() == SCHEMA_VERSION
     await store.start()
     assert await store.schema_version() == SCHEMA_VERSION
+
+
+async def test_tasks_belong_to_principals(store: TaskStore) -> None:
+    alice = [await store.create(Task(spec=TaskSpec(goal=f"a{i}"), principal="alice")) for i in range(3)]
+    bob = await store.create(Task(spec=TaskSpec(goal="b"), principal="bob"))
+    assert (await store.get(bob.id)).principal == "bob"
+    page = await store.list(limit=2, principal="alice")
+    assert [t.id for t in page.items] == [alice[2].id, alice[1].id]
+    rest = await store.list(limit=2, cursor=page.next_cursor, principal="alice")
+    assert [t.id for t in rest.items] == [alice[0].id] and rest.next_cursor is None
+    assert len((await store.list(principal=None)).items) == 4
+    await store.transition(alice[0].id, {TaskStatus.QUEUED}, TaskStatus.CANCELLED)
+    assert (await store.count_active("alice"), await store.count_active("bob")) == (2, 1)
+    assert await store.count_active("nobody") == 0
+
+
+async def test_a_value_postgres_cannot_hold_is_invalid_input_not_an_outage() -> None:
+    """NUL in text or JSON: PostgreSQL refuses it with a data error, which is the request's
+    fault (422), not the database's (503). The service refuses NUL before it gets here; this
+    is the store's own guard for any caller that does not."""
+    require_service("postgres")
+    schema = f"opspawn_test_{uuid.uuid4().hex[:12]}"
+    store = open_store(POSTGRES_URL, schema=schema)
+    await store.start()
+    try:
+        task = await store.create(_task())
+        with pytest.raises(InvalidInput):
+            await store.append_event(task.id, "log", {"line": "a\x00b"})
+        with pytest.raises(InvalidInput):
+            await store.create(Task(spec=TaskSpec.model_construct(goal="a\x00b")))
+        await store.ping()
+    finally:
+        await store.close()
+        await drop_schema(schema)
+
+
+async def test_migration_2_gives_old_tasks_a_principal_and_a_model_profile(tmp_path: Path) -> None:
+    """A database written by the first schema (model settings with endpoints, no principals)."""
+    from sqlalchemy import text
+
+    from opspawn_mcp.store.sql import SCHEMA_VERSION, SqlStore
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
+    store = open_store(url)
+    assert isinstance(store, SqlStore)
+    await store.start()
+    legacy = {"goal": "old", "model": {"provider": "openai", "base_url": "http://x/v1", "temperature": 0.2}}
+    async with store._tx() as conn:  # white-box: rebuild the version-1 shape by hand
+        await conn.execute(text("DROP INDEX ix_tasks_principal_created"))
+        await conn.execute(text("DROP INDEX ix_tasks_principal_status"))
+        await conn.execute(text("ALTER TABLE tasks DROP COLUMN principal"))
+        await conn.execute(text("DELETE FROM schema_version WHERE version > 1"))
+        await conn.execute(
+            text(
+                "INSERT INTO tasks (id, status, spec, usage, steps, attempts, created_at) "
+                "VALUES ('t1', 'queued', :spec, '{}', 0, 0, '2026-01-01 00:00:00')"
+            ),
+            {"spec": json.dumps(legacy)},
+        )
+    await store.close()
+    again = open_store(url)
+    assert isinstance(again, SqlStore)
+    await again.start()
+    try:
+        task = await again.get("t1")
+        assert task.principal == "local"
+        assert task.spec.model.model_dump(exclude_none=True) == {"profile": "default", "temperature": 0.2}
+        assert await again.schema_version() == SCHEMA_VERSION
+        assert await again.count_active("local") == 1
+    finally:
+        await again.close()
 
 
 # --- races -------------------------------------------------------------------------------
