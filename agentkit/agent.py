@@ -52,12 +52,29 @@ OUTPUT_RETRY_PROMPT = (
 EventCallback = Callable[[AgentEvent], Awaitable[None]]
 
 
-class _MeteredLLM:
-    """Sums usage over every call a run makes, including those of planners and memory."""
+class _OverBudget(Exception):
+    """A run used more LLM tokens than ``max_total_tokens``; ``run`` turns it into ``failed``.
 
-    def __init__(self, llm: LLM) -> None:
+    It carries the response that crossed the budget, so its step still records what the model
+    said and what it cost.
+    """
+
+    def __init__(self, message: str, response: LLMResponse) -> None:
+        super().__init__(message)
+        self.response = response
+
+
+class _MeteredLLM:
+    """Sums usage over every call a run makes, including those of planners and memory.
+
+    Every call goes through here, so this is where ``max_total_tokens`` is enforced: after each
+    response, before the run acts on it.
+    """
+
+    def __init__(self, llm: LLM, max_total_tokens: int | None = None) -> None:
         self.inner = llm
         self.usage = Usage()
+        self.max_total_tokens = max_total_tokens
 
     async def chat(
         self,
@@ -68,6 +85,12 @@ class _MeteredLLM:
     ) -> LLMResponse:
         response = await self.inner.chat(messages, tools=tools, tool_choice=tool_choice)
         self.usage = self.usage + response.usage
+        if self.max_total_tokens is not None and self.usage.total_tokens > self.max_total_tokens:
+            raise _OverBudget(
+                f"The run used {self.usage.total_tokens} LLM tokens; its budget (max_total_tokens) is "
+                f"{self.max_total_tokens}. Raise the budget or simplify the goal.",
+                response,
+            )
         return response
 
 
@@ -82,6 +105,9 @@ class Agent:
     ``max_tool_errors`` ends the run ``failed`` after that many tool calls in a row returned errors:
     one failed call is an observation the model can correct, a streak means the tool (or its
     server) is broken and more steps only burn tokens.
+    ``max_tool_calls`` and ``max_total_tokens`` are per-run budgets, so a host can bound what one
+    goal may spend: a tool call beyond ``max_tool_calls`` is not run, and the run ends ``failed``
+    as soon as the input plus output tokens the model reported exceed ``max_total_tokens``.
     Progress a tool reports while it runs (``agentkit.progress.report_progress``, or a downstream
     MCP server's progress notifications through the MCP tools) becomes ``progress`` events, at
     most one per ``progress_interval_s`` per tool call plus always the last one.
@@ -102,11 +128,18 @@ class Agent:
         tool_timeout_s: float | None = None,
         progress_interval_s: float = 0.5,
         max_tool_errors: int | None = None,
+        max_tool_calls: int | None = None,
+        max_total_tokens: int | None = None,
     ) -> None:
         if max_steps < 1:
             raise AgentConfigError("max_steps must be at least 1.")
-        if max_tool_errors is not None and max_tool_errors < 1:
-            raise AgentConfigError("max_tool_errors must be at least 1, or None for no limit.")
+        for name, limit in (
+            ("max_tool_errors", max_tool_errors),
+            ("max_tool_calls", max_tool_calls),
+            ("max_total_tokens", max_total_tokens),
+        ):
+            if limit is not None and limit < 1:
+                raise AgentConfigError(f"{name} must be at least 1, or None for no limit.")
         if timeout_s is not None and timeout_s <= 0:
             raise AgentConfigError("timeout_s must be positive, or None for no limit.")
         self.llm = llm
@@ -121,6 +154,8 @@ class Agent:
         self.tool_timeout_s = tool_timeout_s
         self.progress_interval_s = progress_interval_s
         self.max_tool_errors = max_tool_errors
+        self.max_tool_calls = max_tool_calls
+        self.max_total_tokens = max_total_tokens
         self._scopes: set[anyio.CancelScope] = set()
         self._cancel_pending = False
         self._cancelled_scopes: set[anyio.CancelScope] = set()
@@ -162,7 +197,7 @@ class Agent:
         system = self._system_message()
         transcript = ([system] if system else []) + [Message.user(goal)]
         steps: list[Step] = []
-        metered = _MeteredLLM(self.llm)
+        metered = _MeteredLLM(self.llm, self.max_total_tokens)
         memory = copy.copy(self.memory)  # memories keep per-run state (summaries)
 
         async def emit(kind: EventKind, data: dict[str, Any]) -> None:
@@ -183,7 +218,7 @@ class Agent:
             with scope:
                 try:
                     result = await self._loop(ctx, memory)
-                except LLMError as exc:
+                except (LLMError, _OverBudget) as exc:
                     result = RunResult(status=RunStatus.FAILED, error=str(exc))
                 except Exception as exc:  # a bug in a planner, memory or callback: still data
                     log.exception("agent run failed unexpectedly")
@@ -230,7 +265,11 @@ class Agent:
     ) -> LLMResponse:
         window = await memory.window(ctx.transcript, ctx.llm) if memory is not None else list(ctx.transcript)
         tools = self.tools.definitions() if tool_choice != "none" else []
-        response = await ctx.llm.chat(window, tools=tools, tool_choice=tool_choice if tools else "none")
+        over: _OverBudget | None = None
+        try:
+            response = await ctx.llm.chat(window, tools=tools, tool_choice=tool_choice if tools else "none")
+        except _OverBudget as exc:
+            over, response = exc, exc.response
         step.content = response.content
         step.usage = response.usage
         await ctx.emit(
@@ -243,6 +282,8 @@ class Agent:
                 "kind": step.kind,
             },
         )
+        if over is not None:
+            raise over
         return response
 
     def _new_step(self, ctx: RunContext, kind: Any = "act") -> Step:
@@ -255,6 +296,7 @@ class Agent:
         await anyio.lowlevel.checkpoint()
         await self.planner.begin(ctx)
         error_streak = 0
+        tool_calls_run = 0
         for _ in range(self.max_steps):
             # A checkpoint per step, so cancel() and the timeout land between steps even when the
             # model and the tools never yield (scripted or cached responses).
@@ -264,10 +306,16 @@ class Agent:
             if response.tool_calls:
                 step.tool_calls = response.tool_calls
                 ctx.add(Message.assistant(response.content, response.tool_calls))
-                step.tool_results = await self._run_tools(ctx, response.tool_calls)
+                allowed = response.tool_calls
+                if self.max_tool_calls is not None:
+                    allowed = allowed[: max(0, self.max_tool_calls - tool_calls_run)]
+                tool_calls_run += len(allowed)
+                step.tool_results = await self._run_tools(ctx, allowed)
                 for r in step.tool_results:
                     ctx.add(Message.tool(r.call_id, r.name, r.content))
                     error_streak = error_streak + 1 if r.is_error else 0
+                if len(allowed) < len(response.tool_calls):
+                    return self._refuse_tool_calls(ctx, step, response.tool_calls[len(allowed) :])
                 if self.max_tool_errors is not None and error_streak >= self.max_tool_errors:
                     last = step.tool_results[-1]
                     return RunResult(
@@ -300,6 +348,30 @@ class Agent:
                 error=f"No final answer after max_steps={self.max_steps}; raise max_steps or simplify the goal.",
             )
         return await self._finish(ctx, memory, text)
+
+    def _refuse_tool_calls(self, ctx: RunContext, step: Step, refused: Sequence[ToolCall]) -> RunResult:
+        """End the run at the tool-call budget, without running the calls beyond it.
+
+        Each refused call still gets a result in the transcript (an assistant tool call without
+        one is an invalid conversation for the next request, a resume or a replay).
+        """
+        budget = f"its budget of {self.max_tool_calls} tool call{'s' if self.max_tool_calls != 1 else ''}"
+        for call in refused:
+            result = ToolResult(
+                call_id=call.id,
+                name=call.name,
+                is_error=True,
+                content=f"Not run: the run reached {budget} (max_tool_calls).",
+            )
+            step.tool_results.append(result)
+            ctx.add(Message.tool(result.call_id, result.name, result.content))
+        return RunResult(
+            status=RunStatus.FAILED,
+            error=(
+                f"The run reached {budget} (max_tool_calls); the model asked for "
+                f"{len(refused)} more, which did not run. Raise the budget or simplify the goal."
+            ),
+        )
 
     async def _finish(self, ctx: RunContext, memory: Memory | None, text: str) -> RunResult:
         if self.output_type is None:
