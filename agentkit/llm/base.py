@@ -238,10 +238,10 @@ def response_from_openai_dict(data: Mapping[str, Any], tools: Sequence[ToolDefin
         content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
     calls: list[ToolCall] = []
     for raw_call in message.get("tool_calls") or []:
-        function = raw_call.get("function") or {}
-        name = function.get("name")
-        if not name:
-            continue
+        function = raw_call.get("function") if isinstance(raw_call, Mapping) else None
+        name = function.get("name") if isinstance(function, Mapping) else None
+        if not isinstance(function, Mapping) or not name:
+            continue  # not a usable call (no function name): skipped, as a nameless call always was
         args, raw = parse_arguments(function.get("arguments"))
         calls.append(ToolCall(id=raw_call.get("id") or "", name=name, arguments=args, raw_arguments=raw))
     function_call = message.get("function_call")  # legacy single-call field

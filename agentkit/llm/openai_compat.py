@@ -3,18 +3,25 @@
 We disable the SDK's own retries and retry here instead, so the policy (which statuses, how long,
 ``Retry-After``) is one visible piece of code, cancellation interrupts a backoff sleep promptly,
 and the final failure is one ``LLMError`` that says what to check.
+
+Nothing comes from the environment. The SDK fills every argument left ``None`` from ``OPENAI_*``
+variables and merges ``OPENAI_CUSTOM_HEADERS`` into every request; a host that lets a task pick
+the endpoint would then send the worker's key (or its custom headers) to whatever URL the task
+named. So the client is built from explicit values only, and the ambient ones are undone.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
+import httpx2
 import openai
+from openai.types.chat import ChatCompletionChunk
 
 from agentkit.llm.base import (
     LLMError,
@@ -29,16 +36,22 @@ from agentkit.llm.base import (
 
 log = logging.getLogger(__name__)
 
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
 _MAX_RETRY_AFTER_S = 30.0
+_UNUSED_KEY = "agentkit-no-key"
+"""Satisfies the SDK's constructor check; never sent, because every request sets its own
+``Authorization`` (the caller's key, or no header at all)."""
+_ENDPOINT_HINT = "check that base_url points at an OpenAI-compatible /v1 endpoint."
 
 
 class OpenAICompatible:
-    """An ``LLM`` over HTTP.
+    """An ``LLM`` over HTTP, configured only by its arguments.
 
-    ``base_url`` and ``api_key`` default to ``OPENAI_BASE_URL`` / ``OPENAI_API_KEY``; a local
-    server that needs no key gets a placeholder. ``stream=True`` reads the answer as SSE (some
-    proxies only stream). ``tool_results_as_user`` works around chat templates that drop ``tool``
-    messages.
+    ``base_url`` defaults to api.openai.com, which needs ``api_key``; a local server that needs no
+    key gets no ``Authorization`` header. ``organization`` and ``project`` are sent only when
+    given. No ``OPENAI_*`` variable is read: pass ``api_key=os.environ["OPENAI_API_KEY"]`` to use
+    one. ``stream=True`` reads the answer as SSE (some proxies only stream).
+    ``tool_results_as_user`` works around chat templates that drop ``tool`` messages.
     """
 
     def __init__(
@@ -51,6 +64,8 @@ class OpenAICompatible:
         temperature: float | None = None,
         max_tokens: int | None = None,
         *,
+        organization: str | None = None,
+        project: str | None = None,
         seed: int | None = None,
         stream: bool = False,
         retry_base_delay_s: float = 0.5,
@@ -60,7 +75,7 @@ class OpenAICompatible:
     ) -> None:
         if max_retries < 0:
             raise ValueError("max_retries must be 0 or more")
-        self.base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
+        self.base_url = base_url or DEFAULT_BASE_URL
         self.model = model
         self.timeout_s = timeout_s
         self.max_retries = max_retries
@@ -72,17 +87,22 @@ class OpenAICompatible:
         self.tool_results_as_user = tool_results_as_user
         self.parallel_tool_calls = parallel_tool_calls
         self.extra_body = extra_body
-        key = api_key or os.environ.get("OPENAI_API_KEY")
-        if not key and self.base_url is None:
+        if not api_key and urlsplit(self.base_url).hostname == "api.openai.com":
             raise LLMError(
-                "OpenAICompatible needs an API key for api.openai.com: pass api_key= or set "
-                "OPENAI_API_KEY, or pass base_url= for a local server."
+                "OpenAICompatible needs an API key for api.openai.com: pass api_key= (it never reads "
+                'OPENAI_API_KEY itself; use api_key=os.environ["OPENAI_API_KEY"] to use that), or '
+                "pass base_url= for a local server."
             )
-        self._client = openai.AsyncOpenAI(
-            api_key=key or "not-needed",
+        # Per request, so it overrides whatever the SDK would derive; ``omit`` sends no header.
+        self._auth: dict[str, str | openai.Omit] = {
+            "Authorization": f"Bearer {api_key}" if api_key else openai.omit
+        }
+        self._client = _explicit_client(
             base_url=self.base_url,
-            timeout=timeout_s,
-            max_retries=0,
+            api_key=api_key or _UNUSED_KEY,
+            organization=organization,
+            project=project,
+            timeout_s=timeout_s,
         )
 
     async def aclose(self) -> None:
@@ -114,6 +134,9 @@ class OpenAICompatible:
             body["seed"] = self.seed
         if self.extra_body:
             body["extra_body"] = self.extra_body
+        if self.stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
         return body
 
     async def chat(
@@ -128,14 +151,11 @@ class OpenAICompatible:
         attempt = 0
         while True:
             try:
-                if self.stream:
-                    return await self._chat_stream(body, offered)
-                completion = await self._client.chat.completions.create(**body)
-                return response_from_openai_dict(completion.model_dump(), offered)
+                return await self._complete(body, offered)
             except openai.APIStatusError as exc:
                 retryable = exc.status_code == 429 or exc.status_code >= 500
                 error = LLMError(
-                    f"The model server at {self.base_url or 'api.openai.com'} answered HTTP {exc.status_code}: "
+                    f"The model server at {self.base_url} answered HTTP {exc.status_code}: "
                     f"{_short(exc.message)}. "
                     + (
                         "It kept failing after retries; check the server's health and rate limits."
@@ -146,9 +166,10 @@ class OpenAICompatible:
                     status_code=exc.status_code,
                 )
                 retry_after = _retry_after(exc)
-            except (openai.APIConnectionError, openai.APITimeoutError) as exc:
+            except (openai.APIConnectionError, openai.APITimeoutError, httpx2.TransportError) as exc:
+                # httpx2 errors come from reading the body, after the SDK handed us the response.
                 error = LLMError(
-                    f"Cannot reach the model server at {self.base_url or 'api.openai.com'} ({exc}); "
+                    f"Cannot reach the model server at {self.base_url} ({exc or type(exc).__name__}); "
                     f"check that it is running and that timeout_s={self.timeout_s} is long enough.",
                     retryable=True,
                 )
@@ -164,36 +185,81 @@ class OpenAICompatible:
             )
             await anyio.sleep(delay)
 
-    async def _chat_stream(self, body: dict[str, Any], tools: Sequence[ToolDefinition]) -> LLMResponse:
+    async def _complete(self, body: dict[str, Any], tools: Sequence[ToolDefinition]) -> LLMResponse:
+        """One request; the body is read and checked here, not by the SDK.
+
+        The SDK hands back a bare ``str`` for a body that is not JSON and an unvalidated object for
+        JSON of another shape, which used to surface as ``AttributeError`` far from the cause. A
+        server asked to stream that answers plain JSON (some proxies do) is read as a completion.
+        """
+        async with self._client.chat.completions.with_streaming_response.create(
+            **body, extra_headers=self._auth
+        ) as raw:
+            content_type = raw.headers.get("content-type", "")
+            if self.stream and _media_type(content_type) == "text/event-stream":
+                return await self._read_stream(
+                    await raw.parse(to=openai.AsyncStream[ChatCompletionChunk]), tools
+                )
+            data = await raw.read()
+            status = raw.status_code
+        return response_from_openai_dict(self._completion_json(status, content_type, data), tools)
+
+    def _completion_json(self, status: int, content_type: str, data: bytes) -> dict[str, Any]:
+        try:
+            parsed = json.loads(data)
+        except ValueError:  # not JSON, or not even UTF-8
+            raise LLMError(
+                f"The model server at {self.base_url} answered HTTP {status} with a body that is not a "
+                f"chat completion ({content_type or 'no content type'}, {_preview(data)}): {_ENDPOINT_HINT}"
+            ) from None
+        problem = _completion_problem(parsed)
+        if problem is not None:
+            raise LLMError(
+                f"The model server at {self.base_url} answered HTTP {status} with JSON that is not a "
+                f"chat completion ({problem}, {_preview(data)}): {_ENDPOINT_HINT}"
+            )
+        result: dict[str, Any] = parsed
+        return result
+
+    async def _read_stream(
+        self, stream: openai.AsyncStream[ChatCompletionChunk], tools: Sequence[ToolDefinition]
+    ) -> LLMResponse:
         """Accumulate SSE chunks into the same JSON shape as a non-streamed completion."""
-        stream = await self._client.chat.completions.create(
-            **body, stream=True, stream_options={"include_usage": True}
-        )
         content: list[str] = []
         calls: dict[int, dict[str, Any]] = {}
         finish_reason: str | None = None
         usage: dict[str, Any] | None = None
         model: str | None = None
         async with stream:
-            async for chunk in stream:
-                data = chunk.model_dump()
-                model = data.get("model") or model
-                if data.get("usage"):
-                    usage = data["usage"]
-                for choice in data.get("choices") or []:
-                    delta = choice.get("delta") or {}
-                    if delta.get("content"):
-                        content.append(delta["content"])
-                    for part in delta.get("tool_calls") or []:
-                        slot = calls.setdefault(
-                            part.get("index") or 0, {"id": "", "name": "", "arguments": ""}
-                        )
-                        # Some servers send a fresh random id on every chunk: keep the first one.
-                        slot["id"] = slot["id"] or part.get("id") or ""
-                        function = part.get("function") or {}
-                        slot["name"] += function.get("name") or ""
-                        slot["arguments"] += function.get("arguments") or ""
-                    finish_reason = choice.get("finish_reason") or finish_reason
+            try:
+                async for chunk in stream:
+                    if not isinstance(chunk, openai.BaseModel):
+                        raise self._bad_chunk(chunk)
+                    data = chunk.model_dump(warnings=False)
+                    try:
+                        model = data.get("model") or model
+                        if data.get("usage"):
+                            usage = dict(data["usage"])
+                        for choice in data.get("choices") or []:
+                            delta = choice.get("delta") or {}
+                            if delta.get("content"):
+                                content.append(str(delta["content"]))
+                            for part in delta.get("tool_calls") or []:
+                                slot = calls.setdefault(
+                                    part.get("index") or 0, {"id": "", "name": "", "arguments": ""}
+                                )
+                                # Some servers send a fresh random id on every chunk: keep the first one.
+                                slot["id"] = slot["id"] or part.get("id") or ""
+                                function = part.get("function") or {}
+                                slot["name"] += function.get("name") or ""
+                                slot["arguments"] += function.get("arguments") or ""
+                            finish_reason = choice.get("finish_reason") or finish_reason
+                    except (AttributeError, TypeError, ValueError):
+                        raise self._bad_chunk(data) from None
+            except ValueError:  # the SDK's json.loads of a data line that is not JSON
+                raise LLMError(
+                    f"The model server at {self.base_url} streamed an event that is not JSON: {_ENDPOINT_HINT}"
+                ) from None
         message: dict[str, Any] = {"role": "assistant", "content": "".join(content) or None}
         if calls:
             message["tool_calls"] = [
@@ -212,6 +278,86 @@ class OpenAICompatible:
             },
             tools,
         )
+
+    def _bad_chunk(self, chunk: object) -> LLMError:
+        text = json.dumps(chunk, default=str) if not isinstance(chunk, str) else chunk
+        return LLMError(
+            f"The model server at {self.base_url} streamed an event that is not a chat completion "
+            f"chunk ({_preview(text.encode())}): {_ENDPOINT_HINT}"
+        )
+
+
+def _explicit_client(
+    *, base_url: str, api_key: str, organization: str | None, project: str | None, timeout_s: float
+) -> openai.AsyncOpenAI:
+    """An SDK client holding only these values.
+
+    The SDK reads OPENAI_API_KEY, OPENAI_ADMIN_KEY, OPENAI_ORG_ID, OPENAI_PROJECT_ID,
+    OPENAI_WEBHOOK_SECRET and OPENAI_BASE_URL for arguments left ``None``, and always merges
+    OPENAI_CUSTOM_HEADERS into its default headers (no argument turns that off). Everything it may
+    have taken from the environment is overwritten here; the integration tests pin it with all of
+    those variables set.
+    """
+    client = openai.AsyncOpenAI(
+        api_key=api_key,
+        organization=organization,
+        project=project,
+        base_url=base_url,
+        timeout=timeout_s,
+        max_retries=0,
+    )
+    client.organization = organization
+    client.project = project
+    client.admin_api_key = None
+    client.webhook_secret = None
+    client._custom_headers = {}  # what OPENAI_CUSTOM_HEADERS added; we pass no default_headers
+    return client
+
+
+def _completion_problem(data: object) -> str | None:
+    """Why ``data`` is not a Chat Completions body, or ``None``; an empty ``choices`` passes
+    (``response_from_openai_dict`` says the model returned no choices)."""
+    if not isinstance(data, Mapping):
+        return f"a JSON {_json_kind(data)}, not an object"
+    if "choices" not in data:
+        error = data.get("error")
+        if error:
+            message = error.get("message") if isinstance(error, Mapping) else error
+            return f"an error instead of choices: {_short(str(message), 200)}"
+        return "no 'choices' field"
+    choices = data["choices"]
+    if not isinstance(choices, list):
+        return f"'choices' is a JSON {_json_kind(choices)}, not a list"
+    if choices and not isinstance(choices[0], Mapping):
+        return f"'choices[0]' is a JSON {_json_kind(choices[0])}, not an object"
+    if choices and not isinstance(choices[0].get("message") or {}, Mapping):
+        return "'choices[0].message' is not an object"
+    if not isinstance(data.get("usage") or {}, Mapping):
+        return "'usage' is not an object"
+    return None
+
+
+def _json_kind(value: object) -> str:
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    return "null" if value is None else "object"
+
+
+def _media_type(content_type: str) -> str:
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+def _preview(data: bytes, limit: int = 80) -> str:
+    text = " ".join(data.decode("utf-8", errors="replace").split())
+    if not text:
+        return "an empty body"
+    return f"starts with {text[:limit] + '...' if len(text) > limit else text!r}"
 
 
 def _retry_after(exc: openai.APIStatusError) -> float | None:

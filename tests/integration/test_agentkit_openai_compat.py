@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
+import json
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from agentkit import Agent, LLMError, RunStatus, tool
+from agentkit import Agent, AgentEvent, LLMError, RunStatus, tool
 from agentkit.llm import Message, OpenAICompatible, ToolDefinition
 from tests.support.fake_openai import FakeOpenAI, FakeOpenAIServer, spawn_fake_openai, tool_call
 
@@ -133,15 +133,6 @@ async def test_unreachable_server_is_an_llm_error() -> None:
     await llm.aclose()
 
 
-def test_missing_key_for_openai_says_what_to_do() -> None:
-    saved = {k: os.environ.pop(k) for k in ("OPENAI_API_KEY", "OPENAI_BASE_URL") if k in os.environ}
-    try:
-        with pytest.raises(LLMError, match="OPENAI_API_KEY"):
-            OpenAICompatible()
-    finally:
-        os.environ.update(saved)
-
-
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
 async def test_local_server_quirks_do_not_break_the_loop(stream: bool) -> None:
     quirks = {"empty_ids", "random_chunk_ids"}
@@ -186,3 +177,200 @@ async def test_fake_server_as_a_separate_process() -> None:
         async with OpenAICompatible(base_url=base_url, model="fake-model", retry_base_delay_s=0.01) as llm:
             result = await Agent(llm, [testing__echo]).run("echo across processes")
     assert result.output == "done: across processes"
+
+
+# -- nothing from the environment ------------------------------------------------------------------
+
+ENV_VALUES = {
+    "OPENAI_API_KEY": "sk-env-api-key",
+    "OPENAI_ADMIN_KEY": "sk-env-admin-key",
+    "OPENAI_ORG_ID": "org-env-organization",
+    "OPENAI_PROJECT_ID": "proj-env-project",
+    "OPENAI_WEBHOOK_SECRET": "whsec-env-secret",
+    "OPENAI_CUSTOM_HEADERS": "X-Env-Header: env-header-value\nAuthorization: Bearer env-custom-auth",
+}
+"""Every variable the installed SDK reads (openai/lib/_client_auth.py), with values to look for."""
+
+ENV_MARKERS = [
+    "sk-env-api-key",
+    "sk-env-admin-key",
+    "org-env-organization",
+    "proj-env-project",
+    "whsec-env-secret",
+    "x-env-header",
+    "env-header-value",
+    "env-custom-auth",
+]
+
+
+@pytest.fixture
+def decoy() -> Iterator[FakeOpenAIServer]:
+    """A server that only OPENAI_BASE_URL points at: any request it gets is a leak."""
+    with FakeOpenAIServer() as running:
+        yield running
+
+
+@pytest.fixture
+def openai_env(monkeypatch: pytest.MonkeyPatch, decoy: FakeOpenAIServer) -> None:
+    for name, value in ENV_VALUES.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("OPENAI_BASE_URL", decoy.base_url)
+
+
+@pytest.mark.usefixtures("openai_env")
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_only_the_explicit_key_is_sent_and_nothing_from_the_environment(
+    server: FakeOpenAIServer, decoy: FakeOpenAIServer, stream: bool
+) -> None:
+    async with OpenAICompatible(base_url=server.base_url, api_key="explicit-key", stream=stream) as llm:
+        response = await llm.chat([Message.user("abc")])
+    assert response.content == "cba"
+    (received,) = server.fake.raw_requests
+    assert received.header("authorization") == ["Bearer explicit-key"]
+    assert [m for m in ENV_MARKERS if received.contains(m)] == []
+    assert received.header("openai-organization") == [] and received.header("openai-project") == []
+    assert decoy.fake.raw_requests == []
+
+
+@pytest.mark.usefixtures("openai_env")
+async def test_without_a_key_a_local_server_gets_no_authorization_header(
+    server: FakeOpenAIServer, decoy: FakeOpenAIServer
+) -> None:
+    async with OpenAICompatible(base_url=server.base_url, model="fake-model") as llm:
+        result = await Agent(llm, [testing__echo]).run("echo hi")
+    assert result.output == "done: hi"
+    assert len(server.fake.raw_requests) == 2
+    for received in server.fake.raw_requests:
+        assert received.header("authorization") == []
+        assert [m for m in ENV_MARKERS if received.contains(m)] == []
+    assert decoy.fake.raw_requests == []
+
+
+@pytest.mark.usefixtures("openai_env")
+async def test_organization_and_project_are_sent_only_as_passed(server: FakeOpenAIServer) -> None:
+    async with OpenAICompatible(
+        base_url=server.base_url, api_key="k", organization="org-explicit", project="proj-explicit"
+    ) as llm:
+        await llm.chat([Message.user("abc")])
+    (received,) = server.fake.raw_requests
+    assert received.header("openai-organization") == ["org-explicit"]
+    assert received.header("openai-project") == ["proj-explicit"]
+    assert [m for m in ENV_MARKERS if received.contains(m)] == []
+
+
+@pytest.mark.usefixtures("openai_env")
+async def test_the_default_endpoint_is_api_openai_com_and_needs_an_explicit_key() -> None:
+    with pytest.raises(LLMError, match=r"needs an API key for api\.openai\.com: pass api_key=") as info:
+        OpenAICompatible()
+    assert 'api_key=os.environ["OPENAI_API_KEY"]' in str(info.value)
+    async with OpenAICompatible(api_key="k") as llm:
+        assert llm.base_url == "https://api.openai.com/v1"  # not OPENAI_BASE_URL
+
+
+# -- answers that are not chat completions ---------------------------------------------------------
+
+NOT_JSON = [
+    ("<html>hello</html>", "text/html", "text/html; charset=utf-8, starts with '<html>hello</html>'"),
+    ("hello", "text/plain", "text/plain; charset=utf-8, starts with 'hello'"),
+    ("", "text/plain", "text/plain; charset=utf-8, an empty body"),
+]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+@pytest.mark.parametrize(("body", "content_type", "detail"), NOT_JSON, ids=["html", "text", "empty"])
+async def test_a_200_answer_that_is_not_json_is_a_clear_llm_error(
+    server: FakeOpenAIServer, stream: bool, body: str, content_type: str, detail: str
+) -> None:
+    server.fake.script({"raw": body, "content_type": content_type})
+    async with client(server, stream=stream, max_retries=3) as llm:
+        with pytest.raises(LLMError) as info:
+            await llm.chat([Message.user("x")])
+    assert str(info.value) == (
+        f"The model server at {server.base_url} answered HTTP 200 with a body that is not a chat "
+        f"completion ({detail}): check that base_url points at an OpenAI-compatible /v1 endpoint."
+    )
+    assert not info.value.retryable
+    assert len(server.fake.requests) == 1  # not retried
+
+
+WRONG_SHAPE = [
+    ("{}", "no 'choices' field"),
+    ("[1]", "a JSON array, not an object"),
+    ('"text"', "a JSON string, not an object"),
+    ('{"choices": "x"}', "'choices' is a JSON string, not a list"),
+    ('{"choices": [1]}', "'choices[0]' is a JSON number, not an object"),
+    ('{"error": {"message": "quota exhausted"}}', "an error instead of choices: quota exhausted"),
+]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+@pytest.mark.parametrize(("body", "problem"), WRONG_SHAPE, ids=[b for b, _ in WRONG_SHAPE])
+async def test_json_of_the_wrong_shape_is_a_clear_llm_error(
+    server: FakeOpenAIServer, stream: bool, body: str, problem: str
+) -> None:
+    server.fake.script({"raw": body, "content_type": "application/json"})
+    async with client(server, stream=stream, max_retries=3) as llm:
+        with pytest.raises(LLMError) as info:
+            await llm.chat([Message.user("x")])
+    message = str(info.value)
+    assert message.startswith(
+        f"The model server at {server.base_url} answered HTTP 200 with JSON that is not a chat "
+        f"completion ({problem}, starts with "
+    )
+    assert message.endswith("check that base_url points at an OpenAI-compatible /v1 endpoint.")
+    assert not info.value.retryable and len(server.fake.requests) == 1
+
+
+async def test_a_json_completion_answered_to_a_stream_request_is_read(server: FakeOpenAIServer) -> None:
+    completion = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": "proxy-model",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "plain"}, "finish_reason": "stop"}
+        ],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+    }
+    server.fake.script({"raw": json.dumps(completion), "content_type": "application/json"})
+    async with client(server, stream=True) as llm:
+        response = await llm.chat([Message.user("x")])
+    assert server.fake.requests[0]["stream"] is True
+    assert response.content == "plain" and response.usage.total_tokens == 4
+
+
+@pytest.mark.parametrize(
+    ("event", "detail"),
+    [("[1]", "not a chat completion chunk"), ("not json", "not JSON"), ('{"choices": [1]}', "not a chat")],
+    ids=["array", "not-json", "bad-choice"],
+)
+async def test_a_malformed_stream_event_is_a_clear_llm_error(
+    server: FakeOpenAIServer, event: str, detail: str
+) -> None:
+    server.fake.script({"sse": [event]})
+    async with client(server, stream=True, max_retries=3) as llm:
+        with pytest.raises(LLMError, match=f"streamed an event that is {detail}") as info:
+            await llm.chat([Message.user("x")])
+    assert "check that base_url points at an OpenAI-compatible /v1 endpoint" in str(info.value)
+    assert not info.value.retryable and len(server.fake.requests) == 1
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_a_run_against_an_html_page_fails_with_the_reason(
+    server: FakeOpenAIServer, stream: bool
+) -> None:
+    server.fake.script({"raw": "<html>hello</html>", "content_type": "text/html"})
+    events: list[AgentEvent] = []
+
+    async def record(event: AgentEvent) -> None:
+        events.append(event)
+
+    async with client(server, stream=stream) as llm:
+        result = await Agent(llm, [testing__echo], on_event=record).run("echo hi")
+    assert result.status is RunStatus.FAILED
+    expected = (
+        f"The model server at {server.base_url} answered HTTP 200 with a body that is not a chat completion "
+        "(text/html; charset=utf-8, starts with '<html>hello</html>'): check that base_url points at an "
+        "OpenAI-compatible /v1 endpoint."
+    )
+    assert result.error == expected
+    assert [(e.kind, e.data["error"]) for e in events] == [("error", expected)]

@@ -26,12 +26,18 @@ Scripted mode
 
 * a ``str``: a final answer with that content;
 * ``{"content": ..., "tool_calls": [{"name": ..., "arguments": {...}, "id": optional}]}``;
-* ``{"status": 429 | 500 | ..., "retry_after": optional seconds, "message": optional}``: an HTTP error.
+* ``{"status": 429 | 500 | ..., "retry_after": optional seconds, "message": optional}``: an HTTP error;
+* ``{"raw": text, "content_type": optional (default "text/html")}``: HTTP 200 with that body as
+  is, streamed or not (a wrong ``base_url``, a proxy's login page);
+* ``{"sse": [data, ...]}``: HTTP 200 ``text/event-stream`` with one ``data: <data>`` event per
+  item as is, then ``data: [DONE]`` (malformed chunks).
 
 Any scripted dict may carry ``"delay": seconds`` to answer late (for client timeouts).
 
 ``FakeOpenAI(mode="scripted")`` answers HTTP 400 once the queue is empty instead of using the rules.
-``fake.requests`` holds every request body received, for assertions.
+``fake.requests`` holds every request body received, for assertions; ``fake.raw_requests`` holds
+each request exactly as it arrived (headers with duplicates, raw body bytes), for asserting what a
+client sends and what it must not.
 
 Rule mode (the default; stateless and deterministic, so it works across processes)
 ---------------------------------------------------------------------------------
@@ -81,6 +87,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import anyio
@@ -92,6 +99,22 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 Reply = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RawRequest:
+    """A request as it arrived: every header (lower-case names, duplicates kept) and the body."""
+
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> list[str]:
+        """Every value of header ``name``."""
+        return [v for k, v in self.headers if k == name.lower()]
+
+    def contains(self, text: str) -> bool:
+        """Whether ``text`` appears anywhere in a header name or value or in the body."""
+        return any(text in k or text in v for k, v in self.headers) or text.encode() in self.body
 
 
 def tool_call(name: str, /, **arguments: Any) -> Reply:
@@ -151,6 +174,7 @@ class FakeOpenAI:
         self.quirks = set(quirks)
         self.queue: collections.deque[Reply | str] = collections.deque()
         self.requests: list[dict[str, Any]] = []
+        self.raw_requests: list[RawRequest] = []
         self._lock = threading.Lock()
         self.app = Starlette(
             routes=[
@@ -189,9 +213,11 @@ class FakeOpenAI:
         return rule_reply(body)
 
     async def _chat(self, request: Request) -> Response:
+        raw = await request.body()
+        self.raw_requests.append(RawRequest(headers=list(request.headers.items()), body=raw))
         try:
-            body = await request.json()
-        except json.JSONDecodeError:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
             return _error(400, "the request body is not JSON")
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             return _error(400, "'messages' is required")
@@ -208,7 +234,12 @@ class FakeOpenAI:
             return _error(
                 int(reply["status"]), reply.get("message") or "fake_openai: scripted failure", headers
             )
-        calls = [
+        if "raw" in reply:
+            return Response(str(reply["raw"]), media_type=reply.get("content_type", "text/html"))
+        if "sse" in reply:
+            events = "".join(f"data: {item}\n\n" for item in reply["sse"]) + "data: [DONE]\n\n"
+            return Response(events, media_type="text/event-stream")
+        calls: list[dict[str, Any]] = [
             {
                 "id": "" if "empty_ids" in self.quirks else (c.get("id") or f"call_{uuid.uuid4().hex[:12]}"),
                 "type": "function",
