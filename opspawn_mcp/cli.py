@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from opspawn_mcp.config import Config, find_config_path, load_config
+from opspawn_mcp.config import Config, describe, find_config_path, load_config
 from opspawn_mcp.errors import ConfigError, OpspawnError
 
 if TYPE_CHECKING:
@@ -38,6 +38,8 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     print(
         f"{config.source}: OK ({len(config.mcp_servers)} server(s): {', '.join(config.mcp_servers) or 'none'})"
     )
+    for line in describe(config):
+        print(f"  {line}")
     return 0
 
 
@@ -55,7 +57,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from opspawn_mcp.app import auth_token, bind_http, check_bind
+    from opspawn_mcp.app import bind_http, check_bind
+    from opspawn_mcp.principals import Principals
 
     config = _load(args)
     logging.basicConfig(
@@ -68,7 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Refuse a bad bind (no token, port taken) before opening anything, so the error is
         # the only output.
         host = args.host or config.opspawn.server.host
-        check_bind(host, auth_token(config))
+        check_bind(host, Principals.from_config(config))
         sock = bind_http(host, config.opspawn.server.port if args.port is None else args.port)
     try:
         asyncio.run(_serve(config, args, sock))

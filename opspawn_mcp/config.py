@@ -408,3 +408,41 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
             str(path), [f"line {exc.lineno} column {exc.colno}: not valid JSON: {exc.msg}"]
         ) from None
     return parse_config(raw, str(path), environ)
+
+
+def describe(config: Config) -> list[str]:
+    """What a valid config means, one line per fact, for ``config check``: which servers exist,
+    which model profiles clients may pick by name (and where their keys come from), who the
+    principals are, and how HTTP is guarded. Names of env variables only, never their values."""
+    settings = config.opspawn
+    lines = [f"servers: {', '.join(config.mcp_servers) or 'none (agents get no tools)'}"]
+    for name, profile in settings.profiles.items():
+        if profile.provider == "local":
+            where = "the bundled local model"
+        else:
+            key = f"key from ${profile.api_key_env}" if profile.api_key_env else "no key"
+            where = f"{profile.model or '(no model name)'} at {profile.base_url or 'api.openai.com'}, {key}"
+        lines.append(f"model profile {name!r}: {where}")
+    lines.append(
+        "clients choose a model profile by name (model.profile) and may set only temperature and "
+        "max_tokens; endpoints and keys come from this file alone"
+    )
+    server = settings.server
+    if server.tokens:
+        for name, token in server.tokens.items():
+            rights = ["admin: sees every task"] if token.admin else ["sees its own tasks"]
+            if token.servers is not None:
+                rights.append(f"servers {', '.join(token.servers) or 'none'}")
+            if token.models is not None:
+                rights.append(f"profiles {', '.join(token.models) or 'none'}")
+            limits = token.limits.over(settings.limits).model_dump(exclude_none=True)
+            rights += [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in limits.items()]
+            lines.append(f"principal {name!r} (token in ${token.token_env}): {'; '.join(rights)}")
+    elif server.auth_token_env:
+        lines.append(f"principal 'default' (token in ${server.auth_token_env}): admin, sees every task")
+    else:
+        lines.append("no tokens: HTTP serves only loopback, and every caller is the local user")
+    lines.append("stdio: the local user, who sees every task")
+    origins = ", ".join(server.allowed_origins) or "none (no CORS)"
+    lines.append(f"HTTP on {server.host}:{server.port}; browser origins allowed: {origins}")
+    return lines

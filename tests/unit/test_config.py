@@ -11,6 +11,7 @@ from opspawn_mcp.config import (
     EXAMPLE_SERVER_NAME,
     HttpServerConfig,
     StdioServerConfig,
+    describe,
     expand_env,
     find_config_path,
     load_config,
@@ -147,3 +148,94 @@ def test_a_file_config_does_not_add_the_example_server(tmp_path: Path) -> None:
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"mcpServers": {"only": {"command": "x"}}}))
     assert list(load_config(path, {}).mcp_servers) == ["only"]
+
+
+def test_model_profiles_are_named_and_llm_is_the_default_one() -> None:
+    config = parse_config(
+        {
+            "opspawn": {
+                "llm": {"provider": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "small"},
+                "models": {
+                    "strong": {"provider": "openai", "base_url": "https://x.example/v1", "model": "big"}
+                },
+            }
+        },
+        environ={},
+    )
+    assert list(config.opspawn.profiles) == ["default", "strong"]
+    assert config.opspawn.profiles["default"].model == "small"
+
+
+def test_profiles_tokens_and_their_references_are_checked() -> None:
+    problems = problems_of(
+        {
+            "mcpServers": {"time": {"command": "t"}},
+            "opspawn": {
+                "models": {"default": {}, "ok": {"api_key_env": "NOPE"}},
+                "server": {
+                    "auth_token_env": "OLD",
+                    "tokens": {
+                        "local": {"token_env": "A"},
+                        "bob": {"token_env": "B", "servers": ["evil"], "models": ["gone"]},
+                        "carol": {"token_env": "C"},
+                    },
+                },
+            },
+        },
+        environ={"A": "same", "B": "same", "OLD": "x"},
+    )
+    assert any(p.startswith("opspawn.models.default: the default profile is opspawn.llm") for p in problems)
+    assert "opspawn.models.ok.api_key_env: environment variable NOPE is not set" in problems
+    assert any(p.startswith("opspawn.server.auth_token_env: use either one token") for p in problems)
+    assert any(p.startswith("opspawn.server.tokens.local: a principal name") for p in problems)
+    assert "opspawn.server.tokens.bob.servers: 'evil' is not in mcpServers" in problems
+    assert any(
+        p.startswith("opspawn.server.tokens.bob.models: 'gone' is not a model profile") for p in problems
+    )
+    assert any("tokens.bob: holds the same token as tokens.local" in p for p in problems)
+    assert any(
+        p.startswith("opspawn.server.tokens.carol.token_env: environment variable C") for p in problems
+    )
+
+
+def test_a_client_endpoint_is_not_a_profile_field_and_origins_are_origins() -> None:
+    problems = problems_of(
+        {"opspawn": {"llm": {"base_url": "file:///etc/passwd"}, "server": {"allowed_origins": ["evil/x"]}}}
+    )
+    assert any(p.startswith("opspawn.llm.base_url") for p in problems)
+    assert any(p.startswith("opspawn.server.allowed_origins") and "is not an origin" in p for p in problems)
+
+
+def test_list_and_object_overrides_are_json_and_a_bad_one_names_its_variable() -> None:
+    config = parse_config(
+        {},
+        environ={
+            "OPSPAWN_SERVER_TOKENS": '{"a": {"token_env": "T"}}',
+            "T": "t",
+            "OPSPAWN_LIMITS_MAX_IN_FLIGHT": "4",
+        },
+    )
+    assert list(config.opspawn.server.tokens) == ["a"] and config.opspawn.limits.max_in_flight == 4
+    problems = problems_of({}, environ={"OPSPAWN_MODELS": "{not json"})
+    assert problems and problems[0].startswith("OPSPAWN_MODELS: not valid JSON")
+
+
+def test_describe_explains_profiles_and_principals_without_values() -> None:
+    config = parse_config(
+        {
+            "opspawn": {
+                "llm": {
+                    "provider": "openai",
+                    "base_url": "http://127.0.0.1:9/v1",
+                    "model": "m",
+                    "api_key_env": "K",
+                },
+                "server": {"tokens": {"alice": {"token_env": "ALICE", "limits": {"max_in_flight": 2}}}},
+            }
+        },
+        environ={"K": "key-value", "ALICE": "token-value"},
+    )
+    text = "\n".join(describe(config))
+    assert "model profile 'default': m at http://127.0.0.1:9/v1, key from $K" in text
+    assert "principal 'alice' (token in $ALICE): sees its own tasks; max_in_flight=2" in text
+    assert "key-value" not in text and "token-value" not in text
