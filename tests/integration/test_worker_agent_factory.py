@@ -15,50 +15,46 @@ from opspawn_mcp.agent_factory import (
     build_agent,
     build_llm,
     close_llm,
-    resolve_model,
+    profile_for,
 )
-from opspawn_mcp.config import LlmDefaults, load_config
+from opspawn_mcp.config import Config, LlmProfile, load_config, parse_config
 from opspawn_mcp.host import OpsMcpClient
 from opspawn_mcp.models import ModelSettings, TaskSpec
 
-DEFAULTS = LlmDefaults(
+PROFILE = LlmProfile(
     provider="openai", base_url="http://127.0.0.1:9/v1", model="default-model", api_key_env="DEFAULT_KEY"
 )
 
 
-def test_unset_fields_come_from_the_defaults_of_the_same_provider() -> None:
-    resolved = resolve_model(ModelSettings(model="mine"), DEFAULTS)
-    assert resolved.provider == "openai"
-    assert resolved.model == "mine"
-    assert resolved.base_url == DEFAULTS.base_url
-    assert resolved.api_key_env == "DEFAULT_KEY"
+def config_with(**models: dict[str, Any]) -> Config:
+    return parse_config(
+        {"opspawn": {"llm": PROFILE.model_dump(), "models": models}}, environ={"DEFAULT_KEY": "k", "K2": "k2"}
+    )
 
 
-def test_another_provider_inherits_nothing() -> None:
-    resolved = resolve_model(ModelSettings(provider="local"), DEFAULTS)
-    assert resolved.provider == "local"
-    assert resolved.base_url is None and resolved.model is None and resolved.api_key_env is None
+def test_the_profile_comes_from_the_workers_config_by_name() -> None:
+    config = config_with(strong={"provider": "openai", "base_url": "http://127.0.0.1:8/v1", "model": "big"})
+    assert profile_for(ModelSettings(), config) == PROFILE
+    assert profile_for(ModelSettings(profile="strong"), config).model == "big"
+    with pytest.raises(AgentSetupError, match=r"profile 'gone', which this worker's config does not define"):
+        profile_for(ModelSettings(profile="gone"), config)
 
 
-def test_the_key_is_read_from_the_named_variable_at_build_time() -> None:
-    settings = resolve_model(ModelSettings(), DEFAULTS)
-    llm = build_llm(settings, DEFAULTS, environ={"DEFAULT_KEY": "sk-from-env"})
+def test_the_key_is_read_from_the_profiles_variable_at_build_time() -> None:
+    llm = build_llm(ModelSettings(temperature=0.3), PROFILE, environ={"DEFAULT_KEY": "sk-from-env"})
     assert isinstance(llm, OpenAICompatible)
-    assert llm.model == "default-model" and llm.base_url == DEFAULTS.base_url
-    # The spec only ever names the variable.
-    assert "sk-from-env" not in settings.model_dump_json()
+    assert llm.model == "default-model" and llm.base_url == PROFILE.base_url and llm.temperature == 0.3
 
 
 def test_an_unset_key_variable_says_which_and_where() -> None:
-    settings = resolve_model(ModelSettings(), DEFAULTS)
     with pytest.raises(AgentSetupError, match="DEFAULT_KEY, which is not set in the worker's environment"):
-        build_llm(settings, DEFAULTS, environ={})
+        build_llm(ModelSettings(), PROFILE, environ={})
 
 
-def test_openai_without_a_model_name_says_what_to_set() -> None:
-    defaults = LlmDefaults(provider="openai", base_url="http://127.0.0.1:9/v1")
-    with pytest.raises(AgentSetupError, match=r"set model\.model in the task or opspawn\.llm\.model"):
-        build_llm(resolve_model(ModelSettings(), defaults), defaults, environ={})
+def test_a_profile_without_a_model_name_says_what_to_set() -> None:
+    profile = LlmProfile(provider="openai", base_url="http://127.0.0.1:9/v1")
+    with pytest.raises(AgentSetupError, match=r"set its 'model' in the config"):
+        build_llm(ModelSettings(), profile, environ={})
 
 
 # -- the agent for the bundled small local model -------------------------------------------------
@@ -93,10 +89,14 @@ async def test_the_local_model_gets_flat_tools_a_short_prompt_and_one_tool_round
         await close_llm(llm)
 
         # Any other model keeps the proxy next to the flat tools, and the generic setup.
-        remote = TaskSpec(
-            goal="x", model=ModelSettings(provider="openai", base_url="http://127.0.0.1:9/v1", model="m")
+        remote = config.model_copy(
+            update={
+                "opspawn": config.opspawn.model_copy(
+                    update={"llm": PROFILE.model_copy(update={"api_key_env": None})}
+                )
+            }
         )
-        agent, llm = await build_agent(remote, config, pool, _ignore)
+        agent, llm = await build_agent(TaskSpec(goal="x"), remote, pool, _ignore)
         try:
             assert sorted(agent.tools.names()) == sorted([PROXY_TOOL_NAME, *FLAT])
             assert isinstance(agent.planner, ReActPlanner) and not agent.planner.require_tool_first
