@@ -31,7 +31,7 @@ async def service_for(broker_url: str) -> tuple[TaskService, DramatiqEnqueuer, M
     store = MemoryStore()
     await store.start()
     enqueuer = DramatiqEnqueuer.for_config(config)
-    return TaskService(config, store, enqueuer, NoServers(), environ={}), enqueuer, store  # type: ignore[arg-type]
+    return TaskService(config, store, enqueuer, NoServers()), enqueuer, store  # type: ignore[arg-type]
 
 
 async def test_ready_with_a_live_rabbitmq() -> None:

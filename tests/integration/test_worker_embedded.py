@@ -17,7 +17,7 @@ import pytest
 from opspawn_mcp.agent_factory import MAX_TOOL_ERRORS
 from opspawn_mcp.config import Config, parse_config
 from opspawn_mcp.host import OpsMcpClient
-from opspawn_mcp.models import ModelSettings, Task, TaskEvent, TaskSpec, TaskStatus
+from opspawn_mcp.models import Task, TaskEvent, TaskSpec, TaskStatus
 from opspawn_mcp.principals import LOCAL
 from opspawn_mcp.service import TaskService
 from opspawn_mcp.store import open_store
@@ -47,6 +47,9 @@ class Stack:
         return await self.store.events(task_id)
 
 
+UNSET = "OPSPAWN_TEST_UNSET_KEY_VAR"
+
+
 def make_config(tmp_path: Path, base_url: str, **worker: Any) -> Config:
     config = parse_config(
         {
@@ -54,11 +57,15 @@ def make_config(tmp_path: Path, base_url: str, **worker: Any) -> Config:
                 "store_url": f"sqlite+aiosqlite:///{tmp_path / 'opspawn.db'}",
                 "broker_url": "embedded",
                 "llm": {"provider": "openai", "base_url": base_url, "model": "fake-model", "timeout_s": 10},
+                # Checked where the config was loaded (the variable was set there), run where it is not.
+                "models": {
+                    "keyed": {"provider": "openai", "base_url": base_url, "model": "m", "api_key_env": UNSET}
+                },
                 "worker": {"concurrency": 4, "lease_ttl_s": 2, "max_attempts": 3, **worker},
             }
         },
         "<test>",
-        environ={},
+        environ={UNSET: "set where the config was checked"},
     )
     config.mcp_servers = {"t": stdio_config(tmp_path)}
     return config
@@ -81,7 +88,7 @@ async def open_stack(tmp_path: Path, base_url: str, fake: FakeOpenAI, **worker: 
             OpsMcpClient(config.mcp_servers) as pool,
             EmbeddedWorker(config, store, pool) as embedded,
         ):
-            service = TaskService(config, store, embedded, pool, environ={})
+            service = TaskService(config, store, embedded, pool)
             yield Stack(config, store, pool, embedded, service, fake, tmp_path)
     finally:
         await store.close()
@@ -238,16 +245,26 @@ async def test_missing_api_key_variable_fails_with_the_variable_name(
     tmp_path: Path, fake: FakeOpenAIServer
 ) -> None:
     async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
-        # Accepted where the variable was set (another server process), run where it is not.
-        spec = TaskSpec(
-            goal="echo secret", servers=["t"], model=ModelSettings(api_key_env="OPSPAWN_TEST_UNSET_KEY_VAR")
+        created = await stack.service.submit(
+            {"goal": "echo secret", "servers": ["t"], "model": {"profile": "keyed"}}, by=LOCAL
         )
-        created = await stack.store.create(Task(spec=spec))
-        await stack.worker.enqueue(created.id)
         done = await stack.finished(created.id)
         assert done.status is TaskStatus.FAILED
         assert done.error is not None and "OPSPAWN_TEST_UNSET_KEY_VAR" in done.error
         assert "not set in the worker's environment" in done.error
+
+
+async def test_the_worker_enforces_the_tasks_tool_call_budget(tmp_path: Path, fake: FakeOpenAIServer) -> None:
+    async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
+        stack.fake.script(tool_call("t__echo", text="one"), tool_call("t__echo", text="two"))
+        task = await stack.service.submit(
+            {"goal": "echo twice", "servers": ["t"], "budget": {"max_tool_calls": 1}}, by=LOCAL
+        )
+        done = await stack.finished(task.id)
+        assert done.status is TaskStatus.FAILED
+        assert done.error is not None and "max_tool_calls" in done.error
+        results = [e for e in await stack.events(task.id) if e.kind == "tool_result"]
+        assert len(results) == 1  # the second call did not run
 
 
 async def test_cancel_stops_a_running_agent_mid_tool_call(tmp_path: Path, fake: FakeOpenAIServer) -> None:
