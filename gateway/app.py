@@ -6,7 +6,10 @@ and the models, and every error status comes from ``opspawn_mcp.errors``. So RES
 gRPC clients see the same behaviour, and a rule is tested once, against the service.
 
 The gateway only owns what is about HTTP itself: reading a bounded body, JSON syntax,
-query-string parsing, the SSE framing, and the OpenAPI document.
+query-string parsing, the SSE framing, and the OpenAPI document. Who the caller is, and whether
+the request may come in at all (Host, Origin, token, content type), is decided before a handler
+runs, by the one HTTP guard (``opspawn_mcp.http_guard``) in front of the whole app; a handler
+only hands the principal it left in the scope to the service.
 """
 
 from __future__ import annotations
@@ -18,16 +21,15 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from gateway.openapi import build_openapi
 from gateway.problems import EXCEPTION_HANDLERS, error_document, problem_response
-from opspawn_mcp.auth import BearerAuth
 from opspawn_mcp.errors import PROBLEM_MEDIA_TYPE, OpspawnError, PayloadTooLarge
 from opspawn_mcp.models import TaskEvent
+from opspawn_mcp.principals import principal_of
 from opspawn_mcp.service import TaskService
 
 # A spec is at most two 20k-char texts plus small fields; even fully \u-escaped that is under
@@ -130,7 +132,7 @@ class _Routes:
             spec = json.loads(body)
         except (ValueError, RecursionError):
             return problem_response(400, "malformed_json", "The request body is not valid JSON.")
-        task = await self.service.submit(spec)
+        task = await self.service.submit(spec, by=principal_of(request.scope))
         location = str(request.url_for("get_task", task_id=task.id))
         return _json(task.model_dump_json(), 202, {"Location": location})
 
@@ -139,32 +141,33 @@ class _Routes:
         kwargs: dict[str, Any] = {"status": query.get("status"), "cursor": query.get("cursor")}
         if "limit" in query:
             kwargs["limit"] = _int_or_raw(query["limit"])
-        page = await self.service.list(**kwargs)
+        page = await self.service.list(**kwargs, by=principal_of(request.scope))
         return _json(page.model_dump_json())
 
     async def get(self, request: Request) -> Response:
-        task = await self.service.get(request.path_params["task_id"])
+        task = await self.service.get(request.path_params["task_id"], by=principal_of(request.scope))
         return _json(task.model_dump_json())
 
     async def cancel(self, request: Request) -> Response:
-        task = await self.service.cancel(request.path_params["task_id"])
+        task = await self.service.cancel(request.path_params["task_id"], by=principal_of(request.scope))
         return _json(task.model_dump_json())
 
     async def events(self, request: Request) -> Response:
         """SSE of the task's events until it ends; ``Last-Event-ID`` (sent by EventSource on
         reconnect) resumes after the last event the client saw."""
         task_id = request.path_params["task_id"]
+        by = principal_of(request.scope)
         raw = request.headers.get("last-event-id", request.query_params.get("after_seq"))
         after = _int_or_raw(raw) if raw is not None else 0
         # Checked before the 200 is sent, so an unknown task or bad seq gets a real 404/422:
         # the watch generator itself would only raise once the stream had started.
-        await self.service.events(task_id, after, 1)  # type: ignore[arg-type]
-        stream = self.service.watch(task_id, after)  # type: ignore[arg-type]
+        await self.service.events(task_id, after, 1, by=by)  # type: ignore[arg-type]
+        stream = self.service.watch(task_id, after, by=by)  # type: ignore[arg-type]
         frames = _sse_stream(stream, self.sse_heartbeat_s)
         return StreamingResponse(frames, media_type="text/event-stream", headers=SSE_HEADERS)
 
     async def servers(self, request: Request) -> Response:
-        infos = [s.model_dump(mode="json") for s in self.service.list_servers()]
+        infos = [s.model_dump(mode="json") for s in self.service.list_servers(by=principal_of(request.scope))]
         return JSONResponse(infos)
 
     async def healthz(self, request: Request) -> Response:
@@ -178,7 +181,17 @@ class _Routes:
         return JSONResponse(self.openapi)
 
 
-def _routes(h: _Routes) -> list[Route]:
+def gateway_routes(
+    service: TaskService,
+    *,
+    auth_required: bool = False,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    sse_heartbeat_s: float = SSE_HEARTBEAT_S,
+) -> list[Route]:
+    """The REST routes, for the one HTTP app (``opspawn_mcp.server.build_http_app``), which puts
+    them behind the guard beside the MCP routes; ``auth_required`` (from the same ``Principals``
+    the guard uses) makes the OpenAPI document state the bearer scheme."""
+    h = _Routes(service, max_body_bytes, build_openapi(auth_required=auth_required), sse_heartbeat_s)
     return [
         Route("/v1/tasks", h.submit, methods=["POST"], name="submit_task"),
         Route("/v1/tasks", h.list, methods=["GET"], name="list_tasks"),
@@ -194,21 +207,20 @@ def _routes(h: _Routes) -> list[Route]:
 
 def create_gateway(
     service: TaskService,
-    auth_token: str | None = None,
     *,
+    auth_required: bool = False,
     max_body_bytes: int = MAX_BODY_BYTES,
     sse_heartbeat_s: float = SSE_HEARTBEAT_S,
 ) -> Starlette:
-    """The REST gateway as one ASGI app: mount it at ``/`` beside the MCP endpoints.
+    """The REST gateway alone, as one ASGI app whose errors are all RFC 9457 problems.
 
-    With ``auth_token`` every route except ``/healthz`` and ``/readyz`` needs
-    ``Authorization: Bearer <auth_token>``; errors of every kind are RFC 9457 problems.
+    It has no guard of its own: serve it inside an app whose middleware is
+    ``HttpGuard.middleware()`` (the handlers need the principal the guard authenticates).
     """
-    handlers = _Routes(
-        service, max_body_bytes, build_openapi(secured=auth_token is not None), sse_heartbeat_s
+    routes = gateway_routes(
+        service, auth_required=auth_required, max_body_bytes=max_body_bytes, sse_heartbeat_s=sse_heartbeat_s
     )
-    middleware = [Middleware(BearerAuth, token=auth_token)] if auth_token else []
-    return Starlette(routes=_routes(handlers), middleware=middleware, exception_handlers=EXCEPTION_HANDLERS)
+    return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS)
 
 
-__all__ = ["MAX_BODY_BYTES", "PROBLEM_MEDIA_TYPE", "create_gateway"]
+__all__ = ["MAX_BODY_BYTES", "PROBLEM_MEDIA_TYPE", "create_gateway", "gateway_routes"]

@@ -4,6 +4,10 @@ Schemas are never written by hand: request and response bodies come from ``model
 ``ServerInfo`` and ``Problem`` through pydantic's JSON Schema (2020-12, which OpenAPI 3.1
 uses as is), and limits such as the page size come from the constants the service enforces.
 The schemathesis test checks the document against the running app, so it stays true.
+
+The HTTP guard (``opspawn_mcp.http_guard``) answers before any route, so its refusals are
+documented on every operation it can refuse: 421 (Host) and 403 (Origin) everywhere, 401 and the
+bearer scheme wherever a token is needed once tokens are configured, 415 where a body can be sent.
 """
 
 from __future__ import annotations
@@ -30,49 +34,65 @@ _MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
     (Problem, "serialization"),
 ]
 
-# Which error statuses each operation can answer, beyond 401 (added when a token is set).
+# Which error statuses each operation can answer; the guard's (421, 403, 401) are added by ``op``.
 _DESCRIPTIONS = {
     400: "The body is not valid JSON.",
     401: "Missing or wrong bearer token.",
-    403: "The spec names a server this opspawn does not allow.",
+    403: "The Origin header names a web origin this server does not allow; for a submit, also a "
+    "spec naming a server or model this caller may not use.",
     404: "No such task, or no such route.",
     409: "The task's state does not allow this (e.g. cancelling a finished task).",
     413: "The body, or the goal in it, is too large.",
+    415: "A body that is not application/json.",
+    421: "The Host header names a server this is not (see opspawn.server.allowed_hosts).",
     422: "The request is well-formed but invalid; `problems` lists each invalid field.",
+    429: "The caller is over one of its limits (tasks in flight, submit rate); retry after Retry-After.",
     503: "The task store (or broker) cannot be reached; retry later.",
+}
+_GUARD = (403, 421)
+_HEADERS = {
+    401: {"WWW-Authenticate": "The scheme to authenticate with: Bearer."},
+    429: {"Retry-After": "Seconds until a retry can succeed."},
 }
 
 
 def _problems(*statuses: int) -> dict[str, Any]:
-    return {
-        str(s): {
-            "description": _DESCRIPTIONS[s],
+    def one(status: int) -> dict[str, Any]:
+        answer: dict[str, Any] = {
+            "description": _DESCRIPTIONS[status],
             "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": REF.format(model="Problem")}}},
         }
-        for s in statuses
-    }
+        if status in _HEADERS:
+            answer["headers"] = {
+                name: {"description": text, "required": True, "schema": {"type": "string"}}
+                for name, text in _HEADERS[status].items()
+            }
+        return answer
+
+    return {str(s): one(s) for s in statuses}
 
 
 def _json(description: str, schema: dict[str, Any], **extra: Any) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}, **extra}
 
 
-def build_openapi(*, secured: bool) -> dict[str, Any]:
-    """The whole document; ``secured`` adds the bearer scheme and 401 to every guarded operation."""
+def build_openapi(*, auth_required: bool) -> dict[str, Any]:
+    """The whole document; ``auth_required`` (``Principals.auth_required``) adds the bearer
+    scheme and 401 to every operation except the probes."""
     refs, defs = models_json_schema(_MODELS, ref_template=REF)
 
     def ref(model: type[BaseModel], mode: JsonSchemaMode = "serialization") -> dict[str, Any]:
         return dict(refs[(model, mode)])
 
     task_id = {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}
-    auth = (401,) if secured else ()
+    auth = (401,) if auth_required else ()
 
     def op(summary: str, responses: dict[str, Any], *statuses: int, **extra: Any) -> dict[str, Any]:
         return {
             "summary": summary,
             "operationId": extra.pop("operation_id"),
             **extra,
-            "responses": {**responses, **_problems(*sorted({*auth, *statuses}))},
+            "responses": {**responses, **_problems(*sorted({*_GUARD, *auth, *statuses}))},
         }
 
     paths: dict[str, Any] = {
@@ -93,9 +113,10 @@ def build_openapi(*, secured: bool) -> dict[str, Any]:
                     )
                 },
                 400,
-                403,
                 413,
+                415,
                 422,
+                429,
                 503,
                 operation_id="submitTask",
                 requestBody={
@@ -146,6 +167,7 @@ def build_openapi(*, secured: bool) -> dict[str, Any]:
                 {"200": _json("The task, now cancelled.", ref(Task))},
                 404,
                 409,
+                415,
                 422,
                 503,
                 operation_id="cancelTask",
@@ -199,14 +221,14 @@ def build_openapi(*, secured: bool) -> dict[str, Any]:
         "get": {
             "summary": "Liveness: the process is up.",
             "operationId": "healthz",
-            "responses": {"200": _json("Up.", status_schema)},
+            "responses": {"200": _json("Up.", status_schema), **_problems(*_GUARD)},
         }
     }
     paths["/readyz"] = {
         "get": {
             "summary": "Readiness: the task store and broker can be reached.",
             "operationId": "readyz",
-            "responses": {"200": _json("Ready.", status_schema), **_problems(503)},
+            "responses": {"200": _json("Ready.", status_schema), **_problems(*_GUARD, 503)},
         }
     }
     doc: dict[str, Any] = {
@@ -219,7 +241,7 @@ def build_openapi(*, secured: bool) -> dict[str, Any]:
         "paths": paths,
         "components": {"schemas": defs.get("$defs", {})},
     }
-    if secured:
+    if auth_required:
         doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         doc["security"] = [{"bearer": []}]
         for path in ("/healthz", "/readyz"):

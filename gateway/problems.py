@@ -3,7 +3,8 @@
 The status and the kind come from ``opspawn_mcp.errors`` (``.status``, ``.kind``), so the
 gateway never decides on its own that, say, a conflict is a 409. Starlette's own HTTP errors
 (unknown route, wrong method) and anything unexpected are turned into the same shape, so a
-client parses one error format and never sees a traceback.
+client parses one error format and never sees a traceback. The HTTP guard
+(``opspawn_mcp.http_guard``) answers its refusals (401, 403, 415, 421) through here too.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from opspawn_mcp.errors import PROBLEM_MEDIA_TYPE, OpspawnError, problem_document
+from opspawn_mcp.errors import PROBLEM_MEDIA_TYPE, OpspawnError, RateLimited, problem_document
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,13 @@ def problem_response(
     return _respond(problem_document(status, kind, detail, **extra), headers)
 
 
-def error_response(exc: OpspawnError) -> Response:
-    return _respond(error_document(exc))
+def error_response(exc: OpspawnError, *, headers: Mapping[str, str] | None = None) -> Response:
+    """The problem response for a typed error; a ``RateLimited`` one says when to retry
+    (``Retry-After``, in seconds), which clients and proxies honour without reading the body."""
+    extra = dict(headers or {})
+    if isinstance(exc, RateLimited):
+        extra["Retry-After"] = str(exc.retry_after_s)
+    return _respond(error_document(exc), extra)
 
 
 def _respond(document: dict[str, Any], headers: Mapping[str, str] | None = None) -> Response:

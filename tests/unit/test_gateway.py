@@ -1,7 +1,9 @@
 """The REST gateway's HTTP mapping, against the real TaskService and memory store.
 
 The service's rules are tested in test_service.py; here each test checks only how HTTP
-carries them: statuses, problem documents, headers, the SSE framing and the auth rule.
+carries them: statuses, problem documents, headers, the SSE framing. The app under test is the
+one ``serve_http`` serves (``build_http_app``: the MCP and REST routes behind the HTTP guard);
+the guard's own rules are tested in test_http_guard.py.
 """
 
 from __future__ import annotations
@@ -9,27 +11,54 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import httpx
 import pytest
 import uvicorn
+from starlette.applications import Starlette
 
-from gateway.app import MAX_BODY_BYTES, create_gateway
+from gateway.app import MAX_BODY_BYTES, gateway_routes
+from opspawn_mcp.config import parse_config
 from opspawn_mcp.errors import PROBLEM_MEDIA_TYPE, Unavailable
+from opspawn_mcp.http_guard import HttpGuard
 from opspawn_mcp.models import TaskEvent
+from opspawn_mcp.principals import LOCAL, Principals
+from opspawn_mcp.server import build_http_app, build_server
 from opspawn_mcp.service import TaskService
 from opspawn_mcp.store.memory import MemoryStore
 from tests.support.service_kit import BrokenStore, RecordingEnqueuer, finish, make_service
 
 TOKEN = "s3cret-token"
+BASE = "http://localhost"
+
+
+def principals_with(
+    tokens: dict[str, Any] | None = None, environ: dict[str, str] | None = None
+) -> Principals:
+    config = parse_config({"opspawn": {"server": {"tokens": tokens or {}}}}, environ=environ or {})
+    return Principals.from_config(config, environ or {})
+
+
+def http_app(
+    service: TaskService,
+    principals: Principals | None = None,
+    port: int = 0,
+    allowed_hosts: Sequence[str] = (),
+    **gateway: Any,
+) -> Starlette:
+    """The app ``Runtime.http_app`` builds, for ``service``: MCP and REST behind one guard."""
+    principals = principals or principals_with()
+    rest = gateway_routes(service, auth_required=principals.auth_required, **gateway)
+    guard = HttpGuard.for_server(principals, "127.0.0.1", port, allowed_hosts=allowed_hosts)
+    return build_http_app(build_server(service), guard, extra_routes=rest)
 
 
 @pytest.fixture
 async def client(service: TaskService) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=create_gateway(service))
-    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+    transport = httpx.ASGITransport(app=http_app(service))
+    async with httpx.AsyncClient(transport=transport, base_url=BASE) as c:
         yield c
 
 
@@ -67,7 +96,7 @@ async def test_submit_returns_202_with_location_and_the_queued_task(
     assert task["status"] == "queued"
     assert task["spec"]["max_steps"] == 3
     assert enqueuer.ids == [task["id"]]
-    assert r.headers["location"] == f"http://gw/v1/tasks/{task['id']}"
+    assert r.headers["location"] == f"{BASE}/v1/tasks/{task['id']}"
     again = await client.get(r.headers["location"])
     assert again.status_code == 200
     assert again.json()["id"] == task["id"]
@@ -92,7 +121,7 @@ async def test_chunked_oversized_body_is_413(client: httpx.AsyncClient) -> None:
         for _ in range(MAX_BODY_BYTES // 65536 + 2):
             yield b"x" * 65536
 
-    r = await client.post("/v1/tasks", content=chunks())
+    r = await client.post("/v1/tasks", content=chunks(), headers={"content-type": "application/json"})
     assert "content-length" not in r.request.headers
     assert_problem(r, 413, "payload_too_large")
 
@@ -247,35 +276,35 @@ async def test_openapi_document_is_3_1_and_covers_every_route(client: httpx.Asyn
     )
 
 
-# -- auth -------------------------------------------------------------------------------
+# -- auth and limits ------------------------------------------------------------------------
 
 
 @pytest.fixture
 def secured(service: TaskService) -> Iterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=create_gateway(service, auth_token=TOKEN))
-    yield httpx.AsyncClient(transport=transport, base_url="http://gw")
-
-
-@pytest.mark.parametrize("header", [None, "Bearer wrong", f"Basic {TOKEN}", TOKEN])
-async def test_without_the_token_every_task_route_is_401(
-    secured: httpx.AsyncClient, header: str | None
-) -> None:
-    headers = {"Authorization": header} if header else {}
-    async with secured:
-        for method, path in [("GET", "/v1/tasks"), ("POST", "/v1/tasks"), ("GET", "/openapi.json")]:
-            r = await secured.request(method, path, headers=headers, json={"goal": "x"})
-            assert_problem(r, 401, "unauthenticated")
-            assert r.headers["www-authenticate"].startswith("Bearer")
+    tokens = {"ci": {"token_env": "CI_TOKEN", "limits": {"max_in_flight": 1}}}
+    app = http_app(service, principals_with(tokens, {"CI_TOKEN": TOKEN}))
+    yield httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE)
 
 
 async def test_with_the_token_requests_pass_and_probes_never_need_it(secured: httpx.AsyncClient) -> None:
     async with secured:
+        assert_problem(await secured.get("/v1/tasks"), 401, "unauthenticated")
         ok = await secured.post("/v1/tasks", json={"goal": "x"}, headers={"Authorization": f"Bearer {TOKEN}"})
         assert ok.status_code == 202
+        assert ok.json()["principal"] == "ci"
         assert (await secured.get("/healthz")).status_code == 200
         assert (await secured.get("/readyz")).status_code == 200
         doc = (await secured.get("/openapi.json", headers={"Authorization": f"bearer {TOKEN}"})).json()
         assert doc["security"] == [{"bearer": []}]
+
+
+async def test_over_a_limit_is_429_with_retry_after(secured: httpx.AsyncClient) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with secured:
+        assert (await secured.post("/v1/tasks", json={"goal": "a"}, headers=auth)).status_code == 202
+        r = await secured.post("/v1/tasks", json={"goal": "b"}, headers=auth)
+    body = assert_problem(r, 429, "rate_limited")
+    assert int(r.headers["retry-after"]) == body["retry_after_s"] >= 1
 
 
 # -- failures after the fact, and bugs --------------------------------------------------------
@@ -300,9 +329,9 @@ async def test_a_failure_after_the_stream_started_ends_it_with_a_problem_event(
 ) -> None:
     store = StoreThatDiesMidStream()
     service = make_service(store, enqueuer)
-    task = await service.submit({"goal": "g"})
-    transport = httpx.ASGITransport(app=create_gateway(service))
-    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+    task = await service.submit({"goal": "g"}, by=LOCAL)
+    transport = httpx.ASGITransport(app=http_app(service))
+    async with httpx.AsyncClient(transport=transport, base_url=BASE) as c:
         r = await c.get(f"/v1/tasks/{task.id}/events")
     assert r.status_code == 200
     last = parse_sse(r.text)[-1]
@@ -317,8 +346,8 @@ async def test_a_failure_after_the_stream_started_ends_it_with_a_problem_event(
 
 async def test_a_bug_is_a_500_problem_without_the_trace(enqueuer: RecordingEnqueuer) -> None:
     service = make_service(BrokenStore(), enqueuer)
-    transport = httpx.ASGITransport(app=create_gateway(service), raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+    transport = httpx.ASGITransport(app=http_app(service), raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url=BASE) as c:
         r = await c.get("/v1/tasks/abc")
     body = assert_problem(r, 500, "internal")
     assert "secret" not in r.text
@@ -335,7 +364,7 @@ async def test_a_quiet_event_stream_sends_keepalive_comments(service: TaskServic
         sock.bind(("127.0.0.1", 0))
         sock.listen()  # connections wait in the backlog until uvicorn accepts them
         port = sock.getsockname()[1]
-        config = uvicorn.Config(create_gateway(service, sse_heartbeat_s=0.01), log_level="warning")
+        config = uvicorn.Config(http_app(service, port=port, sse_heartbeat_s=0.01), log_level="warning")
         server = uvicorn.Server(config)
         serving = asyncio.create_task(server.serve(sockets=[sock]))
         try:
@@ -346,7 +375,7 @@ async def test_a_quiet_event_stream_sends_keepalive_comments(service: TaskServic
                     async for line in response.aiter_lines():
                         seen.append(line)
                         if line == ": keepalive" and seen.count(line) == 1:
-                            await service.cancel(task_id)  # the stream ends with the task
+                            await service.cancel(task_id, by=LOCAL)  # the stream ends with the task
         finally:
             server.should_exit = True
             await serving

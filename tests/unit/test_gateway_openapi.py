@@ -14,20 +14,27 @@ from typing import Any
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis import checks
+from starlette.applications import Starlette
+from starlette.routing import Mount
 
 from gateway.app import create_gateway
+from opspawn_mcp.http_guard import HttpGuard
 from opspawn_mcp.models import TaskStatus, Usage
+from opspawn_mcp.principals import Principal
 from opspawn_mcp.service import TaskService
 from opspawn_mcp.store.memory import MemoryStore
 from tests.support.service_kit import make_service
+from tests.unit.test_gateway import principals_with
 
 TOKEN = "schemathesis-token"
+PRINCIPALS = principals_with({"ci": {"token_env": "CI_TOKEN"}}, {"CI_TOKEN": TOKEN})
+CI = PRINCIPALS.authenticate(f"Bearer {TOKEN}")
 
 
-async def _seed(service: TaskService, store: MemoryStore) -> None:
+async def _seed(service: TaskService, store: MemoryStore, by: Principal) -> None:
     """Tasks in every state, so listing them puts every optional Task field under the schema check."""
     done, failed, cancelled, _queued = [
-        (await service.submit({"goal": goal, "servers": ["echo"]})).id for goal in "abcd"
+        (await service.submit({"goal": goal, "servers": ["echo"]}, by=by)).id for goal in "abcd"
     ]
     for task_id, status, extra in (
         (done, TaskStatus.COMPLETED, {"result": "42", "usage": Usage(input_tokens=3, output_tokens=4)}),
@@ -36,15 +43,21 @@ async def _seed(service: TaskService, store: MemoryStore) -> None:
         await store.claim(task_id, "w1", 30.0, 3)
         await store.append_event(task_id, "tool_call", {"tool": "echo__echo", "arguments": {"text": "x"}})
         await store.transition(task_id, {TaskStatus.RUNNING}, status, owner="w1", **extra)
-    await service.cancel(cancelled)
+    await service.cancel(cancelled, by=by)
 
 
 def _app() -> object:
     # MemoryStore.start only flips a flag; the store is usable without awaiting it here.
     store = MemoryStore()
     service = make_service(store)
-    asyncio.run(_seed(service, store))
-    return create_gateway(service, auth_token=TOKEN)
+    assert CI is not None
+    asyncio.run(_seed(service, store, CI))
+    # The REST gateway behind the guard of the served app (schemathesis sends Host: testserver).
+    # Without the MCP routes: their session manager cannot restart, and schemathesis restarts the
+    # app's lifespan for every test.
+    guard = HttpGuard.for_server(PRINCIPALS, "127.0.0.1", 0, allowed_hosts=["testserver"])
+    rest = create_gateway(service, auth_required=PRINCIPALS.auth_required)
+    return Starlette(routes=[Mount("/", rest)], middleware=guard.middleware())
 
 
 APP = _app()

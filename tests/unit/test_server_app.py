@@ -3,35 +3,37 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import httpx
 import pytest
 from mcp import Client
 
-from opspawn_mcp.app import Runtime, auth_token, check_bind
+from opspawn_mcp.app import Runtime, check_bind
 from opspawn_mcp.config import parse_config
 from opspawn_mcp.errors import Forbidden
+from opspawn_mcp.principals import LOCAL, Principals
 from opspawn_mcp.store.memory import MemoryStore
+
+NO_TOKENS = Principals.from_config(parse_config({}, environ={}), {})
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1"])
 def test_loopback_needs_no_token(host: str) -> None:
-    check_bind(host, None)
+    check_bind(host, NO_TOKENS)
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3"])
-def test_other_addresses_need_a_token(host: str) -> None:
+@pytest.mark.parametrize(
+    "server",
+    [{"auth_token_env": "TOK"}, {"tokens": {"ci": {"token_env": "TOK"}}}],
+    ids=["auth_token_env", "named tokens"],
+)
+def test_other_addresses_need_a_token(host: str, server: dict[str, Any]) -> None:
     with pytest.raises(Forbidden, match=f"Refusing to serve on {host} without a token"):
-        check_bind(host, None)
-    check_bind(host, "s3cret")
-
-
-def test_auth_token_reads_the_named_variable() -> None:
-    config = parse_config({"opspawn": {"server": {"auth_token_env": "TOK"}}}, environ={"TOK": "x"})
-    assert auth_token(config, {"TOK": " abc "}) == "abc"
-    with pytest.raises(Forbidden, match="TOK"):
-        auth_token(config, {"TOK": ""})
-    assert auth_token(parse_config({}, environ={}), {}) is None
+        check_bind(host, NO_TOKENS)
+    config = parse_config({"opspawn": {"server": server}}, environ={"TOK": "s3cret"})
+    check_bind(host, Principals.from_config(config, {"TOK": "s3cret"}))
 
 
 async def test_runtime_serves_mcp_over_http_in_process() -> None:
@@ -47,7 +49,7 @@ async def test_runtime_serves_mcp_over_http_in_process() -> None:
         async with Client(f"{base}/mcp") as client:
             task = (await client.call_tool("submit_task", {"goal": "x", "servers": []})).structured_content
             assert task is not None and task["status"] in ("queued", "running", "failed")
-            assert (await runtime.service.get(task["task_id"])).spec.servers == []
+            assert (await runtime.service.get(task["task_id"], by=LOCAL)).spec.servers == []
         async with httpx.AsyncClient() as http:
             refused = await http.get(f"{base}/sse", headers={"Host": "evil.example"})
             assert refused.status_code == 421
