@@ -35,12 +35,14 @@ from mcp.client.streamable_http import streamable_http_client
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway.app import create_gateway  # noqa: E402
+from gateway.app import gateway_routes  # noqa: E402
 from opspawn_mcp.config import parse_config  # noqa: E402
 from opspawn_mcp.grpc_internal import serve_grpc  # noqa: E402
 from opspawn_mcp.grpc_internal.gen import tasks_pb2 as pb  # noqa: E402
 from opspawn_mcp.grpc_internal.gen import tasks_pb2_grpc as pb_grpc  # noqa: E402
 from opspawn_mcp.host.models import ServerInfo  # noqa: E402
+from opspawn_mcp.http_guard import HttpGuard  # noqa: E402
+from opspawn_mcp.principals import LOCAL, Principals  # noqa: E402
 from opspawn_mcp.service import TaskService  # noqa: E402
 from opspawn_mcp.store.memory import MemoryStore  # noqa: E402
 
@@ -62,9 +64,11 @@ class NoServers:
         return []
 
 
+CONFIG = parse_config({"opspawn": {"store_url": "memory://", "llm": {"provider": "local"}}}, environ={})
+
+
 def make_service() -> TaskService:
-    config = parse_config({"opspawn": {"store_url": "memory://", "llm": {"provider": "local"}}}, environ={})
-    return TaskService(config, MemoryStore(), DroppingEnqueuer(), NoServers(), environ={})
+    return TaskService(CONFIG, MemoryStore(), DroppingEnqueuer(), NoServers())
 
 
 def free_port() -> int:
@@ -79,19 +83,14 @@ def free_port() -> int:
 
 async def serve(http_port: int, grpc_port: int) -> None:
     import uvicorn
-    from starlette.routing import Mount
 
     from opspawn_mcp.server import build_http_app, build_server
 
     service = make_service()
-    app = build_http_app(
-        build_server(service),
-        host="127.0.0.1",
-        port=http_port,
-        token=None,
-        extra_routes=[Mount("/", app=create_gateway(service))],
-    )
-    async with serve_grpc(service, "127.0.0.1", grpc_port):
+    principals = Principals.from_config(CONFIG, {})
+    guard = HttpGuard.for_server(principals, "127.0.0.1", http_port)
+    app = build_http_app(build_server(service), guard, extra_routes=gateway_routes(service))
+    async with serve_grpc(service, "127.0.0.1", grpc_port, principals):
         config = uvicorn.Config(app, host="127.0.0.1", port=http_port, log_level="warning", access_log=False)
         await uvicorn.Server(config).serve()
 
@@ -127,7 +126,10 @@ async def run_client(http: str, grpc_target: str, n: int, concurrency: int) -> l
     rows: list[tuple[str, float, float]] = []
     service = make_service()
     rows.append(
-        ("in-process TaskService.submit", *await measure(lambda: service.submit(SPEC), n, concurrency))
+        (
+            "in-process TaskService.submit",
+            *await measure(lambda: service.submit(SPEC, by=LOCAL), n, concurrency),
+        )
     )
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)

@@ -28,6 +28,7 @@ from starlette.routing import Route
 from gateway.openapi import build_openapi
 from gateway.problems import EXCEPTION_HANDLERS, error_document, problem_response
 from opspawn_mcp.errors import PROBLEM_MEDIA_TYPE, OpspawnError, PayloadTooLarge
+from opspawn_mcp.http_guard import HttpGuard
 from opspawn_mcp.models import TaskEvent
 from opspawn_mcp.principals import principal_of
 from opspawn_mcp.service import TaskService
@@ -207,20 +208,20 @@ def gateway_routes(
 
 def create_gateway(
     service: TaskService,
+    guard: HttpGuard,
     *,
-    auth_required: bool = False,
     max_body_bytes: int = MAX_BODY_BYTES,
     sse_heartbeat_s: float = SSE_HEARTBEAT_S,
 ) -> Starlette:
-    """The REST gateway alone, as one ASGI app whose errors are all RFC 9457 problems.
-
-    It has no guard of its own: serve it inside an app whose middleware is
-    ``HttpGuard.middleware()`` (the handlers need the principal the guard authenticates).
-    """
+    """The REST gateway alone (no MCP routes), behind ``guard``, as one ASGI app whose errors are
+    all RFC 9457 problems: for embedding the REST API without MCP."""
     routes = gateway_routes(
-        service, auth_required=auth_required, max_body_bytes=max_body_bytes, sse_heartbeat_s=sse_heartbeat_s
+        service,
+        auth_required=guard.principals.auth_required,
+        max_body_bytes=max_body_bytes,
+        sse_heartbeat_s=sse_heartbeat_s,
     )
-    return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS)
+    return Starlette(routes=routes, middleware=guard.middleware(), exception_handlers=EXCEPTION_HANDLERS)
 
 
 __all__ = ["MAX_BODY_BYTES", "PROBLEM_MEDIA_TYPE", "create_gateway", "gateway_routes"]

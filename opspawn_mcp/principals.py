@@ -65,9 +65,10 @@ def bearer_value(header: str | None) -> str | None:
 class Principals:
     """The principals of one config; build once per process with ``from_config``."""
 
-    def __init__(self, local: Principal, tokens: Mapping[str, Principal]) -> None:
+    def __init__(self, local: Principal, tokens: Mapping[str, Principal], *, required: bool) -> None:
         self.local = local
-        self._tokens = dict(tokens)
+        self._tokens = {value: p for value, p in tokens.items() if value}
+        self._required = required
 
     @classmethod
     def from_config(cls, config: Config, environ: Mapping[str, str] | None = None) -> Principals:
@@ -87,13 +88,15 @@ class Principals:
                 models=None if token.models is None else tuple(token.models),
                 limits=token.limits.over(base),
             )
-        tokens.pop("", None)  # an unset variable is a config problem, never a valid token
-        return cls(local, tokens)
+        # An unset variable is a config problem (``config check``), never a valid token: it is
+        # dropped, and the server still demands a token, so it fails closed.
+        required = bool(settings.server.auth_token_env or settings.server.tokens)
+        return cls(local, tokens, required=required)
 
     @property
     def auth_required(self) -> bool:
         """True when the config defines tokens: then every HTTP/gRPC call must present one."""
-        return bool(self._tokens)
+        return self._required
 
     def authenticate(self, authorization: str | None) -> Principal | None:
         """The principal an ``Authorization`` header names, or None (refuse the call).
@@ -101,7 +104,7 @@ class Principals:
         Without tokens configured every caller is ``local``. Every token is compared, in constant
         time, so the response time tells nothing about which token is closest.
         """
-        if not self._tokens:
+        if not self._required:
             return self.local
         given = (bearer_value(authorization) or "").encode()
         found: Principal | None = None

@@ -14,8 +14,6 @@ from typing import Any
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis import checks
-from starlette.applications import Starlette
-from starlette.routing import Mount
 
 from gateway.app import create_gateway
 from opspawn_mcp.http_guard import HttpGuard
@@ -55,9 +53,9 @@ def _app() -> object:
     # The REST gateway behind the guard of the served app (schemathesis sends Host: testserver).
     # Without the MCP routes: their session manager cannot restart, and schemathesis restarts the
     # app's lifespan for every test.
-    guard = HttpGuard.for_server(PRINCIPALS, "127.0.0.1", 0, allowed_hosts=["testserver"])
-    rest = create_gateway(service, auth_required=PRINCIPALS.auth_required)
-    return Starlette(routes=[Mount("/", rest)], middleware=guard.middleware())
+    return create_gateway(
+        service, HttpGuard.for_server(PRINCIPALS, "127.0.0.1", 0, allowed_hosts=["testserver"])
+    )
 
 
 APP = _app()
