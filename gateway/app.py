@@ -192,7 +192,10 @@ def gateway_routes(
     """The REST routes, for the one HTTP app (``opspawn_mcp.server.build_http_app``), which puts
     them behind the guard beside the MCP routes; ``auth_required`` (from the same ``Principals``
     the guard uses) makes the OpenAPI document state the bearer scheme."""
-    h = _Routes(service, max_body_bytes, build_openapi(auth_required=auth_required), sse_heartbeat_s)
+    openapi = build_openapi(
+        auth_required=auth_required, servers=service.server_names, profiles=service.profile_names
+    )
+    h = _Routes(service, max_body_bytes, openapi, sse_heartbeat_s)
     return [
         Route("/v1/tasks", h.submit, methods=["POST"], name="submit_task"),
         Route("/v1/tasks", h.list, methods=["GET"], name="list_tasks"),

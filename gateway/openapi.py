@@ -12,6 +12,7 @@ bearer scheme wherever a token is needed once tokens are configured, 415 where a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel
@@ -20,8 +21,8 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from gateway.problems import Problem
 from opspawn_mcp.errors import PROBLEM_MEDIA_TYPE
 from opspawn_mcp.host.models import ServerInfo
-from opspawn_mcp.models import Task, TaskEvent, TaskPage, TaskSpec, TaskStatus
-from opspawn_mcp.service import LIST_PAGE_MAX
+from opspawn_mcp.models import NO_NUL, Task, TaskEvent, TaskPage, TaskSpec, TaskStatus
+from opspawn_mcp.service import LIST_PAGE_MAX, TASK_ID_MAX_CHARS
 
 REF = "#/components/schemas/{model}"
 
@@ -76,15 +77,41 @@ def _json(description: str, schema: dict[str, Any], **extra: Any) -> dict[str, A
     return {"description": description, "content": {"application/json": {"schema": schema}}, **extra}
 
 
-def build_openapi(*, auth_required: bool) -> dict[str, Any]:
+def _name_choices(schemas: dict[str, Any], servers: Sequence[str], profiles: Sequence[str]) -> None:
+    """Name the configured servers and model profiles in the spec's schema, so a generated
+    request that follows the document is one this server accepts (a principal may be allowed
+    fewer: that is a 403)."""
+    listed = next(
+        s for s in schemas["TaskSpec"]["properties"]["servers"]["anyOf"] if s.get("type") == "array"
+    )
+    listed["items"] = (
+        {"type": "string", "enum": list(servers)} if servers else {"type": "string", "maxLength": 0}
+    )
+    if not servers:
+        listed["maxItems"] = 0
+    profile = schemas["ModelSettings"]["properties"]["profile"]
+    profile["anyOf"] = [{"type": "string", "enum": list(profiles)}, {"type": "null"}]
+    profile.pop("pattern", None)
+
+
+def build_openapi(
+    *, auth_required: bool, servers: Sequence[str] = (), profiles: Sequence[str] = ("default",)
+) -> dict[str, Any]:
     """The whole document; ``auth_required`` (``Principals.auth_required``) adds the bearer
-    scheme and 401 to every operation except the probes."""
+    scheme and 401 to every operation except the probes; ``servers`` and ``profiles`` are the
+    names the config defines."""
     refs, defs = models_json_schema(_MODELS, ref_template=REF)
+    _name_choices(defs["$defs"], servers, profiles)
 
     def ref(model: type[BaseModel], mode: JsonSchemaMode = "serialization") -> dict[str, Any]:
         return dict(refs[(model, mode)])
 
-    task_id = {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    task_id = {
+        "name": "task_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "minLength": 1, "maxLength": TASK_ID_MAX_CHARS, **NO_NUL},
+    }
     auth = (401,) if auth_required else ()
 
     def op(summary: str, responses: dict[str, Any], *statuses: int, **extra: Any) -> dict[str, Any]:
@@ -144,7 +171,8 @@ def build_openapi(*, auth_required: bool) -> dict[str, Any]:
                     {
                         "name": "cursor",
                         "in": "query",
-                        "description": "The next_cursor of the previous page.",
+                        "description": "The next_cursor of the previous page: opaque, and only one "
+                        "this server issued is accepted (any other value is a 422).",
                         "schema": {"type": "string"},
                     },
                 ],
@@ -181,10 +209,17 @@ def build_openapi(*, auth_required: bool) -> dict[str, Any]:
                     "200": {
                         "description": (
                             "An event stream. Each SSE event has `id` = the event's seq, `event` = its kind "
-                            "and `data` = the TaskEvent as JSON. The stream ends when the task has ended. "
+                            "and `data` = the TaskEvent as JSON (`x-sse-data`); a failure after the stream "
+                            "started ends it with one `event: problem` whose data is a Problem. The stream ends when the task has ended. "
                             "Reconnect with `Last-Event-ID` to resume after the last event received."
                         ),
-                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        "content": {
+                            "text/event-stream": {
+                                "schema": {"type": "string"},
+                                # OpenAPI 3.1 cannot type SSE frames: this names what each `data` is.
+                                "x-sse-data": ref(TaskEvent),
+                            }
+                        },
                     }
                 },
                 404,

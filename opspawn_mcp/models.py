@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+NO_NUL: dict[str, Any] = {"pattern": "^[^\\u0000]*$"}
+"""The JSON Schema of ``refuse_nul``, so the OpenAPI document says what the validator enforces."""
 GOAL_MAX_CHARS = 20_000
 SYSTEM_PROMPT_MAX_CHARS = 20_000
 MAX_STEPS_LIMIT = 100
@@ -89,8 +91,15 @@ class Budget(_Strict):
 class TaskSpec(_Strict):
     """What a client asks for. Validated here once; every door passes it through unchanged."""
 
-    goal: str = Field(min_length=1, max_length=GOAL_MAX_CHARS, description="What the agent must do.")
-    system_prompt: str | None = Field(default=None, max_length=SYSTEM_PROMPT_MAX_CHARS)
+    goal: str = Field(
+        min_length=1,
+        max_length=GOAL_MAX_CHARS,
+        description="What the agent must do.",
+        json_schema_extra=NO_NUL,
+    )
+    system_prompt: str | None = Field(
+        default=None, max_length=SYSTEM_PROMPT_MAX_CHARS, json_schema_extra=NO_NUL
+    )
     model: ModelSettings = Field(default_factory=ModelSettings)
     servers: list[str] | None = Field(
         default=None,

@@ -39,6 +39,7 @@ from opspawn_mcp.http_guard import HttpGuard
 from opspawn_mcp.models import (
     GOAL_MAX_CHARS,
     MAX_STEPS_LIMIT,
+    NO_NUL,
     SYSTEM_PROMPT_MAX_CHARS,
     TIMEOUT_LIMIT_S,
     Budget,
@@ -232,6 +233,7 @@ def build_server(service: TaskService, local: Principal = LOCAL) -> MCPServer:
                 type="string",
                 minLength=1,
                 maxLength=GOAL_MAX_CHARS,
+                **NO_NUL,
             ),
         ],
         ctx: Context,

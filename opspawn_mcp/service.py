@@ -90,6 +90,16 @@ class TaskService:
         self._poll_s = poll_interval_s
         self._gate = SubmitGate(store, clock)
 
+    @property
+    def server_names(self) -> builtins.list[str]:
+        """Every configured downstream server (what an admin may name in ``servers``)."""
+        return list(self._config.mcp_servers)
+
+    @property
+    def profile_names(self) -> builtins.list[str]:
+        """Every configured model profile (what an admin may name in ``model.profile``)."""
+        return list(self._config.opspawn.profiles)
+
     # -- validation -----------------------------------------------------------------------
 
     def validate(self, spec: TaskSpec | Mapping[str, Any], *, by: Principal) -> TaskSpec:

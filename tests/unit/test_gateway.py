@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import httpx
+import jsonschema
 import pytest
 import uvicorn
 from starlette.applications import Starlette
@@ -216,6 +217,24 @@ async def test_events_stream_ends_with_the_task_and_resumes_after_last_event_id(
     assert [e["id"] for e in parse_sse(resumed.text)] == ["3", "4"]
     by_query = await client.get(f"/v1/tasks/{task_id}/events", params={"after_seq": 3})
     assert [e["id"] for e in parse_sse(by_query.text)] == ["4"]
+
+
+async def test_every_sse_event_is_the_documented_task_event(
+    client: httpx.AsyncClient, store: MemoryStore
+) -> None:
+    document = (await client.get("/openapi.json")).json()
+    media = document["paths"]["/v1/tasks/{task_id}/events"]["get"]["responses"]["200"]["content"]
+    name = media["text/event-stream"]["x-sse-data"]["$ref"].rsplit("/", 1)[-1]
+    validator = jsonschema.Draft202012Validator(document["components"]["schemas"][name])
+    task_id = (await client.post("/v1/tasks", json={"goal": "g"})).json()["id"]
+    await store.append_event(task_id, "tool_call", {"tool": "echo__echo", "arguments": {"text": "x"}})
+    await finish(store, task_id, "42")
+    events = parse_sse((await client.get(f"/v1/tasks/{task_id}/events")).text)
+    assert len(events) == 5
+    for frame in events:
+        data = json.loads(frame["data"])
+        validator.validate(data)
+        assert frame["event"] == data["kind"] and frame["id"] == str(data["seq"])
 
 
 async def test_events_follow_a_live_task_until_it_ends(client: httpx.AsyncClient, store: MemoryStore) -> None:
