@@ -113,6 +113,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 DEFAULT_URL = "http://127.0.0.1:8765/mcp"
+TOKEN_ENV = "OPSPAWN_TOKEN"
+"""The client commands' bearer token (a principal's token); else the single auth_token_env one."""
 RESPONSE_MARGIN_S = 60.0
 """How long a server may take to answer beyond the work asked of it (a ``--wait``)."""
 
@@ -141,8 +143,8 @@ def _remote(
     """Call one tool of a running server over streamable HTTP and print its answer as JSON.
 
     These commands are MCP clients like any other, so they see exactly what an assistant sees.
-    The bearer token comes from the env variable the config names, never from the command line
-    (where ``ps`` would show it).
+    The bearer token comes from ``$OPSPAWN_TOKEN`` (a principal's token), else from the variable
+    ``auth_token_env`` names, never from the command line (where ``ps`` would show it).
     """
     import asyncio
     import os
@@ -150,7 +152,7 @@ def _remote(
     config = _load(args)
     url = args.url or os.environ.get("OPSPAWN_URL") or DEFAULT_URL
     token_env = config.opspawn.server.auth_token_env
-    token = os.environ.get(token_env) if token_env else None
+    token = os.environ.get(TOKEN_ENV) or (os.environ.get(token_env) if token_env else None)
     try:
         result = asyncio.run(_call_tool(url, token, tool, arguments, timeout_s))
     except _Unreachable as exc:
@@ -199,7 +201,7 @@ async def _call_tool(
             hint = (
                 "check the token"
                 if token
-                else "set the env variable named by opspawn.server.auth_token_env to the server's token"
+                else f"set {TOKEN_ENV} to your token (a token of opspawn.server.tokens)"
             )
             raise _Unreachable(
                 f"the opspawn server at {url} refused the request (HTTP {refused[0]}): {hint}"

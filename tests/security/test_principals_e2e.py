@@ -12,8 +12,12 @@ stdio (always the local user) is covered by the stdio tests.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -32,6 +36,7 @@ from tests.security.kit import (
     rest,
     run_serve,
 )
+from tests.servers.harness import HANG_GUARD_S, opspawn_command
 
 TOKENS = {name: f"{name}-{uuid.uuid4().hex}" for name in ("alice", "bob", "root", "xonly")}
 ALICE, BOB, ROOT, XONLY = (TOKENS[n] for n in ("alice", "bob", "root", "xonly"))
@@ -325,3 +330,38 @@ async def test_an_unknown_or_missing_token_is_unauthenticated_at_every_rpc_and_t
 async def _grpc_watch_kinds(g: GrpcDoor, token: str | None) -> list[tuple[str, str]]:
     answer = await g.watch("some-id", token)
     return [(answer.code.name, answer.details)]
+
+
+def test_the_cli_speaks_as_the_principal_of_opspawn_token(serve: Serve, tmp_path: Path) -> None:
+    """``opspawn-mcp status`` is an MCP client like any other: ``$OPSPAWN_TOKEN`` names its caller."""
+
+    def status(task_id: str, token: str | None) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OPSPAWN_")}
+        if token is not None:
+            env["OPSPAWN_TOKEN"] = token
+        return subprocess.run(
+            [opspawn_command(), "status", task_id, "--url", serve.mcp],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=HANG_GUARD_S,
+            check=False,
+        )
+
+    r = httpx.post(
+        f"{serve.http}/v1/tasks",
+        json={"goal": "echo cli", "servers": ["example"]},
+        headers={"Authorization": f"Bearer {ALICE}"},
+        timeout=HANG_GUARD_S,
+    )
+    task_id = r.json()["id"]
+    mine = status(task_id, ALICE)
+    assert mine.returncode == 0, mine.stderr
+    assert json.loads(mine.stdout)["task_id"] == task_id
+    theirs = status(task_id, BOB)
+    assert theirs.returncode == 2 and "not_found" in theirs.stderr and "Traceback" not in theirs.stderr
+    anonymous = status(task_id, None)
+    assert (
+        anonymous.returncode == 2 and "HTTP 401" in anonymous.stderr and "OPSPAWN_TOKEN" in anonymous.stderr
+    )
