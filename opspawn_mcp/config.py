@@ -147,6 +147,26 @@ class WorkerSettings(_Strict):
     )
 
 
+class StoreSettings(_Strict):
+    """The store's connection pool (``opspawn.store``); the URL stays ``opspawn.store_url``.
+
+    A worker's tasks each hold a connection only for one short transaction, so the pool is sized
+    to the worker's concurrency (plus a few for heartbeats and recovery) up to a cap that keeps a
+    handful of workers inside PostgreSQL's default 100 connections; a checkout that waits longer
+    than ``pool_timeout_s`` is an outage (``Unavailable``, retried), not a bug. Connections are
+    recycled instead of pinged on every checkout, which would cost a round trip each.
+    """
+
+    pool_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=1000,
+        description="Connections kept open; default: worker.concurrency + 4, at most 32.",
+    )
+    pool_timeout_s: float = Field(default=30.0, gt=0, description="Wait for a free connection.")
+    pool_recycle_s: float = Field(default=300.0, gt=0, description="Reopen connections this old.")
+
+
 def default_store_url() -> str:
     path = user_state_path("opspawn") / "opspawn.db"
     return f"sqlite+aiosqlite:///{path}"
@@ -162,6 +182,7 @@ class OpspawnSettings(_Strict):
     server: ServerSettings = Field(default_factory=ServerSettings)
     limits: Limits = Field(default_factory=Limits)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
 
     @property
     def profiles(self) -> dict[str, LlmProfile]:
