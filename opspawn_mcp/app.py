@@ -42,7 +42,7 @@ from opspawn_mcp.server import MCP_PATH, SSE_PATH, build_http_app, build_server
 from opspawn_mcp.service import TaskService
 from opspawn_mcp.store import open_store
 from opspawn_mcp.store.base import TaskStore
-from opspawn_mcp.worker import EmbeddedWorker
+from opspawn_mcp.embedded import EmbeddedWorker
 
 log = logging.getLogger("opspawn_mcp.app")
 
