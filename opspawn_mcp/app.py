@@ -274,9 +274,14 @@ async def _cancel(task: asyncio.Task[None]) -> None:
 
 
 def bind_http(host: str, port: int) -> socket.socket:
-    """A listening socket for ``serve_http``; ``Unavailable`` (one clear line) if the port is taken."""
+    """A listening socket for ``serve_http``; ``Unavailable`` (one clear line) if the port is taken.
+
+    Made with ``IPPROTO_TCP`` explicitly: asyncio sets ``TCP_NODELAY`` only on accepted sockets
+    whose ``proto`` says TCP, and with proto 0 Nagle plus the client's delayed ACK stalled the
+    second segment of every answer on a kept-alive connection by ~40 ms.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Any
 
 import httpx
 import pytest
 from mcp import Client
 
-from opspawn_mcp.app import Runtime, check_bind
+from opspawn_mcp.app import Runtime, bind_http, check_bind
 from opspawn_mcp.config import parse_config
 from opspawn_mcp.errors import Forbidden
 from opspawn_mcp.principals import LOCAL, Principals
@@ -57,3 +58,27 @@ async def test_runtime_serves_mcp_over_http_in_process() -> None:
         with pytest.raises(asyncio.CancelledError):
             await serving
     await store.close()
+
+
+async def test_every_accepted_http_connection_has_nagle_off() -> None:
+    """The listening socket says TCP, so asyncio turns Nagle off on every connection it accepts:
+    without it, the second segment of each answer on a kept-alive connection waited for the
+    client's delayed ACK (about 40 ms a request)."""
+    sock = bind_http("127.0.0.1", 0)
+    accepted: asyncio.Queue[int] = asyncio.Queue()
+
+    def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raw = writer.get_extra_info("socket")
+        accepted.put_nowait(raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        writer.close()
+
+    server = await asyncio.start_server(connected, sock=sock)
+    try:
+        port = sock.getsockname()[1]
+        for _ in range(2):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            assert await asyncio.wait_for(accepted.get(), 30) != 0
+            writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
