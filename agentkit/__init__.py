@@ -6,8 +6,25 @@ local GGUF model, no queue or server needed.
 
 from agentkit.agent import Agent
 from agentkit.errors import AgentConfigError, AgentKitError, ToolDefinitionError, ToolError, ToolRegistryError
+from agentkit.journal import (
+    IDEMPOTENCY_META_KEY,
+    INTERRUPTED_MESSAGE,
+    Journal,
+    JournalEntry,
+    JournalError,
+    MemoryJournal,
+    RerunPolicy,
+    current_call_key,
+    rerun_if_idempotent,
+)
 from agentkit.llm import LLM, LLMError, LLMResponse, Message, ToolCall, Usage
-from agentkit.mcp_proxy import McpCaller, expand_server_tools, mcp_proxy_tool, result_from_mcp
+from agentkit.mcp_proxy import (
+    McpCaller,
+    expand_server_tools,
+    idempotent_from_annotations,
+    mcp_proxy_tool,
+    result_from_mcp,
+)
 from agentkit.memory import BufferMemory, Memory, SummaryMemory
 from agentkit.planners import PlanAndExecutePlanner, Planner, ReActPlanner, RunContext, get_planner
 from agentkit.progress import ProgressCallback, ToolProgress, report_progress
@@ -15,21 +32,28 @@ from agentkit.result import AgentEvent, RunResult, RunStatus, Step
 from agentkit.tools import Tool, ToolRegistry, ToolResult, tool
 
 __all__ = [
+    "IDEMPOTENCY_META_KEY",
+    "INTERRUPTED_MESSAGE",
     "LLM",
     "Agent",
     "AgentConfigError",
     "AgentEvent",
     "AgentKitError",
     "BufferMemory",
+    "Journal",
+    "JournalEntry",
+    "JournalError",
     "LLMError",
     "LLMResponse",
     "McpCaller",
     "Memory",
+    "MemoryJournal",
     "Message",
     "PlanAndExecutePlanner",
     "Planner",
     "ProgressCallback",
     "ReActPlanner",
+    "RerunPolicy",
     "RunContext",
     "RunResult",
     "RunStatus",
@@ -44,10 +68,13 @@ __all__ = [
     "ToolRegistryError",
     "ToolResult",
     "Usage",
+    "current_call_key",
     "expand_server_tools",
     "get_planner",
+    "idempotent_from_annotations",
     "mcp_proxy_tool",
     "report_progress",
+    "rerun_if_idempotent",
     "result_from_mcp",
     "tool",
 ]

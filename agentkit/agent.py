@@ -13,7 +13,9 @@ import json
 import logging
 import math
 import re
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -21,6 +23,18 @@ import anyio.lowlevel
 from pydantic import BaseModel, ValidationError
 
 from agentkit.errors import AgentConfigError
+from agentkit.journal import (
+    INTERRUPTED_MESSAGE,
+    EntryKind,
+    Journal,
+    JournalEntry,
+    JournalError,
+    RerunPolicy,
+    decide_rerun,
+    rerun_if_idempotent,
+    reset_current_call_key,
+    set_current_call_key,
+)
 from agentkit.llm.base import LLM, LLMError, LLMResponse, Message, ToolCall, ToolChoice, ToolDefinition, Usage
 from agentkit.memory import Memory
 from agentkit.planners import Planner, RunContext, get_planner
@@ -39,6 +53,7 @@ FORCED_FINAL_PROMPT = (
     "You have used all {max_steps} steps. Do not call any tool. Give your best final answer to the "
     "goal now, using only what you found so far."
 )
+ALL_TOOLS_FAILED_WARNING = "every tool call failed; the answer was written without any tool result"
 EMPTY_REPLY_PROMPT = "Your reply was empty. Call a tool, or give the final answer."
 OUTPUT_PROMPT = (
     "Your final answer must be only a JSON object (no prose, no code fence) that matches this JSON "
@@ -59,22 +74,92 @@ class _OverBudget(Exception):
     said and what it cost.
     """
 
-    def __init__(self, message: str, response: LLMResponse) -> None:
+    def __init__(self, message: str, response: LLMResponse, replayed: bool = False) -> None:
         super().__init__(message)
         self.response = response
+        self.replayed = replayed
+
+
+class _RunJournal:
+    """One run's view of its journal: the facts it replays and the ordinals of the next ones.
+
+    It also exists without a journal, because the ordinals make the call keys. Replaying is by
+    ordinal: the nth model call (or tool call) of a resumed run is the nth of the run that wrote
+    the journal, since everything between facts is computed the same way from the same facts.
+    """
+
+    def __init__(self, journal: Journal | None, run_id: str | None) -> None:
+        self.journal = journal
+        self.run_key = run_id if run_id is not None else uuid.uuid4().hex
+        self._entries: dict[tuple[EntryKind, int], JournalEntry] = {}
+        self._unconsumed: set[tuple[EntryKind, int]] = set()
+        self.llm_calls = 0
+        self.tool_calls = 0
+
+    async def load(self) -> None:
+        if self.journal is None:
+            return
+        try:
+            entries = await self.journal.load()
+        except Exception as exc:
+            raise JournalError(f"Loading the run's journal failed: {type(exc).__name__}: {exc}") from exc
+        for entry in entries:
+            self._entries.setdefault((entry.kind, entry.ordinal), entry)
+        self._unconsumed = set(self._entries)
+
+    @property
+    def replaying(self) -> bool:
+        """Whether recorded facts remain ahead: the run has not yet passed where the last run got."""
+        return bool(self._unconsumed)
+
+    def take(self, kind: EntryKind, ordinal: int) -> JournalEntry | None:
+        entry = self._entries.get((kind, ordinal))
+        if entry is not None:
+            self._unconsumed.discard((kind, ordinal))
+        return entry
+
+    async def append(self, entry: JournalEntry) -> None:
+        if self.journal is None:
+            return
+        try:
+            await self.journal.append(entry)
+        except Exception as exc:
+            raise JournalError(
+                f"Appending {entry.key} ({entry.kind}) to the run's journal failed: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def call_key(self, step: int, ordinal: int) -> str:
+        return f"{self.run_key}:{step}:{ordinal}"
+
+
+def _recorded(entry: JournalEntry, read: Callable[[], Any]) -> Any:
+    """An entry's payload as its model; a malformed entry is the journal's fault, not the run's."""
+    try:
+        return read()
+    except ValidationError as exc:
+        raise JournalError(f"The journal entry {entry.key} ({entry.kind}) is not valid: {exc}") from exc
 
 
 class _MeteredLLM:
     """Sums usage over every call a run makes, including those of planners and memory.
 
-    Every call goes through here, so this is where ``max_total_tokens`` is enforced: after each
-    response, before the run acts on it.
+    Every call goes through here, so this is where ``max_total_tokens`` is enforced (after each
+    response, before the run acts on it) and where model calls are journaled and replayed: a
+    recorded response is returned without asking the model, and its usage still counts.
     """
 
-    def __init__(self, llm: LLM, max_total_tokens: int | None = None) -> None:
+    def __init__(
+        self,
+        llm: LLM,
+        max_total_tokens: int | None = None,
+        journal: _RunJournal | None = None,
+        step: Callable[[], int] = lambda: 0,
+    ) -> None:
         self.inner = llm
         self.usage = Usage()
         self.max_total_tokens = max_total_tokens
+        self.journal = journal if journal is not None else _RunJournal(None, None)
+        self.step = step
 
     async def chat(
         self,
@@ -83,15 +168,44 @@ class _MeteredLLM:
         tools: Sequence[ToolDefinition] = (),
         tool_choice: ToolChoice = "auto",
     ) -> LLMResponse:
-        response = await self.inner.chat(messages, tools=tools, tool_choice=tool_choice)
+        response, _ = await self.chat_traced(messages, tools=tools, tool_choice=tool_choice)
+        return response
+
+    async def chat_traced(
+        self,
+        messages: Sequence[Message],
+        *,
+        tools: Sequence[ToolDefinition] = (),
+        tool_choice: ToolChoice = "auto",
+    ) -> tuple[LLMResponse, bool]:
+        """The response and whether it was replayed from the journal (its event was emitted then)."""
+        self.journal.llm_calls += 1
+        ordinal = self.journal.llm_calls
+        entry = self.journal.take("llm", ordinal)
+        if entry is not None:
+            response: LLMResponse = _recorded(entry, entry.response)
+        else:
+            response = await self.inner.chat(messages, tools=tools, tool_choice=tool_choice)
+            await self.journal.append(JournalEntry.llm(ordinal, self.step(), response))
+        replayed = entry is not None
         self.usage = self.usage + response.usage
         if self.max_total_tokens is not None and self.usage.total_tokens > self.max_total_tokens:
             raise _OverBudget(
                 f"The run used {self.usage.total_tokens} LLM tokens; its budget (max_total_tokens) is "
                 f"{self.max_total_tokens}. Raise the budget or simplify the goal.",
                 response,
+                replayed,
             )
-        return response
+        return response, replayed
+
+
+@dataclass
+class _Run:
+    """What one run's loop needs besides the planner's context."""
+
+    metered: _MeteredLLM
+    journal: _RunJournal
+    memory: Memory | None
 
 
 class Agent:
@@ -111,6 +225,10 @@ class Agent:
     Progress a tool reports while it runs (``agentkit.progress.report_progress``, or a downstream
     MCP server's progress notifications through the MCP tools) becomes ``progress`` events, at
     most one per ``progress_interval_s`` per tool call plus always the last one.
+    ``run(goal, journal=...)`` checkpoints every model response and tool outcome and resumes from
+    them (``agentkit.journal``); ``rerun_interrupted(call, tool)`` decides whether a call that was
+    in flight when an earlier run died runs again (default ``rerun_if_idempotent``: only tools
+    known to be idempotent; it may be a plain or an async function).
     """
 
     def __init__(
@@ -130,6 +248,7 @@ class Agent:
         max_tool_errors: int | None = None,
         max_tool_calls: int | None = None,
         max_total_tokens: int | None = None,
+        rerun_interrupted: RerunPolicy | None = None,
     ) -> None:
         if max_steps < 1:
             raise AgentConfigError("max_steps must be at least 1.")
@@ -156,6 +275,9 @@ class Agent:
         self.max_tool_errors = max_tool_errors
         self.max_tool_calls = max_tool_calls
         self.max_total_tokens = max_total_tokens
+        self.rerun_interrupted: RerunPolicy = (
+            rerun_interrupted if rerun_interrupted is not None else rerun_if_idempotent
+        )
         self._scopes: set[anyio.CancelScope] = set()
         self._cancel_pending = False
         self._cancelled_scopes: set[anyio.CancelScope] = set()
@@ -188,19 +310,29 @@ class Agent:
             # A broken progress sink must not break the run it reports on.
             log.exception("the on_event callback failed for a %s event", kind)
 
-    async def run(self, goal: str) -> RunResult:
+    async def run(self, goal: str, *, journal: Journal | None = None, run_id: str | None = None) -> RunResult:
         """Run until a final answer, ``max_steps``, ``timeout_s`` or ``cancel()``.
 
         Never raises for tool or model failures. If the task awaiting ``run`` is itself cancelled
         (not through ``cancel()``), the cancellation propagates as usual for asyncio/anyio.
+
+        With a ``journal`` the run replays the facts it holds (no model or tool call, no event)
+        and appends the new ones; a journal that cannot be read or written raises
+        ``JournalError``, so the host can resume later instead of recording a failure.
+        ``run_id`` names the run in the call keys (``current_call_key()``); give the same one on
+        resume so downstream servers see the same key for the same call.
         """
         system = self._system_message()
         transcript = ([system] if system else []) + [Message.user(goal)]
         steps: list[Step] = []
-        metered = _MeteredLLM(self.llm, self.max_total_tokens)
+        run_journal = _RunJournal(journal, run_id)
+        metered = _MeteredLLM(self.llm, self.max_total_tokens, run_journal, lambda: ctx.step)
         memory = copy.copy(self.memory)  # memories keep per-run state (summaries)
+        run = _Run(metered=metered, journal=run_journal, memory=memory)
 
         async def emit(kind: EventKind, data: dict[str, Any]) -> None:
+            if run_journal.replaying and kind in ("plan", "error"):
+                return  # derived from replayed facts: the run that recorded them emitted it
             await self._emit(kind, ctx.step, data)
 
         ctx = RunContext(
@@ -209,6 +341,7 @@ class Agent:
         deadline = anyio.current_time() + self.timeout_s if self.timeout_s is not None else math.inf
         scope = anyio.CancelScope(deadline=deadline)
         result: RunResult | None = None
+        journal_error: JournalError | None = None
         self._scopes.add(scope)
         if self._cancel_pending:
             self._cancel_pending = False
@@ -217,7 +350,10 @@ class Agent:
         try:
             with scope:
                 try:
-                    result = await self._loop(ctx, memory)
+                    await run_journal.load()
+                    result = await self._loop(ctx, run)
+                except JournalError as exc:
+                    journal_error = exc
                 except (LLMError, _OverBudget) as exc:
                     result = RunResult(status=RunStatus.FAILED, error=str(exc))
                 except Exception as exc:  # a bug in a planner, memory or callback: still data
@@ -229,6 +365,8 @@ class Agent:
             self._scopes.discard(scope)
             cancelled = scope in self._cancelled_scopes
             self._cancelled_scopes.discard(scope)
+        if journal_error is not None:
+            raise journal_error  # no final event either: the run is not over, it is to be resumed
         if result is None:
             if cancelled:
                 result = RunResult(status=RunStatus.CANCELLED, error="The run was cancelled.")
@@ -241,6 +379,9 @@ class Agent:
         result.usage = metered.usage
         result.messages = transcript
         if result.status is RunStatus.COMPLETED:
+            outcomes = [r for s in steps for r in s.tool_results]
+            if outcomes and all(r.is_error for r in outcomes):
+                result.warnings.append(ALL_TOOLS_FAILED_WARNING)
             data = result.data.model_dump(mode="json") if result.data is not None else None
             await self._emit(
                 "final",
@@ -250,6 +391,7 @@ class Agent:
                     "output": result.output,
                     "data": data,
                     "usage": _usage(result.usage),
+                    "warnings": list(result.warnings),
                 },
             )
         else:
@@ -260,28 +402,30 @@ class Agent:
             )
         return result
 
-    async def _call_llm(
-        self, ctx: RunContext, memory: Memory | None, step: Step, tool_choice: ToolChoice
-    ) -> LLMResponse:
+    async def _call_llm(self, ctx: RunContext, run: _Run, step: Step, tool_choice: ToolChoice) -> LLMResponse:
+        memory = run.memory
         window = await memory.window(ctx.transcript, ctx.llm) if memory is not None else list(ctx.transcript)
         tools = self.tools.definitions() if tool_choice != "none" else []
         over: _OverBudget | None = None
         try:
-            response = await ctx.llm.chat(window, tools=tools, tool_choice=tool_choice if tools else "none")
+            response, replayed = await run.metered.chat_traced(
+                window, tools=tools, tool_choice=tool_choice if tools else "none"
+            )
         except _OverBudget as exc:
-            over, response = exc, exc.response
+            over, response, replayed = exc, exc.response, exc.replayed
         step.content = response.content
         step.usage = response.usage
-        await ctx.emit(
-            "llm",
-            {
-                "content": response.content,
-                "tool_calls": [c.model_dump(mode="json") for c in response.tool_calls],
-                "usage": _usage(response.usage),
-                "finish_reason": response.finish_reason,
-                "kind": step.kind,
-            },
-        )
+        if not replayed:
+            await ctx.emit(
+                "llm",
+                {
+                    "content": response.content,
+                    "tool_calls": [c.model_dump(mode="json") for c in response.tool_calls],
+                    "usage": _usage(response.usage),
+                    "finish_reason": response.finish_reason,
+                    "kind": step.kind,
+                },
+            )
         if over is not None:
             raise over
         return response
@@ -292,9 +436,11 @@ class Agent:
         ctx.steps.append(step)
         return step
 
-    async def _loop(self, ctx: RunContext, memory: Memory | None) -> RunResult:
+    async def _loop(self, ctx: RunContext, run: _Run) -> RunResult:
         await anyio.lowlevel.checkpoint()
         await self.planner.begin(ctx)
+        if ctx.failure is not None:
+            return RunResult(status=RunStatus.FAILED, error=ctx.failure)
         error_streak = 0
         tool_calls_run = 0
         for _ in range(self.max_steps):
@@ -302,7 +448,7 @@ class Agent:
             # model and the tools never yield (scripted or cached responses).
             await anyio.lowlevel.checkpoint()
             step = self._new_step(ctx)
-            response = await self._call_llm(ctx, memory, step, self.planner.tool_choice(ctx))
+            response = await self._call_llm(ctx, run, step, self.planner.tool_choice(ctx))
             if response.tool_calls:
                 step.tool_calls = response.tool_calls
                 ctx.add(Message.assistant(response.content, response.tool_calls))
@@ -310,7 +456,7 @@ class Agent:
                 if self.max_tool_calls is not None:
                     allowed = allowed[: max(0, self.max_tool_calls - tool_calls_run)]
                 tool_calls_run += len(allowed)
-                step.tool_results = await self._run_tools(ctx, allowed)
+                step.tool_results = await self._run_tools(ctx, run, allowed)
                 for r in step.tool_results:
                     ctx.add(Message.tool(r.call_id, r.name, r.content))
                     error_streak = error_streak + 1 if r.is_error else 0
@@ -326,6 +472,8 @@ class Agent:
                         ),
                     )
                 await self.planner.after_tools(ctx, step)
+                if ctx.failure is not None:
+                    return RunResult(status=RunStatus.FAILED, error=ctx.failure)
                 continue
             text = (response.content or "").strip()
             if not text:
@@ -335,11 +483,11 @@ class Agent:
             ctx.add(Message.assistant(text))
             if await self.planner.accept_answer(ctx, text):
                 step.kind = "final"
-                return await self._finish(ctx, memory, text)
+                return await self._finish(ctx, run, text)
         # Out of steps: one last call with tools disabled, so the run still ends with an answer.
         step = self._new_step(ctx, "forced_final")
         ctx.add(Message.user(FORCED_FINAL_PROMPT.format(max_steps=self.max_steps)))
-        response = await self._call_llm(ctx, memory, step, "none")
+        response = await self._call_llm(ctx, run, step, "none")
         text = (response.content or "").strip()
         ctx.add(Message.assistant(text))
         if not text:
@@ -347,7 +495,7 @@ class Agent:
                 status=RunStatus.FAILED,
                 error=f"No final answer after max_steps={self.max_steps}; raise max_steps or simplify the goal.",
             )
-        return await self._finish(ctx, memory, text)
+        return await self._finish(ctx, run, text)
 
     def _refuse_tool_calls(self, ctx: RunContext, step: Step, refused: Sequence[ToolCall]) -> RunResult:
         """End the run at the tool-call budget, without running the calls beyond it.
@@ -373,7 +521,7 @@ class Agent:
             ),
         )
 
-    async def _finish(self, ctx: RunContext, memory: Memory | None, text: str) -> RunResult:
+    async def _finish(self, ctx: RunContext, run: _Run, text: str) -> RunResult:
         if self.output_type is None:
             return RunResult(status=RunStatus.COMPLETED, output=text)
         schema = json.dumps(self.output_type.model_json_schema())
@@ -386,7 +534,7 @@ class Agent:
         await ctx.emit("error", {"error": f"final answer did not validate: {error}", "retrying": True})
         step = self._new_step(ctx, "output_retry")
         ctx.add(Message.user(OUTPUT_RETRY_PROMPT.format(error=error, schema=schema)))
-        response = await self._call_llm(ctx, memory, step, "none")
+        response = await self._call_llm(ctx, run, step, "none")
         retry = (response.content or "").strip()
         ctx.add(Message.assistant(retry))
         try:
@@ -404,42 +552,87 @@ class Agent:
                 ),
             )
 
-    async def _run_tools(self, ctx: RunContext, calls: Sequence[ToolCall]) -> list[ToolResult]:
+    async def _run_tools(self, ctx: RunContext, run: _Run, calls: Sequence[ToolCall]) -> list[ToolResult]:
         results: list[ToolResult | None] = [None] * len(calls)
+        first = run.journal.tool_calls + 1  # ordinals in the model's order, however the calls interleave
+        run.journal.tool_calls += len(calls)
 
         async def run_one(index: int, call: ToolCall) -> None:
-            await ctx.emit("tool_call", {"id": call.id, "name": call.name, "arguments": call.arguments})
-            result = await self._call_tool(ctx, call)
-            results[index] = result
-            await ctx.emit("tool_result", result.model_dump(mode="json"))
+            results[index] = await self._run_tool(ctx, run, call, first + index)
 
         if self.planner.parallel_tool_calls and len(calls) > 1:
-            async with anyio.create_task_group() as tg:
-                for i, c in enumerate(calls):
-                    tg.start_soon(run_one, i, c)
+            try:
+                async with anyio.create_task_group() as tg:
+                    for i, c in enumerate(calls):
+                        tg.start_soon(run_one, i, c)
+            except ExceptionGroup as group:
+                raise _first_leaf(group) from None
         else:
             for i, c in enumerate(calls):
                 await run_one(i, c)
         return [r for r in results if r is not None]
 
-    async def _call_tool(self, ctx: RunContext, call: ToolCall) -> ToolResult:
-        """Run one call with its progress sink installed for the tools (and MCP callers) it uses."""
-        if self.on_event is None:
-            return await self._invoke_tool(call)
-        step = ctx.step
+    async def _run_tool(self, ctx: RunContext, run: _Run, call: ToolCall, ordinal: int) -> ToolResult:
+        """The one place a tool call happens: replayed if journaled, else journaled around its run.
 
-        async def emit(data: dict[str, Any]) -> None:
-            await self._emit("progress", step, data)
-
-        progress = ToolProgress(emit, tool=call.name, call_id=call.id, interval_s=self.progress_interval_s)
-        token = set_current_progress(progress)
-        try:
-            result = await self._invoke_tool(call)
-            await progress.finish()  # before the tool_result event, so progress never follows it
-        finally:
-            progress.close()
-            reset_current_progress(token)
+        Fresh: append ``tool_started``, emit ``tool_call``, run, append ``tool_finished``, emit
+        ``tool_result``. Finished earlier: the recorded result, no event. Started but not finished
+        (the earlier run died during it): re-run if ``rerun_interrupted`` says so, else the
+        interrupted observation, journaled so a second restart does not ask again.
+        """
+        journal, step = run.journal, ctx.step
+        started = journal.take("tool_started", ordinal)
+        finished = journal.take("tool_finished", ordinal)
+        if started is not None or finished is not None:
+            was: ToolCall | None = _recorded(started, started.call) if started is not None else None
+            done: ToolResult | None = _recorded(finished, finished.result) if finished is not None else None
+            name = was.name if was is not None else done.name if done is not None else call.name
+            if name != call.name or (was is not None and was.arguments != call.arguments):
+                raise JournalError(
+                    f"The journal does not match this run: tool call {ordinal} was recorded as {name!r}"
+                    + (f" with {json.dumps(was.arguments)}" if was is not None else "")
+                    + f", this run asks for {call.name!r} with {json.dumps(call.arguments)}. Resume with "
+                    "the agent (tools, planner, prompts) and goal that wrote the journal."
+                )
+            if done is not None:
+                return done
+        if started is None:
+            await journal.append(JournalEntry.tool_started(ordinal, step, call))
+            await ctx.emit("tool_call", {"id": call.id, "name": call.name, "arguments": call.arguments})
+        elif not await decide_rerun(self.rerun_interrupted, call, self.tools.get(call.name)):
+            result = ToolResult(call_id=call.id, name=call.name, is_error=True, content=INTERRUPTED_MESSAGE)
+            await journal.append(JournalEntry.tool_finished(ordinal, step, result))
+            await ctx.emit("tool_result", result.model_dump(mode="json"))
+            return result
+        result = await self._call_tool(ctx, call, journal.call_key(step, ordinal))
+        await journal.append(JournalEntry.tool_finished(ordinal, step, result))
+        await ctx.emit("tool_result", result.model_dump(mode="json"))
         return result
+
+    async def _call_tool(self, ctx: RunContext, call: ToolCall, key: str) -> ToolResult:
+        """Run one call with its key and progress sink installed for the tools (and MCP callers)."""
+        key_token = set_current_call_key(key)
+        try:
+            if self.on_event is None:
+                return await self._invoke_tool(call)
+            step = ctx.step
+
+            async def emit(data: dict[str, Any]) -> None:
+                await self._emit("progress", step, data)
+
+            progress = ToolProgress(
+                emit, tool=call.name, call_id=call.id, interval_s=self.progress_interval_s
+            )
+            token = set_current_progress(progress)
+            try:
+                result = await self._invoke_tool(call)
+                await progress.finish()  # before the tool_result event, so progress never follows it
+            finally:
+                progress.close()
+                reset_current_progress(token)
+            return result
+        finally:
+            reset_current_call_key(key_token)
 
     async def _invoke_tool(self, call: ToolCall) -> ToolResult:
         if self.tool_timeout_s is None:
@@ -452,6 +645,14 @@ class Agent:
             is_error=True,
             content=f"Tool {call.name} did not finish within {self.tool_timeout_s}s; try other arguments or another tool.",
         )
+
+
+def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The exception to raise for a failed group of concurrent tool calls (a journal error first)."""
+    journal_errors = group.subgroup(JournalError)
+    chosen = journal_errors if journal_errors is not None else group
+    first = chosen.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)

@@ -8,6 +8,14 @@ Progress: when an agent runs a proxy or flat tool, ``call_tool`` gets a ``progre
 keyword (the call's ``ToolProgress``, see ``agentkit.progress``); pass it to the ``mcp`` session's
 ``call_tool`` and the downstream server's progress notifications become ``progress`` agent
 events. A caller whose ``call_tool`` has no such keyword still works, without progress.
+
+Idempotency: every call also gets ``meta={IDEMPOTENCY_META_KEY: key}`` (the call's
+``agentkit.current_call_key()``, stable across a resumed run); pass it to the session's
+``call_tool(meta=...)`` so the downstream server sees it in the request's ``_meta`` and can
+de-duplicate. Callers without a ``meta`` keyword still work, without the key. The flat tools
+take ``Tool.idempotent`` from the downstream tool's annotations, and the proxy answers
+``idempotent_for(call)`` from the annotations of the tool a call targets, so a resumed run knows
+which interrupted calls it may repeat.
 """
 
 from __future__ import annotations
@@ -21,8 +29,10 @@ from typing import Any, Protocol, runtime_checkable
 import mcp.types as mcp_types
 
 from agentkit.errors import ToolError
+from agentkit.journal import IDEMPOTENCY_META_KEY, current_call_key
+from agentkit.llm.base import ToolCall
 from agentkit.progress import ProgressCallback, current_progress
-from agentkit.tools import Tool, ToolResult
+from agentkit.tools import Tool, ToolHandler, ToolResult
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +46,10 @@ class McpCaller(Protocol):
     down, unknown tool); the proxy turns it into an error observation for the model.
 
     ``progress_callback``, when given, should receive the downstream server's progress
-    notifications for this call (the ``mcp`` SDK's ``call_tool`` takes the same keyword).
+    notifications for this call; ``meta``, when given, is the request's ``_meta`` (it carries
+    ``IDEMPOTENCY_META_KEY``). The ``mcp`` SDK's ``call_tool`` takes both keywords. Both are
+    optional for implementations: the tools pass only the keywords ``call_tool`` accepts.
+    ``list_tools`` also gives the annotations the tools read idempotency from.
     """
 
     async def list_tools(self, server: str) -> list[mcp_types.Tool]: ...
@@ -48,16 +61,33 @@ class McpCaller(Protocol):
         arguments: dict[str, Any],
         *,
         progress_callback: ProgressCallback | None = None,
+        meta: dict[str, Any] | None = None,
     ) -> mcp_types.CallToolResult: ...
 
 
-def _takes_progress(caller: McpCaller) -> bool:
-    """Whether ``caller.call_tool`` accepts ``progress_callback`` (callers older than it do not)."""
+def _takes(caller: McpCaller, keyword: str) -> bool:
+    """Whether ``caller.call_tool`` accepts ``keyword`` (callers written before it do not)."""
     try:
         parameters = inspect.signature(caller.call_tool).parameters.values()
     except (TypeError, ValueError):
         return False
-    return any(p.name == "progress_callback" or p.kind is p.VAR_KEYWORD for p in parameters)
+    return any(p.name == keyword or p.kind is p.VAR_KEYWORD for p in parameters)
+
+
+def idempotent_from_annotations(annotations: mcp_types.ToolAnnotations | None) -> bool | None:
+    """``Tool.idempotent`` from MCP tool annotations: what a resumed run may safely repeat.
+
+    ``idempotentHint`` or ``readOnlyHint`` true means repeating is harmless (``True``); either
+    explicitly false, with neither true, means it may not be (``False``); no hint is ``None``.
+    """
+    if annotations is None:
+        return None
+    hints = (annotations.idempotent_hint, annotations.read_only_hint)
+    if True in hints:
+        return True
+    if False in hints:
+        return False
+    return None
 
 
 def _describe_resource(resource: mcp_types.TextResourceContents | mcp_types.BlobResourceContents) -> str:
@@ -107,17 +137,57 @@ def result_from_mcp(result: mcp_types.CallToolResult, *, server: str = "", tool:
 
 async def _call(caller: McpCaller, server: str, tool: str, arguments: dict[str, Any]) -> ToolResult:
     progress = current_progress()
+    key = current_call_key()
+    options: dict[str, Any] = {}
+    if progress is not None and _takes(caller, "progress_callback"):
+        options["progress_callback"] = progress
+    if key is not None and _takes(caller, "meta"):
+        options["meta"] = {IDEMPOTENCY_META_KEY: key}
     try:
-        if progress is not None and _takes_progress(caller):
-            result = await caller.call_tool(server, tool, arguments, progress_callback=progress)
-        else:
-            result = await caller.call_tool(server, tool, arguments)
+        result = await caller.call_tool(server, tool, arguments, **options)
     except Exception as exc:
         raise ToolError(
             f"calling {tool!r} on MCP server {server!r} failed: {type(exc).__name__}: {exc}. "
             "Check the server and tool names, or try another tool."
         ) from exc
     return result_from_mcp(result, server=server, tool=tool)
+
+
+class _ProxyTool(Tool):
+    """The proxy tool: its idempotency is that of the downstream tool each call targets."""
+
+    def __init__(self, caller: McpCaller, handler: ToolHandler) -> None:
+        super().__init__(
+            PROXY_TOOL_NAME,
+            "Call a tool on a downstream MCP server. Give the server name, the tool name and the "
+            "tool's arguments as an object.",
+            {
+                "type": "object",
+                "properties": {
+                    "server": {"type": "string", "description": "Name of the MCP server."},
+                    "tool": {"type": "string", "description": "Name of the tool on that server."},
+                    "arguments": {"type": "object", "description": "Arguments for the tool."},
+                },
+                "required": ["server", "tool"],
+            },
+            handler,
+        )
+        self.caller = caller
+
+    async def idempotent_for(self, call: ToolCall) -> bool | None:
+        """The target tool's annotations, listed through the caller; ``None`` if it cannot say."""
+        server, name = call.arguments.get("server"), call.arguments.get("tool")
+        if not isinstance(server, str) or not isinstance(name, str):
+            return None
+        try:
+            listed = await self.caller.list_tools(server)
+        except Exception as exc:
+            log.warning("cannot list the tools of MCP server %r to decide a re-run: %s", server, exc)
+            return None
+        for downstream in listed:
+            if downstream.name == name:
+                return idempotent_from_annotations(downstream.annotations)
+        return None
 
 
 def mcp_proxy_tool(caller: McpCaller) -> Tool:
@@ -142,21 +212,7 @@ def mcp_proxy_tool(caller: McpCaller) -> Tool:
             raise ToolError(f'"arguments" must be an object, got {type(arguments).__name__}.')
         return await _call(caller, server, name, arguments)
 
-    return Tool(
-        PROXY_TOOL_NAME,
-        "Call a tool on a downstream MCP server. Give the server name, the tool name and the tool's "
-        "arguments as an object.",
-        {
-            "type": "object",
-            "properties": {
-                "server": {"type": "string", "description": "Name of the MCP server."},
-                "tool": {"type": "string", "description": "Name of the tool on that server."},
-                "arguments": {"type": "object", "description": "Arguments for the tool."},
-            },
-            "required": ["server", "tool"],
-        },
-        handler,
-    )
+    return _ProxyTool(caller, handler)
 
 
 def flat_tool_name(server: str, tool: str) -> str:
@@ -182,7 +238,13 @@ def _flat_tool(caller: McpCaller, server: str, downstream: mcp_types.Tool) -> To
         return await _call(caller, server, tool_name, values)
 
     description = downstream.description or downstream.title or f"{tool_name} on {server}"
-    return Tool(flat_tool_name(server, tool_name), f"[{server}] {description}", schema, handler)
+    return Tool(
+        flat_tool_name(server, tool_name),
+        f"[{server}] {description}",
+        schema,
+        handler,
+        idempotent=idempotent_from_annotations(downstream.annotations),
+    )
 
 
 async def expand_server_tools(

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from agentkit.errors import AgentConfigError
-from agentkit.llm.base import LLM, Message, ToolChoice
+from agentkit.llm.base import LLM, Message, ToolCall, ToolChoice
 from agentkit.result import EventKind, Step
-from agentkit.tools import ToolRegistry
+from agentkit.tools import ToolRegistry, ToolResult
 
 
 @dataclass
@@ -33,6 +33,13 @@ class RunContext:
     step: int = 0
     state: dict[str, Any] = field(default_factory=dict)
     """Per-run scratch space, so one planner instance can serve concurrent runs."""
+    failure: str | None = None
+    """Set by ``fail``: the run ends ``failed`` with this error after the planner hook returns."""
+
+    def fail(self, error: str) -> None:
+        """End the run ``failed`` with ``error`` once the current hook (``begin``, ``after_tools``)
+        returns: for a planner that sees more steps cannot help (a call that keeps failing)."""
+        self.failure = error
 
     def add(self, message: Message) -> None:
         """Append a message to the transcript and to the current step's record."""
@@ -78,7 +85,9 @@ class ReActPlanner:
       model must answer from what it has;
     * ``stop_repeated_calls`` (on by default): a step that repeats an earlier call exactly (same
       tool, same arguments) withdraws the tools for the next step, because a model that loops on
-      a call it has already seen answered will not stop by itself.
+      a call it has already seen answered will not stop by itself. If those calls only ever
+      failed, the run fails with the last error instead: an answer written without the result
+      would hide a broken tool (a frozen server's timeouts) behind a "completed" run.
     """
 
     def __init__(
@@ -95,7 +104,7 @@ class ReActPlanner:
         self.stop_repeated_calls = stop_repeated_calls
 
     async def begin(self, ctx: RunContext) -> None:
-        ctx.state.update(rounds=0, seen=set(), answer_now=False)
+        ctx.state.update(rounds=0, seen=set(), succeeded=set(), answer_now=False)
 
     def tool_choice(self, ctx: RunContext) -> ToolChoice:
         if not len(ctx.tools):
@@ -109,10 +118,19 @@ class ReActPlanner:
     async def after_tools(self, ctx: RunContext, step: Step) -> None:
         ctx.state["rounds"] = ctx.state.get("rounds", 0) + 1
         seen: set[str] = ctx.state.setdefault("seen", set())
-        keys = {f"{c.name}:{json.dumps(c.arguments, sort_keys=True)}" for c in step.tool_calls}
+        succeeded: set[str] = ctx.state.setdefault("succeeded", set())
+        keys = {_call_key(c.name, c.arguments) for c in step.tool_calls}
         repeated = self.stop_repeated_calls and bool(keys) and keys <= seen
         seen.update(keys)
-        if repeated:
+        succeeded.update(_call_key(c.name, c.arguments) for c, r in _paired(step) if not r.is_error)
+        if repeated and step.tool_results and not keys & succeeded:
+            last = step.tool_results[-1]
+            count = sum(1 for s in ctx.steps for c in s.tool_calls if _call_key(c.name, c.arguments) in keys)
+            ctx.fail(
+                f"The same call to {last.name} kept failing ({count} identical calls, none succeeded); "
+                f"the last said: {last.content[:500]}. Check that tool's server and arguments, then retry."
+            )
+        elif repeated:
             ctx.state["answer_now"] = True
             ctx.add(
                 Message.user("You already have that result. Answer the goal now, without calling a tool.")
@@ -124,6 +142,16 @@ class ReActPlanner:
 
     async def accept_answer(self, ctx: RunContext, text: str) -> bool:
         return True
+
+
+def _call_key(name: str, arguments: dict[str, Any]) -> str:
+    return f"{name}:{json.dumps(arguments, sort_keys=True)}"
+
+
+def _paired(step: Step) -> list[tuple[ToolCall, ToolResult]]:
+    """A step's calls with their results, matched by call id (results may be fewer: refused)."""
+    by_id = {r.call_id: r for r in step.tool_results}
+    return [(c, by_id[c.id]) for c in step.tool_calls if c.id in by_id]
 
 
 PLAN_PROMPT = (

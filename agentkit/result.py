@@ -52,6 +52,8 @@ class RunResult(BaseModel):
     usage: Usage = Field(default_factory=Usage)
     messages: list[Message] = Field(default_factory=list)
     """The full transcript, system prompt and goal included."""
+    warnings: list[str] = Field(default_factory=list)
+    """What a ``completed`` run's answer should be read with, e.g. that every tool call failed."""
 
     @property
     def ok(self) -> bool:

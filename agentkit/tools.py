@@ -44,7 +44,12 @@ class ToolResult(BaseModel):
 
 
 class Tool:
-    """A callable with a name, a description and a JSON schema, ready to offer to a model."""
+    """A callable with a name, a description and a JSON schema, ready to offer to a model.
+
+    ``idempotent`` says whether running the same call twice has the effect of running it once
+    (``None``: unknown). An agent resuming a run re-runs a call that was in flight at the restart
+    only when it is ``True`` (see ``agentkit.journal``), so leave it ``None`` unless you know.
+    """
 
     def __init__(
         self,
@@ -54,6 +59,7 @@ class Tool:
         handler: ToolHandler,
         *,
         args_model: type[BaseModel] | None = None,
+        idempotent: bool | None = None,
     ) -> None:
         if not _TOOL_NAME.match(name):
             raise ToolDefinitionError(
@@ -64,12 +70,18 @@ class Tool:
         self.parameters = parameters
         self._handler = handler
         self.args_model = args_model
+        self.idempotent = idempotent
 
     def __repr__(self) -> str:
         return f"Tool({self.name!r})"
 
     def definition(self) -> ToolDefinition:
         return ToolDefinition(name=self.name, description=self.description, parameters=self.parameters)
+
+    async def idempotent_for(self, call: ToolCall) -> bool | None:
+        """Whether this particular call is idempotent; ``idempotent`` unless a subclass knows
+        better (``mcp_proxy_tool`` asks the downstream tool the call targets)."""
+        return self.idempotent
 
     async def invoke(self, arguments: dict[str, Any], *, call_id: str = "") -> ToolResult:
         """Run the tool; never raises except for cancellation."""
@@ -212,7 +224,9 @@ def _argument_hints(fn: Callable[..., Any], tool_name: str) -> dict[str, Any]:
     return hints
 
 
-def _from_function(fn: Callable[..., Any], name: str | None, description: str | None) -> Tool:
+def _from_function(
+    fn: Callable[..., Any], name: str | None, description: str | None, idempotent: bool | None = None
+) -> Tool:
     tool_name = name or fn.__name__
     summary, arg_docs = parse_docstring(fn.__doc__)
     hints = _argument_hints(fn, tool_name)
@@ -245,26 +259,41 @@ def _from_function(fn: Callable[..., Any], name: str | None, description: str | 
             # cancelled run return at once instead of waiting for the thread.
             return await anyio.to_thread.run_sync(partial(fn, **values), abandon_on_cancel=True)
 
-    return Tool(tool_name, description or summary, parameters, handler, args_model=args_model)
+    return Tool(
+        tool_name, description or summary, parameters, handler, args_model=args_model, idempotent=idempotent
+    )
 
 
-@overload
-def tool(fn: Callable[..., Any], /) -> Tool: ...
 @overload
 def tool(
-    *, name: str | None = None, description: str | None = None
+    fn: Callable[..., Any],
+    /,
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    idempotent: bool | None = None,
+) -> Tool: ...
+@overload
+def tool(
+    *, name: str | None = None, description: str | None = None, idempotent: bool | None = None
 ) -> Callable[[Callable[..., Any]], Tool]: ...
 def tool(
-    fn: Callable[..., Any] | None = None, /, *, name: str | None = None, description: str | None = None
+    fn: Callable[..., Any] | None = None,
+    /,
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    idempotent: bool | None = None,
 ) -> Tool | Callable[[Callable[..., Any]], Tool]:
     """Turn an async or sync function into a ``Tool``: ``@tool`` or ``@tool(name=..., description=...)``.
 
     Argument types come from the type hints, descriptions from the docstring's ``Args:`` section
     (or ``:param x:`` lines). The returned ``Tool`` is still directly awaitable through ``invoke``.
+    ``idempotent=True`` lets a resumed run re-run a call of it that a restart interrupted.
     """
     if fn is not None:
-        return _from_function(fn, name, description)
-    return lambda f: _from_function(f, name, description)
+        return _from_function(fn, name, description, idempotent)
+    return lambda f: _from_function(f, name, description, idempotent)
 
 
 class ToolRegistry:

@@ -135,3 +135,66 @@ async def test_plan_and_execute_treats_early_text_as_a_step_result() -> None:
     result = await Agent(llm, [lookup], planner="plan_and_execute").run("x")
     assert result.output == "final"
     assert "Now carry out step 2: Answer" in (llm.calls[2].messages[-1].content or "")
+
+
+@tool
+def frozen(query: str) -> str:
+    """A tool whose server stopped answering."""
+    raise ToolError(f"the server did not answer {query!r} within 5s")
+
+
+async def test_react_fails_the_run_when_the_repeated_call_kept_failing() -> None:
+    # Before: the guard withdrew the tools and the model wrote an answer with no tool result,
+    # so a frozen server's tasks ended "completed".
+    llm = ScriptedLLM([call("frozen", query="q"), call("frozen", query="q"), "made up"])
+    events: list[AgentEvent] = []
+
+    async def on_event(event: AgentEvent) -> None:
+        events.append(event)
+
+    result = await Agent(llm, [frozen], on_event=on_event).run("ask")
+    assert result.status is RunStatus.FAILED
+    assert (result.error or "").startswith(
+        "The same call to frozen kept failing (2 identical calls, none succeeded); the last said: "
+        "Tool frozen failed: the server did not answer 'q' within 5s."
+    )
+    assert len(llm.calls) == 2  # no final answer was asked for
+    assert events[-1].kind == "error" and events[-1].data["error"] == result.error
+
+
+async def test_react_answers_when_a_repeated_call_had_succeeded_before() -> None:
+    outcomes = iter(["Paris", None])
+
+    @tool
+    def flaky(key: str) -> str:
+        """Works once, then fails."""
+        value = next(outcomes)
+        if value is None:
+            raise ToolError("temporarily unavailable")
+        return value
+
+    llm = ScriptedLLM([call("flaky", key="capital"), call("flaky", key="capital"), "Paris"])
+    result = await Agent(llm, [flaky]).run("capital?")
+    assert result.status is RunStatus.COMPLETED and result.output == "Paris"
+    assert result.warnings == []  # one call succeeded
+
+
+async def test_a_completed_run_whose_every_tool_call_failed_carries_a_warning() -> None:
+    events: list[AgentEvent] = []
+
+    async def on_event(event: AgentEvent) -> None:
+        events.append(event)
+
+    llm = ScriptedLLM([call("lookup", key="a"), call("lookup", key="b"), "no idea"])
+    result = await Agent(llm, [lookup], on_event=on_event).run("look up")
+    assert result.status is RunStatus.COMPLETED and result.output == "no idea"
+    warning = "every tool call failed; the answer was written without any tool result"
+    assert result.warnings == [warning]
+    assert events[-1].kind == "final" and events[-1].data["warnings"] == [warning]
+
+    events.clear()
+    llm = ScriptedLLM([call("lookup", key="a"), call("lookup", key="capital"), "Paris"])
+    result = await Agent(llm, [lookup], on_event=on_event).run("look up")
+    assert result.warnings == [] and events[-1].data["warnings"] == []
+    result = await Agent(ScriptedLLM(["no tools needed"]), [lookup]).run("hi")
+    assert result.warnings == []  # no tool call at all is not a failed one

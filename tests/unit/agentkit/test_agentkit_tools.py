@@ -186,3 +186,25 @@ def test_tool_definition_is_openai_shaped() -> None:
     assert spec["function"]["name"] == "add"
     assert spec["function"]["parameters"]["properties"]["a"]["type"] == "integer"
     assert isinstance(add, Tool)
+
+
+async def test_tools_say_whether_they_are_idempotent() -> None:
+    @tool(idempotent=True)
+    def read(path: str) -> str:
+        """Read a file."""
+        return path
+
+    @tool
+    def send(to: str) -> str:
+        """Send an email."""
+        return to
+
+    async def handler(values: dict[str, object]) -> str:
+        return "charged"
+
+    charge = Tool("charge", "Charge a card.", {"type": "object", "properties": {}}, handler, idempotent=False)
+    assert (read.idempotent, send.idempotent, charge.idempotent) == (True, None, False)
+    call = ToolCall(id="1", name="read", arguments={"path": "a"})
+    assert await read.idempotent_for(call) is True
+    assert await send.idempotent_for(call) is None
+    assert await charge.idempotent_for(call) is False

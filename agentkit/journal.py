@@ -1,0 +1,166 @@
+"""The step journal: what a run has already done, so a restarted run does not do it again.
+
+A run is a fold over its journal. Every model response and every tool call's start and outcome
+is appended as a ``JournalEntry`` before the agent acts on it; a run given a journal that
+already holds entries replays them (no model call, no tool call) and so reaches the same state
+as the run that wrote them, then continues with the first fact that is not there. A host that
+stores the journal next to its task (opspawn keeps it in its SQL store) can therefore kill a
+worker at any point and resume on another without repeating finished work.
+
+A tool call that was started but never finished (the process died while it ran) has an unknown
+effect: it is re-run only when the tool is known to be idempotent (``rerun_if_idempotent``, the
+default policy), otherwise the model is told so (``INTERRUPTED_MESSAGE``). Every tool call also
+gets a key that is stable across restarts (``current_call_key()``), which the MCP tools send
+downstream as ``_meta[IDEMPOTENCY_META_KEY]`` so a server can de-duplicate a repeated call.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextvars import ContextVar
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, Field
+
+from agentkit.errors import AgentKitError
+from agentkit.llm.base import LLMResponse, ToolCall
+from agentkit.tools import Tool, ToolResult
+
+IDEMPOTENCY_META_KEY = "io.opspawn/idempotency-key"
+"""The ``_meta`` entry of a downstream MCP ``tools/call`` that carries the call's key."""
+
+INTERRUPTED_MESSAGE = (
+    "This call was interrupted (the run was restarted while it was in flight); its effect is "
+    "unknown. Check before repeating it."
+)
+"""The error observation of an interrupted call that is not re-run."""
+
+EntryKind = Literal["llm", "tool_started", "tool_finished"]
+
+
+class JournalEntry(BaseModel):
+    """One fact of a run.
+
+    ``ordinal`` counts per family and is 1-based: the nth model call of the run for ``"llm"``
+    (planner and memory calls included), the nth tool call for ``"tool_started"`` and
+    ``"tool_finished"``. ``step`` is the agent step the fact belongs to (0 before the first step,
+    e.g. a plan). ``data`` is JSON: the whole ``LLMResponse`` for ``"llm"``, the ``ToolCall`` for
+    ``"tool_started"`` and the whole ``ToolResult`` for ``"tool_finished"``. ``(kind, ordinal)`` is
+    unique within a run; a store can key rows by it.
+    """
+
+    kind: EntryKind
+    ordinal: int = Field(ge=1)
+    step: int = Field(ge=0)
+    data: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """``"llm:3"`` or ``"tool:5"`` (a tool call's started and finished entries share it)."""
+        return f"{'llm' if self.kind == 'llm' else 'tool'}:{self.ordinal}"
+
+    @classmethod
+    def llm(cls, ordinal: int, step: int, response: LLMResponse) -> JournalEntry:
+        return cls(kind="llm", ordinal=ordinal, step=step, data=response.model_dump(mode="json"))
+
+    @classmethod
+    def tool_started(cls, ordinal: int, step: int, call: ToolCall) -> JournalEntry:
+        return cls(kind="tool_started", ordinal=ordinal, step=step, data=call.model_dump(mode="json"))
+
+    @classmethod
+    def tool_finished(cls, ordinal: int, step: int, result: ToolResult) -> JournalEntry:
+        return cls(kind="tool_finished", ordinal=ordinal, step=step, data=result.model_dump(mode="json"))
+
+    def response(self) -> LLMResponse:
+        """The recorded model response of an ``"llm"`` entry."""
+        return LLMResponse.model_validate(self.data)
+
+    def call(self) -> ToolCall:
+        """The recorded call of a ``"tool_started"`` entry."""
+        return ToolCall.model_validate(self.data)
+
+    def result(self) -> ToolResult:
+        """The recorded outcome of a ``"tool_finished"`` entry."""
+        return ToolResult.model_validate(self.data)
+
+
+@runtime_checkable
+class Journal(Protocol):
+    """Where a run's facts are kept. ``load`` is called once when the run starts; ``append`` once
+    per fresh fact, awaited before the agent emits the fact's event or acts on it.
+
+    ``append`` may hold the entry and write it together with the event that follows it (see the
+    order contract in docs/agentkit.md). An exception from either method stops the run with
+    ``JournalError``: a run that cannot record what it does must not go on doing it.
+    """
+
+    async def load(self) -> Sequence[JournalEntry]: ...
+
+    async def append(self, entry: JournalEntry) -> None: ...
+
+
+class MemoryJournal:
+    """A journal in a list (``entries``): for tests, and for checkpoints a host serialises itself."""
+
+    def __init__(self, entries: Iterable[JournalEntry] = ()) -> None:
+        self.entries: list[JournalEntry] = list(entries)
+
+    async def load(self) -> Sequence[JournalEntry]:
+        return list(self.entries)
+
+    async def append(self, entry: JournalEntry) -> None:
+        self.entries.append(entry)
+
+
+class JournalError(AgentKitError):
+    """The journal could not be read or written; ``Agent.run`` raises it instead of going on.
+
+    It is the one failure ``run`` does not turn into a ``RunResult``: the journal belongs to the
+    host (its store may be down), and a run whose facts are not recorded would be repeated on
+    resume. Leave the task to be resumed once the store is back.
+    """
+
+
+RerunPolicy = Callable[[ToolCall, Tool | None], "bool | Awaitable[bool]"]
+"""Decides whether a call started but not finished by an earlier run is run again."""
+
+
+async def rerun_if_idempotent(call: ToolCall, tool: Tool | None) -> bool:
+    """The default policy: re-run only a tool known to be idempotent for this call.
+
+    ``Tool.idempotent_for`` answers per call, so ``mcp_proxy_tool`` can look up the annotations
+    of the downstream tool the call targets; an unknown tool or unknown idempotency is not re-run.
+    """
+    if tool is None:
+        return False
+    return await tool.idempotent_for(call) is True
+
+
+async def decide_rerun(policy: RerunPolicy, call: ToolCall, tool: Tool | None) -> bool:
+    """Apply a policy that may be a plain function or a coroutine function."""
+    decision = policy(call, tool)
+    if inspect.isawaitable(decision):
+        decision = await decision
+    return bool(decision)
+
+
+_current_call_key: ContextVar[str | None] = ContextVar("agentkit_call_key", default=None)
+
+
+def current_call_key() -> str | None:
+    """The key of the tool call running in this context: ``"{run_id}:{step}:{ordinal}"``.
+
+    Without a ``run_id`` the run uses a fresh uuid in its place. The same run id gives the same key
+    to the same call after a restart, which is what lets a downstream server de-duplicate.
+    """
+    return _current_call_key.get()
+
+
+def set_current_call_key(key: str | None) -> Any:
+    """Install ``key`` for the current context; returns the token for ``reset_current_call_key``."""
+    return _current_call_key.set(key)
+
+
+def reset_current_call_key(token: Any) -> None:
+    _current_call_key.reset(token)
