@@ -44,8 +44,8 @@ class Scheduler:
         the recovery loop will enqueue it again. Raising here would tell the client the task was
         refused while it may still run.
         """
+        # ``create`` writes the ``queued`` state event in its own transaction: one round trip.
         task = await self._store.create(Task(spec=spec, principal=principal))
-        await self._store.append_event(task.id, "state", {"status": task.status.value})
         try:
             await self._enqueuer.enqueue(task.id)
         except Exception:

@@ -9,11 +9,33 @@ gets ``IllegalTransition``.
 from __future__ import annotations
 
 import builtins
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from opspawn_mcp.models import Task, TaskEvent, TaskPage, TaskStatus, Usage
+
+JournalKind = Literal["llm", "tool_started", "tool_finished"]
+
+
+class JournalRow(BaseModel):
+    """One stored journal entry: what the agent finished (or started) at one point of a run.
+
+    The fields are agentkit's ``JournalEntry`` (kind, ordinal, step, data) plus the ``attempt``
+    that wrote it, so a resumed attempt can tell its own entries from its predecessors'. The
+    key is ``(task, kind, ordinal)``: an entry is written once, and a second write of the same
+    key (a replay that forgot it was replaying) is a ``Conflict``, never a silent overwrite.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: JournalKind
+    ordinal: int = Field(ge=0)
+    step: int = Field(ge=0)
+    attempt: int = Field(default=0, ge=0)
+    data: dict[str, Any] = Field(default_factory=dict)
 
 
 class TaskStore(Protocol):
@@ -25,7 +47,10 @@ class TaskStore(Protocol):
     async def ping(self) -> None:
         """Raise ``Unavailable`` when the store cannot be reached (used by readiness checks)."""
 
-    async def create(self, task: Task) -> Task: ...
+    async def create(self, task: Task) -> Task:
+        """Insert the task and, in the same transaction, its first event (seq 1): the ``state``
+        event of its initial status, so no reader ever sees a task without it. Raises
+        ``Conflict`` for an id that exists."""
 
     async def get(self, task_id: str) -> Task:
         """Raise ``TaskNotFound`` for an unknown id."""
@@ -75,6 +100,12 @@ class TaskStore(Protocol):
     async def renew(self, task_id: str, owner: str, ttl_s: float) -> bool:
         """Extend the lease if ``owner`` still holds it; False means the task was lost."""
 
+    async def renew_many(self, leases: Mapping[str, str], ttl_s: float) -> set[str]:
+        """Extend every lease in ``leases`` (task id -> owner) in one statement: a worker process
+        renews all its running tasks in one round trip instead of one per task. Returns the ids
+        still held (running, same owner); a missing id was lost (cancelled, finished, taken
+        over or unknown)."""
+
     async def expired(self, now: datetime | None = None, limit: int = 100) -> builtins.list[Task]:
         """Running tasks whose lease expired before ``now``: the recovery loop re-runs them."""
 
@@ -86,6 +117,35 @@ class TaskStore(Protocol):
 
         Once the task is terminal only ``state`` events are accepted; anything else raises
         ``Conflict`` (checked under the same lock as the append, so it cannot race a cancel)."""
+
+    async def record(
+        self,
+        task_id: str,
+        owner: str,
+        kind: str,
+        data: dict[str, Any],
+        *,
+        steps: int,
+        usage: Usage,
+        entry: JournalRow | None = None,
+        entries: Sequence[JournalRow] = (),
+    ) -> TaskEvent | None:
+        """One agent event as one transaction, only while ``owner`` holds the running task:
+        append the event (as ``append_event``), store ``steps`` and ``usage`` (as
+        ``record_progress``) and insert the journal entries, ``entries`` then ``entry``.
+        ``entries`` carries facts that have no event of their own (agentkit's planner and
+        memory model calls), held until the next event so they cost no transaction.
+
+        Returns the event, or None when the task is not ``owner``'s running task any more
+        (cancelled, finished, or taken over): then nothing is written, and the caller stops.
+        A journal entry whose key exists raises ``Conflict`` and writes nothing either.
+        Raises ``TaskNotFound`` for an unknown id."""
+
+    async def journal(self, task_id: str) -> builtins.list[JournalRow]:
+        """The task's journal, each kind's entries in ordinal order. Ordinals count per kind
+        (as agentkit's do: the nth model call, the nth tool call), so the order across kinds
+        is not the run's chronology; entries of one ordinal come llm, tool_started,
+        tool_finished. Raises ``TaskNotFound`` for an unknown id."""
 
     async def events(
         self, task_id: str, after_seq: int = 0, limit: int = 1000

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -25,10 +25,13 @@ from opspawn_mcp.store._common import (
     check_log_open,
     decode_cursor,
     encode_cursor,
+    journal_conflict,
+    journal_order,
     lease_until,
     state_event,
     transition_values,
 )
+from opspawn_mcp.store.base import JournalRow
 
 
 class MemoryStore:
@@ -38,6 +41,7 @@ class MemoryStore:
         self._lock = asyncio.Lock()
         self._tasks: dict[str, Task] = {}
         self._events: dict[str, list[TaskEvent]] = {}
+        self._journal: dict[str, dict[tuple[str, int], JournalRow]] = {}
         self._closed = False
 
     async def start(self) -> None:
@@ -62,7 +66,9 @@ class MemoryStore:
                 raise Conflict(f"A task with id {task.id!r} already exists; create it with a new id.")
             stored = _normalised(task)
             self._tasks[stored.id] = stored
-            self._events.setdefault(stored.id, [])
+            self._events[stored.id] = []
+            self._journal[stored.id] = {}
+            self._append(stored.id, "state", state_event(stored.status, None))
             return stored.model_copy(deep=True)
 
     async def get(self, task_id: str) -> Task:
@@ -153,6 +159,17 @@ class MemoryStore:
             self._tasks[task_id] = task.model_copy(update={"lease_expires_at": until})
             return True
 
+    async def renew_many(self, leases: Mapping[str, str], ttl_s: float) -> set[str]:
+        async with self._lock:
+            until = lease_until(utcnow(), ttl_s)
+            held: set[str] = set()
+            for task_id, owner in leases.items():
+                task = self._tasks.get(task_id)
+                if task is not None and task.status is TaskStatus.RUNNING and task.lease_owner == owner:
+                    self._tasks[task_id] = task.model_copy(update={"lease_expires_at": until})
+                    held.add(task_id)
+            return held
+
     async def expired(self, now: datetime | None = None, limit: int = 100) -> builtins.list[Task]:
         check_limit(limit)
         cutoff = as_utc(now) if now is not None else utcnow()
@@ -177,6 +194,44 @@ class MemoryStore:
         async with self._lock:
             check_log_open(task_id, self._get(task_id).status, kind)
             return self._append(task_id, kind, data)
+
+    async def record(
+        self,
+        task_id: str,
+        owner: str,
+        kind: str,
+        data: dict[str, Any],
+        *,
+        steps: int,
+        usage: Usage,
+        entry: JournalRow | None = None,
+        entries: Sequence[JournalRow] = (),
+    ) -> TaskEvent | None:
+        check_kind(kind)
+        batch = [*entries, *([entry] if entry is not None else [])]
+        async with self._lock:
+            task = self._get(task_id)
+            if task.status is not TaskStatus.RUNNING or task.lease_owner != owner:
+                return None
+            journal = self._journal.setdefault(task_id, {})
+            seen = set(journal)
+            for row in batch:
+                if (row.kind, row.ordinal) in seen:
+                    raise journal_conflict(task_id, row.kind, row.ordinal)
+                seen.add((row.kind, row.ordinal))
+            # Every check is done: from here on all three writes happen, as in one transaction.
+            event = self._append(task_id, kind, data)
+            self._tasks[task_id] = task.model_copy(update={"steps": steps, "usage": usage.model_copy()})
+            for row in batch:
+                journal[(row.kind, row.ordinal)] = row.model_copy(deep=True)
+            return event
+
+    async def journal(self, task_id: str) -> builtins.list[JournalRow]:
+        async with self._lock:
+            self._get(task_id)
+            rows = list(self._journal.get(task_id, {}).values())
+        rows.sort(key=lambda r: journal_order(r.kind, r.ordinal))
+        return [r.model_copy(deep=True) for r in rows]
 
     def _append(self, task_id: str, kind: str, data: dict[str, Any]) -> TaskEvent:
         """Append under the caller's lock."""

@@ -10,6 +10,17 @@ instead of failing with "database is locked" half-way through a read-then-insert
 event ``seq``), and the file runs in WAL mode so readers do not block the writer.
 SQLite stores naive datetimes; ``UtcDateTime`` writes UTC and reads it back as aware UTC.
 
+Every append takes its ``seq`` from ``tasks.last_seq`` (``UPDATE ... SET last_seq = last_seq + 1
+RETURNING last_seq``), so the statement that numbers the event also takes the task's row lock
+that queues other appenders: no ``SELECT max(seq)`` and no separate ``FOR UPDATE``. The hot
+statements (get, record, claim, renew, the appends) are built once at import with bind
+parameters, so a call only binds values and hits SQLAlchemy's compiled cache.
+
+Pool: sized by ``opspawn.store`` (see ``open_store``), no ``pool_pre_ping`` (a round trip per
+checkout); a connection that died (PostgreSQL restarted) fails its first statement, SQLAlchemy
+invalidates the pool's connections of that generation, and idempotent calls retry once on a
+fresh one. A checkout that times out because every connection is busy is ``Unavailable``.
+
 PostgreSQL notes: a ``schema`` (``?schema=name`` or the keyword) is put on every
 connection's ``search_path``, so one server can host several isolated stores (tests use
 one per run). Schema creation and migrations run under an advisory lock, so twenty
@@ -19,13 +30,14 @@ workers starting at once migrate exactly once.
 from __future__ import annotations
 
 import builtins
+import functools
 import re
 import zlib
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -43,6 +55,7 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    bindparam,
     event,
     func,
     insert,
@@ -50,6 +63,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    tuple_,
     update,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -62,6 +76,7 @@ from sqlalchemy.exc import (
     InterfaceError,
     OperationalError,
 )
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.types import TypeDecorator
 
@@ -76,13 +91,22 @@ from opspawn_mcp.store._common import (
     check_log_open,
     decode_cursor,
     encode_cursor,
+    journal_conflict,
+    journal_order,
     lease_until,
     state_event,
     transition_values,
 )
+from opspawn_mcp.store.base import JournalRow
 
 SQLITE_BUSY_TIMEOUT_S: Final = 30.0
 PG_CONNECT_TIMEOUT_S: Final = 10.0
+DEFAULT_POOL_SIZE: Final = 12
+DEFAULT_POOL_TIMEOUT_S: Final = 30.0
+DEFAULT_POOL_RECYCLE_S: Final = 300.0
+# Renewals per statement: 2 bind parameters each, well inside SQLite's and asyncpg's limits.
+RENEW_CHUNK: Final = 1000
+_T = TypeVar("_T")
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
@@ -123,6 +147,8 @@ tasks = Table(
     Column("lease_owner", String),
     Column("lease_expires_at", UtcDateTime),
     Column("principal", String, nullable=False, server_default=LOCAL_PRINCIPAL),
+    # The seq of the task's newest event: appends bump it under the row lock (migration 3).
+    Column("last_seq", Integer, nullable=False, default=0, server_default="0"),
     # list(status=...) newest first, list() newest first, and the recovery loop's scan.
     Index("ix_tasks_status_created", "status", "created_at", "id"),
     Index("ix_tasks_created", "created_at", "id"),
@@ -141,6 +167,20 @@ task_events = Table(
     Column("kind", String(32), nullable=False),
     Column("data", _Json, nullable=False),
     PrimaryKeyConstraint("task_id", "seq", name="pk_task_events"),
+)
+
+task_journal = Table(
+    "task_journal",
+    metadata,
+    Column("task_id", String, ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("ordinal", Integer, nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("step", Integer, nullable=False),
+    Column("data", _Json, nullable=False),
+    Column("time", UtcDateTime, nullable=False),
+    # Written once: a second insert of one key is a replay bug, refused as Conflict.
+    PrimaryKeyConstraint("task_id", "kind", "ordinal", name="pk_task_journal"),
 )
 
 schema_version = Table(
@@ -180,10 +220,26 @@ def _migration_2(conn: Connection) -> None:
             conn.execute(update(tasks).where(tasks.c.id == task_id).values(spec=new_spec))
 
 
+def _migration_3(conn: Connection) -> None:
+    """Event numbers kept on the task row, and the step journal.
+
+    ``last_seq`` replaces ``SELECT max(seq)`` on every append; existing tasks get their current
+    maximum, so the next append continues their log without a gap. On a database migration 1
+    has just created the column is already there (and every task has no events yet).
+    """
+    columns = {c["name"] for c in inspect(conn).get_columns("tasks")}
+    if "last_seq" not in columns:
+        conn.execute(text("ALTER TABLE tasks ADD COLUMN last_seq INTEGER NOT NULL DEFAULT 0"))
+    newest = select(func.max(task_events.c.seq)).where(task_events.c.task_id == tasks.c.id).scalar_subquery()
+    conn.execute(update(tasks).values(last_seq=func.coalesce(newest, 0)))
+    task_journal.create(conn, checkfirst=True)
+
+
 # Append only: a released version's step never changes, a new one gets the next number.
 MIGRATIONS: Final = (
     (1, "tasks and task_events", _migration_1),
     (2, "task principals; model profiles by name", _migration_2),
+    (3, "tasks.last_seq; task_journal", _migration_3),
 )
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
 
@@ -230,21 +286,151 @@ def _to_event(row: Row[Any]) -> TaskEvent:
     return TaskEvent(task_id=m["task_id"], seq=m["seq"], time=m["time"], kind=m["kind"], data=m["data"])
 
 
-async def _insert_event(conn: AsyncConnection, task_id: str, kind: str, data: dict[str, Any]) -> TaskEvent:
-    """Append with seq = max + 1, inside a transaction that holds the task's row lock."""
-    last = (
-        await conn.execute(
-            select(func.coalesce(func.max(task_events.c.seq), 0)).where(task_events.c.task_id == task_id)
-        )
-    ).scalar_one()
-    row = (
-        await conn.execute(
-            insert(task_events)
-            .values(task_id=task_id, seq=int(last) + 1, time=utcnow(), kind=kind, data=data)
-            .returning(*task_events.c)
-        )
-    ).one()
-    return _to_event(row)
+def _b(name: str, column: Column[Any]) -> Any:
+    """A named bind parameter with its column's type (UTC conversion, JSON on each dialect)."""
+    return bindparam(name, type_=column.type)
+
+
+_RUNNING = TaskStatus.RUNNING.value
+_QUEUED = TaskStatus.QUEUED.value
+
+# The hot statements, built once: a call binds values and reuses the compiled form, instead of
+# building a statement and its cache key every time (most of the store's CPU before).
+_GET = select(tasks).where(tasks.c.id == bindparam("b_id"))
+_EXISTS = select(tasks.c.id).where(tasks.c.id == bindparam("b_id"))
+_STATUS = select(tasks.c.status).where(tasks.c.id == bindparam("b_id"))
+_INSERT_TASK = insert(tasks).returning(*tasks.c)
+_INSERT_EVENT = insert(task_events).values(
+    task_id=bindparam("b_id"),
+    seq=bindparam("b_seq"),
+    time=_b("b_time", task_events.c.time),
+    kind=bindparam("b_kind"),
+    data=_b("b_data", task_events.c.data),
+)
+# Numbers the next event and takes the row lock that queues the task's other appenders.
+_NEXT_SEQ = (
+    update(tasks)
+    .where(tasks.c.id == bindparam("b_id"))
+    .values(last_seq=tasks.c.last_seq + 1)
+    .returning(tasks.c.last_seq, tasks.c.status)
+)
+# record(): the guard (ours and running), the seq and the progress in one statement.
+_RECORD = (
+    update(tasks)
+    .where(
+        tasks.c.id == bindparam("b_id"),
+        tasks.c.status == _RUNNING,
+        tasks.c.lease_owner == bindparam("b_owner"),
+    )
+    .values(
+        last_seq=tasks.c.last_seq + 1,
+        steps=bindparam("b_steps"),
+        usage=_b("b_usage", tasks.c.usage),
+    )
+    .returning(tasks.c.last_seq)
+)
+_INSERT_JOURNAL = insert(task_journal).values(
+    task_id=bindparam("b_id"),
+    kind=bindparam("b_kind"),
+    ordinal=bindparam("b_ordinal"),
+    attempt=bindparam("b_attempt"),
+    step=bindparam("b_step"),
+    data=_b("b_data", task_journal.c.data),
+    time=_b("b_time", task_journal.c.time),
+)
+_JOURNAL = select(task_journal).where(task_journal.c.task_id == bindparam("b_id"))
+_CLAIM = (
+    update(tasks)
+    .where(
+        tasks.c.id == bindparam("b_id"),
+        tasks.c.attempts < bindparam("b_max"),
+        or_(
+            tasks.c.status == _QUEUED,
+            and_(
+                tasks.c.status == _RUNNING, tasks.c.lease_expires_at < _b("b_now", tasks.c.lease_expires_at)
+            ),
+        ),
+    )
+    .values(
+        status=_RUNNING,
+        lease_owner=bindparam("b_owner"),
+        lease_expires_at=_b("b_until", tasks.c.lease_expires_at),
+        attempts=tasks.c.attempts + 1,
+        started_at=_b("b_started", tasks.c.started_at),
+    )
+    .returning(*tasks.c)
+)
+_RENEW = (
+    update(tasks)
+    .where(
+        tasks.c.id == bindparam("b_id"),
+        tasks.c.status == _RUNNING,
+        tasks.c.lease_owner == bindparam("b_owner"),
+    )
+    .values(lease_expires_at=_b("b_until", tasks.c.lease_expires_at))
+)
+_RENEW_MANY = (
+    update(tasks)
+    .where(
+        tasks.c.status == _RUNNING,
+        tuple_(tasks.c.id, tasks.c.lease_owner).in_(bindparam("b_leases", expanding=True)),
+    )
+    .values(lease_expires_at=_b("b_until", tasks.c.lease_expires_at))
+    .returning(tasks.c.id)
+)
+_PROGRESS = (
+    update(tasks)
+    .where(tasks.c.id == bindparam("b_id"))
+    .values(steps=bindparam("b_steps"), usage=_b("b_usage", tasks.c.usage))
+)
+_EVENTS = (
+    select(task_events)
+    .where(task_events.c.task_id == bindparam("b_id"), task_events.c.seq > bindparam("b_after"))
+    .order_by(task_events.c.seq)
+    .limit(bindparam("b_limit", type_=Integer))
+)
+
+
+@functools.lru_cache(maxsize=256)
+def _transition_statement(allowed: tuple[str, ...], columns: tuple[str, ...], guarded: bool) -> Any:
+    """The compare-and-set of one transition shape (which statuses, which columns, owner or
+    not), built once per shape: there are a few dozen shapes, and transitions are hot."""
+    where = [tasks.c.id == bindparam("b_id"), tasks.c.status.in_(allowed)]
+    if guarded:
+        where.append(tasks.c.lease_owner == bindparam("b_owner"))
+    values: dict[str, Any] = {c: _b(f"b_{c}", tasks.c[c]) for c in columns}
+    values["last_seq"] = tasks.c.last_seq + 1
+    return update(tasks).where(*where).values(**values).returning(*tasks.c)
+
+
+async def _insert_event(
+    conn: AsyncConnection, task_id: str, seq: int, kind: str, data: dict[str, Any]
+) -> TaskEvent:
+    """Insert the event numbered ``seq``, which the caller took from ``last_seq`` under the row lock."""
+    now = utcnow()
+    await conn.execute(
+        _INSERT_EVENT, {"b_id": task_id, "b_seq": seq, "b_time": now, "b_kind": kind, "b_data": data}
+    )
+    return TaskEvent.model_validate({"task_id": task_id, "seq": seq, "time": now, "kind": kind, "data": data})
+
+
+def _retryable(exc: Unavailable, *, idempotent: bool) -> bool:
+    """Whether a fresh connection may simply run the transaction again.
+
+    Only when the connection turned out dead (server restarted, backend killed; SQLAlchemy has
+    then invalidated it and its generation). An idempotent body may always run again. Any other
+    body only when the driver refused before sending anything: asyncpg's "connection is closed"
+    comes from its own check ahead of every send, so the server never saw this transaction's
+    COMMIT and has rolled back whatever it did see. A connection lost mid-statement (maybe after
+    a COMMIT arrived) is the caller's call, because the write may have happened.
+    """
+    cause = exc.__cause__
+    if not isinstance(cause, DBAPIError) or not cause.connection_invalidated:
+        return False
+    if idempotent:
+        return True
+    original = getattr(cause.orig, "__cause__", None) or cause.orig
+    return type(original).__name__ == "InterfaceError" and str(original) == "connection is closed"
 
 
 class SqlStore:
@@ -254,7 +440,16 @@ class SqlStore:
     the connection pool. ``schema`` (PostgreSQL only) may also come as ``?schema=`` in the URL.
     """
 
-    def __init__(self, url: str, *, schema: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        schema: str | None = None,
+        pool_size: int = DEFAULT_POOL_SIZE,
+        max_overflow: int | None = None,
+        pool_timeout_s: float = DEFAULT_POOL_TIMEOUT_S,
+        pool_recycle_s: float = DEFAULT_POOL_RECYCLE_S,
+    ) -> None:
         try:
             parsed = make_url(url)
         except ArgumentError as exc:
@@ -293,15 +488,37 @@ class SqlStore:
         self._schema = schema
         self._sqlite = backend == "sqlite"
         self._engine: AsyncEngine | None = None
+        if pool_size < 1 or pool_timeout_s <= 0 or pool_recycle_s <= 0:
+            raise InvalidInput("The store pool needs pool_size >= 1 and positive timeout and recycle.")
+        self._pool_size = pool_size
+        # A little headroom for bursts (recovery, heartbeats), not a second pool.
+        self._max_overflow = max_overflow if max_overflow is not None else min(8, max(2, pool_size // 4))
+        self._pool_timeout_s = pool_timeout_s
+        self._pool_recycle_s = pool_recycle_s
 
     @property
     def schema(self) -> str | None:
         return self._schema
 
+    @property
+    def pool_size(self) -> int:
+        return self._pool_size
+
     def _where(self) -> str:
         """The database, password hidden, for messages."""
         where = self._url.render_as_string(hide_password=True)
         return f"{where} (schema {self._schema})" if self._schema else where
+
+    def _pool_args(self) -> dict[str, Any]:
+        """Pool sized to the work; no pre-ping (a round trip per checkout): stale connections are
+        recycled by age, and a dead one invalidates its generation on first use (see ``_run``)."""
+        return {
+            "pool_size": self._pool_size,
+            "max_overflow": self._max_overflow,
+            "pool_timeout": self._pool_timeout_s,
+            "pool_recycle": self._pool_recycle_s,
+            "pool_pre_ping": False,
+        }
 
     def _make_engine(self) -> AsyncEngine:
         if self._sqlite:
@@ -314,7 +531,9 @@ class SqlStore:
                     f"Cannot create the folder {str(folder)!r} for the task database: {exc.strerror or exc}. "
                     "Point store_url at a writable path."
                 ) from exc
-            engine = create_async_engine(self._url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+            engine = create_async_engine(
+                self._url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}, **self._pool_args()
+            )
             sync_engine = engine.sync_engine
 
             @event.listens_for(sync_engine, "connect")
@@ -337,11 +556,18 @@ class SqlStore:
         connect_args: dict[str, Any] = {"timeout": PG_CONNECT_TIMEOUT_S}
         if self._schema:
             connect_args["server_settings"] = {"search_path": self._schema}
-        return create_async_engine(self._url, connect_args=connect_args, pool_pre_ping=True)
+        return create_async_engine(self._url, connect_args=connect_args, **self._pool_args())
+
+    def _unavailable(self, exc: BaseException) -> Unavailable:
+        return Unavailable(
+            f"The task database {self._where()} cannot be reached or is busy: {_first_line(exc)}. "
+            "Check that it is running and store_url is right, then retry."
+        )
 
     @asynccontextmanager
     async def _tx(self, *, write: bool = True) -> AsyncIterator[AsyncConnection]:
-        """One transaction; a lost or unreachable database becomes ``Unavailable``."""
+        """One transaction; a lost or unreachable database, or a pool with no free connection,
+        becomes ``Unavailable`` (an outage the caller retries, never a bug that kills it)."""
         if self._engine is None:
             raise Unavailable("The task store is not started; call start() first.")
         try:
@@ -350,6 +576,13 @@ class SqlStore:
                     await conn.execution_options(opspawn_begin="IMMEDIATE")
                 async with conn.begin():
                     yield conn
+        except PoolTimeout as exc:
+            raise Unavailable(
+                f"The task database {self._where()} has no free connection: all "
+                f"{self._pool_size + self._max_overflow} are busy and none came free within "
+                f"{self._pool_timeout_s:g} s. Retry; if it persists raise opspawn.store.pool_size "
+                "or lower opspawn.worker.concurrency."
+            ) from exc
         except DBAPIError as exc:
             if _bad_value(exc):
                 raise InvalidInput(
@@ -358,15 +591,32 @@ class SqlStore:
                 ) from exc
             if not _unreachable(exc):
                 raise  # a bug in a statement, not an outage: let it show as one
-            raise Unavailable(
-                f"The task database {self._where()} cannot be reached or is busy: {_first_line(exc)}. "
-                "Check that it is running and store_url is right, then retry."
-            ) from exc
+            raise self._unavailable(exc) from exc
         except (OSError, TimeoutError) as exc:
-            raise Unavailable(
-                f"The task database {self._where()} cannot be reached or is busy: {_first_line(exc)}. "
-                "Check that it is running and store_url is right, then retry."
-            ) from exc
+            raise self._unavailable(exc) from exc
+
+    async def _run(
+        self,
+        body: Callable[[AsyncConnection], Awaitable[_T]],
+        *,
+        write: bool = False,
+        idempotent: bool = True,
+    ) -> _T:
+        """Run ``body`` in one transaction, and once more on a fresh connection if the first
+        turned out dead and running it again is safe (``_retryable``).
+
+        Without a pre-ping, the first statement on a connection the server dropped (a restart,
+        a killed backend) is what finds out; SQLAlchemy then invalidates that pool generation,
+        so the retry gets a fresh connection and the caller never sees the stale one.
+        """
+        try:
+            async with self._tx(write=write) as conn:
+                return await body(conn)
+        except Unavailable as exc:
+            if not _retryable(exc, idempotent=idempotent):
+                raise
+        async with self._tx(write=write) as conn:
+            return await body(conn)
 
     async def start(self) -> None:
         if self._engine is None:
@@ -386,13 +636,18 @@ class SqlStore:
             await engine.dispose()
 
     async def ping(self) -> None:
-        async with self._tx(write=False) as conn:
+        async def body(conn: AsyncConnection) -> None:
             await conn.execute(text("SELECT 1"))
+
+        await self._run(body)
 
     async def schema_version(self) -> int:
         """The version recorded in ``schema_version`` (0 if the table is empty)."""
-        async with self._tx(write=False) as conn:
+
+        async def body(conn: AsyncConnection) -> int:
             return int((await conn.execute(select(func.max(schema_version.c.version)))).scalar() or 0)
+
+        return await self._run(body)
 
     async def create(self, task: Task) -> Task:
         values = {
@@ -410,17 +665,26 @@ class SqlStore:
             "lease_owner": task.lease_owner,
             "lease_expires_at": task.lease_expires_at,
             "principal": task.principal,
+            "last_seq": 1,
         }
+
+        async def body(conn: AsyncConnection) -> Row[Any]:
+            row = (await conn.execute(_INSERT_TASK, values)).one()
+            # The first event in the same transaction: nobody sees the task without it.
+            await _insert_event(conn, task.id, 1, "state", state_event(task.status, None))
+            return row
+
         try:
-            async with self._tx() as conn:
-                row = (await conn.execute(insert(tasks).values(**values).returning(*tasks.c))).one()
+            row = await self._run(body, write=True, idempotent=False)
         except IntegrityError as exc:
             raise Conflict(f"A task with id {task.id!r} already exists; create it with a new id.") from exc
         return _to_task(row)
 
     async def get(self, task_id: str) -> Task:
-        async with self._tx(write=False) as conn:
-            row = (await conn.execute(select(tasks).where(tasks.c.id == task_id))).first()
+        async def body(conn: AsyncConnection) -> Row[Any] | None:
+            return (await conn.execute(_GET, {"b_id": task_id})).first()
+
+        row = await self._run(body)
         if row is None:
             raise TaskNotFound(task_id)
         return _to_task(row)
@@ -447,8 +711,11 @@ class SqlStore:
                     and_(tasks.c.created_at == created_at, tasks.c.id < last_id),
                 )
             )
-        async with self._tx(write=False) as conn:
-            rows = (await conn.execute(query)).all()
+
+        async def body(conn: AsyncConnection) -> builtins.list[Row[Any]]:
+            return builtins.list((await conn.execute(query)).all())
+
+        rows = await self._run(body)
         items = [_to_task(r) for r in rows[:limit]]
         more = len(rows) > limit
         return TaskPage(
@@ -458,8 +725,11 @@ class SqlStore:
     async def count_active(self, principal: str) -> int:
         active = [s.value for s in TaskStatus if not s.terminal]
         query = select(func.count()).where(tasks.c.principal == principal, tasks.c.status.in_(active))
-        async with self._tx(write=False) as conn:
+
+        async def body(conn: AsyncConnection) -> int:
             return int((await conn.execute(query)).scalar_one())
+
+        return await self._run(body)
 
     async def transition(
         self,
@@ -479,67 +749,73 @@ class SqlStore:
         values["status"] = new.value
         if usage is not None:
             values["usage"] = usage.model_dump(mode="json")
-        async with self._tx() as conn:
-            row = None
-            if allowed:
-                guarded = update(tasks).where(
-                    tasks.c.id == task_id, tasks.c.status.in_([s.value for s in allowed])
-                )
-                if owner is not None:
-                    guarded = guarded.where(tasks.c.lease_owner == owner)
-                row = (await conn.execute(guarded.values(**values).returning(*tasks.c))).first()
+        columns = tuple(sorted(values))
+        statement = _transition_statement(tuple(s.value for s in allowed), columns, owner is not None)
+        params = {f"b_{c}": values[c] for c in columns}
+        params["b_id"] = task_id
+        if owner is not None:
+            params["b_owner"] = owner
+
+        async def body(conn: AsyncConnection) -> Task | str | None:
+            """The moved task, or (the guard did not match) the current status or None."""
+            row = (await conn.execute(statement, params)).first() if allowed else None
             if row is not None:
-                # The UPDATE holds the task's row lock, which queues appenders as in append_event.
-                await _insert_event(conn, task_id, "state", state_event(new, reason or error))
+                # The UPDATE bumped last_seq and holds the row lock, as in append_event.
+                await _insert_event(conn, task_id, row.last_seq, "state", state_event(new, reason or error))
                 return _to_task(row)
-            current = (await conn.execute(select(tasks.c.status).where(tasks.c.id == task_id))).scalar()
+            return (await conn.execute(_STATUS, {"b_id": task_id})).scalar()
+
+        current = await self._run(body, write=True, idempotent=False)
+        if isinstance(current, Task):
+            return current
         if current is None:
             raise TaskNotFound(task_id)
         raise IllegalTransition(task_id, str(current), new.value)
 
     async def claim(self, task_id: str, owner: str, ttl_s: float, max_attempts: int) -> Task | None:
         now = utcnow()
-        until = lease_until(now, ttl_s)
-        claimable = update(tasks).where(
-            tasks.c.id == task_id,
-            tasks.c.attempts < max_attempts,
-            or_(
-                tasks.c.status == TaskStatus.QUEUED.value,
-                and_(tasks.c.status == TaskStatus.RUNNING.value, tasks.c.lease_expires_at < now),
-            ),
-        )
-        async with self._tx() as conn:
-            row = (
-                await conn.execute(
-                    claimable.values(
-                        status=TaskStatus.RUNNING.value,
-                        lease_owner=owner,
-                        lease_expires_at=until,
-                        attempts=tasks.c.attempts + 1,
-                        started_at=now,
-                    ).returning(*tasks.c)
-                )
-            ).first()
+        params = {
+            "b_id": task_id,
+            "b_max": max_attempts,
+            "b_now": now,
+            "b_owner": owner,
+            "b_until": lease_until(now, ttl_s),
+            "b_started": now,
+        }
+
+        async def body(conn: AsyncConnection) -> Task | None:
+            row = (await conn.execute(_CLAIM, params)).first()
             if row is not None:
                 return _to_task(row)
-            exists = (await conn.execute(select(tasks.c.id).where(tasks.c.id == task_id))).first()
-        if exists is None:
-            raise TaskNotFound(task_id)
-        return None
+            if (await conn.execute(_EXISTS, {"b_id": task_id})).first() is None:
+                raise TaskNotFound(task_id)
+            return None
+
+        return await self._run(body, write=True, idempotent=False)
 
     async def renew(self, task_id: str, owner: str, ttl_s: float) -> bool:
+        params = {"b_id": task_id, "b_owner": owner, "b_until": lease_until(utcnow(), ttl_s)}
+
+        async def body(conn: AsyncConnection) -> int:
+            return (await conn.execute(_RENEW, params)).rowcount
+
+        return await self._run(body, write=True) == 1
+
+    async def renew_many(self, leases: Mapping[str, str], ttl_s: float) -> set[str]:
         until = lease_until(utcnow(), ttl_s)
-        async with self._tx() as conn:
-            renewed = await conn.execute(
-                update(tasks)
-                .where(
-                    tasks.c.id == task_id,
-                    tasks.c.status == TaskStatus.RUNNING.value,
-                    tasks.c.lease_owner == owner,
-                )
-                .values(lease_expires_at=until)
-            )
-        return renewed.rowcount == 1
+        pairs = builtins.list(leases.items())
+        if not pairs:
+            return set()
+
+        async def body(conn: AsyncConnection) -> set[str]:
+            held: set[str] = set()
+            for start in range(0, len(pairs), RENEW_CHUNK):
+                chunk = pairs[start : start + RENEW_CHUNK]
+                result = await conn.execute(_RENEW_MANY, {"b_leases": chunk, "b_until": until})
+                held.update(result.scalars().all())
+            return held
+
+        return await self._run(body, write=True)
 
     async def expired(self, now: datetime | None = None, limit: int = 100) -> builtins.list[Task]:
         check_limit(limit)
@@ -550,47 +826,115 @@ class SqlStore:
             .order_by(tasks.c.lease_expires_at, tasks.c.id)
             .limit(limit)
         )
-        async with self._tx(write=False) as conn:
-            return [_to_task(r) for r in (await conn.execute(query)).all()]
+
+        async def body(conn: AsyncConnection) -> builtins.list[Row[Any]]:
+            return builtins.list((await conn.execute(query)).all())
+
+        return [_to_task(r) for r in await self._run(body)]
 
     async def record_progress(self, task_id: str, steps: int, usage: Usage) -> None:
-        async with self._tx() as conn:
-            done = await conn.execute(
-                update(tasks)
-                .where(tasks.c.id == task_id)
-                .values(steps=steps, usage=usage.model_dump(mode="json"))
-            )
-        if done.rowcount == 0:
+        params = {"b_id": task_id, "b_steps": steps, "b_usage": usage.model_dump(mode="json")}
+
+        async def body(conn: AsyncConnection) -> int:
+            return (await conn.execute(_PROGRESS, params)).rowcount
+
+        if await self._run(body, write=True) == 0:
             raise TaskNotFound(task_id)
 
     async def append_event(self, task_id: str, kind: str, data: dict[str, Any]) -> TaskEvent:
         check_kind(kind)
-        async with self._tx() as conn:
-            # On PostgreSQL the row lock queues appenders of one task, so max(seq)+1 is
-            # unique; SQLite renders no FOR UPDATE but BEGIN IMMEDIATE already serialises.
-            owner_row = (
-                await conn.execute(select(tasks.c.status).where(tasks.c.id == task_id).with_for_update())
-            ).first()
-            if owner_row is None:
+
+        async def body(conn: AsyncConnection) -> TaskEvent:
+            # Numbering the event locks the task's row (PostgreSQL; SQLite's BEGIN IMMEDIATE
+            # already serialises writers), so seqs are unique and gapless; a refusal below
+            # rolls the bump back with everything else.
+            bumped = (await conn.execute(_NEXT_SEQ, {"b_id": task_id})).first()
+            if bumped is None:
                 raise TaskNotFound(task_id)
-            check_log_open(task_id, TaskStatus(owner_row.status), kind)
-            return await _insert_event(conn, task_id, kind, data)
+            check_log_open(task_id, TaskStatus(bumped.status), kind)
+            return await _insert_event(conn, task_id, bumped.last_seq, kind, data)
+
+        return await self._run(body, write=True, idempotent=False)
+
+    async def record(
+        self,
+        task_id: str,
+        owner: str,
+        kind: str,
+        data: dict[str, Any],
+        *,
+        steps: int,
+        usage: Usage,
+        entry: JournalRow | None = None,
+        entries: Sequence[JournalRow] = (),
+    ) -> TaskEvent | None:
+        check_kind(kind)
+        batch = [*entries, *([entry] if entry is not None else [])]
+        params = {
+            "b_id": task_id,
+            "b_owner": owner,
+            "b_steps": steps,
+            "b_usage": usage.model_dump(mode="json"),
+        }
+
+        async def body(conn: AsyncConnection) -> TaskEvent | None:
+            seq = (await conn.execute(_RECORD, params)).scalar()
+            if seq is None:
+                if (await conn.execute(_EXISTS, {"b_id": task_id})).first() is None:
+                    raise TaskNotFound(task_id)
+                return None  # not ours any more: the guard matched nothing, nothing was written
+            event = await _insert_event(conn, task_id, int(seq), kind, data)
+            for row in batch:
+                try:
+                    await conn.execute(
+                        _INSERT_JOURNAL,
+                        {
+                            "b_id": task_id,
+                            "b_kind": row.kind,
+                            "b_ordinal": row.ordinal,
+                            "b_attempt": row.attempt,
+                            "b_step": row.step,
+                            "b_data": row.data,
+                            "b_time": event.time,
+                        },
+                    )
+                except IntegrityError as exc:
+                    # Raised inside the transaction, so the event and progress roll back too.
+                    raise journal_conflict(task_id, row.kind, row.ordinal) from exc
+            return event
+
+        return await self._run(body, write=True, idempotent=False)
+
+    async def journal(self, task_id: str) -> builtins.list[JournalRow]:
+        async def body(conn: AsyncConnection) -> builtins.list[Row[Any]] | None:
+            rows = builtins.list((await conn.execute(_JOURNAL, {"b_id": task_id})).all())
+            if not rows and (await conn.execute(_EXISTS, {"b_id": task_id})).first() is None:
+                return None
+            return rows
+
+        rows = await self._run(body)
+        if rows is None:
+            raise TaskNotFound(task_id)
+        stored = [
+            JournalRow(kind=r.kind, ordinal=r.ordinal, step=r.step, attempt=r.attempt, data=r.data)
+            for r in rows
+        ]
+        stored.sort(key=lambda e: journal_order(e.kind, e.ordinal))
+        return stored
 
     async def events(self, task_id: str, after_seq: int = 0, limit: int = 1000) -> builtins.list[TaskEvent]:
         check_limit(limit)
-        query = (
-            select(task_events)
-            .where(task_events.c.task_id == task_id, task_events.c.seq > after_seq)
-            .order_by(task_events.c.seq)
-            .limit(limit)
-        )
-        async with self._tx(write=False) as conn:
-            rows = (await conn.execute(query)).all()
-            if (
-                not rows
-                and (await conn.execute(select(tasks.c.id).where(tasks.c.id == task_id))).first() is None
-            ):
-                raise TaskNotFound(task_id)
+        params = {"b_id": task_id, "b_after": after_seq, "b_limit": limit}
+
+        async def body(conn: AsyncConnection) -> builtins.list[Row[Any]] | None:
+            rows = builtins.list((await conn.execute(_EVENTS, params)).all())
+            if not rows and (await conn.execute(_EXISTS, {"b_id": task_id})).first() is None:
+                return None
+            return rows
+
+        rows = await self._run(body)
+        if rows is None:
+            raise TaskNotFound(task_id)
         return [_to_event(r) for r in rows]
 
 

@@ -12,6 +12,7 @@ machine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import uuid
@@ -21,9 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from opspawn_mcp.errors import Conflict, IllegalTransition, InvalidInput, TaskNotFound
+from opspawn_mcp.config import StoreSettings
+from opspawn_mcp.errors import Conflict, IllegalTransition, InvalidInput, TaskNotFound, Unavailable
 from opspawn_mcp.models import Task, TaskSpec, TaskStatus, Usage, utcnow
-from opspawn_mcp.store import MemoryStore, TaskStore, open_store
+from opspawn_mcp.store import JournalRow, MemoryStore, TaskStore, open_store, pool_size_for
 from tests.support.services import POSTGRES_URL, drop_schema, require_service
 
 BACKENDS = ["memory", "sqlite", "postgres"]
@@ -308,16 +310,28 @@ async def test_events_in_order_with_after_seq(store: TaskStore) -> None:
     task = await store.create(_task())
     for i in range(5):
         event = await store.append_event(task.id, "progress", {"step": i})
-        assert event.seq == i + 1
+        assert event.seq == i + 2  # seq 1 is the queued event create wrote
         assert event.time.utcoffset() == timedelta(0)
     events = await store.events(task.id)
-    assert [e.seq for e in events] == [1, 2, 3, 4, 5]
-    assert [e.data["step"] for e in events] == [0, 1, 2, 3, 4]
-    assert [e.seq for e in await store.events(task.id, after_seq=3)] == [4, 5]
+    assert [e.seq for e in events] == [1, 2, 3, 4, 5, 6]
+    assert [e.data.get("step") for e in events] == [None, 0, 1, 2, 3, 4]
+    assert [e.seq for e in await store.events(task.id, after_seq=4)] == [5, 6]
     assert [e.seq for e in await store.events(task.id, after_seq=1, limit=2)] == [2, 3]
-    assert await store.events(task.id, after_seq=5) == []
+    assert await store.events(task.id, after_seq=6) == []
     other = await store.create(_task())
-    assert (await store.append_event(other.id, "state", {"status": "queued"})).seq == 1
+    assert (await store.append_event(other.id, "log", {"line": "x"})).seq == 2
+
+
+async def test_create_writes_the_first_state_event_with_the_task(store: TaskStore) -> None:
+    """The queued event is part of create, so no reader sees a task whose log is empty."""
+    task = await store.create(_task())
+    events = await store.events(task.id)
+    assert [(e.seq, e.kind, e.data) for e in events] == [(1, "state", {"status": "queued"})]
+    done = await store.create(_task(TaskStatus.COMPLETED))
+    assert [e.data for e in await store.events(done.id)] == [{"status": "completed"}]
+    with pytest.raises(Conflict):
+        await store.create(task)
+    assert len(await store.events(task.id)) == 1
 
 
 async def test_events_for_unknown_task_and_kind(store: TaskStore) -> None:
@@ -332,7 +346,10 @@ async def test_a_transition_writes_its_state_event_with_it(store: TaskStore) -> 
     task = await store.create(_task())
     await store.transition(task.id, [TaskStatus.QUEUED], TaskStatus.CANCELLED, error="by client")
     events = await store.events(task.id)
-    assert [(e.kind, e.data) for e in events] == [("state", {"status": "cancelled", "reason": "by client"})]
+    assert [(e.seq, e.kind, e.data) for e in events] == [
+        (1, "state", {"status": "queued"}),
+        (2, "state", {"status": "cancelled", "reason": "by client"}),
+    ]
 
 
 async def test_a_finished_tasks_log_takes_only_state_events(store: TaskStore) -> None:
@@ -341,7 +358,203 @@ async def test_a_finished_tasks_log_takes_only_state_events(store: TaskStore) ->
     with pytest.raises(Conflict):
         await store.append_event(task.id, "llm", {"late": True})
     await store.append_event(task.id, "state", {"status": "cancelled", "note": "state events still land"})
-    assert [e.kind for e in await store.events(task.id)] == ["state", "state"]
+    assert [(e.seq, e.kind) for e in await store.events(task.id)] == [
+        (1, "state"),
+        (2, "state"),
+        (3, "state"),
+    ]
+
+
+# --- record: one agent event, one transaction ----------------------------------------------
+
+
+async def _running(store: TaskStore, owner: str = "w1") -> Task:
+    task = await store.create(_task())
+    claimed = await store.claim(task.id, owner, ttl_s=3600, max_attempts=3)
+    assert claimed is not None
+    return claimed
+
+
+async def test_record_writes_event_progress_and_journal_entry_together(store: TaskStore) -> None:
+    task = await _running(store)
+    entry = JournalRow(kind="llm", ordinal=0, step=1, attempt=1, data={"text": "thinking", "usage": [3, 4]})
+    event = await store.record(
+        task.id, "w1", "llm", {"step": 1}, steps=1, usage=Usage(input_tokens=3, output_tokens=4), entry=entry
+    )
+    assert event is not None
+    assert (event.seq, event.kind, event.data) == (2, "llm", {"step": 1})
+    assert event.time.utcoffset() == timedelta(0)
+    plain = await store.record(task.id, "w1", "progress", {"step": 2}, steps=2, usage=Usage(input_tokens=9))
+    assert plain is not None and plain.seq == 3
+    got = await store.get(task.id)
+    assert (got.steps, got.usage) == (2, Usage(input_tokens=9))
+    assert [(e.seq, e.kind) for e in await store.events(task.id)] == [
+        (1, "state"),
+        (2, "llm"),
+        (3, "progress"),
+    ]
+    assert await store.journal(task.id) == [entry]
+
+
+async def test_record_writes_nothing_once_the_task_is_not_ours(store: TaskStore) -> None:
+    """Cancelled meanwhile, taken over by another worker, finished, or never started: None,
+    and neither the log, the progress nor the journal changes."""
+    cancelled = await _running(store)
+    await store.transition(cancelled.id, {TaskStatus.RUNNING}, TaskStatus.CANCELLED)
+    taken = await _running(store, owner="w2")
+    finished = await _running(store)
+    await store.transition(finished.id, {TaskStatus.RUNNING}, TaskStatus.COMPLETED, owner="w1")
+    queued = await store.create(_task())
+    for task in (cancelled, taken, finished, queued):
+        before = (await store.get(task.id), await store.events(task.id))
+        entry = JournalRow(kind="tool_started", ordinal=0, step=1, data={"tool": "t"})
+        recorded = await store.record(
+            task.id, "w1", "tool_call", {"step": 1}, steps=7, usage=Usage(input_tokens=50), entry=entry
+        )
+        assert recorded is None, task.id
+        assert (await store.get(task.id), await store.events(task.id)) == before
+        assert await store.journal(task.id) == []
+
+
+async def test_record_unknown_task_or_kind_is_refused(store: TaskStore) -> None:
+    with pytest.raises(TaskNotFound):
+        await store.record("missing", "w1", "llm", {}, steps=0, usage=Usage())
+    task = await _running(store)
+    with pytest.raises(InvalidInput):
+        await store.record(task.id, "w1", "not-a-kind", {}, steps=0, usage=Usage())
+    assert len(await store.events(task.id)) == 1
+
+
+async def test_journal_round_trips_in_ordinal_order(store: TaskStore) -> None:
+    task = await _running(store)
+    written = [
+        JournalRow(kind="llm", ordinal=0, step=1, attempt=1, data={"tool_calls": [{"name": "a"}]}),
+        JournalRow(kind="tool_started", ordinal=1, step=1, attempt=1, data={"call": 0}),
+        JournalRow(kind="tool_finished", ordinal=1, step=1, attempt=2, data={"result": "ok"}),
+        JournalRow(kind="llm", ordinal=2, step=2, attempt=2, data={"text": "done"}),
+    ]
+    # Written out of order on purpose: the read is ordered by ordinal, then by kind within it.
+    for entry in (written[3], written[2], written[0], written[1]):
+        assert await store.record(task.id, "w1", "log", {}, steps=entry.step, usage=Usage(), entry=entry)
+    assert await store.journal(task.id) == written
+    other = await _running(store)
+    assert await store.journal(other.id) == []
+    with pytest.raises(TaskNotFound):
+        await store.journal("missing")
+
+
+async def test_a_duplicate_journal_entry_is_a_conflict_and_writes_nothing(store: TaskStore) -> None:
+    task = await _running(store)
+    first = JournalRow(kind="tool_finished", ordinal=3, step=2, attempt=1, data={"result": "sent"})
+    assert await store.record(task.id, "w1", "tool_result", {}, steps=2, usage=Usage(), entry=first)
+    before = (await store.get(task.id), await store.events(task.id))
+    replay = first.model_copy(update={"attempt": 2, "data": {"result": "sent twice"}})
+    with pytest.raises(Conflict):
+        await store.record(
+            task.id, "w1", "tool_result", {}, steps=5, usage=Usage(input_tokens=1), entry=replay
+        )
+    assert (await store.get(task.id), await store.events(task.id)) == before
+    assert await store.journal(task.id) == [first]
+    # The same ordinal under another kind is another entry (a call's start and its finish).
+    started = JournalRow(kind="tool_started", ordinal=3, step=2, attempt=1)
+    assert await store.record(task.id, "w1", "tool_call", {}, steps=2, usage=Usage(), entry=started)
+    assert await store.journal(task.id) == [started, first]
+
+
+async def test_record_writes_held_entries_with_the_next_event(store: TaskStore) -> None:
+    """A planner's model call has no event of its own; it rides along with the next one."""
+    task = await _running(store)
+    plan = JournalRow(kind="llm", ordinal=1, step=0, attempt=1, data={"content": "plan"})
+    first = JournalRow(kind="llm", ordinal=2, step=1, attempt=1, data={"content": "act"})
+    event = await store.record(task.id, "w1", "llm", {}, steps=1, usage=Usage(), entry=first, entries=[plan])
+    assert event is not None and event.seq == 2
+    assert await store.journal(task.id) == [plan, first]
+    again = JournalRow(kind="llm", ordinal=3, step=2, attempt=1)
+    with pytest.raises(Conflict):  # one stale entry in the batch refuses the whole event
+        await store.record(task.id, "w1", "llm", {}, steps=2, usage=Usage(), entry=again, entries=[plan])
+    with pytest.raises(Conflict):  # and so does a batch that repeats itself
+        await store.record(task.id, "w1", "llm", {}, steps=2, usage=Usage(), entries=[again, again])
+    assert await store.journal(task.id) == [plan, first]
+    assert [e.seq for e in await store.events(task.id)] == [1, 2]
+    assert (await store.get(task.id)).steps == 1
+
+
+async def test_concurrent_recorders_get_gapless_unique_seqs(open_new: StoreFactory) -> None:
+    """Twenty writers (each its own pool) recording into one task, mixed with plain appends:
+    ``last_seq`` hands out every number exactly once."""
+    stores = [await open_new() for _ in range(WRITERS)]
+    task = await _running(stores[0])
+    per_writer = 5
+
+    async def write(i: int) -> list[int]:
+        seqs = []
+        for n in range(per_writer):
+            if n == 2:
+                seqs.append((await stores[i].append_event(task.id, "log", {"writer": i})).seq)
+                continue
+            entry = JournalRow(kind="llm", ordinal=i * per_writer + n, step=n, attempt=1)
+            event = await stores[i].record(
+                task.id, "w1", "llm", {"writer": i, "n": n}, steps=n, usage=Usage(), entry=entry
+            )
+            assert event is not None
+            seqs.append(event.seq)
+        return seqs
+
+    results = await asyncio.gather(*(write(i) for i in range(WRITERS)))
+    total = WRITERS * per_writer
+    assert sorted(s for r in results for s in r) == list(range(2, total + 2))
+    assert [e.seq for e in await stores[0].events(task.id)] == list(range(1, total + 2))
+    assert len(await stores[0].journal(task.id)) == WRITERS * (per_writer - 1)
+    for r in results:
+        assert r == sorted(r)
+
+
+# --- batched heartbeats ------------------------------------------------------------------
+
+
+async def test_renew_many_renews_what_is_still_held_in_one_call(store: TaskStore) -> None:
+    mine = await _running(store, owner="p/1")
+    also_mine = await _running(store, owner="p/2")
+    taken = await _running(store, owner="other/1")
+    cancelled = await _running(store, owner="p/3")
+    await store.transition(cancelled.id, {TaskStatus.RUNNING}, TaskStatus.CANCELLED)
+    queued = await store.create(_task())
+    leases = {
+        mine.id: "p/1",
+        also_mine.id: "p/2",
+        taken.id: "p/4",  # we think it is ours; another worker took it over
+        cancelled.id: "p/3",
+        queued.id: "p/5",
+        "missing": "p/6",
+    }
+    held = await store.renew_many(leases, ttl_s=7200)
+    assert held == {mine.id, also_mine.id}
+    for task in (mine, also_mine):
+        renewed = await store.get(task.id)
+        assert renewed.lease_expires_at is not None and task.lease_expires_at is not None
+        assert renewed.lease_expires_at > task.lease_expires_at
+    assert await store.get(taken.id) == taken
+    assert (await store.get(cancelled.id)).lease_owner is None
+    assert await store.renew_many({}, ttl_s=60) == set()
+    with pytest.raises(InvalidInput):
+        await store.renew_many({mine.id: "p/1"}, ttl_s=0)
+
+
+async def test_renew_many_keeps_an_expired_lease_nobody_took(store: TaskStore) -> None:
+    """Like ``renew``: a lapsed lease is still the owner's until someone claims the task."""
+    task = await store.create(_task())
+    await _expire(store, task.id, "slow")
+    assert await store.renew_many({task.id: "slow"}, ttl_s=3600) == {task.id}
+    assert await store.expired() == []
+
+
+async def test_renew_many_beyond_one_statement(store: TaskStore) -> None:
+    from opspawn_mcp.store.sql import RENEW_CHUNK
+
+    count = RENEW_CHUNK + 5
+    tasks = [await _running(store, owner=f"p/{i}") for i in range(count)]
+    held = await store.renew_many({t.id: f"p/{i}" for i, t in enumerate(tasks)}, ttl_s=3600)
+    assert held == {t.id for t in tasks}
 
 
 # --- schema and restarts ----------------------------------------------------------------
@@ -355,7 +568,7 @@ async def test_start_is_idempotent_and_reopen_keeps_data(open_new: StoreFactory)
     second = await open_new()
     await second.start()
     assert (await second.get(task.id)).id == task.id
-    assert [e.data for e in await second.events(task.id)] == [{"line": "kept"}]
+    assert [e.data for e in await second.events(task.id)] == [{"status": "queued"}, {"line": "kept"}]
     await second.ping()
 
 
@@ -441,6 +654,71 @@ async def test_migration_2_gives_old_tasks_a_principal_and_a_model_profile(tmp_p
         await again.close()
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_migration_3_numbers_old_logs_from_their_max_seq_and_adds_the_journal(
+    backend: str, tmp_path: Path
+) -> None:
+    """A database written by schema version 2: events but no ``last_seq``, no journal table."""
+    from sqlalchemy import text
+
+    from opspawn_mcp.store.sql import SCHEMA_VERSION, SqlStore
+
+    schema: str | None = None
+    if backend == "postgres":
+        require_service("postgres")
+        schema = f"opspawn_test_{uuid.uuid4().hex[:12]}"
+        url = POSTGRES_URL
+    else:
+        url = f"sqlite+aiosqlite:///{tmp_path / 'v2.db'}"
+    store = open_store(url, schema=schema)
+    assert isinstance(store, SqlStore)
+    await store.start()
+    again: SqlStore | None = None
+    try:
+        async with store._tx() as conn:  # white-box: rebuild the version-2 shape by hand
+            await conn.execute(text("DROP TABLE task_journal"))
+            await conn.execute(text("ALTER TABLE tasks DROP COLUMN last_seq"))
+            await conn.execute(text("DELETE FROM schema_version WHERE version > 2"))
+            for task_id, events in (("old", 3), ("quiet", 0)):
+                await conn.execute(
+                    text(
+                        "INSERT INTO tasks (id, status, spec, usage, steps, attempts, created_at, principal) "
+                        "VALUES (:id, 'running', :spec, '{}', 0, 1, '2026-01-01 00:00:00', 'local')"
+                    ),
+                    {"id": task_id, "spec": json.dumps({"goal": "old"})},
+                )
+                for seq in range(1, events + 1):
+                    await conn.execute(
+                        text(
+                            "INSERT INTO task_events (task_id, seq, time, kind, data) "
+                            "VALUES (:id, :seq, '2026-01-01 00:00:00', 'log', :data)"
+                        ),
+                        {"id": task_id, "seq": seq, "data": json.dumps({"n": seq})},
+                    )
+        await store.close()
+        reopened = open_store(url, schema=schema)
+        assert isinstance(reopened, SqlStore)
+        again = reopened
+        await again.start()
+        assert await again.schema_version() == SCHEMA_VERSION == 3
+        assert (await again.append_event("old", "log", {"n": 4})).seq == 4
+        assert (await again.append_event("quiet", "log", {"n": 1})).seq == 1
+        assert [e.seq for e in await again.events("old")] == [1, 2, 3, 4]
+        assert await again.journal("old") == []
+        entry = JournalRow(kind="llm", ordinal=0, step=1, attempt=1)
+        async with again._tx() as conn:  # a version-2 task has no lease: give it one
+            await conn.execute(text("UPDATE tasks SET lease_owner = 'w' WHERE id = 'old'"))
+        event = await again.record("old", "w", "llm", {}, steps=1, usage=Usage(), entry=entry)
+        assert event is not None and event.seq == 5
+        assert await again.journal("old") == [entry]
+    finally:
+        await store.close()
+        if again is not None:
+            await again.close()
+        if schema is not None:
+            await drop_schema(schema)
+
+
 # --- races -------------------------------------------------------------------------------
 
 WRITERS = 20
@@ -481,14 +759,112 @@ async def test_concurrent_appenders_get_gapless_unique_seqs(open_new: StoreFacto
     results = await asyncio.gather(*(write(i) for i in range(WRITERS)))
     seqs = sorted(s for r in results for s in r)
     total = WRITERS * per_writer
-    assert seqs == list(range(1, total + 1))
+    assert seqs == list(range(2, total + 2))  # after create's queued event
     stored = await stores[0].events(task.id)
-    assert [e.seq for e in stored] == list(range(1, total + 1))
+    assert [e.seq for e in stored] == list(range(1, total + 2))
     for r in results:
         assert r == sorted(r)
 
 
 # --- URLs and failures (backend-specific, so outside the parametrised contract) ----------
+
+
+def test_the_pool_is_sized_to_the_workers_concurrency() -> None:
+    assert pool_size_for(None, None) == 12  # serve and the CLI: the default worker's 8 + 4
+    assert pool_size_for(StoreSettings(), 20) == 24
+    assert pool_size_for(StoreSettings(), 1000) == 32  # a short transaction each: capped
+    assert pool_size_for(StoreSettings(pool_size=3), 1000) == 3
+    from opspawn_mcp.store.sql import SqlStore
+
+    store = open_store(POSTGRES_URL, settings=StoreSettings(pool_size=7), concurrency=100)
+    assert isinstance(store, SqlStore) and store.pool_size == 7
+    default = open_store(POSTGRES_URL)
+    assert isinstance(default, SqlStore) and default.pool_size == 12
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_a_pool_with_no_free_connection_is_unavailable_not_a_crash(
+    backend: str, tmp_path: Path
+) -> None:
+    """Every connection busy past the checkout timeout is an outage the caller retries (the
+    worker re-enqueues), not SQLAlchemy's TimeoutError escaping as a bug."""
+    from opspawn_mcp.store.sql import SqlStore
+
+    schema = None
+    if backend == "postgres":
+        require_service("postgres")
+        schema = f"opspawn_test_{uuid.uuid4().hex[:12]}"
+        url = POSTGRES_URL
+    else:
+        url = f"sqlite+aiosqlite:///{tmp_path / 'pool.db'}"
+    store = SqlStore(url, schema=schema, pool_size=1, max_overflow=0, pool_timeout_s=0.05)
+    await store.start()
+    try:
+        task = await store.create(_task())
+        async with store._tx(write=False):  # white-box: hold the only connection
+            with pytest.raises(Unavailable) as caught:
+                await store.get(task.id)
+            assert "pool_size" in caught.value.message
+            with pytest.raises(Unavailable):
+                await store.append_event(task.id, "log", {})
+        # Once the connection is back, the same calls work.
+        assert (await store.get(task.id)).id == task.id
+        assert (await store.append_event(task.id, "log", {})).seq == 2
+    finally:
+        await store.close()
+        if schema is not None:
+            await drop_schema(schema)
+
+
+async def _terminate(store: TaskStore) -> None:
+    """Kill the store's one PostgreSQL backend from another connection, as a server restart
+    would, and wait until it is gone (``pg_terminate_backend``'s timeout argument)."""
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+    from sqlalchemy.pool import NullPool
+
+    from opspawn_mcp.store.sql import SqlStore
+
+    assert isinstance(store, SqlStore)
+    async with store._tx(write=False) as conn:
+        pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+    admin = create_async_engine(POSTGRES_URL, poolclass=NullPool)
+    try:
+        async with admin.connect() as conn:
+            killed = await conn.execute(text("SELECT pg_terminate_backend(:pid, 10000)"), {"pid": pid})
+            assert killed.scalar_one() is True
+    finally:
+        await admin.dispose()
+
+
+async def test_a_dropped_postgres_connection_heals_without_pre_ping() -> None:
+    """No ``pool_pre_ping``: a connection the server dropped is found dead by its first
+    statement and the call retries once on a fresh one: always for reads and idempotent
+    writes; for other writes only when the driver knew before sending anything (the usual
+    case; otherwise the write may have happened, so it reports ``Unavailable`` once and the
+    caller retries). Either way the next call succeeds."""
+    from opspawn_mcp.store.sql import SqlStore
+
+    require_service("postgres")
+    schema = f"opspawn_test_{uuid.uuid4().hex[:12]}"
+    # One connection, so the backend we kill is the one the next call will check out.
+    store = SqlStore(POSTGRES_URL, schema=schema, pool_size=1, max_overflow=0)
+    await store.start()
+    try:
+        task = await _running(store)
+        await _terminate(store)
+        assert (await store.get(task.id)).id == task.id  # a read: healed inside the call
+        await _terminate(store)
+        assert await store.renew_many({task.id: "w1"}, ttl_s=60) == {task.id}  # idempotent write
+        await _terminate(store)
+        with contextlib.suppress(Unavailable):  # a write is not repeated blindly: the caller retries
+            await store.record(task.id, "w1", "log", {"try": 1}, steps=1, usage=Usage())
+        event = await store.record(task.id, "w1", "log", {"try": 2}, steps=1, usage=Usage())
+        assert event is not None
+        assert [e.seq for e in await store.events(task.id)] == list(range(1, event.seq + 1))
+    finally:
+        await store.close()
+        await drop_schema(schema)
 
 
 @pytest.mark.parametrize(
