@@ -75,6 +75,7 @@ async def test_a_sigstopped_downstream_fails_the_task_with_the_timeout_and_is_re
                 shown = (await client.get(f"/v1/tasks/{frozen_id}")).json()
             # A warning on the task: in the final event, or on the task as the doors show it.
             warnings = [w for e in events if e.kind == "final" for w in e.data.get("warnings") or []]
+            warnings += [e.data["reason"] for e in events if e.kind == "state" and e.data.get("reason")]
             warnings += list(shown.get("warnings") or [])
             said = json.dumps({"error": task.error, "warnings": warnings, "events": [e.kind for e in events]})
             assert stack.journal.tool_calls(frozen) == [], "the frozen process answered"
