@@ -35,12 +35,15 @@ Problems a human must fix (no model name, unset key variable, no local model ins
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import agentkit
 from agentkit.llm import LLM, LocalGGUF, OpenAICompatible
+from agentkit.mcp_proxy import PROXY_TOOL_NAME
+from agentkit.mcp_proxy import SEPARATOR as FLAT_SEPARATOR
 from opspawn_mcp.config import DEFAULT_PROFILE, Config, LlmProfile
 from opspawn_mcp.models import ModelSettings, TaskSpec
 
@@ -63,23 +66,63 @@ def profile_for(settings: ModelSettings, config: Config) -> LlmProfile:
     return profile
 
 
-def build_llm(settings: ModelSettings, profile: LlmProfile, environ: Mapping[str, str] | None = None) -> LLM:
-    """The model client for ``profile`` tuned by the task's ``settings``; ``AgentSetupError``
-    with a fix when it cannot be built."""
-    env = os.environ if environ is None else environ
+class LlmClients:
+    """One model client per profile per process, shared by every task the process runs.
+
+    A client holds an HTTP connection pool (and, for the bundled model, the loaded weights), so
+    building one per task cost a TLS context and a model load each time, and a process with
+    1,000 tasks in flight held 1,000 pools. A task gets a view of the shared client tuned with
+    its own ``temperature``/``max_tokens`` (``with_settings``), which shares the connections.
+    Keys are read from the variable *the profile* names, in this process's environment, when
+    the profile's client is first built; never from a task.
+    """
+
+    def __init__(self, config: Config, environ: Mapping[str, str] | None = None) -> None:
+        self._config = config
+        self._environ = os.environ if environ is None else environ
+        self._clients: dict[str, LLM] = {}
+        self._lock = asyncio.Lock()
+
+    async def get(self, settings: ModelSettings) -> LLM:
+        """The client for the task's profile, tuned by its settings; ``AgentSetupError`` with a fix."""
+        name = settings.profile or DEFAULT_PROFILE
+        async with self._lock:
+            shared = self._clients.get(name)
+            if shared is None:
+                shared = await _open_llm(profile_for(settings, self._config), self._environ)
+                self._clients[name] = shared
+        tuned = {"temperature": settings.temperature, "max_tokens": settings.max_tokens}
+        if not any(v is not None for v in tuned.values()):
+            return shared
+        with_settings = getattr(shared, "with_settings", None)
+        return shared if with_settings is None else cast(LLM, with_settings(**tuned))
+
+    async def aclose(self) -> None:
+        """Close every shared client (their HTTP connections); at process shutdown."""
+        clients, self._clients = list(self._clients.values()), {}
+        for llm in clients:
+            close = getattr(llm, "aclose", None)
+            if close is not None:
+                await close()
+
+
+async def _open_llm(profile: LlmProfile, environ: Mapping[str, str]) -> LLM:
+    """The shared client of one profile; raises ``AgentSetupError`` with a fix."""
     if profile.provider == "local":
         try:
-            return LocalGGUF()
+            local = LocalGGUF()
+            await local.load()
         except Exception as exc:
             raise AgentSetupError(
                 f"The local model cannot be loaded ({exc}); install opspawn[local-llm] on the worker "
                 "or configure a profile with provider 'openai'."
             ) from exc
+        return local
     if not profile.model:
         raise AgentSetupError("The model profile has no model name: set its 'model' in the config.")
     api_key: str | None = None
     if profile.api_key_env:
-        api_key = env.get(profile.api_key_env)
+        api_key = environ.get(profile.api_key_env)
         if not api_key:
             raise AgentSetupError(
                 f"The model profile's api_key_env names {profile.api_key_env}, which is not set in the "
@@ -87,12 +130,7 @@ def build_llm(settings: ModelSettings, profile: LlmProfile, environ: Mapping[str
             )
     try:
         return OpenAICompatible(
-            base_url=profile.base_url,
-            api_key=api_key,
-            model=profile.model,
-            timeout_s=profile.timeout_s,
-            temperature=settings.temperature,
-            max_tokens=settings.max_tokens,
+            base_url=profile.base_url, api_key=api_key, model=profile.model, timeout_s=profile.timeout_s
         )
     except Exception as exc:
         raise AgentSetupError(f"The model client cannot be created: {exc}") from exc
@@ -136,43 +174,49 @@ async def build_tools(caller: Any, servers: list[str], *, proxy: bool = True) ->
     return registry
 
 
+def rerun_policy(caller: Any) -> agentkit.RerunPolicy:
+    """Whether a downstream call that was in flight when a worker died runs again: only if its
+    server's ``retry`` setting and the tool's MCP annotations allow it (``may_rerun``); a flat
+    tool is ``server__tool``, the proxy names them in its arguments."""
+
+    def decide(call: agentkit.ToolCall, tool: agentkit.Tool | None) -> bool:
+        if call.name == PROXY_TOOL_NAME:
+            server, name = call.arguments.get("server"), call.arguments.get("tool")
+        else:
+            server, _, name = call.name.partition(FLAT_SEPARATOR)
+        if not isinstance(server, str) or not isinstance(name, str) or not name:
+            return False
+        return bool(caller.may_rerun(server, name))
+
+    return decide
+
+
 async def build_agent(
-    spec: TaskSpec, config: Config, pool: Any, on_event: EventHandler
-) -> tuple[agentkit.Agent, LLM]:
-    """The agent for one task, and its LLM (the caller closes it when the run ends)."""
+    spec: TaskSpec, config: Config, pool: Any, on_event: EventHandler, llms: LlmClients
+) -> agentkit.Agent:
+    """The agent for one task, on the process's shared model client of its profile."""
     profile = profile_for(spec.model, config)
-    llm = build_llm(spec.model, profile)
+    llm = await llms.get(spec.model)
     servers = list(spec.servers) if spec.servers is not None else list(config.mcp_servers)
-    try:
-        caller = pool.scoped(servers)
-        small = profile.provider == "local"
-        tools = await build_tools(caller, servers, proxy=not small)
-        planner: str | agentkit.Planner = spec.planner
-        system_prompt = spec.system_prompt
-        if small:
-            planner = small_model_planner() if spec.planner == "react" else spec.planner
-            system_prompt = SMALL_MODEL_SYSTEM_PROMPT if system_prompt is None else system_prompt
-        agent = agentkit.Agent(
-            llm,
-            tools,
-            planner=planner,
-            system_prompt=system_prompt,
-            max_steps=spec.max_steps,
-            timeout_s=spec.timeout_s,
-            on_event=on_event,
-            progress_interval_s=PROGRESS_INTERVAL_S,
-            max_tool_errors=MAX_TOOL_ERRORS,
-            max_tool_calls=spec.budget.max_tool_calls,
-            max_total_tokens=spec.budget.max_llm_tokens,
-        )
-    except BaseException:
-        await close_llm(llm)
-        raise
-    return agent, llm
-
-
-async def close_llm(llm: Any) -> None:
-    """Release the client's HTTP connections; LLMs without ``aclose`` hold nothing to release."""
-    close = getattr(llm, "aclose", None)
-    if close is not None:
-        await close()
+    caller = pool.scoped(servers)
+    small = profile.provider == "local"
+    tools = await build_tools(caller, servers, proxy=not small)
+    planner: str | agentkit.Planner = spec.planner
+    system_prompt = spec.system_prompt
+    if small:
+        planner = small_model_planner() if spec.planner == "react" else spec.planner
+        system_prompt = SMALL_MODEL_SYSTEM_PROMPT if system_prompt is None else system_prompt
+    return agentkit.Agent(
+        llm,
+        tools,
+        planner=planner,
+        system_prompt=system_prompt,
+        max_steps=spec.max_steps,
+        timeout_s=spec.timeout_s,
+        on_event=on_event,
+        progress_interval_s=PROGRESS_INTERVAL_S,
+        max_tool_errors=MAX_TOOL_ERRORS,
+        max_tool_calls=spec.budget.max_tool_calls,
+        max_total_tokens=spec.budget.max_llm_tokens,
+        rerun_interrupted=rerun_policy(caller),
+    )

@@ -32,6 +32,7 @@ from starlette.routing import BaseRoute
 from gateway.app import gateway_routes
 from opspawn_mcp.broker import DramatiqEnqueuer, is_embedded
 from opspawn_mcp.config import LOCALHOSTS, Config
+from opspawn_mcp.embedded import EmbeddedWorker
 from opspawn_mcp.errors import Forbidden, Unavailable
 from opspawn_mcp.grpc_internal import serve_grpc
 from opspawn_mcp.host import OpsMcpClient
@@ -42,7 +43,6 @@ from opspawn_mcp.server import MCP_PATH, SSE_PATH, build_http_app, build_server
 from opspawn_mcp.service import TaskService
 from opspawn_mcp.store import open_store
 from opspawn_mcp.store.base import TaskStore
-from opspawn_mcp.embedded import EmbeddedWorker
 
 log = logging.getLogger("opspawn_mcp.app")
 
@@ -92,10 +92,18 @@ class Runtime:
         async with AsyncExitStack() as stack:
             store = self._given_store
             if store is None:
-                store = open_store(self.config.opspawn.store_url)
+                store = open_store(
+                    self.config.opspawn.store_url,
+                    settings=self.config.opspawn.store,
+                    concurrency=self.config.opspawn.worker.concurrency,
+                )
                 await store.start()
                 stack.push_async_callback(store.close)
-            pool = await stack.enter_async_context(OpsMcpClient(self.config.mcp_servers))
+            pool = await stack.enter_async_context(
+                OpsMcpClient(
+                    self.config.mcp_servers, default_concurrency=self.config.opspawn.worker.concurrency
+                )
+            )
             warming = asyncio.create_task(_warm(pool), name="opspawn-warm-pool")
             stack.push_async_callback(_cancel, warming)
             enqueuer: Enqueuer

@@ -65,23 +65,28 @@ class EmbeddedWorker:
 
     async def __aenter__(self) -> EmbeddedWorker:
         settings = self.config.opspawn.worker
-        self._runner = TaskRunner(
+        runner = TaskRunner(
             self.config, self.store, self.pool, self.enqueue, owner=self._owner, requeue_on_shutdown=False
         )
+        self._runner = await runner.__aenter__()
         self._closed = False
         for i in range(settings.concurrency):
             self._tasks.append(asyncio.create_task(self._consume(), name=f"opspawn-embedded-{i}"))
         self._tasks.append(
             asyncio.create_task(
                 recovery_loop(
-                    self.store, self.enqueue, settings.max_attempts, recovery_interval(settings.lease_ttl_s)
+                    self.store,
+                    runner.resume,
+                    self.enqueue,
+                    settings.max_attempts,
+                    recovery_interval(settings.lease_ttl_s),
                 ),
                 name="opspawn-recovery",
             )
         )
         try:
             # Nothing else consumes this queue, so every queued task is ours to restart.
-            await requeue_stale(self.store, self.enqueue, older_than_s=0.0)
+            await requeue_stale(self.store, self.enqueue)
         except OpspawnError as exc:
             log.warning("could not re-enqueue queued tasks at start: %s", exc)
         return self
@@ -113,3 +118,4 @@ class EmbeddedWorker:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        await runner.__aexit__(exc_type, exc, tb)

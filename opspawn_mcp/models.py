@@ -125,6 +125,12 @@ class Usage(_Strict):
     def total_tokens(self) -> int:
         return self.input_tokens + self.output_tokens
 
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            input_tokens=self.input_tokens + other.input_tokens,
+            output_tokens=self.output_tokens + other.output_tokens,
+        )
+
 
 def refuse_nul(value: Any) -> Any:
     """NUL cannot be stored (PostgreSQL text refuses it) and is never meant: a 422, not a 503."""
@@ -150,6 +156,8 @@ class Task(BaseModel):
     # The worker's lease (host:pid/claim and expiry): internal, never in an answer at any door.
     lease_owner: str | None = Field(default=None, exclude=True)
     lease_expires_at: datetime | None = Field(default=None, exclude=True)
+    # When the broker confirmed the task's message (the outbox); internal too.
+    enqueued_at: datetime | None = Field(default=None, exclude=True)
 
 
 EventKind = Literal["state", "llm", "tool_call", "tool_result", "progress", "log", "final", "error"]

@@ -3,14 +3,18 @@
 Delivery is at least once and the store is the truth, so recovery never trusts the broker:
 
 * **Expired leases.** A running task whose lease ran out belongs to a worker that died or
-  stalled. Periodically, ``store.expired()`` lists them; each is re-enqueued, and the actor's
-  ``claim`` (a compare-and-set that accepts only an expired lease) decides who runs it next.
-  Many recovery loops may enqueue the same id: duplicates are no-ops. A task that has used up
+  stalled. Periodically, ``store.expired()`` lists them; the process that found one resumes it
+  at once (not behind the queue's backlog), and the actor's ``claim`` (a compare-and-set that
+  accepts only an expired lease) decides which of many recovery loops runs it. The resumed run
+  replays the task's journal, so finished steps are not done again. A task that has used up
   ``max_attempts`` is failed here with "gave up after N attempts: ..." instead.
-* **Lost messages.** On start, ``queued`` tasks older than ``STALE_QUEUED_S`` are re-enqueued:
-  a broker restart without persistence, a publish that failed after the task was stored, or an
-  embedded server that stopped with work in its in-memory queue. Younger ones have a message in
-  flight and are left alone. This runs at start only: a long backlog legitimately stays queued.
+* **Unconfirmed messages** (the outbox). A task is marked ``enqueued_at`` once the broker
+  confirmed its message (``scheduler.publish``). A publish that failed (the broker was down) or
+  never happened (the publisher died) leaves the mark unset, and every pass publishes those
+  tasks again, so a task accepted while RabbitMQ was stopped runs once it is back, with no
+  restart. Marked tasks are never re-published: a long backlog stays one message per task.
+* **The embedded worker's queue** lives in the server's memory and dies with it: at start, every
+  ``queued`` task is re-enqueued (``requeue_stale``), as nothing else consumes that queue.
 """
 
 from __future__ import annotations
@@ -22,17 +26,19 @@ from datetime import timedelta
 
 from opspawn_mcp.errors import IllegalTransition, OpspawnError
 from opspawn_mcp.models import TaskStatus, utcnow
+from opspawn_mcp.scheduler import publish
 from opspawn_mcp.store.base import TaskStore
 
 log = logging.getLogger(__name__)
 
-STALE_QUEUED_S = 5.0
 LEASE_LOST_REASON = (
     "the worker running it stopped renewing its lease (it crashed, was killed or stalled); "
     "check the worker logs"
 )
 
 Enqueue = Callable[[str], Awaitable[None]]
+Run = Callable[[str], Awaitable[None]]
+"""Start running a task in this process (in the background) and return."""
 
 
 def gave_up_reason(attempts: int, last: str | None) -> str:
@@ -57,21 +63,27 @@ async def give_up(store: TaskStore, task_id: str, attempts: int, last: str | Non
     return True
 
 
-async def recover_expired(store: TaskStore, enqueue: Enqueue, max_attempts: int) -> int:
-    """One pass over expired leases; returns how many tasks were re-enqueued or failed."""
+async def recover_expired(store: TaskStore, run: Run, max_attempts: int) -> int:
+    """One pass over expired leases; returns how many tasks were resumed here or failed.
+
+    A task is resumed by this process at once (``run`` claims it and starts it in the
+    background), not re-published behind the queue's backlog: recovery takes at most a lease
+    plus one interval, whatever is queued. Many recovery loops may find the same task; the
+    claim's compare-and-set lets exactly one of them run it.
+    """
     handled = 0
     for task in await store.expired():
         if task.attempts >= max_attempts:
             if await give_up(store, task.id, task.attempts, None, task.lease_owner):
                 handled += 1
             continue
-        log.info("task %s: lease of %s expired, re-enqueueing", task.id, task.lease_owner)
-        await enqueue(task.id)
+        log.info("task %s: lease of %s expired, resuming it here", task.id, task.lease_owner)
+        await run(task.id)
         handled += 1
     return handled
 
 
-async def requeue_stale(store: TaskStore, enqueue: Enqueue, older_than_s: float = STALE_QUEUED_S) -> int:
+async def requeue_stale(store: TaskStore, enqueue: Enqueue, older_than_s: float = 0.0) -> int:
     """Re-enqueue every ``queued`` task created more than ``older_than_s`` ago."""
     cutoff = utcnow() - timedelta(seconds=older_than_s)
     cursor: str | None = None
@@ -90,12 +102,30 @@ async def requeue_stale(store: TaskStore, enqueue: Enqueue, older_than_s: float 
     return count
 
 
-async def recovery_loop(store: TaskStore, enqueue: Enqueue, max_attempts: int, interval_s: float) -> None:
-    """Run ``recover_expired`` forever; a failing pass (store down) is logged and retried."""
+async def publish_unconfirmed(store: TaskStore, enqueue: Enqueue, older_than_s: float) -> int:
+    """One pass over the outbox: publish queued tasks no broker confirmed (``store.unenqueued``),
+    oldest first; returns how many were published. Confirmed ones are never published again."""
+    cutoff = utcnow() - timedelta(seconds=older_than_s)
+    published = 0
+    for task_id in await store.unenqueued(cutoff):
+        if not await publish(store, enqueue, task_id):
+            break  # the broker is still down: the next pass tries again
+        published += 1
+    if published:
+        log.info("published %d queued task(s) whose message was never confirmed", published)
+    return published
+
+
+async def recovery_loop(
+    store: TaskStore, run: Run, enqueue: Enqueue, max_attempts: int, interval_s: float
+) -> None:
+    """Every ``interval_s``: resume expired leases here and publish unconfirmed tasks; a failing
+    pass (store or broker down) is logged and retried."""
     while True:
         await asyncio.sleep(interval_s)
         try:
-            await recover_expired(store, enqueue, max_attempts)
+            await recover_expired(store, run, max_attempts)
+            await publish_unconfirmed(store, enqueue, older_than_s=interval_s)
         except (OpspawnError, OSError) as exc:
             log.warning("recovery pass failed, retrying in %.1fs: %s", interval_s, exc)
         except Exception:

@@ -30,13 +30,15 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from opspawn_mcp.agent_factory import AgentSetupError, build_agent, close_llm
+import agentkit
+from opspawn_mcp.agent_factory import AgentSetupError, LlmClients, build_agent
 from opspawn_mcp.config import Config
 from opspawn_mcp.errors import Conflict, IllegalTransition, OpspawnError, TaskNotFound, Unavailable
-from opspawn_mcp.models import Task, TaskStatus, Usage, utcnow
+from opspawn_mcp.models import Task, TaskEvent, TaskStatus, Usage, utcnow
 from opspawn_mcp.recovery import give_up
+from opspawn_mcp.scheduler import publish
 from opspawn_mcp.store._common import EVENT_KINDS
-from opspawn_mcp.store.base import TaskStore
+from opspawn_mcp.store.base import JournalRow, TaskStore
 
 log = logging.getLogger(__name__)
 
@@ -81,17 +83,58 @@ def _usage_of(value: Any) -> Usage:
     )
 
 
-class _Execution:
-    """One running task in this runner: its agent and why (if at all) we asked it to stop."""
+class _StoreJournal:
+    """agentkit's ``Journal`` over the task's stored entries.
 
-    def __init__(self, task: Task, owner: str) -> None:
+    ``load`` hands the agent what earlier attempts finished. A new entry is held until the next
+    event of the run and written with it in one transaction (``TaskStore.record``): agentkit
+    appends an entry before the event that announces it and does not act on the fact before
+    both returned, so the fact is durable before anything depends on it. Entries of model calls
+    that have no event of their own (a planner's) go with the next event of any kind.
+    """
+
+    def __init__(self, rows: list[JournalRow], attempt: int) -> None:
+        self._rows = rows
+        self._attempt = attempt
+        self._pending: list[JournalRow] = []
+
+    async def load(self) -> list[agentkit.JournalEntry]:
+        return [
+            agentkit.JournalEntry(kind=r.kind, ordinal=r.ordinal, step=r.step, data=r.data)
+            for r in self._rows
+        ]
+
+    async def append(self, entry: agentkit.JournalEntry) -> None:
+        self._pending.append(
+            JournalRow(
+                kind=entry.kind,
+                ordinal=entry.ordinal,
+                step=entry.step,
+                attempt=self._attempt,
+                data=entry.data,
+            )
+        )
+
+    def take(self) -> list[JournalRow]:
+        taken, self._pending = self._pending, []
+        return taken
+
+
+class _Execution:
+    """One running task in this runner: its agent, its journal and why (if at all) we asked it
+    to stop. ``writing`` serialises its event writes, so an entry taken by one write is durable
+    before a later event of the same run returns."""
+
+    def __init__(self, task: Task, owner: str, journal: _StoreJournal) -> None:
         self.task = task
         self.owner = owner
-        self.agent: Any = None
-        self.run_task: asyncio.Task[Any] | None = None
+        self.journal = journal
+        self.agent: agentkit.Agent | None = None
+        self.run_task: asyncio.Task[agentkit.RunResult] | None = None
         self.stop_reason: str | None = None  # "cancelled" | "lost" | "shutdown"
-        self.steps = 0
-        self.usage = Usage()
+        self.steps = task.steps
+        self.usage = task.usage
+        self.writing = asyncio.Lock()
 
     def stop(self, reason: str) -> None:
         if self.stop_reason is not None:
@@ -109,7 +152,10 @@ class _Execution:
 class TaskRunner:
     """The actor body and what it needs: config, store, pool, a way to re-enqueue, a lease owner.
 
-    Lives on one event loop with its store and pool. ``execute`` may run many times concurrently.
+    Lives on one event loop with its store and pool; enter it (``async with``) to run the one
+    heartbeat that renews every lease of this runner in one statement, and to share one model
+    client per profile (``LlmClients``) between its tasks. ``execute`` may run many times
+    concurrently.
     """
 
     def __init__(
@@ -126,12 +172,30 @@ class TaskRunner:
         self.store = store
         self.pool = pool
         self.owner = owner or new_owner_id()
+        self.llms = LlmClients(config)
         self._enqueue = enqueue
         self._requeue_on_shutdown = requeue_on_shutdown
         self._running: dict[str, _Execution] = {}
         self._closing = False
         self._idle = asyncio.Event()
         self._idle.set()
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> TaskRunner:
+        self._heartbeat = asyncio.create_task(self._renew_forever(), name="opspawn-heartbeat")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+            self._heartbeat = None
+        await self.llms.aclose()
 
     @property
     def _ttl(self) -> float:
@@ -155,15 +219,20 @@ class TaskRunner:
     async def wait_idle(self) -> None:
         await self._idle.wait()
 
+    async def resume(self, task_id: str) -> None:
+        """Start ``execute`` in the background and return: how the recovery loop runs a task
+        whose lease expired at once, instead of behind the queue's backlog."""
+        task = asyncio.create_task(self.execute(task_id), name=f"opspawn-resume-{task_id}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     # -- the actor body ---------------------------------------------------------------------
 
     async def execute(self, task_id: str) -> None:
         """Run the task once, or do nothing if it is not ours to run.
 
         Never raises for anything the task does. If the store is down at claim time the id is
-        re-enqueued after a pause; only a failure of that re-enqueue propagates (the broker then
-        dead-letters the message, and the task, still ``queued`` in the store, is re-enqueued by
-        the next worker start)."""
+        re-enqueued after a pause; only a failure of that re-enqueue propagates."""
         if self._closing:
             # Hand the message back untouched rather than starting work we would abandon.
             if self._requeue_on_shutdown:
@@ -177,26 +246,31 @@ class TaskRunner:
             if task is None:
                 await self._refused(task_id)
                 return
+            rows = await self.store.journal(task_id)
         except TaskNotFound:
             log.warning("message for unknown task %s dropped", task_id)
             return
         except Unavailable as exc:
             # The store is down: keep the message alive instead of letting the broker
-            # dead-letter it. The pause keeps a long outage from becoming a hot loop.
+            # dead-letter it. The pause keeps a long outage from becoming a hot loop. (A claim
+            # that succeeded before the journal read failed lapses and is recovered.)
             log.warning(
                 "task %s: store unavailable (%s); re-enqueueing in %.1fs", task_id, exc, STORE_RETRY_S
             )
             await asyncio.sleep(STORE_RETRY_S)
             await self._enqueue(task_id)
             return
-        execution = _Execution(task, owner)
+        if rows:
+            log.info("task %s: attempt %d resumes from %d journal entries", task_id, task.attempts, len(rows))
+        execution = _Execution(task, owner, _StoreJournal(rows, task.attempts))
         self._running[owner] = execution
         self._idle.clear()
-        # The lease is renewed from the moment of the claim: building the agent may start
-        # downstream servers, which can take longer than a short lease.
-        heartbeat = asyncio.create_task(self._heartbeat(execution))
         try:
             await self._run(execution)
+        except (Unavailable, agentkit.JournalError) as exc:
+            # The store went away under the run: leave the task running; its lease lapses and
+            # recovery resumes it from the journal, so nothing finished is lost or repeated.
+            log.warning("task %s: stopped, the store is unavailable (%s); recovery resumes it", task_id, exc)
         except Exception as exc:
             log.exception("task %s: unexpected error in the worker", task_id)
             try:
@@ -211,9 +285,6 @@ class TaskRunner:
                 # loop runs the task again, so nothing is lost by giving up here.
                 log.exception("task %s: could not record the failure; recovery will retry it", task_id)
         finally:
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
             del self._running[owner]
             if not self._running:
                 self._idle.set()
@@ -233,63 +304,64 @@ class TaskRunner:
 
     async def _run(self, execution: _Execution) -> None:
         task = execution.task
-        await self.store.append_event(
-            task.id, "state", {"status": "running", "attempt": task.attempts, "worker": execution.owner}
-        )
+        started = {"status": "running", "attempt": task.attempts, "worker": execution.owner}
+        if await self._write(execution, "state", started) is None:
+            return
 
-        async def on_event(event: Any) -> None:
+        async def on_event(event: agentkit.AgentEvent) -> None:
             await self._on_agent_event(execution, event)
 
         try:
-            agent, llm = await build_agent(task.spec, self.config, self.pool, on_event)
+            agent = await build_agent(task.spec, self.config, self.pool, on_event, self.llms)
         except AgentSetupError as exc:
             await self._finish(execution, TaskStatus.FAILED, error=str(exc))
             return
         execution.agent = agent
+        run = agent.run(task.spec.goal, journal=execution.journal, run_id=task.id)
+        execution.run_task = asyncio.create_task(run)
+        if execution.stop_reason is not None:
+            agent.cancel()
         try:
-            execution.run_task = asyncio.create_task(agent.run(task.spec.goal))
-            if execution.stop_reason is not None:
-                agent.cancel()
-            try:
-                result: Any = await execution.run_task
-            except asyncio.CancelledError:
-                if execution.stop_reason is None:
-                    raise  # we ourselves are being cancelled
-                result = None
-        finally:
-            await close_llm(llm)
+            result: agentkit.RunResult | None = await execution.run_task
+        except asyncio.CancelledError:
+            if execution.stop_reason is None:
+                raise  # we ourselves are being cancelled
+            result = None
         await self._conclude(execution, result)
 
-    async def _conclude(self, execution: _Execution, result: Any) -> None:
+    async def _conclude(self, execution: _Execution, result: agentkit.RunResult | None) -> None:
         task = execution.task
         if result is not None:
-            execution.usage = _usage_of(getattr(result, "usage", None))
-            execution.steps = len(getattr(result, "steps", []) or []) or execution.steps
+            execution.usage = Usage(
+                input_tokens=result.usage.input_tokens, output_tokens=result.usage.output_tokens
+            )
+            execution.steps = len(result.steps) or execution.steps
         reason = execution.stop_reason
         if reason == "shutdown":
             await self._hand_back(execution)
             return
-        if reason in ("cancelled", "lost"):
+        if reason in ("cancelled", "lost") or result is None:
             # Someone else decided the task's fate (a cancel, or another worker that took over
             # an expired lease): write nothing more to it.
             log.info("task %s: agent stopped (%s)", task.id, reason)
             return
-        status = str(getattr(result, "status", "failed"))
-        if status == "completed":
-            await self._finish(execution, TaskStatus.COMPLETED, result=result.output or "")
-        elif status == "timed_out":
+        status = result.status
+        if status is agentkit.RunStatus.COMPLETED:
+            warning = "; ".join(result.warnings) or None
+            await self._finish(execution, TaskStatus.COMPLETED, result=result.output or "", reason=warning)
+        elif status is agentkit.RunStatus.TIMED_OUT:
             await self._finish(
                 execution,
                 TaskStatus.FAILED,
                 error=f"the agent did not finish within timeout_s={task.spec.timeout_s:g}s; "
                 "raise timeout_s or split the goal into smaller tasks",
             )
-        elif status == "cancelled":
+        elif status is agentkit.RunStatus.CANCELLED:
             await self._finish(
                 execution, TaskStatus.FAILED, error="the agent stopped without an answer (cancelled)"
             )
         else:
-            error = getattr(result, "error", None) or "the agent failed without saying why"
+            error = result.error or "the agent failed without saying why"
             await self._finish(execution, TaskStatus.FAILED, error=f"the agent failed: {error}")
 
     async def _finish(
@@ -299,8 +371,10 @@ class TaskRunner:
         *,
         result: str | None = None,
         error: str | None = None,
+        reason: str | None = None,
     ) -> None:
-        """The owner-guarded final transition; losing the race (cancel, lost lease) is fine."""
+        """The owner-guarded final transition (with the run's steps and usage); losing the race
+        (cancel, lost lease) is fine. ``reason`` goes into the final state event (a warning)."""
         task_id = execution.task.id
         with contextlib.suppress(OpspawnError):
             await self.store.record_progress(task_id, execution.steps, execution.usage)
@@ -313,6 +387,7 @@ class TaskRunner:
                 error=error,
                 usage=execution.usage,
                 owner=execution.owner,
+                reason=reason,
             )
         except IllegalTransition:
             log.info("task %s: not %s, it changed meanwhile (cancelled or taken over)", task_id, status)
@@ -333,63 +408,88 @@ class TaskRunner:
         except IllegalTransition:
             return
         if self._requeue_on_shutdown:
-            try:
-                await self._enqueue(task_id)
-            except Exception as exc:
-                log.warning("task %s handed back but not re-enqueued (%s); recovery will", task_id, exc)
+            # Unpublished if this fails: a recovery loop publishes it once the broker answers.
+            await publish(self.store, self._enqueue, task_id)
 
-    async def _on_agent_event(self, execution: _Execution, event: Any) -> None:
-        """Write the step to the event log, record progress, and notice a cancel or lost lease."""
+    async def _on_agent_event(self, execution: _Execution, event: agentkit.AgentEvent) -> None:
+        """One agent event, its pending journal entries and the progress so far: one write."""
         if execution.stop_reason is not None:
             return
-        task_id = execution.task.id
-        kind = str(getattr(event, "kind", "log"))
-        step = int(getattr(event, "step", 0) or 0)
-        raw = getattr(event, "data", {}) or {}
-        data: dict[str, Any] = {"step": step, **_jsonable(dict(raw))}
+        kind: str = event.kind
+        data: dict[str, Any] = {"step": event.step, **_jsonable(dict(event.data))}
         if kind not in EVENT_KINDS or kind == "state":
             data["agent_event"] = kind
             kind = "log"
-        if "usage" in raw:
+        if "usage" in event.data:
             # "llm" events carry one call's usage; "final"/"error" carry the run's total.
-            usage = _usage_of(raw["usage"])
-            if kind == "llm":
-                usage = Usage(
-                    input_tokens=execution.usage.input_tokens + usage.input_tokens,
-                    output_tokens=execution.usage.output_tokens + usage.output_tokens,
-                )
-            execution.usage = usage
-        execution.steps = max(execution.steps, step)
-        try:
-            current = await self.store.get(task_id)
-            if current.status is not TaskStatus.RUNNING or current.lease_owner != execution.owner:
-                execution.stop("cancelled" if current.status is TaskStatus.CANCELLED else "lost")
-                return
-            await self.store.append_event(task_id, kind, data)
-            await self.store.record_progress(task_id, execution.steps, execution.usage)
-        except Conflict:
-            # The task was cancelled between the check above and the append; the store has
-            # closed its log, so the agent stops here.
-            execution.stop("cancelled")
-        except OpspawnError as exc:
-            # The store hiccuped: the agent keeps going; the heartbeat decides if we lost the task.
-            log.warning("task %s: could not record an event: %s", task_id, exc)
+            usage = _usage_of(event.data["usage"])
+            execution.usage = execution.usage + usage if kind == "llm" else usage
+        execution.steps = max(execution.steps, event.step)
+        await self._write(execution, kind, data)
 
-    async def _heartbeat(self, execution: _Execution) -> None:
-        """Renew the lease every third of its TTL (at most every second, so a cancel is seen
-        quickly even while a long tool call runs); a refused renewal stops the agent."""
+    async def _write(self, execution: _Execution, kind: str, data: dict[str, Any]) -> TaskEvent | None:
+        """Write the event with the journal entries waiting for it, while we hold the task.
+
+        While the store is down, an event that carries journal entries is retried until it is
+        written or the task is lost: the agent must not act on a fact that is not durable (it
+        waits here). A plain event (progress, log) is dropped instead. None: not ours any more
+        (the agent has been told to stop)."""
         task_id = execution.task.id
+        async with execution.writing:
+            entries = execution.journal.take()
+            while True:
+                try:
+                    written = await self.store.record(
+                        task_id,
+                        execution.owner,
+                        kind,
+                        data,
+                        steps=execution.steps,
+                        usage=execution.usage,
+                        entries=entries,
+                    )
+                    break
+                except Conflict:
+                    # The task was cancelled between our lease check and this write; its log is
+                    # closed, so the agent stops here.
+                    execution.stop("cancelled")
+                    return None
+                except Unavailable as exc:
+                    if not entries or execution.stop_reason is not None:
+                        log.warning("task %s: could not record a %s event: %s", task_id, kind, exc)
+                        return None
+                    log.warning("task %s: store unavailable, retrying a journal write: %s", task_id, exc)
+                    await asyncio.sleep(STORE_RETRY_S)
+        if written is None:
+            await self._not_ours(execution)
+        return written
+
+    async def _not_ours(self, execution: _Execution) -> None:
+        """The task is not running under our lease any more: stop, saying why."""
+        try:
+            current = await self.store.get(execution.task.id)
+        except OpspawnError:
+            execution.stop("lost")
+            return
+        execution.stop("cancelled" if current.status is TaskStatus.CANCELLED else "lost")
+
+    async def _renew_forever(self) -> None:
+        """Renew every lease of this runner in one statement, every third of the TTL (at most
+        every second, so a cancel is seen quickly even during a long tool call); a task whose
+        lease was not renewed was cancelled or taken over, and its agent is stopped."""
         interval = min(self._ttl / 3, 1.0)
         while True:
             await asyncio.sleep(interval)
-            try:
-                if await self.store.renew(task_id, execution.owner, self._ttl):
-                    continue
-                current = await self.store.get(task_id)
-            except Exception as exc:
-                # Keep trying: while the store is unreachable nobody else can take the task
-                # over either, and the owner-guarded final transition settles any doubt.
-                log.warning("task %s: lease renewal failed, retrying: %s", task_id, exc)
+            executions = [e for e in self._running.values() if e.stop_reason is None]
+            if not executions:
                 continue
-            execution.stop("cancelled" if current.status is TaskStatus.CANCELLED else "lost")
-            return
+            try:
+                held = await self.store.renew_many({e.task.id: e.owner for e in executions}, self._ttl)
+            except Exception as exc:
+                # Keep trying: while the store is unreachable nobody else can take the tasks
+                # over either, and the owner-guarded final transition settles any doubt.
+                log.warning("lease renewal failed, retrying: %s", exc)
+                continue
+            for execution in executions:
+                if execution.task.id not in held:
+                    await self._not_ours(execution)

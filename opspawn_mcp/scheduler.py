@@ -1,14 +1,16 @@
 """The Scheduler: turns an accepted ``TaskSpec`` into a ``queued`` task in the store and a message.
 
 The store is the truth; the broker message carries only the task id. The order is fixed:
-persist first, then enqueue. If enqueueing fails the task simply stays ``queued`` and the
-worker's recovery loop re-enqueues it later, so an accepted task is never lost, and a message
-never points at a task that does not exist.
+persist first, then enqueue, then mark the task enqueued (``publish``, the outbox). If
+enqueueing fails the task simply stays ``queued`` and unmarked, and a recovery loop publishes it
+once the broker is back, so an accepted task is never lost, and a message never points at a
+task that does not exist.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from opspawn_mcp.models import Task, TaskSpec
@@ -46,8 +48,27 @@ class Scheduler:
         """
         # ``create`` writes the ``queued`` state event in its own transaction: one round trip.
         task = await self._store.create(Task(spec=spec, principal=principal))
-        try:
-            await self._enqueuer.enqueue(task.id)
-        except Exception:
-            log.warning("enqueue of task %s failed; the recovery loop will retry it", task.id, exc_info=True)
+        await publish(self._store, self._enqueuer.enqueue, task.id)
         return task
+
+
+async def publish(store: TaskStore, enqueue: Callable[[str], Awaitable[None]], task_id: str) -> bool:
+    """Hand the task's id to the broker and mark it enqueued once the broker confirmed it.
+
+    This is the outbox: a task whose mark is missing (the broker was down, or this process died
+    between the two steps) is published again by the recovery loop (``store.unenqueued``), and a
+    marked one never is, so a backlog is never re-published. A failure is logged, not raised:
+    the task is accepted and durable either way. False: it stays for the recovery loop.
+    """
+    try:
+        await enqueue(task_id)
+    except Exception as exc:
+        log.warning("enqueue of task %s failed (%s); the recovery loop will publish it", task_id, exc)
+        return False
+    try:
+        await store.mark_enqueued(task_id)
+    except Exception as exc:
+        # Published but not marked: the recovery loop may publish it once more (a duplicate
+        # message is a no-op for the actor).
+        log.warning("task %s published but not marked (%s)", task_id, exc)
+    return True

@@ -27,7 +27,7 @@ from opspawn_mcp.broker import (
     queue_name_for,
 )
 from opspawn_mcp.config import Config
-from opspawn_mcp.recovery import STALE_QUEUED_S, recovery_interval, recovery_loop, requeue_stale
+from opspawn_mcp.recovery import recovery_interval, recovery_loop
 from opspawn_mcp.runner import TaskRunner
 
 __all__ = ["execute_agent_task_actor", "run_worker_process"]
@@ -71,26 +71,36 @@ class _ProcessHost:
 
         self._stop = asyncio.Event()
         settings = self.config.opspawn.worker
+        enqueuer = DramatiqEnqueuer(self.broker, queue_name_for(self.config))
         try:
-            store = open_store(self.config.opspawn.store_url)
+            store = open_store(
+                self.config.opspawn.store_url,
+                settings=self.config.opspawn.store,
+                concurrency=self.config.opspawn.worker.concurrency,
+            )
             await store.start()
         except BaseException as exc:
             self.runner.set_exception(exc)
             raise
         try:
-            async with OpsMcpClient(self.config.mcp_servers) as pool:
-                enqueuer = DramatiqEnqueuer(self.broker, queue_name_for(self.config))
-                runner = TaskRunner(self.config, store, pool, enqueuer.enqueue)
+            async with (
+                OpsMcpClient(
+                    self.config.mcp_servers, default_concurrency=self.config.opspawn.worker.concurrency
+                ) as pool,
+                TaskRunner(self.config, store, pool, enqueuer.enqueue) as runner,
+            ):
                 recovery = asyncio.create_task(
                     recovery_loop(
                         store,
+                        runner.resume,
                         enqueuer.enqueue,
                         settings.max_attempts,
                         recovery_interval(settings.lease_ttl_s),
                     )
                 )
                 try:
-                    await requeue_stale(store, enqueuer.enqueue, older_than_s=STALE_QUEUED_S)
+                    # Sessions open now, not on the first task: its first call would wait for them.
+                    await pool.open_all()
                     self.runner.set_result(runner)
                     await self._stop.wait()
                     runner.begin_shutdown()

@@ -23,6 +23,7 @@ The model loads on first use, so building an agent stays cheap.
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import json
 import threading
@@ -190,6 +191,14 @@ class LocalGGUF:
             raise LLMError(
                 f"Cannot load the GGUF model at {path}: {exc}. Check the path and the file."
             ) from exc
+
+    def with_settings(self, *, temperature: float | None = None, max_tokens: int | None = None) -> LocalGGUF:
+        """This model with other sampling settings (None keeps the current one). The view shares
+        the loaded weights and their lock, so load first: a view made before ``load`` loads again."""
+        view = copy.copy(self)
+        view.temperature = self.temperature if temperature is None else temperature
+        view.max_tokens = self.max_tokens if max_tokens is None else max_tokens
+        return view
 
     async def load(self) -> None:
         """Load the model now instead of on the first call (useful to warm up a worker)."""

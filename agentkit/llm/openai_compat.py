@@ -12,6 +12,7 @@ named. So the client is built from explicit values only, and the ambient ones ar
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -97,6 +98,7 @@ class OpenAICompatible:
         self._auth: dict[str, str | openai.Omit] = {
             "Authorization": f"Bearer {api_key}" if api_key else openai.omit
         }
+        self._owns_client = True
         self._client = _explicit_client(
             base_url=self.base_url,
             api_key=api_key or _UNUSED_KEY,
@@ -105,8 +107,20 @@ class OpenAICompatible:
             timeout_s=timeout_s,
         )
 
+    def with_settings(
+        self, *, temperature: float | None = None, max_tokens: int | None = None
+    ) -> OpenAICompatible:
+        """This client with other sampling settings (None keeps the current one). The view shares
+        the connection pool, so many tasks can use one client; only the original closes it."""
+        view = copy.copy(self)
+        view.temperature = self.temperature if temperature is None else temperature
+        view.max_tokens = self.max_tokens if max_tokens is None else max_tokens
+        view._owns_client = False
+        return view
+
     async def aclose(self) -> None:
-        await self._client.close()
+        if self._owns_client:
+            await self._client.close()
 
     async def __aenter__(self) -> OpenAICompatible:
         return self

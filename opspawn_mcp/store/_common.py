@@ -55,6 +55,9 @@ def transition_values(
         # stop treating the task as owned.
         values["lease_owner"] = None
         values["lease_expires_at"] = None
+    if new is TaskStatus.QUEUED:
+        # Back in the queue (recovery, shutdown): it needs a new message, confirmed anew.
+        values["enqueued_at"] = None
     if new.terminal:
         values["finished_at"] = now
     if result is not None:

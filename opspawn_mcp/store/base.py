@@ -66,6 +66,14 @@ class TaskStore(Protocol):
         """Newest first; ``cursor`` is the opaque ``next_cursor`` of the previous page;
         ``principal`` keeps only that principal's tasks (None: everyone's)."""
 
+    async def mark_enqueued(self, task_id: str) -> None:
+        """The broker confirmed the message of this queued task (the outbox's "sent" mark)."""
+
+    async def unenqueued(self, created_before: datetime, limit: int = 100) -> builtins.list[str]:
+        """Queued tasks created before ``created_before`` whose message no broker confirmed
+        (its publish failed, or the publisher died first), oldest first: the recovery loop
+        publishes them. A task put back in the queue by a transition counts again."""
+
     async def count_active(self, principal: str) -> int:
         """How many of ``principal``'s tasks are queued or running (its tasks in flight)."""
 

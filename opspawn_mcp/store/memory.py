@@ -100,6 +100,24 @@ class MemoryStore:
         next_cursor = encode_cursor(items[-1].created_at, items[-1].id) if more else None
         return TaskPage(items=items, next_cursor=next_cursor)
 
+    async def mark_enqueued(self, task_id: str) -> None:
+        async with self._lock:
+            task = self._tasks.get(task_id)
+            if task is not None and task.status is TaskStatus.QUEUED:
+                self._tasks[task_id] = task.model_copy(update={"enqueued_at": utcnow()})
+
+    async def unenqueued(self, created_before: datetime, limit: int = 100) -> builtins.list[str]:
+        check_limit(limit)
+        cutoff = as_utc(created_before)
+        async with self._lock:
+            rows = [
+                t
+                for t in self._tasks.values()
+                if t.status is TaskStatus.QUEUED and t.enqueued_at is None and t.created_at < cutoff
+            ]
+        rows.sort(key=lambda t: (t.created_at, t.id))
+        return [t.id for t in rows[:limit]]
+
     async def count_active(self, principal: str) -> int:
         async with self._lock:
             return sum(1 for t in self._tasks.values() if t.principal == principal and not t.status.terminal)

@@ -149,6 +149,8 @@ tasks = Table(
     Column("principal", String, nullable=False, server_default=LOCAL_PRINCIPAL),
     # The seq of the task's newest event: appends bump it under the row lock (migration 3).
     Column("last_seq", Integer, nullable=False, default=0, server_default="0"),
+    # When the broker confirmed the task's message; NULL while none is (migration 4): the outbox.
+    Column("enqueued_at", UtcDateTime),
     # list(status=...) newest first, list() newest first, and the recovery loop's scan.
     Index("ix_tasks_status_created", "status", "created_at", "id"),
     Index("ix_tasks_created", "created_at", "id"),
@@ -235,11 +237,21 @@ def _migration_3(conn: Connection) -> None:
     task_journal.create(conn, checkfirst=True)
 
 
+def _migration_4(conn: Connection) -> None:
+    """The outbox: ``enqueued_at`` says the broker confirmed a task's message. Tasks that exist
+    already had their message published the old way, so they count as enqueued."""
+    columns = {c["name"] for c in inspect(conn).get_columns("tasks")}
+    if "enqueued_at" not in columns:
+        conn.execute(text("ALTER TABLE tasks ADD COLUMN enqueued_at TIMESTAMP WITH TIME ZONE"))
+        conn.execute(update(tasks).values(enqueued_at=tasks.c.created_at))
+
+
 # Append only: a released version's step never changes, a new one gets the next number.
 MIGRATIONS: Final = (
     (1, "tasks and task_events", _migration_1),
     (2, "task principals; model profiles by name", _migration_2),
     (3, "tasks.last_seq; task_journal", _migration_3),
+    (4, "tasks.enqueued_at: the outbox", _migration_4),
 )
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
 
@@ -278,6 +290,7 @@ def _to_task(row: Row[Any]) -> Task:
         lease_owner=m["lease_owner"],
         lease_expires_at=m["lease_expires_at"],
         principal=m["principal"],
+        enqueued_at=m["enqueued_at"],
     )
 
 
@@ -666,6 +679,7 @@ class SqlStore:
             "lease_expires_at": task.lease_expires_at,
             "principal": task.principal,
             "last_seq": 1,
+            "enqueued_at": task.enqueued_at,
         }
 
         async def body(conn: AsyncConnection) -> Row[Any]:
@@ -721,6 +735,36 @@ class SqlStore:
         return TaskPage(
             items=items, next_cursor=encode_cursor(items[-1].created_at, items[-1].id) if more else None
         )
+
+    async def mark_enqueued(self, task_id: str) -> None:
+        query = (
+            update(tasks)
+            .where(tasks.c.id == task_id, tasks.c.status == TaskStatus.QUEUED.value)
+            .values(enqueued_at=utcnow())
+        )
+
+        async def body(conn: AsyncConnection) -> None:
+            await conn.execute(query)
+
+        await self._run(body, write=True)
+
+    async def unenqueued(self, created_before: datetime, limit: int = 100) -> builtins.list[str]:
+        check_limit(limit)
+        query = (
+            select(tasks.c.id)
+            .where(
+                tasks.c.status == TaskStatus.QUEUED.value,
+                tasks.c.enqueued_at.is_(None),
+                tasks.c.created_at < as_utc(created_before),
+            )
+            .order_by(tasks.c.created_at, tasks.c.id)
+            .limit(limit)
+        )
+
+        async def body(conn: AsyncConnection) -> builtins.list[str]:
+            return builtins.list((await conn.execute(query)).scalars().all())
+
+        return await self._run(body)
 
     async def count_active(self, principal: str) -> int:
         active = [s.value for s in TaskStatus if not s.terminal]

@@ -158,8 +158,9 @@ async def test_a_tool_that_keeps_failing_fails_the_task_with_its_error(
     tmp_path: Path, fake: FakeOpenAIServer
 ) -> None:
     async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
-        for _ in range(MAX_TOOL_ERRORS):
-            stack.fake.script(tool_call("t__fail", message="disk full on /data"))
+        # Different arguments each time: identical repeated calls trip the repeated-call guard first.
+        for i in range(MAX_TOOL_ERRORS):
+            stack.fake.script(tool_call("t__fail", message=f"disk full on /data ({i})"))
         task = await stack.service.submit({"goal": "use the failing tool", "servers": ["t"]}, by=LOCAL)
         done = await stack.finished(task.id)
 
@@ -300,8 +301,8 @@ async def test_a_cancelled_queued_task_never_starts(tmp_path: Path, fake: FakeOp
 
         task = await stack.store.get(created.id)
         assert task.status is TaskStatus.CANCELLED and task.attempts == 0
-        # Only the cancellation's own state event: the worker wrote nothing.
-        assert [e.data["status"] for e in await stack.events(created.id)] == ["cancelled"]
+        # The queued event create wrote, and the cancellation's own: the worker wrote nothing.
+        assert [e.data["status"] for e in await stack.events(created.id)] == ["queued", "cancelled"]
 
 
 async def test_expired_lease_is_recovered_and_the_task_completes(
