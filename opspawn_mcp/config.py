@@ -42,7 +42,21 @@ class _Strict(BaseModel):
 
 class _ServerBase(_Strict):
     timeout_s: float = Field(default=60.0, gt=0, description="Per-call timeout.")
-    max_concurrency: int = Field(default=16, ge=1, description="Calls in flight at once.")
+    max_concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        description="Calls in flight at once; null: as many as the process runs tasks (worker.concurrency).",
+    )
+    max_timeouts: int = Field(
+        default=2,
+        ge=1,
+        description="Call timeouts in a row before the server is marked unhealthy and restarted or reconnected.",
+    )
+    retry: Literal["always", "if_idempotent", "never"] = Field(
+        default="if_idempotent",
+        description="Whether a call interrupted by a worker crash is run again; if_idempotent: only tools "
+        "annotated idempotentHint or readOnlyHint.",
+    )
 
 
 class StdioServerConfig(_ServerBase):

@@ -19,9 +19,10 @@ import anyio.abc
 import mcp.types as types
 from mcp.shared.dispatcher import ProgressFnT
 
+from agentkit.mcp_proxy import idempotent_from_annotations
 from opspawn_mcp.config import ServerConfig
 from opspawn_mcp.errors import Forbidden, NotFound, Unavailable
-from opspawn_mcp.host.connection import ServerConnection
+from opspawn_mcp.host.connection import DEFAULT_CONCURRENCY, ServerConnection
 from opspawn_mcp.host.models import ServerInfo
 
 logger = logging.getLogger("opspawn_mcp.host")
@@ -31,12 +32,27 @@ class OpsMcpClient:
     """One long-lived session per configured server, opened on first use and shared by all callers.
 
     Use it as ``async with OpsMcpClient(config.mcp_servers) as pool:``; leaving the block closes
-    every session and stops every server process it started. ``eager=True`` connects to every
-    server on entry (failures are recorded, not raised) so ``servers_info`` is complete at once.
+    every session and stops every server process it started. ``eager=True`` runs ``open_all`` on
+    entry so ``servers_info`` is complete at once.
+
+    ``default_concurrency`` is the calls in flight per server for servers whose config leaves
+    ``max_concurrency`` unset: a worker passes its ``worker.concurrency``, so a 1,000-slot worker
+    is not capped at 16 calls per server by a default nobody chose.
     """
 
-    def __init__(self, servers: Mapping[str, ServerConfig], *, eager: bool = False) -> None:
-        self._servers = {name: ServerConnection(name, config) for name, config in servers.items()}
+    def __init__(
+        self,
+        servers: Mapping[str, ServerConfig],
+        *,
+        eager: bool = False,
+        default_concurrency: int = DEFAULT_CONCURRENCY,
+    ) -> None:
+        if default_concurrency < 1:
+            raise ValueError(f"default_concurrency must be at least 1, not {default_concurrency}")
+        self._servers = {
+            name: ServerConnection(name, config, default_concurrency=default_concurrency)
+            for name, config in servers.items()
+        }
         self._eager = eager
         self._tg: anyio.abc.TaskGroup | None = None
 
@@ -50,21 +66,31 @@ class OpsMcpClient:
             server.start(tg)
         if self._eager:
             try:
-                async with anyio.create_task_group() as connect:
-                    for server in self._servers.values():
-                        connect.start_soon(self._warm, server)
+                await self.open_all()
             except BaseException as exc:
                 # Cancelled while connecting: close what was opened, or the task group leaks.
                 await self.__aexit__(type(exc), exc, exc.__traceback__)
                 raise
         return self
 
+    async def open_all(self) -> None:
+        """Connect every configured server at once; a failure is recorded (state, ``last_error``,
+        a warning in the log), never raised.
+
+        Sessions open lazily otherwise, so a worker's first task would wait for every server it
+        uses to start; a process calls this at start instead (in the background, if startup must
+        not wait). Servers already connected are left as they are.
+        """
+        async with anyio.create_task_group() as connect:
+            for server in self._servers.values():
+                connect.start_soon(self._open_quietly, server)
+
     @staticmethod
-    async def _warm(server: ServerConnection) -> None:
+    async def _open_quietly(server: ServerConnection) -> None:
         try:
             await server.session()
         except Unavailable as exc:
-            logger.warning("eager connect: %s", exc.message)
+            logger.warning("connecting MCP server %r at start failed: %s", server.name, exc.message)
 
     async def __aexit__(
         self,
@@ -96,6 +122,13 @@ class OpsMcpClient:
                 server=server,
             ) from None
 
+    def check_server(self, server: str) -> None:
+        """Raise ``NotFound`` (naming the configured servers) unless ``server`` is configured; no I/O.
+
+        Views such as ``ScopedCaller`` refuse a bad name before doing anything else with it.
+        """
+        self._get(server)
+
     def scoped(self, allowed: Collection[str] | None) -> ScopedCaller:
         """A view for one task: only ``allowed`` servers (all configured ones when None)."""
         return ScopedCaller(self, None if allowed is None else frozenset(allowed))
@@ -112,15 +145,49 @@ class OpsMcpClient:
         tool: str,
         arguments: dict[str, Any],
         *,
+        meta: dict[str, Any] | None = None,
         progress_callback: ProgressFnT | None = None,
     ) -> types.CallToolResult:
         """Call ``tool`` on ``server`` through the shared session.
 
+        ``meta`` is sent as the request's ``_meta`` (merged with the progress token when there is
+        a ``progress_callback``); agentkit's tools put the call's idempotency key there
+        (``agentkit.IDEMPOTENCY_META_KEY``), so a server can recognise a call run again after a crash.
+
         A tool error comes back as ``CallToolResult(isError=True)``; an unknown server raises
         ``NotFound``; a server that cannot be reached, drops the connection or runs past its
-        ``timeout_s`` (the call is then cancelled on the server) raises ``Unavailable``.
+        ``timeout_s`` (the call is then cancelled on the server) raises ``Unavailable``. After
+        ``max_timeouts`` timeouts in a row the server is ``unhealthy`` and replaced on the next call.
         """
-        return await self._get(server).call_tool(tool, arguments, progress_callback)
+        return await self._get(server).call_tool(tool, arguments, progress_callback, meta)
+
+    # -- rerun policy ---------------------------------------------------------------------------
+
+    def idempotent(self, server: str, tool: str) -> bool | None:
+        """What the tool's annotations (from the cached tools/list) say about running it twice.
+
+        True when ``idempotentHint`` or ``readOnlyHint`` is true, False when one is explicitly
+        false and neither is true, None when the server does not say (or the tool is not in the
+        cache: a pool that has not listed the server's tools yet knows nothing, so list or
+        ``open_all`` first). The rule is agentkit's ``idempotent_from_annotations``, so the pool
+        and an agent's tools never disagree. Annotations are hints; ``retry`` overrides them.
+        """
+        found = self._get(server).cached_tool(tool)
+        return idempotent_from_annotations(found.annotations if found is not None else None)
+
+    def may_rerun(self, server: str, tool: str) -> bool:
+        """Whether a call of ``tool`` that was in flight when its worker died may be run again.
+
+        The server's ``retry`` setting decides: ``always``, ``never``, or ``if_idempotent`` (the
+        default), which re-runs only a tool ``idempotent`` calls True. Unknown means no: a call
+        with side effects is never repeated silently; the agent is told its effect is unknown.
+        """
+        policy = self._get(server).config.retry
+        if policy == "always":
+            return True
+        if policy == "never":
+            return False
+        return self.idempotent(server, tool) is True
 
     def servers_info(self) -> list[ServerInfo]:
         """What ``list_servers`` shows; reads cached state only, never does I/O."""
@@ -145,7 +212,7 @@ class ScopedCaller:
                 f"This task may not use the MCP server {server!r}. Servers it may use: {names}.",
                 server=server,
             )
-        self._client._get(server)
+        self._client.check_server(server)
 
     async def list_tools(self, server: str) -> list[types.Tool]:
         self._check(server)
@@ -157,10 +224,23 @@ class ScopedCaller:
         tool: str,
         arguments: dict[str, Any],
         *,
+        meta: dict[str, Any] | None = None,
         progress_callback: ProgressFnT | None = None,
     ) -> types.CallToolResult:
         self._check(server)
-        return await self._client.call_tool(server, tool, arguments, progress_callback=progress_callback)
+        return await self._client.call_tool(
+            server, tool, arguments, meta=meta, progress_callback=progress_callback
+        )
+
+    def idempotent(self, server: str, tool: str) -> bool | None:
+        """``OpsMcpClient.idempotent``, refused (``Forbidden``) for a server outside this task."""
+        self._check(server)
+        return self._client.idempotent(server, tool)
+
+    def may_rerun(self, server: str, tool: str) -> bool:
+        """``OpsMcpClient.may_rerun``, refused (``Forbidden``) for a server outside this task."""
+        self._check(server)
+        return self._client.may_rerun(server, tool)
 
     def servers_info(self) -> list[ServerInfo]:
         return [

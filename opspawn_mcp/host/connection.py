@@ -10,6 +10,10 @@ one. A failure (cannot connect, the process exited, the HTTP stream dropped) end
 schedules the next attempt after an exponential backoff with jitter; after ``UNAVAILABLE_AFTER``
 failures in a row the server is ``unavailable`` and calls fail fast until the delay has passed,
 so a dead server costs other servers' callers nothing.
+
+A frozen server (SIGSTOPped, deadlocked) keeps its stream open, so only timeouts reveal it: after
+``max_timeouts`` call timeouts in a row on one session the server is ``unhealthy`` and that session
+is closed like a lost one (a stdio process is killed), so the next call replaces it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import anyio
 import anyio.abc
@@ -53,6 +57,13 @@ MIN_CONNECT_TIMEOUT_S = 30.0
 """Starting a server (an interpreter, ``npx`` resolving a package) can take longer than a short
 per-call ``timeout_s``; the handshake gets at least this long."""
 MAX_CONNECT_TIMEOUT_S = 120.0
+TEARDOWN_S = 5.0
+"""How long leaving a session may talk to the server (streamable HTTP's DELETE): a frozen server
+never answers, and must not hold the owner task, or the pool's shutdown, for the read timeout.
+A stdio server's own shutdown (close stdin, SIGTERM, SIGKILL) is shielded and bounded by the SDK."""
+SEND_GRACE_S = 1.0
+"""The pool's own deadline for a call is ``timeout_s`` plus this; see ``call_tool``."""
+DEFAULT_CONCURRENCY = 16
 
 
 def backoff_delay(failures: int, rng: random.Random | None = None) -> float:
@@ -97,9 +108,13 @@ class _Attempt:
 class ServerConnection:
     """The pool's state for one configured server; all methods run on the pool's event loop."""
 
-    def __init__(self, name: str, config: ServerConfig) -> None:
+    def __init__(
+        self, name: str, config: ServerConfig, *, default_concurrency: int = DEFAULT_CONCURRENCY
+    ) -> None:
         self.name = name
         self.config = config
+        self.concurrency = config.max_concurrency or default_concurrency
+        """Calls in flight at once: the server's ``max_concurrency``, else the pool's default."""
         self.secrets = Secrets()
         self._tg: anyio.abc.TaskGroup | None = None
         self._limit: anyio.Semaphore | None = None
@@ -110,6 +125,9 @@ class ServerConnection:
         self._tools: list[types.Tool] = []
         self._tools_stale = False
         self._refresh_lock: anyio.Lock | None = None
+        self._timeouts = 0
+        """Call timeouts in a row on the current session; an answer or a new session resets it."""
+        self._unhealthy = False
         self.last_error: str | None = None
         self.calls = 0
         self.errors = 0
@@ -118,7 +136,7 @@ class ServerConnection:
 
     def start(self, tg: anyio.abc.TaskGroup) -> None:
         self._tg = tg
-        self._limit = anyio.Semaphore(self.config.max_concurrency)
+        self._limit = anyio.Semaphore(self.concurrency)
         self._refresh_lock = anyio.Lock()
         self._closing = False
 
@@ -140,7 +158,7 @@ class ServerConnection:
             return "ready" if attempt.session is not None else "connecting"
         if self._failures >= UNAVAILABLE_AFTER:
             return "unavailable"
-        return "idle"
+        return "unhealthy" if self._unhealthy else "idle"
 
     def info(self) -> ServerInfo:
         names = [tool.name for tool in self._tools]
@@ -157,15 +175,20 @@ class ServerConnection:
 
     # -- getting a session -----------------------------------------------------------------------
 
+    def _ensure_open(self) -> anyio.abc.TaskGroup:
+        """The pool's task group; a pool not entered, or already left, refuses with advice."""
+        if not self._closing and self._tg is not None:
+            return self._tg
+        raise Unavailable(
+            f"The MCP host pool is closed, so server {self.name!r} cannot be reached. "
+            "Use the client inside `async with OpsMcpClient(...)`.",
+            server=self.name,
+        )
+
     async def session(self) -> ClientSession:
         """The open session, opening it (once, shared by all waiters) if there is none."""
         while True:
-            if self._closing or self._tg is None:
-                raise Unavailable(
-                    f"The MCP host pool is closed, so server {self.name!r} cannot be reached. "
-                    "Use the client inside `async with OpsMcpClient(...)`.",
-                    server=self.name,
-                )
+            tg = self._ensure_open()
             attempt = self._attempt
             if attempt is None:
                 wait = self._retry_at - anyio.current_time()
@@ -181,7 +204,7 @@ class ServerConnection:
                     await anyio.sleep(wait)
                     continue
                 attempt = self._attempt = _Attempt()
-                self._tg.start_soon(self._own, attempt, name=f"mcp-server:{self.name}")
+                tg.start_soon(self._own, attempt, name=f"mcp-server:{self.name}")
             await attempt.ready.wait()
             if attempt.session is not None and not attempt.ended:
                 return attempt.session
@@ -219,21 +242,23 @@ class ServerConnection:
             attempt.ready.set()
 
     async def _serve(self, attempt: _Attempt, tg: anyio.abc.TaskGroup) -> None:
-        async with open_transport(self.name, self.config, self.secrets, tg) as (read, write):
-            watched = WatchedReadStream(read, lambda: self._lost(attempt, "the server closed the stream"))
-            async with ClientSession(
-                watched,
-                write,
-                message_handler=lambda message: self._on_message(attempt, tg, message),
-                logging_callback=self._on_log,
-                client_info=CLIENT_INFO,
-            ) as session:
-                with anyio.fail_after(self._connect_timeout()):
-                    await session.initialize()
-                    self._tools_stale = False
-                    tools = await self._list_all(session)
-                self._ready(attempt, session, tools)
-                await attempt.stop.wait()
+        with anyio.CancelScope() as teardown:
+            async with open_transport(self.name, self.config, self.secrets, tg) as (read, write):
+                watched = WatchedReadStream(read, lambda: self._lost(attempt, "the server closed the stream"))
+                async with ClientSession(
+                    watched,
+                    write,
+                    message_handler=lambda message: self._on_message(attempt, tg, message),
+                    logging_callback=self._on_log,
+                    client_info=CLIENT_INFO,
+                ) as session:
+                    with anyio.fail_after(self._connect_timeout()):
+                        await session.initialize()
+                        self._tools_stale = False
+                        tools = await self._list_all(session)
+                    self._ready(attempt, session, tools)
+                    await attempt.stop.wait()
+                    teardown.deadline = anyio.current_time() + TEARDOWN_S
 
     async def _on_log(self, params: types.LoggingMessageNotificationParams) -> None:
         """``notifications/message`` from the server goes to the same log as its stderr."""
@@ -248,6 +273,8 @@ class ServerConnection:
             return
         attempt.session = session
         self._tools = tools
+        self._timeouts = 0
+        self._unhealthy = False
         # The failure count is reset by a call that gets an answer, not by the handshake: a server
         # that starts fine and dies on every call must still back off and end up unavailable.
         logger.info("MCP server %r ready with %d tools", self.name, len(tools))
@@ -333,6 +360,10 @@ class ServerConnection:
         except Exception as exc:
             logger.warning("MCP server %r: refreshing tools failed: %s", self.name, _describe(exc))
 
+    def cached_tool(self, name: str) -> types.Tool | None:
+        """The tool from the last tools/list, if listed; no I/O (a cold pool knows no tools)."""
+        return next((tool for tool in self._tools if tool.name == name), None)
+
     async def list_tools(self) -> list[types.Tool]:
         session = await self.session()
         if self._tools_stale:
@@ -367,34 +398,90 @@ class ServerConnection:
             last_error=self.last_error,
         )
 
+    def _timed_out(self, tool: str, session: ClientSession) -> Unavailable:
+        """Count a call timeout; the ``max_timeouts``-th in a row on this session closes it.
+
+        A frozen process keeps its pipes and sockets open, so no stream ever ends: without this
+        the pool would report it ``ready`` forever and every call would wait out its timeout.
+        Timeouts from a session already replaced do not count against the new one.
+        """
+        timeout = f"{self.config.timeout_s:g}s"
+        limit = self.config.max_timeouts
+        attempt = self._attempt
+        current = attempt is not None and attempt.session is session
+        if current:
+            self._timeouts += 1
+        text = (
+            f"MCP server {self.name!r} did not answer {tool!r} within {timeout}; the call was cancelled "
+            "(the pool sends the server notifications/cancelled)."
+        )
+        replaced = (
+            "its process is killed and the next call starts a new one"
+            if self.transport == "stdio"
+            else "its session is dropped and the next call reconnects"
+        )
+        if attempt is not None and current and self._timeouts >= limit:
+            count = self._timeouts
+            self._unhealthy = True
+            self._failed(
+                attempt,
+                f"unhealthy: {count} calls in a row did not answer within {timeout} (the last: {tool!r}); "
+                f"{replaced}",
+            )
+            text += f" That is {count} timeouts in a row, so the server is marked unhealthy: {replaced}."
+        elif current:
+            text += (
+                f" After {limit} timeouts in a row the server is marked unhealthy and replaced. Try smaller "
+                "input, or raise the server's timeout_s in the config."
+            )
+        else:
+            text += " The session was replaced meanwhile; the next call uses the new one."
+        return Unavailable(
+            text,
+            server=self.name,
+            tool=tool,
+            timeout_s=self.config.timeout_s,
+            timeouts_in_a_row=self._timeouts if current else 0,
+            unhealthy=self._unhealthy,
+            last_error=self.last_error,
+        )
+
     async def call_tool(
-        self, tool: str, arguments: dict[str, Any], progress_callback: ProgressFnT | None
+        self,
+        tool: str,
+        arguments: dict[str, Any],
+        progress_callback: ProgressFnT | None,
+        meta: dict[str, Any] | None = None,
     ) -> types.CallToolResult:
         self.calls += 1
         session: ClientSession | None = None
         try:
-            session = await self.session()
+            self._ensure_open()
             assert self._limit is not None
+            # The slot first, then the session: a call that waited for a slot while its server was
+            # replaced must use the new session, not the closed one it would have held meanwhile.
             async with self._limit:
-                result = await session.call_tool(
-                    tool,
-                    arguments,
-                    read_timeout_seconds=self.config.timeout_s,
-                    progress_callback=progress_callback,
-                )
+                session = await self.session()
+                # The SDK's read timeout starts once the request is written; a frozen server can
+                # block the write itself (SSE posts one message at a time, a full stdin pipe), so
+                # the whole call also has a deadline, a little later than the SDK's.
+                with anyio.move_on_after(self.config.timeout_s + SEND_GRACE_S) as backstop:
+                    result = await session.call_tool(
+                        tool,
+                        arguments,
+                        read_timeout_seconds=self.config.timeout_s,
+                        progress_callback=progress_callback,
+                        meta=None if meta is None else cast(types.RequestParamsMeta, dict(meta)),
+                    )
+                if backstop.cancelled_caught:
+                    raise self._timed_out(tool, session)
         except MCPError as exc:
             self.errors += 1
-            if exc.code == types.REQUEST_TIMEOUT:
-                raise Unavailable(
-                    f"MCP server {self.name!r} did not answer {tool!r} within {self.config.timeout_s:g}s; "
-                    "the call was cancelled on the server. Try smaller input, or raise the server's "
-                    "timeout_s in the config.",
-                    server=self.name,
-                    tool=tool,
-                    timeout_s=self.config.timeout_s,
-                ) from None
+            if exc.code == types.REQUEST_TIMEOUT and session is not None:
+                raise self._timed_out(tool, session) from None
             if _is_connection_lost(exc) and session is not None:
                 raise self._call_failed(exc, f"the call to {tool!r}", session) from None
+            self._answered()
             return _error_result(
                 f"MCP server {self.name!r} rejected the call to {tool!r}: {self.secrets.redact(exc.message)} "
                 f"(MCP error {exc.code})."
@@ -412,10 +499,15 @@ class ServerConnection:
                 f"MCP server {self.name!r} returned an unusable result for {tool!r}: "
                 f"{self.secrets.redact(_describe(exc))}."
             )
-        self._failures = 0
+        self._answered()
         if result.is_error:
             self.errors += 1
         return result
+
+    def _answered(self) -> None:
+        """The server answered a call: it is neither failing nor frozen."""
+        self._failures = 0
+        self._timeouts = 0
 
 
 def _error_result(text: str) -> types.CallToolResult:

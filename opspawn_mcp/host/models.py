@@ -6,10 +6,12 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-ServerState = Literal["idle", "connecting", "ready", "unavailable"]
+ServerState = Literal["idle", "connecting", "ready", "unhealthy", "unavailable"]
 """``idle``: no session (not used yet, or the last one ended); ``connecting``: a session is opening;
-``ready``: a session is open and its tool list is cached; ``unavailable``: connecting failed several
-times in a row, so calls fail fast until the backoff delay has passed."""
+``ready``: a session is open and its tool list is cached; ``unhealthy``: the last session was closed
+because ``max_timeouts`` calls in a row got no answer (a frozen server), and the next call replaces
+it; ``unavailable``: connecting failed several times in a row, so calls fail fast until the backoff
+delay has passed."""
 
 
 class ServerInfo(BaseModel):

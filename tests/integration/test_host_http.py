@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 from pathlib import Path
 from typing import Literal
 
@@ -9,6 +12,7 @@ import anyio
 import mcp.types as types
 import pytest
 
+from agentkit import IDEMPOTENCY_META_KEY
 from opspawn_mcp.errors import Unavailable
 from opspawn_mcp.host import OpsMcpClient, ServerInfo
 from tests.servers.harness import HttpServer, is_alive, lines, started_pids, wait_until, wait_until_async
@@ -76,9 +80,44 @@ async def test_timeout_cancels_the_call_on_the_server(tmp_path: Path, transport:
         await pool.call_tool("h", "echo", {"text": "warm"})
         with pytest.raises(Unavailable) as caught:
             await pool.call_tool("h", "sleep", {"seconds": 60, "tag": "slow"})
-        assert "cancelled on the server" in caught.value.message
+        assert "did not answer 'sleep' within 1s; the call was cancelled" in caught.value.message
         await wait_until(lambda: "cancelled slow" in lines(tmp_path / "cancels"), "server saw the cancel")
         assert _text(await pool.call_tool("h", "echo", {"text": "after"})) == "after"
+
+
+async def test_a_frozen_server_is_marked_unhealthy_and_reconnected(
+    tmp_path: Path, transport: Transport
+) -> None:
+    """A SIGSTOPped HTTP server still accepts TCP connections, so only timeouts show the freeze;
+    after two in a row the session is dropped and, once the server runs again, a new one opens."""
+    async with (
+        HttpServer(transport, tmp_path) as server,
+        OpsMcpClient({"h": server.config(timeout_s=1)}) as pool,
+    ):
+        assert server.process is not None
+        pid = server.process.pid
+        assert int(_text(await pool.call_tool("h", "pid", {}))) == pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for text in ("one", "two"):
+                with pytest.raises(Unavailable) as caught:
+                    await pool.call_tool("h", "echo", {"text": text})
+                assert "MCP server 'h' did not answer 'echo' within 1s" in caught.value.message
+            assert "unhealthy" in caught.value.message and "reconnects" in caught.value.message
+            info = _info(pool, "h")
+            assert info.state == "unhealthy"
+            assert info.last_error and "2 calls in a row did not answer within 1s" in info.last_error
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert _text(await pool.call_tool("h", "echo", {"text": "back"})) == "back"
+        assert _info(pool, "h").state == "ready"
+        assert started_pids(tmp_path) == [pid]
+
+
+async def test_meta_reaches_the_server(tmp_path: Path, transport: Transport) -> None:
+    async with HttpServer(transport, tmp_path) as server, OpsMcpClient({"h": server.config()}) as pool:
+        key = {IDEMPOTENCY_META_KEY: "task-9:1:2"}
+        assert json.loads(_text(await pool.call_tool("h", "echo_meta", {}, meta=key))) == key
 
 
 async def test_list_changed_refreshes_the_catalogue(tmp_path: Path, transport: Transport) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -12,6 +13,7 @@ import anyio
 import mcp.types as types
 import pytest
 
+from agentkit import IDEMPOTENCY_META_KEY
 from opspawn_mcp.config import StdioServerConfig, example_server_config
 from opspawn_mcp.errors import Forbidden, NotFound, Unavailable
 from opspawn_mcp.host import OpsMcpClient, ServerInfo
@@ -105,7 +107,8 @@ async def test_timeout_cancels_the_call_on_the_server(tmp_path: Path) -> None:
         pid = _text(await pool.call_tool("t", "pid", {}))
         with pytest.raises(Unavailable) as caught:
             await pool.call_tool("t", "sleep", {"seconds": 60, "tag": "slow"})
-        assert "cancelled on the server" in caught.value.message
+        assert "did not answer 'sleep' within 1s; the call was cancelled" in caught.value.message
+        assert caught.value.details["timeouts_in_a_row"] == 1 and not caught.value.details["unhealthy"]
         await wait_until(lambda: "cancelled slow" in lines(tmp_path / "cancels"), "server saw the cancel")
         # The session survives a timeout: same process, still answering.
         assert _text(await pool.call_tool("t", "pid", {})) == pid
@@ -290,6 +293,125 @@ async def test_shutdown_leaves_no_process_even_when_one_ignores_stdin(tmp_path: 
     with pytest.raises(Unavailable):
         await pool.call_tool("polite", "echo", {"text": "after close"})
     assert all(info.state != "ready" for info in pool.servers_info())
+
+
+async def test_a_frozen_server_is_marked_unhealthy_and_replaced(tmp_path: Path) -> None:
+    """SIGSTOP keeps the pipes open, so only timeouts can reveal the freeze: after two in a row the
+    pool kills the frozen process (it cannot handle SIGTERM) and starts a new one."""
+    async with OpsMcpClient({"t": stdio_config(tmp_path, timeout_s=1.0)}) as pool:
+        frozen = int(_text(await pool.call_tool("t", "pid", {})))
+        os.kill(frozen, signal.SIGSTOP)
+        try:
+            with pytest.raises(Unavailable) as first:
+                await pool.call_tool("t", "echo", {"text": "one"})
+            assert "MCP server 't' did not answer 'echo' within 1s" in first.value.message
+            assert "After 2 timeouts in a row" in first.value.message
+            assert _info(pool, "t").state == "ready"
+            with pytest.raises(Unavailable) as second:
+                await pool.call_tool("t", "echo", {"text": "two"})
+            assert "2 timeouts in a row" in second.value.message and "unhealthy" in second.value.message
+            assert second.value.details["unhealthy"] is True
+            info = _info(pool, "t")
+            assert info.state == "unhealthy"
+            assert info.last_error and "2 calls in a row did not answer within 1s" in info.last_error
+            assert info.tools, "the catalogue survives the replacement"
+            await wait_until(lambda: not is_alive(frozen), "the frozen process is killed and reaped")
+        finally:
+            if is_alive(frozen):
+                os.kill(frozen, signal.SIGCONT)
+        fresh = int(_text(await pool.call_tool("t", "pid", {})))
+        assert fresh != frozen and started_pids(tmp_path) == [frozen, fresh]
+        assert _info(pool, "t").state == "ready"
+        assert _text(await pool.call_tool("t", "echo", {"text": "back"})) == "back"
+
+
+async def test_an_answer_between_timeouts_resets_the_count(tmp_path: Path) -> None:
+    """Slow calls on a healthy server are not a freeze: only timeouts in a row replace it."""
+    config = stdio_config(tmp_path, timeout_s=1.0).model_copy(update={"max_timeouts": 2})
+    async with OpsMcpClient({"t": config}) as pool:
+        pid = _text(await pool.call_tool("t", "pid", {}))
+        for tag in ("a", "b", "c"):
+            with pytest.raises(Unavailable) as caught:
+                await pool.call_tool("t", "sleep", {"seconds": 60, "tag": tag})
+            assert caught.value.details["timeouts_in_a_row"] == 1
+            assert _text(await pool.call_tool("t", "pid", {})) == pid
+        assert _info(pool, "t").state == "ready" and started_pids(tmp_path) == [int(pid)]
+
+
+async def test_meta_reaches_the_server_as_the_request_meta(tmp_path: Path) -> None:
+    key = {IDEMPOTENCY_META_KEY: "task-1:2:0"}
+    async with OpsMcpClient({"t": stdio_config(tmp_path)}) as pool:
+        seen = json.loads(_text(await pool.call_tool("t", "echo_meta", {}, meta={**key, "trace": "x"})))
+        assert seen[IDEMPOTENCY_META_KEY] == "task-1:2:0" and seen["trace"] == "x"
+        scoped = pool.scoped(["t"])
+        ticks: list[float] = []
+
+        async def progress(progress: float, total: float | None, message: str | None) -> None:
+            ticks.append(progress)
+
+        # With a progress callback the SDK adds its progress token beside the caller's keys.
+        seen = json.loads(
+            _text(await scoped.call_tool("t", "echo_meta", {}, meta=key, progress_callback=progress))
+        )
+        assert seen[IDEMPOTENCY_META_KEY] == "task-1:2:0"
+        assert json.loads(_text(await pool.call_tool("t", "echo_meta", {}))) == {}
+
+
+async def test_rerun_policy_follows_annotations_and_the_retry_setting(tmp_path: Path) -> None:
+    base = stdio_config(tmp_path)
+    servers = {
+        "hints": base,
+        "always": base.model_copy(update={"retry": "always"}),
+        "never": base.model_copy(update={"retry": "never"}),
+    }
+    async with OpsMcpClient(servers) as pool:
+        # Nothing listed yet: unknown, so only "always" re-runs.
+        assert pool.idempotent("hints", "put_value") is None
+        assert [pool.may_rerun(name, "put_value") for name in servers] == [False, True, False]
+        await pool.open_all()
+        expected = {"echo_meta": True, "put_value": True, "charge": False, "echo": None, "missing": None}
+        assert {tool: pool.idempotent("hints", tool) for tool in expected} == expected
+        assert {tool: pool.may_rerun("hints", tool) for tool in expected} == {
+            "echo_meta": True,
+            "put_value": True,
+            "charge": False,
+            "echo": False,
+            "missing": False,
+        }
+        assert all(pool.may_rerun("always", tool) for tool in expected)
+        assert not any(pool.may_rerun("never", tool) for tool in expected)
+        scoped = pool.scoped(["hints"])
+        assert scoped.idempotent("hints", "charge") is False and scoped.may_rerun("hints", "put_value")
+        with pytest.raises(Forbidden):
+            scoped.may_rerun("always", "charge")
+        with pytest.raises(NotFound):
+            pool.idempotent("nope", "charge")
+
+
+async def test_open_all_connects_every_server_and_records_failures(tmp_path: Path) -> None:
+    broken = StdioServerConfig(command=sys.executable, args=["-c", "raise SystemExit(1)"])
+    servers = {"a": stdio_config(tmp_path), "b": stdio_config(tmp_path), "broken": broken}
+    async with OpsMcpClient(servers) as pool:
+        assert {info.state for info in pool.servers_info()} == {"idle"}
+        await pool.open_all()
+        assert [_info(pool, name).state for name in ("a", "b")] == ["ready", "ready"]
+        assert len(started_pids(tmp_path)) == 2
+        assert _info(pool, "broken").state == "idle" and _info(pool, "broken").last_error
+        await pool.open_all()  # open sessions are kept, not reopened
+        assert len(started_pids(tmp_path)) == 2
+
+
+async def test_unset_max_concurrency_takes_the_pool_default(tmp_path: Path) -> None:
+    config = stdio_config(tmp_path).model_copy(update={"max_concurrency": None})
+    pool = OpsMcpClient({"t": config}, default_concurrency=2)
+    async with pool, anyio.create_task_group() as tg:
+        for i in range(5):
+            tg.start_soon(pool.call_tool, "t", "sleep", {"seconds": 0.5, "tag": str(i)})
+    running = peak = 0
+    for line in lines(tmp_path / "cancels"):
+        running += 1 if line.startswith("started") else -1
+        peak = max(peak, running)
+    assert peak == 2
 
 
 async def test_eager_connects_everything_on_entry(tmp_path: Path) -> None:

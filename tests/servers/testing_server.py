@@ -5,7 +5,9 @@ cancelled (so a test proves the cancellation crossed the wire, not that the clie
 ``fail`` returns ``isError``, ``crash`` kills the process mid-call, ``add_tool`` changes the tool
 list and announces it, ``pid`` tells a test which process answered. ``--pid-log`` appends the pid
 at start, so a test counts how many processes a client started; ``--ignore-stdin-close`` makes
-the process ignore stdin EOF and SIGTERM, the worst case for a client's shutdown.
+the process ignore stdin EOF and SIGTERM, the worst case for a client's shutdown. ``echo_meta``
+returns the request's ``_meta`` (idempotency keys); ``put_value`` and ``charge`` are annotated
+idempotent and not, for a client's re-run policy.
 
     python -m tests.servers.testing_server --transport stdio|sse|streamable-http --port N
 """
@@ -13,6 +15,7 @@ the process ignore stdin EOF and SIGTERM, the worst case for a client's shutdown
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -22,7 +25,7 @@ from typing import Any
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.types import CallToolResult, TextContent
+from mcp.types import CallToolResult, TextContent, ToolAnnotations
 
 server: MCPServer = MCPServer("opspawn-testing", log_level="WARNING")
 _cancel_file: Path | None = None
@@ -104,6 +107,30 @@ def say_stderr(text: str) -> str:
 async def log_message(text: str, ctx: Context) -> str:
     await ctx.warning(text)
     return "ok"
+
+
+@server.tool(
+    description="Return the request's `_meta` as JSON (tests check idempotency keys arrive).",
+    annotations=ToolAnnotations(read_only_hint=True),
+)
+def echo_meta(ctx: Context) -> str:
+    return json.dumps(dict(ctx.request_context.meta or {}), default=str, sort_keys=True)
+
+
+@server.tool(
+    description="Pretend to store `value` under `key`; annotated idempotent (a re-run is harmless).",
+    annotations=ToolAnnotations(read_only_hint=False, idempotent_hint=True),
+)
+def put_value(key: str, value: str) -> str:
+    return f"{key}={value}"
+
+
+@server.tool(
+    description="Pretend to charge `amount`; annotated not idempotent (a re-run charges twice).",
+    annotations=ToolAnnotations(read_only_hint=False, idempotent_hint=False, destructive_hint=True),
+)
+def charge(amount: float) -> str:
+    return f"charged {amount}"
 
 
 def _linger(*_: Any) -> None:

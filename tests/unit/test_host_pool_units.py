@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import random
+from typing import get_args
 
 import pytest
 
 from opspawn_mcp.config import HttpServerConfig, StdioServerConfig
 from opspawn_mcp.errors import Forbidden, NotFound, Unavailable
-from opspawn_mcp.host import OpsMcpClient, ServerInfo
-from opspawn_mcp.host.connection import BACKOFF_BASE_S, BACKOFF_MAX_S, backoff_delay
+from opspawn_mcp.host import OpsMcpClient, ServerInfo, ServerState
+from opspawn_mcp.host.connection import BACKOFF_BASE_S, BACKOFF_MAX_S, ServerConnection, backoff_delay
 from opspawn_mcp.host.transports import Secrets
 
 # A command that cannot run: any attempt to connect would fail loudly, so a refusal proves no I/O.
@@ -89,3 +90,50 @@ def test_pool_and_scoped_view_are_agentkit_mcp_callers() -> None:
     callers: list[McpCaller] = [pool, pool.scoped(None)]
     for caller in callers:
         assert mcp_proxy_tool(caller) is not None
+
+
+def test_server_config_defaults_for_health_retry_and_concurrency() -> None:
+    config = StdioServerConfig(command="x")
+    assert (config.max_timeouts, config.retry, config.max_concurrency) == (2, "if_idempotent", None)
+    assert "unhealthy" in get_args(ServerState)
+    with pytest.raises(ValueError):
+        StdioServerConfig(command="x", retry="sometimes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        HttpServerConfig(url="http://h/mcp", max_timeouts=0)
+
+
+def test_unset_max_concurrency_follows_the_pool_default() -> None:
+    """A worker passes its concurrency, so a 1,000-slot worker is not capped at 16 per server."""
+    assert ServerConnection("s", NEVER).concurrency == 16
+    assert ServerConnection("s", NEVER, default_concurrency=1000).concurrency == 1000
+    pinned = StdioServerConfig(command="x", max_concurrency=3)
+    assert ServerConnection("s", pinned, default_concurrency=1000).concurrency == 3
+    with pytest.raises(ValueError):
+        OpsMcpClient({}, default_concurrency=0)
+
+
+def test_a_cold_pool_knows_no_annotations_so_only_always_reruns() -> None:
+    pool = OpsMcpClient(
+        {
+            "default": NEVER,
+            "always": NEVER.model_copy(update={"retry": "always"}),
+            "never": NEVER.model_copy(update={"retry": "never"}),
+        }
+    )
+    assert pool.idempotent("default", "anything") is None
+    assert [pool.may_rerun(name, "anything") for name in ("default", "always", "never")] == [
+        False,
+        True,
+        False,
+    ]
+    with pytest.raises(NotFound):
+        pool.may_rerun("unknown", "t")
+    scoped = pool.scoped({"always"})
+    assert scoped.may_rerun("always", "t") is True
+    with pytest.raises(Forbidden):
+        scoped.idempotent("default", "t")
+    with pytest.raises(NotFound):
+        pool.scoped(None).may_rerun("unknown", "t")
+    pool.check_server("default")
+    with pytest.raises(NotFound):
+        pool.check_server("unknown")
