@@ -381,7 +381,10 @@ class Agent:
         if result.status is RunStatus.COMPLETED:
             outcomes = [r for s in steps for r in s.tool_results]
             if outcomes and all(r.is_error for r in outcomes):
-                result.warnings.append(ALL_TOOLS_FAILED_WARNING)
+                last = outcomes[-1]
+                result.warnings.append(
+                    f"{ALL_TOOLS_FAILED_WARNING}; the last, {last.name}, said: {last.content[:300]}"
+                )
             data = result.data.model_dump(mode="json") if result.data is not None else None
             await self._emit(
                 "final",

@@ -104,7 +104,9 @@ class Runtime:
                     self.config.mcp_servers, default_concurrency=self.config.opspawn.worker.concurrency
                 )
             )
-            warming = asyncio.create_task(_warm(pool), name="opspawn-warm-pool")
+            # Every server connects in the background, so list_servers shows their tools (and a
+            # broken one its error) without delaying startup.
+            warming = asyncio.create_task(pool.open_all(), name="opspawn-warm-pool")
             stack.push_async_callback(_cancel, warming)
             enqueuer: Enqueuer
             if is_embedded(self.config):
@@ -260,19 +262,6 @@ def _on_signals(callback: Callable[[], None]) -> Iterator[None]:
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
-
-
-async def _warm(pool: OpsMcpClient) -> None:
-    """Connect to every downstream server in the background, so ``list_servers`` shows their
-    tools (and a broken one its error) without delaying startup; failures are only recorded."""
-
-    async def one(name: str) -> None:
-        try:
-            await pool.list_tools(name)
-        except Exception as exc:
-            log.warning("downstream server %r is not reachable yet: %s", name, exc)
-
-    await asyncio.gather(*(one(name) for name in pool.server_names))
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

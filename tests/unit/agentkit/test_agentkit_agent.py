@@ -116,7 +116,10 @@ async def test_without_a_limit_tool_errors_stay_observations() -> None:
     llm = ScriptedLLM([call("add", a="x", b=1), call("add", a="y", b=1), call("add", a="z", b=1), "gave up"])
     result = await Agent(llm, [add]).run("add")
     assert result.status is RunStatus.COMPLETED and result.output == "gave up"
-    assert result.warnings == ["every tool call failed; the answer was written without any tool result"]
+    (warning,) = result.warnings
+    assert warning.startswith(
+        "every tool call failed; the answer was written without any tool result; the last, "
+    )
 
 
 async def test_parallel_tool_calls_run_concurrently() -> None:
