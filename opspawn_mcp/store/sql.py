@@ -949,9 +949,13 @@ class SqlStore:
 
         return await self._run(body, write=True, idempotent=False)
 
-    async def journal(self, task_id: str) -> builtins.list[JournalRow]:
+    async def _task_rows(self, statement: Any, params: dict[str, Any]) -> builtins.list[Row[Any]]:
+        """The rows ``statement`` reads for the task ``params["b_id"]``; no rows and no such task
+        is ``TaskNotFound`` (checked in the same transaction, only when there are no rows)."""
+        task_id = params["b_id"]
+
         async def body(conn: AsyncConnection) -> builtins.list[Row[Any]] | None:
-            rows = builtins.list((await conn.execute(_JOURNAL, {"b_id": task_id})).all())
+            rows = builtins.list((await conn.execute(statement, params)).all())
             if not rows and (await conn.execute(_EXISTS, {"b_id": task_id})).first() is None:
                 return None
             return rows
@@ -959,6 +963,10 @@ class SqlStore:
         rows = await self._run(body)
         if rows is None:
             raise TaskNotFound(task_id)
+        return rows
+
+    async def journal(self, task_id: str) -> builtins.list[JournalRow]:
+        rows = await self._task_rows(_JOURNAL, {"b_id": task_id})
         stored = [
             JournalRow(kind=r.kind, ordinal=r.ordinal, step=r.step, attempt=r.attempt, data=r.data)
             for r in rows
@@ -968,17 +976,7 @@ class SqlStore:
 
     async def events(self, task_id: str, after_seq: int = 0, limit: int = 1000) -> builtins.list[TaskEvent]:
         check_limit(limit)
-        params = {"b_id": task_id, "b_after": after_seq, "b_limit": limit}
-
-        async def body(conn: AsyncConnection) -> builtins.list[Row[Any]] | None:
-            rows = builtins.list((await conn.execute(_EVENTS, params)).all())
-            if not rows and (await conn.execute(_EXISTS, {"b_id": task_id})).first() is None:
-                return None
-            return rows
-
-        rows = await self._run(body)
-        if rows is None:
-            raise TaskNotFound(task_id)
+        rows = await self._task_rows(_EVENTS, {"b_id": task_id, "b_after": after_seq, "b_limit": limit})
         return [_to_event(r) for r in rows]
 
 
