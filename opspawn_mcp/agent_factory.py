@@ -89,7 +89,7 @@ class LlmClients:
         async with self._lock:
             shared = self._clients.get(name)
             if shared is None:
-                shared = await _open_llm(profile_for(settings, self._config), self._environ)
+                shared = await open_llm(profile_for(settings, self._config), self._environ)
                 self._clients[name] = shared
         tuned = {"temperature": settings.temperature, "max_tokens": settings.max_tokens}
         if not any(v is not None for v in tuned.values()):
@@ -106,7 +106,7 @@ class LlmClients:
                 await close()
 
 
-async def _open_llm(profile: LlmProfile, environ: Mapping[str, str]) -> LLM:
+async def open_llm(profile: LlmProfile, environ: Mapping[str, str]) -> LLM:
     """The shared client of one profile; raises ``AgentSetupError`` with a fix."""
     if profile.provider == "local":
         try:
