@@ -47,6 +47,8 @@ TASK_ID_MAX_CHARS = 64
 EVENTS_PAGE_MAX = 1000
 LIST_PAGE_MAX = 200
 WAIT_MAX_S = 600.0
+# A watcher re-reads at least this often even if no write woke it (a wakeup lost in transit).
+WATCH_SAFETY_S = 30.0
 CANCELLED_BY_CLIENT = "cancelled by the client"
 
 
@@ -64,8 +66,9 @@ class TaskService:
 
     ``config`` says which downstream servers and model profiles exist; ``store`` is the truth;
     ``enqueuer`` hands ids to the workers; ``servers`` describes the downstream pool.
-    ``poll_interval_s`` bounds how stale a watcher can be: the worker may be another process,
-    so the event log in the store is the only channel there is.
+    Watchers are woken by the writers (``TaskStore.wait_for_change``: in process, or through
+    PostgreSQL NOTIFY from a worker process); ``poll_interval_s`` is only the safety net, how
+    long a watcher trusts that no wakeup was lost before it re-reads the store anyway.
 
     Every call names its caller (``by``): a principal sees and cancels only its own tasks
     (an admin sees all), may use only its allowed servers and profiles, and is held to its
@@ -79,7 +82,7 @@ class TaskService:
         enqueuer: Enqueuer,
         servers: ServerDirectory,
         *,
-        poll_interval_s: float = 0.1,
+        poll_interval_s: float = WATCH_SAFETY_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._config = config
@@ -290,6 +293,10 @@ class TaskService:
         The status is read *before* each batch: if it was already terminal, that batch holds
         every event written before the final transition, so nothing the worker wrote ahead of
         finishing is missed. An unknown id raises on the first iteration.
+
+        Between batches it parks in the store until a write to this task after the last seq
+        it yielded wakes it (at most ``poll_interval_s``), so a quiet task costs no reads: the
+        store, not a timer per watcher, says when there is something to read.
         """
         task = await self.get(task_id, by=by)
         _check_seq(after_seq)
@@ -304,7 +311,7 @@ class TaskService:
                 continue
             if finished:
                 return
-            await asyncio.sleep(self._poll_s)
+            await self._store.wait_for_change(task.id, seq, self._poll_s)
 
     def check_wait(self, timeout_s: float) -> None:
         """A wait is 0 to ``WAIT_MAX_S`` seconds: longer ones outlive most clients' request timeouts."""

@@ -158,3 +158,13 @@ class TaskStore(Protocol):
     async def events(
         self, task_id: str, after_seq: int = 0, limit: int = 1000
     ) -> builtins.list[TaskEvent]: ...
+
+    async def wait_for_change(self, task_id: str, seq: int, timeout_s: float) -> bool:
+        """Park until the task has (or may have) an event after ``seq``; True then, False when
+        ``timeout_s`` passed first. Watchers call it between reads instead of sleeping.
+
+        Every event write (``create``, ``append_event``, ``record``, ``transition``) wakes the
+        waiters of its task once its transaction committed: in process at once, across
+        processes through PostgreSQL ``NOTIFY``, else through one shared poll per store. A
+        True may be spurious (re-read and wait again); an unknown task simply times out.
+        Callers still bound the wait: a lost wakeup then costs ``timeout_s``, never an event."""

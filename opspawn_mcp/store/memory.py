@@ -5,6 +5,9 @@ tests. One ``asyncio.Lock`` makes every method atomic, which is the in-memory eq
 of the SQL store's guarded ``UPDATE``: the compare-and-set still decides, not the caller.
 Tasks are copied in and out, so a caller mutating a returned ``Task`` cannot change the
 store behind its back (a database would not let it either).
+
+Watchers park in ``wait_for_change``; every event write wakes the waiters of its task once the
+lock is released (the in-memory "commit"), so nothing here polls.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from opspawn_mcp.store._common import (
     transition_values,
 )
 from opspawn_mcp.store.base import JournalRow
+from opspawn_mcp.store.changes import ChangeHub
 
 
 class MemoryStore:
@@ -43,12 +47,14 @@ class MemoryStore:
         self._events: dict[str, list[TaskEvent]] = {}
         self._journal: dict[str, dict[tuple[str, int], JournalRow]] = {}
         self._closed = False
+        self.changes = ChangeHub()
 
     async def start(self) -> None:
         self._closed = False
 
     async def close(self) -> None:
         self._closed = True
+        self.changes.wake_all()
 
     async def ping(self) -> None:
         if self._closed:
@@ -69,7 +75,8 @@ class MemoryStore:
             self._events[stored.id] = []
             self._journal[stored.id] = {}
             self._append(stored.id, "state", state_event(stored.status, None))
-            return stored.model_copy(deep=True)
+        self.changes.notify(stored.id, 1)
+        return stored.model_copy(deep=True)
 
     async def get(self, task_id: str) -> Task:
         async with self._lock:
@@ -145,8 +152,9 @@ class MemoryStore:
                 values["usage"] = values["usage"].model_copy()
             updated = task.model_copy(update=values)
             self._tasks[task_id] = updated
-            self._append(task_id, "state", state_event(new, reason or error))
-            return updated.model_copy(deep=True)
+            event = self._append(task_id, "state", state_event(new, reason or error))
+        self.changes.notify(task_id, event.seq)
+        return updated.model_copy(deep=True)
 
     async def claim(self, task_id: str, owner: str, ttl_s: float, max_attempts: int) -> Task | None:
         async with self._lock:
@@ -211,7 +219,9 @@ class MemoryStore:
         check_kind(kind)
         async with self._lock:
             check_log_open(task_id, self._get(task_id).status, kind)
-            return self._append(task_id, kind, data)
+            event = self._append(task_id, kind, data)
+        self.changes.notify(task_id, event.seq)
+        return event
 
     async def record(
         self,
@@ -242,7 +252,8 @@ class MemoryStore:
             self._tasks[task_id] = task.model_copy(update={"steps": steps, "usage": usage.model_copy()})
             for row in batch:
                 journal[(row.kind, row.ordinal)] = row.model_copy(deep=True)
-            return event
+        self.changes.notify(task_id, event.seq)
+        return event
 
     async def journal(self, task_id: str) -> builtins.list[JournalRow]:
         async with self._lock:
@@ -260,6 +271,13 @@ class MemoryStore:
         # Stored as a deep copy so later mutation of ``data`` by the caller changes nothing.
         log.append(event.model_copy(deep=True))
         return event
+
+    async def wait_for_change(self, task_id: str, seq: int, timeout_s: float) -> bool:
+        # The log is right here, so a write between the caller's read and this call is seen
+        # exactly (no await between this check and parking), not only through the hub's memory.
+        if len(self._events.get(task_id, ())) > seq:
+            return True
+        return await self.changes.wait(task_id, seq, timeout_s)
 
     async def events(self, task_id: str, after_seq: int = 0, limit: int = 1000) -> builtins.list[TaskEvent]:
         check_limit(limit)

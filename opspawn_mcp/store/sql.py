@@ -25,12 +25,31 @@ PostgreSQL notes: a ``schema`` (``?schema=name`` or the keyword) is put on every
 connection's ``search_path``, so one server can host several isolated stores (tests use
 one per run). Schema creation and migrations run under an advisory lock, so twenty
 workers starting at once migrate exactly once.
+
+Events wake watchers (``wait_for_change``). Every event insert also sends
+``pg_notify(channel, '<task_id>:<seq>')`` in the same statement (a data-modifying CTE, so no
+extra round trip), and PostgreSQL delivers it only if the transaction commits. The channel is
+``opspawn_events``, or ``opspawn_events_<hash of the schema>`` for a store in a schema, so stores
+in different schemas of one server never wake each other (channels are per database already).
+A store with waiters holds one dedicated asyncpg connection (outside the pool, named
+``opspawn-listen <channel>`` in ``pg_stat_activity``) that LISTENs and feeds the store's
+``ChangeHub``; its writes also wake local waiters directly. While that connection is down the
+store polls for all its waiters at once (one query every ``FALLBACK_POLL_S``) and reconnects
+with a bounded backoff; after (re)connecting it polls once, for what was written while it was
+not listening. SQLite has no cross-process channel: local writes wake at once, and one shared
+poll every ``SQLITE_POLL_S`` covers writers in other processes (a worker on the same file).
+Either background task ends ``WATCH_LINGER_S`` after its last waiter left.
 """
 
 from __future__ import annotations
 
+import asyncio
 import builtins
+import contextlib
 import functools
+import hashlib
+import inspect as pyinspect
+import logging
 import re
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
@@ -98,6 +117,7 @@ from opspawn_mcp.store._common import (
     transition_values,
 )
 from opspawn_mcp.store.base import JournalRow
+from opspawn_mcp.store.changes import ChangeHub
 
 SQLITE_BUSY_TIMEOUT_S: Final = 30.0
 PG_CONNECT_TIMEOUT_S: Final = 10.0
@@ -107,6 +127,22 @@ DEFAULT_POOL_RECYCLE_S: Final = 300.0
 # Renewals per statement: 2 bind parameters each, well inside SQLite's and asyncpg's limits.
 RENEW_CHUNK: Final = 1000
 _T = TypeVar("_T")
+NOTIFY_CHANNEL: Final = "opspawn_events"
+# While the LISTEN connection is down: one query for every waiter of the store this often.
+FALLBACK_POLL_S: Final = 1.0
+# SQLite has no NOTIFY: one query for every waiter of the store this often (other processes).
+SQLITE_POLL_S: Final = 1.0
+# Reconnecting the listener: first at once, then doubling up to this.
+LISTEN_BACKOFF_MAX_S: Final = 10.0
+# How often an idle listener proves its connection alive (and checks it still has waiters).
+LISTEN_KEEPALIVE_S: Final = 30.0
+# The listener or the SQLite poll stops this long after the store's last waiter left.
+WATCH_LINGER_S: Final = 60.0
+# Task ids per poll statement.
+POLL_CHUNK: Final = 500
+# NOTIFY payloads must stay under 8000 bytes; a longer id sends "" (poll everyone) instead.
+_PAYLOAD_ID_MAX: Final = 1000
+_log = logging.getLogger(__name__)
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
@@ -396,6 +432,12 @@ _PROGRESS = (
     .where(tasks.c.id == bindparam("b_id"))
     .values(steps=bindparam("b_steps"), usage=_b("b_usage", tasks.c.usage))
 )
+# PostgreSQL: the insert and its NOTIFY as one statement; delivered only if the transaction commits.
+_INSERT_EVENT_NOTIFY = select(
+    func.pg_notify(bindparam("b_channel", type_=Text), bindparam("b_payload", type_=Text))
+).select_from(_INSERT_EVENT.returning(task_events.c.seq).cte("appended"))
+# Where each watched task's log has got to: the catch-up and fallback poll.
+_LAST_SEQS = select(tasks.c.id, tasks.c.last_seq).where(tasks.c.id.in_(bindparam("b_ids", expanding=True)))
 _EVENTS = (
     select(task_events)
     .where(task_events.c.task_id == bindparam("b_id"), task_events.c.seq > bindparam("b_after"))
@@ -417,14 +459,34 @@ def _transition_statement(allowed: tuple[str, ...], columns: tuple[str, ...], gu
 
 
 async def _insert_event(
-    conn: AsyncConnection, task_id: str, seq: int, kind: str, data: dict[str, Any]
+    conn: AsyncConnection,
+    task_id: str,
+    seq: int,
+    kind: str,
+    data: dict[str, Any],
+    channel: str | None,
 ) -> TaskEvent:
-    """Insert the event numbered ``seq``, which the caller took from ``last_seq`` under the row lock."""
+    """Insert the event numbered ``seq``, which the caller took from ``last_seq`` under the row lock,
+    and (PostgreSQL: ``channel`` given) NOTIFY watchers in other processes in the same statement."""
     now = utcnow()
-    await conn.execute(
-        _INSERT_EVENT, {"b_id": task_id, "b_seq": seq, "b_time": now, "b_kind": kind, "b_data": data}
-    )
+    params: dict[str, Any] = {"b_id": task_id, "b_seq": seq, "b_time": now, "b_kind": kind, "b_data": data}
+    if channel is None:
+        await conn.execute(_INSERT_EVENT, params)
+    else:
+        params["b_channel"] = channel
+        params["b_payload"] = f"{task_id}:{seq}" if len(task_id) <= _PAYLOAD_ID_MAX else ""
+        await conn.execute(_INSERT_EVENT_NOTIFY, params)
     return TaskEvent.model_validate({"task_id": task_id, "seq": seq, "time": now, "kind": kind, "data": data})
+
+
+def notify_channel(schema: str | None) -> str:
+    """The NOTIFY channel of a store: one per schema, so stores sharing a server stay apart.
+
+    A hash, not the name: a channel is an identifier of at most 63 bytes, and a schema name may
+    use all 63 itself."""
+    if schema is None:
+        return NOTIFY_CHANNEL
+    return f"{NOTIFY_CHANNEL}_{hashlib.sha256(schema.encode()).hexdigest()[:16]}"
 
 
 def _retryable(exc: Unavailable, *, idempotent: bool) -> bool:
@@ -508,10 +570,23 @@ class SqlStore:
         self._max_overflow = max_overflow if max_overflow is not None else min(8, max(2, pool_size // 4))
         self._pool_timeout_s = pool_timeout_s
         self._pool_recycle_s = pool_recycle_s
+        self.changes = ChangeHub()
+        self.channel = notify_channel(schema)
+        self._notify_on: str | None = None if self._sqlite else self.channel
+        # The listener (PostgreSQL) or the shared poll (SQLite); None when no one waits.
+        self._watcher: asyncio.Task[None] | None = None
+        self._listening = False
+        self._kicks: set[asyncio.Task[None]] = set()
 
     @property
     def schema(self) -> str | None:
         return self._schema
+
+    @property
+    def listening(self) -> bool:
+        """True while the LISTEN connection is up: wakeups from other processes arrive at once;
+        otherwise they arrive through the fallback poll."""
+        return self._listening
 
     @property
     def pool_size(self) -> int:
@@ -644,6 +719,13 @@ class SqlStore:
             await conn.run_sync(_migrate)
 
     async def close(self) -> None:
+        watcher, self._watcher = self._watcher, None
+        for task in (watcher, *self._kicks):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self.changes.wake_all()  # parked watchers re-read now and learn the store is closed
         if self._engine is not None:
             engine, self._engine = self._engine, None
             await engine.dispose()
@@ -685,13 +767,14 @@ class SqlStore:
         async def body(conn: AsyncConnection) -> Row[Any]:
             row = (await conn.execute(_INSERT_TASK, values)).one()
             # The first event in the same transaction: nobody sees the task without it.
-            await _insert_event(conn, task.id, 1, "state", state_event(task.status, None))
+            await _insert_event(conn, task.id, 1, "state", state_event(task.status, None), self._notify_on)
             return row
 
         try:
             row = await self._run(body, write=True, idempotent=False)
         except IntegrityError as exc:
             raise Conflict(f"A task with id {task.id!r} already exists; create it with a new id.") from exc
+        self.changes.notify(task.id, 1)
         return _to_task(row)
 
     async def get(self, task_id: str) -> Task:
@@ -800,18 +883,21 @@ class SqlStore:
         if owner is not None:
             params["b_owner"] = owner
 
-        async def body(conn: AsyncConnection) -> Task | str | None:
-            """The moved task, or (the guard did not match) the current status or None."""
+        async def body(conn: AsyncConnection) -> tuple[Task, int] | str | None:
+            """The moved task and its event's seq, or (the guard did not match) the current
+            status or None."""
             row = (await conn.execute(statement, params)).first() if allowed else None
             if row is not None:
                 # The UPDATE bumped last_seq and holds the row lock, as in append_event.
-                await _insert_event(conn, task_id, row.last_seq, "state", state_event(new, reason or error))
-                return _to_task(row)
+                event = state_event(new, reason or error)
+                await _insert_event(conn, task_id, row.last_seq, "state", event, self._notify_on)
+                return _to_task(row), int(row.last_seq)
             return (await conn.execute(_STATUS, {"b_id": task_id})).scalar()
 
         current = await self._run(body, write=True, idempotent=False)
-        if isinstance(current, Task):
-            return current
+        if isinstance(current, tuple):
+            self.changes.notify(task_id, current[1])
+            return current[0]
         if current is None:
             raise TaskNotFound(task_id)
         raise IllegalTransition(task_id, str(current), new.value)
@@ -896,9 +982,11 @@ class SqlStore:
             if bumped is None:
                 raise TaskNotFound(task_id)
             check_log_open(task_id, TaskStatus(bumped.status), kind)
-            return await _insert_event(conn, task_id, bumped.last_seq, kind, data)
+            return await _insert_event(conn, task_id, bumped.last_seq, kind, data, self._notify_on)
 
-        return await self._run(body, write=True, idempotent=False)
+        event = await self._run(body, write=True, idempotent=False)
+        self.changes.notify(task_id, event.seq)
+        return event
 
     async def record(
         self,
@@ -927,7 +1015,7 @@ class SqlStore:
                 if (await conn.execute(_EXISTS, {"b_id": task_id})).first() is None:
                     raise TaskNotFound(task_id)
                 return None  # not ours any more: the guard matched nothing, nothing was written
-            event = await _insert_event(conn, task_id, int(seq), kind, data)
+            event = await _insert_event(conn, task_id, int(seq), kind, data, self._notify_on)
             for row in batch:
                 try:
                     await conn.execute(
@@ -947,7 +1035,10 @@ class SqlStore:
                     raise journal_conflict(task_id, row.kind, row.ordinal) from exc
             return event
 
-        return await self._run(body, write=True, idempotent=False)
+        written = await self._run(body, write=True, idempotent=False)
+        if written is not None:
+            self.changes.notify(task_id, written.seq)
+        return written
 
     async def _task_rows(self, statement: Any, params: dict[str, Any]) -> builtins.list[Row[Any]]:
         """The rows ``statement`` reads for the task ``params["b_id"]``; no rows and no such task
@@ -978,6 +1069,131 @@ class SqlStore:
         check_limit(limit)
         rows = await self._task_rows(_EVENTS, {"b_id": task_id, "b_after": after_seq, "b_limit": limit})
         return [_to_event(r) for r in rows]
+
+    # -- watchers ---------------------------------------------------------------------------
+
+    async def wait_for_change(self, task_id: str, seq: int, timeout_s: float) -> bool:
+        if self._engine is None:
+            return True  # closed or not started: the caller's next read says so
+        if self._watcher is None or self._watcher.done():
+            body = self._poll_sqlite() if self._sqlite else self._listen()
+            self._watcher = asyncio.get_running_loop().create_task(body, name=f"opspawn-watch {self.channel}")
+        return await self.changes.wait(task_id, seq, timeout_s)
+
+    def _still_mine(self, idle_s: float) -> bool:
+        """Whether the running watcher task should go on. After ``WATCH_LINGER_S`` without
+        waiters it detaches itself synchronously, so a waiter arriving while it cleans up
+        starts a new one instead of trusting a watcher that is leaving."""
+        if idle_s < WATCH_LINGER_S or self.changes.waiting:
+            return self._watcher is asyncio.current_task()
+        if self._watcher is asyncio.current_task():
+            self._watcher = None
+        return False
+
+    async def _poll_watched(self) -> None:
+        """One query for every task someone waits on; wakes those whose log moved on. A failure
+        is the outage the watchers' own reads will report, so it is logged, not raised."""
+        ids = builtins.list(self.changes.watched())
+        if not ids:
+            return
+
+        async def body(conn: AsyncConnection) -> builtins.list[Any]:
+            rows: builtins.list[Any] = []
+            for start in range(0, len(ids), POLL_CHUNK):
+                chunk = ids[start : start + POLL_CHUNK]
+                rows += builtins.list((await conn.execute(_LAST_SEQS, {"b_ids": chunk})).all())
+            return rows
+
+        try:
+            rows = await self._run(body)
+        except Exception as exc:  # the background task that polls must outlive any one failure
+            _log.debug("watch poll failed: %s", exc)
+            return
+        for row in rows:
+            self.changes.notify(row.id, int(row.last_seq))
+
+    async def _poll_sqlite(self) -> None:
+        """SQLite: writers of this store notify directly; this one query per ``SQLITE_POLL_S``
+        for all waiters catches writers in other processes (SQLite has no NOTIFY)."""
+        idle_s = 0.0
+        while self._still_mine(idle_s):
+            await asyncio.sleep(SQLITE_POLL_S)
+            if self.changes.waiting:
+                idle_s = 0.0
+                await self._poll_watched()
+            else:
+                idle_s += SQLITE_POLL_S
+
+    async def _listen(self) -> None:
+        """PostgreSQL: keep one LISTEN connection while anyone waits; while it is down, poll
+        for everyone every ``FALLBACK_POLL_S``, reconnecting at once and then with a doubling
+        backoff up to ``LISTEN_BACKOFF_MAX_S``."""
+        backoff = 0.0
+        idle_s = 0.0
+        while self._still_mine(idle_s):
+            try:
+                conn = await self._connect_listener()
+            except Exception as exc:  # any failure to connect means "poll for now"
+                _log.info("store listener cannot connect (%s); polling every %gs", exc, FALLBACK_POLL_S)
+                backoff = min(max(backoff * 2, FALLBACK_POLL_S), LISTEN_BACKOFF_MAX_S)
+                waited = 0.0
+                while waited < backoff:
+                    await self._poll_watched()
+                    await asyncio.sleep(FALLBACK_POLL_S)
+                    waited += FALLBACK_POLL_S
+                idle_s = 0.0 if self.changes.waiting else idle_s + waited
+                continue
+            backoff = 0.0
+            try:
+                idle_s = await self._serve_listener(conn)
+            except Exception as exc:  # a lost listener falls back; it never fails the waiters
+                _log.info("store listener lost (%s); reconnecting", exc)
+            finally:
+                self._listening = False
+                conn.terminate()
+            await self._poll_watched()  # whoever a write reached while nobody listened
+
+    async def _connect_listener(self) -> Any:
+        """A connection of its own, outside the pool, with the pool's connect arguments."""
+        import asyncpg  # type: ignore[import-untyped]
+
+        assert self._engine is not None
+        _, kwargs = self._engine.dialect.create_connect_args(self._url)
+        accepted = pyinspect.signature(asyncpg.connect).parameters
+        kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+        kwargs["timeout"] = PG_CONNECT_TIMEOUT_S
+        kwargs["server_settings"] = {"application_name": f"opspawn-listen {self.channel}"}
+        return await asyncpg.connect(**kwargs)
+
+    async def _serve_listener(self, conn: Any) -> float:
+        """LISTEN on ``conn`` until it is lost (returns 0), or until nobody has waited for
+        ``WATCH_LINGER_S`` (returns the idle time, detached)."""
+        lost = asyncio.Event()
+        conn.add_termination_listener(lambda _conn: lost.set())
+        await conn.add_listener(self.channel, self._on_notification)
+        self._listening = True
+        await self._poll_watched()  # what was written before LISTEN took effect
+        idle_s = 0.0
+        while not lost.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LISTEN_KEEPALIVE_S):
+                    await lost.wait()
+                break
+            idle_s = 0.0 if self.changes.waiting else idle_s + LISTEN_KEEPALIVE_S
+            if not self._still_mine(idle_s):
+                return idle_s
+            await conn.execute("SELECT 1", timeout=PG_CONNECT_TIMEOUT_S)  # a half-open socket raises
+        return 0.0
+
+    def _on_notification(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        task_id, _, seq = payload.rpartition(":")
+        if task_id and seq.isdigit():
+            self.changes.notify(task_id, int(seq))
+            return
+        # An id too long to name in a payload: ask the database about every watched task.
+        kick = asyncio.get_running_loop().create_task(self._poll_watched())
+        self._kicks.add(kick)
+        kick.add_done_callback(self._kicks.discard)
 
 
 def _bad_value(exc: DBAPIError) -> bool:

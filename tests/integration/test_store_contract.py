@@ -19,6 +19,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -1045,3 +1046,209 @@ async def test_many_stores_starting_at_once_migrate_exactly_once(open_new: Store
     for s in stores:
         if isinstance(s, SqlStore):
             assert await s.schema_version() == SCHEMA_VERSION
+
+
+# --- events wake watchers --------------------------------------------------------------------
+#
+# A watcher parks in ``wait_for_change``; the tests give it a long timeout (a wait that times
+# out returns False and fails the test), so nothing depends on how fast the machine is. The
+# writer is a second store instance where there can be one: two pools on one PostgreSQL schema
+# (as two processes would be, so only NOTIFY can carry the wakeup), two engines on one SQLite
+# file (no NOTIFY there: the store's shared one-second poll carries it, which is how a worker
+# process on the same file reaches serve's watchers).
+
+WAKE_TIMEOUT_S = 60.0
+
+
+async def _until(condition: Callable[[], bool], what: str, limit_s: float = 30.0) -> None:
+    """A bounded wait for a background state (a listener connected), polling every 10 ms."""
+    for _ in range(int(limit_s / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"gave up waiting until {what}")
+
+
+async def _listening(store: TaskStore) -> None:
+    """PostgreSQL: until the store's LISTEN connection is up, so a wakeup must come by NOTIFY."""
+    from opspawn_mcp.store.sql import SqlStore
+
+    if isinstance(store, SqlStore) and store.schema is not None:  # the fixtures' PostgreSQL
+        # Starting the listener takes a waiter; a short one on a task nobody writes does.
+        await store.wait_for_change("nobody-writes-this", 0, 0.01)
+        await _until(lambda: store.listening, "the store listens")
+
+
+def reader_hub(store: TaskStore) -> Any:
+    """The store's ``ChangeHub`` (every implementation has one, as ``changes``)."""
+    return store.changes  # type: ignore[attr-defined]
+
+
+async def _waiter(store: TaskStore, task_id: str, seq: int) -> asyncio.Task[bool]:
+    """A parked watcher of ``task_id`` that has seen up to ``seq``."""
+    waiter = asyncio.create_task(store.wait_for_change(task_id, seq, WAKE_TIMEOUT_S))
+    await asyncio.sleep(0)  # it registers before the caller writes
+    return waiter
+
+
+async def test_a_waiter_wakes_on_every_kind_of_event_write_by_another_instance(
+    open_new: StoreFactory,
+) -> None:
+    reader, writer = await open_new(), await open_new()
+    await _listening(reader)
+    task = _task()
+    woke = await _waiter(reader, task.id, 0)
+    await writer.create(task)
+    assert await woke is True
+    await writer.claim(task.id, "w1", ttl_s=60, max_attempts=3)
+    writes = [
+        lambda: writer.append_event(task.id, "log", {"line": 1}),
+        lambda: writer.record(task.id, "w1", "progress", {"step": 1}, steps=1, usage=Usage()),
+        lambda: writer.transition(task.id, {TaskStatus.RUNNING}, TaskStatus.COMPLETED, result="ok"),
+    ]
+    for seq, write in enumerate(writes, start=1):
+        woke = await _waiter(reader, task.id, seq)
+        await write()
+        assert await woke is True
+        assert [e.seq for e in await reader.events(task.id, seq)] == [seq + 1]
+
+
+async def test_a_waiter_is_woken_only_by_writes_to_its_own_task(open_new: StoreFactory) -> None:
+    reader, writer = await open_new(), await open_new()
+    await _listening(reader)
+    a, b = await writer.create(_task(goal="a")), await writer.create(_task(goal="b"))
+    woken_before = reader_hub(reader).woken
+    on_a = await _waiter(reader, a.id, 1)
+    on_b = await _waiter(reader, b.id, 1)
+    for line in range(3):
+        await writer.append_event(b.id, "log", {"line": line})
+    assert await on_b is True
+    for _ in range(10):  # let anything else that one delivery woke run
+        await asyncio.sleep(0)
+    assert not on_a.done()
+    assert reader_hub(reader).woken == woken_before + 1
+    await writer.append_event(a.id, "log", {"line": 0})
+    assert await on_a is True
+    assert reader_hub(reader).woken == woken_before + 2
+
+
+async def test_a_wait_that_nobody_wakes_times_out_and_an_old_write_returns_at_once(
+    store: TaskStore,
+) -> None:
+    task = await store.create(_task())
+    assert await store.wait_for_change(task.id, 1, 0.01) is False
+    assert await store.wait_for_change(task.id, 0, WAKE_TIMEOUT_S) is True  # seq 1 is newer than 0
+    assert await store.wait_for_change("no-such-task", 0, 0.01) is False
+
+
+async def test_stores_on_two_postgres_schemas_do_not_wake_each_other() -> None:
+    """Each schema has its own channel: the same task id in two schemas (two isolated stores on
+    one server) is woken only by its own schema's writers."""
+    from opspawn_mcp.store.sql import SqlStore
+
+    require_service("postgres")
+    schemas = [f"opspawn_test_{uuid.uuid4().hex[:12]}" for _ in range(2)]
+    stores = [SqlStore(POSTGRES_URL, schema=s) for s in schemas for _ in range(2)]
+    mine, my_writer, theirs, their_writer = stores
+    try:
+        for s in stores:
+            await s.start()
+        assert mine.channel == my_writer.channel != theirs.channel
+        shared = _task()
+        await my_writer.create(shared)
+        await their_writer.create(shared)
+        probe = await my_writer.create(_task(goal="probe"))
+        await _listening(mine)
+        await _listening(theirs)
+        on_shared = await _waiter(mine, shared.id, 1)
+        on_probe = await _waiter(mine, probe.id, 1)
+        their_side = await _waiter(theirs, shared.id, 1)
+        await their_writer.append_event(shared.id, "log", {"schema": "theirs"})
+        assert await their_side is True
+        # NOTIFYs reach a listener in commit order, so once a later write of our own schema
+        # has woken us, a crossed notification from theirs would have arrived before it.
+        await my_writer.append_event(probe.id, "log", {"schema": "mine"})
+        assert await on_probe is True
+        assert not on_shared.done()
+        on_shared.cancel()
+    finally:
+        for s in stores:
+            await s.close()
+        for schema in schemas:
+            await drop_schema(schema)
+
+
+async def _admin(sql: str, **params: Any) -> Any:
+    """One statement on a connection of its own (not any store's)."""
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+    from sqlalchemy.pool import NullPool
+
+    admin = create_async_engine(POSTGRES_URL, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    try:
+        async with admin.connect() as conn:
+            result = await conn.execute(text(sql), params)
+            return result.scalar() if result.returns_rows else None
+    finally:
+        await admin.dispose()
+
+
+async def test_a_dropped_listener_falls_back_to_polling_and_reconnects() -> None:
+    """Kill only the LISTEN connection (found by its application_name). The reader runs as a
+    role of its own whose connection limit is then lowered to what it already holds, so the
+    listener cannot come back: the write of another store (another process, for all the
+    reader can tell) must reach it by the fallback poll. With the limit lifted, the listener
+    reconnects (new backend) and NOTIFY wakes it again; the pool's session survived it all."""
+    from sqlalchemy.engine import make_url
+
+    from opspawn_mcp.store.sql import SqlStore
+
+    require_service("postgres")
+    suffix = uuid.uuid4().hex[:12]
+    schema, role = f"opspawn_test_{suffix}", f"opspawn_test_role_{suffix}"
+    await _admin(f'CREATE ROLE "{role}" LOGIN')
+    await _admin(f'GRANT CREATE ON DATABASE "{make_url(POSTGRES_URL).database}" TO "{role}"')
+    as_role = make_url(POSTGRES_URL).set(username=role).render_as_string(hide_password=False)
+    # One pooled connection plus the listener: the two sessions the role's limit will allow.
+    reader = SqlStore(as_role, schema=schema, pool_size=1, max_overflow=0)
+    writer = SqlStore(POSTGRES_URL, schema=schema)
+    listener_pid = "SELECT pid FROM pg_stat_activity WHERE application_name = :name"
+    name = f"opspawn-listen {reader.channel}"
+    try:
+        await reader.start()
+        await writer.start()
+        task = await writer.create(_task())
+        await _listening(reader)
+        first_pid = await _admin(listener_pid, name=name)
+        assert first_pid is not None
+        pool_pid = await _pool_pid(reader)
+        woke = await _waiter(reader, task.id, 1)
+        await _admin(f'ALTER ROLE "{role}" CONNECTION LIMIT 1')
+        assert await _admin("SELECT pg_terminate_backend(:pid, 10000)", pid=first_pid) is True
+        await _until(lambda: not reader.listening, "the reader notices its listener is gone")
+        await writer.append_event(task.id, "log", {"while": "polling"})
+        assert await woke is True
+        assert not reader.listening  # it cannot reconnect: the wakeup was the fallback poll's
+        await _admin(f'ALTER ROLE "{role}" CONNECTION LIMIT -1')
+        await _until(lambda: reader.listening, "the listener reconnects")
+        assert await _admin(listener_pid, name=name) not in (None, first_pid)
+        woke = await _waiter(reader, task.id, 2)
+        await writer.append_event(task.id, "log", {"while": "listening"})
+        assert await woke is True
+        assert await _pool_pid(reader) == pool_pid  # only the listener was terminated
+    finally:
+        await reader.close()
+        await writer.close()
+        await drop_schema(schema)
+        await _admin(f'REVOKE CREATE ON DATABASE "{make_url(POSTGRES_URL).database}" FROM "{role}"')
+        await _admin(f'DROP ROLE IF EXISTS "{role}"')
+
+
+async def _pool_pid(store: TaskStore) -> int:
+    from sqlalchemy import text
+
+    from opspawn_mcp.store.sql import SqlStore
+
+    assert isinstance(store, SqlStore)
+    async with store._tx(write=False) as conn:
+        return int((await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one())

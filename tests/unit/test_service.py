@@ -21,7 +21,7 @@ from opspawn_mcp.models import GOAL_MAX_CHARS, TaskEvent, TaskSpec, TaskStatus
 from opspawn_mcp.principals import LOCAL, Principal
 from opspawn_mcp.service import TaskService
 from opspawn_mcp.store.memory import MemoryStore
-from tests.support.service_kit import Directory, RecordingEnqueuer, make_service
+from tests.support.service_kit import Directory, RecordingEnqueuer, make_config, make_service
 
 
 class BrokenEnqueuer:
@@ -228,6 +228,65 @@ async def test_watch_follows_the_log_until_the_task_is_terminal(
     assert [e.kind for e in seen] == ["state", "state", "progress", "final", "state"]
     assert seen[-1].data == {"status": "completed"}
     assert [e.seq for e in seen] == [1, 2, 3, 4, 5]
+
+
+class CountingStore(MemoryStore):
+    """A real memory store that counts the log reads its watchers make."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.event_reads = 0
+
+    async def events(self, task_id: str, after_seq: int = 0, limit: int = 1000) -> list[TaskEvent]:
+        self.event_reads += 1
+        return await super().events(task_id, after_seq, limit)
+
+
+async def _parked(store: MemoryStore) -> None:
+    """Until a watcher waits in the store (a bounded number of loop turns, not a clock)."""
+    for _ in range(100_000):
+        if store.changes.waiting:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the watcher never parked in the store")
+
+
+async def test_watch_reads_once_per_batch_of_writes_and_never_while_the_task_is_quiet(
+    enqueuer: RecordingEnqueuer,
+) -> None:
+    """Writers wake watchers: each write costs the watcher one read, a quiet task none (the
+    old loop read every 0.1 s per watcher). The default safety re-read is seconds away."""
+    store = CountingStore()
+    service = TaskService(make_config(), store, enqueuer, Directory())
+    task = await service.submit({"goal": "x"}, by=LOCAL)
+    seen: asyncio.Queue[TaskEvent] = asyncio.Queue()
+
+    async def follow() -> None:
+        async for event in service.watch(task.id, by=LOCAL):
+            await seen.put(event)
+
+    async with asyncio.TaskGroup() as tg:
+        follower = tg.create_task(follow())
+        assert (await seen.get()).seq == 1
+        await _parked(store)
+        assert store.event_reads == 1
+        await asyncio.sleep(0.3)  # three of the old polls: nothing was written, nothing is read
+        await store.claim(task.id, "w", 30.0, 3)  # no event, so no wakeup
+        await _parked(store)
+        assert store.event_reads == 1
+        writes = [
+            store.append_event(task.id, "state", {"status": "running"}),
+            store.append_event(task.id, "final", {"result": "done"}),
+        ]
+        for expected_seq, write in enumerate(writes, start=2):
+            await write
+            assert (await seen.get()).seq == expected_seq
+            await _parked(store)
+            assert store.event_reads == expected_seq
+        await store.transition(task.id, {TaskStatus.RUNNING}, TaskStatus.COMPLETED, result="done")
+        assert (await seen.get()).seq == 4
+    assert follower.done()
+    assert store.event_reads == 4  # one read per batch: 4 writes, 4 batches, then the end
 
 
 async def test_watch_after_a_seq_and_of_a_finished_task_ends(service: TaskService) -> None:
