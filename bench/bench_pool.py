@@ -9,7 +9,9 @@ For stdio and streamable HTTP, against opspawn's example server (``echo``), it t
 
 It prints mean latencies and the two ratios that matter: pool overhead over direct (target <= 20%)
 and per-call connect over pool (target >= 20x on stdio). Ratios, not absolute times, are the
-result: both sides run in the same process, against the same server, one after the other.
+result: both sides run in the same process, against the same server, in alternating rounds
+(direct, pool, direct, pool, ...); each figure is the median round, with min/median/max over the
+rounds and the per-round pool/direct ratio printed beside it.
 
     .venv/bin/python bench/bench_pool.py [--calls 500] [--connects 15]
 """
@@ -67,7 +69,7 @@ async def _session(transport: str, url: str) -> AsyncIterator[ClientSession]:
             yield s
 
 
-async def _bench(transport: str, url: str, calls: int, connects: int) -> dict[str, float]:
+async def _bench(transport: str, url: str, calls: int, connects: int) -> dict[str, object]:
     """Direct and pool are measured in alternating rounds so drift (warm-up, CPU boost) hits both."""
     server: ServerConfig = (
         example_server_config()
@@ -87,7 +89,12 @@ async def _bench(transport: str, url: str, calls: int, connects: int) -> dict[st
             await s.call_tool("echo", ARGS)
 
     per_call = await _time_calls(connects, connect_and_call)
-    return {"direct": statistics.median(direct), "pool": statistics.median(pooled), "per_call": per_call}
+    return {
+        "direct": statistics.median(direct),
+        "pool": statistics.median(pooled),
+        "per_call": per_call,
+        "rounds": (direct, pooled),
+    }
 
 
 def _free_port() -> int:
@@ -110,13 +117,23 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
     raise SystemExit("the example server did not start listening within 60s")
 
 
-def _report(transport: str, r: dict[str, float]) -> None:
-    overhead = (r["pool"] / r["direct"] - 1) * 100
-    speedup = r["per_call"] / r["pool"]
+def _spread(values: list[float], scale: float = 1e3) -> str:
+    return "/".join(f"{v * scale:.3f}" for v in (min(values), statistics.median(values), max(values)))
+
+
+def _report(transport: str, r: dict[str, object]) -> None:
+    direct, pool, per_call = float(r["direct"]), float(r["pool"]), float(r["per_call"])  # type: ignore[arg-type]
+    d_rounds: list[float]
+    p_rounds: list[float]
+    d_rounds, p_rounds = r["rounds"]  # type: ignore[misc]
+    overhead = (pool / direct - 1) * 100
+    speedup = per_call / pool
+    ratios = [p / d for p, d in zip(p_rounds, d_rounds, strict=True)]
     print(f"\n{transport}")
-    print(f"  direct session     {r['direct'] * 1e3:9.3f} ms/call")
-    print(f"  pool (OpsMcpClient) {r['pool'] * 1e3:8.3f} ms/call   overhead vs direct: {overhead:+.1f}%")
-    print(f"  per-call connect   {r['per_call'] * 1e3:9.3f} ms/call   pool is {speedup:.0f}x faster")
+    print(f"  direct session     {direct * 1e3:9.3f} ms/call   rounds min/median/max {_spread(d_rounds)}")
+    print(f"  pool (OpsMcpClient) {pool * 1e3:8.3f} ms/call   rounds min/median/max {_spread(p_rounds)}")
+    print(f"    overhead vs direct: {overhead:+.1f}% (pool/direct per round {_spread(ratios, 1)})")
+    print(f"  per-call connect   {per_call * 1e3:9.3f} ms/call   pool is {speedup:.0f}x faster")
 
 
 def main() -> None:
