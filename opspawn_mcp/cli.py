@@ -49,23 +49,30 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_logging() -> None:
+    """INFO to stderr, minus the HTTP clients' and the MCP SDK's one line per request (two per
+    task for the LLM alone: noise in the log, and measurable CPU in a busy worker)."""
+    import logging
+
+    logging.basicConfig(
+        stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    for noisy in ("httpx", "httpx2", "mcp"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the runtime (store, pool, worker, MCP server) until stdin closes or a signal arrives.
 
     Logs go to stderr in every mode: with ``--stdio``, stdout carries the protocol and nothing else.
     """
     import asyncio
-    import logging
 
     from opspawn_mcp.app import bind_http, check_bind
     from opspawn_mcp.principals import Principals
 
     config = _load(args)
-    logging.basicConfig(
-        stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    for noisy in ("httpx", "httpx2", "mcp"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    _configure_logging()
     sock = None
     if not args.stdio:
         # Refuse a bad bind (no token, port taken) before opening anything, so the error is
@@ -104,11 +111,10 @@ async def _serve(config: Config, args: argparse.Namespace, sock: socket.socket |
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """Run one worker process against RabbitMQ and the configured store until SIGTERM/SIGINT."""
-    import logging
 
     from opspawn_mcp.worker import run_worker_process
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _configure_logging()
     return run_worker_process(_load(args))
 
 

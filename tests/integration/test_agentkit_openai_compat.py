@@ -89,6 +89,15 @@ async def test_tool_choice_and_options_are_sent(server: FakeOpenAIServer) -> Non
     assert second["tool_choice"] == "required"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_extra_body_fields_are_sent_at_the_top_level(server: FakeOpenAIServer, stream: bool) -> None:
+    server.fake.script("ok")
+    async with client(server, extra_body={"top_k": 5}, stream=stream) as llm:
+        await llm.chat([Message.user("x")])
+    (sent,) = server.fake.requests
+    assert sent["top_k"] == 5 and "extra_body" not in sent
+
+
 @pytest.mark.parametrize("status", [429, 500, 503])
 async def test_retries_with_backoff_on_429_and_5xx(server: FakeOpenAIServer, status: int) -> None:
     server.fake.fail_next(status, times=2, retry_after=0 if status == 429 else None)
