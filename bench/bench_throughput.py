@@ -50,6 +50,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.support.services import delete_queues  # noqa: E402
+
 RABBITMQ_URL = os.environ.get("OPSPAWN_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 PG_DSN = os.environ.get("OPSPAWN_BENCH_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 STORE_PG = "postgresql+asyncpg://" + PG_DSN.split("://", 1)[1]
@@ -175,18 +177,6 @@ def testing_server(tmp: Path, pid_log: str) -> dict[str, Any]:
         "args": ["-m", "tests.servers.testing_server", "--pid-log", str(tmp / pid_log)],
         "cwd": str(ROOT),
     }
-
-
-def delete_queue(queue: str) -> None:
-    import pika
-
-    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
-    try:
-        channel = connection.channel()
-        for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
-            channel.queue_delete(queue=name)
-    finally:
-        connection.close()
 
 
 async def pg_exec(sql: str) -> None:
@@ -429,7 +419,7 @@ def run_baseline(kind: str, n: int, workers: int, threads: int, llm: str, tmp: P
         for proc in procs:
             stop(proc)
         counter.sock.close()
-        delete_queue(queue)
+        delete_queues(queue)
         if kind == "minimal":
             asyncio.run(pg_exec(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
 
@@ -612,7 +602,7 @@ def run_opspawn(
     finally:
         for proc in reversed(procs):
             stop(proc)
-        delete_queue(queue)
+        delete_queues(queue)
         asyncio.run(pg_exec(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
 
 

@@ -28,6 +28,7 @@ from agentkit import (
 from agentkit.llm import ScriptedCall, ScriptedLLM, call
 from agentkit.llm.base import LLMResponse
 from tests.servers.testing_server import server as testing_server
+from tests.support.callers import OldCaller
 
 
 class MetaCaller:
@@ -55,19 +56,6 @@ class MetaCaller:
         return await self.client.call_tool(
             tool, arguments, progress_callback=progress_callback, meta=cast(types.RequestParamsMeta, meta)
         )
-
-
-class OldCaller:
-    """A caller written before ``meta`` (and progress): it still works, without the key."""
-
-    def __init__(self, client: Client) -> None:
-        self.client = client
-
-    async def list_tools(self, server: str) -> list[types.Tool]:
-        return list((await self.client.list_tools()).tools)
-
-    async def call_tool(self, server: str, tool: str, arguments: dict[str, Any]) -> types.CallToolResult:
-        return await self.client.call_tool(tool, arguments)
 
 
 @asynccontextmanager

@@ -22,6 +22,7 @@ from agentkit import (
     tool,
 )
 from agentkit.llm import ScriptedLLM, call
+from tests.support.callers import OldCaller
 
 worker = MCPServer("worker", log_level="WARNING")
 
@@ -53,19 +54,6 @@ class ProgressCaller:
     ) -> types.CallToolResult:
         self.callbacks.append(progress_callback)
         return await self.client.call_tool(tool, arguments, progress_callback=progress_callback)
-
-
-class OldCaller:
-    """A caller written before progress support: no ``progress_callback`` keyword."""
-
-    def __init__(self, client: Client) -> None:
-        self.client = client
-
-    async def list_tools(self, server: str) -> list[types.Tool]:
-        return list((await self.client.list_tools()).tools)
-
-    async def call_tool(self, server: str, tool: str, arguments: dict[str, Any]) -> types.CallToolResult:
-        return await self.client.call_tool(tool, arguments)
 
 
 @asynccontextmanager
