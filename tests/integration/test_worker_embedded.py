@@ -16,13 +16,13 @@ import pytest
 
 from opspawn_mcp.agent_factory import MAX_TOOL_ERRORS
 from opspawn_mcp.config import Config, parse_config
+from opspawn_mcp.embedded import EmbeddedWorker
 from opspawn_mcp.host import OpsMcpClient
 from opspawn_mcp.models import Task, TaskEvent, TaskSpec, TaskStatus
 from opspawn_mcp.principals import LOCAL
 from opspawn_mcp.service import TaskService
 from opspawn_mcp.store import open_store
 from opspawn_mcp.store.base import TaskStore
-from opspawn_mcp.embedded import EmbeddedWorker
 from tests.servers.harness import free_port, lines, stdio_config, wait_until
 from tests.support.fake_openai import FakeOpenAI, FakeOpenAIServer, tool_call
 from tests.support.task_waits import states, until, until_a_tool_is_called, until_finished
