@@ -41,6 +41,12 @@ class Principal:
     def may_see(self, owner: str) -> bool:
         return self.admin or owner == self.name
 
+    def may_use_server(self, name: str) -> bool:
+        return self.servers is None or name in self.servers
+
+    def may_use_profile(self, name: str) -> bool:
+        return self.models is None or name in self.models
+
     @property
     def default_profile(self) -> str:
         """``default`` if allowed, else the first profile of the allowlist."""

@@ -141,8 +141,7 @@ class TaskService:
         )
 
     def _profiles(self, by: Principal) -> builtins.list[str]:
-        names = list(self._config.opspawn.profiles)
-        return names if by.models is None else [n for n in names if n in by.models]
+        return [n for n in self._config.opspawn.profiles if by.may_use_profile(n)]
 
     def _refuse_endpoint_fields(self, model: Any, by: Principal) -> None:
         """Say plainly why ``base_url``, ``api_key_env``... are refused: models are chosen by name."""
@@ -169,7 +168,7 @@ class TaskService:
 
     def _check_servers(self, wanted: builtins.list[str] | None, by: Principal) -> builtins.list[str] | None:
         """Only servers the config defines (and the caller may use): nobody can add their own."""
-        configured = [n for n in self._config.mcp_servers if by.servers is None or n in by.servers]
+        configured = [n for n in self._config.mcp_servers if by.may_use_server(n)]
         if wanted is None:
             return None if by.servers is None else configured
         unknown = [name for name in wanted if name not in configured]
@@ -350,7 +349,7 @@ class TaskService:
 
     def list_servers(self, *, by: Principal) -> builtins.list[ServerInfo]:
         """The downstream servers the caller may use, with state and tools, from the pool."""
-        return [s for s in self._servers.servers_info() if by.servers is None or s.name in by.servers]
+        return [s for s in self._servers.servers_info() if by.may_use_server(s.name)]
 
     async def ready(self) -> None:
         """Raise ``Unavailable`` when the service cannot run tasks: the store or the broker is down."""

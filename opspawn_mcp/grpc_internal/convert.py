@@ -22,10 +22,6 @@ from opspawn_mcp.models import Task, TaskEvent, TaskPage, TaskStatus
 _PREFIX = "TASK_STATUS_"
 
 
-def status_to_pb(status: TaskStatus) -> int:
-    return int(pb.TaskStatus.Value(_PREFIX + status.name))
-
-
 def status_from_pb(value: int) -> TaskStatus | None:
     """``UNSPECIFIED`` (the proto default) means "no filter"; a number the enum does not define
     (proto3 keeps unknown values) is ``InvalidInput``."""

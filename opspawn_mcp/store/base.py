@@ -135,14 +135,13 @@ class TaskStore(Protocol):
         *,
         steps: int,
         usage: Usage,
-        entry: JournalRow | None = None,
         entries: Sequence[JournalRow] = (),
     ) -> TaskEvent | None:
         """One agent event as one transaction, only while ``owner`` holds the running task:
         append the event (as ``append_event``), store ``steps`` and ``usage`` (as
-        ``record_progress``) and insert the journal entries, ``entries`` then ``entry``.
-        ``entries`` carries facts that have no event of their own (agentkit's planner and
-        memory model calls), held until the next event so they cost no transaction.
+        ``record_progress``) and insert the journal ``entries``: the facts the event announces,
+        and those that have no event of their own (agentkit's planner and memory model calls),
+        held until the next event so they cost no transaction.
 
         Returns the event, or None when the task is not ``owner``'s running task any more
         (cancelled, finished, or taken over): then nothing is written, and the caller stops.

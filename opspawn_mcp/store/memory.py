@@ -232,25 +232,23 @@ class MemoryStore:
         *,
         steps: int,
         usage: Usage,
-        entry: JournalRow | None = None,
         entries: Sequence[JournalRow] = (),
     ) -> TaskEvent | None:
         check_kind(kind)
-        batch = [*entries, *([entry] if entry is not None else [])]
         async with self._lock:
             task = self._get(task_id)
             if task.status is not TaskStatus.RUNNING or task.lease_owner != owner:
                 return None
             journal = self._journal.setdefault(task_id, {})
             seen = set(journal)
-            for row in batch:
+            for row in entries:
                 if (row.kind, row.ordinal) in seen:
                     raise journal_conflict(task_id, row.kind, row.ordinal)
                 seen.add((row.kind, row.ordinal))
             # Every check is done: from here on all three writes happen, as in one transaction.
             event = self._append(task_id, kind, data)
             self._tasks[task_id] = task.model_copy(update={"steps": steps, "usage": usage.model_copy()})
-            for row in batch:
+            for row in entries:
                 journal[(row.kind, row.ordinal)] = row.model_copy(deep=True)
         self.changes.notify(task_id, event.seq)
         return event

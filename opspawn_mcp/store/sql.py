@@ -997,11 +997,9 @@ class SqlStore:
         *,
         steps: int,
         usage: Usage,
-        entry: JournalRow | None = None,
         entries: Sequence[JournalRow] = (),
     ) -> TaskEvent | None:
         check_kind(kind)
-        batch = [*entries, *([entry] if entry is not None else [])]
         params = {
             "b_id": task_id,
             "b_owner": owner,
@@ -1016,7 +1014,7 @@ class SqlStore:
                     raise TaskNotFound(task_id)
                 return None  # not ours any more: the guard matched nothing, nothing was written
             event = await _insert_event(conn, task_id, int(seq), kind, data, self._notify_on)
-            for row in batch:
+            for row in entries:
                 try:
                     await conn.execute(
                         _INSERT_JOURNAL,

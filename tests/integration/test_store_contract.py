@@ -380,7 +380,13 @@ async def test_record_writes_event_progress_and_journal_entry_together(store: Ta
     task = await _running(store)
     entry = JournalRow(kind="llm", ordinal=0, step=1, attempt=1, data={"text": "thinking", "usage": [3, 4]})
     event = await store.record(
-        task.id, "w1", "llm", {"step": 1}, steps=1, usage=Usage(input_tokens=3, output_tokens=4), entry=entry
+        task.id,
+        "w1",
+        "llm",
+        {"step": 1},
+        steps=1,
+        usage=Usage(input_tokens=3, output_tokens=4),
+        entries=[entry],
     )
     assert event is not None
     assert (event.seq, event.kind, event.data) == (2, "llm", {"step": 1})
@@ -410,7 +416,7 @@ async def test_record_writes_nothing_once_the_task_is_not_ours(store: TaskStore)
         before = (await store.get(task.id), await store.events(task.id))
         entry = JournalRow(kind="tool_started", ordinal=0, step=1, data={"tool": "t"})
         recorded = await store.record(
-            task.id, "w1", "tool_call", {"step": 1}, steps=7, usage=Usage(input_tokens=50), entry=entry
+            task.id, "w1", "tool_call", {"step": 1}, steps=7, usage=Usage(input_tokens=50), entries=[entry]
         )
         assert recorded is None, task.id
         assert (await store.get(task.id), await store.events(task.id)) == before
@@ -436,7 +442,7 @@ async def test_journal_round_trips_in_ordinal_order(store: TaskStore) -> None:
     ]
     # Written out of order on purpose: the read is ordered by ordinal, then by kind within it.
     for entry in (written[3], written[2], written[0], written[1]):
-        assert await store.record(task.id, "w1", "log", {}, steps=entry.step, usage=Usage(), entry=entry)
+        assert await store.record(task.id, "w1", "log", {}, steps=entry.step, usage=Usage(), entries=[entry])
     assert await store.journal(task.id) == written
     other = await _running(store)
     assert await store.journal(other.id) == []
@@ -447,18 +453,18 @@ async def test_journal_round_trips_in_ordinal_order(store: TaskStore) -> None:
 async def test_a_duplicate_journal_entry_is_a_conflict_and_writes_nothing(store: TaskStore) -> None:
     task = await _running(store)
     first = JournalRow(kind="tool_finished", ordinal=3, step=2, attempt=1, data={"result": "sent"})
-    assert await store.record(task.id, "w1", "tool_result", {}, steps=2, usage=Usage(), entry=first)
+    assert await store.record(task.id, "w1", "tool_result", {}, steps=2, usage=Usage(), entries=[first])
     before = (await store.get(task.id), await store.events(task.id))
     replay = first.model_copy(update={"attempt": 2, "data": {"result": "sent twice"}})
     with pytest.raises(Conflict):
         await store.record(
-            task.id, "w1", "tool_result", {}, steps=5, usage=Usage(input_tokens=1), entry=replay
+            task.id, "w1", "tool_result", {}, steps=5, usage=Usage(input_tokens=1), entries=[replay]
         )
     assert (await store.get(task.id), await store.events(task.id)) == before
     assert await store.journal(task.id) == [first]
     # The same ordinal under another kind is another entry (a call's start and its finish).
     started = JournalRow(kind="tool_started", ordinal=3, step=2, attempt=1)
-    assert await store.record(task.id, "w1", "tool_call", {}, steps=2, usage=Usage(), entry=started)
+    assert await store.record(task.id, "w1", "tool_call", {}, steps=2, usage=Usage(), entries=[started])
     assert await store.journal(task.id) == [started, first]
 
 
@@ -467,12 +473,12 @@ async def test_record_writes_held_entries_with_the_next_event(store: TaskStore) 
     task = await _running(store)
     plan = JournalRow(kind="llm", ordinal=1, step=0, attempt=1, data={"content": "plan"})
     first = JournalRow(kind="llm", ordinal=2, step=1, attempt=1, data={"content": "act"})
-    event = await store.record(task.id, "w1", "llm", {}, steps=1, usage=Usage(), entry=first, entries=[plan])
+    event = await store.record(task.id, "w1", "llm", {}, steps=1, usage=Usage(), entries=[plan, first])
     assert event is not None and event.seq == 2
     assert await store.journal(task.id) == [plan, first]
     again = JournalRow(kind="llm", ordinal=3, step=2, attempt=1)
     with pytest.raises(Conflict):  # one stale entry in the batch refuses the whole event
-        await store.record(task.id, "w1", "llm", {}, steps=2, usage=Usage(), entry=again, entries=[plan])
+        await store.record(task.id, "w1", "llm", {}, steps=2, usage=Usage(), entries=[plan, again])
     with pytest.raises(Conflict):  # and so does a batch that repeats itself
         await store.record(task.id, "w1", "llm", {}, steps=2, usage=Usage(), entries=[again, again])
     assert await store.journal(task.id) == [plan, first]
@@ -495,7 +501,7 @@ async def test_concurrent_recorders_get_gapless_unique_seqs(open_new: StoreFacto
                 continue
             entry = JournalRow(kind="llm", ordinal=i * per_writer + n, step=n, attempt=1)
             event = await stores[i].record(
-                task.id, "w1", "llm", {"writer": i, "n": n}, steps=n, usage=Usage(), entry=entry
+                task.id, "w1", "llm", {"writer": i, "n": n}, steps=n, usage=Usage(), entries=[entry]
             )
             assert event is not None
             seqs.append(event.seq)
@@ -724,7 +730,7 @@ async def test_migration_3_numbers_old_logs_from_their_max_seq_and_adds_the_jour
         entry = JournalRow(kind="llm", ordinal=0, step=1, attempt=1)
         async with again._tx() as conn:  # a version-2 task has no lease: give it one
             await conn.execute(text("UPDATE tasks SET lease_owner = 'w' WHERE id = 'old'"))
-        event = await again.record("old", "w", "llm", {}, steps=1, usage=Usage(), entry=entry)
+        event = await again.record("old", "w", "llm", {}, steps=1, usage=Usage(), entries=[entry])
         assert event is not None and event.seq == 5
         assert await again.journal("old") == [entry]
     finally:
