@@ -11,16 +11,14 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
 import anyio
-import httpx
 import pytest
 
 from agentkit import Agent, AgentEvent, ReActPlanner, RunStatus, tool
 from agentkit.llm import LLMError, LocalGGUF, Message, OpenAICompatible, ToolDefinition, default_model_path
-from tests.support.fake_openai import free_port
+from tests.support.fake_openai import free_port, wait_for_http
 from tests.support.services import unavailable
 
 pytestmark = pytest.mark.local_llm
@@ -176,16 +174,13 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"llama_cpp.server did not start: {log_path.read_text()[-2000:]}")
-            time.sleep(0.2)
+        wait_for_http(
+            proc,
+            f"http://127.0.0.1:{port}/v1/models",
+            deadline_s=120,
+            why=lambda: f"llama_cpp.server did not start: {log_path.read_text()[-2000:]}",
+            poll_s=0.2,
+        )
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         proc.terminate()

@@ -58,7 +58,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.types import ToolAnnotations
 
@@ -223,7 +222,7 @@ def run_llm(host: str, port: int, log: Path, control: Path, delay: float) -> Non
 def spawn_counting_llm(log: Path, control: Path, *, delay: float = 0.0) -> Iterator[str]:
     """Run the counting LLM server in its own process (worker kills never touch it); yields its
     base_url. The process is killed on leaving (a blocked request may never end)."""
-    from tests.support.fake_openai import free_port
+    from tests.support.fake_openai import free_port, wait_for_http
 
     port = free_port()
     args = ["--port", str(port), "--log", str(log), "--control", str(control), "--delay", str(delay)]
@@ -238,16 +237,12 @@ def spawn_counting_llm(log: Path, control: Path, *, delay: float = 0.0) -> Itera
     )
     stderr.close()
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the counting LLM server did not start; see {stderr.name}")
-            time.sleep(0.05)
+        wait_for_http(
+            proc,
+            f"http://127.0.0.1:{port}/health",
+            deadline_s=30,
+            why=lambda: f"the counting LLM server did not start; see {stderr.name}",
+        )
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         proc.kill()

@@ -85,7 +85,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -388,6 +388,28 @@ class FakeOpenAIServer:
             self._thread.join(timeout=10)
 
 
+def wait_for_http(
+    proc: subprocess.Popen[bytes],
+    url: str,
+    *,
+    deadline_s: float,
+    why: Callable[[], str],
+    poll_s: float = 0.05,
+) -> None:
+    """Poll ``url`` until it answers 200; ``RuntimeError(why())`` if ``proc`` exits first or the
+    deadline passes (it only turns a hang into a failure: nothing is timed)."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(why())
+        time.sleep(poll_s)
+
+
 @contextmanager
 def spawn_fake_openai(*args: str, port: int | None = None) -> Iterator[str]:
     """Run ``python -m tests.support.fake_openai`` as a subprocess; yields its base_url."""
@@ -398,18 +420,13 @@ def spawn_fake_openai(*args: str, port: int | None = None) -> Iterator[str]:
         stderr=subprocess.PIPE,
     )
     base_url = f"http://127.0.0.1:{port}/v1"
+
+    def why() -> str:
+        err = proc.stderr.read().decode() if proc.stderr and proc.poll() is not None else ""
+        return f"the fake OpenAI server process did not start: {err}"
+
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                err = proc.stderr.read().decode() if proc.stderr and proc.poll() is not None else ""
-                raise RuntimeError(f"the fake OpenAI server process did not start: {err}")
-            time.sleep(0.05)
+        wait_for_http(proc, f"http://127.0.0.1:{port}/health", deadline_s=20, why=why)
         yield base_url
     finally:
         proc.terminate()
