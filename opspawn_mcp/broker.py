@@ -39,7 +39,6 @@ __all__ = [
     "DramatiqEnqueuer",
     "build_rabbitmq_broker",
     "is_embedded",
-    "open_enqueuer",
     "queue_name_for",
 ]
 
@@ -152,12 +151,3 @@ class DramatiqEnqueuer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
-
-
-def open_enqueuer(config: Config) -> DramatiqEnqueuer:
-    """The RabbitMQ enqueuer for a server whose ``broker_url`` is ``amqp://``.
-
-    For ``embedded``, the enqueuer is the ``EmbeddedWorker`` itself (it must run in the same
-    process and on the same loop as the store it writes to).
-    """
-    return DramatiqEnqueuer.for_config(config)

@@ -227,13 +227,21 @@ class Config(_Strict):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    def server(self, name: str) -> ServerConfig:
-        return self.mcp_servers[name]
-
 
 def example_server_config() -> StdioServerConfig:
     """The downstream server the embedded default attaches, shipped with opspawn itself."""
     return StdioServerConfig(command=sys.executable, args=["-m", "opspawn_mcp.example_server"])
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password hidden, for messages and logs about a store or broker URL."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        creds, _, host = rest.rpartition("@")
+        if ":" in creds:
+            creds = creds.split(":", 1)[0] + ":***"
+        return f"{scheme}://{creds}@{host}"
+    return url
 
 
 def expand_env(value: str, environ: Mapping[str, str] | None = None) -> str:

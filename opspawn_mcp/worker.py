@@ -26,7 +26,7 @@ from opspawn_mcp.broker import (
     is_embedded,
     queue_name_for,
 )
-from opspawn_mcp.config import Config
+from opspawn_mcp.config import Config, redact_url
 from opspawn_mcp.recovery import recovery_interval, recovery_loop
 from opspawn_mcp.runner import TaskRunner
 
@@ -165,16 +165,6 @@ def _rabbitmq_problem(broker: Any) -> str | None:
     return None
 
 
-def _redact(url: str) -> str:
-    """The URL without its password, for messages."""
-    scheme, sep, rest = url.partition("://")
-    if sep and "@" in rest:
-        creds, _, host = rest.rpartition("@")
-        user = creds.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://{creds}@{host}"
-    return url
-
-
 def run_worker_process(config: Config, stop: threading.Event | None = None) -> int:
     """``opspawn-mcp worker``: consume tasks from RabbitMQ until SIGTERM/SIGINT (or ``stop``).
 
@@ -197,7 +187,7 @@ def run_worker_process(config: Config, stop: threading.Event | None = None) -> i
     problem = _rabbitmq_problem(broker)
     if problem is not None:
         print(
-            f"opspawn-mcp: cannot reach RabbitMQ at {_redact(config.opspawn.broker_url)} ({problem}); "
+            f"opspawn-mcp: cannot reach RabbitMQ at {redact_url(config.opspawn.broker_url)} ({problem}); "
             "check that it is running and that opspawn.broker_url is right",
             file=sys.stderr,
         )

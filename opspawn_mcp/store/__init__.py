@@ -7,7 +7,7 @@ test does not need SQLAlchemy's engine machinery.
 
 from __future__ import annotations
 
-from opspawn_mcp.config import StoreSettings
+from opspawn_mcp.config import StoreSettings, redact_url
 from opspawn_mcp.errors import InvalidInput
 from opspawn_mcp.store.base import JournalRow, TaskStore
 from opspawn_mcp.store.memory import MemoryStore
@@ -65,15 +65,4 @@ def open_store(
             pool_timeout_s=settings.pool_timeout_s,
             pool_recycle_s=settings.pool_recycle_s,
         )
-    raise InvalidInput(f"Unsupported store URL {_redact(url)!r}; use {ACCEPTED_URLS}.")
-
-
-def _redact(url: str) -> str:
-    """Hide a password in an echoed URL, so a typo'd URL does not leak it into logs."""
-    scheme, sep, rest = url.partition("://")
-    if sep and "@" in rest:
-        creds, _, host = rest.rpartition("@")
-        if ":" in creds:
-            creds = creds.split(":", 1)[0] + ":***"
-        return f"{scheme}://{creds}@{host}"
-    return url
+    raise InvalidInput(f"Unsupported store URL {redact_url(url)!r}; use {ACCEPTED_URLS}.")
