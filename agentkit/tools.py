@@ -14,9 +14,10 @@ import json
 import re
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from functools import partial
-from typing import Any, get_type_hints, overload
+from typing import Any, Literal, get_type_hints, overload
 
 import anyio.to_thread
+from griffe import Docstring, DocstringSectionKind
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from agentkit.errors import ToolDefinitionError, ToolError, ToolRegistryError
@@ -136,56 +137,24 @@ def _validation_summary(exc: ValidationError) -> str:
 
 # --- @tool -------------------------------------------------------------------------------------
 
-_ARGS_HEADER = re.compile(r"^\s*(Args|Arguments|Parameters|Params)\s*:\s*$", re.IGNORECASE)
-_SECTION_HEADER = re.compile(r"^\s*(Returns?|Raises|Yields|Examples?|Notes?)\s*:\s*$", re.IGNORECASE)
-_GOOGLE_ARG = re.compile(r"^\s*(\*{0,2}\w+)\s*(?:\([^)]*\))?\s*:\s*(.*)$")
-_SPHINX_ARG = re.compile(r"^\s*:param\s+(?:[\w\[\], |]+\s+)?(\w+)\s*:\s*(.*)$")
+_SPHINX_FIELD = re.compile(r"^\s*:param\b", re.MULTILINE)
 
 
 def parse_docstring(doc: str | None) -> tuple[str, dict[str, str]]:
-    """The summary and per-argument descriptions from a Google- or Sphinx-style docstring."""
+    """The summary and per-argument descriptions from a Google- or Sphinx-style docstring (griffe)."""
     if not doc:
         return "", {}
-    lines = inspect.cleandoc(doc).splitlines()
-    summary: list[str] = []
-    args: dict[str, str] = {}
-    in_args = False
-    current: str | None = None
-    arg_indent = 0
-    for line in lines:
-        sphinx = _SPHINX_ARG.match(line)
-        if sphinx:
-            current = sphinx.group(1)
-            args[current] = sphinx.group(2).strip()
-            in_args = False
-            continue
-        if line.strip().startswith(":"):
-            current = None
-            continue
-        if _ARGS_HEADER.match(line):
-            in_args, current = True, None
-            continue
-        if _SECTION_HEADER.match(line):
-            in_args, current = False, None
-            continue
-        if in_args:
-            indent = len(line) - len(line.lstrip())
-            match = _GOOGLE_ARG.match(line)
-            if match and (current is None or indent <= arg_indent):
-                current = match.group(1).lstrip("*")
-                arg_indent = indent
-                args[current] = match.group(2).strip()
-            elif current and line.strip():
-                args[current] = f"{args[current]} {line.strip()}".strip()
-            continue
-        if current and line.strip():  # continuation of a :param: line
-            args[current] = f"{args[current]} {line.strip()}"
-            continue
-        if not args:
-            summary.append(line)
-    text = "\n".join(summary).strip()
-    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
-    return " ".join(" ".join(paragraphs).split()) if paragraphs else "", args
+    text = inspect.cleandoc(doc)
+    style: Literal["google", "sphinx"] = "sphinx" if _SPHINX_FIELD.search(text) else "google"
+    sections = Docstring(text, lineno=1).parse(style, warnings=False)
+    summary = sections[0].value if sections and sections[0].kind is DocstringSectionKind.text else ""
+    args = {
+        param.name.lstrip("*"): " ".join(param.description.split())
+        for section in sections
+        if section.kind is DocstringSectionKind.parameters
+        for param in section.value
+    }
+    return " ".join(summary.split()), args
 
 
 def _clean_schema(schema: dict[str, Any]) -> dict[str, Any]:
