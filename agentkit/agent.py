@@ -22,7 +22,7 @@ import anyio
 import anyio.lowlevel
 from pydantic import BaseModel, ValidationError
 
-from agentkit.errors import AgentConfigError
+from agentkit.errors import AgentConfigError, validation_problems
 from agentkit.journal import (
     INTERRUPTED_MESSAGE,
     EntryKind,
@@ -533,7 +533,7 @@ class Agent:
                 status=RunStatus.COMPLETED, output=text, data=_parse_output(self.output_type, text)
             )
         except ValidationError as exc:
-            error = _errors(exc)
+            error = "; ".join(validation_problems(exc, root="answer"))
         await ctx.emit("error", {"error": f"final answer did not validate: {error}", "retrying": True})
         step = self._new_step(ctx, "output_retry")
         ctx.add(Message.user(OUTPUT_RETRY_PROMPT.format(error=error, schema=schema)))
@@ -545,7 +545,7 @@ class Agent:
                 status=RunStatus.COMPLETED, output=retry, data=_parse_output(self.output_type, retry)
             )
         except ValidationError as exc:
-            step.error = _errors(exc)
+            step.error = "; ".join(validation_problems(exc, root="answer"))
             return RunResult(
                 status=RunStatus.FAILED,
                 output=retry,
@@ -671,12 +671,6 @@ def _parse_output(output_type: type[BaseModel], text: str) -> BaseModel:
     if start != -1 and end > start:
         candidate = candidate[start : end + 1]
     return output_type.model_validate_json(candidate)
-
-
-def _errors(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or 'answer'}: {e['msg']}" for e in exc.errors(include_url=False)
-    )
 
 
 def _usage(usage: Usage) -> dict[str, int]:

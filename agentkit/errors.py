@@ -8,6 +8,8 @@ what went wrong.
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 
 class AgentKitError(Exception):
     """Base class, so a host can catch everything agentkit raises in one clause."""
@@ -31,3 +33,21 @@ class ToolDefinitionError(AgentKitError, TypeError):
 
 class AgentConfigError(AgentKitError, ValueError):
     """An ``Agent`` was built with settings that cannot work (unknown planner, bad limits)."""
+
+
+def validation_problems(
+    exc: ValidationError, *, root: str, prefix: str = "", unknown: str = "unknown field"
+) -> list[str]:
+    """Each failure of a pydantic validation as ``path: message``, the path written as in JSON.
+
+    ``root`` names the whole value when the failure has no path; ``unknown`` is the message for
+    a key the model forbids ("unknown field" in a request, "unknown key" in a config file).
+    """
+    out = []
+    for err in exc.errors(include_url=False):
+        parts: list[str] = [prefix] if prefix else []
+        for item in err["loc"]:
+            parts.append(f"[{item}]" if isinstance(item, int) else ("." if parts else "") + str(item))
+        msg = unknown if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        out.append(f"{''.join(parts) or root}: {msg}")
+    return out

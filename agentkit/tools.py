@@ -20,7 +20,7 @@ import anyio.to_thread
 from griffe import Docstring, DocstringSectionKind
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from agentkit.errors import ToolDefinitionError, ToolError, ToolRegistryError
+from agentkit.errors import ToolDefinitionError, ToolError, ToolRegistryError, validation_problems
 from agentkit.llm.base import ToolCall, ToolDefinition
 
 ToolHandler = Callable[[dict[str, Any]], Awaitable[Any]]
@@ -95,8 +95,9 @@ class Tool:
             try:
                 parsed = self.args_model.model_validate(arguments)
             except ValidationError as exc:
+                problems = "; ".join(validation_problems(exc, root="arguments"))
                 return error(
-                    f"Invalid arguments for tool {self.name}: {_validation_summary(exc)}. "
+                    f"Invalid arguments for tool {self.name}: {problems}. "
                     f"Call it again with arguments matching its schema: {json.dumps(self.parameters)}"
                 )
             values = {k: getattr(parsed, k) for k in type(parsed).model_fields}
@@ -125,14 +126,6 @@ def to_tool_result(output: Any) -> ToolResult:
     except (TypeError, ValueError):
         text = str(output)
     return ToolResult(content=text, structured=output if isinstance(output, dict) else None)
-
-
-def _validation_summary(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "arguments"
-        parts.append(f"{where}: {err['msg']}")
-    return "; ".join(parts)
 
 
 # --- @tool -------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from typing import Any, Literal
 from platformdirs import user_state_path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from agentkit.errors import validation_problems
 from opspawn_mcp.errors import ConfigError
 
 CONFIG_ENV = "OPSPAWN_CONFIG"
@@ -261,24 +262,6 @@ def find_config_path(explicit: str | None, environ: Mapping[str, str] | None = N
     return local if local.is_file() else None
 
 
-def _problems(exc: ValidationError, prefix: str) -> list[str]:
-    out = []
-    for err in exc.errors():
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        out.append(f"{_format_loc(prefix, tuple(err['loc']))}: {msg.removeprefix('Value error, ')}")
-    return out
-
-
-def _format_loc(prefix: str, loc: tuple[int | str, ...]) -> str:
-    parts: list[str] = [prefix] if prefix else []
-    for item in loc:
-        if isinstance(item, int):
-            parts.append(f"[{item}]")
-        else:
-            parts.append(("." if parts else "") + str(item))
-    return "".join(parts) or "(top level)"
-
-
 class _BadOverride(Exception):
     """An ``OPSPAWN_*`` variable for a list or object key that is not JSON."""
 
@@ -416,12 +399,12 @@ def parse_config(raw: Any, source: str = "<config>", environ: Mapping[str, str] 
         try:
             servers[name] = model.model_validate(entry)  # type: ignore[assignment]
         except ValidationError as exc:
-            problems += _problems(exc, where)
+            problems += validation_problems(exc, root="(top level)", prefix=where, unknown="unknown key")
     try:
         rest = {k: v for k, v in _env_overrides(raw, env).items() if k != "mcpServers"}
         config = Config.model_validate(rest)
     except ValidationError as exc:
-        problems += _problems(exc, "")
+        problems += validation_problems(exc, root="(top level)", unknown="unknown key")
     except _BadOverride as exc:
         problems.append(str(exc))
     if problems:

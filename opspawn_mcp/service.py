@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from agentkit.errors import validation_problems
 from opspawn_mcp.config import Config
 from opspawn_mcp.errors import (
     Conflict,
@@ -128,7 +129,8 @@ class TaskService:
         try:
             checked = TaskSpec.model_validate(raw)
         except ValidationError as exc:
-            raise InvalidInput(_describe(exc), problems=_problems(exc)) from None
+            problems = validation_problems(exc, root="(spec)")
+            raise InvalidInput("Invalid task spec: " + "; ".join(problems) + ".", problems=problems) from None
         if not checked.goal.strip():
             raise InvalidInput("The goal is blank; say what the agent must do.", field="goal")
         return checked.model_copy(
@@ -395,16 +397,3 @@ def _status(status: TaskStatus | str | None) -> TaskStatus | None:
     except ValueError:
         names = ", ".join(s.value for s in TaskStatus)
         raise InvalidInput(f"Unknown status {status!r}; use one of {names}.", field="status") from None
-
-
-def _problems(exc: ValidationError) -> builtins.list[str]:
-    out = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(spec)"
-        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-        out.append(f"{where}: {msg}")
-    return out
-
-
-def _describe(exc: ValidationError) -> str:
-    return "Invalid task spec: " + "; ".join(_problems(exc)) + "."
