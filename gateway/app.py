@@ -52,7 +52,7 @@ def _int_or_raw(value: str | None) -> int | str | None:
     return int(text) if text.isascii() and text.lstrip("-").isdigit() and len(text) < 20 else value
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it is known to exceed ``limit``:
     from ``Content-Length`` before reading anything, or while streaming a chunked body."""
     too_large = PayloadTooLarge(f"The request body is larger than {limit} bytes.", limit=limit)
@@ -78,30 +78,32 @@ SSE_KEEPALIVE = ": keepalive\n\n"
 _SSE_BUFFER = 64
 
 
-async def _sse_stream(events: AsyncGenerator[TaskEvent, None], heartbeat_s: float) -> AsyncIterator[str]:
-    """Frame the service's watch stream as SSE, with a comment line after ``heartbeat_s`` of quiet.
+async def sse_stream(frames: AsyncGenerator[str, None], heartbeat_s: float) -> AsyncIterator[str]:
+    """Send ``frames`` (ready SSE text) with a comment line after ``heartbeat_s`` of quiet.
 
-    A failure after the 200 went out can no longer change the status, so it is sent as a final
-    ``problem`` event carrying the same problem JSON. The watch runs in its own task feeding a
-    small queue, so waiting for the next frame can time out without cancelling the watch itself.
+    A failure after the 200 went out can no longer change the status, so an ``OpspawnError``
+    raised by ``frames`` is sent as a final ``problem`` event carrying the same problem JSON.
+    The frames run in their own task feeding a small queue, so waiting for the next frame can
+    time out without cancelling the watch behind them. The dashboard streams its own frames
+    through here too.
     """
-    frames: asyncio.Queue[str | None] = asyncio.Queue(_SSE_BUFFER)
+    queue: asyncio.Queue[str | None] = asyncio.Queue(_SSE_BUFFER)
 
     async def pump() -> None:
         try:
-            async for event in events:
-                await frames.put(_sse(event))
+            async for frame in frames:
+                await queue.put(frame)
         except OpspawnError as exc:
-            await frames.put(f"event: problem\ndata: {json.dumps(error_document(exc))}\n\n")
+            await queue.put(f"event: problem\ndata: {json.dumps(error_document(exc))}\n\n")
         finally:
-            await events.aclose()
-            await frames.put(None)  # also after an unexpected error, which ``await producer`` raises
+            await frames.aclose()
+            await queue.put(None)  # also after an unexpected error, which ``await producer`` raises
 
     producer = asyncio.create_task(pump())
     try:
         while True:
             try:
-                frame = await asyncio.wait_for(frames.get(), heartbeat_s)
+                frame = await asyncio.wait_for(queue.get(), heartbeat_s)
             except TimeoutError:
                 yield SSE_KEEPALIVE
                 continue
@@ -116,6 +118,14 @@ async def _sse_stream(events: AsyncGenerator[TaskEvent, None], heartbeat_s: floa
                 await producer
 
 
+async def _event_frames(events: AsyncGenerator[TaskEvent, None]) -> AsyncGenerator[str, None]:
+    try:
+        async for event in events:
+            yield _sse(event)
+    finally:
+        await events.aclose()
+
+
 class _Routes:
     """The handlers, bound to one service."""
 
@@ -128,7 +138,7 @@ class _Routes:
         self.sse_heartbeat_s = sse_heartbeat_s
 
     async def submit(self, request: Request) -> Response:
-        body = await _read_body(request, self.max_body_bytes)
+        body = await read_body(request, self.max_body_bytes)
         try:
             spec = json.loads(body)
         except (ValueError, RecursionError):
@@ -164,7 +174,7 @@ class _Routes:
         # the watch generator itself would only raise once the stream had started.
         await self.service.events(task_id, after, 1, by=by)  # type: ignore[arg-type]
         stream = self.service.watch(task_id, after, by=by)  # type: ignore[arg-type]
-        frames = _sse_stream(stream, self.sse_heartbeat_s)
+        frames = sse_stream(_event_frames(stream), self.sse_heartbeat_s)
         return StreamingResponse(frames, media_type="text/event-stream", headers=SSE_HEADERS)
 
     async def servers(self, request: Request) -> Response:

@@ -43,6 +43,7 @@ from opspawn_mcp.server import MCP_PATH, SSE_PATH, build_http_app, build_server
 from opspawn_mcp.service import TaskService
 from opspawn_mcp.store import open_store
 from opspawn_mcp.store.base import TaskStore
+from opspawn_mcp.ui import dashboard_routes
 
 log = logging.getLogger("opspawn_mcp.app")
 
@@ -164,8 +165,9 @@ class Runtime:
         principals: Principals | None = None,
         extra_routes: Sequence[BaseRoute] = (),
     ) -> Starlette:
-        """The one HTTP app ``serve_http`` serves: MCP (/mcp, /sse), ``extra_routes`` and the REST
-        gateway, all behind one ``HttpGuard`` for ``host:port`` (pass the real port, not 0).
+        """The one HTTP app ``serve_http`` serves: MCP (/mcp, /sse), ``extra_routes``, the REST
+        gateway and the dashboard (/ui), all behind one ``HttpGuard`` for ``host:port`` (pass the
+        real port, not 0).
 
         ``principals`` defaults to the config's; the guard and the OpenAPI document's security
         come from the same object, so the document says exactly what the guard demands.
@@ -180,7 +182,8 @@ class Runtime:
             allowed_origins=settings.allowed_origins,
         )
         rest = gateway_routes(self.service, auth_required=principals.auth_required)
-        return build_http_app(self.mcp, guard, extra_routes=[*extra_routes, *rest])
+        ui = dashboard_routes(self.service, principals)
+        return build_http_app(self.mcp, guard, extra_routes=[*extra_routes, *rest, *ui])
 
     async def serve_http(
         self,
@@ -224,7 +227,8 @@ class Runtime:
                     )
                     print(f"opspawn: serving gRPC at {grpc_door.target}", file=sys.stderr, flush=True)
                 print(
-                    f"opspawn: serving MCP at {base}{MCP_PATH} (SSE at {base}{SSE_PATH}), REST at {base}/v1",
+                    f"opspawn: serving MCP at {base}{MCP_PATH} (SSE at {base}{SSE_PATH}), REST at {base}/v1, "
+                    f"the dashboard at {base}/ui",
                     file=sys.stderr,
                     flush=True,
                 )

@@ -7,9 +7,14 @@
    reach a server on loopback.
 2. **CORS**, only when ``opspawn.server.allowed_origins`` is set: Starlette's ``CORSMiddleware``
    for exactly those origins, so their preflights are answered before any token is asked for.
-3. **Origin**, when sent, must be this server's own or an allowed one, else ``403``.
+3. **Origin**, when sent, must be this server's own or an allowed one, else ``403``. A dashboard
+   action (a POST under ``/ui``) must send this server's own Origin: its cookie acts for no
+   other page (no CSRF).
 4. **Auth**: ``Principals.authenticate`` names the caller, else ``401``; the ``Principal`` goes
    into ``scope[PRINCIPAL_SCOPE_KEY]`` for the MCP tools and REST handlers. The probes skip it.
+   Under ``/ui`` only, the token may come from the dashboard's HttpOnly cookie (a browser sends
+   no bearer header when it navigates); a dashboard page without one redirects to the sign-in
+   page, which, with the dashboard's script and styles, is open.
 5. **Content type**: a body must be ``application/json``, else ``415``; so no form or text body
    (what a page may send cross-origin without a preflight) reaches a handler.
 
@@ -22,11 +27,13 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from urllib.parse import urlencode
 
 from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.responses import Response
+from starlette.requests import cookie_parser
+from starlette.responses import RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocketClose
 
@@ -42,6 +49,13 @@ from opspawn_mcp.principals import PRINCIPAL_SCOPE_KEY, Principals
 
 PROBE_PATHS = frozenset({"/healthz", "/readyz"})
 """Open without a token: orchestrators probe without credentials, and the answers name no task."""
+DASHBOARD_PATH = "/ui"
+DASHBOARD_SIGN_IN = "/ui/login"
+DASHBOARD_STATIC = "/ui/static/"
+"""The sign-in page and the dashboard's script and styles are open: they hold no task data."""
+DASHBOARD_COOKIE = "opspawn_token"
+"""The dashboard's HttpOnly cookie holding the token; the guard reads it under ``/ui`` only."""
+SAFE_METHODS = frozenset({"GET", "HEAD"})
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 WILDCARD_BINDS = frozenset({"0.0.0.0", "::", ""})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -139,11 +153,12 @@ class HttpGuard:
         return bool(value) and port is not None and port.isdigit() and f"{name}:*" in self.hosts
 
     def origin_ok(self, origin: str) -> bool:
-        """An allowed origin, or this server's own: http(s) on a Host value it answers to."""
-        value = origin.strip().lower()
-        scheme, sep, authority = value.partition("://")
-        if value in self.allowed_origins:
-            return True
+        """An allowed origin, or this server's own."""
+        return origin.strip().lower() in self.allowed_origins or self.own_origin(origin)
+
+    def own_origin(self, origin: str) -> bool:
+        """This server's own origin: http(s) on a Host value it answers to."""
+        scheme, sep, authority = origin.strip().lower().partition("://")
         return bool(sep) and scheme in ("http", "https") and "/" not in authority and self.host_ok(authority)
 
     # -- the checks: None lets the request through ------------------------------------------
@@ -162,6 +177,18 @@ class HttpGuard:
 
     def check_origin(self, scope: Scope, headers: Headers) -> Response | None:
         origin = headers.get("origin")
+        if is_dashboard(scope["path"]) and scope["type"] == "http" and scope["method"] not in SAFE_METHODS:
+            if origin is not None and self.own_origin(origin):
+                return None
+            sent = "no Origin header" if origin is None else f"the origin {origin!r}"
+            return error_response(
+                Forbidden(
+                    f"A dashboard action must come from the dashboard's own page, and this request "
+                    f"carries {sent}. Use the dashboard at {DASHBOARD_PATH}; scripts use the REST "
+                    "API under /v1 with a bearer token.",
+                    origin=origin,
+                )
+            )
         if origin is None or self.origin_ok(origin):
             return None
         return error_response(
@@ -173,14 +200,34 @@ class HttpGuard:
         )
 
     def authenticate(self, scope: Scope, headers: Headers) -> Response | None:
-        if scope["path"] in PROBE_PATHS:
+        path: str = scope["path"]
+        if path in PROBE_PATHS or path == DASHBOARD_SIGN_IN or path.startswith(DASHBOARD_STATIC):
             return None
-        principal = self.principals.authenticate(headers.get("authorization"))
+        dashboard = is_dashboard(path)
+        authorization = headers.get("authorization")
+        if authorization is None and dashboard:
+            token = cookie_parser(headers.get("cookie", "")).get(DASHBOARD_COOKIE)
+            authorization = f"Bearer {token}" if token else None
+        principal = self.principals.authenticate(authorization)
         if principal is None:
-            error = Unauthenticated("Send your token as 'Authorization: Bearer <token>'.")
+            if dashboard and scope.get("method") in SAFE_METHODS:
+                return RedirectResponse(sign_in_url(scope), status_code=303)
+            hint = f"Sign in at {DASHBOARD_SIGN_IN}." if dashboard else ""
+            error = Unauthenticated(f"Send your token as 'Authorization: Bearer <token>'. {hint}".strip())
             return error_response(error, headers={"WWW-Authenticate": WWW_AUTHENTICATE})
         scope[PRINCIPAL_SCOPE_KEY] = principal
         return None
+
+
+def is_dashboard(path: str) -> bool:
+    return path == DASHBOARD_PATH or path.startswith(DASHBOARD_PATH + "/")
+
+
+def sign_in_url(scope: Scope) -> str:
+    """The sign-in page, told to come back to the page asked for."""
+    query = scope.get("query_string", b"").decode("latin-1")
+    back = scope["path"] + (f"?{query}" if query else "")
+    return f"{DASHBOARD_SIGN_IN}?{urlencode({'next': back})}"
 
 
 def check_json_body(scope: Scope, headers: Headers) -> Response | None:

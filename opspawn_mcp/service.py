@@ -231,11 +231,14 @@ class TaskService:
         limit: int = 50,
         cursor: str | None = None,
         *,
+        goal_contains: str | None = None,
         by: Principal,
     ) -> TaskPage:
         """Newest first, the caller's own tasks (an admin's: all). ``cursor`` is the previous
-        page's ``next_cursor``."""
+        page's ``next_cursor``; ``goal_contains`` keeps the tasks whose goal contains that text
+        (case-insensitive)."""
         wanted = _status(status)
+        text = _search_text(goal_contains)
         if cursor is not None and not isinstance(cursor, str):
             raise InvalidInput("cursor must be the next_cursor string of a previous page.", field="cursor")
         if isinstance(cursor, str) and "\x00" in cursor:
@@ -243,7 +246,7 @@ class TaskService:
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= LIST_PAGE_MAX:
             raise InvalidInput(f"limit must be an integer from 1 to {LIST_PAGE_MAX}.", field="limit")
         owner = None if by.admin else by.name
-        return await self._store.list(wanted, limit, cursor or None, principal=owner)
+        return await self._store.list(wanted, limit, cursor or None, principal=owner, goal_contains=text)
 
     async def cancel(self, task_id: str, *, by: Principal) -> Task:
         """Cancel a queued or running task; cancelling a cancelled task is a no-op.
@@ -387,6 +390,20 @@ SEQ_MAX = 2**31 - 1
 def _check_seq(after_seq: int) -> None:
     if isinstance(after_seq, bool) or not isinstance(after_seq, int) or not 0 <= after_seq <= SEQ_MAX:
         raise InvalidInput(f"after_seq must be an integer from 0 to {SEQ_MAX}.", field="after_seq")
+
+
+SEARCH_MAX_CHARS = 200
+
+
+def _search_text(text: str | None) -> str | None:
+    if text is None:
+        return None
+    if not isinstance(text, str) or "\x00" in text or len(text) > SEARCH_MAX_CHARS:
+        raise InvalidInput(
+            f"The search text must be at most {SEARCH_MAX_CHARS} characters, without NUL.",
+            field="goal_contains",
+        )
+    return text.strip() or None
 
 
 def _status(status: TaskStatus | str | None) -> TaskStatus | None:

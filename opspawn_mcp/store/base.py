@@ -62,9 +62,11 @@ class TaskStore(Protocol):
         cursor: str | None = None,
         *,
         principal: str | None = None,
+        goal_contains: str | None = None,
     ) -> TaskPage:
         """Newest first; ``cursor`` is the opaque ``next_cursor`` of the previous page;
-        ``principal`` keeps only that principal's tasks (None: everyone's)."""
+        ``principal`` keeps only that principal's tasks (None: everyone's), ``goal_contains``
+        only tasks whose goal contains that text, ignoring case (``%`` and ``_`` are literal)."""
 
     async def mark_enqueued(self, task_id: str) -> None:
         """The broker confirmed the message of this queued task (the outbox's "sent" mark)."""

@@ -89,14 +89,18 @@ class MemoryStore:
         cursor: str | None = None,
         *,
         principal: str | None = None,
+        goal_contains: str | None = None,
     ) -> TaskPage:
         check_limit(limit)
         after = decode_cursor(cursor) if cursor else None
+        text = (goal_contains or "").lower()
         async with self._lock:
             rows = [
                 t
                 for t in self._tasks.values()
-                if (status is None or t.status == status) and (principal is None or t.principal == principal)
+                if (status is None or t.status == status)
+                and (principal is None or t.principal == principal)
+                and text in t.spec.goal.lower()
             ]
         rows.sort(key=lambda t: (t.created_at, t.id), reverse=True)
         if after is not None:

@@ -793,6 +793,7 @@ class SqlStore:
         cursor: str | None = None,
         *,
         principal: str | None = None,
+        goal_contains: str | None = None,
     ) -> TaskPage:
         check_limit(limit)
         query = select(tasks).order_by(tasks.c.created_at.desc(), tasks.c.id.desc()).limit(limit + 1)
@@ -800,6 +801,8 @@ class SqlStore:
             query = query.where(tasks.c.status == TaskStatus(status).value)
         if principal is not None:
             query = query.where(tasks.c.principal == principal)
+        if goal_contains:
+            query = query.where(tasks.c.spec["goal"].as_string().icontains(goal_contains, autoescape=True))
         if cursor:
             created_at, last_id = decode_cursor(cursor)
             query = query.where(

@@ -142,6 +142,23 @@ async def test_list_ties_on_created_at_are_broken_by_id(store: TaskStore) -> Non
     assert seen == sorted(ids, reverse=True)
 
 
+async def test_list_finds_goals_containing_a_text_ignoring_case_with_wildcards_literal(
+    store: TaskStore,
+) -> None:
+    goals = ["Echo HELLO", "say hello world", "100% sure", "100 percent", "snake_case", "snakeXcase"]
+    ids = {goal: (await store.create(_task(goal=goal))).id for goal in goals}
+
+    async def found(text: str) -> set[str]:
+        return {t.id for t in (await store.list(goal_contains=text, limit=50)).items}
+
+    assert await found("hello") == {ids["Echo HELLO"], ids["say hello world"]}
+    assert await found("100%") == {ids["100% sure"]}
+    assert await found("e_c") == {ids["snake_case"]}
+    assert await found("nowhere") == set()
+    queued_only = await store.list(TaskStatus.RUNNING, goal_contains="hello")
+    assert queued_only.items == []
+
+
 async def test_list_rejects_a_forged_cursor(store: TaskStore) -> None:
     with pytest.raises(InvalidInput):
         await store.list(cursor="not-a-cursor!")

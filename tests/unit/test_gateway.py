@@ -75,12 +75,13 @@ def assert_problem(response: httpx.Response, status: int, kind: str) -> dict[str
 
 
 def parse_sse(text: str) -> list[dict[str, str]]:
+    """Each SSE message's fields; several ``data`` lines joined with newlines, as EventSource does."""
     events = []
     for block in text.strip().split("\n\n"):
         fields: dict[str, str] = {}
         for line in block.splitlines():
             key, _, value = line.partition(": ")
-            fields[key] = value
+            fields[key] = f"{fields[key]}\n{value}" if key == "data" and key in fields else value
         events.append(fields)
     return events
 

@@ -154,6 +154,23 @@ async def test_list_filters_by_status_and_pages(service: TaskService) -> None:
     assert [t.id for t in cancelled.items] == [ids[0]]
 
 
+async def test_list_searches_goals_of_the_callers_own_tasks(service: TaskService) -> None:
+    alice, bob = Principal("alice"), Principal("bob")
+    mine = await service.submit({"goal": "Deploy the web app"}, by=alice)
+    await service.submit({"goal": "deploy the database"}, by=bob)
+    await service.submit({"goal": "write the report"}, by=alice)
+    page = await service.list(goal_contains="  DEPLOY ", by=alice)
+    assert [t.id for t in page.items] == [mine.id]
+    assert len((await service.list(goal_contains="deploy", by=LOCAL)).items) == 2
+    assert len((await service.list(goal_contains="", by=alice)).items) == 2  # blank: no filter
+
+
+@pytest.mark.parametrize("text", ["x" * 201, "a\x00b"])
+async def test_list_refuses_a_search_text_too_long_or_with_nul(service: TaskService, text: str) -> None:
+    with pytest.raises(InvalidInput, match="search text"):
+        await service.list(goal_contains=text, by=LOCAL)
+
+
 @pytest.mark.parametrize(("status", "limit"), [("done", 10), (None, 0), (None, 10_000)])
 async def test_list_rejects_bad_arguments(service: TaskService, status: str | None, limit: int) -> None:
     with pytest.raises(InvalidInput):
