@@ -5,10 +5,12 @@ local GGUF model, no queue or server needed.
 """
 
 from agentkit.agent import Agent
+from agentkit.approval import Approval, PendingApproval, denial_message
 from agentkit.errors import AgentConfigError, AgentKitError, ToolDefinitionError, ToolError, ToolRegistryError
 from agentkit.journal import (
     IDEMPOTENCY_META_KEY,
     INTERRUPTED_MESSAGE,
+    ApprovalPolicy,
     Journal,
     JournalEntry,
     JournalError,
@@ -39,6 +41,8 @@ __all__ = [
     "AgentConfigError",
     "AgentEvent",
     "AgentKitError",
+    "Approval",
+    "ApprovalPolicy",
     "BufferMemory",
     "Journal",
     "JournalEntry",
@@ -49,6 +53,7 @@ __all__ = [
     "Memory",
     "MemoryJournal",
     "Message",
+    "PendingApproval",
     "PlanAndExecutePlanner",
     "Planner",
     "ProgressCallback",
@@ -69,6 +74,7 @@ __all__ = [
     "ToolResult",
     "Usage",
     "current_call_key",
+    "denial_message",
     "expand_server_tools",
     "get_planner",
     "idempotent_from_annotations",

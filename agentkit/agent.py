@@ -22,15 +22,17 @@ import anyio
 import anyio.lowlevel
 from pydantic import BaseModel, ValidationError
 
+from agentkit.approval import Approval, PendingApproval, denial_message
 from agentkit.errors import AgentConfigError, validation_problems
 from agentkit.journal import (
     INTERRUPTED_MESSAGE,
+    ApprovalPolicy,
     EntryKind,
     Journal,
     JournalEntry,
     JournalError,
     RerunPolicy,
-    decide_rerun,
+    decide,
     rerun_if_idempotent,
     reset_current_call_key,
     set_current_call_key,
@@ -80,6 +82,14 @@ class _OverBudget(Exception):
         self.replayed = replayed
 
 
+class _Paused(Exception):
+    """A call needs approval and the journal holds no answer: ``run`` ends ``input_required``."""
+
+    def __init__(self, pending: PendingApproval) -> None:
+        super().__init__(f"tool call {pending.ordinal} ({pending.call.name}) needs approval")
+        self.pending = pending
+
+
 class _RunJournal:
     """One run's view of its journal: the facts it replays and the ordinals of the next ones.
 
@@ -111,6 +121,9 @@ class _RunJournal:
     def replaying(self) -> bool:
         """Whether recorded facts remain ahead: the run has not yet passed where the last run got."""
         return bool(self._unconsumed)
+
+    def has(self, kind: EntryKind, ordinal: int) -> bool:
+        return (kind, ordinal) in self._entries
 
     def take(self, kind: EntryKind, ordinal: int) -> JournalEntry | None:
         entry = self._entries.get((kind, ordinal))
@@ -229,6 +242,9 @@ class Agent:
     them (``agentkit.journal``); ``rerun_interrupted(call, tool)`` decides whether a call that was
     in flight when an earlier run died runs again (default ``rerun_if_idempotent``: only tools
     known to be idempotent; it may be a plain or an async function).
+    ``require_approval(call, tool)`` (same shape) names the calls a person must approve first:
+    the run then ends ``input_required`` before running its step's calls, and a run on the
+    journal with the answer added goes on (``agentkit.approval``).
     """
 
     def __init__(
@@ -249,6 +265,7 @@ class Agent:
         max_tool_calls: int | None = None,
         max_total_tokens: int | None = None,
         rerun_interrupted: RerunPolicy | None = None,
+        require_approval: ApprovalPolicy | None = None,
     ) -> None:
         if max_steps < 1:
             raise AgentConfigError("max_steps must be at least 1.")
@@ -278,6 +295,7 @@ class Agent:
         self.rerun_interrupted: RerunPolicy = (
             rerun_interrupted if rerun_interrupted is not None else rerun_if_idempotent
         )
+        self.require_approval = require_approval
         self._scopes: set[anyio.CancelScope] = set()
         self._cancel_pending = False
         self._cancelled_scopes: set[anyio.CancelScope] = set()
@@ -354,6 +372,8 @@ class Agent:
                     result = await self._loop(ctx, run)
                 except JournalError as exc:
                     journal_error = exc
+                except _Paused as paused:
+                    result = RunResult(status=RunStatus.INPUT_REQUIRED, pending=paused.pending)
                 except (LLMError, _OverBudget) as exc:
                     result = RunResult(status=RunStatus.FAILED, error=str(exc))
                 except Exception as exc:  # a bug in a planner, memory or callback: still data
@@ -397,7 +417,7 @@ class Agent:
                     "warnings": list(result.warnings),
                 },
             )
-        else:
+        elif result.status is not RunStatus.INPUT_REQUIRED:  # a pause is not an end: no event
             await self._emit(
                 "error",
                 ctx.step,
@@ -558,6 +578,7 @@ class Agent:
     async def _run_tools(self, ctx: RunContext, run: _Run, calls: Sequence[ToolCall]) -> list[ToolResult]:
         results: list[ToolResult | None] = [None] * len(calls)
         first = run.journal.tool_calls + 1  # ordinals in the model's order, however the calls interleave
+        await self._check_approvals(ctx, run, calls, first)
         run.journal.tool_calls += len(calls)
 
         async def run_one(index: int, call: ToolCall) -> None:
@@ -575,17 +596,37 @@ class Agent:
                 await run_one(i, c)
         return [r for r in results if r is not None]
 
+    async def _needs_approval(self, call: ToolCall) -> bool:
+        if self.require_approval is None:
+            return False
+        return await decide(self.require_approval, call, self.tools.get(call.name))
+
+    async def _check_approvals(
+        self, ctx: RunContext, run: _Run, calls: Sequence[ToolCall], first: int
+    ) -> None:
+        """Pause before a step's calls if one needs approval and has no answer yet, so no call of
+        the step runs (concurrently or not) before every one of them may. A call the journal
+        shows started or finished is past its approval."""
+        journal = run.journal
+        for ordinal, call in enumerate(calls, start=first):
+            if any(journal.has(k, ordinal) for k in ("approval", "tool_started", "tool_finished")):
+                continue
+            if await self._needs_approval(call):
+                raise _Paused(PendingApproval(ordinal=ordinal, step=ctx.step, call=call))
+
     async def _run_tool(self, ctx: RunContext, run: _Run, call: ToolCall, ordinal: int) -> ToolResult:
         """The one place a tool call happens: replayed if journaled, else journaled around its run.
 
         Fresh: append ``tool_started``, emit ``tool_call``, run, append ``tool_finished``, emit
         ``tool_result``. Finished earlier: the recorded result, no event. Started but not finished
         (the earlier run died during it): re-run if ``rerun_interrupted`` says so, else the
-        interrupted observation, journaled so a second restart does not ask again.
+        interrupted observation, journaled so a second restart does not ask again. Denied by a
+        person (an ``approval`` entry that says no): the denial observation, journaled the same way.
         """
         journal, step = run.journal, ctx.step
         started = journal.take("tool_started", ordinal)
         finished = journal.take("tool_finished", ordinal)
+        answered = journal.take("approval", ordinal)
         if started is not None or finished is not None:
             was: ToolCall | None = _recorded(started, started.call) if started is not None else None
             done: ToolResult | None = _recorded(finished, finished.result) if finished is not None else None
@@ -600,15 +641,26 @@ class Agent:
             if done is not None:
                 return done
         if started is None:
+            answer: Approval | None = _recorded(answered, answered.answer) if answered is not None else None
+            if answer is not None and not answer.approved:
+                denied = ToolResult(
+                    call_id=call.id, name=call.name, is_error=True, content=denial_message(answer)
+                )
+                return await self._record_outcome(ctx, run, ordinal, denied)
             await journal.append(JournalEntry.tool_started(ordinal, step, call))
             await ctx.emit("tool_call", {"id": call.id, "name": call.name, "arguments": call.arguments})
-        elif not await decide_rerun(self.rerun_interrupted, call, self.tools.get(call.name)):
-            result = ToolResult(call_id=call.id, name=call.name, is_error=True, content=INTERRUPTED_MESSAGE)
-            await journal.append(JournalEntry.tool_finished(ordinal, step, result))
-            await ctx.emit("tool_result", result.model_dump(mode="json"))
-            return result
+        elif not await decide(self.rerun_interrupted, call, self.tools.get(call.name)):
+            interrupted = ToolResult(
+                call_id=call.id, name=call.name, is_error=True, content=INTERRUPTED_MESSAGE
+            )
+            return await self._record_outcome(ctx, run, ordinal, interrupted)
         result = await self._call_tool(ctx, call, journal.call_key(step, ordinal))
-        await journal.append(JournalEntry.tool_finished(ordinal, step, result))
+        return await self._record_outcome(ctx, run, ordinal, result)
+
+    async def _record_outcome(
+        self, ctx: RunContext, run: _Run, ordinal: int, result: ToolResult
+    ) -> ToolResult:
+        await run.journal.append(JournalEntry.tool_finished(ordinal, ctx.step, result))
         await ctx.emit("tool_result", result.model_dump(mode="json"))
         return result
 

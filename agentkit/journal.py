@@ -23,6 +23,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field
 
+from agentkit.approval import Approval
 from agentkit.errors import AgentKitError
 from agentkit.llm.base import LLMResponse, ToolCall
 from agentkit.tools import Tool, ToolResult
@@ -36,17 +37,18 @@ INTERRUPTED_MESSAGE = (
 )
 """The error observation of an interrupted call that is not re-run."""
 
-EntryKind = Literal["llm", "tool_started", "tool_finished"]
+EntryKind = Literal["llm", "tool_started", "tool_finished", "approval"]
 
 
 class JournalEntry(BaseModel):
     """One fact of a run.
 
     ``ordinal`` counts per family and is 1-based: the nth model call of the run for ``"llm"``
-    (planner and memory calls included), the nth tool call for ``"tool_started"`` and
-    ``"tool_finished"``. ``step`` is the agent step the fact belongs to (0 before the first step,
+    (planner and memory calls included), the nth tool call for ``"tool_started"``,
+    ``"tool_finished"`` and ``"approval"`` (a person's answer to that call, written by the host). ``step`` is the agent step the fact belongs to (0 before the first step,
     e.g. a plan). ``data`` is JSON: the whole ``LLMResponse`` for ``"llm"``, the ``ToolCall`` for
-    ``"tool_started"`` and the whole ``ToolResult`` for ``"tool_finished"``. ``(kind, ordinal)`` is
+    ``"tool_started"``, the whole ``ToolResult`` for ``"tool_finished"`` and the ``Approval`` for
+    ``"approval"``. ``(kind, ordinal)`` is
     unique within a run; a store can key rows by it.
     """
 
@@ -72,6 +74,11 @@ class JournalEntry(BaseModel):
     def tool_finished(cls, ordinal: int, step: int, result: ToolResult) -> JournalEntry:
         return cls(kind="tool_finished", ordinal=ordinal, step=step, data=result.model_dump(mode="json"))
 
+    @classmethod
+    def approval(cls, ordinal: int, step: int, answer: Approval) -> JournalEntry:
+        """A person's answer to the run's ``ordinal``th tool call (``RunResult.pending``)."""
+        return cls(kind="approval", ordinal=ordinal, step=step, data=answer.model_dump(mode="json"))
+
     def response(self) -> LLMResponse:
         """The recorded model response of an ``"llm"`` entry."""
         return LLMResponse.model_validate(self.data)
@@ -83,6 +90,10 @@ class JournalEntry(BaseModel):
     def result(self) -> ToolResult:
         """The recorded outcome of a ``"tool_finished"`` entry."""
         return ToolResult.model_validate(self.data)
+
+    def answer(self) -> Approval:
+        """The recorded answer of an ``"approval"`` entry."""
+        return Approval.model_validate(self.data)
 
 
 @runtime_checkable
@@ -122,8 +133,14 @@ class JournalError(AgentKitError):
     """
 
 
-RerunPolicy = Callable[[ToolCall, Tool | None], "bool | Awaitable[bool]"]
+CallPolicy = Callable[[ToolCall, Tool | None], "bool | Awaitable[bool]"]
+"""A yes/no question about one tool call, as a plain or an async function."""
+
+RerunPolicy = CallPolicy
 """Decides whether a call started but not finished by an earlier run is run again."""
+
+ApprovalPolicy = CallPolicy
+"""Decides whether a call needs a person's approval before it runs (``agentkit.approval``)."""
 
 
 async def rerun_if_idempotent(call: ToolCall, tool: Tool | None) -> bool:
@@ -137,7 +154,7 @@ async def rerun_if_idempotent(call: ToolCall, tool: Tool | None) -> bool:
     return await tool.idempotent_for(call) is True
 
 
-async def decide_rerun(policy: RerunPolicy, call: ToolCall, tool: Tool | None) -> bool:
+async def decide(policy: CallPolicy, call: ToolCall, tool: Tool | None) -> bool:
     """Apply a policy that may be a plain function or a coroutine function."""
     decision = policy(call, tool)
     if inspect.isawaitable(decision):

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny
 
+from agentkit.approval import PendingApproval
 from agentkit.llm.base import Message, ToolCall, Usage
 from agentkit.tools import ToolResult
 
@@ -20,6 +21,8 @@ class RunStatus(StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     TIMED_OUT = "timed_out"
+    INPUT_REQUIRED = "input_required"
+    """Paused before a tool call that needs approval (``RunResult.pending``); not an end."""
 
 
 class Step(BaseModel):
@@ -54,6 +57,8 @@ class RunResult(BaseModel):
     """The full transcript, system prompt and goal included."""
     warnings: list[str] = Field(default_factory=list)
     """What a ``completed`` run's answer should be read with, e.g. that every tool call failed."""
+    pending: PendingApproval | None = None
+    """The call an ``input_required`` run waits on (see ``agentkit.approval``)."""
 
     @property
     def ok(self) -> bool:

@@ -174,19 +174,42 @@ async def build_tools(caller: Any, servers: list[str], *, proxy: bool = True) ->
     return registry
 
 
+def call_target(call: agentkit.ToolCall) -> tuple[str, str, dict[str, Any]] | None:
+    """The downstream server, tool and arguments a call reaches: a flat tool is ``server__tool``,
+    the proxy names them in its arguments. None when the call names no downstream tool."""
+    if call.name == PROXY_TOOL_NAME:
+        server, name = call.arguments.get("server"), call.arguments.get("tool")
+        arguments = call.arguments.get("arguments")
+    else:
+        server, _, name = call.name.partition(FLAT_SEPARATOR)
+        arguments = call.arguments
+    if not isinstance(server, str) or not isinstance(name, str) or not server or not name:
+        return None
+    return server, name, dict(arguments) if isinstance(arguments, dict) else {}
+
+
 def rerun_policy(caller: Any) -> agentkit.RerunPolicy:
     """Whether a downstream call that was in flight when a worker died runs again: only if its
-    server's ``retry`` setting and the tool's MCP annotations allow it (``may_rerun``); a flat
-    tool is ``server__tool``, the proxy names them in its arguments."""
+    server's ``retry`` setting and the tool's MCP annotations allow it (``may_rerun``)."""
 
     def decide(call: agentkit.ToolCall, tool: agentkit.Tool | None) -> bool:
-        if call.name == PROXY_TOOL_NAME:
-            server, name = call.arguments.get("server"), call.arguments.get("tool")
-        else:
-            server, _, name = call.name.partition(FLAT_SEPARATOR)
-        if not isinstance(server, str) or not isinstance(name, str) or not name:
-            return False
-        return bool(caller.may_rerun(server, name))
+        target = call_target(call)
+        return target is not None and bool(caller.may_rerun(target[0], target[1]))
+
+    return decide
+
+
+def approval_policy(config: Config) -> agentkit.ApprovalPolicy | None:
+    """Which calls a person must approve first: ``mcpServers.X.require_approval``; None if no
+    server asks for any, so the agent checks nothing."""
+    gated = {name: entry for name, entry in config.mcp_servers.items() if entry.require_approval}
+    if not gated:
+        return None
+
+    def decide(call: agentkit.ToolCall, tool: agentkit.Tool | None) -> bool:
+        target = call_target(call)
+        entry = gated.get(target[0]) if target is not None else None
+        return target is not None and entry is not None and entry.needs_approval(target[1])
 
     return decide
 
@@ -219,4 +242,5 @@ async def build_agent(
         max_tool_calls=spec.budget.max_tool_calls,
         max_total_tokens=spec.budget.max_llm_tokens,
         rerun_interrupted=rerun_policy(caller),
+        require_approval=approval_policy(config),
     )

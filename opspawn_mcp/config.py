@@ -58,6 +58,21 @@ class _ServerBase(_Strict):
         description="Whether a call interrupted by a worker crash is run again; if_idempotent: only tools "
         "annotated idempotentHint or readOnlyHint.",
     )
+    require_approval: list[str] | Literal["*"] = Field(
+        default_factory=list,
+        description='Tools a person must approve before an agent calls them, or "*" for all of them; '
+        "the task waits as input_required (docs/approvals.md).",
+    )
+
+    @field_validator("require_approval", mode="before")
+    @classmethod
+    def _approval_list(cls, value: Any) -> Any:
+        if value == "*" or (isinstance(value, list) and all(isinstance(t, str) and t.strip() for t in value)):
+            return value
+        raise ValueError('must be a list of tool names (e.g. ["delete_file"]) or "*" for every tool')
+
+    def needs_approval(self, tool: str) -> bool:
+        return self.require_approval == "*" or tool in self.require_approval
 
 
 class StdioServerConfig(_ServerBase):
@@ -182,6 +197,14 @@ class StoreSettings(_Strict):
     pool_recycle_s: float = Field(default=300.0, gt=0, description="Reopen connections this old.")
 
 
+class ApprovalSettings(_Strict):
+    """How long a task waits for a person's approval before the call counts as denied."""
+
+    timeout_s: float = Field(
+        default=3600.0, gt=0, le=7 * 24 * 3600, description="Unanswered this long: denied."
+    )
+
+
 def default_store_url() -> str:
     path = user_state_path("opspawn") / "opspawn.db"
     return f"sqlite+aiosqlite:///{path}"
@@ -198,6 +221,7 @@ class OpspawnSettings(_Strict):
     limits: Limits = Field(default_factory=Limits)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
+    approvals: ApprovalSettings = Field(default_factory=ApprovalSettings)
 
     @property
     def profiles(self) -> dict[str, LlmProfile]:
@@ -442,6 +466,13 @@ def describe(config: Config) -> list[str]:
     principals are, and how HTTP is guarded. Names of env variables only, never their values."""
     settings = config.opspawn
     lines = [f"servers: {', '.join(config.mcp_servers) or 'none (agents get no tools)'}"]
+    for name, entry in config.mcp_servers.items():
+        if entry.require_approval:
+            tools = "every tool" if entry.require_approval == "*" else ", ".join(entry.require_approval)
+            lines.append(
+                f"server {name!r}: a person approves each call of {tools}; unanswered after "
+                f"{settings.approvals.timeout_s:g} s it is denied"
+            )
     for name, profile in settings.profiles.items():
         if profile.provider == "local":
             where = "the bundled local model"

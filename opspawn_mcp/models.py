@@ -35,6 +35,8 @@ class TaskStatus(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    INPUT_REQUIRED = "input_required"
+    """Paused until a person answers an approval request; holds no worker slot and no lease."""
 
     @property
     def terminal(self) -> bool:
@@ -47,11 +49,20 @@ class TaskStatus(StrEnum):
 _TERMINAL = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
 
 # RUNNING -> QUEUED is the recovery path: a worker died, its lease expired, the task runs again.
+# RUNNING -> INPUT_REQUIRED pauses for a person; INPUT_REQUIRED -> QUEUED is the answer (or its
+# timeout): the task is enqueued again and any worker resumes it from its journal.
 _LEGAL: dict[TaskStatus, frozenset[TaskStatus]] = {
     TaskStatus.QUEUED: frozenset({TaskStatus.RUNNING, TaskStatus.CANCELLED, TaskStatus.FAILED}),
     TaskStatus.RUNNING: frozenset(
-        {TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.QUEUED}
+        {
+            TaskStatus.COMPLETED,
+            TaskStatus.FAILED,
+            TaskStatus.CANCELLED,
+            TaskStatus.QUEUED,
+            TaskStatus.INPUT_REQUIRED,
+        }
     ),
+    TaskStatus.INPUT_REQUIRED: frozenset({TaskStatus.QUEUED, TaskStatus.CANCELLED, TaskStatus.FAILED}),
     TaskStatus.COMPLETED: frozenset(),
     TaskStatus.FAILED: frozenset(),
     TaskStatus.CANCELLED: frozenset(),
@@ -140,6 +151,48 @@ def refuse_nul(value: Any) -> Any:
     return value
 
 
+APPROVAL_NOTE_MAX_CHARS = 2_000
+
+
+class ApprovalRequest(BaseModel):
+    """What a paused task asks a person: may the agent make this tool call?
+
+    ``id`` names this request: an answer must name it, so an answer meant for an earlier
+    request of the same task can never approve a later one.
+    """
+
+    id: str = Field(description="Name this id in the answer (approve_task request_id).")
+    server: str = Field(description="The downstream MCP server the call goes to.")
+    tool: str = Field(description="The downstream tool the agent wants to call.")
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    message: str = Field(description="For the person: which call, with which arguments, and why it is asked.")
+    requested_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime | None = Field(
+        default=None, description="When an unanswered request counts as denied."
+    )
+    # Which tool call of the run (agentkit's ordinal) at which step: the answer's journal key.
+    # Internal, never in an answer at any door (the stores keep them, approval_document).
+    tool_call: int = Field(default=0, ge=0, exclude=True)
+    step: int = Field(default=0, ge=0, exclude=True)
+
+
+class ApprovalAnswer(_Strict):
+    """A person's answer to an ``ApprovalRequest``."""
+
+    approve: bool = Field(description="True runs the tool call; false tells the agent it was denied.")
+    note: str | None = Field(
+        default=None,
+        max_length=APPROVAL_NOTE_MAX_CHARS,
+        description="Why; the agent reads it with a denial.",
+        json_schema_extra=NO_NUL,
+    )
+
+    @field_validator("note", mode="before")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        return refuse_nul(value)
+
+
 class Task(BaseModel):
     id: str = Field(default_factory=new_task_id)
     principal: str = Field(default="local", description="Who submitted it: a token's name, or 'local'.")
@@ -153,6 +206,9 @@ class Task(BaseModel):
     created_at: datetime = Field(default_factory=utcnow)
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    approval: ApprovalRequest | None = Field(
+        default=None, description="While input_required: the request waiting for an answer."
+    )
     # The worker's lease (host:pid/claim and expiry): internal, never in an answer at any door.
     lease_owner: str | None = Field(default=None, exclude=True)
     lease_expires_at: datetime | None = Field(default=None, exclude=True)
@@ -160,7 +216,18 @@ class Task(BaseModel):
     enqueued_at: datetime | None = Field(default=None, exclude=True)
 
 
-EventKind = Literal["state", "llm", "tool_call", "tool_result", "progress", "log", "final", "error"]
+EventKind = Literal[
+    "state",
+    "llm",
+    "tool_call",
+    "tool_result",
+    "progress",
+    "log",
+    "final",
+    "error",
+    "input_required",
+    "input_answered",
+]
 
 
 class TaskEvent(BaseModel):

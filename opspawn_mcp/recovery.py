@@ -13,6 +13,8 @@ Delivery is at least once and the store is the truth, so recovery never trusts t
   never happened (the publisher died) leaves the mark unset, and every pass publishes those
   tasks again, so a task accepted while RabbitMQ was stopped runs once it is back, with no
   restart. Marked tasks are never re-published: a long backlog stays one message per task.
+* **Unanswered approvals.** An ``input_required`` task whose request passed its deadline
+  (``opspawn.approvals.timeout_s``) is answered "denied" and queued again (``time_out_approvals``).
 * **The embedded worker's queue** lives in the server's memory and dies with it: at start, every
   ``queued`` task is re-enqueued (``requeue_stale``), as nothing else consumes that queue.
 """
@@ -24,6 +26,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
+from opspawn_mcp.approvals import time_out_approvals
 from opspawn_mcp.errors import IllegalTransition, OpspawnError
 from opspawn_mcp.models import TaskStatus, utcnow
 from opspawn_mcp.scheduler import publish
@@ -119,12 +122,13 @@ async def publish_unconfirmed(store: TaskStore, enqueue: Enqueue, older_than_s: 
 async def recovery_loop(
     store: TaskStore, run: Run, enqueue: Enqueue, max_attempts: int, interval_s: float
 ) -> None:
-    """Every ``interval_s``: resume expired leases here and publish unconfirmed tasks; a failing
-    pass (store or broker down) is logged and retried."""
+    """Every ``interval_s``: resume expired leases here, time out unanswered approvals and publish
+    unconfirmed tasks; a failing pass (store or broker down) is logged and retried."""
     while True:
         await asyncio.sleep(interval_s)
         try:
             await recover_expired(store, run, max_attempts)
+            await time_out_approvals(store, enqueue)
             await publish_unconfirmed(store, enqueue, older_than_s=interval_s)
         except (OpspawnError, OSError) as exc:
             log.warning("recovery pass failed, retrying in %.1fs: %s", interval_s, exc)

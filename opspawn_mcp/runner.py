@@ -9,6 +9,11 @@ guarded by the lease owner, so a worker that lost its lease (or a task cancelled
 never overwrite the truth. Nothing escapes as an exception: a tool error is an observation for
 the model (agentkit), an LLM failure or a bug is a ``failed`` task with its reason.
 
+**Approval.** A run that reaches a tool call a person must approve ends ``input_required``
+(agentkit); the runner pauses the task on that request in one transaction and returns, so the
+task holds no slot and no lease while it waits. The answer re-enqueues it (``approvals``), and
+whichever worker claims it replays the journal up to that call and finds the answer there.
+
 **Cancellation** is a store transition made by ``TaskService.cancel``. A queued task then never
 starts (``claim`` refuses it). A running one learns it on its next agent event or heartbeat
 (``renew`` refuses a task that is no longer running), whichever comes first, and calls
@@ -32,9 +37,10 @@ from typing import Any
 
 import agentkit
 from opspawn_mcp.agent_factory import AgentSetupError, LlmClients, build_agent
+from opspawn_mcp.approvals import approval_request
 from opspawn_mcp.config import Config
 from opspawn_mcp.errors import Conflict, IllegalTransition, OpspawnError, TaskNotFound, Unavailable
-from opspawn_mcp.models import Task, TaskEvent, TaskStatus, Usage, utcnow
+from opspawn_mcp.models import ApprovalRequest, Task, TaskEvent, TaskStatus, Usage, utcnow
 from opspawn_mcp.recovery import give_up
 from opspawn_mcp.scheduler import publish
 from opspawn_mcp.store._common import EVENT_KINDS
@@ -292,8 +298,8 @@ class TaskRunner:
     async def _refused(self, task_id: str) -> None:
         """The claim said no. Either it is not ours (no-op), or it is out of attempts (fail it)."""
         task = await self.store.get(task_id)
-        if task.status.terminal:
-            log.debug("task %s already %s; redelivered message ignored", task_id, task.status.value)
+        if task.status.terminal or task.status is TaskStatus.INPUT_REQUIRED:
+            log.debug("task %s is %s; redelivered message ignored", task_id, task.status.value)
             return
         lease_live = task.lease_expires_at is not None and task.lease_expires_at >= utcnow()
         if task.status is TaskStatus.RUNNING and lease_live:
@@ -346,7 +352,12 @@ class TaskRunner:
             log.info("task %s: agent stopped (%s)", task.id, reason)
             return
         status = result.status
-        if status is agentkit.RunStatus.COMPLETED:
+        if status is agentkit.RunStatus.INPUT_REQUIRED and result.pending is not None:
+            timeout_s = self.config.opspawn.approvals.timeout_s
+            request = approval_request(task, result.pending, timeout_s)
+            waiting = f"waiting for a person to approve {request.tool} on {request.server}"
+            await self._finish(execution, TaskStatus.INPUT_REQUIRED, approval=request, reason=waiting)
+        elif status is agentkit.RunStatus.COMPLETED:
             warning = "; ".join(result.warnings) or None
             await self._finish(execution, TaskStatus.COMPLETED, result=result.output or "", reason=warning)
         elif status is agentkit.RunStatus.TIMED_OUT:
@@ -372,10 +383,14 @@ class TaskRunner:
         result: str | None = None,
         error: str | None = None,
         reason: str | None = None,
+        approval: ApprovalRequest | None = None,
     ) -> None:
-        """The owner-guarded final transition (with the run's steps and usage); losing the race
-        (cancel, lost lease) is fine. ``reason`` goes into the final state event (a warning)."""
+        """The owner-guarded transition that ends this run (with its steps, its usage and the
+        journal entries still held); losing the race (cancel, lost lease) is fine. ``reason``
+        goes into the state event (a warning); ``approval`` pauses the task on that request,
+        announced by an ``input_required`` event."""
         task_id = execution.task.id
+        announce = ("input_required", approval.model_dump(mode="json")) if approval is not None else None
         with contextlib.suppress(OpspawnError):
             await self.store.record_progress(task_id, execution.steps, execution.usage)
         try:
@@ -388,6 +403,9 @@ class TaskRunner:
                 usage=execution.usage,
                 owner=execution.owner,
                 reason=reason,
+                approval=approval,
+                event=announce,
+                entries=execution.journal.take(),
             )
         except IllegalTransition:
             log.info("task %s: not %s, it changed meanwhile (cancelled or taken over)", task_id, status)

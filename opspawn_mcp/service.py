@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from pydantic import ValidationError
 
 from agentkit.errors import validation_problems
+from opspawn_mcp.approvals import settle
 from opspawn_mcp.config import Config
 from opspawn_mcp.errors import (
     Conflict,
@@ -32,6 +33,7 @@ from opspawn_mcp.host.models import ServerInfo
 from opspawn_mcp.limits import SubmitGate
 from opspawn_mcp.models import (
     GOAL_MAX_CHARS,
+    ApprovalAnswer,
     Budget,
     ModelSettings,
     Task,
@@ -249,7 +251,7 @@ class TaskService:
         return await self._store.list(wanted, limit, cursor or None, principal=owner, goal_contains=text)
 
     async def cancel(self, task_id: str, *, by: Principal) -> Task:
-        """Cancel a queued or running task; cancelling a cancelled task is a no-op.
+        """Cancel a queued, running or input_required task; cancelling a cancelled task is a no-op.
 
         A running task is cancelled in the store only: its worker's own final transition then
         fails the compare-and-set, which is how it learns to stop (within one step). A task
@@ -261,7 +263,7 @@ class TaskService:
         try:
             task = await self._store.transition(
                 current.id,
-                {TaskStatus.QUEUED, TaskStatus.RUNNING},
+                {TaskStatus.QUEUED, TaskStatus.RUNNING, TaskStatus.INPUT_REQUIRED},
                 TaskStatus.CANCELLED,
                 error=CANCELLED_BY_CLIENT,
             )
@@ -271,11 +273,41 @@ class TaskService:
             if latest.status is TaskStatus.CANCELLED:
                 return latest
             raise Conflict(
-                f"Task {latest.id} already {latest.status.value}; only queued or running tasks can be cancelled.",
+                f"Task {latest.id} already {latest.status.value}; only unfinished tasks "
+                "(queued, running, input_required) can be cancelled.",
                 task_id=latest.id,
                 status=latest.status.value,
             ) from None
         return task
+
+    async def answer(
+        self,
+        task_id: str,
+        request_id: str,
+        answer: ApprovalAnswer | Mapping[str, Any],
+        *,
+        by: Principal,
+    ) -> Task:
+        """Answer the approval request an ``input_required`` task waits on; the task is queued
+        again and any worker resumes it (approved: the tool call runs; denied: the agent is told).
+
+        Scoped like ``cancel``: someone else's task is not found. A task that waits on no request,
+        or on another one than ``request_id``, is a ``Conflict`` naming its state and the request
+        it waits on, if any.
+        """
+        checked = _check_answer(answer)
+        if not isinstance(request_id, str) or not request_id.strip():
+            raise InvalidInput(
+                "request_id is empty; pass the id of the task's pending approval request.", field="request_id"
+            )
+        current = await self.get(task_id, by=by)
+        if current.approval is None or current.approval.id != request_id:
+            raise _not_waiting_for(current, request_id)
+        try:
+            return await settle(self._store, self._enqueuer.enqueue, current, checked, by.name)
+        except Conflict:
+            # Lost a race (another answer, the timeout, a cancel): say what the task does now.
+            raise _not_waiting_for(await self._store.get(current.id), request_id) from None
 
     # -- events ---------------------------------------------------------------------------
 
@@ -414,3 +446,33 @@ def _status(status: TaskStatus | str | None) -> TaskStatus | None:
     except ValueError:
         names = ", ".join(s.value for s in TaskStatus)
         raise InvalidInput(f"Unknown status {status!r}; use one of {names}.", field="status") from None
+
+
+def _check_answer(answer: ApprovalAnswer | Mapping[str, Any]) -> ApprovalAnswer:
+    if isinstance(answer, ApprovalAnswer):
+        return answer
+    if not isinstance(answer, Mapping):
+        raise InvalidInput(f"An answer must be an object with approve and note, not {type(answer).__name__}.")
+    try:
+        return ApprovalAnswer.model_validate(dict(answer))
+    except ValidationError as exc:
+        problems = validation_problems(exc, root="(answer)")
+        raise InvalidInput("Invalid answer: " + "; ".join(problems) + ".", problems=problems) from None
+
+
+def _not_waiting_for(task: Task, request_id: str) -> Conflict:
+    """Why an answer does not apply: the task waits on nothing, or on another request."""
+    pending = task.approval
+    if task.status is not TaskStatus.INPUT_REQUIRED or pending is None:
+        return Conflict(
+            f"Task {task.id} is {task.status.value}; it waits for no answer (only input_required tasks do).",
+            task_id=task.id,
+            status=task.status.value,
+        )
+    return Conflict(
+        f"Task {task.id} is input_required and waits on approval request {pending.id!r}, not "
+        f"{request_id!r}; answer that one.",
+        task_id=task.id,
+        status=task.status.value,
+        pending_request_id=pending.id,
+    )

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, get_args
 
 from opspawn_mcp.errors import Conflict, InvalidInput
-from opspawn_mcp.models import EventKind, TaskStatus, Usage
+from opspawn_mcp.models import ApprovalRequest, EventKind, TaskStatus, Usage
 
 EVENT_KINDS: frozenset[str] = frozenset(get_args(EventKind))
 MAX_PAGE = 1000
@@ -45,9 +45,16 @@ def transition_values(
     result: str | None,
     error: str | None,
     usage: Usage | None,
+    approval: ApprovalRequest | None = None,
 ) -> dict[str, Any]:
-    """Column values a successful transition writes (``usage`` still as a model)."""
-    values: dict[str, Any] = {"status": new}
+    """Column values a successful transition writes (``usage`` and ``approval`` still as models).
+
+    A task holds an approval request exactly while it is ``input_required``: entering that state
+    needs one, every other transition clears it.
+    """
+    if (approval is not None) != (new is TaskStatus.INPUT_REQUIRED):
+        raise ValueError(f"a transition to {new.value} takes an approval request iff it pauses the task")
+    values: dict[str, Any] = {"status": new, "approval": approval}
     if new is TaskStatus.RUNNING:
         values["started_at"] = now
     else:
@@ -67,6 +74,19 @@ def transition_values(
     if usage is not None:
         values["usage"] = usage
     return values
+
+
+def gives_back_attempt(new: TaskStatus) -> bool:
+    """A pause is not a failed attempt: the claim's attempt is returned, so a task may wait for
+    any number of approvals without running out of ``max_attempts``."""
+    return new is TaskStatus.INPUT_REQUIRED
+
+
+def approval_document(approval: ApprovalRequest | None) -> dict[str, Any] | None:
+    """The stored form of a request: its view plus the internal journal key."""
+    if approval is None:
+        return None
+    return {**approval.model_dump(mode="json"), "tool_call": approval.tool_call, "step": approval.step}
 
 
 def lease_until(now: datetime, ttl_s: float) -> datetime:
@@ -119,9 +139,9 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         ) from exc
 
 
-# Entries of one ordinal in the order a run makes them: the model's answer, then its tool call
-# starting and finishing. Both stores sort with this, so their journals read back identically.
-JOURNAL_KIND_ORDER: dict[str, int] = {"llm": 0, "tool_started": 1, "tool_finished": 2}
+# Entries of one ordinal in the order a run makes them: the model's answer, then a person's
+# answer to its tool call, the call starting and finishing. Both stores sort with this, so their journals read back identically.
+JOURNAL_KIND_ORDER: dict[str, int] = {"llm": 0, "approval": 1, "tool_started": 2, "tool_finished": 3}
 
 
 def journal_order(kind: str, ordinal: int) -> tuple[int, int]:

@@ -15,9 +15,9 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from opspawn_mcp.models import Task, TaskEvent, TaskPage, TaskStatus, Usage
+from opspawn_mcp.models import ApprovalRequest, Task, TaskEvent, TaskPage, TaskStatus, Usage
 
-JournalKind = Literal["llm", "tool_started", "tool_finished"]
+JournalKind = Literal["llm", "tool_started", "tool_finished", "approval"]
 
 
 class JournalRow(BaseModel):
@@ -77,7 +77,8 @@ class TaskStore(Protocol):
         publishes them. A task put back in the queue by a transition counts again."""
 
     async def count_active(self, principal: str) -> int:
-        """How many of ``principal``'s tasks are queued or running (its tasks in flight)."""
+        """How many of ``principal``'s tasks are not finished (queued, running or waiting for
+        input: its tasks in flight)."""
 
     async def transition(
         self,
@@ -90,6 +91,9 @@ class TaskStore(Protocol):
         usage: Usage | None = None,
         owner: str | None = None,
         reason: str | None = None,
+        approval: ApprovalRequest | None = None,
+        event: tuple[str, dict[str, Any]] | None = None,
+        entries: Sequence[JournalRow] = (),
     ) -> Task:
         """Atomically move the task to ``new`` if its status is in ``expected`` and the move is
         legal (and, when ``owner`` is given, the task's lease belongs to ``owner``).
@@ -97,9 +101,14 @@ class TaskStore(Protocol):
         In the same transaction it appends the ``state`` event ``{"status": new, "reason": ...}``
         (``reason`` defaults to ``error``), so a reader that sees the new status also sees its
         event: a watcher that stops at a terminal status never misses the final state event.
+        ``event`` (kind, data) is appended just before it, and the journal ``entries`` are
+        inserted (as ``record``; a key that exists is ``Conflict`` and nothing is written): how a
+        task pauses for approval and how the answer resumes it, each as one transaction.
 
         Sets ``started_at`` on entering running and ``finished_at`` on a terminal state; leaving
-        running clears the lease. Raises ``TaskNotFound`` or ``IllegalTransition``.
+        running clears the lease. ``approval`` is required exactly when ``new`` is
+        ``input_required`` and is cleared by every other transition; pausing gives the claim's
+        attempt back. Raises ``TaskNotFound`` or ``IllegalTransition``.
         """
 
     async def claim(self, task_id: str, owner: str, ttl_s: float, max_attempts: int) -> Task | None:
@@ -118,6 +127,10 @@ class TaskStore(Protocol):
 
     async def expired(self, now: datetime | None = None, limit: int = 100) -> builtins.list[Task]:
         """Running tasks whose lease expired before ``now``: the recovery loop re-runs them."""
+
+    async def expired_approvals(self, now: datetime | None = None, limit: int = 100) -> builtins.list[Task]:
+        """``input_required`` tasks whose request expired before ``now``, oldest deadline first:
+        the recovery loop answers them as denied."""
 
     async def record_progress(self, task_id: str, steps: int, usage: Usage) -> None:
         """Store the step count and token usage so far (shown by get_status while running)."""

@@ -19,7 +19,7 @@ from datetime import datetime
 from typing import Any
 
 from opspawn_mcp.errors import Conflict, IllegalTransition, TaskNotFound, Unavailable
-from opspawn_mcp.models import Task, TaskEvent, TaskPage, TaskStatus, Usage, utcnow
+from opspawn_mcp.models import ApprovalRequest, Task, TaskEvent, TaskPage, TaskStatus, Usage, utcnow
 from opspawn_mcp.store._common import (
     allowed_from,
     as_utc,
@@ -28,6 +28,7 @@ from opspawn_mcp.store._common import (
     check_log_open,
     decode_cursor,
     encode_cursor,
+    gives_back_attempt,
     journal_conflict,
     journal_order,
     lease_until,
@@ -144,20 +145,34 @@ class MemoryStore:
         usage: Usage | None = None,
         owner: str | None = None,
         reason: str | None = None,
+        approval: ApprovalRequest | None = None,
+        event: tuple[str, dict[str, Any]] | None = None,
+        entries: Sequence[JournalRow] = (),
     ) -> Task:
         new = TaskStatus(new)
         allowed = allowed_from(expected, new)
+        if event is not None:
+            check_kind(event[0])
         async with self._lock:
             task = self._get(task_id)
             if task.status not in allowed or (owner is not None and task.lease_owner != owner):
                 raise IllegalTransition(task_id, task.status.value, new.value)
-            values = transition_values(new, utcnow(), result=result, error=error, usage=usage)
-            if "usage" in values:
-                values["usage"] = values["usage"].model_copy()
+            values = transition_values(
+                new, utcnow(), result=result, error=error, usage=usage, approval=approval
+            )
+            self._check_entries(task_id, entries)
+            for name in ("usage", "approval"):
+                if values.get(name) is not None:
+                    values[name] = values[name].model_copy(deep=True)
+            if gives_back_attempt(new):
+                values["attempts"] = task.attempts - 1
             updated = task.model_copy(update=values)
             self._tasks[task_id] = updated
-            event = self._append(task_id, "state", state_event(new, reason or error))
-        self.changes.notify(task_id, event.seq)
+            self._insert_entries(task_id, entries)
+            if event is not None:
+                self._append(task_id, *event)
+            written = self._append(task_id, "state", state_event(new, reason or error))
+        self.changes.notify(task_id, written.seq)
         return updated.model_copy(deep=True)
 
     async def claim(self, task_id: str, owner: str, ttl_s: float, max_attempts: int) -> Task | None:
@@ -214,6 +229,18 @@ class MemoryStore:
         rows.sort(key=lambda t: (t.lease_expires_at or cutoff, t.id))
         return [t.model_copy(deep=True) for t in rows[:limit]]
 
+    async def expired_approvals(self, now: datetime | None = None, limit: int = 100) -> builtins.list[Task]:
+        check_limit(limit)
+        cutoff = as_utc(now) if now is not None else utcnow()
+        async with self._lock:
+            rows = [
+                t
+                for t in self._tasks.values()
+                if t.status is TaskStatus.INPUT_REQUIRED and (_deadline(t) or cutoff) < cutoff
+            ]
+        rows.sort(key=lambda t: (_deadline(t) or cutoff, t.id))
+        return [t.model_copy(deep=True) for t in rows[:limit]]
+
     async def record_progress(self, task_id: str, steps: int, usage: Usage) -> None:
         async with self._lock:
             task = self._get(task_id)
@@ -243,19 +270,26 @@ class MemoryStore:
             task = self._get(task_id)
             if task.status is not TaskStatus.RUNNING or task.lease_owner != owner:
                 return None
-            journal = self._journal.setdefault(task_id, {})
-            seen = set(journal)
-            for row in entries:
-                if (row.kind, row.ordinal) in seen:
-                    raise journal_conflict(task_id, row.kind, row.ordinal)
-                seen.add((row.kind, row.ordinal))
+            self._check_entries(task_id, entries)
             # Every check is done: from here on all three writes happen, as in one transaction.
             event = self._append(task_id, kind, data)
             self._tasks[task_id] = task.model_copy(update={"steps": steps, "usage": usage.model_copy()})
-            for row in entries:
-                journal[(row.kind, row.ordinal)] = row.model_copy(deep=True)
+            self._insert_entries(task_id, entries)
         self.changes.notify(task_id, event.seq)
         return event
+
+    def _check_entries(self, task_id: str, entries: Sequence[JournalRow]) -> None:
+        """Under the caller's lock: refuse a key that exists (or repeats), before any write."""
+        seen = set(self._journal.get(task_id, {}))
+        for row in entries:
+            if (row.kind, row.ordinal) in seen:
+                raise journal_conflict(task_id, row.kind, row.ordinal)
+            seen.add((row.kind, row.ordinal))
+
+    def _insert_entries(self, task_id: str, entries: Sequence[JournalRow]) -> None:
+        journal = self._journal.setdefault(task_id, {})
+        for row in entries:
+            journal[(row.kind, row.ordinal)] = row.model_copy(deep=True)
 
     async def journal(self, task_id: str) -> builtins.list[JournalRow]:
         async with self._lock:
@@ -297,6 +331,10 @@ def _normalised(task: Task) -> Task:
         if value is not None:
             setattr(stored, name, as_utc(value))
     return stored
+
+
+def _deadline(task: Task) -> datetime | None:
+    return task.approval.expires_at if task.approval is not None else None
 
 
 def _claimable(task: Task, now: datetime, max_attempts: int) -> bool:

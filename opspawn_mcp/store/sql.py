@@ -101,15 +101,17 @@ from sqlalchemy.types import TypeDecorator
 
 from opspawn_mcp.config import DEFAULT_PROFILE, LOCAL_PRINCIPAL
 from opspawn_mcp.errors import Conflict, IllegalTransition, InvalidInput, TaskNotFound, Unavailable
-from opspawn_mcp.models import Task, TaskEvent, TaskPage, TaskSpec, TaskStatus, Usage, utcnow
+from opspawn_mcp.models import ApprovalRequest, Task, TaskEvent, TaskPage, TaskSpec, TaskStatus, Usage, utcnow
 from opspawn_mcp.store._common import (
     allowed_from,
+    approval_document,
     as_utc,
     check_kind,
     check_limit,
     check_log_open,
     decode_cursor,
     encode_cursor,
+    gives_back_attempt,
     journal_conflict,
     journal_order,
     lease_until,
@@ -163,6 +165,8 @@ class UtcDateTime(TypeDecorator[datetime]):
 
 
 _Json = JSON().with_variant(JSONB(), "postgresql")
+# A nullable JSON column: Python None is SQL NULL, not the JSON value null.
+_NullableJson = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 
 metadata = MetaData()
 
@@ -187,10 +191,14 @@ tasks = Table(
     Column("last_seq", Integer, nullable=False, default=0, server_default="0"),
     # When the broker confirmed the task's message; NULL while none is (migration 4): the outbox.
     Column("enqueued_at", UtcDateTime),
+    # The request an input_required task waits on, and when it times out (migration 5).
+    Column("approval", _NullableJson),
+    Column("approval_expires_at", UtcDateTime),
     # list(status=...) newest first, list() newest first, and the recovery loop's scan.
     Index("ix_tasks_status_created", "status", "created_at", "id"),
     Index("ix_tasks_created", "created_at", "id"),
     Index("ix_tasks_status_lease", "status", "lease_expires_at"),
+    Index("ix_tasks_status_approval", "status", "approval_expires_at"),
     # One principal's tasks newest first, and its tasks in flight.
     Index("ix_tasks_principal_created", "principal", "created_at", "id"),
     Index("ix_tasks_principal_status", "principal", "status"),
@@ -282,12 +290,26 @@ def _migration_4(conn: Connection) -> None:
         conn.execute(update(tasks).values(enqueued_at=tasks.c.created_at))
 
 
+def _migration_5(conn: Connection) -> None:
+    """Approvals: the request an ``input_required`` task waits on, and its deadline (indexed for
+    the recovery loop's timeout scan). Existing tasks wait on nothing."""
+    columns = {c["name"] for c in inspect(conn).get_columns("tasks")}
+    if "approval" not in columns:
+        json_type = "JSONB" if conn.dialect.name == "postgresql" else "JSON"
+        conn.execute(text(f"ALTER TABLE tasks ADD COLUMN approval {json_type}"))
+        conn.execute(text("ALTER TABLE tasks ADD COLUMN approval_expires_at TIMESTAMP WITH TIME ZONE"))
+    for index in tasks.indexes:
+        if "approval_expires_at" in index.columns:
+            index.create(conn, checkfirst=True)
+
+
 # Append only: a released version's step never changes, a new one gets the next number.
 MIGRATIONS: Final = (
     (1, "tasks and task_events", _migration_1),
     (2, "task principals; model profiles by name", _migration_2),
     (3, "tasks.last_seq; task_journal", _migration_3),
     (4, "tasks.enqueued_at: the outbox", _migration_4),
+    (5, "tasks.approval, tasks.approval_expires_at: pauses for approval", _migration_5),
 )
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
 
@@ -327,6 +349,7 @@ def _to_task(row: Row[Any]) -> Task:
         lease_expires_at=m["lease_expires_at"],
         principal=m["principal"],
         enqueued_at=m["enqueued_at"],
+        approval=ApprovalRequest.model_validate(m["approval"]) if m["approval"] is not None else None,
     )
 
 
@@ -447,14 +470,19 @@ _EVENTS = (
 
 
 @functools.lru_cache(maxsize=256)
-def _transition_statement(allowed: tuple[str, ...], columns: tuple[str, ...], guarded: bool) -> Any:
+def _transition_statement(
+    allowed: tuple[str, ...], columns: tuple[str, ...], guarded: bool, refund: bool, events: int
+) -> Any:
     """The compare-and-set of one transition shape (which statuses, which columns, owner or
-    not), built once per shape: there are a few dozen shapes, and transitions are hot."""
+    not, whether the attempt is given back, how many events it numbers), built once per shape:
+    there are a few dozen shapes, and transitions are hot."""
     where = [tasks.c.id == bindparam("b_id"), tasks.c.status.in_(allowed)]
     if guarded:
         where.append(tasks.c.lease_owner == bindparam("b_owner"))
     values: dict[str, Any] = {c: _b(f"b_{c}", tasks.c[c]) for c in columns}
-    values["last_seq"] = tasks.c.last_seq + 1
+    values["last_seq"] = tasks.c.last_seq + events
+    if refund:
+        values["attempts"] = tasks.c.attempts - 1
     return update(tasks).where(*where).values(**values).returning(*tasks.c)
 
 
@@ -477,6 +505,29 @@ async def _insert_event(
         params["b_payload"] = f"{task_id}:{seq}" if len(task_id) <= _PAYLOAD_ID_MAX else ""
         await conn.execute(_INSERT_EVENT_NOTIFY, params)
     return TaskEvent.model_validate({"task_id": task_id, "seq": seq, "time": now, "kind": kind, "data": data})
+
+
+async def _insert_entries(
+    conn: AsyncConnection, task_id: str, entries: Sequence[JournalRow], time: datetime
+) -> None:
+    """Insert journal rows in the caller's transaction; a key that exists is ``Conflict``, raised
+    inside the transaction so everything else it wrote rolls back too."""
+    for row in entries:
+        try:
+            await conn.execute(
+                _INSERT_JOURNAL,
+                {
+                    "b_id": task_id,
+                    "b_kind": row.kind,
+                    "b_ordinal": row.ordinal,
+                    "b_attempt": row.attempt,
+                    "b_step": row.step,
+                    "b_data": row.data,
+                    "b_time": time,
+                },
+            )
+        except IntegrityError as exc:
+            raise journal_conflict(task_id, row.kind, row.ordinal) from exc
 
 
 def notify_channel(schema: str | None) -> str:
@@ -861,6 +912,36 @@ class SqlStore:
 
         return await self._run(body)
 
+    @staticmethod
+    def _transition_shape(
+        new: TaskStatus,
+        allowed: builtins.list[TaskStatus],
+        owner: str | None,
+        event: tuple[str, dict[str, Any]] | None,
+        result: str | None,
+        error: str | None,
+        usage: Usage | None,
+        approval: ApprovalRequest | None,
+    ) -> tuple[Any, dict[str, Any]]:
+        """The compare-and-set statement and its values; no statement when no status allows it."""
+        if not allowed:
+            return None, {}
+        values = transition_values(new, utcnow(), result=result, error=error, usage=usage, approval=approval)
+        values["status"] = new.value
+        values["approval"] = approval_document(approval)
+        values["approval_expires_at"] = approval.expires_at if approval is not None else None
+        if usage is not None:
+            values["usage"] = usage.model_dump(mode="json")
+        columns = tuple(sorted(values))
+        refund = gives_back_attempt(new)
+        statement = _transition_statement(
+            tuple(s.value for s in allowed), columns, owner is not None, refund, 1 + bool(event)
+        )
+        params = {f"b_{c}": values[c] for c in columns}
+        if owner is not None:
+            params["b_owner"] = owner
+        return statement, params
+
     async def transition(
         self,
         task_id: str,
@@ -872,29 +953,31 @@ class SqlStore:
         usage: Usage | None = None,
         owner: str | None = None,
         reason: str | None = None,
+        approval: ApprovalRequest | None = None,
+        event: tuple[str, dict[str, Any]] | None = None,
+        entries: Sequence[JournalRow] = (),
     ) -> Task:
         new = TaskStatus(new)
         allowed = allowed_from(expected, new)
-        values = transition_values(new, utcnow(), result=result, error=error, usage=usage)
-        values["status"] = new.value
-        if usage is not None:
-            values["usage"] = usage.model_dump(mode="json")
-        columns = tuple(sorted(values))
-        statement = _transition_statement(tuple(s.value for s in allowed), columns, owner is not None)
-        params = {f"b_{c}": values[c] for c in columns}
+        if event is not None:
+            check_kind(event[0])
+        statement, params = self._transition_shape(new, allowed, owner, event, result, error, usage, approval)
         params["b_id"] = task_id
-        if owner is not None:
-            params["b_owner"] = owner
 
         async def body(conn: AsyncConnection) -> tuple[Task, int] | str | None:
             """The moved task and its event's seq, or (the guard did not match) the current
             status or None."""
-            row = (await conn.execute(statement, params)).first() if allowed else None
+            row = (await conn.execute(statement, params)).first() if statement is not None else None
             if row is not None:
-                # The UPDATE bumped last_seq and holds the row lock, as in append_event.
-                event = state_event(new, reason or error)
-                await _insert_event(conn, task_id, row.last_seq, "state", event, self._notify_on)
-                return _to_task(row), int(row.last_seq)
+                # The UPDATE bumped last_seq (once per event) and holds the row lock, as in
+                # append_event.
+                seq = int(row.last_seq)
+                if event is not None:
+                    await _insert_event(conn, task_id, seq - 1, *event, self._notify_on)
+                state = state_event(new, reason or error)
+                written = await _insert_event(conn, task_id, seq, "state", state, self._notify_on)
+                await _insert_entries(conn, task_id, entries, written.time)
+                return _to_task(row), seq
             return (await conn.execute(_STATUS, {"b_id": task_id})).scalar()
 
         current = await self._run(body, write=True, idempotent=False)
@@ -965,6 +1048,21 @@ class SqlStore:
 
         return [_to_task(r) for r in await self._run(body)]
 
+    async def expired_approvals(self, now: datetime | None = None, limit: int = 100) -> builtins.list[Task]:
+        check_limit(limit)
+        cutoff = as_utc(now) if now is not None else utcnow()
+        query = (
+            select(tasks)
+            .where(tasks.c.status == TaskStatus.INPUT_REQUIRED.value, tasks.c.approval_expires_at < cutoff)
+            .order_by(tasks.c.approval_expires_at, tasks.c.id)
+            .limit(limit)
+        )
+
+        async def body(conn: AsyncConnection) -> builtins.list[Row[Any]]:
+            return builtins.list((await conn.execute(query)).all())
+
+        return [_to_task(r) for r in await self._run(body)]
+
     async def record_progress(self, task_id: str, steps: int, usage: Usage) -> None:
         params = {"b_id": task_id, "b_steps": steps, "b_usage": usage.model_dump(mode="json")}
 
@@ -1017,23 +1115,7 @@ class SqlStore:
                     raise TaskNotFound(task_id)
                 return None  # not ours any more: the guard matched nothing, nothing was written
             event = await _insert_event(conn, task_id, int(seq), kind, data, self._notify_on)
-            for row in entries:
-                try:
-                    await conn.execute(
-                        _INSERT_JOURNAL,
-                        {
-                            "b_id": task_id,
-                            "b_kind": row.kind,
-                            "b_ordinal": row.ordinal,
-                            "b_attempt": row.attempt,
-                            "b_step": row.step,
-                            "b_data": row.data,
-                            "b_time": event.time,
-                        },
-                    )
-                except IntegrityError as exc:
-                    # Raised inside the transaction, so the event and progress roll back too.
-                    raise journal_conflict(task_id, row.kind, row.ordinal) from exc
+            await _insert_entries(conn, task_id, entries, event.time)
             return event
 
         written = await self._run(body, write=True, idempotent=False)

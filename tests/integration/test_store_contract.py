@@ -25,7 +25,7 @@ import pytest
 
 from opspawn_mcp.config import StoreSettings
 from opspawn_mcp.errors import Conflict, IllegalTransition, InvalidInput, TaskNotFound, Unavailable
-from opspawn_mcp.models import Task, TaskSpec, TaskStatus, Usage, utcnow
+from opspawn_mcp.models import ApprovalRequest, Task, TaskSpec, TaskStatus, Usage, utcnow
 from opspawn_mcp.store import JournalRow, MemoryStore, TaskStore, open_store, pool_size_for
 from tests.support.services import POSTGRES_URL, drop_schema, require_service
 
@@ -173,10 +173,12 @@ ALL_PAIRS = list(itertools.product(TaskStatus, TaskStatus))
 async def test_transition_follows_can_become(store: TaskStore, current: TaskStatus, new: TaskStatus) -> None:
     task = await store.create(_task(current))
     if current.can_become(new):
+        approval = _request() if new is TaskStatus.INPUT_REQUIRED else None
         moved = await store.transition(
-            task.id, {current}, new, result="r", error="e", usage=Usage(input_tokens=3)
+            task.id, {current}, new, result="r", error="e", usage=Usage(input_tokens=3), approval=approval
         )
         assert moved.status is new
+        assert moved.approval == approval
         assert (moved.started_at is not None) == (new is TaskStatus.RUNNING)
         assert (moved.finished_at is not None) == new.terminal
         assert moved.result == "r" and moved.error == "e" and moved.usage.input_tokens == 3
@@ -750,6 +752,170 @@ async def test_migration_3_numbers_old_logs_from_their_max_seq_and_adds_the_jour
         event = await again.record("old", "w", "llm", {}, steps=1, usage=Usage(), entries=[entry])
         assert event is not None and event.seq == 5
         assert await again.journal("old") == [entry]
+    finally:
+        await store.close()
+        if again is not None:
+            await again.close()
+        if schema is not None:
+            await drop_schema(schema)
+
+
+# --- approvals ---------------------------------------------------------------------------
+
+
+def _request(ordinal: int = 2, expires_in_s: float = 3600.0) -> ApprovalRequest:
+    now = utcnow()
+    return ApprovalRequest(
+        id=f"req-{ordinal}",
+        server="files",
+        tool="delete_file",
+        arguments={"path": "/tmp/x"},
+        message="The agent wants to call delete_file.",
+        requested_at=now,
+        expires_at=now + timedelta(seconds=expires_in_s),
+        tool_call=ordinal,
+        step=1,
+    )
+
+
+async def _paused(store: TaskStore, request: ApprovalRequest) -> Task:
+    task = await store.create(_task())
+    assert await store.claim(task.id, "w1", ttl_s=3600, max_attempts=3) is not None
+    held = JournalRow(kind="llm", ordinal=1, step=1, attempt=1, data={"tool_calls": [{"name": "x"}]})
+    return await store.transition(
+        task.id,
+        {TaskStatus.RUNNING},
+        TaskStatus.INPUT_REQUIRED,
+        owner="w1",
+        approval=request,
+        event=("input_required", request.model_dump(mode="json")),
+        entries=[held],
+    )
+
+
+async def test_pausing_writes_request_event_journal_and_state_in_one_transition(store: TaskStore) -> None:
+    request = _request()
+    paused = await _paused(store, request)
+
+    got = await store.get(paused.id)
+    assert got == paused
+    assert got.status is TaskStatus.INPUT_REQUIRED and got.approval == request
+    assert (got.approval.tool_call, got.approval.step) == (2, 1)  # the internal journal key survives
+    assert got.lease_owner is None and got.lease_expires_at is None
+    assert got.attempts == 0  # a pause is not a failed attempt
+    kinds = [(e.kind, e.data.get("status")) for e in await store.events(paused.id)]
+    assert kinds[-2:] == [("input_required", None), ("state", "input_required")]
+    assert (await store.events(paused.id))[-2].data["id"] == "req-2"
+    assert [r.kind for r in await store.journal(paused.id)] == ["llm"]
+    assert [t.id for t in (await store.list(TaskStatus.INPUT_REQUIRED)).items] == [paused.id]
+    assert await store.claim(paused.id, "w2", ttl_s=60, max_attempts=3) is None
+
+
+async def test_answering_queues_the_task_with_its_journal_entry_and_clears_the_request(
+    store: TaskStore,
+) -> None:
+    paused = await _paused(store, _request())
+    answer = JournalRow(kind="approval", ordinal=2, step=1, attempt=0, data={"approved": True})
+
+    queued = await store.transition(
+        paused.id,
+        {TaskStatus.INPUT_REQUIRED},
+        TaskStatus.QUEUED,
+        event=("input_answered", {"request_id": "req-2", "approve": True}),
+        entries=[answer],
+    )
+
+    assert queued.status is TaskStatus.QUEUED and queued.approval is None
+    assert await store.get(paused.id) == queued
+    assert paused.id in await store.unenqueued(utcnow() + timedelta(seconds=1))
+    assert [e.kind for e in await store.events(paused.id)][-2:] == ["input_answered", "state"]
+    assert [r.kind for r in await store.journal(paused.id)] == ["llm", "approval"]
+    resumed = await store.claim(paused.id, "w2", ttl_s=60, max_attempts=1)
+    assert resumed is not None and resumed.attempts == 1
+
+
+async def test_a_second_answer_to_one_call_is_a_conflict_and_writes_nothing(store: TaskStore) -> None:
+    paused = await _paused(store, _request())
+    answer = JournalRow(kind="approval", ordinal=2, step=1, data={"approved": False})
+    await store.transition(paused.id, {TaskStatus.INPUT_REQUIRED}, TaskStatus.QUEUED, entries=[answer])
+    assert await store.claim(paused.id, "w2", ttl_s=3600, max_attempts=3) is not None
+    await store.transition(
+        paused.id, {TaskStatus.RUNNING}, TaskStatus.INPUT_REQUIRED, owner="w2", approval=_request()
+    )
+    before = await store.events(paused.id)
+
+    with pytest.raises(Conflict):
+        await store.transition(
+            paused.id,
+            {TaskStatus.INPUT_REQUIRED},
+            TaskStatus.QUEUED,
+            event=("input_answered", {}),
+            entries=[answer],
+        )
+
+    assert (await store.get(paused.id)).status is TaskStatus.INPUT_REQUIRED
+    assert await store.events(paused.id) == before
+
+
+async def test_a_paused_task_can_be_cancelled_and_its_request_goes(store: TaskStore) -> None:
+    paused = await _paused(store, _request())
+    cancelled = await store.transition(paused.id, {TaskStatus.INPUT_REQUIRED}, TaskStatus.CANCELLED)
+    assert cancelled.approval is None and cancelled.finished_at is not None
+    assert await store.expired_approvals(now=utcnow() + timedelta(days=1)) == []
+
+
+async def test_expired_approvals_lists_waiting_tasks_past_their_deadline(store: TaskStore) -> None:
+    soon = await _paused(store, _request(expires_in_s=60))
+    later = await _paused(store, _request(expires_in_s=7200))
+
+    assert await store.expired_approvals() == []
+    in_an_hour = await store.expired_approvals(now=utcnow() + timedelta(hours=1))
+    assert [t.id for t in in_an_hour] == [soon.id]
+    in_a_day = await store.expired_approvals(now=utcnow() + timedelta(days=1))
+    assert [t.id for t in in_a_day] == [soon.id, later.id]
+    assert len(await store.expired_approvals(now=utcnow() + timedelta(days=1), limit=1)) == 1
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_migration_5_adds_the_approval_columns_to_an_old_database(backend: str, tmp_path: Path) -> None:
+    """A database written by schema version 4: no approval columns."""
+    from sqlalchemy import text
+
+    from opspawn_mcp.store.sql import SCHEMA_VERSION, SqlStore
+
+    schema: str | None = None
+    if backend == "postgres":
+        require_service("postgres")
+        schema = f"opspawn_test_{uuid.uuid4().hex[:12]}"
+        url = POSTGRES_URL
+    else:
+        url = f"sqlite+aiosqlite:///{tmp_path / 'v4.db'}"
+    store = open_store(url, schema=schema)
+    assert isinstance(store, SqlStore)
+    await store.start()
+    old = await store.create(_task())
+    again: SqlStore | None = None
+    try:
+        async with store._tx() as conn:  # white-box: rebuild the version-4 shape by hand
+            await conn.execute(text("DROP INDEX ix_tasks_status_approval"))
+            await conn.execute(text("ALTER TABLE tasks DROP COLUMN approval"))
+            await conn.execute(text("ALTER TABLE tasks DROP COLUMN approval_expires_at"))
+            await conn.execute(text("DELETE FROM schema_version WHERE version > 4"))
+        await store.close()
+        reopened = open_store(url, schema=schema)
+        assert isinstance(reopened, SqlStore)
+        again = reopened
+        await again.start()
+        assert await again.schema_version() == SCHEMA_VERSION
+        assert (await again.get(old.id)).approval is None
+        assert await again.claim(old.id, "w1", ttl_s=3600, max_attempts=3) is not None
+        request = _request(expires_in_s=1)
+        await again.transition(
+            old.id, {TaskStatus.RUNNING}, TaskStatus.INPUT_REQUIRED, owner="w1", approval=request
+        )
+        assert (await again.get(old.id)).approval == request
+        expired = await again.expired_approvals(now=utcnow() + timedelta(seconds=5))
+        assert [t.id for t in expired] == [old.id]
     finally:
         await store.close()
         if again is not None:

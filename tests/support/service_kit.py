@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import agentkit
+from opspawn_mcp.approvals import approval_request
 from opspawn_mcp.config import Config, parse_config
 from opspawn_mcp.host.models import ServerInfo
 from opspawn_mcp.models import Task, TaskStatus
@@ -95,3 +97,20 @@ async def finish(store: MemoryStore, task_id: str, result: str) -> None:
     await store.append_event(task_id, "state", {"status": "running"})
     await store.append_event(task_id, "final", {"result": result})
     await store.transition(task_id, {TaskStatus.RUNNING}, TaskStatus.COMPLETED, result=result, owner="w1")
+
+
+async def pause(store: MemoryStore, task_id: str, *, timeout_s: float = 3600.0) -> Task:
+    """Do what a worker does when its agent reaches a call needing approval: claim the task and
+    pause it on a request to run ``files__delete`` (tool call 1 of step 1)."""
+    claimed = await store.claim(task_id, "w1", 30.0, 3)
+    assert claimed is not None
+    call = agentkit.ToolCall(id="c1", name="files__delete", arguments={"path": "/tmp/x"})
+    request = approval_request(claimed, agentkit.PendingApproval(ordinal=1, step=1, call=call), timeout_s)
+    return await store.transition(
+        task_id,
+        {TaskStatus.RUNNING},
+        TaskStatus.INPUT_REQUIRED,
+        owner="w1",
+        approval=request,
+        event=("input_required", request.model_dump(mode="json")),
+    )
