@@ -146,8 +146,9 @@ async def _call(caller: McpCaller, server: str, tool: str, arguments: dict[str, 
     try:
         result = await caller.call_tool(server, tool, arguments, **options)
     except Exception as exc:
+        detail = str(exc).rstrip(".")  # most messages end with a period: one is enough
         raise ToolError(
-            f"calling {tool!r} on MCP server {server!r} failed: {type(exc).__name__}: {exc}. "
+            f"calling {tool!r} on MCP server {server!r} failed: {type(exc).__name__}: {detail}. "
             "Check the server and tool names, or try another tool."
         ) from exc
     return result_from_mcp(result, server=server, tool=tool)

@@ -288,7 +288,10 @@ def bind_http(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise Unavailable(f"Cannot listen on {host}:{port}: {exc.strerror}.") from None
+        raise Unavailable(
+            f"Cannot listen on {host}:{port}: {exc.strerror}. Pick another port with `serve --port P` "
+            "(or opspawn.server.port, $OPSPAWN_SERVER_PORT), or stop what is using this one."
+        ) from None
     sock.listen(128)
     sock.setblocking(False)
     return sock

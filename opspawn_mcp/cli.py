@@ -12,19 +12,31 @@ import json
 import socket
 import sys
 from collections.abc import Coroutine, Sequence
+from importlib.metadata import version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from opspawn_mcp.config import Config, describe, find_config_path, load_config
-from opspawn_mcp.errors import ConfigError, OpspawnError
-
-if TYPE_CHECKING:
-    from mcp.types import CallToolResult
+from opspawn_mcp.config import (
+    DEFAULTS_SOURCE,
+    EXAMPLE_SERVER_NAME,
+    Config,
+    describe,
+    example_server_config,
+    find_config_path,
+    load_config,
+)
+from opspawn_mcp.errors import ConfigError, Door, OpspawnError
+from opspawn_mcp.models import TaskStatus
 
 EPILOG = """\
 config: --config FILE, else $OPSPAWN_CONFIG, else ./opspawn.json, else the embedded default
 (SQLite under the user's state dir, in-process broker and worker, the bundled example server).
 Every key under "opspawn" has an OPSPAWN_* env override; see docs/configuration.md.
+"""
+FOLLOW_EPILOG = """\
+The server: --url, else $OPSPAWN_URL, else http://127.0.0.1:8765/mcp; the token: $OPSPAWN_TOKEN.
+Exit codes: 0 done (a followed task completed), 1 a followed task failed, 3 it was cancelled,
+2 an error (bad arguments, no server, refused, no such task).
 """
 
 
@@ -38,9 +50,30 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     print(
         f"{config.source}: OK ({len(config.mcp_servers)} server(s): {', '.join(config.mcp_servers) or 'none'})"
     )
+    for line in server_warnings(config):
+        print(f"  {line}")
     for line in describe(config):
         print(f"  {line}")
     return 0
+
+
+NO_SERVERS = "no downstream MCP servers: agents get no tools and answer from the model alone"
+
+
+def server_warnings(config: Config) -> list[str]:
+    """What a config file's ``mcpServers`` leaves out that a newcomer expects: any server at all,
+    and the bundled example server, which the embedded default (no file) attaches."""
+    warnings = []
+    if not config.mcp_servers:
+        warnings.append(f"warning: {NO_SERVERS}")
+    if config.source != DEFAULTS_SOURCE and EXAMPLE_SERVER_NAME not in config.mcp_servers:
+        example = example_server_config()
+        entry = json.dumps({"command": example.command, "args": example.args})
+        warnings.append(
+            "note: the bundled example server is not attached (a config file's mcpServers replace "
+            f'the embedded default); to keep it, add "{EXAMPLE_SERVER_NAME}": {entry} to mcpServers'
+        )
+    return warnings
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
@@ -66,11 +99,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     Logs go to stderr in every mode: with ``--stdio``, stdout carries the protocol and nothing else.
     """
+    import logging
+
     from opspawn_mcp.app import bind_http, check_bind
     from opspawn_mcp.principals import Principals
 
     config = _load(args)
     _configure_logging()
+    if not config.mcp_servers:
+        logging.getLogger(__name__).warning("%s", NO_SERVERS)
     sock = None
     if not args.stdio:
         # Refuse a bad bind (no token, port taken) before opening anything, so the error is
@@ -129,143 +166,23 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return run_worker_process(_load(args))
 
 
-DEFAULT_URL = "http://127.0.0.1:8765/mcp"
-TOKEN_ENV = "OPSPAWN_TOKEN"
-"""The client commands' bearer token (a principal's token); else the single auth_token_env one."""
-RESPONSE_MARGIN_S = 60.0
-"""How long a server may take to answer beyond the work asked of it (a ``--wait``)."""
+def cmd_client(args: argparse.Namespace) -> int:
+    """submit, status, tasks, cancel, servers: clients of a running server (``commands``)."""
+    from opspawn_mcp.commands import run
+
+    return run(args, _load(args))
 
 
-def cmd_submit(args: argparse.Namespace) -> int:
-    arguments: dict[str, object] = {"goal": args.goal, "wait": args.wait}
-    if args.servers:
-        arguments["servers"] = args.servers
-    if args.max_steps is not None:
-        arguments["max_steps"] = args.max_steps
-    # The server answers only when the wait ends, so the client must wait longer than that.
-    return _remote(args, "submit_task", arguments, timeout_s=max(args.wait, 0.0) + RESPONSE_MARGIN_S)
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    return _remote(args, "get_status", {"task_id": args.task_id})
-
-
-def cmd_servers(args: argparse.Namespace) -> int:
-    return _remote(args, "list_servers", {})
-
-
-def _remote(
-    args: argparse.Namespace, tool: str, arguments: dict[str, object], *, timeout_s: float = RESPONSE_MARGIN_S
-) -> int:
-    """Call one tool of a running server over streamable HTTP and print its answer as JSON.
-
-    These commands are MCP clients like any other, so they see exactly what an assistant sees.
-    The bearer token comes from ``$OPSPAWN_TOKEN`` (a principal's token), else from the variable
-    ``auth_token_env`` names, never from the command line (where ``ps`` would show it).
-    """
-    import asyncio
-    import os
-
-    config = _load(args)
-    url = args.url or os.environ.get("OPSPAWN_URL") or DEFAULT_URL
-    token_env = config.opspawn.server.auth_token_env
-    token = os.environ.get(TOKEN_ENV) or (os.environ.get(token_env) if token_env else None)
-    try:
-        result = asyncio.run(_call_tool(url, token, tool, arguments, timeout_s))
-    except _Unreachable as exc:
-        print(f"opspawn-mcp: {exc}", file=sys.stderr)
-        return 2
-    if result.is_error:
-        text = "".join(getattr(block, "text", "") for block in result.content)
-        print(f"opspawn-mcp: {text.removeprefix(f'Error executing tool {tool}: ')}", file=sys.stderr)
-        return 2
-    print(json.dumps(result.structured_content, indent=2))
-    return 0
-
-
-class _Unreachable(Exception):
-    """The server could not be reached or refused us; the message is the one line to show."""
-
-
-async def _call_tool(
-    url: str, token: str | None, tool: str, arguments: dict[str, object], timeout_s: float = RESPONSE_MARGIN_S
-) -> CallToolResult:
-    """One ``tools/call``; the answer may take up to ``timeout_s`` (HTTP read and MCP request alike)."""
-    import httpx2
-    from mcp import Client
-    from mcp.client.streamable_http import streamable_http_client
-
-    refused: list[int] = []
-
-    async def note_refusal(response: httpx2.Response) -> None:
-        # The MCP client turns an HTTP 401 into a generic JSON-RPC error; keep the status.
-        if response.status_code in (401, 403):
-            refused.append(response.status_code)
-
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    try:
-        async with (
-            httpx2.AsyncClient(
-                headers=headers,
-                timeout=httpx2.Timeout(30.0, read=timeout_s),
-                event_hooks={"response": [note_refusal]},
-            ) as http,
-            Client(streamable_http_client(url, http_client=http)) as client,
-        ):
-            return await client.call_tool(tool, arguments, read_timeout_seconds=timeout_s)
-    except Exception as exc:
-        if refused:
-            hint = (
-                "check the token"
-                if token
-                else f"set {TOKEN_ENV} to your token (a token of opspawn.server.tokens)"
-            )
-            raise _Unreachable(
-                f"the opspawn server at {url} refused the request (HTTP {refused[0]}): {hint}"
-            ) from None
-        raise _Unreachable(_reason(url, exc, timeout_s)) from None
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    """The real errors inside ``exc``: exception groups (task groups) unwrapped, in order."""
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
-    return [exc]
-
-
-def _reason(url: str, exc: BaseException, timeout_s: float = RESPONSE_MARGIN_S) -> str:
-    """One line naming the real cause, whatever the MCP client wrapped it in.
-
-    Checked from the most to the least specific: a server that went away mid-request (it
-    crashed or stopped; later cleanup requests then fail to connect too), no server at all, a
-    timeout, and otherwise the first underlying error by type and message.
-    """
-    import httpx2
-
-    leaves = _leaves(exc)
-    related: list[BaseException] = []
-    for leaf in leaves:
-        err: BaseException | None = leaf
-        while err is not None and err not in related:
-            related.append(err)
-            err = err.__cause__ or err.__context__
-    if any(isinstance(e, httpx2.RemoteProtocolError | httpx2.ReadError) for e in related):
-        return (
-            f"the opspawn server at {url} closed the connection before answering: it stopped or "
-            "crashed; check its log"
-        )
-    if any(isinstance(e, httpx2.ConnectError | httpx2.ConnectTimeout | ConnectionError) for e in related):
-        return f"no opspawn server at {url}: start one with `opspawn-mcp serve`"
-    if any(isinstance(e, httpx2.TimeoutException | TimeoutError) for e in related):
-        return f"the opspawn server at {url} did not answer within {timeout_s:g} s"
-    first = leaves[0]
-    detail = str(first).strip()
-    return f"could not talk to the opspawn server at {url}: {type(first).__name__}" + (
-        f": {detail}" if detail else ""
-    )
+def _port(text: str) -> int:
+    """``--port``: a TCP port number, refused by argparse (usage line, code 2) otherwise."""
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535; 0 picks a free one)")
+    return int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The commands. ``--config`` is accepted before or after a command (``common``: a
+    subcommand's copy defaults to SUPPRESS, so it never overwrites one given before it)."""
     parser = argparse.ArgumentParser(
         prog="opspawn-mcp",
         description="MCP-native orchestration server for LLM agents.",
@@ -273,67 +190,100 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", metavar="FILE", help="config file (JSON)")
+    parser.add_argument("--version", action="version", version=f"opspawn-mcp {version('opspawn')}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help="config file (JSON)")
+    client = argparse.ArgumentParser(add_help=False, parents=[common])
+    client.add_argument(
+        "--url", help="the server's MCP URL (default $OPSPAWN_URL, else http://127.0.0.1:8765/mcp)"
+    )
+    client.add_argument("--json", action="store_true", help="print the server's answer as JSON")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = sub.add_parser(
+    def command(name: str, help: str, description: str, *, parent: argparse.ArgumentParser = client) -> Any:
+        return sub.add_parser(
+            name,
+            help=help,
+            description=description,
+            parents=[parent],
+            epilog=FOLLOW_EPILOG if parent is client else None,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    serve = command(
         "serve",
-        help="run the MCP server (stdio, SSE, streamable HTTP) with the embedded worker",
-        description="Run opspawn as an MCP server. Without --stdio it serves streamable HTTP at /mcp "
-        "and SSE at /sse on opspawn.server.host:port (127.0.0.1:8765 by default).",
+        "run the MCP server (stdio, SSE, streamable HTTP) with the embedded worker",
+        "Run opspawn as an MCP server. Without --stdio it serves streamable HTTP at /mcp, SSE at "
+        "/sse and REST at /v1 on opspawn.server.host:port (127.0.0.1:8765 by default); gRPC only "
+        "when opspawn.server.grpc_port (OPSPAWN_SERVER_GRPC_PORT) is set.",
+        parent=common,
     )
     serve.add_argument("--stdio", action="store_true", help="speak MCP over stdin/stdout (logs go to stderr)")
     serve.add_argument("--host", help="bind address (overrides opspawn.server.host)")
-    serve.add_argument("--port", type=int, help="port (overrides opspawn.server.port)")
+    serve.add_argument("--port", type=_port, help="port (overrides opspawn.server.port)")
     serve.set_defaults(func=cmd_serve)
 
-    worker = sub.add_parser(
+    worker = command(
         "worker",
-        help="run a worker process that executes agent tasks from RabbitMQ",
-        description="Consume execute_agent_task_actor messages from opspawn.broker_url (amqp://...). "
+        "run a worker process that executes agent tasks from RabbitMQ",
+        "Consume execute_agent_task_actor messages from opspawn.broker_url (amqp://...). "
         "The embedded broker needs no separate worker: serve runs one in-process.",
+        parent=common,
     )
     worker.set_defaults(func=cmd_worker)
 
-    submit = sub.add_parser(
-        "submit",
-        help="submit a task to a running server",
-        description="Submit a task to a running opspawn server over MCP and print it as JSON.",
-    )
+    submit = command("submit", "submit a task to a running server", "Submit a task and show it.")
     submit.add_argument("goal", help="what the agent must do")
     submit.add_argument(
         "--server", action="append", dest="servers", help="allowed downstream server (repeatable)"
     )
-    submit.add_argument("--max-steps", type=int)
+    submit.add_argument("--max-steps", type=int, help="step budget (LLM calls); default 10")
+    submit.add_argument("--timeout", type=float, help="seconds the task may run; default 300")
     submit.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the result")
-    submit.add_argument("--url", help="server URL (default http://127.0.0.1:8765/mcp)")
-    submit.set_defaults(func=cmd_submit)
+    submit.add_argument("--follow", action="store_true", help="show its steps live until it ends")
+    submit.set_defaults(func=cmd_client)
 
-    status = sub.add_parser(
-        "status", help="show a task", description="Show a task's status, result or error."
-    )
+    status = command("status", "show a task", "Show a task's status, steps, tokens, and result or error.")
     status.add_argument("task_id")
-    status.add_argument("--url", help="server URL (default http://127.0.0.1:8765/mcp)")
-    status.set_defaults(func=cmd_status)
-
-    servers = sub.add_parser(
-        "servers",
-        help="list the downstream MCP servers",
-        description="List the configured downstream MCP servers with their state and tools.",
+    status.add_argument(
+        "--follow", "-f", action="store_true", help="show its steps, tool calls and tokens live until it ends"
     )
-    servers.add_argument("--url", help="server URL (default http://127.0.0.1:8765/mcp)")
-    servers.set_defaults(func=cmd_servers)
+    status.set_defaults(func=cmd_client)
 
-    config = sub.add_parser("config", help="check or show the config", description="Config file tools.")
+    tasks = command(
+        "tasks",
+        "list tasks",
+        "List tasks newest first: id, status, goal, age, steps, tokens. With TEXT, only those whose "
+        "goal or id contains it (among the newest 2,000).",
+    )
+    tasks.add_argument("text", nargs="?", help="only tasks whose goal or id contains this (any case)")
+    tasks.add_argument("--status", choices=[s.value for s in TaskStatus], help="only tasks in this status")
+    tasks.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
+    tasks.set_defaults(func=cmd_client)
+
+    cancel = command("cancel", "cancel a task", "Cancel a queued or running task and show it.")
+    cancel.add_argument("task_id")
+    cancel.set_defaults(func=cmd_client)
+
+    servers = command(
+        "servers",
+        "list the downstream MCP servers",
+        "List the configured downstream MCP servers with their state and tools.",
+    )
+    servers.set_defaults(func=cmd_client)
+
+    config = command("config", "check or show the config", "Config file tools.", parent=common)
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     check = config_sub.add_parser(
         "check",
         help="validate a config file",
         description="Validate FILE (or the file opspawn would use) and print every problem with its JSON path.",
+        parents=[common],
     )
     check.add_argument("file", nargs="?", help="config file to check")
     check.set_defaults(func=cmd_config_check)
     show = config_sub.add_parser(
-        "show", help="print the effective config (defaults and env overrides applied)"
+        "show", help="print the effective config (defaults and env overrides applied)", parents=[common]
     )
     show.set_defaults(func=cmd_config_show)
     return parser
@@ -347,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"opspawn-mcp: invalid config {exc.message}", file=sys.stderr)
         return 2
     except OpspawnError as exc:
-        print(f"opspawn-mcp: {exc.message}", file=sys.stderr)
+        print(f"opspawn-mcp: {exc.message_for(Door.CLI)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -31,6 +31,8 @@ from opspawn_mcp.errors import ConfigError
 CONFIG_ENV = "OPSPAWN_CONFIG"
 DEFAULT_CONFIG_NAME = "opspawn.json"
 EXAMPLE_SERVER_NAME = "example"
+DEFAULTS_SOURCE = "<defaults>"
+"""``Config.source`` when no file was read: the embedded default."""
 LOCALHOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 _SERVER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -248,7 +250,7 @@ class Config(_Strict):
 
     mcp_servers: dict[str, ServerConfig] = Field(default_factory=dict, alias="mcpServers")
     opspawn: OpspawnSettings = Field(default_factory=OpspawnSettings)
-    source: str = Field(default="<defaults>", exclude=True)
+    source: str = Field(default=DEFAULTS_SOURCE, exclude=True)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -444,7 +446,7 @@ def parse_config(raw: Any, source: str = "<config>", environ: Mapping[str, str] 
 def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> Config:
     """Load the file at ``path``, or the embedded default (the example server) when None."""
     if path is None:
-        config = parse_config({}, "<defaults>", environ)
+        config = parse_config({}, DEFAULTS_SOURCE, environ)
         config.mcp_servers[EXAMPLE_SERVER_NAME] = example_server_config()
         return config
     try:

@@ -3,12 +3,16 @@
 Each error kind is raised in exactly one layer (service, store, host pool, config) and mapped
 once per door: MCP turns it into a tool result with ``isError``, REST into an RFC 9457 problem
 with ``status``, gRPC into ``grpc_code``. Messages are written for the person (or LLM) on the
-other side of the door, so they say what to do, never how the code failed.
+other side of the door, so they say what to do, never how the code failed. What to do is said in
+the door's own words: a ``Hint`` names an action (``list_tasks``), and ``message_for(door)`` words
+it as that door's command or route (``opspawn-mcp tasks``, ``GET /v1/tasks``, ``ListTasks``).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from enum import StrEnum
 from http import HTTPStatus
 from typing import Any, ClassVar
 
@@ -30,22 +34,77 @@ def problem_document(status: int, kind: str, detail: str, **extra: Any) -> dict[
     return document
 
 
+class Door(StrEnum):
+    """The ways in: each words a hint with its own commands or routes."""
+
+    MCP = "mcp"
+    REST = "rest"
+    GRPC = "grpc"
+    CLI = "cli"
+
+
+ACTIONS: dict[str, dict[Door, str]] = {
+    "list_tasks": {
+        Door.MCP: "the list_tasks tool",
+        Door.REST: "GET /v1/tasks",
+        Door.GRPC: "ListTasks",
+        Door.CLI: "`opspawn-mcp tasks`",
+    },
+    "list_servers": {
+        Door.MCP: "the list_servers tool",
+        Door.REST: "GET /v1/servers",
+        Door.GRPC: "the REST route GET /v1/servers",
+        Door.CLI: "`opspawn-mcp servers`",
+    },
+    "submit": {
+        Door.MCP: "submit_task",
+        Door.REST: "POST /v1/tasks",
+        Door.GRPC: "SubmitTask",
+        Door.CLI: "`opspawn-mcp submit`",
+    },
+}
+"""Each action a hint can point to, by door: the one place that names another door's commands."""
+CLI_CLIENT_NAME = "opspawn-mcp"
+"""The MCP ``clientInfo`` name the CLI sends, so the MCP door words its hints for the CLI."""
+
+
+@dataclass(frozen=True)
+class Hint:
+    """What to do next: ``template`` (written in code, never from input) has one ``{}`` for the
+    name ``action`` has at the door that answers."""
+
+    template: str
+    action: str
+
+    def text(self, door: Door) -> str:
+        return self.template.format(ACTIONS[self.action][door])
+
+
 class OpspawnError(Exception):
-    """Base of every error opspawn reports to a client."""
+    """Base of every error opspawn reports to a client.
+
+    ``message`` is worded for MCP (the main door, and what logs show); each door answers with
+    ``message_for`` itself."""
 
     kind: ClassVar[str] = "error"
     status: ClassVar[int] = 500
     grpc_code: ClassVar[str] = "INTERNAL"
 
-    def __init__(self, message: str, **details: Any) -> None:
-        super().__init__(message)
-        self.message = message
+    def __init__(self, message: str, *, hint: Hint | None = None, **details: Any) -> None:
+        self.facts = message
+        self.hint = hint
+        self.message = self.message_for(Door.MCP)
+        super().__init__(self.message)
         self.details = details
+
+    def message_for(self, door: Door) -> str:
+        """The message as ``door`` says it: the facts, then the hint in that door's words."""
+        return self.facts if self.hint is None else f"{self.facts} {self.hint.text(door)}"
 
     def problem(self) -> dict[str, Any]:
         """This error as an RFC 9457 problem document (the REST body, and any HTTP 401)."""
         extra = {k: v for k, v in self.details.items() if k not in _PROBLEM_MEMBERS}
-        return problem_document(self.status, self.kind, self.message, **extra)
+        return problem_document(self.status, self.kind, self.message_for(Door.REST), **extra)
 
 
 class InvalidInput(OpspawnError):
@@ -70,7 +129,8 @@ class NotFound(OpspawnError):
 class TaskNotFound(NotFound):
     def __init__(self, task_id: str) -> None:
         super().__init__(
-            f"No task with id {task_id!r}. List tasks with list_tasks to find valid ids.",
+            f"No task with id {task_id!r}.",
+            hint=Hint("List tasks with {} to find valid ids.", "list_tasks"),
             task_id=task_id,
         )
 

@@ -33,7 +33,7 @@ from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
 from gateway.problems import EXCEPTION_HANDLERS
-from opspawn_mcp.errors import InvalidInput, NotFound, OpspawnError
+from opspawn_mcp.errors import CLI_CLIENT_NAME, Door, InvalidInput, NotFound, OpspawnError
 from opspawn_mcp.host.models import ServerInfo
 from opspawn_mcp.http_guard import HttpGuard
 from opspawn_mcp.models import (
@@ -146,9 +146,16 @@ class ServerList(BaseModel):
     servers: list[ServerInfo]
 
 
-def _tool_error(exc: OpspawnError) -> ToolError:
-    """The one mapping from a typed error to an MCP tool error: kind first, then the fix."""
-    return ToolError(f"{exc.kind}: {exc.message}")
+def _tool_error(exc: OpspawnError, ctx: Context | None) -> ToolError:
+    """The one mapping from a typed error to an MCP tool error: kind first, then the fix, worded
+    for the CLI's commands when the caller is opspawn's own CLI (``CLI_CLIENT_NAME``)."""
+    return ToolError(f"{exc.kind}: {exc.message_for(_door(ctx))}")
+
+
+def _door(ctx: Context | None) -> Door:
+    params = ctx.request_context.session.client_params if ctx is not None else None
+    name = params.client_info.name if params is not None else None
+    return Door.CLI if name == CLI_CLIENT_NAME else Door.MCP
 
 
 def _describe_event(kind: str, data: dict[str, Any]) -> str:
@@ -205,7 +212,8 @@ class _Server(MCPServer):
                 raise _tool_error(
                     InvalidInput(
                         "Invalid task spec: goal: Field required.", problems=["goal: Field required"]
-                    )
+                    ),
+                    context,
                 )
             if unknown:
                 raise _tool_error(
@@ -213,7 +221,8 @@ class _Server(MCPServer):
                         f"submit_task has no argument(s) {', '.join(map(repr, unknown))}; it takes: "
                         f"{', '.join(sorted(SUBMIT_ARGUMENTS))}.",
                         problems=[f"{u}: unknown argument" for u in unknown],
-                    )
+                    ),
+                    context,
                 )
         return await super().call_tool(name, arguments, context)
 
@@ -319,7 +328,7 @@ def build_server(service: TaskService, local: Principal = LOCAL) -> MCPServer:
 
                 task = await service.wait(task.id, wait, progress, by=by)
         except OpspawnError as exc:
-            raise _tool_error(exc) from exc
+            raise _tool_error(exc, ctx) from exc
         return TaskView.of(task)
 
     async def get_status(ctx: Context, task_id: TaskId = None) -> TaskView:
@@ -327,7 +336,7 @@ def build_server(service: TaskService, local: Principal = LOCAL) -> MCPServer:
         try:
             return TaskView.of(await service.get(task_id, by=caller(ctx, local)))
         except OpspawnError as exc:
-            raise _tool_error(exc) from exc
+            raise _tool_error(exc, ctx) from exc
 
     async def list_tasks(
         ctx: Context,
@@ -343,7 +352,7 @@ def build_server(service: TaskService, local: Principal = LOCAL) -> MCPServer:
         try:
             page = await service.list(status, limit, cursor, by=caller(ctx, local))
         except OpspawnError as exc:
-            raise _tool_error(exc) from exc
+            raise _tool_error(exc, ctx) from exc
         return TaskList(tasks=[TaskView.of(t) for t in page.items], next_cursor=page.next_cursor)
 
     async def cancel_task(ctx: Context, task_id: TaskId = None) -> TaskView:
@@ -351,7 +360,7 @@ def build_server(service: TaskService, local: Principal = LOCAL) -> MCPServer:
         try:
             return TaskView.of(await service.cancel(task_id, by=caller(ctx, local)))
         except OpspawnError as exc:
-            raise _tool_error(exc) from exc
+            raise _tool_error(exc, ctx) from exc
 
     async def list_servers(ctx: Context) -> ServerList:
         """Downstream MCP servers agents may use, with their state and cached tool names."""

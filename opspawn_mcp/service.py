@@ -22,6 +22,7 @@ from opspawn_mcp.config import Config
 from opspawn_mcp.errors import (
     Conflict,
     Forbidden,
+    Hint,
     IllegalTransition,
     InvalidInput,
     OpspawnError,
@@ -179,8 +180,8 @@ class TaskService:
         if unknown:
             known = ", ".join(configured) or "none are available to you"
             raise Forbidden(
-                f"Unknown server(s) {', '.join(map(repr, unknown))}; you may use: {known}. "
-                "List them with list_servers (REST: GET /v1/servers).",
+                f"Unknown server(s) {', '.join(map(repr, unknown))}; you may use: {known}.",
+                hint=Hint("List them with {}.", "list_servers"),
                 servers=unknown,
             )
         return list(dict.fromkeys(wanted))
@@ -403,11 +404,14 @@ _ENDPOINT_FIELDS = frozenset({"provider", "base_url", "model", "api_key_env", "a
 """Fields of the old model settings a client could once set; named in the refusal's message."""
 
 
+_ID_HINT = Hint("Pass the id {} returned.", "submit")
+
+
 def _check_id(task_id: str) -> str:
     if not isinstance(task_id, str):
-        raise InvalidInput("task_id must be a string: the id submit_task returned.", field="task_id")
+        raise InvalidInput("task_id must be a string.", hint=_ID_HINT, field="task_id")
     if not task_id.strip():
-        raise InvalidInput("task_id is empty; pass the id submit_task returned.", field="task_id")
+        raise InvalidInput("task_id is empty.", hint=_ID_HINT, field="task_id")
     if "\x00" in task_id:
         raise InvalidInput("task_id must not contain NUL characters.", field="task_id")
     if len(task_id) > TASK_ID_MAX_CHARS:

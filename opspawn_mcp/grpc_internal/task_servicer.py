@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from opspawn_mcp.errors import OpspawnError, RateLimited, Unauthenticated
+from opspawn_mcp.errors import Door, OpspawnError, RateLimited, Unauthenticated
 from opspawn_mcp.grpc_internal import convert
 from opspawn_mcp.grpc_internal.gen import tasks_pb2 as pb
 from opspawn_mcp.grpc_internal.gen import tasks_pb2_grpc as pb_grpc
@@ -42,7 +42,7 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: Exception
     if isinstance(exc, RateLimited):
         context.set_trailing_metadata((("retry-after", str(exc.retry_after_s)),))
     if isinstance(exc, OpspawnError):
-        await context.abort(grpc.StatusCode[exc.grpc_code], exc.message)
+        await context.abort(grpc.StatusCode[exc.grpc_code], exc.message_for(Door.GRPC))
     log.error("unhandled error in a gRPC call", exc_info=exc)
     await context.abort(
         grpc.StatusCode.INTERNAL, "The server failed to handle this call; it has been logged."

@@ -70,7 +70,7 @@ def test_echo_hello_round_trip_on_the_embedded_default(
 ) -> None:
     url, proc, env, log = embedded_server
     submitted = subprocess.run(
-        [opspawn_command(), "submit", "echo hello", "--wait", str(WAIT_S), "--url", url],
+        [opspawn_command(), "submit", "echo hello", "--wait", str(WAIT_S), "--url", url, "--json"],
         cwd=tmp_path,
         env=env,
         capture_output=True,

@@ -371,7 +371,10 @@ def test_a_taken_port_is_one_clear_line(http_server: ServerProcess, tmp_path: Pa
     port = http_server.base.rsplit(":", 1)[1]
     result = run_cli("--config", str(config), "serve", "--port", port)
     assert result.returncode == 2
-    assert result.stderr.strip() == f"opspawn-mcp: Cannot listen on 127.0.0.1:{port}: Address already in use."
+    assert result.stderr.strip() == (
+        f"opspawn-mcp: Cannot listen on 127.0.0.1:{port}: Address already in use. Pick another port "
+        "with `serve --port P` (or opspawn.server.port, $OPSPAWN_SERVER_PORT), or stop what is using this one."
+    )
 
 
 async def test_a_token_is_required_when_configured(tmp_path: Path, llm_url: str) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from opspawn_mcp.cli import _call_tool, _reason, _Unreachable
+from opspawn_mcp.remote import Remote, Unreachable, reason
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -29,7 +29,9 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     )
 
 
-@pytest.mark.parametrize("command", ["serve", "worker", "submit", "status", "servers", "config"])
+@pytest.mark.parametrize(
+    "command", ["serve", "worker", "submit", "status", "tasks", "cancel", "servers", "config"]
+)
 def test_every_command_explains_itself(command: str) -> None:
     out = run_cli(command, "--help")
     assert out.returncode == 0
@@ -52,6 +54,56 @@ def test_config_check_accepts_a_good_file(tmp_path: Path) -> None:
     out = run_cli("config", "check", str(good))
     assert out.returncode == 0, out.stderr
     assert "OK (1 server(s): time)" in out.stdout
+
+
+def test_config_check_warns_of_no_servers_and_of_the_example_server_left_out(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"opspawn": {"server": {"port": 9000}}}))
+    out = run_cli("config", "check", str(empty))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[1] == (
+        "  warning: no downstream MCP servers: agents get no tools and answer from the model alone"
+    )
+    example = json.dumps({"command": sys.executable, "args": ["-m", "opspawn_mcp.example_server"]})
+    assert lines[2] == (
+        "  note: the bundled example server is not attached (a config file's mcpServers replace the "
+        f'embedded default); to keep it, add "example": {example} to mcpServers'
+    )
+
+
+def test_the_embedded_default_needs_no_warning(tmp_path: Path) -> None:
+    env = {"OPSPAWN_CONFIG": "", "XDG_STATE_HOME": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-m", "opspawn_mcp.cli", "config", "check"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, **env},
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "OK (1 server(s): example)" in out.stdout
+    assert "warning" not in out.stdout and "note:" not in out.stdout
+
+
+@pytest.mark.parametrize("port", ["99999", "-1", "http"])
+def test_serve_refuses_a_port_that_is_not_one_with_a_usage_line(port: str) -> None:
+    out = run_cli("serve", f"--port={port}")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.splitlines()[-1] == (
+        f"opspawn-mcp serve: error: argument --port: {port!r} is not a port number (0-65535; 0 picks a free one)"
+    )
+
+
+def test_version_and_config_after_the_command(tmp_path: Path) -> None:
+    assert run_cli("--version").stdout.startswith("opspawn-mcp 0.")
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"mcpServers": {"time": {"command": "mcp-server-time"}}}))
+    out = run_cli("config", "show", "--config", str(good))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["mcpServers"]["time"]["command"] == "mcp-server-time"
 
 
 def test_config_show_never_prints_secret_values(tmp_path: Path) -> None:
@@ -107,8 +159,8 @@ def broken_server(answer: bytes | None) -> Iterator[str]:
 
 
 def call(url: str, timeout_s: float = 60.0) -> str:
-    with pytest.raises(_Unreachable) as caught:
-        asyncio.run(_call_tool(url, None, "list_servers", {}, timeout_s))
+    with pytest.raises(Unreachable) as caught:
+        asyncio.run(Remote(url, None).call("list_servers", {}, timeout_s=timeout_s))
     message = str(caught.value)
     assert "\n" not in message and "TaskGroup" not in message and "sub-exception" not in message
     return message
@@ -137,7 +189,7 @@ def test_something_else_on_the_port_names_the_underlying_error() -> None:
 
 def test_exception_groups_are_unwrapped_to_the_first_real_error() -> None:
     nested = ExceptionGroup("outer", [ExceptionGroup("inner", [ValueError("the real cause")])])
-    assert _reason("http://x/mcp", nested) == (
+    assert reason("http://x/mcp", nested) == (
         "could not talk to the opspawn server at http://x/mcp: ValueError: the real cause"
     )
 
@@ -146,7 +198,14 @@ def test_no_server_at_all_is_one_line_from_every_client_command() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{sock.getsockname()[1]}/mcp"  # bound, never listening
-        for args in (["submit", "hi", "--wait", "5"], ["status", "t1"], ["servers"]):
+        for args in (
+            ["submit", "hi", "--wait", "5"],
+            ["status", "t1"],
+            ["status", "t1", "--follow"],
+            ["tasks"],
+            ["cancel", "t1"],
+            ["servers"],
+        ):
             out = run_cli(*args, "--url", url)
             assert out.returncode == 2
             assert (

@@ -71,7 +71,7 @@ class ClientsCaller:
 
     def _client(self, server: str) -> Client:
         if server not in self.allowed:
-            raise PermissionError(f"server {server!r} is not allowed for this task")
+            raise PermissionError(f"server {server!r} is not allowed for this task.")
         return self.clients[server]
 
     async def list_tools(self, server: str) -> list[types.Tool]:
@@ -117,6 +117,7 @@ async def test_proxy_turns_host_refusals_and_bad_input_into_observations() -> No
         proxy = mcp_proxy_tool(caller)
         refused = await proxy.invoke({"server": "secret", "tool": "add", "arguments": {"a": 1, "b": 1}})
         assert refused.is_error and "PermissionError" in refused.content and "not allowed" in refused.content
+        assert "task.." not in refused.content and "for this task. Check" in refused.content
         missing = await proxy.invoke({"tool": "add"})
         assert missing.is_error and '"server"' in missing.content
         bad = await proxy.invoke({"server": "maths", "tool": "add", "arguments": "{nope"})

@@ -1,0 +1,242 @@
+"""The client commands as a user meets them: the real ``opspawn-mcp`` entry point in its own
+process, against one real ``opspawn-mcp serve`` (embedded worker, SQLite, the bundled example MCP
+server, the scripted fake OpenAI-compatible LLM in its own process), checked by output and exit code.
+
+The fake LLM's rules (tests/support/fake_openai.py) make the tasks deterministic: ``echo X`` calls
+the example server's echo tool and answers ``done: X``; ``sleep N`` calls its sleep tool.
+A pseudo-terminal run checks the rich view; every other run is plain text (stdout is a pipe).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.servers.harness import HANG_GUARD_S, REPO_ROOT, free_port, opspawn_command, opspawn_process
+from tests.support.fake_openai import spawn_fake_openai, wait_for_http
+
+CLI_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class Serve:
+    url: str
+    config: Path
+    env: dict[str, str]
+
+    @property
+    def rest(self) -> str:
+        return self.url.removesuffix("/mcp")
+
+
+@pytest.fixture(scope="module")
+def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
+    tmp = tmp_path_factory.mktemp("cli")
+    port = free_port()
+    with spawn_fake_openai() as llm_url:
+        config = {
+            "mcpServers": {
+                "example": {"command": sys.executable, "args": ["-m", "opspawn_mcp.example_server"]}
+            },
+            "opspawn": {
+                "store_url": f"sqlite+aiosqlite:///{tmp / 'opspawn.db'}",
+                "llm": {"provider": "openai", "base_url": llm_url, "model": "fake-model", "timeout_s": 30},
+                "server": {"port": port},
+            },
+        }
+        path = tmp / "opspawn.json"
+        path.write_text(json.dumps(config))
+        log = tmp / "serve.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OPSPAWN_")}
+        with opspawn_process("--config", str(path), "serve", cwd=REPO_ROOT, env=env, log=log) as proc:
+            base = f"http://127.0.0.1:{port}"
+            wait_for_http(
+                proc, f"{base}/readyz", deadline_s=HANG_GUARD_S, why=lambda: log.read_text()[-3000:]
+            )
+            yield Serve(url=f"{base}/mcp", config=path, env={**env, "OPSPAWN_URL": f"{base}/mcp"})
+
+
+def cli(serve: Serve, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [opspawn_command(), *args],
+        cwd=REPO_ROOT,
+        env=serve.env,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+        check=False,
+    )
+
+
+def submitted(serve: Serve, goal: str, *args: str) -> str:
+    out = cli(serve, "submit", goal, "--json", *args)
+    assert out.returncode == 0, out.stderr
+    task_id: str = json.loads(out.stdout)["task_id"]
+    return task_id
+
+
+def on_a_terminal(serve: Serve, *args: str) -> str:
+    """``opspawn-mcp *args`` with stdout on a pseudo-terminal (what a user's shell gives it)."""
+    leader, follower = pty.openpty()
+    env = {**serve.env, "TERM": "xterm-256color", "COLUMNS": "160"}
+    env.pop("NO_COLOR", None)
+    proc = subprocess.Popen(
+        [opspawn_command(), *args], cwd=REPO_ROOT, env=env, stdout=follower, stderr=subprocess.PIPE
+    )
+    os.close(follower)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + CLI_TIMEOUT_S
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([leader], [], [], 1.0)
+            if not ready:
+                if proc.poll() is not None:
+                    break
+                continue
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        assert proc.wait(timeout=HANG_GUARD_S) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        os.close(leader)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+    return b"".join(chunks).decode(errors="replace")
+
+
+# -- the commands -----------------------------------------------------------------------------
+
+
+def test_version_names_the_installed_package(serve: Serve) -> None:
+    out = cli(serve, "--version")
+    assert out.returncode == 0 and out.stdout.startswith("opspawn-mcp 0.")
+
+
+def test_tasks_is_a_table_of_id_status_goal_age_steps_and_tokens(serve: Serve) -> None:
+    task_id = submitted(serve, "echo table row", "--wait", "60")
+    out = cli(serve, "tasks")
+    assert out.returncode == 0, out.stderr
+    header, *rows = out.stdout.splitlines()
+    assert header.split() == ["ID", "STATUS", "GOAL", "AGE", "STEPS", "TOKENS"]
+    row = next(r for r in rows if r.startswith(task_id))
+    cells = row.split()
+    assert cells[1] == "completed" and "echo table row" in row
+    assert int(cells[-2]) >= 2 and int(cells[-1]) > 0  # steps, tokens
+    assert "\x1b[" not in out.stdout  # plain text when stdout is not a terminal
+
+
+def test_tasks_filters_by_status_text_and_limit(serve: Serve) -> None:
+    wanted = submitted(serve, "echo needle-7f3", "--wait", "60")
+    submitted(serve, "echo haystack", "--wait", "60")
+    by_text = json.loads(cli(serve, "tasks", "NEEDLE-7f3", "--json").stdout)["tasks"]
+    assert [t["task_id"] for t in by_text] == [wanted]
+    failed = json.loads(cli(serve, "tasks", "--status", "failed", "--json").stdout)["tasks"]
+    assert all(t["status"] == "failed" for t in failed) and wanted not in {t["task_id"] for t in failed}
+    assert len(json.loads(cli(serve, "tasks", "--limit", "1", "--json").stdout)["tasks"]) == 1
+
+
+def test_status_follow_shows_the_tool_call_and_exits_0_when_completed(serve: Serve) -> None:
+    task_id = submitted(serve, "echo followed")
+    out = cli(serve, "status", "--follow", task_id)
+    assert out.returncode == 0, out.stderr
+    assert "tool_call    example__echo" in out.stdout
+    assert "tool_result  example__echo: followed" in out.stdout
+    assert "state        completed" in out.stdout
+    assert re.search(r"^result +done: followed$", out.stdout, re.M)
+
+
+def test_follow_exits_1_when_the_task_fails(serve: Serve) -> None:
+    task_id = submitted(serve, "sleep 25", "--timeout", "1")
+    out = cli(serve, "status", task_id, "--follow")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert re.search(r"^status +failed$", out.stdout, re.M) and "timeout_s=1" in out.stdout
+
+
+def test_cancel_stops_a_task_and_follow_exits_3(serve: Serve) -> None:
+    task_id = submitted(serve, "sleep 25")
+    cancelled = cli(serve, "cancel", task_id)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert re.search(r"^status +cancelled$", cancelled.stdout, re.M)
+    followed = cli(serve, "status", "--follow", task_id, "--json")
+    assert followed.returncode == 3
+    assert json.loads(followed.stdout.splitlines()[-1])["status"] == "cancelled"
+
+
+def test_every_read_command_speaks_json(serve: Serve) -> None:
+    task_id = submitted(serve, "echo as json", "--wait", "60")
+    assert json.loads(cli(serve, "status", task_id, "--json").stdout)["status"] == "completed"
+    assert {s["name"] for s in json.loads(cli(serve, "servers", "--json").stdout)["servers"]} == {"example"}
+    assert task_id in {t["task_id"] for t in json.loads(cli(serve, "tasks", "--json").stdout)["tasks"]}
+    lines = [json.loads(line) for line in cli(serve, "status", task_id, "-f", "--json").stdout.splitlines()]
+    assert lines[-1]["task_id"] == task_id and lines[-1]["status"] == "completed"
+
+
+def test_config_is_taken_before_or_after_the_command(serve: Serve) -> None:
+    env_free = {**serve.env, "OPSPAWN_URL": ""}
+    for args in (["--config", str(serve.config), "servers"], ["servers", "--config", str(serve.config)]):
+        out = subprocess.run(
+            [opspawn_command(), *args, "--url", serve.url],
+            env=env_free,
+            capture_output=True,
+            text=True,
+            timeout=CLI_TIMEOUT_S,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.splitlines()[0].split() == ["SERVER", "STATE", "TOOLS", "ERROR"]
+    bad = cli(serve, "servers", "--config", "/nonexistent/opspawn.json")
+    assert bad.returncode == 2 and "cannot read the file" in bad.stderr
+
+
+# -- errors in each door's own words ----------------------------------------------------------
+
+
+def test_an_unknown_task_names_the_command_that_lists_tasks(serve: Serve) -> None:
+    out = cli(serve, "status", "no-such-task")
+    assert out.returncode == 2
+    assert out.stderr == (
+        "opspawn-mcp: No task with id 'no-such-task'. List tasks with `opspawn-mcp tasks` to find valid ids.\n"
+    )
+    assert cli(serve, "cancel", "no-such-task").stderr == out.stderr
+
+
+def test_rest_names_its_own_routes(serve: Serve) -> None:
+    answer = httpx.get(f"{serve.rest}/v1/tasks/no-such-task", timeout=HANG_GUARD_S).json()
+    assert (
+        answer["detail"] == "No task with id 'no-such-task'. List tasks with GET /v1/tasks to find valid ids."
+    )
+    refused = httpx.post(
+        f"{serve.rest}/v1/tasks", json={"goal": "x", "servers": ["ghost"]}, timeout=HANG_GUARD_S
+    ).json()
+    assert refused["detail"].endswith("List them with GET /v1/servers.")
+
+
+# -- a terminal gets the rich view ------------------------------------------------------------
+
+
+def test_a_terminal_gets_colour_and_the_live_view(serve: Serve) -> None:
+    task_id = submitted(serve, "echo on a terminal")
+    followed = on_a_terminal(serve, "status", "--follow", task_id)
+    assert "\x1b[" in followed  # rich's styles and cursor moves
+    assert "example__echo" in followed and "completed" in followed
+    table = on_a_terminal(serve, "tasks", task_id)
+    assert "\x1b[" in table and task_id in table and "STATUS" in table
