@@ -330,13 +330,15 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 def test_cli_submit_status_servers(http_server: ServerProcess, tmp_path: Path) -> None:
     url = http_server.url
-    submitted = run_cli("submit", "echo from the cli", "--server", "testing", "--wait", "120", "--url", url)
+    submitted = run_cli(
+        "submit", "echo from the cli", "--server", "testing", "--wait", "120", "--url", url, "--json"
+    )
     assert submitted.returncode == 0, submitted.stderr
     task = json.loads(submitted.stdout)
     assert task["status"] == "completed" and task["result"] == "done: from the cli"
-    status = run_cli("status", task["task_id"], "--url", url)
+    status = run_cli("status", task["task_id"], "--url", url, "--json")
     assert status.returncode == 0 and json.loads(status.stdout)["task_id"] == task["task_id"]
-    servers = run_cli("servers", "--url", url)
+    servers = run_cli("servers", "--url", url, "--json")
     assert servers.returncode == 0 and json.loads(servers.stdout)["servers"][0]["name"] == "testing"
     bad = run_cli("status", "nope", "--url", url)
     assert bad.returncode == 2 and "No task with id 'nope'" in bad.stderr and "Traceback" not in bad.stderr
@@ -445,7 +447,15 @@ def test_serve_with_rabbitmq_hands_tasks_to_a_worker_process(tmp_path: Path, llm
             time.sleep(0.1)
         server = ServerProcess(config, env=env)
         submitted = run_cli(
-            "submit", "echo via rabbitmq", "--server", "testing", "--wait", "120", "--url", server.url
+            "submit",
+            "echo via rabbitmq",
+            "--server",
+            "testing",
+            "--wait",
+            "120",
+            "--url",
+            server.url,
+            "--json",
         )
         assert submitted.returncode == 0, submitted.stderr
         task = json.loads(submitted.stdout)

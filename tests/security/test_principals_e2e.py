@@ -340,7 +340,7 @@ def test_the_cli_speaks_as_the_principal_of_opspawn_token(serve: Serve, tmp_path
         if token is not None:
             env["OPSPAWN_TOKEN"] = token
         return subprocess.run(
-            [opspawn_command(), "status", task_id, "--url", serve.mcp],
+            [opspawn_command(), "status", task_id, "--url", serve.mcp, "--json"],
             cwd=tmp_path,
             env=env,
             capture_output=True,
@@ -360,7 +360,8 @@ def test_the_cli_speaks_as_the_principal_of_opspawn_token(serve: Serve, tmp_path
     assert mine.returncode == 0, mine.stderr
     assert json.loads(mine.stdout)["task_id"] == task_id
     theirs = status(task_id, BOB)
-    assert theirs.returncode == 2 and "not_found" in theirs.stderr and "Traceback" not in theirs.stderr
+    assert theirs.returncode == 2 and "Traceback" not in theirs.stderr
+    assert theirs.stderr.startswith(f"opspawn-mcp: No task with id {task_id!r}.")
     anonymous = status(task_id, None)
     assert (
         anonymous.returncode == 2 and "HTTP 401" in anonymous.stderr and "OPSPAWN_TOKEN" in anonymous.stderr
