@@ -13,7 +13,7 @@ from typing import Any
 
 from jinja2 import ChainableUndefined, Environment, PackageLoader
 
-from opspawn_mcp.models import TaskStatus, utcnow
+from opspawn_mcp.models import TaskEvent, TaskStatus, utcnow
 
 CLIP_CHARS = 4000
 """How much of a long text (a tool result, a model reply) a timeline row shows."""
@@ -50,6 +50,27 @@ def _between(start: datetime | None, end: datetime | None) -> str:
 
 def _stamp(moment: datetime | None) -> str:
     return "" if moment is None else moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+class Durations:
+    """How long each step of the timeline took, fed the task's events in order: a tool result
+    since its call, a model reply since the event before it (the model's own time)."""
+
+    def __init__(self) -> None:
+        self._last: datetime | None = None
+        self._calls: dict[str, datetime] = {}
+
+    def took(self, event: TaskEvent) -> str:
+        """The row's duration, or an empty string where none applies."""
+        start: datetime | None = None
+        if event.kind == "tool_call":
+            self._calls[str(event.data.get("id"))] = event.time
+        elif event.kind == "tool_result":
+            start = self._calls.pop(str(event.data.get("call_id")), None)
+        elif event.kind == "llm":
+            start = self._last
+        self._last = event.time
+        return _between(start, event.time)
 
 
 def build_environment() -> Environment:

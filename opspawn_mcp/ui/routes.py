@@ -26,7 +26,7 @@ from opspawn_mcp.models import Task, TaskEvent
 from opspawn_mcp.principals import Principal, Principals, principal_of
 from opspawn_mcp.service import EVENTS_PAGE_MAX, TaskService
 from opspawn_mcp.ui import session
-from opspawn_mcp.ui.render import build_environment
+from opspawn_mcp.ui.render import Durations, build_environment
 
 PAGE_SIZE = 50
 SUMMARY_KINDS = frozenset({"state", "llm", "final", "error", "input_required", "input_answered"})
@@ -133,10 +133,11 @@ class Dashboard:
         live = not task.status.terminal or len(events) == EVENTS_PAGE_MAX
         last = events[-1].seq if events else 0
         stream = request.url_for("ui_task_events", task_id=task.id).include_query_params(after_seq=last)
+        durations = Durations()
         return self.render(
             "task.html",
             task=task,
-            events=events,
+            rows=[(event, durations.took(event)) for event in events],
             stream_url=_local(stream) if live else None,
             **self._chrome(request),
         )
@@ -154,14 +155,21 @@ class Dashboard:
         after = int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 12 else -1
         task = await self.service.get(request.path_params["task_id"], by=by)
         await self.service.events(task.id, after, 1, by=by)  # a bad seq is a 422 before the 200
-        frames = sse_stream(self._timeline(task, after, by), self.heartbeat_s)
+        # The rows the page already shows start the durations of the ones that come in.
+        durations = Durations()
+        for seen in await self.service.events(task.id, 0, min(after, EVENTS_PAGE_MAX), by=by) if after else []:
+            durations.took(seen)
+        frames = sse_stream(self._timeline(task, after, durations, by), self.heartbeat_s)
         return StreamingResponse(frames, media_type="text/event-stream", headers=SSE_HEADERS)
 
-    async def _timeline(self, task: Task, after: int, by: Principal) -> AsyncGenerator[str, None]:
+    async def _timeline(
+        self, task: Task, after: int, durations: Durations, by: Principal
+    ) -> AsyncGenerator[str, None]:
         events: AsyncGenerator[TaskEvent, None] = self.service.watch(task.id, after, by=by)
         try:
             async for event in events:
-                row = self.env.get_template("_event.html").render(event=event, task=task)
+                took = durations.took(event)
+                row = self.env.get_template("_event.html").render(event=event, task=task, took=took)
                 yield sse_frame("item", row, event.seq)
                 if event.kind in SUMMARY_KINDS:
                     task = await self.service.get(task.id, by=by)
@@ -175,6 +183,9 @@ class Dashboard:
     async def servers(self, request: Request) -> Response:
         servers = self.service.list_servers(by=principal_of(request.scope))
         return self.render("servers.html", servers=servers, **self._chrome(request))
+
+    async def server_rows(self, request: Request) -> Response:
+        return self.render("_server_rows.html", servers=self.service.list_servers(by=principal_of(request.scope)))
 
     async def sign_in_page(self, request: Request) -> Response:
         if not self.principals.auth_required:
@@ -206,6 +217,7 @@ def dashboard_routes(
         Route("/ui/tasks/{task_id}/cancel", d.cancel, methods=["POST"], name="ui_cancel"),
         Route("/ui/tasks/{task_id}/events", d.events, methods=["GET"], name="ui_task_events"),
         Route("/ui/servers", d.page(d.servers), methods=["GET"], name="ui_servers"),
+        Route("/ui/servers/rows", d.server_rows, methods=["GET"], name="ui_server_rows"),
         Route(DASHBOARD_SIGN_IN, d.sign_in_page, methods=["GET"], name="ui_sign_in_page"),
         Route(DASHBOARD_SIGN_IN, d.sign_in, methods=["POST"], name="ui_sign_in"),
         Route("/ui/logout", d.sign_out, methods=["POST"], name="ui_sign_out"),

@@ -164,6 +164,8 @@ def test_sign_in_submit_and_watch_the_timeline_fill_live_until_completed(
     call = timeline.locator(".kind-tool_call")
     expect(call).to_contain_text("example__echo")
     expect(call.locator(".arguments")).to_contain_text(f'"text": "{GATED} hello"')
+    expect(timeline.locator(".kind-tool_result .took")).to_contain_text(" s")  # since its call
+    expect(timeline.locator(".kind-llm .took").last).to_contain_text(" s")  # the model's time
     expect(page.locator("#task-result")).to_have_text(f"done: {GATED} hello")
     tokens = page.locator("#task-tokens").inner_text()
     assert tokens.endswith("total") and not tokens.startswith("0 in"), tokens

@@ -239,7 +239,9 @@ async def test_the_timeline_streams_rendered_rows_then_ends() -> None:
 async def test_the_servers_page_lists_the_servers_the_principal_may_use() -> None:
     async with serving({}) as base, httpx.AsyncClient(base_url=base) as http:
         page = await http.get("/ui/servers")
-        assert page.status_code == 200 and "No downstream servers you may use" in page.text
+        assert page.status_code == 200 and 'data-refresh="/ui/servers/rows"' in page.text
+        rows = await http.get("/ui/servers/rows")
+        assert "No downstream servers you may use" in rows.text
 
 
 def test_the_script_and_styles_ship_inside_the_package() -> None:

@@ -3,7 +3,7 @@
 // every live part swaps in HTML the server rendered from the same templates as the page.
 "use strict";
 
-const ROWS_EVERY_MS = 2000;
+const REFRESH_EVERY_MS = 2000;
 
 function flash(message) {
   const box = document.getElementById("flash");
@@ -95,27 +95,29 @@ async function answer(button) {
 
 // -- live parts -------------------------------------------------------------------------
 
-function refreshRows() {
-  const rows = document.getElementById("task-rows");
-  if (!rows) return;
-  let busy = false;
-  window.setInterval(async () => {
-    if (busy || document.hidden) return;
-    busy = true;
-    try {
-      const response = await fetch(rows.dataset.refresh, { credentials: "same-origin" });
-      if (response.ok) {
-        rows.innerHTML = await response.text();
-        flash("");
-      } else {
-        flash(`The task list could not be refreshed (${response.status}); reload the page.`);
+// Every element with data-refresh="<url>" is replaced, every few seconds while the tab is
+// visible, by the fragment the server renders at that URL (the task list, the servers).
+function refreshParts() {
+  for (const part of document.querySelectorAll("[data-refresh]")) {
+    let busy = false;
+    window.setInterval(async () => {
+      if (busy || document.hidden) return;
+      busy = true;
+      try {
+        const response = await fetch(part.dataset.refresh, { credentials: "same-origin" });
+        if (response.ok) {
+          part.innerHTML = await response.text();
+          flash("");
+        } else {
+          flash(`This page could not be refreshed (${response.status}); reload it.`);
+        }
+      } catch (_) {
+        flash("The server cannot be reached; this page is not live until it is back.");
+      } finally {
+        busy = false;
       }
-    } catch (_) {
-      flash("The server cannot be reached; the task list is not live until it is back.");
-    } finally {
-      busy = false;
-    }
-  }, ROWS_EVERY_MS);
+    }, REFRESH_EVERY_MS);
+  }
 }
 
 function followTimeline() {
@@ -145,6 +147,6 @@ function followTimeline() {
 
 document.addEventListener("DOMContentLoaded", () => {
   wireForms();
-  refreshRows();
+  refreshParts();
   followTimeline();
 });
