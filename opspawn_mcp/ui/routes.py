@@ -45,6 +45,13 @@ SECURITY_HEADERS = {
 Handler = Callable[[Request], Awaitable[Response]]
 
 
+async def _json_body(request: Request) -> Any:
+    try:
+        return json.loads(await read_body(request, MAX_BODY_BYTES))
+    except (ValueError, RecursionError):
+        raise InvalidInput("The request body is not valid JSON.") from None
+
+
 def _local(url: URL) -> str:
     """A link to this server as a path and query: right behind any proxy that rewrites the host."""
     return url.path + (f"?{url.query}" if url.query else "")
@@ -115,12 +122,7 @@ class Dashboard:
 
     async def submit(self, request: Request) -> Response:
         """A task from the dashboard's form: the body is a task spec, as for ``POST /v1/tasks``."""
-        body = await read_body(request, MAX_BODY_BYTES)
-        try:
-            spec = json.loads(body)
-        except (ValueError, RecursionError):
-            raise InvalidInput("The request body is not valid JSON.") from None
-        task = await self.service.submit(spec, by=principal_of(request.scope))
+        task = await self.service.submit(await _json_body(request), by=principal_of(request.scope))
         url = request.url_for("ui_task", task_id=task.id).path
         return JSONResponse({"task_id": task.id, "url": url}, status_code=201, headers={"Location": url})
 
@@ -146,6 +148,16 @@ class Dashboard:
         task = await self.service.cancel(request.path_params["task_id"], by=principal_of(request.scope))
         return self.render("_summary.html", task=task)
 
+    async def answer(self, request: Request) -> Response:
+        """Approve or deny: ``{"request_id", "approve", "note"}``, as for ``POST /v1/tasks/{id}/input``."""
+        body = await _json_body(request)
+        if not isinstance(body, dict):
+            raise InvalidInput('Send {"request_id": ..., "approve": true or false, "note": ...} as JSON.')
+        request_id = body.pop("request_id", None)
+        task_id = request.path_params["task_id"]
+        task = await self.service.answer(task_id, request_id, body, by=principal_of(request.scope))
+        return self.render("_summary.html", task=task)
+
     async def events(self, request: Request) -> Response:
         """The timeline's live part: each new event as a rendered row, the summary again after
         the events that change it, and ``end`` once the task is over (so the page stops
@@ -157,7 +169,9 @@ class Dashboard:
         await self.service.events(task.id, after, 1, by=by)  # a bad seq is a 422 before the 200
         # The rows the page already shows start the durations of the ones that come in.
         durations = Durations()
-        for seen in await self.service.events(task.id, 0, min(after, EVENTS_PAGE_MAX), by=by) if after else []:
+        for seen in (
+            await self.service.events(task.id, 0, min(after, EVENTS_PAGE_MAX), by=by) if after else []
+        ):
             durations.took(seen)
         frames = sse_stream(self._timeline(task, after, durations, by), self.heartbeat_s)
         return StreamingResponse(frames, media_type="text/event-stream", headers=SSE_HEADERS)
@@ -185,7 +199,9 @@ class Dashboard:
         return self.render("servers.html", servers=servers, **self._chrome(request))
 
     async def server_rows(self, request: Request) -> Response:
-        return self.render("_server_rows.html", servers=self.service.list_servers(by=principal_of(request.scope)))
+        return self.render(
+            "_server_rows.html", servers=self.service.list_servers(by=principal_of(request.scope))
+        )
 
     async def sign_in_page(self, request: Request) -> Response:
         if not self.principals.auth_required:
@@ -215,6 +231,7 @@ def dashboard_routes(
         Route("/ui/tasks/rows", d.task_rows, methods=["GET"], name="ui_task_rows"),
         Route("/ui/tasks/{task_id}", d.page(d.task), methods=["GET"], name="ui_task"),
         Route("/ui/tasks/{task_id}/cancel", d.cancel, methods=["POST"], name="ui_cancel"),
+        Route("/ui/tasks/{task_id}/input", d.answer, methods=["POST"], name="ui_answer"),
         Route("/ui/tasks/{task_id}/events", d.events, methods=["GET"], name="ui_task_events"),
         Route("/ui/servers", d.page(d.servers), methods=["GET"], name="ui_servers"),
         Route("/ui/servers/rows", d.server_rows, methods=["GET"], name="ui_server_rows"),

@@ -6,7 +6,8 @@ A person signs in with a token, submits a task from the page, and watches its ti
 while it runs (a gate in the fake LLM holds the task's last model call until the page is
 following it, so the rows that come after can only arrive live, without a reload), until it
 is completed with the tool's arguments, result and token usage shown; cancels a slow task (one
-the fake LLM holds until the end) from its page; sees a task submitted elsewhere appear in the list; searches the list; and reads the
+the fake LLM holds until the end) from its page; approves and denies a tool call that needs a
+person (a server with ``require_approval``) and sees the task go on; sees a task submitted elsewhere appear in the list; searches the list; and reads the
 servers page. Screenshots go to ``test-artifacts/ui/``. Every wait is Playwright's own
 poll-until-true with the hang guard as its deadline; nothing asserts on durations.
 """
@@ -28,7 +29,7 @@ from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_play
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tests.security.kit import Serve, run_serve
+from tests.security.kit import EXAMPLE_SERVER, Serve, run_serve
 from tests.servers.harness import HANG_GUARD_S, REPO_ROOT
 from tests.support.fake_openai import FakeOpenAI, FakeOpenAIServer
 from tests.support.services import require_command
@@ -77,7 +78,8 @@ def serve(tmp_path_factory: pytest.TempPathFactory, llm: FakeOpenAIServer) -> It
         "llm": {"provider": "openai", "base_url": llm.base_url, "model": "fake-model", "timeout_s": 30},
         "server": {"tokens": {"alice": {"token_env": "DASHBOARD_ALICE"}}},
     }
-    with run_serve(tmp, opspawn, env={"DASHBOARD_ALICE": TOKEN}) as running:
+    servers = {"example": EXAMPLE_SERVER, "guarded": {**EXAMPLE_SERVER, "require_approval": ["echo"]}}
+    with run_serve(tmp, opspawn, env={"DASHBOARD_ALICE": TOKEN}, mcp_servers=servers) as running:
         yield running
 
 
@@ -141,6 +143,13 @@ def submit_from_the_page(page: Page, goal: str) -> str:
     return page.url.rsplit("/", 1)[1]
 
 
+def submit_by_rest(serve: Serve, spec: dict[str, Any]) -> str:
+    r = httpx.post(f"{serve.http}/v1/tasks", json=spec, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 202, r.text
+    task_id: str = r.json()["id"]
+    return task_id
+
+
 def test_sign_in_submit_and_watch_the_timeline_fill_live_until_completed(
     page: Page, llm: FakeOpenAIServer
 ) -> None:
@@ -190,13 +199,8 @@ def test_the_list_shows_new_tasks_live_and_searches_goals(page: Page, serve: Ser
     page.goto("/ui")
     page.evaluate("window.samePage = true")
     marker = f"from elsewhere {uuid.uuid4().hex[:8]}"
-    r = httpx.post(
-        f"{serve.http}/v1/tasks",
-        json={"goal": f"echo {marker}"},
-        headers={"Authorization": f"Bearer {TOKEN}"},
-    )
-    assert r.status_code == 202, r.text
-    row = page.locator(f"#task-rows tr[data-task-id='{r.json()['id']}']")
+    task_id = submit_by_rest(serve, {"goal": f"echo {marker}", "servers": ["example"]})
+    row = page.locator(f"#task-rows tr[data-task-id='{task_id}']")
     expect(row).to_contain_text(marker)
     expect(row.locator(".badge")).to_have_text("completed")
     assert page.evaluate("window.samePage") is True
@@ -208,6 +212,32 @@ def test_the_list_shows_new_tasks_live_and_searches_goals(page: Page, serve: Ser
     page.select_option("select[name=status]", "cancelled")
     page.click(".filters button")
     expect(page.locator("#task-rows")).to_contain_text("No task matches these filters.")
+
+
+@pytest.mark.parametrize("approve", [True, False], ids=["approve", "deny"])
+def test_answer_an_approval_request_and_the_task_goes_on(page: Page, serve: Serve, approve: bool) -> None:
+    sign_in(page)
+    word, done = ("approve", "approved") if approve else ("deny", "denied")
+    task_id = submit_by_rest(serve, {"goal": f"echo {word} me", "servers": ["guarded"]})
+    page.goto(f"/ui/tasks/{task_id}")
+    panel = page.locator("#approval")
+    expect(page.locator("#task-status")).to_have_text("input_required")
+    expect(panel).to_contain_text("guarded")
+    expect(panel.locator("pre")).to_contain_text(f'"text": "{word} me"')
+    shot(page, f"07-approval-{word}-waiting")
+    page.fill("#approval-note", f"{done} in the browser test")
+    page.click(f"#approval button[data-approve={'true' if approve else 'false'}]")
+
+    expect(page.locator("#task-status")).to_have_text("completed")
+    answered = page.locator("#timeline .kind-input_answered")
+    expect(answered).to_contain_text(f"{done} by alice: {done} in the browser test")
+    expect(panel).to_have_count(0)
+    result = page.locator("#task-result")
+    if approve:
+        expect(result).to_have_text(f"done: {word} me")  # the tool ran and the agent saw its output
+    else:
+        expect(result).to_contain_text(f"{done} in the browser test")  # the agent was told why not
+    shot(page, f"08-approval-{word}-answered")
 
 
 def test_the_servers_page_shows_state_and_tools(page: Page) -> None:

@@ -169,6 +169,21 @@ async def test_dashboard_actions_from_its_own_page_submit_and_cancel(token_env: 
         assert_problem(bad, 422, "invalid_input")
 
 
+async def test_an_answer_names_the_pending_request_or_is_refused_with_why(token_env: dict[str, str]) -> None:
+    """The happy path (approve, deny in a real browser) is in tests/e2e/test_dashboard_browser.py."""
+    async with serving(TOKENS, token_env) as base, httpx.AsyncClient(base_url=base) as http:
+        task_id = await submit(http, ALICE)
+        own = {**cookie(ALICE), "origin": base}
+        path = f"/ui/tasks/{task_id}/input"
+        waiting_for_none = await http.post(path, json={"request_id": "r1", "approve": True}, headers=own)
+        assert "waits for no answer" in assert_problem(waiting_for_none, 409, "conflict")["detail"]
+        for body in [{"approve": True}, {"request_id": "r1", "approve": "maybe"}, ["r1"]]:
+            assert_problem(await http.post(path, json=body, headers=own), 422, "invalid_input")
+        bobs = {**cookie(BOB), "origin": base}
+        answer = {"request_id": "r1", "approve": True}
+        assert_problem(await http.post(path, json=answer, headers=bobs), 404, "not_found")
+
+
 # -- scoping and filters --------------------------------------------------------------------
 
 
