@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from opspawn_mcp.errors import PROBLEM_MEDIA_TYPE, OpspawnError, RateLimited, problem_document
+from opspawn_mcp.errors import PROBLEM_MEDIA_TYPE, Door, OpspawnError, RateLimited, problem_document
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +39,10 @@ class Problem(BaseModel):
     )
 
 
-def error_document(exc: OpspawnError) -> dict[str, Any]:
+def error_document(exc: OpspawnError, door: Door = Door.REST) -> dict[str, Any]:
     """The problem for a typed error: status and kind from errors.py, its details as extensions
     (``problems`` for validation, ``task_id``, ``field``...), exactly what the other doors carry."""
-    return exc.problem()
+    return exc.problem(door)
 
 
 def problem_response(
@@ -56,13 +56,15 @@ def problem_response(
     return _respond(problem_document(status, kind, detail, **extra), headers)
 
 
-def error_response(exc: OpspawnError, *, headers: Mapping[str, str] | None = None) -> Response:
+def error_response(
+    exc: OpspawnError, *, headers: Mapping[str, str] | None = None, door: Door = Door.REST
+) -> Response:
     """The problem response for a typed error; a ``RateLimited`` one says when to retry
     (``Retry-After``, in seconds), which clients and proxies honour without reading the body."""
     extra = dict(headers or {})
     if isinstance(exc, RateLimited):
         extra["Retry-After"] = str(exc.retry_after_s)
-    return _respond(error_document(exc), extra)
+    return _respond(error_document(exc, door), extra)
 
 
 def _respond(document: dict[str, Any], headers: Mapping[str, str] | None = None) -> Response:

@@ -41,6 +41,7 @@ class Door(StrEnum):
     REST = "rest"
     GRPC = "grpc"
     CLI = "cli"
+    UI = "ui"
 
 
 ACTIONS: dict[str, dict[Door, str]] = {
@@ -49,18 +50,21 @@ ACTIONS: dict[str, dict[Door, str]] = {
         Door.REST: "GET /v1/tasks",
         Door.GRPC: "ListTasks",
         Door.CLI: "`opspawn-mcp tasks`",
+        Door.UI: "the task list at /ui",
     },
     "list_servers": {
         Door.MCP: "the list_servers tool",
         Door.REST: "GET /v1/servers",
         Door.GRPC: "the REST route GET /v1/servers",
         Door.CLI: "`opspawn-mcp servers`",
+        Door.UI: "the servers page at /ui/servers",
     },
     "submit": {
         Door.MCP: "submit_task",
         Door.REST: "POST /v1/tasks",
         Door.GRPC: "SubmitTask",
         Door.CLI: "`opspawn-mcp submit`",
+        Door.UI: "the New task form at /ui",
     },
 }
 """Each action a hint can point to, by door: the one place that names another door's commands."""
@@ -101,10 +105,11 @@ class OpspawnError(Exception):
         """The message as ``door`` says it: the facts, then the hint in that door's words."""
         return self.facts if self.hint is None else f"{self.facts} {self.hint.text(door)}"
 
-    def problem(self) -> dict[str, Any]:
-        """This error as an RFC 9457 problem document (the REST body, and any HTTP 401)."""
+    def problem(self, door: Door = Door.REST) -> dict[str, Any]:
+        """This error as an RFC 9457 problem document (the REST body, any HTTP 401, and the
+        dashboard's script calls, worded for ``Door.UI``)."""
         extra = {k: v for k, v in self.details.items() if k not in _PROBLEM_MEMBERS}
-        return problem_document(self.status, self.kind, self.message_for(Door.REST), **extra)
+        return problem_document(self.status, self.kind, self.message_for(door), **extra)
 
 
 class InvalidInput(OpspawnError):

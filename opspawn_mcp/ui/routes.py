@@ -20,7 +20,8 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from gateway.app import MAX_BODY_BYTES, SSE_HEADERS, SSE_HEARTBEAT_S, read_body, sse_stream
-from opspawn_mcp.errors import InvalidInput, NotFound, OpspawnError
+from gateway.problems import error_response
+from opspawn_mcp.errors import Door, InvalidInput, NotFound, OpspawnError
 from opspawn_mcp.http_guard import DASHBOARD_SIGN_IN
 from opspawn_mcp.models import Task, TaskEvent
 from opspawn_mcp.principals import Principal, Principals, principal_of
@@ -83,7 +84,20 @@ class Dashboard:
             try:
                 return await handler(request)
             except OpspawnError as exc:
-                return self.render("error.html", exc.status, message=exc.message, **self._chrome(request))
+                message = exc.message_for(Door.UI)
+                return self.render("error.html", exc.status, message=message, **self._chrome(request))
+
+        return guarded
+
+    def call(self, handler: Handler) -> Handler:
+        """``handler`` for the script (fragments, actions): its typed errors as RFC 9457 problems
+        whose ``detail``, which the page shows, names the dashboard's pages, not the API's."""
+
+        async def guarded(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except OpspawnError as exc:
+                return error_response(exc, door=Door.UI)
 
         return guarded
 
@@ -227,17 +241,17 @@ def dashboard_routes(
     d = Dashboard(service, principals, sse_heartbeat_s)
     return [
         Route("/ui", d.page(d.tasks), methods=["GET"], name="ui_tasks"),
-        Route("/ui/tasks", d.submit, methods=["POST"], name="ui_submit"),
-        Route("/ui/tasks/rows", d.task_rows, methods=["GET"], name="ui_task_rows"),
+        Route("/ui/tasks", d.call(d.submit), methods=["POST"], name="ui_submit"),
+        Route("/ui/tasks/rows", d.call(d.task_rows), methods=["GET"], name="ui_task_rows"),
         Route("/ui/tasks/{task_id}", d.page(d.task), methods=["GET"], name="ui_task"),
-        Route("/ui/tasks/{task_id}/cancel", d.cancel, methods=["POST"], name="ui_cancel"),
-        Route("/ui/tasks/{task_id}/input", d.answer, methods=["POST"], name="ui_answer"),
-        Route("/ui/tasks/{task_id}/events", d.events, methods=["GET"], name="ui_task_events"),
+        Route("/ui/tasks/{task_id}/cancel", d.call(d.cancel), methods=["POST"], name="ui_cancel"),
+        Route("/ui/tasks/{task_id}/input", d.call(d.answer), methods=["POST"], name="ui_answer"),
+        Route("/ui/tasks/{task_id}/events", d.call(d.events), methods=["GET"], name="ui_task_events"),
         Route("/ui/servers", d.page(d.servers), methods=["GET"], name="ui_servers"),
-        Route("/ui/servers/rows", d.server_rows, methods=["GET"], name="ui_server_rows"),
+        Route("/ui/servers/rows", d.call(d.server_rows), methods=["GET"], name="ui_server_rows"),
         Route(DASHBOARD_SIGN_IN, d.sign_in_page, methods=["GET"], name="ui_sign_in_page"),
-        Route(DASHBOARD_SIGN_IN, d.sign_in, methods=["POST"], name="ui_sign_in"),
-        Route("/ui/logout", d.sign_out, methods=["POST"], name="ui_sign_out"),
+        Route(DASHBOARD_SIGN_IN, d.call(d.sign_in), methods=["POST"], name="ui_sign_in"),
+        Route("/ui/logout", d.call(d.sign_out), methods=["POST"], name="ui_sign_out"),
         Mount("/ui/static", StaticFiles(packages=[("opspawn_mcp.ui", "static")]), name="ui_static"),
         Route("/ui/{path:path}", d.page(d.not_found), methods=["GET"]),
     ]

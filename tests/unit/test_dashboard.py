@@ -196,9 +196,10 @@ async def test_pages_show_only_the_principals_own_tasks(token_env: dict[str, str
         page = await http.get(f"/ui/tasks/{alices}", headers=bobs)
         assert page.status_code == 404 and page.headers["content-type"].startswith("text/html")
         assert "secret goal" not in page.text and "No task with id" in page.text
+        assert "List tasks with the task list at /ui to find valid ids." in page.text  # its own words
         assert_problem(await http.get(f"/ui/tasks/{alices}/events", headers=bobs), 404, "not_found")
         cancel = await http.post(f"/ui/tasks/{alices}/cancel", headers={**bobs, "origin": base})
-        assert_problem(cancel, 404, "not_found")
+        assert "the task list at /ui" in assert_problem(cancel, 404, "not_found")["detail"]
         assert "secret goal" in (await http.get("/ui", headers=cookie(ALICE))).text
 
 

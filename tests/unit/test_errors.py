@@ -13,6 +13,7 @@ def test_a_hint_names_each_doors_own_command_or_route() -> None:
         Door.REST: "No task with id 't1'. List tasks with GET /v1/tasks to find valid ids.",
         Door.GRPC: "No task with id 't1'. List tasks with ListTasks to find valid ids.",
         Door.CLI: "No task with id 't1'. List tasks with `opspawn-mcp tasks` to find valid ids.",
+        Door.UI: "No task with id 't1'. List tasks with the task list at /ui to find valid ids.",
     }
     assert error.message == said[Door.MCP]
     assert error.problem()["detail"] == said[Door.REST]
