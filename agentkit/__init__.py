@@ -22,6 +22,7 @@ from agentkit.journal import (
 from agentkit.llm import LLM, LLMError, LLMResponse, Message, ToolCall, Usage
 from agentkit.mcp_proxy import (
     McpCaller,
+    error_from_mcp,
     expand_server_tools,
     idempotent_from_annotations,
     mcp_proxy_tool,
@@ -75,6 +76,7 @@ __all__ = [
     "Usage",
     "current_call_key",
     "denial_message",
+    "error_from_mcp",
     "expand_server_tools",
     "get_planner",
     "idempotent_from_annotations",

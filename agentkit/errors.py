@@ -8,6 +8,9 @@ what went wrong.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from typing import Any
+
 from pydantic import ValidationError
 
 
@@ -16,11 +19,18 @@ class AgentKitError(Exception):
 
 
 class ToolError(AgentKitError):
-    """Raise inside a tool to hand the model an error observation it can correct from.
+    """A tool call that failed: the one error value a tool, or an MCP caller, hands the model.
 
-    The message is shown to the model verbatim, so write it as an instruction: what was wrong
-    and what to send instead.
+    ``message`` is the whole observation the model reads, verbatim and without a prefix, so write
+    it as an instruction: what was wrong and what to send instead. ``parts`` keeps the content
+    blocks of a failed MCP result (as MCP JSON) for the host's events. An ``McpCaller`` raises it
+    for every way a call can fail (like pydantic-ai's ``ModelRetry`` from its MCP toolsets).
     """
+
+    def __init__(self, message: str, *, parts: Iterable[Mapping[str, Any]] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.parts = [dict(part) for part in parts]
 
 
 class ToolRegistryError(AgentKitError, ValueError):

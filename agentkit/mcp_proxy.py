@@ -42,8 +42,10 @@ SEPARATOR = "__"
 
 @runtime_checkable
 class McpCaller(Protocol):
-    """Where MCP calls go. Implementations may raise any exception (forbidden server, server
-    down, unknown tool); the proxy turns it into an error observation for the model.
+    """Where MCP calls go. A call that fails (forbidden server, server down, unknown tool, a
+    result with ``isError``) raises ``ToolError`` with the one message the model should read, or
+    returns the ``isError`` result, which the tools word with ``error_from_mcp``. Any other
+    exception reaches the model as ``Calling 't' on MCP server 's' failed: <type>: <text>.``
 
     ``progress_callback``, when given, should receive the downstream server's progress
     notifications for this call; ``meta``, when given, is the request's ``_meta`` (it carries
@@ -103,7 +105,32 @@ def result_from_mcp(result: mcp_types.CallToolResult, *, server: str = "", tool:
     The model reads a text rendering (text verbatim, resources with their URI, binary content as a
     labelled placeholder, structured content as JSON when there is no text); ``parts`` keeps every
     content block as MCP JSON and ``structured`` the structured content, for the host and events.
+    A result with ``isError`` is read as ``error_from_mcp`` words it.
     """
+    if result.is_error:
+        error = error_from_mcp(result, server=server, tool=tool)
+        return ToolResult(content=error.message, is_error=True, parts=error.parts)
+    structured = result.structured_content
+    return ToolResult(
+        content=_render(result),
+        parts=_parts(result),
+        structured=dict(structured) if isinstance(structured, dict) else None,
+    )
+
+
+def error_from_mcp(result: mcp_types.CallToolResult, *, server: str = "", tool: str = "") -> ToolError:
+    """The ``ToolError`` for a result the downstream tool marked ``isError``: its text, said once
+    to be the tool's error (a tool message carries no error flag the model could see)."""
+    where = f"{server}/{tool}" if server else tool
+    text = _render(result)
+    return ToolError(f"The tool {where} reported an error: {text}" if where else text, parts=_parts(result))
+
+
+def _parts(result: mcp_types.CallToolResult) -> list[dict[str, Any]]:
+    return [b.model_dump(mode="json", by_alias=True, exclude_none=True) for b in result.content]
+
+
+def _render(result: mcp_types.CallToolResult) -> str:
     texts: list[str] = []
     for block in result.content:
         if isinstance(block, mcp_types.TextContent):
@@ -123,16 +150,7 @@ def result_from_mcp(result: mcp_types.CallToolResult, *, server: str = "", tool:
     structured = result.structured_content
     if structured is not None and not any(isinstance(b, mcp_types.TextContent) for b in result.content):
         texts.append(json.dumps(structured))
-    content = "\n".join(texts)
-    if result.is_error:
-        where = f"{server}/{tool}" if server else tool
-        content = f"The tool {where} reported an error: {content}" if where else content
-    return ToolResult(
-        content=content,
-        is_error=bool(result.is_error),
-        parts=[b.model_dump(mode="json", by_alias=True, exclude_none=True) for b in result.content],
-        structured=dict(structured) if isinstance(structured, dict) else None,
-    )
+    return "\n".join(texts)
 
 
 async def _call(caller: McpCaller, server: str, tool: str, arguments: dict[str, Any]) -> ToolResult:
@@ -145,13 +163,16 @@ async def _call(caller: McpCaller, server: str, tool: str, arguments: dict[str, 
         options["meta"] = {IDEMPOTENCY_META_KEY: key}
     try:
         result = await caller.call_tool(server, tool, arguments, **options)
+    except ToolError:
+        raise  # the caller wrote it for the model
     except Exception as exc:
         detail = str(exc).rstrip(".")  # most messages end with a period: one is enough
         raise ToolError(
-            f"calling {tool!r} on MCP server {server!r} failed: {type(exc).__name__}: {detail}. "
-            "Check the server and tool names, or try another tool."
+            f"Calling {tool!r} on MCP server {server!r} failed: {type(exc).__name__}: {detail}."
         ) from exc
-    return result_from_mcp(result, server=server, tool=tool)
+    if result.is_error:
+        raise error_from_mcp(result, server=server, tool=tool)
+    return result_from_mcp(result)
 
 
 class _ProxyTool(Tool):
@@ -201,16 +222,22 @@ def mcp_proxy_tool(caller: McpCaller) -> Tool:
     async def handler(values: dict[str, Any]) -> Any:
         server, name, arguments = values.get("server"), values.get("tool"), values.get("arguments", {})
         if not isinstance(server, str) or not server or not isinstance(name, str) or not name:
-            raise ToolError('send "server" and "tool" as non-empty strings and "arguments" as an object.')
+            raise ToolError(
+                f'{PROXY_TOOL_NAME} needs "server" and "tool" as non-empty strings and "arguments" as an object.'
+            )
         if isinstance(arguments, str):
             try:
                 arguments = json.loads(arguments) if arguments.strip() else {}
             except json.JSONDecodeError:
-                raise ToolError(f'"arguments" must be a JSON object, got {arguments!r}.') from None
+                raise ToolError(
+                    f'"arguments" of {PROXY_TOOL_NAME} must be a JSON object, got {arguments!r}.'
+                ) from None
         if arguments is None:
             arguments = {}
         if not isinstance(arguments, dict):
-            raise ToolError(f'"arguments" must be an object, got {type(arguments).__name__}.')
+            raise ToolError(
+                f'"arguments" of {PROXY_TOOL_NAME} must be an object, got {type(arguments).__name__}.'
+            )
         return await _call(caller, server, name, arguments)
 
     return _ProxyTool(caller, handler)
@@ -234,7 +261,8 @@ def _flat_tool(caller: McpCaller, server: str, downstream: mcp_types.Tool) -> To
         missing = [r for r in required if r not in values]
         if missing:
             raise ToolError(
-                f"missing required argument(s) {', '.join(missing)}; schema: {json.dumps(schema)}"
+                f"Missing required argument(s) {', '.join(missing)} for {server}/{tool_name}; "
+                f"send arguments matching its schema: {json.dumps(schema)}"
             )
         return await _call(caller, server, tool_name, values)
 

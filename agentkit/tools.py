@@ -85,10 +85,14 @@ class Tool:
         return self.idempotent
 
     async def invoke(self, arguments: dict[str, Any], *, call_id: str = "") -> ToolResult:
-        """Run the tool; never raises except for cancellation."""
+        """Run the tool; never raises except for cancellation.
 
-        def error(text: str) -> ToolResult:
-            return ToolResult(call_id=call_id, name=self.name, content=text, is_error=True)
+        A ``ToolError`` becomes the observation as it is (its message, its parts): it was written
+        for the model. Any other exception is reported with its type, once.
+        """
+
+        def error(text: str, parts: list[dict[str, Any]] | None = None) -> ToolResult:
+            return ToolResult(call_id=call_id, name=self.name, content=text, is_error=True, parts=parts or [])
 
         values: dict[str, Any] = arguments
         if self.args_model is not None:
@@ -104,7 +108,7 @@ class Tool:
         try:
             output = await self._handler(values)
         except ToolError as exc:
-            return error(f"Tool {self.name} failed: {exc}")
+            return error(exc.message, exc.parts)
         except Exception as exc:
             return error(f"Tool {self.name} raised {type(exc).__name__}: {exc}")
         result = to_tool_result(output)

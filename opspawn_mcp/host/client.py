@@ -19,9 +19,10 @@ import anyio.abc
 import mcp.types as types
 from mcp.shared.dispatcher import ProgressFnT
 
+from agentkit.errors import ToolError
 from agentkit.mcp_proxy import idempotent_from_annotations
 from opspawn_mcp.config import ServerConfig
-from opspawn_mcp.errors import Forbidden, NotFound, Unavailable
+from opspawn_mcp.errors import Forbidden, NotFound, OpspawnError, Unavailable
 from opspawn_mcp.host.connection import DEFAULT_CONCURRENCY, ServerConnection
 from opspawn_mcp.host.models import ServerInfo
 
@@ -148,18 +149,24 @@ class OpsMcpClient:
         meta: dict[str, Any] | None = None,
         progress_callback: ProgressFnT | None = None,
     ) -> types.CallToolResult:
-        """Call ``tool`` on ``server`` through the shared session.
+        """Call ``tool`` on ``server`` through the shared session; a successful result or ``ToolError``.
 
         ``meta`` is sent as the request's ``_meta`` (merged with the progress token when there is
         a ``progress_callback``); agentkit's tools put the call's idempotency key there
         (``agentkit.IDEMPOTENCY_META_KEY``), so a server can recognise a call run again after a crash.
 
-        A tool error comes back as ``CallToolResult(isError=True)``; an unknown server raises
-        ``NotFound``; a server that cannot be reached, drops the connection or runs past its
-        ``timeout_s`` (the call is then cancelled on the server) raises ``Unavailable``. After
-        ``max_timeouts`` timeouts in a row the server is ``unhealthy`` and replaced on the next call.
+        Every failure raises agentkit's ``ToolError``, whose message is the one text the model
+        reads: the tool's ``isError`` result, a JSON-RPC error, and, with the pool's typed error as
+        ``__cause__``, an unknown server (``NotFound``) or one that cannot be reached, drops the
+        connection or runs past its ``timeout_s`` (``Unavailable``; the call is then cancelled on
+        the server). After ``max_timeouts`` timeouts in a row the server is ``unhealthy`` and
+        replaced on the next call. See docs/host.md, "Errors".
         """
-        return await self._get(server).call_tool(tool, arguments, progress_callback, meta)
+        try:
+            connection = self._get(server)
+        except NotFound as exc:
+            raise ToolError(exc.message) from exc
+        return await connection.call_tool(tool, arguments, progress_callback, meta)
 
     # -- rerun policy ---------------------------------------------------------------------------
 
@@ -227,7 +234,10 @@ class ScopedCaller:
         meta: dict[str, Any] | None = None,
         progress_callback: ProgressFnT | None = None,
     ) -> types.CallToolResult:
-        self._check(server)
+        try:
+            self._check(server)
+        except OpspawnError as exc:  # Forbidden or NotFound: the model reads why, once
+            raise ToolError(exc.message) from exc
         return await self._client.call_tool(
             server, tool, arguments, meta=meta, progress_callback=progress_callback
         )

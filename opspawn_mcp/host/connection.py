@@ -30,6 +30,8 @@ from mcp.client.session import ClientSession, IncomingMessage
 from mcp.shared.dispatcher import ProgressFnT
 from mcp.shared.exceptions import MCPError
 
+from agentkit.errors import ToolError
+from agentkit.mcp_proxy import error_from_mcp
 from opspawn_mcp.config import ServerConfig, StdioServerConfig
 from opspawn_mcp.errors import OpspawnError, Unavailable
 from opspawn_mcp.host.models import ServerInfo, ServerState
@@ -453,7 +455,30 @@ class ServerConnection:
         progress_callback: ProgressFnT | None,
         meta: dict[str, Any] | None = None,
     ) -> types.CallToolResult:
+        """A successful result, or ``ToolError``: the one value a failed call becomes, whatever
+        failed (the tool's ``isError``, a JSON-RPC error, a timeout, a lost or missing session).
+        Its message is what the model reads; a pool failure is its ``__cause__`` (``Unavailable``)."""
         self.calls += 1
+        try:
+            result = await self._call(tool, arguments, progress_callback, meta)
+        except OpspawnError as exc:
+            self.errors += 1
+            raise ToolError(exc.message) from exc
+        except ToolError:
+            self.errors += 1
+            raise
+        if result.is_error:
+            self.errors += 1
+            raise error_from_mcp(result, server=self.name, tool=tool)
+        return result
+
+    async def _call(
+        self,
+        tool: str,
+        arguments: dict[str, Any],
+        progress_callback: ProgressFnT | None,
+        meta: dict[str, Any] | None,
+    ) -> types.CallToolResult:
         session: ClientSession | None = None
         try:
             self._ensure_open()
@@ -476,39 +501,28 @@ class ServerConnection:
                 if backstop.cancelled_caught:
                     raise self._timed_out(tool, session)
         except MCPError as exc:
-            self.errors += 1
             if exc.code == types.REQUEST_TIMEOUT and session is not None:
                 raise self._timed_out(tool, session) from None
             if _is_connection_lost(exc) and session is not None:
                 raise self._call_failed(exc, f"the call to {tool!r}", session) from None
             self._answered()
-            return _error_result(
+            raise ToolError(
                 f"MCP server {self.name!r} rejected the call to {tool!r}: {self.secrets.redact(exc.message)} "
                 f"(MCP error {exc.code})."
-            )
-        except OpspawnError:
-            self.errors += 1
-            raise
-        except (anyio.get_cancelled_exc_class(), KeyboardInterrupt, SystemExit):
+            ) from None
+        except (OpspawnError, anyio.get_cancelled_exc_class(), KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:
             # A malformed result (schema mismatch, unexpected result kind) is the server's fault and
             # something the agent can report; it must not take the worker down.
-            self.errors += 1
-            return _error_result(
+            raise ToolError(
                 f"MCP server {self.name!r} returned an unusable result for {tool!r}: "
                 f"{self.secrets.redact(_describe(exc))}."
-            )
+            ) from None
         self._answered()
-        if result.is_error:
-            self.errors += 1
         return result
 
     def _answered(self) -> None:
         """The server answered a call: it is neither failing nor frozen."""
         self._failures = 0
         self._timeouts = 0
-
-
-def _error_result(text: str) -> types.CallToolResult:
-    return types.CallToolResult(content=[types.TextContent(type="text", text=text)], is_error=True)

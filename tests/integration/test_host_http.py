@@ -12,10 +12,11 @@ import anyio
 import mcp.types as types
 import pytest
 
-from agentkit import IDEMPOTENCY_META_KEY
+from agentkit import IDEMPOTENCY_META_KEY, ToolError
 from opspawn_mcp.errors import Unavailable
 from opspawn_mcp.host import OpsMcpClient, ServerInfo
 from tests.servers.harness import HttpServer, is_alive, lines, started_pids, wait_until, wait_until_async
+from tests.support.callers import call_fails
 
 Transport = Literal["sse", "streamable-http"]
 pytestmark = pytest.mark.parametrize("transport", ["sse", "streamable-http"])
@@ -42,27 +43,28 @@ async def test_concurrent_calls_share_one_session(tmp_path: Path, transport: Tra
         assert sorted(results) == sorted(f"m{i}" for i in range(20))
         info = _info(pool, "h")
         assert (info.state, info.transport, info.calls, info.errors) == ("ready", transport, 20, 0)
-        failed = await pool.call_tool("h", "fail", {"message": "bad input"})
-        assert failed.is_error and _text(failed) == "bad input"
+        with pytest.raises(ToolError) as failed:
+            await pool.call_tool("h", "fail", {"message": "bad input"})
+        assert failed.value.message == "The tool h/fail reported an error: bad input"
 
 
 async def test_dropped_server_is_detected_and_reconnected(tmp_path: Path, transport: Transport) -> None:
     async with HttpServer(transport, tmp_path) as server, OpsMcpClient({"h": server.config()}) as pool:
         first = int(_text(await pool.call_tool("h", "pid", {})))
-        with pytest.raises(Unavailable) as caught:
+        with call_fails(Unavailable) as caught:
             await pool.call_tool("h", "crash", {})
         assert "'h'" in caught.value.message
         await wait_until(lambda: not is_alive(first), "server process gone")
         await server.stop()
         # While it is down, calls fail with a clear error instead of hanging.
-        with pytest.raises(Unavailable):
+        with call_fails(Unavailable):
             await pool.call_tool("h", "pid", {})
         await server.start()
 
         async def answers() -> bool:
             try:
                 await pool.call_tool("h", "pid", {})
-            except Unavailable:
+            except ToolError:
                 return False
             return True
 
@@ -78,7 +80,7 @@ async def test_timeout_cancels_the_call_on_the_server(tmp_path: Path, transport:
         OpsMcpClient({"h": server.config(timeout_s=1)}) as pool,
     ):
         await pool.call_tool("h", "echo", {"text": "warm"})
-        with pytest.raises(Unavailable) as caught:
+        with call_fails(Unavailable) as caught:
             await pool.call_tool("h", "sleep", {"seconds": 60, "tag": "slow"})
         assert "did not answer 'sleep' within 1s; the call was cancelled" in caught.value.message
         await wait_until(lambda: "cancelled slow" in lines(tmp_path / "cancels"), "server saw the cancel")
@@ -100,7 +102,7 @@ async def test_a_frozen_server_is_marked_unhealthy_and_reconnected(
         os.kill(pid, signal.SIGSTOP)
         try:
             for text in ("one", "two"):
-                with pytest.raises(Unavailable) as caught:
+                with call_fails(Unavailable) as caught:
                     await pool.call_tool("h", "echo", {"text": text})
                 assert "MCP server 'h' did not answer 'echo' within 1s" in caught.value.message
             assert "unhealthy" in caught.value.message and "reconnects" in caught.value.message

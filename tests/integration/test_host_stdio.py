@@ -13,11 +13,12 @@ import anyio
 import mcp.types as types
 import pytest
 
-from agentkit import IDEMPOTENCY_META_KEY
+from agentkit import IDEMPOTENCY_META_KEY, ToolError
 from opspawn_mcp.config import StdioServerConfig, example_server_config
 from opspawn_mcp.errors import Forbidden, NotFound, Unavailable
 from opspawn_mcp.host import OpsMcpClient, ServerInfo
 from tests.servers.harness import is_alive, lines, started_pids, stdio_config, wait_until
+from tests.support.callers import call_fails
 
 
 def _text(result: types.CallToolResult) -> str:
@@ -63,12 +64,17 @@ async def test_max_concurrency_bounds_calls_in_flight(tmp_path: Path) -> None:
     assert sum(line.startswith("finished") for line in lines(tmp_path / "cancels")) == 6
 
 
-async def test_tool_errors_are_results_not_exceptions(tmp_path: Path) -> None:
+async def test_tool_errors_are_one_tool_error_with_the_text_the_model_reads(tmp_path: Path) -> None:
     async with OpsMcpClient({"t": stdio_config(tmp_path)}) as pool:
-        failed = await pool.call_tool("t", "fail", {"message": "nope"})
-        assert failed.is_error and _text(failed) == "nope"
-        unknown = await pool.call_tool("t", "no_such_tool", {})
-        assert unknown.is_error
+        with pytest.raises(ToolError) as failed:
+            await pool.call_tool("t", "fail", {"message": "nope"})
+        assert failed.value.message == "The tool t/fail reported an error: nope"
+        assert failed.value.parts == [{"type": "text", "text": "nope"}]
+        with pytest.raises(ToolError) as unknown:
+            await pool.call_tool("t", "no_such_tool", {})
+        assert (
+            unknown.value.message == "The tool t/no_such_tool reported an error: Unknown tool: no_such_tool"
+        )
         ok = await pool.call_tool("t", "echo", {"text": "still fine"})
         assert not ok.is_error and _text(ok) == "still fine"
         info = _info(pool, "t")
@@ -78,7 +84,7 @@ async def test_tool_errors_are_results_not_exceptions(tmp_path: Path) -> None:
 async def test_crash_is_reported_then_the_next_call_reconnects(tmp_path: Path) -> None:
     async with OpsMcpClient({"t": stdio_config(tmp_path)}) as pool:
         first = int(_text(await pool.call_tool("t", "pid", {})))
-        with pytest.raises(Unavailable) as caught:
+        with call_fails(Unavailable) as caught:
             await pool.call_tool("t", "crash", {})
         assert "'t'" in caught.value.message and "reconnect" in caught.value.message
         info = _info(pool, "t")
@@ -105,7 +111,7 @@ async def test_server_exiting_while_idle_is_noticed(tmp_path: Path) -> None:
 async def test_timeout_cancels_the_call_on_the_server(tmp_path: Path) -> None:
     async with OpsMcpClient({"t": stdio_config(tmp_path, timeout_s=1.0)}) as pool:
         pid = _text(await pool.call_tool("t", "pid", {}))
-        with pytest.raises(Unavailable) as caught:
+        with call_fails(Unavailable) as caught:
             await pool.call_tool("t", "sleep", {"seconds": 60, "tag": "slow"})
         assert "did not answer 'sleep' within 1s; the call was cancelled" in caught.value.message
         assert caught.value.details["timeouts_in_a_row"] == 1 and not caught.value.details["unhealthy"]
@@ -154,14 +160,14 @@ async def test_refused_servers_never_start_a_process(tmp_path: Path) -> None:
     servers = {"a": stdio_config(tmp_path), "b": stdio_config(tmp_path)}
     async with OpsMcpClient(servers) as pool:
         task = pool.scoped(["a"])
-        with pytest.raises(Forbidden) as forbidden:
+        with call_fails(Forbidden) as forbidden:
             await task.call_tool("b", "echo", {"text": "x"})
         assert "'b'" in forbidden.value.message and "a" in forbidden.value.message
         with pytest.raises(Forbidden):
             await task.list_tools("b")
-        with pytest.raises(NotFound):
+        with call_fails(NotFound):
             await pool.call_tool("nope", "echo", {})
-        with pytest.raises(NotFound):
+        with call_fails(NotFound):
             await pool.scoped(None).call_tool("nope", "echo", {})
         assert started_pids(tmp_path) == []
         assert [info.name for info in task.servers_info()] == ["a"]
@@ -174,14 +180,14 @@ async def test_a_failing_server_becomes_unavailable_without_blocking_others(tmp_
     async with OpsMcpClient({"broken": broken, "t": stdio_config(tmp_path)}) as pool:
         errors: list[str] = []
         while _info(pool, "broken").state != "unavailable":
-            with pytest.raises(Unavailable) as caught:
+            with call_fails(Unavailable) as caught:
                 await pool.call_tool("broken", "anything", {})
             errors.append(caught.value.message)
             assert len(errors) < 10
         assert len(errors) == 3
         info = _info(pool, "broken")
         assert info.last_error and "exited" in info.last_error
-        with pytest.raises(Unavailable) as fast:
+        with call_fails(Unavailable) as fast:
             await pool.call_tool("broken", "anything", {})
         assert "unavailable" in fast.value.message and "retried in" in fast.value.message
         assert _text(await pool.call_tool("t", "echo", {"text": "unaffected"})) == "unaffected"
@@ -192,12 +198,12 @@ async def test_a_server_dying_on_every_call_backs_off_to_unavailable(tmp_path: P
     async with OpsMcpClient({"t": stdio_config(tmp_path)}) as pool:
         crashes = 0
         while _info(pool, "t").state != "unavailable":
-            with pytest.raises(Unavailable):
+            with call_fails(Unavailable):
                 await pool.call_tool("t", "crash", {})
             crashes += 1
             assert crashes <= 3
         assert len(started_pids(tmp_path)) == 3
-        with pytest.raises(Unavailable) as fast:
+        with call_fails(Unavailable) as fast:
             await pool.call_tool("t", "echo", {"text": "x"})
         assert "unavailable" in fast.value.message
         assert len(started_pids(tmp_path)) == 3
@@ -214,7 +220,7 @@ async def test_missing_command_is_a_clear_error(tmp_path: Path) -> None:
 async def test_unset_secret_variable_is_named(tmp_path: Path) -> None:
     config = stdio_config(tmp_path, env={"TOKEN": "${OPSPAWN_TEST_UNSET_SECRET_VAR}"})
     async with OpsMcpClient({"t": config}) as pool:
-        with pytest.raises(Unavailable) as caught:
+        with call_fails(Unavailable) as caught:
             await pool.call_tool("t", "echo", {"text": "x"})
         assert "OPSPAWN_TEST_UNSET_SECRET_VAR" in caught.value.message
     assert started_pids(tmp_path) == []
@@ -228,7 +234,7 @@ async def test_secrets_reach_the_server_and_not_the_report(
     config = stdio_config(tmp_path, env={"TOKEN": "${OPSPAWN_TEST_SECRET}"})
     async with OpsMcpClient({"t": config}) as pool:
         assert _text(await pool.call_tool("t", "env", {"name": "TOKEN"})) == secret
-        with pytest.raises(Unavailable):
+        with call_fails(Unavailable):
             await pool.call_tool("t", "crash", {"message": f"dying with {secret}"})
         assert secret not in repr(pool.servers_info())
     assert "${OPSPAWN_TEST_SECRET}" in config.env["TOKEN"]
@@ -277,8 +283,8 @@ async def test_shutdown_leaves_no_process_even_when_one_ignores_stdin(tmp_path: 
     async def in_flight(pool: OpsMcpClient) -> None:
         try:
             await pool.call_tool("polite", "sleep", {"seconds": 60, "tag": "at-shutdown"})
-        except Unavailable as exc:
-            outcome.append(exc)
+        except ToolError as exc:
+            outcome.append(exc.__cause__ or exc)
 
     async with anyio.create_task_group() as outer, OpsMcpClient(servers) as pool:
         for name in servers:
@@ -290,7 +296,7 @@ async def test_shutdown_leaves_no_process_even_when_one_ignores_stdin(tmp_path: 
         await wait_until(lambda: "started at-shutdown" in lines(tmp_path / "cancels"), "call started")
     assert not [pid for pid in pids if is_alive(pid)]
     assert len(outcome) == 1
-    with pytest.raises(Unavailable):
+    with call_fails(Unavailable):
         await pool.call_tool("polite", "echo", {"text": "after close"})
     assert all(info.state != "ready" for info in pool.servers_info())
 
@@ -302,12 +308,12 @@ async def test_a_frozen_server_is_marked_unhealthy_and_replaced(tmp_path: Path) 
         frozen = int(_text(await pool.call_tool("t", "pid", {})))
         os.kill(frozen, signal.SIGSTOP)
         try:
-            with pytest.raises(Unavailable) as first:
+            with call_fails(Unavailable) as first:
                 await pool.call_tool("t", "echo", {"text": "one"})
             assert "MCP server 't' did not answer 'echo' within 1s" in first.value.message
             assert "After 2 timeouts in a row" in first.value.message
             assert _info(pool, "t").state == "ready"
-            with pytest.raises(Unavailable) as second:
+            with call_fails(Unavailable) as second:
                 await pool.call_tool("t", "echo", {"text": "two"})
             assert "2 timeouts in a row" in second.value.message and "unhealthy" in second.value.message
             assert second.value.details["unhealthy"] is True
@@ -331,7 +337,7 @@ async def test_an_answer_between_timeouts_resets_the_count(tmp_path: Path) -> No
     async with OpsMcpClient({"t": config}) as pool:
         pid = _text(await pool.call_tool("t", "pid", {}))
         for tag in ("a", "b", "c"):
-            with pytest.raises(Unavailable) as caught:
+            with call_fails(Unavailable) as caught:
                 await pool.call_tool("t", "sleep", {"seconds": 60, "tag": tag})
             assert caught.value.details["timeouts_in_a_row"] == 1
             assert _text(await pool.call_tool("t", "pid", {})) == pid
@@ -438,5 +444,7 @@ async def test_example_server_tools(tmp_path: Path) -> None:
 
         slept = await pool.call_tool("example", "sleep", {"seconds": 0.2}, progress_callback=progress)
         assert _text(slept) == "slept 0.2s" and ticks[-1] == 10
-        too_long = await pool.call_tool("example", "sleep", {"seconds": 999})
-        assert too_long.is_error and "at most" in _text(too_long)
+        with pytest.raises(ToolError) as too_long:
+            await pool.call_tool("example", "sleep", {"seconds": 999})
+        assert too_long.value.message.startswith("The tool example/sleep reported an error: ")
+        assert "at most" in too_long.value.message

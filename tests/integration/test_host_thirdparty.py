@@ -10,6 +10,7 @@ import anyio
 import mcp.types as types
 import pytest
 
+from agentkit import ToolError
 from opspawn_mcp.config import StdioServerConfig
 from opspawn_mcp.host import OpsMcpClient
 from tests.servers.harness import HttpServer, free_port
@@ -34,8 +35,9 @@ async def test_mcp_server_time_over_stdio() -> None:
         assert {"get_current_time", "convert_time"} <= names
         now = await pool.call_tool("time", "get_current_time", {"timezone": "UTC"})
         assert not now.is_error and "UTC" in _text(now)
-        bad = await pool.call_tool("time", "get_current_time", {"timezone": "Not/AZone"})
-        assert bad.is_error
+        with pytest.raises(ToolError) as bad:
+            await pool.call_tool("time", "get_current_time", {"timezone": "Not/AZone"})
+        assert bad.value.message.startswith("The tool time/get_current_time reported an error: ")
         info = pool.servers_info()[0]
         assert (info.state, info.calls, info.errors) == ("ready", 2, 1)
 

@@ -154,6 +154,38 @@ async def test_a_failing_tool_is_an_observation_the_task_reports(
         assert "disk full on /data" in results[0].data["content"]
 
 
+async def test_the_model_reads_each_failed_call_as_one_message_from_the_pool(
+    tmp_path: Path, fake: FakeOpenAIServer
+) -> None:
+    async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
+        stack.fake.script(
+            tool_call("t__fail", message="disk full on /data"),  # the tool's own isError
+            tool_call("t__echo", text="ok"),  # a success between failures: no streak
+            tool_call("mcp_proxy_tool", server="elsewhere", tool="echo", arguments={"text": "x"}),
+            tool_call("t__echo", text="ok"),
+            tool_call("t__crash", code=3),  # the server dies mid-call
+            "the end",
+        )
+        task = await stack.service.submit({"goal": "fail in three ways", "servers": ["t"]}, by=LOCAL)
+        done = await stack.finished(task.id)
+
+        assert done.status is TaskStatus.COMPLETED, done.error
+        # What the model was sent back, as the fake LLM server received it: one message per
+        # failure, no stacked "Tool ... failed: calling ... failed: ..." prefixes.
+        messages = stack.fake.requests[-1]["messages"]
+        assert [m["content"] for m in messages if m["role"] == "tool"] == [
+            "The tool t/fail reported an error: disk full on /data",
+            "ok",
+            "This task may not use the MCP server 'elsewhere'. Servers it may use: t.",
+            "ok",
+            "MCP server 't' dropped the connection during the call to 'crash' (Connection closed "
+            "(MCP error -32000)). The call may or may not have run; the next call reconnects.",
+        ]
+        results = [e.data for e in await stack.events(task.id) if e.kind == "tool_result"]
+        assert [r["is_error"] for r in results] == [True, False, True, False, True]
+        assert results[0]["parts"] == [{"type": "text", "text": "disk full on /data"}]
+
+
 async def test_a_tool_that_keeps_failing_fails_the_task_with_its_error(
     tmp_path: Path, fake: FakeOpenAIServer
 ) -> None:

@@ -1,11 +1,19 @@
-"""MCP callers for agentkit's tests, over a real in-memory ``mcp.Client`` session."""
+"""MCP callers for agentkit's tests, over a real in-memory ``mcp.Client`` session, and the check
+that a failed pool call reached its caller as the one ``ToolError``."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Generic, TypeVar
 
 import mcp.types as types
+import pytest
 from mcp import Client
+
+from agentkit import ToolError
+
+E = TypeVar("E", bound=BaseException)
 
 
 class OldCaller:
@@ -20,3 +28,22 @@ class OldCaller:
 
     async def call_tool(self, server: str, tool: str, arguments: dict[str, Any]) -> types.CallToolResult:
         return await self.client.call_tool(tool, arguments)
+
+
+class FailedCall(Generic[E]):
+    """What ``call_fails`` caught: ``error`` (the ``ToolError``) and ``value``, the pool's typed error behind it."""
+
+    error: ToolError
+    value: E
+
+
+@contextmanager
+def call_fails(kind: type[E]) -> Iterator[FailedCall[E]]:
+    """Expect a pool call to raise ``ToolError`` caused by a ``kind`` error, with its message unchanged."""
+    failed: FailedCall[E] = FailedCall()
+    with pytest.raises(ToolError) as caught:
+        yield failed
+    cause = caught.value.__cause__
+    assert isinstance(cause, kind), f"expected a {kind.__name__} behind {caught.value!r}, got {cause!r}"
+    assert caught.value.message == str(cause), "the model must read the pool's message as it is"
+    failed.error, failed.value = caught.value, cause

@@ -12,6 +12,7 @@ from opspawn_mcp.errors import Forbidden, NotFound, Unavailable
 from opspawn_mcp.host import OpsMcpClient, ServerInfo, ServerState
 from opspawn_mcp.host.connection import BACKOFF_BASE_S, BACKOFF_MAX_S, ServerConnection, backoff_delay
 from opspawn_mcp.host.transports import Secrets
+from tests.support.callers import call_fails
 
 # A command that cannot run: any attempt to connect would fail loudly, so a refusal proves no I/O.
 NEVER = StdioServerConfig(command="/nonexistent/never-started")
@@ -44,16 +45,20 @@ async def test_scoped_refusals_happen_before_any_io() -> None:
     pool = OpsMcpClient({"allowed": NEVER, "other": NEVER})
     task = pool.scoped({"allowed"})
     assert task.allowed == frozenset({"allowed"})
-    with pytest.raises(Forbidden) as forbidden:
+    with call_fails(Forbidden) as forbidden:
         await task.call_tool("other", "t", {})
     assert forbidden.value.status == 403 and forbidden.value.details["server"] == "other"
+    assert (
+        forbidden.error.message
+        == "This task may not use the MCP server 'other'. Servers it may use: allowed."
+    )
     with pytest.raises(Forbidden):
         await task.list_tools("unknown")
-    with pytest.raises(NotFound) as missing:
+    with call_fails(NotFound) as missing:
         await pool.call_tool("unknown", "t", {})
     assert "allowed, other" in missing.value.message
     # Not entered: a permitted server is refused with advice, not by trying to connect.
-    with pytest.raises(Unavailable) as closed:
+    with call_fails(Unavailable) as closed:
         await task.call_tool("allowed", "t", {})
     assert "async with OpsMcpClient" in closed.value.message
 

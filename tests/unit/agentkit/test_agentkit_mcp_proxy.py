@@ -116,12 +116,20 @@ async def test_proxy_turns_host_refusals_and_bad_input_into_observations() -> No
     async with open_caller() as caller:
         proxy = mcp_proxy_tool(caller)
         refused = await proxy.invoke({"server": "secret", "tool": "add", "arguments": {"a": 1, "b": 1}})
-        assert refused.is_error and "PermissionError" in refused.content and "not allowed" in refused.content
-        assert "task.." not in refused.content and "for this task. Check" in refused.content
+        # A caller's own exception is said once, with where it happened: no further prefixes, one period.
+        assert refused.is_error and refused.content == (
+            "Calling 'add' on MCP server 'secret' failed: PermissionError: "
+            "server 'secret' is not allowed for this task."
+        )
         missing = await proxy.invoke({"tool": "add"})
-        assert missing.is_error and '"server"' in missing.content
+        assert missing.is_error and missing.content == (
+            'mcp_proxy_tool needs "server" and "tool" as non-empty strings and "arguments" as an object.'
+        )
         bad = await proxy.invoke({"server": "maths", "tool": "add", "arguments": "{nope"})
-        assert bad.is_error and "JSON object" in bad.content
+        assert (
+            bad.is_error
+            and bad.content == "\"arguments\" of mcp_proxy_tool must be a JSON object, got '{nope'."
+        )
 
 
 async def test_mcp_content_maps_to_observations_without_loss() -> None:
@@ -145,7 +153,8 @@ async def test_is_error_and_structured_content_are_kept() -> None:
         failed = await mcp_proxy_tool(caller).invoke(
             {"server": "files", "tool": "fail", "arguments": {"message": "boom"}}
         )
-        assert failed.is_error and "files/fail reported an error: boom" in failed.content
+        assert failed.is_error and failed.content == "The tool files/fail reported an error: boom"
+        assert failed.parts == [{"type": "text", "text": "boom"}]
         structured = result_from_mcp(types.CallToolResult(content=[], structured_content={"temperature": 21}))
         assert structured.content == '{"temperature": 21}' and structured.structured == {"temperature": 21}
 
@@ -168,7 +177,9 @@ async def test_expand_server_tools_gives_flat_tools_with_downstream_schemas() ->
         assert result.content == "3"
         assert caller.calls[-1] == ("maths", "add", {"a": 1, "b": 2})
         missing = await flat_add.invoke({"a": 1})
-        assert missing.is_error and "missing required argument(s) b" in missing.content
+        assert missing.is_error and missing.content.startswith(
+            "Missing required argument(s) b for maths/add; send arguments matching its schema: {"
+        )
 
 
 async def test_expand_server_tools_strict_reraises() -> None:

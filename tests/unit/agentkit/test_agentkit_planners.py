@@ -156,7 +156,7 @@ async def test_react_fails_the_run_when_the_repeated_call_kept_failing() -> None
     assert result.status is RunStatus.FAILED
     assert (result.error or "").startswith(
         "The same call to frozen kept failing (2 identical calls, none succeeded); the last said: "
-        "Tool frozen failed: the server did not answer 'q' within 5s."
+        "the server did not answer 'q' within 5s."
     )
     assert len(llm.calls) == 2  # no final answer was asked for
     assert events[-1].kind == "error" and events[-1].data["error"] == result.error
