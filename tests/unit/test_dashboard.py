@@ -79,6 +79,16 @@ async def test_a_task_page_shows_its_summary_and_timeline() -> None:
         assert 'id="task-status"' in page.text
 
 
+async def test_the_dashboard_is_behind_the_host_and_origin_checks_like_every_path() -> None:
+    async with serving({}) as base, httpx.AsyncClient(base_url=base) as http:
+        for path in ["/ui", "/ui/servers", "/ui/login", "/ui/static/dashboard.js"]:
+            assert_problem(await http.get(path, headers={"host": "evil.example"}), 421, "misdirected_request")
+            assert_problem(await http.get(path, headers={"origin": "http://evil.example"}), 403, "forbidden")
+        form = {"content-type": "application/x-www-form-urlencoded", "origin": base}
+        refused = await http.post("/ui/tasks", content=b"goal=x", headers=form)
+        assert_problem(refused, 415, "unsupported_media_type")
+
+
 # -- signing in -----------------------------------------------------------------------------
 
 
