@@ -27,7 +27,13 @@ from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.server.transport_security import TransportSecuritySettings
-from mcp.types import CallToolResult, InputRequiredResult, ToolAnnotations
+from mcp.types import (
+    CallToolResult,
+    InputRequiredResult,
+    LoggingLevel,
+    SetLevelRequestParams,
+    ToolAnnotations,
+)
 from pydantic import BaseModel, Field
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
@@ -36,6 +42,7 @@ from gateway.problems import EXCEPTION_HANDLERS
 from opspawn_mcp.errors import CLI_CLIENT_NAME, Door, InvalidInput, NotFound, OpspawnError
 from opspawn_mcp.host.models import ServerInfo
 from opspawn_mcp.http_guard import HttpGuard
+from opspawn_mcp.mcp_logging import SessionLogLevels
 from opspawn_mcp.models import (
     GOAL_MAX_CHARS,
     MAX_STEPS_LIMIT,
@@ -164,6 +171,16 @@ def _describe_event(kind: str, data: dict[str, Any]) -> str:
     return f"{kind} {text[:200]}"
 
 
+def _log_level(kind: str, data: dict[str, Any]) -> LoggingLevel:
+    """How loud a task event is as a log notification: errors and failed tool calls stand out,
+    state changes are news, the rest (LLM calls, progress) is detail."""
+    if kind == "error":
+        return "error"
+    if kind == "tool_result" and data.get("is_error"):
+        return "warning"
+    return "info" if kind == "state" else "debug"
+
+
 def _arg(description: str, **schema: Any) -> Any:
     """A tool argument's JSON schema, documented but not enforced by the SDK.
 
@@ -226,13 +243,21 @@ class _Server(MCPServer):
                 )
         return await super().call_tool(name, arguments, context)
 
+    def serve_log_levels(self, levels: SessionLogLevels) -> None:
+        """``logging/setLevel`` for 2025-11-25 clients. MCPServer has no public hook for a spec
+        method the 2026-07-28 revision removed; the SDK's ``MethodBinding`` docs point to the
+        low-level server's ``add_request_handler`` for exactly this."""
+        self._lowlevel_server.add_request_handler("logging/setLevel", SetLevelRequestParams, levels.set_level)
+
 
 def build_server(service: TaskService, local: Principal = LOCAL) -> MCPServer:
     """The MCP server for ``service``: the same object serves stdio, SSE and streamable HTTP.
 
     ``local`` is who stdio (and in-process) callers are: the config's local principal.
     """
-    server: MCPServer = _Server(SERVER_NAME, instructions=INSTRUCTIONS, log_level="WARNING")
+    server = _Server(SERVER_NAME, instructions=INSTRUCTIONS, log_level="WARNING")
+    levels = SessionLogLevels()
+    server.serve_log_levels(levels)
 
     async def submit_task(
         goal: Annotated[
@@ -325,6 +350,8 @@ def build_server(service: TaskService, local: Principal = LOCAL) -> MCPServer:
                     nonlocal count
                     count += 1
                     await ctx.report_progress(count, None, _describe_event(event.kind, event.data))
+                    data = {"task_id": task.id, "seq": event.seq, "kind": event.kind, "data": event.data}
+                    await levels.log(ctx, _log_level(event.kind, event.data), data)
 
                 task = await service.wait(task.id, wait, progress, by=by)
         except OpspawnError as exc:

@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,6 +28,7 @@ from mcp.types import CallToolResult
 
 from tests.servers.harness import REPO_ROOT, opspawn_command
 from tests.support.fake_openai import spawn_fake_openai
+from tests.support.serve import ServerProcess, write_config
 from tests.support.services import (
     POSTGRES_URL,
     RABBITMQ_URL,
@@ -45,65 +45,6 @@ TOKEN = "e2e-secret-token"
 def llm_url() -> Iterator[str]:
     with spawn_fake_openai() as base_url:
         yield base_url
-
-
-def write_config(path: Path, llm_url: str, **server: Any) -> Path:
-    config = {
-        "mcpServers": {
-            "testing": {
-                "command": sys.executable,
-                "args": ["-m", "tests.servers.testing_server", "--transport", "stdio"],
-                "cwd": str(REPO_ROOT),
-            }
-        },
-        "opspawn": {
-            "store_url": f"sqlite+aiosqlite:///{path.parent / 'opspawn.db'}",
-            "llm": {"provider": "openai", "base_url": llm_url, "model": "fake"},
-            "server": server,
-        },
-    }
-    path.write_text(json.dumps(config))
-    return path
-
-
-class ServerProcess:
-    """``opspawn-mcp serve`` over HTTP; stderr goes to a file so a chatty log never blocks it."""
-
-    def __init__(self, config: Path, *args: str, env: dict[str, str] | None = None) -> None:
-        self.log = config.parent / "serve.log"
-        self._log_file = self.log.open("w")
-        self.proc = subprocess.Popen(
-            [opspawn_command(), "--config", str(config), "serve", "--port", "0", *args],
-            cwd=REPO_ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=self._log_file,
-            env={**os.environ, **(env or {})},
-        )
-        self.base = self._wait_for_address()
-        self.url = f"{self.base}/mcp"
-
-    def _wait_for_address(self) -> str:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            for line in self.log.read_text().splitlines():
-                if line.startswith("opspawn: serving MCP at "):
-                    return line.split()[4].removesuffix("/mcp")
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"opspawn-mcp serve did not start:\n{self.log.read_text()}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait()
-        self._log_file.close()
-        return code
 
 
 @pytest.fixture(scope="module")
