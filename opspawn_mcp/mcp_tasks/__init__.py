@@ -1,7 +1,7 @@
 """MCP Tasks (SEP-2663, ``io.modelcontextprotocol/tasks``) as an SDK extension over a task backend.
 
 ``TasksExtension`` speaks the wire; a ``TaskBackend`` runs and stores the tasks: opspawn's
-``TaskService`` (``opspawn_mcp.mcp_tasks.service_backend``) or coroutines in memory
+``TaskService`` (``opspawn_mcp.server``) or coroutines in memory
 (``opspawn_mcp.mcp_tasks.memory``). Design and status mapping: docs/mcp-server.md.
 """
 
