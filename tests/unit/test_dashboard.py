@@ -3,18 +3,21 @@ in tests/e2e drives the pages themselves): signing in puts the token in an HttpO
 SameSite=Strict cookie that the guard accepts under /ui only; a dashboard action needs this
 server's own Origin; pages are scoped by the principal like the REST routes; the task list
 filters by status and searches goals; the timeline streams rendered rows over SSE and ends; a
-bad request renders its message; the script and styles ship in the package.
+bad request renders its message; each row's timing; the script and styles ship in the package.
 """
 
 from __future__ import annotations
 
 import importlib.resources
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
 
 from opspawn_mcp.http_guard import DASHBOARD_COOKIE
+from opspawn_mcp.models import EventKind, TaskEvent
+from opspawn_mcp.ui.render import Durations
 from tests.unit.test_gateway import assert_problem, parse_sse
 from tests.unit.test_http_guard import ALICE, BOB, ENV, TOKENS, serving
 
@@ -268,6 +271,29 @@ async def test_the_servers_page_lists_the_servers_the_principal_may_use() -> Non
         assert page.status_code == 200 and 'data-refresh="/ui/servers/rows"' in page.text
         rows = await http.get("/ui/servers/rows")
         assert "No downstream servers you may use" in rows.text
+
+
+def test_timings_are_a_tool_result_since_its_call_and_a_model_reply_since_the_event_before() -> None:
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def event(seq: int, seconds: float, kind: EventKind, **data: Any) -> TaskEvent:
+        at = start + timedelta(seconds=seconds)
+        return TaskEvent(task_id="t", seq=seq, time=at, kind=kind, data=data)
+
+    durations = Durations()
+    took = [
+        durations.took(e)
+        for e in [
+            event(1, 0, "state", status="running"),
+            event(2, 1.5, "llm"),
+            event(3, 1.6, "tool_call", id="c1"),
+            event(4, 2.0, "progress"),
+            event(5, 4.1, "tool_result", call_id="c1"),
+            event(6, 4.6, "llm"),
+            event(7, 4.7, "tool_result", call_id="never-called"),
+        ]
+    ]
+    assert took == ["", "1.50 s", "", "", "2.50 s", "0.50 s", ""]
 
 
 def test_the_script_and_styles_ship_inside_the_package() -> None:
