@@ -46,6 +46,7 @@ from agentkit.mcp_proxy import PROXY_TOOL_NAME
 from agentkit.mcp_proxy import SEPARATOR as FLAT_SEPARATOR
 from opspawn_mcp.config import DEFAULT_PROFILE, Config, LlmProfile
 from opspawn_mcp.models import ModelSettings, TaskSpec
+from opspawn_mcp.telemetry.hooks import ObservedLLM
 
 EventHandler = Callable[[Any], Awaitable[None]]
 
@@ -217,9 +218,10 @@ def approval_policy(config: Config) -> agentkit.ApprovalPolicy | None:
 async def build_agent(
     spec: TaskSpec, config: Config, pool: Any, on_event: EventHandler, llms: LlmClients
 ) -> agentkit.Agent:
-    """The agent for one task, on the process's shared model client of its profile."""
+    """The agent for one task, on the process's shared model client of its profile (each call
+    counted and traced: ``ObservedLLM``)."""
     profile = profile_for(spec.model, config)
-    llm = await llms.get(spec.model)
+    llm = ObservedLLM(await llms.get(spec.model), spec.model.profile or DEFAULT_PROFILE, profile.model)
     servers = list(spec.servers) if spec.servers is not None else list(config.mcp_servers)
     caller = pool.scoped(servers)
     small = profile.provider == "local"

@@ -36,16 +36,22 @@ from opspawn_mcp.embedded import EmbeddedWorker
 from opspawn_mcp.errors import Forbidden, Unavailable
 from opspawn_mcp.grpc_internal import serve_grpc
 from opspawn_mcp.host import OpsMcpClient
-from opspawn_mcp.http_guard import HttpGuard
+from opspawn_mcp.http_guard import PROBE_PATHS, HttpGuard
 from opspawn_mcp.principals import Principals
 from opspawn_mcp.scheduler import Enqueuer
-from opspawn_mcp.server import MCP_PATH, SSE_PATH, build_http_app, build_server
+from opspawn_mcp.server import MCP_PATH, SSE_MESSAGE_PATH, SSE_PATH, build_http_app, build_server
 from opspawn_mcp.service import TaskService
 from opspawn_mcp.store import open_store
 from opspawn_mcp.store.base import TaskStore
+from opspawn_mcp.telemetry import tracing
+from opspawn_mcp.telemetry.http import METRICS_PATH, TracedRequests, metrics_route
 from opspawn_mcp.ui import dashboard_routes
 
 log = logging.getLogger("opspawn_mcp.app")
+
+UNTRACED_PATHS = (MCP_PATH, SSE_PATH, SSE_MESSAGE_PATH, METRICS_PATH, *PROBE_PATHS)
+"""No HTTP span: MCP messages get the MCP SDK's spans (``telemetry.http``); scrapes and probes
+would only be noise."""
 
 
 def check_bind(host: str, principals: Principals) -> None:
@@ -165,9 +171,9 @@ class Runtime:
         principals: Principals | None = None,
         extra_routes: Sequence[BaseRoute] = (),
     ) -> Starlette:
-        """The one HTTP app ``serve_http`` serves: MCP (/mcp, /sse), ``extra_routes``, the REST
-        gateway and the dashboard (/ui), all behind one ``HttpGuard`` for ``host:port`` (pass the
-        real port, not 0).
+        """The one HTTP app ``serve_http`` serves: MCP (/mcp, /sse), ``extra_routes``, /metrics, the
+        REST gateway and the dashboard (/ui), all behind one ``HttpGuard`` for ``host:port`` (pass
+        the real port, not 0).
 
         ``principals`` defaults to the config's; the guard and the OpenAPI document's security
         come from the same object, so the document says exactly what the guard demands.
@@ -183,7 +189,11 @@ class Runtime:
         )
         rest = gateway_routes(self.service, auth_required=principals.auth_required)
         ui = dashboard_routes(self.service, principals)
-        return build_http_app(self.mcp, guard, extra_routes=[*extra_routes, *rest, *ui])
+        routes = [*extra_routes, metrics_route(self.service), *rest, *ui]
+        app = build_http_app(self.mcp, guard, extra_routes=routes)
+        if tracing.enabled():
+            app.add_middleware(TracedRequests, untraced=UNTRACED_PATHS)
+        return app
 
     async def serve_http(
         self,
@@ -213,7 +223,8 @@ class Runtime:
         shown = f"[{host}]" if ":" in host else host
         base = f"http://{shown}:{actual}"
         app = self.http_app(host, actual, principals=principals, extra_routes=extra_routes)
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False)
+        # log_config=None: uvicorn's lines go through the process's handler (text or JSON).
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False, log_config=None)
         server = _Server(config)
 
         def stop() -> None:

@@ -22,6 +22,7 @@ unused. ``AsyncIO`` is what lets one process run many agent tasks concurrently o
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -31,6 +32,8 @@ from dramatiq.middleware.asyncio import AsyncIO
 
 from opspawn_mcp.config import Config
 from opspawn_mcp.errors import Unavailable
+from opspawn_mcp.telemetry import tracing
+from opspawn_mcp.telemetry.messages import SYSTEM, TraceContext
 
 ACTOR_NAME = "execute_agent_task_actor"
 
@@ -61,10 +64,11 @@ def build_rabbitmq_broker(url: str, middleware: list[Any] | None = None) -> Any:
 
     ``confirm_delivery`` makes a publish wait for RabbitMQ's ack, so ``enqueue`` returning
     means the message is durable, and a deleted queue is re-declared instead of the message
-    silently vanishing.
+    silently vanishing. ``TraceContext`` carries the trace context in every message (a no-op
+    while tracing is off).
     """
     stack = middleware if middleware is not None else [AsyncIO()]
-    return RabbitmqBroker(url=url, confirm_delivery=True, middleware=stack)
+    return RabbitmqBroker(url=url, confirm_delivery=True, middleware=[*stack, TraceContext()])
 
 
 def task_message(queue_name: str, task_id: str) -> Any:
@@ -113,7 +117,10 @@ class DramatiqEnqueuer:
         """
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._executor, self._publish, task_id)
+            with tracing.publishing(SYSTEM, self._queue_name, task_id):
+                # In the caller's context, so the message carries the producer span's.
+                publish = contextvars.copy_context().run
+                await loop.run_in_executor(self._executor, publish, self._publish, task_id)
         except dramatiq.BrokerError as exc:
             raise Unavailable(
                 f"RabbitMQ did not accept the message for task {task_id} ({exc}); "

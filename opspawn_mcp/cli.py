@@ -12,6 +12,7 @@ import json
 import socket
 import sys
 from collections.abc import Coroutine, Sequence
+from contextlib import AbstractContextManager
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -82,16 +83,14 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _configure_logging() -> None:
-    """INFO to stderr, minus the HTTP clients' and the MCP SDK's one line per request (two per
-    task for the LLM alone: noise in the log, and measurable CPU in a busy worker)."""
-    import logging
+def _observed(args: argparse.Namespace, config: Config) -> AbstractContextManager[bool]:
+    """Logs in ``--log-format`` (else ``opspawn.telemetry.log_format``) and, when an OTLP endpoint
+    is configured, traces for the block (``opspawn_mcp.telemetry``)."""
+    from opspawn_mcp.telemetry.logs import configure_logging
+    from opspawn_mcp.telemetry.tracing import traced
 
-    logging.basicConfig(
-        stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    for noisy in ("httpx", "httpx2", "mcp"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging(args.log_format or config.opspawn.telemetry.log_format)
+    return traced(config.opspawn.telemetry)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -105,7 +104,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from opspawn_mcp.principals import Principals
 
     config = _load(args)
-    _configure_logging()
+    observed = _observed(args, config)
     if not config.mcp_servers:
         logging.getLogger(__name__).warning("%s", NO_SERVERS)
     sock = None
@@ -116,7 +115,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         check_bind(host, Principals.from_config(config))
         sock = bind_http(host, config.opspawn.server.port if args.port is None else args.port)
     try:
-        _run_loop(_serve(config, args, sock))
+        with observed:
+            _run_loop(_serve(config, args, sock))
     finally:
         if sock is not None:
             sock.close()
@@ -162,8 +162,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     from opspawn_mcp.worker import run_worker_process
 
-    _configure_logging()
-    return run_worker_process(_load(args))
+    config = _load(args)
+    with _observed(args, config):
+        return run_worker_process(config)
 
 
 def cmd_client(args: argparse.Namespace) -> int:
@@ -178,6 +179,14 @@ def _port(text: str) -> int:
     if not text.isdigit() or not 0 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535; 0 picks a free one)")
     return int(text)
+
+
+def _log_format_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="stderr log lines as text or JSON, with the task id (overrides opspawn.telemetry.log_format)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--stdio", action="store_true", help="speak MCP over stdin/stdout (logs go to stderr)")
     serve.add_argument("--host", help="bind address (overrides opspawn.server.host)")
     serve.add_argument("--port", type=_port, help="port (overrides opspawn.server.port)")
+    _log_format_option(serve)
     serve.set_defaults(func=cmd_serve)
 
     worker = command(
@@ -230,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
         "The embedded broker needs no separate worker: serve runs one in-process.",
         parent=common,
     )
+    _log_format_option(worker)
     worker.set_defaults(func=cmd_worker)
 
     submit = command("submit", "submit a task to a running server", "Submit a task and show it.")

@@ -207,6 +207,23 @@ class ApprovalSettings(_Strict):
     )
 
 
+class TelemetrySettings(_Strict):
+    """Traces, logs (``opspawn.telemetry``); docs/operations.md shows what each produces."""
+
+    otlp_endpoint: str | None = Field(
+        default=None,
+        pattern=r"^https?://",
+        description="OTLP/HTTP collector base URL (spans go to <url>/v1/traces); unset: "
+        "$OTEL_EXPORTER_OTLP_ENDPOINT, and with neither, tracing is off.",
+    )
+    service_name: str = Field(
+        default="opspawn", min_length=1, description="The service.name of every span this process exports."
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="json: one JSON object per line, with the task id while a task runs."
+    )
+
+
 def default_store_url() -> str:
     path = user_state_path("opspawn") / "opspawn.db"
     return f"sqlite+aiosqlite:///{path}"
@@ -224,6 +241,7 @@ class OpspawnSettings(_Strict):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     approvals: ApprovalSettings = Field(default_factory=ApprovalSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
 
     @property
     def profiles(self) -> dict[str, LlmProfile]:

@@ -5,7 +5,8 @@ run the actor on Dramatiq's own loop thread, where the server's store and pool c
 (and a ``memory://`` store cannot be shared at all). So the embedded worker is a small
 in-process queue consumed by ``concurrency`` tasks on the server's loop, calling the same
 ``TaskRunner.execute`` as the Dramatiq actor: same claim, lease, events and recovery; no
-threads, no broker.
+threads, no broker. With tracing on, each queued id travels with its producer span's context,
+like a RabbitMQ message's ``trace_context`` (``telemetry.messages``).
 """
 
 from __future__ import annotations
@@ -20,8 +21,13 @@ from opspawn_mcp.errors import OpspawnError, Unavailable
 from opspawn_mcp.recovery import recovery_interval, recovery_loop, requeue_stale
 from opspawn_mcp.runner import TaskRunner
 from opspawn_mcp.store.base import TaskStore
+from opspawn_mcp.telemetry import tracing
 
 log = logging.getLogger(__name__)
+
+SYSTEM = "opspawn.embedded"
+QUEUE_NAME = "embedded"
+"""How traces name this queue (``messaging.system``, ``messaging.destination.name``)."""
 
 
 class EmbeddedWorker:
@@ -41,7 +47,7 @@ class EmbeddedWorker:
         self.store = store
         self.pool = pool
         self._owner = owner
-        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[str, dict[str, str] | None]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._runner: TaskRunner | None = None
         self._closed = True
@@ -56,7 +62,8 @@ class EmbeddedWorker:
         """Queue the id for this process; after exit, refuse (the task stays queued in the store)."""
         if self._closed:
             raise Unavailable("The embedded worker is stopped; the task stays queued until the next start.")
-        self._queue.put_nowait(task_id)
+        with tracing.publishing(SYSTEM, QUEUE_NAME, task_id):
+            self._queue.put_nowait((task_id, tracing.outgoing()))
 
     async def ping(self) -> None:
         """Ready while the consumers run; they live on this loop, so there is nothing to reach."""
@@ -93,9 +100,10 @@ class EmbeddedWorker:
 
     async def _consume(self) -> None:
         while True:
-            task_id = await self._queue.get()
+            task_id, trace_context = await self._queue.get()
             try:
-                await self.runner.execute(task_id)
+                with tracing.processing(trace_context, SYSTEM, QUEUE_NAME, task_id):
+                    await self.runner.execute(task_id)
             except Exception:
                 # The store failed at claim time; the task stays queued or its lease expires,
                 # and the recovery loop brings it back.

@@ -45,6 +45,7 @@ from opspawn_mcp.recovery import give_up
 from opspawn_mcp.scheduler import publish
 from opspawn_mcp.store._common import EVENT_KINDS
 from opspawn_mcp.store.base import JournalRow, TaskStore
+from opspawn_mcp.telemetry.hooks import runs_task, task_finished
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +235,7 @@ class TaskRunner:
 
     # -- the actor body ---------------------------------------------------------------------
 
+    @runs_task
     async def execute(self, task_id: str) -> None:
         """Run the task once, or do nothing if it is not ours to run.
 
@@ -394,7 +396,7 @@ class TaskRunner:
         with contextlib.suppress(OpspawnError):
             await self.store.record_progress(task_id, execution.steps, execution.usage)
         try:
-            await self.store.transition(
+            finished = await self.store.transition(
                 task_id,
                 {TaskStatus.RUNNING},
                 status,
@@ -410,6 +412,7 @@ class TaskRunner:
         except IllegalTransition:
             log.info("task %s: not %s, it changed meanwhile (cancelled or taken over)", task_id, status)
             return
+        task_finished(finished)
         log.info("task %s %s%s", task_id, status.value, f": {error}" if error else "")
 
     async def _hand_back(self, execution: _Execution) -> None:

@@ -389,6 +389,15 @@ class TaskService:
         """The downstream servers the caller may use, with state and tools, from the pool."""
         return [s for s in self._servers.servers_info() if by.may_use_server(s.name)]
 
+    async def task_counts(self, *, by: Principal) -> dict[TaskStatus, int]:
+        """Every principal's tasks by status (``/metrics``): counts across principals, so admins only."""
+        if not by.admin:
+            raise Forbidden(
+                f"Task counts cover every principal's tasks; {by.name!r} is not an admin. Scrape /metrics "
+                'with the token of a principal that has "admin": true in opspawn.server.tokens.'
+            )
+        return await self._store.count_by_status()
+
     async def ready(self) -> None:
         """Raise ``Unavailable`` when the service cannot run tasks: the store or the broker is down."""
         try:

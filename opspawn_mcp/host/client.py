@@ -25,6 +25,7 @@ from opspawn_mcp.config import ServerConfig
 from opspawn_mcp.errors import Forbidden, NotFound, OpspawnError, Unavailable
 from opspawn_mcp.host.connection import DEFAULT_CONCURRENCY, ServerConnection
 from opspawn_mcp.host.models import ServerInfo
+from opspawn_mcp.telemetry.hooks import downstream_call
 
 logger = logging.getLogger("opspawn_mcp.host")
 
@@ -160,13 +161,16 @@ class OpsMcpClient:
         ``__cause__``, an unknown server (``NotFound``) or one that cannot be reached, drops the
         connection or runs past its ``timeout_s`` (``Unavailable``; the call is then cancelled on
         the server). After ``max_timeouts`` timeouts in a row the server is ``unhealthy`` and
-        replaced on the next call. See docs/host.md, "Errors".
+        replaced on the next call. See docs/host.md, "Errors". Every call is counted, timed and
+        traced by server (``telemetry.hooks.downstream_call``).
         """
         try:
             connection = self._get(server)
         except NotFound as exc:
             raise ToolError(exc.message) from exc
-        return await connection.call_tool(tool, arguments, progress_callback, meta)
+        return await downstream_call(
+            server, tool, lambda: connection.call_tool(tool, arguments, progress_callback, meta)
+        )
 
     # -- rerun policy ---------------------------------------------------------------------------
 

@@ -80,6 +80,10 @@ class TaskStore(Protocol):
         """How many of ``principal``'s tasks are not finished (queued, running or waiting for
         input: its tasks in flight)."""
 
+    async def count_by_status(self) -> dict[TaskStatus, int]:
+        """Every principal's tasks by status, every status present (zero counts too): one
+        grouped count, cheap enough for each ``/metrics`` scrape."""
+
     async def transition(
         self,
         task_id: str,

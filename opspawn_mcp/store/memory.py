@@ -134,6 +134,11 @@ class MemoryStore:
         async with self._lock:
             return sum(1 for t in self._tasks.values() if t.principal == principal and not t.status.terminal)
 
+    async def count_by_status(self) -> dict[TaskStatus, int]:
+        async with self._lock:
+            statuses = [t.status for t in self._tasks.values()]
+        return {status: statuses.count(status) for status in TaskStatus}
+
     async def transition(
         self,
         task_id: str,

@@ -912,6 +912,15 @@ class SqlStore:
 
         return await self._run(body)
 
+    async def count_by_status(self) -> dict[TaskStatus, int]:
+        query = select(tasks.c.status, func.count()).group_by(tasks.c.status)
+
+        async def body(conn: AsyncConnection) -> dict[TaskStatus, int]:
+            found = {TaskStatus(status): int(n) for status, n in (await conn.execute(query)).all()}
+            return {status: found.get(status, 0) for status in TaskStatus}
+
+        return await self._run(body)
+
     @staticmethod
     def _transition_shape(
         new: TaskStatus,

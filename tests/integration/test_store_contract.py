@@ -638,6 +638,20 @@ async def test_tasks_belong_to_principals(store: TaskStore) -> None:
     assert await store.count_active("nobody") == 0
 
 
+async def test_count_by_status_counts_every_principals_tasks_and_names_every_status(store: TaskStore) -> None:
+    assert await store.count_by_status() == dict.fromkeys(TaskStatus, 0)
+    queued = [await store.create(Task(spec=TaskSpec(goal=f"q{i}"), principal=f"p{i}")) for i in range(3)]
+    assert await store.claim(queued[0].id, "w1", 30, 3) is not None
+    await store.transition(queued[1].id, {TaskStatus.QUEUED}, TaskStatus.CANCELLED)
+    counts = await store.count_by_status()
+    assert counts == {
+        **dict.fromkeys(TaskStatus, 0),
+        TaskStatus.QUEUED: 1,
+        TaskStatus.RUNNING: 1,
+        TaskStatus.CANCELLED: 1,
+    }
+
+
 async def test_a_value_postgres_cannot_hold_is_invalid_input_not_an_outage() -> None:
     """NUL in text or JSON: PostgreSQL refuses it with a data error, which is the request's
     fault (422), not the database's (503). The service refuses NUL before it gets here; this

@@ -20,6 +20,7 @@ from opspawn_mcp.agent_factory import (
 from opspawn_mcp.config import Config, LlmProfile, load_config, parse_config
 from opspawn_mcp.host import OpsMcpClient
 from opspawn_mcp.models import ModelSettings, TaskSpec
+from opspawn_mcp.telemetry.hooks import ObservedLLM
 
 PROFILE = LlmProfile(
     provider="openai", base_url="http://127.0.0.1:9/v1", model="default-model", api_key_env="DEFAULT_KEY"
@@ -91,7 +92,7 @@ async def test_the_local_model_gets_flat_tools_a_short_prompt_and_one_tool_round
     llms = LlmClients(config, {})
     async with OpsMcpClient(config.mcp_servers) as pool:
         agent = await build_agent(TaskSpec(goal="echo hello"), config, pool, _ignore, llms)
-        assert isinstance(agent.llm, LocalGGUF)
+        assert isinstance(agent.llm, ObservedLLM) and isinstance(agent.llm.inner, LocalGGUF)
         assert sorted(agent.tools.names()) == sorted(FLAT)
         assert PROXY_TOOL_NAME not in agent.tools
         assert isinstance(agent.planner, ReActPlanner)

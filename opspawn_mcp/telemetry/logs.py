@@ -1,0 +1,70 @@
+"""Logs on stderr: text for people, or one JSON object per line for log pipelines.
+
+The task a line belongs to is a context variable (``task_context``), set while a worker runs the
+task; asyncio copies it into every task started under it (the agent, its tool calls), so each
+line logged on the task's behalf names it, in whichever module it was written. JSON lines carry
+it as ``task_id``, and the current span's ``trace_id``/``span_id`` when tracing is on, so a
+line leads to its trace. The shapes are shown in docs/operations.md ("Logs").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from typing import Literal
+
+from opentelemetry import trace
+
+LogFormat = Literal["text", "json"]
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+NOISY = ("httpx", "httpx2", "mcp")
+"""One line per request (two per task for the LLM alone): noise, and measurable CPU in a busy worker."""
+
+current_task: ContextVar[str | None] = ContextVar("opspawn_task_id", default=None)
+
+
+@contextmanager
+def task_context(task_id: str) -> Iterator[None]:
+    """Lines logged inside the block (and in tasks started from it) belong to ``task_id``."""
+    token = current_task.set(task_id)
+    try:
+        yield
+    finally:
+        current_task.reset(token)
+
+
+class JsonFormatter(logging.Formatter):
+    """``{"time", "level", "logger", "message"}`` plus ``task_id``, ``trace_id``/``span_id`` and
+    ``exception`` when there are any."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, str] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        task_id = current_task.get()
+        if task_id is not None:
+            entry["task_id"] = task_id
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            entry["trace_id"] = trace.format_trace_id(span.trace_id)
+            entry["span_id"] = trace.format_span_id(span.span_id)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(log_format: LogFormat) -> None:
+    """INFO and up to stderr in ``log_format``, minus the per-request lines of ``NOISY``."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    for noisy in NOISY:
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,58 @@
+"""The trace context in Dramatiq messages: injected on enqueue, extracted in the worker.
+
+With tracing on, a task message carries one option besides the task id: ``trace_context``, the
+W3C context of its producer span (``DramatiqEnqueuer.enqueue`` publishes inside that span, in a
+copy of the caller's context, so ``before_enqueue`` sees it on the publishing thread). In the
+worker, ``before_process_message`` opens the consumer span as its child and makes it current on
+the worker thread. Dramatiq's AsyncIO middleware then submits the actor's coroutine from that
+thread (``asyncio.run_coroutine_threadsafe`` copies the thread's context into the new task), so
+the run and every model and downstream call under it are the consumer span's children. With
+tracing off, every hook returns at once and messages are unchanged.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import AbstractContextManager
+from typing import Any
+
+from dramatiq import Middleware
+
+from opspawn_mcp.telemetry import tracing
+
+TRACE_OPTION = "trace_context"
+SYSTEM = "rabbitmq"
+
+
+class TraceContext(Middleware):
+    """Carries the trace context across RabbitMQ (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._current = threading.local()
+
+    def before_enqueue(self, broker: Any, message: Any, delay: int | None) -> None:
+        carrier = tracing.outgoing()
+        if carrier is not None:
+            message.options[TRACE_OPTION] = carrier
+
+    def before_process_message(self, broker: Any, message: Any) -> None:
+        if not tracing.enabled():
+            return
+        task_id = str(message.args[0]) if message.args else ""
+        scope = tracing.processing(message.options.get(TRACE_OPTION), SYSTEM, message.queue_name, task_id)
+        scope.__enter__()
+        self._current.scope = scope
+
+    def after_process_message(
+        self, broker: Any, message: Any, *, result: Any = None, exception: BaseException | None = None
+    ) -> None:
+        scope: AbstractContextManager[Any] | None = getattr(self._current, "scope", None)
+        if scope is None:
+            return
+        self._current.scope = None
+        if exception is None:
+            scope.__exit__(None, None, None)
+        else:
+            scope.__exit__(type(exception), exception, exception.__traceback__)
+
+    after_skip_message = after_process_message
