@@ -18,7 +18,6 @@ import asyncio
 import logging
 import signal
 import socket
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AsyncExitStack, contextmanager, suppress
 from types import TracebackType
@@ -45,6 +44,7 @@ from opspawn_mcp.store import open_store
 from opspawn_mcp.store.base import TaskStore
 from opspawn_mcp.telemetry import tracing
 from opspawn_mcp.telemetry.http import METRICS_PATH, TracedRequests, metrics_route
+from opspawn_mcp.telemetry.logs import announce
 from opspawn_mcp.ui import dashboard_routes
 
 log = logging.getLogger("opspawn_mcp.app")
@@ -236,12 +236,10 @@ class Runtime:
                     grpc_door = await doors.enter_async_context(
                         serve_grpc(self.service, host, settings.grpc_port, principals)
                     )
-                    print(f"opspawn: serving gRPC at {grpc_door.target}", file=sys.stderr, flush=True)
-                print(
+                    announce(f"opspawn: serving gRPC at {grpc_door.target}")
+                announce(
                     f"opspawn: serving MCP at {base}{MCP_PATH} (SSE at {base}{SSE_PATH}), REST at {base}/v1, "
-                    f"the dashboard at {base}/ui",
-                    file=sys.stderr,
-                    flush=True,
+                    f"the dashboard at {base}/ui"
                 )
                 if on_ready is not None:
                     on_ready(base)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import signal
-import sys
 import threading
 from types import FrameType
 from typing import Any
@@ -29,6 +29,7 @@ from opspawn_mcp.broker import (
 from opspawn_mcp.config import Config, redact_url
 from opspawn_mcp.recovery import recovery_interval, recovery_loop
 from opspawn_mcp.runner import TaskRunner
+from opspawn_mcp.telemetry.logs import announce
 
 __all__ = ["execute_agent_task_actor", "run_worker_process"]
 
@@ -176,20 +177,20 @@ def run_worker_process(config: Config, stop: threading.Event | None = None) -> i
     from dramatiq.middleware.asyncio import AsyncIO
 
     if is_embedded(config):
-        print(
+        announce(
             "opspawn-mcp: the embedded broker runs inside `opspawn-mcp serve`; set opspawn.broker_url "
             "to amqp://... to run separate workers",
-            file=sys.stderr,
+            level=logging.ERROR,
         )
         return 2
     stop = stop or threading.Event()
     broker = build_rabbitmq_broker(config.opspawn.broker_url, middleware=[AsyncIO()])
     problem = _rabbitmq_problem(broker)
     if problem is not None:
-        print(
+        announce(
             f"opspawn-mcp: cannot reach RabbitMQ at {redact_url(config.opspawn.broker_url)} ({problem}); "
             "check that it is running and that opspawn.broker_url is right",
-            file=sys.stderr,
+            level=logging.ERROR,
         )
         return 2
     host = _ProcessHost(config, broker)
@@ -214,18 +215,16 @@ def run_worker_process(config: Config, stop: threading.Event | None = None) -> i
     try:
         host.runner.result()
     except BaseException as exc:
-        print(f"opspawn-mcp: the worker cannot start: {exc}", file=sys.stderr)
+        announce(f"opspawn-mcp: the worker cannot start: {exc}", level=logging.ERROR)
         worker.stop()
         broker.close()
         return 2
-    print(
+    announce(
         f"opspawn-mcp worker ready: queue {queue!r}, concurrency {config.opspawn.worker.concurrency}, "
-        f"owner {host.runner.result().owner}",
-        file=sys.stderr,
-        flush=True,
+        f"owner {host.runner.result().owner}"
     )
     stop.wait()
-    print("opspawn-mcp worker: shutting down", file=sys.stderr, flush=True)
+    announce("opspawn-mcp worker: shutting down")
     host.begin_shutdown()
     worker.stop()
     broker.close()

@@ -26,6 +26,7 @@ NOISY = ("httpx", "httpx2", "mcp")
 """One line per request (two per task for the LLM alone): noise, and measurable CPU in a busy worker."""
 
 current_task: ContextVar[str | None] = ContextVar("opspawn_task_id", default=None)
+_json_lines = False
 
 
 @contextmanager
@@ -63,8 +64,20 @@ class JsonFormatter(logging.Formatter):
 
 def configure_logging(log_format: LogFormat) -> None:
     """INFO and up to stderr in ``log_format``, minus the per-request lines of ``NOISY``."""
+    global _json_lines
+    _json_lines = log_format == "json"
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
+    logging.captureWarnings(True)  # a warning is a log line too, in the same format
     for noisy in NOISY:
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def announce(text: str, *, level: int = logging.INFO) -> None:
+    """A line for whoever started the process (serving at, ready, shutting down, cannot start):
+    as it is on stderr, or a JSON log line in JSON mode, so a log pipeline reads only JSON."""
+    if _json_lines:
+        logging.getLogger("opspawn").log(level, text)
+    else:
+        print(text, file=sys.stderr, flush=True)
