@@ -44,8 +44,12 @@ Run = Callable[[str], Awaitable[None]]
 """Start running a task in this process (in the background) and return."""
 
 
+GAVE_UP_PREFIX = "gave up after"
+"""How a task's error begins when every attempt's worker died (MCP Tasks: ``failed``)."""
+
+
 def gave_up_reason(attempts: int, last: str | None) -> str:
-    return f"gave up after {attempts} attempts: {last or LEASE_LOST_REASON}"
+    return f"{GAVE_UP_PREFIX} {attempts} attempts: {last or LEASE_LOST_REASON}"
 
 
 def recovery_interval(lease_ttl_s: float) -> float:

@@ -49,6 +49,9 @@ from opspawn_mcp.telemetry.hooks import runs_task, task_finished
 
 log = logging.getLogger(__name__)
 
+INTERNAL_ERROR_REASON = "internal error in the opspawn worker"
+"""How a task's error begins when opspawn itself, not the agent, broke (MCP Tasks: ``failed``)."""
+
 Enqueue = Callable[[str], Awaitable[None]]
 
 # How long a cancelled agent may take to notice agent.cancel() before its asyncio task is
@@ -285,7 +288,7 @@ class TaskRunner:
                 await self._finish(
                     execution,
                     TaskStatus.FAILED,
-                    error=f"internal error in the opspawn worker ({type(exc).__name__}: {exc}); "
+                    error=f"{INTERNAL_ERROR_REASON} ({type(exc).__name__}: {exc}); "
                     "please report it with the task id",
                 )
             except Exception:

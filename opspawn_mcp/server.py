@@ -43,6 +43,7 @@ from opspawn_mcp.errors import CLI_CLIENT_NAME, Door, InvalidInput, NotFound, Op
 from opspawn_mcp.host.models import ServerInfo
 from opspawn_mcp.http_guard import HttpGuard
 from opspawn_mcp.mcp_logging import SessionLogLevels
+from opspawn_mcp.mcp_tasks import TasksExtension
 from opspawn_mcp.models import (
     GOAL_MAX_CHARS,
     MAX_STEPS_LIMIT,
@@ -56,12 +57,17 @@ from opspawn_mcp.models import (
     TaskStatus,
 )
 from opspawn_mcp.principals import LOCAL, Principal, principal_of
+from opspawn_mcp.server_tasks import ServiceTaskBackend, submit_spec
 from opspawn_mcp.service import LIST_PAGE_MAX, WAIT_MAX_S, TaskService
 
 SERVER_NAME = "opspawn"
 MCP_PATH = "/mcp"
 SSE_PATH = "/sse"
 SSE_MESSAGE_PATH = "/messages/"
+WAIT_CAP_S = 45.0
+"""The longest submit_task waits, whatever ``wait`` asks: clients give up on a tool call after
+about 60 s (Claude Desktop; claude-code #63379), and a call they abandon is an answer lost.
+45 s leaves a margin for the answer to travel; a longer task goes on, and get_status follows it."""
 
 INSTRUCTIONS = f"""\
 opspawn runs autonomous agent tasks for you. An agent gets a goal, an LLM and a set of downstream
@@ -70,8 +76,9 @@ MCP servers (tools), works through it step by step in the background, and leaves
 How to use it:
 1. list_servers shows the downstream servers an agent may use and their tools.
 2. submit_task starts a task and returns its task_id at once. Name the servers it needs in
-   `servers` (omit to allow all). To block until it finishes, pass `wait` (seconds, at most
-   {WAIT_MAX_S:g}); if it is still running when the wait ends you get its current status.
+   `servers` (omit to allow all). To block until it finishes, pass `wait` (seconds; it waits at
+   most {WAIT_CAP_S:g}); if it is still running when the wait ends you get its current status.
+   Clients that speak MCP Tasks (io.modelcontextprotocol/tasks) get a task to follow instead.
 3. get_status(task_id) shows status (queued, running, completed, failed, cancelled), steps taken,
    the result or error, and token usage. Poll it until `done` is true.
 4. cancel_task(task_id) stops a queued or running task. list_tasks finds earlier tasks.
@@ -202,8 +209,6 @@ def _object_schema(model: type[BaseModel]) -> dict[str, Any]:
 
 _MODEL_SCHEMA = _object_schema(ModelSettings)
 _BUDGET_SCHEMA = _object_schema(Budget)
-SUBMIT_ARGUMENTS = frozenset({*TaskSpec.model_fields, "wait"} - {"timeout_s"} | {"timeout"})
-"""The arguments submit_task takes: the spec's fields (``timeout_s`` is ``timeout``) and ``wait``."""
 
 TaskId = Annotated[Any, _arg("The task_id returned by submit_task or list_tasks.", type="string")]
 
@@ -224,23 +229,10 @@ class _Server(MCPServer):
         self, name: str, arguments: dict[str, Any], context: Context | None = None
     ) -> CallToolResult | InputRequiredResult:
         if name == "submit_task":
-            unknown = sorted(set(arguments) - SUBMIT_ARGUMENTS)
-            if "goal" not in arguments:
-                raise _tool_error(
-                    InvalidInput(
-                        "Invalid task spec: goal: Field required.", problems=["goal: Field required"]
-                    ),
-                    context,
-                )
-            if unknown:
-                raise _tool_error(
-                    InvalidInput(
-                        f"submit_task has no argument(s) {', '.join(map(repr, unknown))}; it takes: "
-                        f"{', '.join(sorted(SUBMIT_ARGUMENTS))}.",
-                        problems=[f"{u}: unknown argument" for u in unknown],
-                    ),
-                    context,
-                )
+            try:
+                submit_spec(arguments)
+            except InvalidInput as exc:
+                raise _tool_error(exc, context) from exc
         return await super().call_tool(name, arguments, context)
 
     def serve_log_levels(self, levels: SessionLogLevels) -> None:
@@ -255,7 +247,10 @@ def build_server(service: TaskService, local: Principal = LOCAL) -> MCPServer:
 
     ``local`` is who stdio (and in-process) callers are: the config's local principal.
     """
-    server = _Server(SERVER_NAME, instructions=INSTRUCTIONS, log_level="WARNING")
+    backend = ServiceTaskBackend(service, local, TaskView.of)
+    server = _Server(
+        SERVER_NAME, instructions=INSTRUCTIONS, log_level="WARNING", extensions=[TasksExtension(backend)]
+    )
     levels = SessionLogLevels()
     server.serve_log_levels(levels)
 
@@ -318,7 +313,8 @@ def build_server(service: TaskService, local: Principal = LOCAL) -> MCPServer:
         wait: Annotated[
             Any,
             _arg(
-                "Seconds to wait for the result before returning (0 returns at once). "
+                f"Seconds to wait for the result before returning (0 returns at once; waits at most "
+                f"{WAIT_CAP_S:g}, below clients' tool-call timeouts, the task runs on). "
                 "With a progress token you get a progress notification for each step.",
                 type="number",
                 minimum=0,
@@ -328,21 +324,19 @@ def build_server(service: TaskService, local: Principal = LOCAL) -> MCPServer:
     ) -> TaskView:
         """Start an agent task; returns at once (or after up to `wait` seconds) with its task_id."""
         by = caller(ctx, local)
-        spec: dict[str, Any] = {}
-        optional = {
+        arguments = {
             "goal": goal,
             "servers": servers,
             "model": model,
             "budget": budget,
             "max_steps": max_steps,
             "planner": planner,
-            "timeout_s": timeout,
+            "timeout": timeout,
             "system_prompt": system_prompt,
         }
-        spec.update({k: v for k, v in optional.items() if v is not None})
         try:
             service.check_wait(wait)
-            task = await service.submit(spec, by=by)
+            task = await service.submit(submit_spec(arguments), by=by)
             if wait > 0:
                 count = 0
 
@@ -353,7 +347,9 @@ def build_server(service: TaskService, local: Principal = LOCAL) -> MCPServer:
                     data = {"task_id": task.id, "seq": event.seq, "kind": event.kind, "data": event.data}
                     await levels.log(ctx, _log_level(event.kind, event.data), data)
 
-                task = await service.wait(task.id, wait, progress, by=by)
+                # The task runs on whatever happens to this call: a client that gives up or
+                # disconnects cancels only this wait.
+                task = await service.wait(task.id, min(wait, WAIT_CAP_S), progress, by=by)
         except OpspawnError as exc:
             raise _tool_error(exc, ctx) from exc
         return TaskView.of(task)

@@ -1,0 +1,218 @@
+"""opspawn's tasks as MCP Tasks: ``TaskService`` as the ``TaskBackend`` of the tasks extension.
+
+``submit_task`` is task-supporting (optional): a client that declares the extension gets a
+``CreateTaskResult`` whose ``taskId`` is opspawn's task id, so any replica answers ``tasks/get``
+from the store, before and after a restart. The status mapping (docs/mcp-server.md):
+
+- ``queued``, ``running``: ``working``;
+- ``input_required``: ``input_required``, the pending approval as one elicitation form
+  (``approve`` boolean, optional ``note``) keyed by its request id; ``tasks/update`` answers it
+  through ``TaskService.answer``;
+- ``completed``: ``completed``, the agent's answer as the tool result's text (the task view as
+  its structured content);
+- ``failed`` because the agent failed (an error, its time or step budget): ``completed`` with
+  ``isError: true``, the reason as its text; ``failed`` because opspawn itself broke (an internal
+  error in the worker, or every attempt's worker died): ``failed`` with a -32603 error object;
+- ``cancelled``: ``cancelled``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from mcp.shared.exceptions import MCPError
+from mcp_types import (
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    CallToolRequestParams,
+    CallToolResult,
+    Result,
+    TextContent,
+)
+from pydantic import BaseModel, ValidationError
+
+from opspawn_mcp.errors import Conflict, Door, InvalidInput, NotFound, OpspawnError
+from opspawn_mcp.mcp_tasks import DetailedTask, TaskStatusName, TaskSupport, UnknownTask
+from opspawn_mcp.mcp_tasks.backend import RequestContext
+from opspawn_mcp.models import ApprovalAnswer, ApprovalRequest, Task, TaskSpec, TaskStatus
+from opspawn_mcp.principals import Principal, principal_of
+from opspawn_mcp.recovery import GAVE_UP_PREFIX
+from opspawn_mcp.runner import INTERNAL_ERROR_REASON
+from opspawn_mcp.service import TaskService
+
+SUBMIT_ARGUMENTS = frozenset({*TaskSpec.model_fields, "wait"} - {"timeout_s"} | {"timeout"})
+"""The arguments submit_task takes: the spec's fields (``timeout_s`` is ``timeout``) and ``wait``."""
+POLL_INTERVAL_MS = 1000
+INFRASTRUCTURE_FAILURES = (INTERNAL_ERROR_REASON, GAVE_UP_PREFIX)
+"""How the reasons opspawn itself writes when it, not the agent, failed a task begin."""
+
+
+def submit_spec(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """submit_task's arguments as a task spec for ``TaskService.submit`` (``wait`` is not part of
+    it). A missing goal gets the service's own message and an unknown argument is refused with
+    the names it takes (the SDK would drop it silently)."""
+    if "goal" not in arguments:
+        raise InvalidInput("Invalid task spec: goal: Field required.", problems=["goal: Field required"])
+    unknown = sorted(set(arguments) - SUBMIT_ARGUMENTS)
+    if unknown:
+        raise InvalidInput(
+            f"submit_task has no argument(s) {', '.join(map(repr, unknown))}; it takes: "
+            f"{', '.join(sorted(SUBMIT_ARGUMENTS))}.",
+            problems=[f"{u}: unknown argument" for u in unknown],
+        )
+    named = {("timeout_s" if k == "timeout" else k): v for k, v in arguments.items() if k != "wait"}
+    return {k: v for k, v in named.items() if v is not None}
+
+
+def infrastructure_failure(task: Task) -> bool:
+    """A failure of opspawn (not of the agent): MCP Tasks reports it as ``failed``."""
+    return task.status is TaskStatus.FAILED and (task.error or "").startswith(INFRASTRUCTURE_FAILURES)
+
+
+def approval_input(approval: ApprovalRequest) -> dict[str, Any]:
+    """The pending approval as the ``elicitation/create`` form a Tasks client shows a person."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "approve": {"type": "boolean", "title": "Approve", "description": "Run this tool call?"},
+            "note": {
+                "type": "string",
+                "title": "Note",
+                "description": "Why; the agent reads it with a denial.",
+            },
+        },
+        "required": ["approve"],
+    }
+    return {
+        "method": "elicitation/create",
+        "params": {"mode": "form", "message": approval.message, "requestedSchema": schema},
+    }
+
+
+def approval_answer(response: Any) -> ApprovalAnswer:
+    """An elicitation response as an answer: accepted with ``approve: true`` approves; a decline,
+    a cancel or ``approve: false`` denies. A malformed one is -32602 naming what is wrong."""
+    if not isinstance(response, Mapping) or response.get("action") not in ("accept", "decline", "cancel"):
+        raise MCPError(
+            code=INVALID_PARAMS,
+            message='An approval response is an elicitation result: {"action": "accept"|"decline"|"cancel", '
+            '"content": {"approve": true|false, "note": "..."}}.',
+        )
+    content = response.get("content") or {}
+    accepted = response["action"] == "accept"
+    note = content.get("note") if isinstance(content, Mapping) else None
+    try:
+        return ApprovalAnswer(
+            approve=accepted and isinstance(content, Mapping) and content.get("approve") is True,
+            note=note if note is not None or accepted else f"the client answered {response['action']}",
+        )
+    except ValidationError as exc:
+        raise MCPError(
+            code=INVALID_PARAMS, message=f"Invalid approval answer: {exc.errors()[0]['msg']}"
+        ) from None
+
+
+def _text(text: str, *, error: bool = False, structured: Any = None) -> CallToolResult:
+    return CallToolResult(
+        content=[TextContent(type="text", text=text)], is_error=error, structured_content=structured
+    )
+
+
+_STATUS: dict[TaskStatus, TaskStatusName] = {
+    TaskStatus.QUEUED: "working",
+    TaskStatus.RUNNING: "working",
+    TaskStatus.INPUT_REQUIRED: "input_required",
+    TaskStatus.COMPLETED: "completed",
+    TaskStatus.FAILED: "completed",  # the agent failed: its tool call completed with isError
+    TaskStatus.CANCELLED: "cancelled",
+}
+
+
+def _status(task: Task) -> TaskStatusName:
+    return "failed" if infrastructure_failure(task) else _STATUS[task.status]
+
+
+class ServiceTaskBackend:
+    """``TaskService`` behind ``TasksExtension``; ``view`` shapes a task as submit_task answers it."""
+
+    def __init__(self, service: TaskService, local: Principal, view: Callable[[Task], BaseModel]) -> None:
+        self._service = service
+        self._local = local
+        self._view = view
+
+    def _caller(self, ctx: RequestContext) -> Principal:
+        request = ctx.request
+        return self._local if request is None else principal_of(request.scope)
+
+    def support(self, tool: str) -> TaskSupport | None:
+        return "optional" if tool == "submit_task" else None
+
+    async def create(self, params: CallToolRequestParams, ctx: RequestContext) -> DetailedTask | Result:
+        try:
+            task = await self._service.submit(submit_spec(params.arguments or {}), by=self._caller(ctx))
+        except OpspawnError as exc:
+            return _text(f"{exc.kind}: {exc.message_for(Door.MCP)}", error=True)
+        return self._detailed(task)
+
+    async def _task(self, task_id: str, ctx: RequestContext) -> Task:
+        try:
+            return await self._service.get(task_id, by=self._caller(ctx))
+        except (NotFound, InvalidInput):
+            raise UnknownTask(task_id) from None
+
+    async def get(self, task_id: str, ctx: RequestContext) -> DetailedTask:
+        return self._detailed(await self._task(task_id, ctx))
+
+    async def update(self, task_id: str, responses: dict[str, Any], ctx: RequestContext) -> None:
+        task = await self._task(task_id, ctx)
+        if task.approval is None or task.approval.id not in responses:
+            return  # nothing pending that these answer: ignored, as the extension says
+        answer = approval_answer(responses[task.approval.id])
+        try:
+            await self._service.answer(task.id, task.approval.id, answer, by=self._caller(ctx))
+        except Conflict:
+            return  # answered meanwhile (another answer, its timeout, a cancel): nothing to do
+
+    async def cancel(self, task_id: str, ctx: RequestContext) -> None:
+        task = await self._task(task_id, ctx)
+        try:
+            await self._service.cancel(task.id, by=self._caller(ctx))
+        except Conflict:
+            return  # already completed or failed: the ack is the same
+
+    def _detailed(self, task: Task) -> DetailedTask:
+        status = _status(task)
+        view = self._view(task).model_dump(mode="json")
+        result = error = inputs = None
+        message = task.error
+        if task.status is TaskStatus.COMPLETED:
+            result = _text(task.result or "", structured=view)
+            message = None
+        elif status == "completed":  # the agent failed: a tool error, not a protocol one
+            result = _text(task.error or "the agent failed", error=True, structured=view)
+        elif status == "failed":
+            error = {"code": INTERNAL_ERROR, "message": task.error or "opspawn failed the task"}
+        elif status == "input_required" and task.approval is not None:
+            inputs = {task.approval.id: approval_input(task.approval)}
+            message = task.approval.message
+        elif status == "working":
+            message = f"{task.status.value}, {task.steps} step(s) taken"
+        requested = task.approval.requested_at if task.approval is not None else None
+        moments = [
+            m for m in (task.created_at, task.started_at, task.finished_at, requested) if m is not None
+        ]
+        return DetailedTask(
+            task_id=task.id,
+            status=status,
+            status_message=message,
+            created_at=task.created_at,
+            last_updated_at=max(moments),
+            ttl_ms=None,
+            poll_interval_ms=POLL_INTERVAL_MS,
+            result=None
+            if result is None
+            else result.model_dump(by_alias=True, mode="json", exclude_none=True),
+            error=error,
+            input_requests=inputs,
+        )

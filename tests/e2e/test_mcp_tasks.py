@@ -1,0 +1,189 @@
+"""opspawn's tasks over MCP on both protocol eras, end to end on a real ``opspawn-mcp serve``.
+
+A Tasks-aware client (2026-07-28, declaring ``io.modelcontextprotocol/tasks``) gets a task from
+``submit_task`` and follows it with ``tasks/get`` to the agent's answer, cancels another with
+``tasks/cancel``, and answers an approval the agent asks for through ``inputRequests`` and
+``tasks/update``. A 2025-11-25 client without the extension gets the same tasks synchronously
+(``submit_task`` with ``wait``), cancels with ``cancel_task``, keeps its task running when it
+disconnects mid-wait, and receives log notifications at the level it set. The LLM is the
+scripted fake OpenAI server: "echo X" calls ``testing__echo`` and answers "done: X".
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import anyio
+import pytest
+from mcp import Client
+from mcp.types import EmptyResult, LoggingLevel, LoggingMessageNotificationParams
+
+from opspawn_mcp.mcp_tasks import (
+    CancelTaskRequest,
+    CreateTaskResult,
+    UpdateTaskRequest,
+)
+from opspawn_mcp.mcp_tasks.wire import TaskIdParams, UpdateTaskParams
+from tests.support.fake_openai import spawn_fake_openai
+from tests.support.serve import ServerProcess, write_config
+from tests.support.tasks_client import POLLS, TERMINAL, TasksAware, follow
+
+
+@pytest.fixture(scope="module")
+def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    with spawn_fake_openai() as llm_url:
+        config = write_config(tmp_path_factory.mktemp("tasks") / "opspawn.json", llm_url)
+        document = json.loads(config.read_text())
+        guarded = {**document["mcpServers"]["testing"], "require_approval": ["echo"]}
+        document["mcpServers"]["guarded"] = guarded  # the testing server again, its echo needs approval
+        config.write_text(json.dumps(document))
+        server = ServerProcess(config)
+        try:
+            yield server
+        finally:
+            code = server.stop()
+            assert code == 0, server.log.read_text()
+            assert "Traceback" not in server.log.read_text()
+
+
+def tasks_client(serve: ServerProcess) -> Client:
+    return Client(serve.url, extensions=[TasksAware()])
+
+
+async def submit(client: Client, goal: str, server: str = "testing") -> CreateTaskResult:
+    created = await client.session.call_tool(
+        "submit_task", {"goal": goal, "servers": [server]}, allow_claimed=True
+    )
+    assert isinstance(created, CreateTaskResult), created
+    return created
+
+
+async def test_a_tasks_client_follows_submit_task_to_the_agents_answer(serve: ServerProcess) -> None:
+    async with tasks_client(serve) as client:
+        assert client.session.server_capabilities is not None
+        created = await submit(client, "echo hello tasks")
+        assert created.status == "working" and created.poll_interval_ms
+        done = await follow(client.session, created.task_id, TERMINAL)
+        assert done.status == "completed", done
+        assert done.result is not None and done.result["content"][0]["text"] == "done: hello tasks"
+        assert done.result["structuredContent"]["task_id"] == created.task_id
+        # The MCP task id is opspawn's task id: get_status knows it.
+        status = await client.call_tool("get_status", {"task_id": created.task_id})
+        assert status.structured_content is not None and status.structured_content["status"] == "completed"
+        # Without allow_claimed the claim's resolver follows the task for the caller.
+        resolved = await client.call_tool("submit_task", {"goal": "echo once more", "servers": ["testing"]})
+        assert not resolved.is_error and getattr(resolved.content[0], "text", None) == "done: once more"
+
+
+async def test_a_tasks_client_cancels_a_task(serve: ServerProcess) -> None:
+    async with tasks_client(serve) as client:
+        created = await submit(client, "sleep 60")
+        await follow(client.session, created.task_id, frozenset({"working"}))
+        ack = await client.session.send_request(
+            CancelTaskRequest(params=TaskIdParams(task_id=created.task_id)), EmptyResult
+        )
+        assert set(ack.model_dump(exclude_none=True)) <= {"meta", "result_type"}  # an empty ack
+        cancelled = await follow(client.session, created.task_id, TERMINAL)
+        assert cancelled.status == "cancelled" and cancelled.result is None
+        # Cancelling a finished task is the same empty ack.
+        await client.session.send_request(
+            CancelTaskRequest(params=TaskIdParams(task_id=created.task_id)), EmptyResult
+        )
+
+
+async def test_a_tasks_client_answers_an_approval_through_input_requests(serve: ServerProcess) -> None:
+    async with tasks_client(serve) as client:
+        created = await submit(client, "echo approved", server="guarded")
+        waiting = await follow(client.session, created.task_id, TERMINAL | {"input_required"})
+        assert waiting.status == "input_required", waiting
+        assert waiting.input_requests is not None and len(waiting.input_requests) == 1
+        [(request_id, request)] = waiting.input_requests.items()
+        assert request["method"] == "elicitation/create"
+        assert "echo" in request["params"]["message"]
+        assert set(request["params"]["requestedSchema"]["properties"]) == {"approve", "note"}
+        answer = {request_id: {"action": "accept", "content": {"approve": True, "note": "fine"}}}
+        await client.session.send_request(
+            UpdateTaskRequest(params=UpdateTaskParams(task_id=created.task_id, input_responses=answer)),
+            EmptyResult,
+        )
+        done = await follow(client.session, created.task_id, TERMINAL)
+        assert done.status == "completed", done
+        assert done.result is not None and done.result["content"][0]["text"] == "done: approved"
+
+
+# -- 2025-11-25, without the extension --------------------------------------------------------
+
+
+async def test_a_legacy_client_gets_the_answer_synchronously_and_cancels(serve: ServerProcess) -> None:
+    async with Client(serve.url, mode="legacy") as client:
+        done = await client.call_tool(
+            "submit_task", {"goal": "echo hello legacy", "servers": ["testing"], "wait": 40}
+        )
+        assert done.structured_content is not None, done
+        assert done.structured_content["status"] == "completed"
+        assert done.structured_content["result"] == "done: hello legacy"
+        running = await client.call_tool("submit_task", {"goal": "sleep 60", "servers": ["testing"]})
+        assert running.structured_content is not None
+        cancelled = await client.call_tool("cancel_task", {"task_id": running.structured_content["task_id"]})
+        assert (
+            cancelled.structured_content is not None and cancelled.structured_content["status"] == "cancelled"
+        )
+
+
+async def test_a_legacy_client_never_sees_a_task_result_shape(serve: ServerProcess) -> None:
+    async with Client(serve.url, mode="legacy", extensions=[TasksAware()]) as client:
+        result = await client.call_tool("submit_task", {"goal": "echo no task here", "servers": ["testing"]})
+        assert result.structured_content is not None and result.structured_content["task_id"]
+
+
+async def test_a_client_that_disconnects_mid_wait_leaves_its_task_running(serve: ServerProcess) -> None:
+    progressed = anyio.Event()
+
+    async def on_progress(value: float, total: float | None, message: str | None) -> None:
+        progressed.set()
+
+    async def submit_and_wait() -> None:
+        async with Client(serve.url, mode="legacy") as client:
+            await client.call_tool(
+                "submit_task",
+                {"goal": "sleep 2", "servers": ["testing"], "wait": 40},
+                progress_callback=on_progress,
+            )
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(submit_and_wait)
+        await progressed.wait()
+        group.cancel_scope.cancel()  # the client goes away with its call still waiting
+
+    async with Client(serve.url, mode="legacy") as client:
+        page = await client.call_tool("list_tasks", {"limit": 20})
+        assert page.structured_content is not None
+        [task] = [t for t in page.structured_content["tasks"] if t["goal"] == "sleep 2"]
+        for _ in range(POLLS):
+            status = await client.call_tool("get_status", {"task_id": task["task_id"]})
+            assert status.structured_content is not None
+            if status.structured_content["done"]:
+                break
+            await anyio.sleep(0.1)
+        assert status.structured_content["status"] == "completed", status.structured_content
+
+
+@pytest.mark.filterwarnings("ignore:The logging capability is deprecated")  # it is, from 2026-07-28 on
+@pytest.mark.parametrize(("level", "expect"), [("debug", {"debug", "info"}), ("warning", set())])
+async def test_log_notifications_honour_logging_set_level(
+    serve: ServerProcess, level: LoggingLevel, expect: set[str]
+) -> None:
+    seen: list[LoggingMessageNotificationParams] = []
+
+    async def on_log(params: LoggingMessageNotificationParams) -> None:
+        seen.append(params)
+
+    async with Client(serve.url, mode="legacy", logging_callback=on_log) as client:
+        await client.set_logging_level(level)
+        done = await client.call_tool(
+            "submit_task", {"goal": f"echo log {level}", "servers": ["testing"], "wait": 40}
+        )
+        assert done.structured_content is not None and done.structured_content["status"] == "completed"
+    assert {p.level for p in seen} == expect
+    assert all(p.logger == "opspawn" for p in seen)
