@@ -28,6 +28,8 @@ from opspawn_mcp.grpc_internal.gen import tasks_pb2_grpc as pb_grpc
 from opspawn_mcp.grpc_internal.task_servicer import UNAUTHENTICATED_MESSAGE, TaskServicer, authorization_of
 from opspawn_mcp.principals import Principals
 from opspawn_mcp.service import TaskService
+from opspawn_mcp.telemetry import tracing
+from opspawn_mcp.telemetry.grpc import TracedGrpc
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +123,8 @@ async def serve_grpc(
     """Serve ``opspawn.v1.TaskService`` plus health and reflection on ``host:port`` until the
     ``async with`` block ends; the health status is refreshed every ``readiness_interval_s``."""
     interceptors = [BearerInterceptor(principals)] if principals.auth_required else []
+    if tracing.enabled():
+        interceptors.insert(0, TracedGrpc(untraced=HEALTH_PREFIX))
     server = grpc.aio.server(interceptors=interceptors)
     pb_grpc.add_TaskServiceServicer_to_server(TaskServicer(service, principals), server)  # type: ignore[no-untyped-call]
     health_servicer = health.aio.HealthServicer()

@@ -1,7 +1,7 @@
 """Metrics and JSON logs of a real ``opspawn-mcp serve --log-format json`` after a real task.
 
-One serve process (embedded worker, SQLite store, the bundled example MCP server, the fake
-OpenAI-compatible LLM in its own process, rule mode: ``echo hello`` calls ``example__echo`` and
+One serve process (embedded worker, SQLite store, the testing MCP server, the fake
+OpenAI-compatible LLM in its own process, rule mode: ``echo hello`` calls ``testing__echo`` and
 answers ``done: hello``), two principals: ``ops`` (admin) and ``alice``. The task is submitted
 over REST as alice; ``/metrics`` is scraped and parsed with ``prometheus_client``'s own parser,
 and the process's stderr is read back line by line.
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from opspawn_mcp.models import TaskStatus
 from tests.servers.harness import HANG_GUARD_S, REPO_ROOT, free_port, opspawn_process
 from tests.support.fake_openai import spawn_fake_openai
+from tests.support.serve import write_config
 
 TOKENS = {"ops": "obs-e2e-admin-token", "alice": "obs-e2e-alice-token"}
 
@@ -54,24 +54,11 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     tmp = tmp_path_factory.mktemp("observability")
     port = free_port()
     with spawn_fake_openai() as llm_url:
-        config = {
-            "mcpServers": {
-                "example": {"command": sys.executable, "args": ["-m", "opspawn_mcp.example_server"]}
-            },
-            "opspawn": {
-                "store_url": f"sqlite+aiosqlite:///{tmp / 'opspawn.db'}",
-                "llm": {"provider": "openai", "base_url": llm_url, "model": "fake-model", "timeout_s": 30},
-                "server": {
-                    "port": port,
-                    "tokens": {
-                        "ops": {"token_env": "OBS_OPS_TOKEN", "admin": True},
-                        "alice": {"token_env": "OBS_ALICE_TOKEN"},
-                    },
-                },
-            },
+        tokens = {
+            "ops": {"token_env": "OBS_OPS_TOKEN", "admin": True},
+            "alice": {"token_env": "OBS_ALICE_TOKEN"},
         }
-        path = tmp / "opspawn.json"
-        path.write_text(json.dumps(config))
+        path = write_config(tmp / "opspawn.json", llm_url, port=port, tokens=tokens)
         env = {**os.environ, "OBS_OPS_TOKEN": TOKENS["ops"], "OBS_ALICE_TOKEN": TOKENS["alice"]}
         log = tmp / "serve.log"
         args = ("--config", str(path), "serve", "--log-format", "json")
@@ -129,11 +116,11 @@ def test_metrics_after_a_task_count_it_from_the_store_and_from_this_process(serv
     usage = served.task["usage"]
     assert value("opspawn_llm_tokens_total", profile="default", type="input") == usage["input_tokens"]
     assert value("opspawn_llm_tokens_total", profile="default", type="output") == usage["output_tokens"]
-    assert value("opspawn_downstream_calls_total", server="example", outcome="ok") == 1
-    assert value("opspawn_downstream_call_duration_seconds_count", server="example") == 1
+    assert value("opspawn_downstream_calls_total", server="testing", outcome="ok") == 1
+    assert value("opspawn_downstream_call_duration_seconds_count", server="testing") == 1
     assert (
         "opspawn_downstream_calls_total",
-        frozenset({("server", "example"), ("outcome", "error")}),
+        frozenset({("server", "testing"), ("outcome", "error")}),
     ) not in found
 
 

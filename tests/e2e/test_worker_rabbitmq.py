@@ -34,8 +34,10 @@ from opspawn_mcp.store import open_store
 from opspawn_mcp.store.base import TaskStore
 from tests.servers.harness import REPO_ROOT, free_port, lines, stdio_config, wait_until
 from tests.support.fake_openai import FakeOpenAIServer
+from tests.support.otlp_collector import OtlpCollector
 from tests.support.services import POSTGRES_URL, RABBITMQ_URL, delete_queues, drop_schema, require_service
 from tests.support.task_waits import states, until, until_a_tool_is_called, until_finished
+from tests.support.traces import one, recording, span_id, trace_id
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.postgres]
 
@@ -67,13 +69,14 @@ class Deployment:
 class WorkerProcess:
     """``opspawn-mcp --config F worker`` in its own session (so kill -9 takes its children too)."""
 
-    def __init__(self, deployment: Deployment, name: str) -> None:
+    def __init__(self, deployment: Deployment, name: str, env: dict[str, str] | None = None) -> None:
         self.deployment = deployment
         self.log_path = deployment.tmp_path / f"worker-{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.env = env or {}
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        env = {**os.environ, "OPSPAWN_WORKER_QUEUE_NAME": self.deployment.queue}
+        env = {**os.environ, **self.env, "OPSPAWN_WORKER_QUEUE_NAME": self.deployment.queue}
         with self.log_path.open("ab") as log:
             return subprocess.Popen(
                 [
@@ -186,6 +189,35 @@ async def test_a_worker_process_runs_a_task_from_rabbitmq(tmp_path: Path, fake: 
             assert [e.data["name"] for e in events if e.kind == "tool_call"] == ["t__echo"]
             assert await worker.stop() == 0
             assert "shutting down" in worker.log()
+
+
+async def test_the_trace_context_crosses_rabbitmq_to_a_worker_process_exporting_over_otlp(
+    tmp_path: Path, fake: FakeOpenAIServer
+) -> None:
+    """The producer span is recorded here; the worker process exports its spans to a collector
+    here over OTLP/HTTP (configured by the standard variable only), and they continue its trace."""
+    with OtlpCollector() as collector, recording() as exporter:
+        async with deployment(tmp_path, fake.base_url) as d:
+            env = {"OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "50"}
+            worker = WorkerProcess(d, "traced", env=env)
+            with _no_leftovers(worker):
+                await worker.start()
+                task = await d.service.submit({"goal": "echo traced", "servers": ["t"]}, by=LOCAL)
+                done = await d.finished(task.id)
+                assert done.status is TaskStatus.COMPLETED, f"{done.error}\n{worker.log()}"
+                assert await worker.stop() == 0  # flushes the worker's spans
+        send = one(list(exporter.get_finished_spans()), f"send {d.queue}")
+        spans = collector.spans()
+    names = {s.name: s for s in spans}
+    process, run = names[f"process {d.queue}"], names["run task"]
+    chats = [s for s in spans if s.name == "chat fake-model"]
+    assert (process.trace_id, process.parent_span_id) == (trace_id(send), span_id(send))
+    assert run.parent_span_id == process.span_id and run.attributes["opspawn.task.id"] == task.id
+    assert len(chats) == 2 and {c.parent_span_id for c in chats} == {run.span_id}
+    tool, wire = names["execute_tool t.echo"], names["MCP send tools/call echo"]
+    assert tool.parent_span_id == run.span_id and wire.parent_span_id == tool.span_id
+    assert {s.trace_id for s in [process, run, *chats, tool, wire]} == {trace_id(send)}
+    assert {s.service for s in spans} == {"opspawn"}
 
 
 async def test_one_worker_process_runs_tasks_concurrently_sharing_one_downstream_server(

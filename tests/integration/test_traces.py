@@ -13,8 +13,11 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import grpc
 import httpx
 import pytest
 from mcp import Client
@@ -23,12 +26,15 @@ from opentelemetry.trace import SpanKind, format_span_id, format_trace_id
 
 from opspawn_mcp.app import Runtime
 from opspawn_mcp.config import parse_config
+from opspawn_mcp.grpc_internal.gen import tasks_pb2 as pb
+from opspawn_mcp.grpc_internal.gen import tasks_pb2_grpc as pb_grpc
+from opspawn_mcp.grpc_internal.server import SERVICE_NAME
 from opspawn_mcp.models import TaskStatus
 from opspawn_mcp.principals import LOCAL
 from opspawn_mcp.store import open_store
 from opspawn_mcp.store.base import TaskStore
 from opspawn_mcp.telemetry import tracing
-from tests.servers.harness import HANG_GUARD_S, stdio_config
+from tests.servers.harness import HANG_GUARD_S, free_port, stdio_config
 from tests.support.fake_openai import FakeOpenAIServer, tool_call
 from tests.support.traces import named, one, parent_of, recording, span_id, trace_id
 
@@ -39,15 +45,24 @@ def fake() -> Iterator[FakeOpenAIServer]:
         yield server
 
 
+@dataclass(frozen=True)
+class Served:
+    runtime: Runtime
+    store: TaskStore
+    base: str
+    """The HTTP base URL."""
+
+
 @asynccontextmanager
-async def serving(tmp_path: Path, llm_url: str) -> AsyncIterator[tuple[Runtime, TaskStore, str]]:
-    """The runtime serving HTTP; yields it, its store and the base URL."""
+async def serving(tmp_path: Path, llm_url: str, grpc_port: int | None = None) -> AsyncIterator[Served]:
+    """The runtime serving HTTP (and gRPC on ``grpc_port``), with its store."""
     config = parse_config(
         {
             "opspawn": {
                 "store_url": f"sqlite+aiosqlite:///{tmp_path / 'opspawn.db'}",
                 "broker_url": "embedded",
                 "llm": {"provider": "openai", "base_url": llm_url, "model": "fake-model", "timeout_s": 30},
+                "server": {"grpc_port": grpc_port},
             }
         },
         "<test>",
@@ -60,7 +75,7 @@ async def serving(tmp_path: Path, llm_url: str) -> AsyncIterator[tuple[Runtime, 
             ready: asyncio.Queue[str] = asyncio.Queue()
             serve = asyncio.create_task(runtime.serve_http("127.0.0.1", 0, on_ready=ready.put_nowait))
             try:
-                yield runtime, store, await ready.get()
+                yield Served(runtime, store, await ready.get())
             finally:
                 serve.cancel()
                 with suppress(asyncio.CancelledError):
@@ -105,14 +120,14 @@ async def test_one_trace_follows_an_mcp_submit_to_the_downstream_server(
 ) -> None:
     fake.fake.script(tool_call("t__echo_meta"), "the meta came back")
     with recording() as exporter:
-        async with serving(tmp_path, fake.base_url) as (_, store, base):
-            async with Client(f"{base}/mcp") as client:
+        async with serving(tmp_path, fake.base_url) as served:
+            async with Client(f"{served.base}/mcp") as client:
                 answer = await client.call_tool(
                     "submit_task", {"goal": "show the meta", "servers": ["t"], "wait": HANG_GUARD_S}
                 )
             task = answer.structured_content
             assert task is not None and task["status"] == "completed", task
-            meta = await downstream_meta(store, task["task_id"])
+            meta = await downstream_meta(served.store, task["task_id"])
         spans = list(exporter.get_finished_spans())
 
     door = one(spans, "tools/call submit_task")
@@ -129,15 +144,15 @@ async def test_a_rest_submit_continues_the_callers_trace(tmp_path: Path, fake: F
     caller_trace, caller_span = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
     fake.fake.script(tool_call("t__echo_meta"), "the meta came back")
     with recording() as exporter:
-        async with serving(tmp_path, fake.base_url) as (runtime, store, base), httpx.AsyncClient() as http:
+        async with serving(tmp_path, fake.base_url) as served, httpx.AsyncClient() as http:
             submitted = await http.post(
-                f"{base}/v1/tasks",
+                f"{served.base}/v1/tasks",
                 json={"goal": "show the meta", "servers": ["t"]},
                 headers={"traceparent": f"00-{caller_trace}-{caller_span}-01"},
             )
             assert submitted.status_code == 202, submitted.text
-            (task,) = (await store.list()).items
-            await until_terminal(runtime, task.id)
+            (task,) = (await served.store.list()).items
+            await until_terminal(served.runtime, task.id)
         spans = list(exporter.get_finished_spans())
 
     door = one(spans, "POST /v1/tasks")
@@ -146,17 +161,42 @@ async def test_a_rest_submit_continues_the_callers_trace(tmp_path: Path, fake: F
     assert_task_chain(spans, door)
 
 
+async def test_a_grpc_submit_continues_the_callers_trace(tmp_path: Path, fake: FakeOpenAIServer) -> None:
+    caller_trace, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    fake.fake.script(tool_call("t__echo_meta"), "the meta came back")
+    port = free_port()
+    with recording() as exporter:
+        async with (
+            serving(tmp_path, fake.base_url, grpc_port=port) as served,
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel,
+        ):
+            stub: Any = pb_grpc.TaskServiceStub(channel)  # type: ignore[no-untyped-call]
+            request = pb.SubmitTaskRequest(spec=pb.TaskSpec(goal="show the meta", servers=["t"]))
+            metadata = (("traceparent", f"00-{caller_trace}-{caller_span}-01"),)
+            created = await stub.SubmitTask(request, metadata=metadata)
+            await until_terminal(served.runtime, created.id)
+        spans = list(exporter.get_finished_spans())
+
+    door = one(spans, f"{SERVICE_NAME}/SubmitTask")
+    assert door.kind is SpanKind.SERVER and door.attributes and door.attributes["rpc.method"] == "SubmitTask"
+    assert (trace_id(door), parent_of(door)) == (int(caller_trace, 16), int(caller_span, 16))
+    assert_task_chain(spans, door)
+    assert not [s for s in spans if s.name.startswith("grpc.health")]
+
+
 async def test_with_tracing_off_opspawn_makes_no_span_even_under_a_global_provider(
     tmp_path: Path, fake: FakeOpenAIServer
 ) -> None:
     fake.fake.script(tool_call("t__echo_meta"), "the meta came back")
     with recording() as exporter:
         tracing.uninstall()  # the provider stays global, as after a traced block: opspawn is off
-        async with serving(tmp_path, fake.base_url) as (runtime, store, base), httpx.AsyncClient() as http:
-            submitted = await http.post(f"{base}/v1/tasks", json={"goal": "show the meta", "servers": ["t"]})
+        async with serving(tmp_path, fake.base_url) as served, httpx.AsyncClient() as http:
+            submitted = await http.post(
+                f"{served.base}/v1/tasks", json={"goal": "show the meta", "servers": ["t"]}
+            )
             assert submitted.status_code == 202, submitted.text
-            (task,) = (await store.list()).items
-            await until_terminal(runtime, task.id)
+            (task,) = (await served.store.list()).items
+            await until_terminal(served.runtime, task.id)
         names = {s.name for s in exporter.get_finished_spans()}
     assert not names & {"POST /v1/tasks", "send embedded", "process embedded", "run task", "chat fake-model"}
     assert not any(name.startswith("execute_tool") for name in names)
