@@ -27,7 +27,7 @@ from starlette.routing import Route
 
 from gateway.openapi import build_openapi
 from gateway.problems import EXCEPTION_HANDLERS, error_document, problem_response
-from opspawn_mcp.errors import PROBLEM_MEDIA_TYPE, OpspawnError, PayloadTooLarge
+from opspawn_mcp.errors import PROBLEM_MEDIA_TYPE, InvalidInput, OpspawnError, PayloadTooLarge
 from opspawn_mcp.http_guard import HttpGuard
 from opspawn_mcp.models import TaskEvent
 from opspawn_mcp.principals import principal_of
@@ -163,6 +163,22 @@ class _Routes:
         task = await self.service.cancel(request.path_params["task_id"], by=principal_of(request.scope))
         return _json(task.model_dump_json())
 
+    async def answer(self, request: Request) -> Response:
+        """The body is ``ApprovalInput``: the request it answers and the answer, checked by the service."""
+        body = await read_body(request, self.max_body_bytes)
+        try:
+            fields = json.loads(body)
+        except (ValueError, RecursionError):
+            return problem_response(400, "malformed_json", "The request body is not valid JSON.")
+        if not isinstance(fields, dict):
+            raise InvalidInput(
+                'The body must be a JSON object: {"request_id": "<approval.id>", "approve": true, "note": "..."}.'
+            )
+        request_id = fields.pop("request_id", None)
+        by = principal_of(request.scope)
+        task = await self.service.answer(request.path_params["task_id"], request_id, fields, by=by)
+        return _json(task.model_dump_json())
+
     async def events(self, request: Request) -> Response:
         """SSE of the task's events until it ends; ``Last-Event-ID`` (sent by EventSource on
         reconnect) resumes after the last event the client saw."""
@@ -211,6 +227,7 @@ def gateway_routes(
         Route("/v1/tasks", h.list, methods=["GET"], name="list_tasks"),
         Route("/v1/tasks/{task_id}", h.get, methods=["GET"], name="get_task"),
         Route("/v1/tasks/{task_id}/cancel", h.cancel, methods=["POST"], name="cancel_task"),
+        Route("/v1/tasks/{task_id}/input", h.answer, methods=["POST"], name="answer_task"),
         Route("/v1/tasks/{task_id}/events", h.events, methods=["GET"], name="task_events"),
         Route("/v1/servers", h.servers, methods=["GET"], name="list_servers"),
         Route("/healthz", h.healthz, methods=["GET"], name="healthz"),

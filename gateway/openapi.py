@@ -21,13 +21,14 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from gateway.problems import Problem
 from opspawn_mcp.errors import PROBLEM_MEDIA_TYPE
 from opspawn_mcp.host.models import ServerInfo
-from opspawn_mcp.models import NO_NUL, Task, TaskEvent, TaskPage, TaskSpec, TaskStatus
+from opspawn_mcp.models import NO_NUL, ApprovalInput, Task, TaskEvent, TaskPage, TaskSpec, TaskStatus
 from opspawn_mcp.service import LIST_PAGE_MAX, TASK_ID_MAX_CHARS
 
 REF = "#/components/schemas/{model}"
 
 _MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
     (TaskSpec, "validation"),
+    (ApprovalInput, "validation"),
     (Task, "serialization"),
     (TaskPage, "serialization"),
     (TaskEvent, "serialization"),
@@ -42,7 +43,8 @@ _DESCRIPTIONS = {
     403: "The Origin header names a web origin this server does not allow; for a submit, also a "
     "spec naming a server or model this caller may not use.",
     404: "No such task, or no such route.",
-    409: "The task's state does not allow this (e.g. cancelling a finished task).",
+    409: "The task's state does not allow this (e.g. cancelling a finished task, or answering a task that "
+    "waits on no approval request or on another one: `pending_request_id` names the one it waits on).",
     413: "The body, or the goal in it, is too large.",
     415: "A body that is not application/json.",
     421: "The Host header names a server this is not (see opspawn.server.allowed_hosts).",
@@ -200,6 +202,26 @@ def build_openapi(
                 503,
                 operation_id="cancelTask",
                 parameters=[task_id],
+            )
+        },
+        "/v1/tasks/{task_id}/input": {
+            "post": op(
+                "Answer the approval request an input_required task waits on (its `approval`); the task is "
+                "queued again and goes on: approved, the tool call runs; denied, the agent reads the note.",
+                {"200": _json("The task, queued again.", ref(Task))},
+                400,
+                404,
+                409,
+                413,
+                415,
+                422,
+                503,
+                operation_id="answerTask",
+                parameters=[task_id],
+                requestBody={
+                    "required": True,
+                    "content": {"application/json": {"schema": ref(ApprovalInput, "validation")}},
+                },
             )
         },
         "/v1/tasks/{task_id}/events": {

@@ -168,7 +168,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_client(args: argparse.Namespace) -> int:
-    """submit, status, tasks, cancel, servers: clients of a running server (``commands``)."""
+    """submit, status, tasks, cancel, approve, servers: clients of a running server (``commands``)."""
     from opspawn_mcp.commands import run
 
     return run(args, _load(args))
@@ -275,6 +275,17 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = command("cancel", "cancel a task", "Cancel a queued or running task and show it.")
     cancel.add_argument("task_id")
     cancel.set_defaults(func=cmd_client)
+
+    approve = command(
+        "approve",
+        "approve (or --deny) the tool call a task waits on",
+        "Answer the approval request of an input_required task (`status ID` shows it); the task goes on.",
+    )
+    approve.add_argument("task_id")
+    approve.add_argument("--request", required=True, metavar="R", help="the request's id (approval.id)")
+    approve.add_argument("--deny", action="store_true", help="deny the call instead of approving it")
+    approve.add_argument("--note", help="why; the agent reads it with a denial")
+    approve.set_defaults(func=cmd_client)
 
     servers = command(
         "servers",

@@ -1,4 +1,4 @@
-"""The client commands (``submit``, ``status``, ``tasks``, ``cancel``, ``servers``): each is one
+"""The client commands (``submit``, ``status``, ``tasks``, ``cancel``, ``approve``, ``servers``): each is one
 or a few calls to a running server through ``Remote``, printed through ``console``.
 
 Exit codes: 0 done; for a followed task (``--follow``), 1 when it failed and 3 when it was
@@ -61,6 +61,13 @@ async def cancel(args: argparse.Namespace, remote: Remote, out: Output) -> int:
     return _show(out, await remote.call("cancel_task", {"task_id": args.task_id}))
 
 
+async def approve(args: argparse.Namespace, remote: Remote, out: Output) -> int:
+    answer = {"task_id": args.task_id, "request_id": args.request, "approve": not args.deny}
+    if args.note is not None:
+        answer["note"] = args.note
+    return _show(out, await remote.call("approve_task", answer))
+
+
 async def tasks(args: argparse.Namespace, remote: Remote, out: Output) -> int:
     """The newest tasks, or (with TEXT) the newest whose goal or id contains TEXT, any case."""
     query: dict[str, object] = {"limit": args.limit}
@@ -108,6 +115,7 @@ COMMANDS: dict[str, Command] = {
     "submit": submit,
     "status": status,
     "cancel": cancel,
+    "approve": approve,
     "tasks": tasks,
     "servers": servers,
 }

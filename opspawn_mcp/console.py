@@ -146,7 +146,11 @@ def show_task(out: Output, view: dict[str, Any]) -> None:
         if view.get(key):
             style = {"error": "red", "warning": "yellow"}.get(key, "")
             pairs.append((key, Text(view[key], style=style)))
-    if not view["done"]:
+    request = view.get("approval")
+    if request:
+        pairs.append(("waits for", _one_line(request["message"], DETAIL_CHARS)))
+        pairs.append(("answer", f"opspawn-mcp approve {view['task_id']} --request {request['id']} [--deny]"))
+    elif not view["done"]:
         pairs.append(("next", view["next"]))
     out.fields(pairs)
 

@@ -179,7 +179,9 @@ class ApprovalRequest(BaseModel):
 class ApprovalAnswer(_Strict):
     """A person's answer to an ``ApprovalRequest``."""
 
-    approve: bool = Field(description="True runs the tool call; false tells the agent it was denied.")
+    approve: bool = Field(
+        strict=True, description="True runs the tool call; false tells the agent it was denied."
+    )
     note: str | None = Field(
         default=None,
         max_length=APPROVAL_NOTE_MAX_CHARS,
@@ -191,6 +193,12 @@ class ApprovalAnswer(_Strict):
     @classmethod
     def _no_nul(cls, value: Any) -> Any:
         return refuse_nul(value)
+
+
+class ApprovalInput(ApprovalAnswer):
+    """An answer together with the request it answers: the REST body of ``/v1/tasks/{id}/input``."""
+
+    request_id: str = Field(min_length=1, description="The task's approval.id.")
 
 
 class Task(BaseModel):

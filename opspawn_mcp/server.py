@@ -45,11 +45,13 @@ from opspawn_mcp.http_guard import HttpGuard
 from opspawn_mcp.mcp_logging import SessionLogLevels
 from opspawn_mcp.mcp_tasks import TasksExtension
 from opspawn_mcp.models import (
+    APPROVAL_NOTE_MAX_CHARS,
     GOAL_MAX_CHARS,
     MAX_STEPS_LIMIT,
     NO_NUL,
     SYSTEM_PROMPT_MAX_CHARS,
     TIMEOUT_LIMIT_S,
+    ApprovalRequest,
     Budget,
     ModelSettings,
     Task,
@@ -82,6 +84,9 @@ How to use it:
 3. get_status(task_id) shows status (queued, running, completed, failed, cancelled), steps taken,
    the result or error, and token usage. Poll it until `done` is true.
 4. cancel_task(task_id) stops a queued or running task. list_tasks finds earlier tasks.
+5. A task in status input_required waits for a person to approve one tool call: its `approval`
+   says which call and why. Ask the user, then answer with approve_task(task_id, request_id,
+   approve, note); the task goes on (a denial is passed to the agent with your note).
 
 Tasks outlive this conversation: keep the task_id. A task that failed carries an `error` saying
 why. Resources: opspawn://tasks/{{task_id}} (the task as JSON) and
@@ -111,6 +116,9 @@ class TaskView(BaseModel):
     progress: TaskProgress
     result: str | None = Field(description="The agent's answer, once completed.")
     error: str | None = Field(description="Why it failed or was cancelled.")
+    approval: ApprovalRequest | None = Field(
+        default=None, description="While input_required: the tool call waiting for a person's approval."
+    )
     usage: TaskUsage
     created_at: datetime
     started_at: datetime | None
@@ -126,6 +134,11 @@ class TaskView(BaseModel):
             hint = "Failed: read `error`; fix the goal or servers and submit again."
         elif status is TaskStatus.CANCELLED:
             hint = "Cancelled; submit again if still needed."
+        elif task.approval is not None:
+            hint = (
+                f"Waiting for a person: ask the user about `approval`, then call approve_task with "
+                f"task_id {task.id!r} and request_id {task.approval.id!r} (approve true or false)."
+            )
         else:
             hint = f"Still {status.value}: call get_status with task_id {task.id!r} later, or cancel_task."
         return cls(
@@ -137,6 +150,7 @@ class TaskView(BaseModel):
             progress=TaskProgress(steps=task.steps, max_steps=task.spec.max_steps),
             result=task.result,
             error=task.error,
+            approval=task.approval,
             usage=TaskUsage(
                 input_tokens=task.usage.input_tokens,
                 output_tokens=task.usage.output_tokens,
@@ -385,6 +399,25 @@ def build_server(service: TaskService, local: Principal = LOCAL) -> MCPServer:
         except OpspawnError as exc:
             raise _tool_error(exc, ctx) from exc
 
+    async def approve_task(
+        ctx: Context,
+        task_id: TaskId = None,
+        request_id: Annotated[
+            Any, _arg("The `approval.id` get_status shows for the waiting task.", type="string")
+        ] = None,
+        approve: Annotated[Any, _arg("true runs the tool call; false denies it.", type="boolean")] = None,
+        note: Annotated[
+            Any,
+            _arg("Why; the agent reads it with a denial.", type="string", maxLength=APPROVAL_NOTE_MAX_CHARS),
+        ] = None,
+    ) -> TaskView:
+        """Answer the approval request of an input_required task; the task then goes on."""
+        answer = {k: v for k, v in {"approve": approve, "note": note}.items() if v is not None}
+        try:
+            return TaskView.of(await service.answer(task_id, request_id, answer, by=caller(ctx, local)))
+        except OpspawnError as exc:
+            raise _tool_error(exc) from exc
+
     async def list_servers(ctx: Context) -> ServerList:
         """Downstream MCP servers agents may use, with their state and cached tool names."""
         return ServerList(servers=service.list_servers(by=caller(ctx, local)))
@@ -417,6 +450,14 @@ def build_server(service: TaskService, local: Principal = LOCAL) -> MCPServer:
         description="Cancel a queued or running task. Cancelling a cancelled task is harmless; a completed "
         "or failed task cannot be cancelled.",
         annotations=ToolAnnotations(destructive_hint=True, idempotent_hint=True, open_world_hint=False),
+    )
+    server.add_tool(
+        approve_task,
+        title="Approve or deny a waiting tool call",
+        description="Answer the approval request of a task in status input_required (get_status shows it in "
+        "`approval`): approve=true runs the tool call, false denies it and the agent reads your note. "
+        "Ask the user first; the task goes on either way.",
+        annotations=ToolAnnotations(destructive_hint=True, idempotent_hint=False, open_world_hint=False),
     )
     server.add_tool(
         list_servers,

@@ -296,11 +296,13 @@ class TaskService:
         or on another one than ``request_id``, is a ``Conflict`` naming its state and the request
         it waits on, if any.
         """
-        checked = _check_answer(answer)
         if not isinstance(request_id, str) or not request_id.strip():
             raise InvalidInput(
-                "request_id is empty; pass the id of the task's pending approval request.", field="request_id"
+                "request_id is missing or empty; pass the id of the task's pending approval request "
+                "(its approval.id).",
+                field="request_id",
             )
+        checked = _check_answer(answer)
         current = await self.get(task_id, by=by)
         if current.approval is None or current.approval.id != request_id:
             raise _not_waiting_for(current, request_id)

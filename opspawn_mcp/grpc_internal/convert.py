@@ -43,6 +43,17 @@ def spec_from_pb(spec: pb.TaskSpec) -> dict[str, Any]:
     return data
 
 
+def answer_from_pb(request: pb.AnswerTaskRequest) -> dict[str, Any]:
+    """The answer as a JSON client would send it: an unset ``approve`` is left out (required,
+    so the service refuses it), never read as proto3's default ``false``."""
+    data: dict[str, Any] = {}
+    if request.HasField("approve"):
+        data["approve"] = request.approve
+    if request.HasField("note"):
+        data["note"] = request.note
+    return data
+
+
 def _tidy_spec(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("servers") is not None:
         spec["restrict_servers"] = True

@@ -116,6 +116,17 @@ class TaskServicer(pb_grpc.TaskServiceServicer):
         )
         return convert.task_to_pb(task)
 
+    async def AnswerTask(
+        self, request: pb.AnswerTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.Task:
+        reply = convert.answer_from_pb(request)
+        task = await answer(
+            context,
+            self._principals,
+            lambda by: self._service.answer(request.task_id, request.request_id, reply, by=by),
+        )
+        return convert.task_to_pb(task)
+
     async def WatchTask(
         self, request: pb.WatchTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.TaskEvent]:

@@ -286,6 +286,7 @@ async def test_openapi_document_is_3_1_and_covers_every_route(client: httpx.Asyn
         "/v1/tasks",
         "/v1/tasks/{task_id}",
         "/v1/tasks/{task_id}/cancel",
+        "/v1/tasks/{task_id}/input",
         "/v1/tasks/{task_id}/events",
         "/v1/servers",
         "/healthz",

@@ -35,7 +35,14 @@ def text(result: Any) -> str:
 async def test_tools_have_descriptions_and_schemas(server: MCPServer) -> None:
     async with Client(server) as client:
         tools = {t.name: t for t in (await client.list_tools()).tools}
-        assert set(tools) == {"submit_task", "get_status", "list_tasks", "cancel_task", "list_servers"}
+        assert set(tools) == {
+            "submit_task",
+            "get_status",
+            "list_tasks",
+            "cancel_task",
+            "approve_task",
+            "list_servers",
+        }
         for tool in tools.values():
             assert tool.description and tool.output_schema
         submit = tools["submit_task"].input_schema

@@ -54,6 +54,11 @@ class TaskServiceStub:
                 request_serializer=opspawn__mcp_dot_grpc__internal_dot_gen_dot_tasks__pb2.CancelTaskRequest.SerializeToString,
                 response_deserializer=opspawn__mcp_dot_grpc__internal_dot_gen_dot_tasks__pb2.Task.FromString,
                 _registered_method=True)
+        self.AnswerTask = channel.unary_unary(
+                '/opspawn.v1.TaskService/AnswerTask',
+                request_serializer=opspawn__mcp_dot_grpc__internal_dot_gen_dot_tasks__pb2.AnswerTaskRequest.SerializeToString,
+                response_deserializer=opspawn__mcp_dot_grpc__internal_dot_gen_dot_tasks__pb2.Task.FromString,
+                _registered_method=True)
         self.WatchTask = channel.unary_stream(
                 '/opspawn.v1.TaskService/WatchTask',
                 request_serializer=opspawn__mcp_dot_grpc__internal_dot_gen_dot_tasks__pb2.WatchTaskRequest.SerializeToString,
@@ -91,6 +96,14 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AnswerTask(self, request, context):
+        """Answer the approval request an INPUT_REQUIRED task waits on (Task.approval); the task is
+        queued again and goes on. FAILED_PRECONDITION when it waits on no request or another one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchTask(self, request, context):
         """The task's events after after_seq, then live ones until the task ends; then the stream ends.
         """
@@ -119,6 +132,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
             'CancelTask': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelTask,
                     request_deserializer=opspawn__mcp_dot_grpc__internal_dot_gen_dot_tasks__pb2.CancelTaskRequest.FromString,
+                    response_serializer=opspawn__mcp_dot_grpc__internal_dot_gen_dot_tasks__pb2.Task.SerializeToString,
+            ),
+            'AnswerTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.AnswerTask,
+                    request_deserializer=opspawn__mcp_dot_grpc__internal_dot_gen_dot_tasks__pb2.AnswerTaskRequest.FromString,
                     response_serializer=opspawn__mcp_dot_grpc__internal_dot_gen_dot_tasks__pb2.Task.SerializeToString,
             ),
             'WatchTask': grpc.unary_stream_rpc_method_handler(
@@ -234,6 +252,33 @@ class TaskService:
             target,
             '/opspawn.v1.TaskService/CancelTask',
             opspawn__mcp_dot_grpc__internal_dot_gen_dot_tasks__pb2.CancelTaskRequest.SerializeToString,
+            opspawn__mcp_dot_grpc__internal_dot_gen_dot_tasks__pb2.Task.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AnswerTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/opspawn.v1.TaskService/AnswerTask',
+            opspawn__mcp_dot_grpc__internal_dot_gen_dot_tasks__pb2.AnswerTaskRequest.SerializeToString,
             opspawn__mcp_dot_grpc__internal_dot_gen_dot_tasks__pb2.Task.FromString,
             options,
             channel_credentials,
