@@ -126,6 +126,13 @@ async def _event_frames(events: AsyncGenerator[TaskEvent, None]) -> AsyncGenerat
         await events.aclose()
 
 
+_MALFORMED = object()
+
+
+def _malformed() -> Response:
+    return problem_response(400, "malformed_json", "The request body is not valid JSON.")
+
+
 class _Routes:
     """The handlers, bound to one service."""
 
@@ -137,12 +144,18 @@ class _Routes:
         self.openapi = openapi
         self.sse_heartbeat_s = sse_heartbeat_s
 
-    async def submit(self, request: Request) -> Response:
+    async def _body(self, request: Request) -> Any:
+        """The JSON body, or ``_MALFORMED`` for one that is not JSON (answered 400 ``malformed_json``)."""
         body = await read_body(request, self.max_body_bytes)
         try:
-            spec = json.loads(body)
+            return json.loads(body)
         except (ValueError, RecursionError):
-            return problem_response(400, "malformed_json", "The request body is not valid JSON.")
+            return _MALFORMED
+
+    async def submit(self, request: Request) -> Response:
+        spec = await self._body(request)
+        if spec is _MALFORMED:
+            return _malformed()
         task = await self.service.submit(spec, by=principal_of(request.scope))
         location = str(request.url_for("get_task", task_id=task.id))
         return _json(task.model_dump_json(), 202, {"Location": location})
@@ -165,11 +178,9 @@ class _Routes:
 
     async def answer(self, request: Request) -> Response:
         """The body is ``ApprovalInput``: the request it answers and the answer, checked by the service."""
-        body = await read_body(request, self.max_body_bytes)
-        try:
-            fields = json.loads(body)
-        except (ValueError, RecursionError):
-            return problem_response(400, "malformed_json", "The request body is not valid JSON.")
+        fields = await self._body(request)
+        if fields is _MALFORMED:
+            return _malformed()
         if not isinstance(fields, dict):
             raise InvalidInput(
                 'The body must be a JSON object: {"request_id": "<approval.id>", "approve": true, "note": "..."}.'

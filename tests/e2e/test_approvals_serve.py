@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -28,7 +27,14 @@ import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from tests.servers.harness import HANG_GUARD_S, REPO_ROOT, free_port, opspawn_process, wait_until_async
+from tests.servers.harness import (
+    HANG_GUARD_S,
+    REPO_ROOT,
+    free_port,
+    opspawn_process,
+    wait_until_async,
+    wait_until_serving,
+)
 from tests.support.counting_servers import (
     Journal,
     expected_result,
@@ -52,23 +58,6 @@ class Serve:
         return f"{self.http}/mcp"
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], http: str, log: Path) -> None:
-    deadline = time.monotonic() + HANG_GUARD_S
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the serve process exited: {log.read_text()[-3000:]}")
-        try:
-            if httpx.get(
-                f"{http}/readyz", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=1
-            ).is_success:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the serve process never became ready: {log.read_text()[-3000:]}")
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
     tmp = tmp_path_factory.mktemp("approvals")
@@ -89,7 +78,9 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
         log = tmp / "serve.log"
         with opspawn_process("--config", str(path), "serve", cwd=REPO_ROOT, env=_env(), log=log) as proc:
             http = f"http://127.0.0.1:{port}"
-            _wait_ready(proc, http, log)
+            probe = httpx.Client(base_url=http, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=1)
+            with probe:
+                wait_until_serving(proc, log, lambda: probe.get("/readyz").is_success, (httpx.HTTPError,))
             yield Serve(http=http, config=path, log=Journal(journal))
 
 

@@ -34,7 +34,7 @@ from mcp.client.streamable_http import streamable_http_client
 from opspawn_mcp.errors import Conflict, InvalidInput, OpspawnError, TaskNotFound, Unauthenticated
 from opspawn_mcp.grpc_internal.gen import tasks_pb2 as pb
 from opspawn_mcp.grpc_internal.gen import tasks_pb2_grpc as pb_grpc
-from tests.servers.harness import HANG_GUARD_S, REPO_ROOT, free_port, opspawn_process
+from tests.servers.harness import HANG_GUARD_S, REPO_ROOT, free_port, opspawn_process, wait_until_serving
 from tests.support.fake_openai import spawn_fake_openai
 
 TOKEN = "doors-e2e-token"
@@ -55,24 +55,17 @@ class Server:
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], http: str, grpc_target: str, log: Path) -> None:
-    """Poll the probes of another process; the deadline only turns a hang into a failure."""
-    deadline = time.monotonic() + HANG_GUARD_S
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the serve process exited: {log.read_text()[-3000:]}")
-        try:
-            r = httpx.get(f"{http}/readyz", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=1)
-            if r.status_code == 200:
-                with grpc.insecure_channel(grpc_target) as channel:
-                    health = health_pb2_grpc.HealthStub(channel)
-                    reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-        except (httpx.HTTPError, grpc.RpcError):
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the serve process never became ready: {log.read_text()[-3000:]}")
-        time.sleep(0.05)
+    """Until both the REST readiness probe and the gRPC health check say serving."""
+
+    def ready() -> bool:
+        r = httpx.get(f"{http}/readyz", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=1)
+        if r.status_code != 200:
+            return False
+        with grpc.insecure_channel(grpc_target) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    wait_until_serving(proc, log, ready, (httpx.HTTPError, grpc.RpcError))
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import importlib.util
 import json
 import os
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +20,13 @@ import httpx
 import pytest
 
 from agentkit.llm import LLMError, default_model_path
-from tests.servers.harness import HANG_GUARD_S, free_port, opspawn_command, opspawn_process
+from tests.servers.harness import (
+    HANG_GUARD_S,
+    free_port,
+    opspawn_command,
+    opspawn_process,
+    wait_until_serving,
+)
 from tests.support.services import unavailable
 
 pytestmark = pytest.mark.local_llm
@@ -50,18 +55,9 @@ def embedded_server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[byte
     log = tmp_path / "serve.log"
     # cwd is tmp_path: no ./opspawn.json there
     with opspawn_process("serve", "--port", str(port), cwd=tmp_path, env=env, log=log) as proc:
-        deadline = time.monotonic() + HANG_GUARD_S
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"serve exited with {proc.returncode}: {log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"serve never became ready: {log.read_text()[-3000:]}")
-            time.sleep(0.05)
+        wait_until_serving(
+            proc, log, lambda: httpx.get(f"{url}/readyz", timeout=1).status_code == 200, (httpx.HTTPError,)
+        )
         yield f"{url}/mcp", proc, env, log
 
 

@@ -129,15 +129,20 @@ class WorkerProcess:
 
 
 @asynccontextmanager
-async def deployment(tmp_path: Path, base_url: str, **worker: Any) -> AsyncIterator[Deployment]:
+async def deployment(
+    tmp_path: Path, base_url: str, mcp_servers: dict[str, Any] | None = None, **worker: Any
+) -> AsyncIterator[Deployment]:
+    """A config file for the workers (``mcp_servers``, else the testing server as ``t``), with its
+    own queue and PostgreSQL schema, and a TaskService publishing to that queue."""
     require_service("rabbitmq")
     require_service("postgres")
     run = uuid.uuid4().hex[:10]
     queue, schema = f"opspawn_test_{run}", f"opspawn_worker_{run}"
     store_url = f"{POSTGRES_URL}?schema={schema}"
-    server = stdio_config(tmp_path)
+    if mcp_servers is None:
+        mcp_servers = {"t": stdio_config(tmp_path).model_dump(exclude={"timeout_s", "max_concurrency"})}
     raw = {
-        "mcpServers": {"t": server.model_dump(exclude={"timeout_s", "max_concurrency"})},
+        "mcpServers": mcp_servers,
         "opspawn": {
             "store_url": store_url,
             "broker_url": RABBITMQ_URL,

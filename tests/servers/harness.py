@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from types import TracebackType
@@ -60,6 +61,27 @@ def opspawn_process(
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def wait_until_serving(
+    proc: subprocess.Popen[bytes],
+    log: Path,
+    ready: Callable[[], bool],
+    not_yet: tuple[type[Exception], ...],
+) -> None:
+    """Poll another process's probe until ``ready()`` is true (False, or one of the ``not_yet``
+    errors of its transport, means not yet); its exit or the hang guard is a failure showing the
+    end of its ``log``."""
+    deadline = time.monotonic() + HANG_GUARD_S
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the process exited with {proc.returncode}: {log.read_text()[-3000:]}")
+        with contextlib.suppress(*not_yet):
+            if ready():
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the process never became ready: {log.read_text()[-3000:]}")
+        time.sleep(0.05)
 
 
 def free_port() -> int:
