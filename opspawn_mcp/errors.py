@@ -59,6 +59,13 @@ ACTIONS: dict[str, dict[Door, str]] = {
         Door.CLI: "`opspawn-mcp servers`",
         Door.UI: "the servers page at /ui/servers",
     },
+    "show_task": {
+        Door.MCP: "get_status",
+        Door.REST: "GET /v1/tasks/{id}",
+        Door.GRPC: "GetTask",
+        Door.CLI: "`opspawn-mcp status ID`",
+        Door.UI: "the task's page at /ui",
+    },
     "submit": {
         Door.MCP: "submit_task",
         Door.REST: "POST /v1/tasks",

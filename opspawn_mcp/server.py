@@ -416,7 +416,7 @@ def build_server(service: TaskService, local: Principal = LOCAL) -> MCPServer:
         try:
             return TaskView.of(await service.answer(task_id, request_id, answer, by=caller(ctx, local)))
         except OpspawnError as exc:
-            raise _tool_error(exc) from exc
+            raise _tool_error(exc, ctx) from exc
 
     async def list_servers(ctx: Context) -> ServerList:
         """Downstream MCP servers agents may use, with their state and cached tool names."""

@@ -487,6 +487,7 @@ def _not_waiting_for(task: Task, request_id: str) -> Conflict:
     return Conflict(
         f"Task {task.id} is input_required and waits on approval request {pending.id!r}, not "
         f"{request_id!r}; answer that one.",
+        hint=Hint("Its `approval` (shown by {}) says which tool call it is.", "show_task"),
         task_id=task.id,
         status=task.status.value,
         pending_request_id=pending.id,

@@ -136,7 +136,7 @@ async def test_an_mcp_client_sees_the_request_and_the_cli_approves_it_the_tool_r
         cli = [sys.executable, "-m", "opspawn_mcp.cli", "--config", str(serve.config), "approve"]
         approved = await asyncio.to_thread(
             subprocess.run,
-            [*cli, task["task_id"], "--request", request["id"], "--url", serve.mcp],
+            [*cli, task["task_id"], "--request", request["id"], "--url", serve.mcp, "--json"],
             cwd=REPO_ROOT,
             env=_env(),
             capture_output=True,
