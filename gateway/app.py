@@ -27,7 +27,7 @@ from starlette.routing import Route
 
 from gateway.openapi import build_openapi
 from gateway.problems import EXCEPTION_HANDLERS, error_document, problem_response
-from opspawn_mcp.errors import PROBLEM_MEDIA_TYPE, InvalidInput, OpspawnError, PayloadTooLarge
+from opspawn_mcp.errors import PROBLEM_MEDIA_TYPE, Door, InvalidInput, OpspawnError, PayloadTooLarge
 from opspawn_mcp.http_guard import HttpGuard
 from opspawn_mcp.models import TaskEvent
 from opspawn_mcp.principals import principal_of
@@ -78,11 +78,14 @@ SSE_KEEPALIVE = ": keepalive\n\n"
 _SSE_BUFFER = 64
 
 
-async def sse_stream(frames: AsyncGenerator[str, None], heartbeat_s: float) -> AsyncIterator[str]:
+async def sse_stream(
+    frames: AsyncGenerator[str, None], heartbeat_s: float, door: Door = Door.REST
+) -> AsyncIterator[str]:
     """Send ``frames`` (ready SSE text) with a comment line after ``heartbeat_s`` of quiet.
 
     A failure after the 200 went out can no longer change the status, so an ``OpspawnError``
-    raised by ``frames`` is sent as a final ``problem`` event carrying the same problem JSON.
+    raised by ``frames`` is sent as a final ``problem`` event carrying the same problem JSON
+    (worded for ``door``).
     The frames run in their own task feeding a small queue, so waiting for the next frame can
     time out without cancelling the watch behind them. The dashboard streams its own frames
     through here too.
@@ -94,7 +97,7 @@ async def sse_stream(frames: AsyncGenerator[str, None], heartbeat_s: float) -> A
             async for frame in frames:
                 await queue.put(frame)
         except OpspawnError as exc:
-            await queue.put(f"event: problem\ndata: {json.dumps(error_document(exc))}\n\n")
+            await queue.put(f"event: problem\ndata: {json.dumps(error_document(exc, door))}\n\n")
         finally:
             await frames.aclose()
             await queue.put(None)  # also after an unexpected error, which ``await producer`` raises

@@ -187,7 +187,7 @@ class Dashboard:
             await self.service.events(task.id, 0, min(after, EVENTS_PAGE_MAX), by=by) if after else []
         ):
             durations.took(seen)
-        frames = sse_stream(self._timeline(task, after, durations, by), self.heartbeat_s)
+        frames = sse_stream(self._timeline(task, after, durations, by), self.heartbeat_s, Door.UI)
         return StreamingResponse(frames, media_type="text/event-stream", headers=SSE_HEADERS)
 
     async def _timeline(
