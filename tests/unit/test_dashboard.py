@@ -9,6 +9,7 @@ bad request renders its message; each row's timing; the script and styles ship i
 from __future__ import annotations
 
 import importlib.resources
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,8 +18,9 @@ import pytest
 
 from opspawn_mcp.http_guard import DASHBOARD_COOKIE
 from opspawn_mcp.models import EventKind, TaskEvent
+from opspawn_mcp.service import TaskService
 from opspawn_mcp.ui.render import Durations
-from tests.unit.test_gateway import assert_problem, parse_sse
+from tests.unit.test_gateway import BASE, assert_problem, http_app, parse_sse
 from tests.unit.test_http_guard import ALICE, BOB, ENV, TOKENS, serving
 
 NO_SERVERS = {"goal": "x", "servers": []}
@@ -30,6 +32,14 @@ def token_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     for name, value in ENV.items():
         monkeypatch.setenv(name, value)
     return ENV
+
+
+@pytest.fixture
+async def in_process(service: TaskService) -> AsyncIterator[httpx.AsyncClient]:
+    """The app over a service with no worker, so each task keeps the status the test gives it."""
+    transport = httpx.ASGITransport(app=http_app(service))
+    async with httpx.AsyncClient(transport=transport, base_url=BASE) as client:
+        yield client
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -216,20 +226,20 @@ async def test_pages_show_only_the_principals_own_tasks(token_env: dict[str, str
         assert "secret goal" in (await http.get("/ui", headers=cookie(ALICE))).text
 
 
-async def test_the_task_list_filters_by_status_and_searches_goals() -> None:
-    async with serving({}) as base, httpx.AsyncClient(base_url=base) as http:
-        deploy = await submit(http, None, goal="Deploy the web app")
-        report = await submit(http, None, goal="write the report")
-        await http.post(f"/v1/tasks/{report}/cancel")
-        rows = (await http.get("/ui/tasks/rows", params={"q": "deploy"})).text
-        assert deploy in rows and report not in rows
-        rows = (await http.get("/ui/tasks/rows", params={"status": "cancelled"})).text
-        assert report in rows and deploy not in rows
-        page = await http.get("/ui", params={"status": "cancelled", "q": "report"})
-        assert 'data-refresh="/ui/tasks/rows?status=cancelled&amp;q=report"' in page.text
-        assert '<option value="cancelled" selected>' in page.text
-        empty = (await http.get("/ui/tasks/rows", params={"q": "nothing like it"})).text
-        assert "No task matches these filters." in empty
+async def test_the_task_list_filters_by_status_and_searches_goals(in_process: httpx.AsyncClient) -> None:
+    client = in_process
+    deploy = await submit(client, None, goal="Deploy the web app")
+    report = await submit(client, None, goal="write the report")
+    assert (await client.post(f"/v1/tasks/{report}/cancel")).status_code == 200
+    rows = (await client.get("/ui/tasks/rows", params={"q": "deploy"})).text
+    assert deploy in rows and report not in rows
+    rows = (await client.get("/ui/tasks/rows", params={"status": "cancelled"})).text
+    assert report in rows and deploy not in rows
+    page = await client.get("/ui", params={"status": "cancelled", "q": "report"})
+    assert 'data-refresh="/ui/tasks/rows?status=cancelled&amp;q=report"' in page.text
+    assert '<option value="cancelled" selected>' in page.text
+    empty = (await client.get("/ui/tasks/rows", params={"q": "nothing like it"})).text
+    assert "No task matches these filters." in empty
 
 
 async def test_a_bad_filter_renders_its_message_with_its_status() -> None:
@@ -245,24 +255,28 @@ async def test_a_bad_filter_renders_its_message_with_its_status() -> None:
 # -- the timeline, servers, assets ------------------------------------------------------------
 
 
-async def test_the_timeline_streams_rendered_rows_then_ends() -> None:
-    async with serving({}) as base, httpx.AsyncClient(base_url=base) as http:
-        task_id = await submit(http, None)
-        await http.post(f"/v1/tasks/{task_id}/cancel")
-        r = await http.get(f"/ui/tasks/{task_id}/events")
-        assert r.headers["content-type"].startswith("text/event-stream")
-        frames = parse_sse(r.text)
-        items = [f for f in frames if f["event"] == "item"]
-        assert [f["id"] for f in items][:1] == ["1"]
-        assert all(f["data"].startswith('<li class="event kind-') for f in items)
-        assert any(f["event"] == "summary" for f in frames)
-        assert frames[-1]["event"] == "end"
-        resumed = parse_sse(
-            (await http.get(f"/ui/tasks/{task_id}/events", headers={"last-event-id": "1"})).text
-        )
-        assert "1" not in [f.get("id") for f in resumed if f["event"] == "item"]
-        bad = await http.get(f"/ui/tasks/{task_id}/events", params={"after_seq": "-3"})
-        assert_problem(bad, 422, "invalid_input")
+async def test_the_timeline_streams_rendered_rows_then_ends(in_process: httpx.AsyncClient) -> None:
+    client = in_process
+    task_id = await submit(client, None)
+    assert (await client.post(f"/v1/tasks/{task_id}/cancel")).status_code == 200
+    r = await client.get(f"/ui/tasks/{task_id}/events")
+    assert r.headers["content-type"].startswith("text/event-stream")
+    frames = parse_sse(r.text)
+    assert [(f["event"], f.get("id")) for f in frames] == [
+        ("item", "1"),
+        ("summary", None),
+        ("item", "2"),
+        ("summary", None),
+        ("end", None),
+    ]
+    assert frames[0]["data"].startswith('<li class="event kind-state" id="event-1"')
+    assert 'class="badge cancelled"' in frames[3]["data"]
+    resumed = parse_sse(
+        (await client.get(f"/ui/tasks/{task_id}/events", headers={"last-event-id": "1"})).text
+    )
+    assert [f.get("id") for f in resumed if f["event"] == "item"] == ["2"]
+    bad = await client.get(f"/ui/tasks/{task_id}/events", params={"after_seq": "-3"})
+    assert_problem(bad, 422, "invalid_input")
 
 
 async def test_the_servers_page_lists_the_servers_the_principal_may_use() -> None:

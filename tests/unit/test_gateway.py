@@ -29,6 +29,7 @@ from opspawn_mcp.principals import LOCAL, Principals
 from opspawn_mcp.server import build_http_app, build_server
 from opspawn_mcp.service import TaskService
 from opspawn_mcp.store.memory import MemoryStore
+from opspawn_mcp.ui import dashboard_routes
 from tests.support.service_kit import BrokenStore, RecordingEnqueuer, finish, make_service
 
 TOKEN = "s3cret-token"
@@ -49,11 +50,13 @@ def http_app(
     allowed_hosts: Sequence[str] = (),
     **gateway: Any,
 ) -> Starlette:
-    """The app ``Runtime.http_app`` builds, for ``service``: MCP and REST behind one guard."""
+    """The app ``Runtime.http_app`` builds, for ``service``: MCP, REST and the dashboard behind
+    one guard."""
     principals = principals or principals_with()
     rest = gateway_routes(service, auth_required=principals.auth_required, **gateway)
+    ui = dashboard_routes(service, principals)
     guard = HttpGuard.for_server(principals, "127.0.0.1", port, allowed_hosts=allowed_hosts)
-    return build_http_app(build_server(service), guard, extra_routes=rest)
+    return build_http_app(build_server(service), guard, extra_routes=[*rest, *ui])
 
 
 @pytest.fixture
