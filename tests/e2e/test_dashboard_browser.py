@@ -75,7 +75,12 @@ def llm() -> Iterator[FakeOpenAIServer]:
 def serve(tmp_path_factory: pytest.TempPathFactory, llm: FakeOpenAIServer) -> Iterator[Serve]:
     tmp = tmp_path_factory.mktemp("dashboard")
     opspawn = {
-        "llm": {"provider": "openai", "base_url": llm.base_url, "model": "fake-model", "timeout_s": 30},
+        "llm": {
+            "provider": "openai",
+            "base_url": llm.base_url,
+            "model": "fake-model",
+            "timeout_s": 2 * HANG_GUARD_S,
+        },
         "server": {"tokens": {"alice": {"token_env": "DASHBOARD_ALICE"}}},
     }
     servers = {"example": EXAMPLE_SERVER, "guarded": {**EXAMPLE_SERVER, "require_approval": ["echo"]}}
@@ -99,6 +104,7 @@ def page(browser: Browser, serve: Serve) -> Iterator[Page]:
     """A fresh browser context (no cookie yet); console errors (a CSP refusal, a script
     error, a missing file) fail the test, except the 401 of the wrong token signing in."""
     context = browser.new_context(base_url=serve.http, viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(HANG_GUARD_S * 1000)  # clicks and navigations, like expect below
     opened = context.new_page()
     errors: list[str] = []
 
