@@ -31,6 +31,7 @@ from opspawn_mcp.grpc_internal.gen import tasks_pb2_grpc as pb_grpc
 from opspawn_mcp.grpc_internal.server import SERVICE_NAME
 from opspawn_mcp.models import TaskStatus
 from opspawn_mcp.principals import LOCAL
+from opspawn_mcp.server import WAIT_CAP_S
 from opspawn_mcp.store import open_store
 from opspawn_mcp.store.base import TaskStore
 from opspawn_mcp.telemetry import tracing
@@ -123,7 +124,7 @@ async def test_one_trace_follows_an_mcp_submit_to_the_downstream_server(
         async with serving(tmp_path, fake.base_url) as served:
             async with Client(f"{served.base}/mcp") as client:
                 answer = await client.call_tool(
-                    "submit_task", {"goal": "show the meta", "servers": ["t"], "wait": HANG_GUARD_S}
+                    "submit_task", {"goal": "show the meta", "servers": ["t"], "wait": WAIT_CAP_S}
                 )
             task = answer.structured_content
             assert task is not None and task["status"] == "completed", task
