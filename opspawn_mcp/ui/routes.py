@@ -3,8 +3,8 @@
 Each handler makes ``TaskService`` calls for the principal the HTTP guard left in the scope
 (``principal_of``), exactly as the REST routes do, so a page shows what that principal may see
 at any door and nothing else. A page that fails renders the error's message as HTML with the
-error's status; the script's calls (fragments, actions) get the usual RFC 9457 problem, whose
-``detail`` it shows.
+error's status; the script's calls (fragments, actions) get an RFC 9457 problem, whose
+``detail`` it shows; both are worded for the dashboard (``Door.UI``).
 """
 
 from __future__ import annotations
