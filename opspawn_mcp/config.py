@@ -65,6 +65,18 @@ class _ServerBase(_Strict):
         description='Tools a person must approve before an agent calls them, or "*" for all of them; '
         "the task waits as input_required (docs/approvals.md).",
     )
+    protocol: Literal["2025-11-25", "auto"] = Field(
+        default="2025-11-25",
+        description="2025-11-25: the initialize handshake. auto: probe server/discover and speak 2026-07-28 "
+        "where the server does, which downstream MCP Tasks need (the server's log and list_changed "
+        "notifications are then not received).",
+    )
+    task_timeout_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="Longest a downstream MCP task may run before the pool cancels it (each tasks/get "
+        "gets timeout_s).",
+    )
 
     @field_validator("require_approval", mode="before")
     @classmethod

@@ -163,6 +163,10 @@ class OpsMcpClient:
         the server). After ``max_timeouts`` timeouts in a row the server is ``unhealthy`` and
         replaced on the next call. See docs/host.md, "Errors". Every call is counted, timed and
         traced by server (``telemetry.hooks.downstream_call``).
+
+        A server on the 2026-07-28 wire (``protocol: "auto"``) that answers with an MCP task is
+        followed to the task's end (``tasks/get`` polls, ``tasks/cancel`` if the call is left
+        early), so the result is the task's; see docs/host.md, "Downstream tasks".
         """
         try:
             connection = self._get(server)

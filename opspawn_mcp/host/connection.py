@@ -35,7 +35,9 @@ from agentkit.mcp_proxy import error_from_mcp
 from opspawn_mcp.config import ServerConfig, StdioServerConfig
 from opspawn_mcp.errors import OpspawnError, Unavailable
 from opspawn_mcp.host.models import ServerInfo, ServerState
+from opspawn_mcp.host.tasks import TASKS_EXTENSION, TaskEnded, TaskOverdue, follow, task_claim
 from opspawn_mcp.host.transports import Secrets, WatchedReadStream, open_transport, stderr_log
+from opspawn_mcp.mcp_tasks import CreateTaskResult, DetailedTask
 
 logger = logging.getLogger("opspawn_mcp.host")
 
@@ -253,14 +255,30 @@ class ServerConnection:
                     message_handler=lambda message: self._on_message(attempt, tg, message),
                     logging_callback=self._on_log,
                     client_info=CLIENT_INFO,
+                    extensions={TASKS_EXTENSION: {}},
+                    result_claims={
+                        TASKS_EXTENSION: [task_claim(self.config.timeout_s, self.config.task_timeout_s)]
+                    },
                 ) as session:
                     with anyio.fail_after(self._connect_timeout()):
-                        await session.initialize()
+                        await self._handshake(session)
                         self._tools_stale = False
                         tools = await self._list_all(session)
                     self._ready(attempt, session, tools)
                     await attempt.stop.wait()
                     teardown.deadline = anyio.current_time() + TEARDOWN_S
+
+    async def _handshake(self, session: ClientSession) -> None:
+        """``initialize`` (2025-11-25), or with ``protocol: "auto"`` a ``server/discover`` first,
+        falling back to ``initialize`` when the server does not speak 2026-07-28 (the SDK's
+        ``Client(mode="auto")`` policy). Only the 2026-07-28 wire carries the tasks extension."""
+        if self.config.protocol == "auto":
+            try:
+                await session.discover()
+                return
+            except MCPError as exc:
+                logger.info("MCP server %r does not speak 2026-07-28 (%s); using initialize", self.name, exc)
+        await session.initialize()
 
     async def _on_log(self, params: types.LoggingMessageNotificationParams) -> None:
         """``notifications/message`` from the server goes to the same log as its stderr."""
@@ -491,15 +509,41 @@ class ServerConnection:
                 # block the write itself (SSE posts one message at a time, a full stdin pipe), so
                 # the whole call also has a deadline, a little later than the SDK's.
                 with anyio.move_on_after(self.config.timeout_s + SEND_GRACE_S) as backstop:
-                    result = await session.call_tool(
+                    answer = await session.call_tool(
                         tool,
                         arguments,
                         read_timeout_seconds=self.config.timeout_s,
                         progress_callback=progress_callback,
                         meta=None if meta is None else cast(types.RequestParamsMeta, dict(meta)),
+                        allow_claimed=True,
                     )
                 if backstop.cancelled_caught:
                     raise self._timed_out(tool, session)
+                if isinstance(answer, CreateTaskResult):
+                    # The per-call timeout now bounds each tasks/get; task_timeout_s the whole task.
+                    answer = await follow(
+                        session,
+                        answer,
+                        poll_timeout_s=self.config.timeout_s,
+                        task_timeout_s=self.config.task_timeout_s,
+                        progress=progress_callback,
+                    )
+                if not isinstance(answer, types.CallToolResult):
+                    raise TypeError(f"expected a tool result, got {type(answer).__name__}")
+                result = answer
+        except TimeoutError:  # a tasks/get past timeout_s
+            assert session is not None
+            raise self._timed_out(tool, session) from None
+        except TaskEnded as ended:
+            self._answered()
+            raise self._task_ended(tool, ended.task) from None
+        except TaskOverdue as overdue:
+            self._answered()
+            raise ToolError(
+                f"MCP server {self.name!r} ran {tool!r} as task {overdue}, which did not finish within "
+                f"task_timeout_s={self.config.task_timeout_s:g}s; it was cancelled (tasks/cancel). Raise "
+                f"mcpServers.{self.name}.task_timeout_s in the config for longer work."
+            ) from None
         except MCPError as exc:
             if exc.code == types.REQUEST_TIMEOUT and session is not None:
                 raise self._timed_out(tool, session) from None
@@ -521,6 +565,20 @@ class ServerConnection:
             ) from None
         self._answered()
         return result
+
+    def _task_ended(self, tool: str, task: DetailedTask) -> ToolError:
+        """A downstream task that ended without a result, as the one error value the model reads."""
+        ran = f"MCP server {self.name!r} ran {tool!r} as task {task.task_id}, which"
+        said = f": {self.secrets.redact(task.status_message)}" if task.status_message else ""
+        if task.status == "failed":
+            error = task.error or {}
+            message = self.secrets.redact(str(error.get("message", "no reason given")))
+            return ToolError(f"{ran} failed: {message} (MCP error {error.get('code', '?')}).")
+        if task.status == "input_required":
+            return ToolError(
+                f"{ran} asked for input opspawn cannot give a downstream task, so it was cancelled{said}."
+            )
+        return ToolError(f"{ran} was cancelled on the server{said}.")
 
     def _answered(self) -> None:
         """The server answered a call: it is neither failing nor frozen."""

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from opspawn_mcp.agent_factory import MAX_TOOL_ERRORS
-from opspawn_mcp.config import Config, parse_config
+from opspawn_mcp.config import Config, HttpServerConfig, ServerConfig, parse_config
 from opspawn_mcp.embedded import EmbeddedWorker
 from opspawn_mcp.host import OpsMcpClient
 from opspawn_mcp.models import Task, TaskEvent, TaskSpec, TaskStatus
@@ -23,7 +23,9 @@ from opspawn_mcp.principals import LOCAL
 from opspawn_mcp.service import TaskService
 from opspawn_mcp.store import open_store
 from opspawn_mcp.store.base import TaskStore
-from tests.servers.harness import free_port, lines, stdio_config, wait_until
+from tests.servers.harness import free_port, lines, stdio_config, wait_until, wait_until_async
+from tests.servers.tasks_conformance import spawn_tasks_fixture
+from tests.support.callers import task_status
 from tests.support.fake_openai import FakeOpenAI, FakeOpenAIServer, tool_call
 from tests.support.task_waits import states, until, until_a_tool_is_called, until_finished
 
@@ -50,7 +52,9 @@ class Stack:
 UNSET = "OPSPAWN_TEST_UNSET_KEY_VAR"
 
 
-def make_config(tmp_path: Path, base_url: str, **worker: Any) -> Config:
+def make_config(
+    tmp_path: Path, base_url: str, *, servers: dict[str, ServerConfig] | None = None, **worker: Any
+) -> Config:
     config = parse_config(
         {
             "opspawn": {
@@ -67,7 +71,7 @@ def make_config(tmp_path: Path, base_url: str, **worker: Any) -> Config:
         "<test>",
         environ={UNSET: "set where the config was checked"},
     )
-    config.mcp_servers = {"t": stdio_config(tmp_path)}
+    config.mcp_servers = servers or {"t": stdio_config(tmp_path)}
     return config
 
 
@@ -78,9 +82,16 @@ def fake() -> Iterator[FakeOpenAIServer]:
 
 
 @asynccontextmanager
-async def open_stack(tmp_path: Path, base_url: str, fake: FakeOpenAI, **worker: Any) -> AsyncIterator[Stack]:
+async def open_stack(
+    tmp_path: Path,
+    base_url: str,
+    fake: FakeOpenAI,
+    *,
+    servers: dict[str, ServerConfig] | None = None,
+    **worker: Any,
+) -> AsyncIterator[Stack]:
     """The composed runtime, opened and closed inside the test's own task (anyio scopes require it)."""
-    config = make_config(tmp_path, base_url, **worker)
+    config = make_config(tmp_path, base_url, servers=servers, **worker)
     store = open_store(config.opspawn.store_url)
     await store.start()
     try:
@@ -184,6 +195,57 @@ async def test_the_model_reads_each_failed_call_as_one_message_from_the_pool(
         results = [e.data for e in await stack.events(task.id) if e.kind == "tool_result"]
         assert [r["is_error"] for r in results] == [True, False, True, False, True]
         assert results[0]["parts"] == [{"type": "text", "text": "disk full on /data"}]
+
+
+@pytest.fixture(scope="module")
+def tasks_url() -> Iterator[str]:
+    with spawn_tasks_fixture() as url:
+        yield url
+
+
+@asynccontextmanager
+async def slow_compute_task(
+    tmp_path: Path, fake: FakeOpenAIServer, url: str, seconds: float
+) -> AsyncIterator[tuple[Stack, Task]]:
+    """A stack whose only server is the tasks fixture (per-call timeout 1 s), and a submitted
+    task whose agent calls the fixture's task-supporting ``slow_compute`` for ``seconds``."""
+    servers: dict[str, ServerConfig] = {"tasks": HttpServerConfig(url=url, protocol="auto", timeout_s=1.0)}
+    async with open_stack(tmp_path, fake.base_url, fake.fake, servers=servers) as stack:
+        stack.fake.script(tool_call("tasks__slow_compute", seconds=seconds, label="agent"))
+        yield stack, await stack.service.submit({"goal": "compute slowly", "servers": ["tasks"]}, by=LOCAL)
+
+
+async def test_an_agent_gets_the_result_of_a_downstream_task_longer_than_the_call_timeout(
+    tmp_path: Path, fake: FakeOpenAIServer, tasks_url: str
+) -> None:
+    async with slow_compute_task(tmp_path, fake, tasks_url, seconds=2.5) as (stack, task):
+        done = await stack.finished(task.id)
+
+        assert done.status is TaskStatus.COMPLETED, done.error
+        # The model got the tool's own answer (rule 1 of the fake echoes it), not a timeout.
+        assert stack.fake.requests[-1]["messages"][-1]["content"] == "computed 'agent' in 2.5s"
+        assert done.result == "done: computed 'agent' in 2.5s"
+        events = await stack.events(task.id)
+        polled = [e.data["message"] for e in events if e.kind == "progress"]
+        assert polled and polled[-1].startswith("downstream task ") and polled[-1].endswith(" completed")
+
+
+async def test_cancelling_the_task_cancels_its_downstream_task(
+    tmp_path: Path, fake: FakeOpenAIServer, tasks_url: str
+) -> None:
+    async with slow_compute_task(tmp_path, fake, tasks_url, seconds=60) as (stack, task):
+
+        async def polling() -> bool:
+            return any(e.kind == "progress" for e in await stack.events(task.id))
+
+        await wait_until_async(polling)
+        await stack.service.cancel(task.id, by=LOCAL)
+        done = await stack.finished(task.id)
+
+        assert done.status is TaskStatus.CANCELLED
+        progress = next(e for e in await stack.events(task.id) if e.kind == "progress")
+        downstream_id = progress.data["message"].split()[2]
+        assert await task_status(tasks_url, downstream_id) == "cancelled"  # the fixture's own word
 
 
 async def test_a_tool_that_keeps_failing_fails_the_task_with_its_error(

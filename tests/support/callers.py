@@ -1,5 +1,6 @@
-"""MCP callers for agentkit's tests, over a real in-memory ``mcp.Client`` session, and the check
-that a failed pool call reached its caller as the one ``ToolError``."""
+"""MCP callers for agentkit's tests, over a real in-memory ``mcp.Client`` session; the check that
+a failed pool call reached its caller as the one ``ToolError``; a downstream task's status as
+its server reports it."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ from typing import Any, Generic, TypeVar
 import mcp.types as types
 import pytest
 from mcp import Client
+from mcp.client.extension import advertise
 
 from agentkit import ToolError
+from opspawn_mcp.mcp_tasks import TASKS_EXTENSION, DetailedTask, GetTaskRequest
+from opspawn_mcp.mcp_tasks.wire import TaskIdParams
 
 E = TypeVar("E", bound=BaseException)
 
@@ -47,3 +51,11 @@ def call_fails(kind: type[E]) -> Iterator[FailedCall[E]]:
     assert isinstance(cause, kind), f"expected a {kind.__name__} behind {caught.value!r}, got {cause!r}"
     assert caught.value.message == str(cause), "the model must read the pool's message as it is"
     failed.error, failed.value = caught.value, cause
+
+
+async def task_status(url: str, task_id: str) -> str:
+    """A task's status as the MCP server at ``url`` reports it to a client of its own (``tasks/get``)."""
+    async with Client(url, extensions=[advertise(TASKS_EXTENSION)]) as client:
+        request = GetTaskRequest(params=TaskIdParams(task_id=task_id))
+        task = await client.session.send_request(request, DetailedTask)
+        return task.status
