@@ -30,6 +30,7 @@ STYLES = {
     TaskStatus.COMPLETED: "green",
     TaskStatus.FAILED: "red",
     TaskStatus.CANCELLED: "magenta",
+    TaskStatus.INPUT_REQUIRED: "bold yellow",
 }
 
 
@@ -182,6 +183,9 @@ def describe_event(event: TaskEvent) -> tuple[str, str] | None:
         return "tool_result", _one_line(f"{data.get('name')}{mark}: {data.get('content')}", DETAIL_CHARS)
     if event.kind == "progress":
         return "progress", _one_line(f"{data.get('tool')}: {data.get('message') or data.get('progress')}", 80)
+    if event.kind == "input_required":
+        answer = f"opspawn-mcp approve {event.task_id} --request {data.get('id')} [--deny]"
+        return "approval", f"{_one_line(data.get('message'), DETAIL_CHARS)} Answer: {answer}"
     if event.kind == "state":
         why = data.get("reason")
         return "state", f"{data.get('status')}" + (f": {_one_line(why, DETAIL_CHARS)}" if why else "")

@@ -116,6 +116,20 @@ async def until_status(client: Client, task_id: str, *statuses: str) -> dict[str
     return seen[-1]
 
 
+async def opspawn(serve: Serve, *args: str) -> subprocess.CompletedProcess[str]:
+    """One CLI command against the server, as a person at a terminal would type it."""
+    command = [sys.executable, "-m", "opspawn_mcp.cli", "--config", str(serve.config), *args]
+    return await asyncio.to_thread(
+        subprocess.run,
+        [*command, "--url", serve.mcp],
+        cwd=REPO_ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
+
+
 async def test_an_mcp_client_sees_the_request_and_the_cli_approves_it_the_tool_runs_once(
     serve: Serve,
 ) -> None:
@@ -133,16 +147,10 @@ async def test_an_mcp_client_sees_the_request_and_the_cli_approves_it_the_tool_r
         assert "approve_task" in waiting["next"]
         assert serve.log.tool_calls("cli") == []
 
-        cli = [sys.executable, "-m", "opspawn_mcp.cli", "--config", str(serve.config), "approve"]
-        approved = await asyncio.to_thread(
-            subprocess.run,
-            [*cli, task["task_id"], "--request", request["id"], "--url", serve.mcp, "--json"],
-            cwd=REPO_ROOT,
-            env=_env(),
-            capture_output=True,
-            text=True,
-            timeout=HANG_GUARD_S,
-        )
+        shown = await opspawn(serve, "status", task["task_id"])
+        assert shown.returncode == 0, shown.stderr
+        assert f"opspawn-mcp approve {task['task_id']} --request {request['id']}" in shown.stdout
+        approved = await opspawn(serve, "approve", task["task_id"], "--request", request["id"], "--json")
         assert approved.returncode == 0, approved.stderr
         assert json.loads(approved.stdout)["status"] in ("queued", "running", "completed")
 

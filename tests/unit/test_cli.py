@@ -30,7 +30,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 
 @pytest.mark.parametrize(
-    "command", ["serve", "worker", "submit", "status", "tasks", "cancel", "servers", "config"]
+    "command", ["serve", "worker", "submit", "status", "tasks", "cancel", "approve", "servers", "config"]
 )
 def test_every_command_explains_itself(command: str) -> None:
     out = run_cli(command, "--help")
@@ -204,6 +204,7 @@ def test_no_server_at_all_is_one_line_from_every_client_command() -> None:
             ["status", "t1", "--follow"],
             ["tasks"],
             ["cancel", "t1"],
+            ["approve", "t1", "--request", "r1", "--deny"],
             ["servers"],
         ):
             out = run_cli(*args, "--url", url)
