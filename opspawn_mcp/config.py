@@ -534,4 +534,11 @@ def describe(config: Config) -> list[str]:
     lines.append("stdio: the local user, who sees every task")
     origins = ", ".join(server.allowed_origins) or "none (no CORS)"
     lines.append(f"HTTP on {server.host}:{server.port}; browser origins allowed: {origins}")
+    telemetry = settings.telemetry
+    traces = (
+        f"to {telemetry.otlp_endpoint.rstrip('/')}/v1/traces"
+        if telemetry.otlp_endpoint
+        else "off unless OTEL_EXPORTER_OTLP_ENDPOINT is set where the process runs"
+    )
+    lines.append(f"traces: {traces}; logs: {telemetry.log_format}; metrics: GET /metrics (admins)")
     return lines

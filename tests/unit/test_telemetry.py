@@ -12,7 +12,7 @@ import pytest
 from opentelemetry.trace import SpanKind, format_span_id, format_trace_id
 
 from opspawn_mcp.broker import task_message
-from opspawn_mcp.config import TelemetrySettings, parse_config
+from opspawn_mcp.config import TelemetrySettings, describe, parse_config
 from opspawn_mcp.errors import ConfigError
 from opspawn_mcp.telemetry import tracing
 from opspawn_mcp.telemetry.logs import JsonFormatter, task_context
@@ -57,6 +57,15 @@ def test_bad_telemetry_settings_name_their_key() -> None:
         )
     text = str(caught.value)
     assert "opspawn.telemetry.log_format" in text and "opspawn.telemetry.otlp_endpoint" in text
+
+
+def test_config_check_says_where_traces_go_and_how_logs_look() -> None:
+    off = describe(parse_config({}, environ={}))[-1]
+    on = describe(
+        parse_config({"opspawn": {"telemetry": {"otlp_endpoint": BASE, "log_format": "json"}}}, environ={})
+    )
+    assert off.startswith("traces: off unless OTEL_EXPORTER_OTLP_ENDPOINT is set") and "logs: text" in off
+    assert on[-1].startswith(f"traces: to {BASE}/v1/traces; logs: json")
 
 
 def _log_through_json(logger_name: str, *messages: str, task: str | None = None) -> list[dict[str, str]]:
