@@ -47,21 +47,39 @@ class Stack:
         return await until(self.store, task.id, lambda t: t.status is TaskStatus.INPUT_REQUIRED)
 
 
-@pytest.fixture
-def llm(tmp_path: Path) -> Iterator[str]:
-    with spawn_counting_llm(tmp_path / "log.jsonl", tmp_path) as base_url:
-        yield base_url
+@dataclass(frozen=True)
+class Counting:
+    """The counting LLM, shared by the module's tests (each uses its own job name), and where it
+    and the counting MCP servers log."""
+
+    base_url: str
+    folder: Path
+
+    @property
+    def log(self) -> Path:
+        return self.folder / "log.jsonl"
+
+
+@pytest.fixture(scope="module")
+def counting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Counting]:
+    folder = tmp_path_factory.mktemp("counting")
+    with spawn_counting_llm(folder / "log.jsonl", folder) as base_url:
+        yield Counting(base_url, folder)
 
 
 @asynccontextmanager
-async def open_stack(tmp_path: Path, base_url: str, **approvals: Any) -> AsyncIterator[Stack]:
-    log = tmp_path / "log.jsonl"
+async def open_stack(tmp_path: Path, counting: Counting, **approvals: Any) -> AsyncIterator[Stack]:
     config = parse_config(
         {
-            "mcpServers": {"c": mcp_server_entry(log, tmp_path, require_approval=["charge"])},
+            "mcpServers": {"c": mcp_server_entry(counting.log, counting.folder, require_approval=["charge"])},
             "opspawn": {
                 "store_url": f"sqlite+aiosqlite:///{tmp_path / 'opspawn.db'}",
-                "llm": {"provider": "openai", "base_url": base_url, "model": "fake", "timeout_s": 10},
+                "llm": {
+                    "provider": "openai",
+                    "base_url": counting.base_url,
+                    "model": "fake",
+                    "timeout_s": 10,
+                },
                 "worker": {"concurrency": 2, "lease_ttl_s": 1, "max_attempts": 1},
                 "approvals": approvals,
             },
@@ -72,15 +90,15 @@ async def open_stack(tmp_path: Path, base_url: str, **approvals: Any) -> AsyncIt
     await store.start()
     try:
         async with OpsMcpClient(config.mcp_servers) as pool, EmbeddedWorker(config, store, pool) as worker:
-            yield Stack(store, worker, TaskService(config, store, worker, pool), Journal(log))
+            yield Stack(store, worker, TaskService(config, store, worker, pool), Journal(counting.log))
     finally:
         await store.close()
 
 
 async def test_a_gated_call_pauses_the_task_holding_no_slot_and_an_approval_runs_it_once(
-    tmp_path: Path, llm: str
+    tmp_path: Path, counting: Counting
 ) -> None:
-    async with open_stack(tmp_path, llm) as stack:
+    async with open_stack(tmp_path, counting) as stack:
         task = await stack.paused("ok")
 
         await stack.worker.join()
@@ -103,9 +121,9 @@ async def test_a_gated_call_pauses_the_task_holding_no_slot_and_an_approval_runs
 
 
 async def test_a_denial_reaches_the_model_as_an_observation_and_the_tool_never_runs(
-    tmp_path: Path, llm: str
+    tmp_path: Path, counting: Counting
 ) -> None:
-    async with open_stack(tmp_path, llm) as stack:
+    async with open_stack(tmp_path, counting) as stack:
         task = await stack.paused("no")
         assert task.approval is not None
 
@@ -122,9 +140,9 @@ async def test_a_denial_reaches_the_model_as_an_observation_and_the_tool_never_r
 
 
 async def test_an_unanswered_request_times_out_into_a_denial_the_model_reads(
-    tmp_path: Path, llm: str
+    tmp_path: Path, counting: Counting
 ) -> None:
-    async with open_stack(tmp_path, llm, timeout_s=0.5) as stack:
+    async with open_stack(tmp_path, counting, timeout_s=0.5) as stack:
         task = await stack.service.submit({"goal": goal("late", "charge")}, by=LOCAL)
         done = await until_finished(stack.store, task.id)
 
@@ -135,8 +153,8 @@ async def test_an_unanswered_request_times_out_into_a_denial_the_model_reads(
         assert "input_required" in states(await stack.store.events(task.id))
 
 
-async def test_a_paused_task_is_cancelled_without_any_worker(tmp_path: Path, llm: str) -> None:
-    async with open_stack(tmp_path, llm) as stack:
+async def test_a_paused_task_is_cancelled_without_any_worker(tmp_path: Path, counting: Counting) -> None:
+    async with open_stack(tmp_path, counting) as stack:
         task = await stack.paused("stop")
         cancelled = await stack.service.cancel(task.id, by=LOCAL)
 
