@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from datetime import UTC, datetime
 from typing import get_args
 
 import pytest
@@ -11,7 +12,9 @@ from opspawn_mcp.config import HttpServerConfig, StdioServerConfig
 from opspawn_mcp.errors import Forbidden, NotFound, Unavailable
 from opspawn_mcp.host import OpsMcpClient, ServerInfo, ServerState
 from opspawn_mcp.host.connection import BACKOFF_BASE_S, BACKOFF_MAX_S, ServerConnection, backoff_delay
+from opspawn_mcp.host.tasks import DEFAULT_POLL_S, MAX_POLL_S, MIN_POLL_S, poll_interval_s
 from opspawn_mcp.host.transports import Secrets
+from opspawn_mcp.mcp_tasks import CreateTaskResult
 from tests.support.callers import call_fails
 
 # A command that cannot run: any attempt to connect would fail loudly, so a refusal proves no I/O.
@@ -142,3 +145,21 @@ def test_a_cold_pool_knows_no_annotations_so_only_always_reruns() -> None:
     pool.check_server("default")
     with pytest.raises(NotFound):
         pool.check_server("unknown")
+
+
+def test_downstream_tasks_are_polled_at_the_servers_interval_within_bounds() -> None:
+    def created(poll_ms: int | None) -> CreateTaskResult:
+        now = datetime.now(UTC)
+        return CreateTaskResult(
+            task_id="t",
+            status="working",
+            created_at=now,
+            last_updated_at=now,
+            ttl_ms=None,
+            poll_interval_ms=poll_ms,
+        )
+
+    assert poll_interval_s(created(200)) == 0.2
+    assert poll_interval_s(created(None)) == DEFAULT_POLL_S
+    assert poll_interval_s(created(0)) == MIN_POLL_S  # a server cannot make the pool spin
+    assert poll_interval_s(created(3_600_000)) == MAX_POLL_S  # nor make it miss the end for an hour
