@@ -43,7 +43,7 @@ from opspawn_mcp.errors import CLI_CLIENT_NAME, Door, InvalidInput, NotFound, Op
 from opspawn_mcp.host.models import ServerInfo
 from opspawn_mcp.http_guard import HttpGuard
 from opspawn_mcp.mcp_logging import SessionLogLevels
-from opspawn_mcp.mcp_tasks import TasksExtension
+from opspawn_mcp.mcp_tasks import TasksExtension, serve_task_notifications
 from opspawn_mcp.models import (
     APPROVAL_NOTE_MAX_CHARS,
     GOAL_MAX_CHARS,
@@ -265,6 +265,7 @@ def build_server(service: TaskService, local: Principal = LOCAL) -> MCPServer:
     server = _Server(
         SERVER_NAME, instructions=INSTRUCTIONS, log_level="WARNING", extensions=[TasksExtension(backend)]
     )
+    serve_task_notifications(server, backend)
     levels = SessionLogLevels()
     server.serve_log_levels(levels)
 

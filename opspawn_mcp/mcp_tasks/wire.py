@@ -13,7 +13,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from mcp_types import Request, RequestParams, Result
+from mcp_types import Notification, Request, RequestParams, Result
 from pydantic import BaseModel, ConfigDict, Field, field_serializer
 from pydantic.alias_generators import to_camel
 
@@ -89,3 +89,9 @@ class UpdateTaskRequest(Request[UpdateTaskParams, Literal["tasks/update"]]):
 class CancelTaskRequest(Request[TaskIdParams, Literal["tasks/cancel"]]):
     method: Literal["tasks/cancel"] = "tasks/cancel"
     name_param = "taskId"
+
+
+class TaskStatusNotification(Notification[dict[str, Any], Literal["notifications/tasks"]]):
+    """A task's new state on a ``subscriptions/listen`` stream: a ``DetailedTask`` as params."""
+
+    method: Literal["notifications/tasks"] = "notifications/tasks"

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import anyio
+import httpx
 import pytest
 from mcp import Client
 from mcp.types import EmptyResult, LoggingLevel, LoggingMessageNotificationParams
 
 from opspawn_mcp.mcp_tasks import (
+    TASKS_EXTENSION,
     CancelTaskRequest,
     CreateTaskResult,
     UpdateTaskRequest,
@@ -187,3 +190,57 @@ async def test_log_notifications_honour_logging_set_level(
         assert done.structured_content is not None and done.structured_content["status"] == "completed"
     assert {p.level for p in seen} == expect
     assert all(p.logger == "opspawn" for p in seen)
+
+
+async def listen(url: str, notifications: dict[str, Any], *, declare: bool = True) -> list[dict[str, Any]]:
+    """One raw ``subscriptions/listen`` over streamable HTTP (the SDK client's listen has no
+    ``taskIds``): every JSON-RPC message of its stream, up to its result or error."""
+    extensions = {TASKS_EXTENSION: {}} if declare else {}
+    meta = {
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {"extensions": extensions},
+    }
+    body = {
+        "jsonrpc": "2.0",
+        "id": "listen-1",
+        "method": "subscriptions/listen",
+        "params": {"notifications": notifications, "_meta": meta},
+    }
+    headers = {
+        "accept": "application/json, text/event-stream",
+        "mcp-protocol-version": "2026-07-28",
+        "mcp-method": "subscriptions/listen",
+    }
+    messages: list[dict[str, Any]] = []
+    async with (
+        httpx.AsyncClient(timeout=60) as http,
+        http.stream("POST", url, json=body, headers=headers) as response,
+    ):
+        if response.headers["content-type"].startswith("application/json"):  # refused before any stream
+            return [json.loads(await response.aread())]
+        async for line in response.aiter_lines():
+            if line.startswith("data:"):
+                messages.append(json.loads(line.removeprefix("data:")))
+                if "result" in messages[-1] or "error" in messages[-1]:
+                    break
+    return messages
+
+
+async def test_a_tasks_client_hears_its_task_change_over_subscriptions_listen(serve: ServerProcess) -> None:
+    async with tasks_client(serve) as client:
+        created = await submit(client, "echo heard")
+    messages = await listen(serve.url, {"taskIds": [created.task_id, "no-such-task"]})
+    ack, *frames, end = messages
+    assert ack["method"] == "notifications/subscriptions/acknowledged"
+    assert ack["params"]["notifications"] == {"taskIds": [created.task_id]}
+    assert frames and all(f["method"] == "notifications/tasks" for f in frames)
+    assert all(f["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"] == "listen-1" for f in frames)
+    last = frames[-1]["params"]
+    assert last["taskId"] == created.task_id and last["status"] == "completed"
+    assert last["result"]["content"][0]["text"] == "done: heard"
+    assert "result" in end  # every task it followed ended: the stream closes gracefully
+
+
+async def test_listening_for_tasks_needs_the_extension(serve: ServerProcess) -> None:
+    [answer] = await listen(serve.url, {"taskIds": ["any"]}, declare=False)
+    assert answer["error"]["code"] == -32021

@@ -43,7 +43,7 @@ from mcp_types import (
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 
-from opspawn_mcp.mcp_tasks import DetailedTask, TasksExtension
+from opspawn_mcp.mcp_tasks import DetailedTask, TasksExtension, serve_task_notifications
 from opspawn_mcp.mcp_tasks.backend import RequestContext
 from opspawn_mcp.mcp_tasks.memory import MemoryTaskBackend, TaskInput
 from tests.servers.harness import free_port
@@ -130,6 +130,7 @@ def build_backend() -> FixtureBackend:
 
 def build_server(backend: FixtureBackend) -> MCPServer:
     server: MCPServer = MCPServer("opspawn-tasks-conformance", extensions=[TasksExtension(backend)])
+    serve_task_notifications(server, backend)
 
     @server.tool()
     def greet(name: str) -> str:
