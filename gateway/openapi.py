@@ -193,7 +193,8 @@ def build_openapi(
         },
         "/v1/tasks/{task_id}/cancel": {
             "post": op(
-                "Cancel a queued or running task (cancelling a cancelled task is a no-op).",
+                "Cancel an unfinished task: queued, running or input_required (cancelling a cancelled task "
+                "is a no-op).",
                 {"200": _json("The task, now cancelled.", ref(Task))},
                 404,
                 409,

@@ -272,7 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     tasks.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
     tasks.set_defaults(func=cmd_client)
 
-    cancel = command("cancel", "cancel a task", "Cancel a queued or running task and show it.")
+    cancel = command(
+        "cancel", "cancel a task", "Cancel a queued, running or input_required task and show it."
+    )
     cancel.add_argument("task_id")
     cancel.set_defaults(func=cmd_client)
 

@@ -138,7 +138,9 @@ class Limits(_Strict):
     """What one principal may use; unset means unlimited. Submit limits are checked by the
     service (429 / RESOURCE_EXHAUSTED), per-task budgets by the worker."""
 
-    max_in_flight: int | None = Field(default=None, ge=1, description="Queued + running tasks at once.")
+    max_in_flight: int | None = Field(
+        default=None, ge=1, description="Unfinished tasks at once (queued, running, input_required)."
+    )
     submits_per_minute: float | None = Field(default=None, gt=0, description="Token-bucket refill rate.")
     submit_burst: int | None = Field(
         default=None, ge=1, description="Bucket size; default: one minute's worth, at least 1."

@@ -64,7 +64,7 @@ class SubmitGate:
                 active = await self._store.count_active(by.name)
                 if active >= limits.max_in_flight:
                     raise RateLimited(
-                        f"You have {active} tasks queued or running; your limit is {limits.max_in_flight}. "
+                        f"You have {active} unfinished tasks (queued, running or waiting for approval); your limit is {limits.max_in_flight}. "
                         "Wait for one to finish or cancel one.",
                         retry_after_s=IN_FLIGHT_RETRY_S,
                         limit="max_in_flight",

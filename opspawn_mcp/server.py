@@ -448,7 +448,7 @@ def build_server(service: TaskService, local: Principal = LOCAL) -> MCPServer:
     server.add_tool(
         cancel_task,
         title="Cancel a task",
-        description="Cancel a queued or running task. Cancelling a cancelled task is harmless; a completed "
+        description="Cancel a queued, running or input_required task. Cancelling a cancelled task is harmless; a completed "
         "or failed task cannot be cancelled.",
         annotations=ToolAnnotations(destructive_hint=True, idempotent_hint=True, open_world_hint=False),
     )

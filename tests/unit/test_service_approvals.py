@@ -11,7 +11,8 @@ from datetime import timedelta
 import pytest
 
 from opspawn_mcp.approvals import time_out_approvals
-from opspawn_mcp.errors import Conflict, InvalidInput, TaskNotFound
+from opspawn_mcp.config import Limits
+from opspawn_mcp.errors import Conflict, InvalidInput, RateLimited, TaskNotFound
 from opspawn_mcp.models import APPROVAL_NOTE_MAX_CHARS, ApprovalAnswer, Task, TaskStatus, utcnow
 from opspawn_mcp.principals import LOCAL, Principal
 from opspawn_mcp.service import TaskService
@@ -170,3 +171,14 @@ async def test_an_unanswered_request_past_its_deadline_is_denied_and_queued(
     answered = [e.data for e in await store.events(task.id) if e.kind == "input_answered"]
     assert answered[0]["by"] is None and answered[0]["approve"] is False
     assert (await store.get(patient.id)).status is TaskStatus.INPUT_REQUIRED
+
+
+async def test_a_waiting_task_is_still_in_flight_for_the_callers_limit(
+    service: TaskService, store: MemoryStore
+) -> None:
+    capped = Principal("capped", limits=Limits(max_in_flight=1))
+    task = await paused(service, store, by=capped)
+    with pytest.raises(RateLimited, match="waiting for approval"):
+        await service.submit({"goal": "another"}, by=capped)
+    await service.cancel(task.id, by=capped)
+    assert (await service.submit({"goal": "another"}, by=capped)).status is TaskStatus.QUEUED
