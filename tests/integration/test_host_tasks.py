@@ -1,13 +1,15 @@
-"""Downstream MCP Tasks through the pool: the tasks conformance fixture over streamable HTTP.
+"""Downstream MCP Tasks through the pool: the tasks conformance fixture over streamable HTTP and stdio.
 
 The fixture runs opspawn's own tasks extension over its in-memory backend (``slow_compute``,
 ``failing_job``, ``protocol_error_job``, ``confirm_delete``); what happened to a task on the
-fixture's side is read back there with ``tasks/get`` by a separate SDK client.
+fixture's side is read back there with ``tasks/get`` by a separate SDK client (over HTTP: a
+stdio server's tasks live in the process only its pool talks to).
 """
 
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -15,11 +17,12 @@ from functools import partial
 import anyio
 import mcp.types as types
 import pytest
+from pydantic import TypeAdapter
 
 from agentkit import ToolError
-from opspawn_mcp.config import HttpServerConfig
+from opspawn_mcp.config import ServerConfig
 from opspawn_mcp.host import OpsMcpClient
-from tests.servers.harness import wait_until
+from tests.servers.harness import REPO_ROOT, wait_until
 from tests.servers.tasks_conformance import spawn_tasks_fixture
 from tests.support.callers import task_status
 
@@ -32,9 +35,26 @@ def fixture_url() -> Iterator[str]:
         yield url
 
 
+STDIO = {
+    "command": sys.executable,
+    "args": ["-m", "tests.servers.tasks_conformance", "--stdio"],
+    "cwd": str(REPO_ROOT),
+}
+
+
+@pytest.fixture(params=["streamable-http", "stdio"])
+def either(request: pytest.FixtureRequest, fixture_url: str) -> dict[str, object]:
+    """The fixture's address over each transport it serves."""
+    return {"url": fixture_url} if request.param == "streamable-http" else STDIO
+
+
 @asynccontextmanager
-async def pool_for(url: str, **settings: object) -> AsyncIterator[OpsMcpClient]:
-    config = HttpServerConfig.model_validate({"url": url, "protocol": "auto", "timeout_s": 1.0, **settings})
+async def pool_for(server: str | dict[str, object], **settings: object) -> AsyncIterator[OpsMcpClient]:
+    """A pool with the fixture as server ``tasks`` (a URL, or ``either``), 2026-07-28, 1 s per call."""
+    where = {"url": server} if isinstance(server, str) else server
+    config = TypeAdapter(ServerConfig).validate_python(
+        {**where, "protocol": "auto", "timeout_s": 1.0, **settings}
+    )
     async with OpsMcpClient({"tasks": config}) as pool:
         yield pool
 
@@ -58,8 +78,8 @@ class Progress:
         return found.group(1)
 
 
-async def test_a_task_longer_than_the_call_timeout_returns_its_result(fixture_url: str) -> None:
-    async with pool_for(fixture_url) as pool:
+async def test_a_task_longer_than_the_call_timeout_returns_its_result(either: dict[str, object]) -> None:
+    async with pool_for(either) as pool:
         progress = Progress()
         result = await pool.call_tool(
             "tasks", "slow_compute", {"seconds": 2.5, "label": "long"}, progress_callback=progress
@@ -81,8 +101,8 @@ async def test_without_auto_the_server_is_called_synchronously(fixture_url: str)
         assert _text(result) == "computed 'sync' in 0.2s" and progress.messages == []
 
 
-async def test_a_task_that_ends_without_a_result_is_one_tool_error(fixture_url: str) -> None:
-    async with pool_for(fixture_url) as pool:
+async def test_a_task_that_ends_without_a_result_is_one_tool_error(either: dict[str, object]) -> None:
+    async with pool_for(either) as pool:
         with pytest.raises(ToolError) as tool_error:
             await pool.call_tool("tasks", "failing_job", {})
         assert tool_error.value.message == (
@@ -95,6 +115,11 @@ async def test_a_task_that_ends_without_a_result_is_one_tool_error(fixture_url: 
             r"protocol_error_job broke, as it always does \(MCP error -32603\)\.",
             failed.value.message,
         )
+        assert pool.servers_info()[0].errors == 2
+
+
+async def test_a_task_asking_for_input_is_cancelled_and_reported(fixture_url: str) -> None:
+    async with pool_for(fixture_url) as pool:
         progress = Progress()
         with pytest.raises(ToolError) as asked:
             await pool.call_tool("tasks", "confirm_delete", {"filename": "a.txt"}, progress_callback=progress)
@@ -104,7 +129,6 @@ async def test_a_task_that_ends_without_a_result_is_one_tool_error(fixture_url: 
             "cannot give a downstream task, so it was cancelled."
         )
         assert await task_status(fixture_url, task_id) == "cancelled"
-        assert pool.servers_info()[0].errors == 3
 
 
 async def test_abandoning_the_call_cancels_the_downstream_task(fixture_url: str) -> None:

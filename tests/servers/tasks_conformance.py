@@ -14,6 +14,7 @@ and not a copy of it. Downstream tests use it as a task-returning MCP server.
   then makes a task whose result greets that name.
 
     python -m tests.servers.tasks_conformance --port P     # serves http://127.0.0.1:P/mcp
+    python -m tests.servers.tasks_conformance --stdio      # over stdin/stdout (downstream tests)
 """
 
 from __future__ import annotations
@@ -171,6 +172,11 @@ async def serve(host: str, port: int) -> None:
         await uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).serve()
 
 
+async def serve_stdio() -> None:
+    async with build_backend() as backend:
+        await build_server(backend).run_stdio_async()
+
+
 @contextmanager
 def spawn_tasks_fixture(port: int | None = None) -> Iterator[str]:
     """Run this fixture as a subprocess on 127.0.0.1; yields its MCP URL."""
@@ -202,9 +208,11 @@ def spawn_tasks_fixture(port: int | None = None) -> Iterator[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.servers.tasks_conformance")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--port", type=int)
+    where.add_argument("--stdio", action="store_true", help="serve over stdin/stdout instead")
     args = parser.parse_args(argv)
-    asyncio.run(serve(args.host, args.port))
+    asyncio.run(serve_stdio() if args.stdio else serve(args.host, args.port))
 
 
 if __name__ == "__main__":
