@@ -96,6 +96,7 @@ def routes(task_id: str) -> list[Call]:
         Call("GET", "/v1/tasks"),
         Call("GET", f"/v1/tasks/{task_id}"),
         Call("POST", f"/v1/tasks/{task_id}/cancel"),
+        Call("POST", f"/v1/tasks/{task_id}/input", json.dumps({"request_id": "r", "approve": True}).encode()),
         Call("GET", f"/v1/tasks/{task_id}/events"),
         Call("GET", "/v1/servers"),
         Call("GET", "/openapi.json"),

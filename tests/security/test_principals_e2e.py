@@ -110,6 +110,31 @@ async def get(serve: Serve, door: str, token: str, task_id: str) -> tuple[str, A
     )
 
 
+async def answer(serve: Serve, door: str, token: str, task_id: str) -> tuple[str, Any]:
+    """An approval answer (to a request the task may not even have): ``(error kind, detail)``."""
+    if door == "mcp":
+        reply = await mcp_call(
+            serve, token, "approve_task", {"task_id": task_id, "request_id": "r", "approve": True}
+        )
+        return (reply.kind, reply.text) if reply.is_error else ("ok", (reply.data or {})["status"])
+    if door == "rest":
+        async with rest(serve, token) as client:
+            r = await client.post(f"/v1/tasks/{task_id}/input", json={"request_id": "r", "approve": True})
+        return ("ok", r.json()["status"]) if r.status_code == 200 else (_rest_kind(r), r.text)
+    g = GrpcDoor(serve)
+    try:
+        sent = await g.call(
+            "AnswerTask", pb.AnswerTaskRequest(task_id=task_id, request_id="r", approve=True), token
+        )
+    finally:
+        await g.close()
+    return (
+        ("ok", grpc_status_name(sent.reply))
+        if sent.reply is not None
+        else (_grpc_kind(sent.code), sent.details)
+    )
+
+
 async def cancel(serve: Serve, door: str, token: str, task_id: str) -> tuple[str, Any]:
     if door == "mcp":
         answer = await mcp_call(serve, token, "cancel_task", {"task_id": task_id})
@@ -221,6 +246,7 @@ async def test_bob_cannot_see_or_touch_alices_task_at_any_door(serve: Serve, sub
     for door in DOORS:
         assert (await get(serve, door, BOB, task_id))[0] == NOT_FOUND, door
         assert (await cancel(serve, door, BOB, task_id))[0] == NOT_FOUND, door
+        assert (await answer(serve, door, BOB, task_id))[0] == NOT_FOUND, door
         assert {kind for kind, _ in await watch(serve, door, BOB, task_id)} == {NOT_FOUND}, door
         assert task_id not in await listed(serve, door, BOB), door
         # ...while alice and the admin see it, at every door.
@@ -274,6 +300,7 @@ HTTP_ROUTES = [
     ("GET", "/v1/tasks"),
     ("GET", "/v1/tasks/some-id"),
     ("POST", "/v1/tasks/some-id/cancel"),
+    ("POST", "/v1/tasks/some-id/input"),
     ("GET", "/v1/tasks/some-id/events"),
     ("GET", "/v1/servers"),
     ("GET", "/openapi.json"),
@@ -314,6 +341,7 @@ async def test_an_unknown_or_missing_token_is_unauthenticated_at_every_rpc_and_t
             ("GetTask", pb.GetTaskRequest(task_id="some-id")),
             ("ListTasks", pb.ListTasksRequest()),
             ("CancelTask", pb.CancelTaskRequest(task_id="some-id")),
+            ("AnswerTask", pb.AnswerTaskRequest(task_id="some-id", request_id="r", approve=True)),
         ]
         for token in (None, "wrong-token", f"{ALICE}x"):
             for method, request in calls:
