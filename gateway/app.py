@@ -6,7 +6,7 @@ and the models, and every error status comes from ``opspawn_mcp.errors``. So RES
 gRPC clients see the same behaviour, and a rule is tested once, against the service.
 
 The gateway only owns what is about HTTP itself: reading a bounded body, JSON syntax,
-query-string parsing, the SSE framing, and the OpenAPI document. Who the caller is, and whether
+query-string parsing, the SSE messages (framed by sse-starlette), and the OpenAPI document. Who the caller is, and whether
 the request may come in at all (Host, Origin, token, content type), is decided before a handler
 runs, by the one HTTP guard (``opspawn_mcp.http_guard``) in front of the whole app; a handler
 only hands the principal it left in the scope to the service.
@@ -14,15 +14,15 @@ only hands the principal it left in the scope to the service.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
+from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.openapi import build_openapi
@@ -36,7 +36,6 @@ from opspawn_mcp.service import TaskService
 # A spec is at most two 20k-char texts plus small fields; even fully \u-escaped that is under
 # 1 MiB, so anything larger is refused before it is read into memory.
 MAX_BODY_BYTES = 1024 * 1024
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def _json(body: str, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -67,66 +66,43 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def _sse(event: TaskEvent) -> str:
-    return f"id: {event.seq}\nevent: {event.kind}\ndata: {event.model_dump_json()}\n\n"
-
-
 SSE_HEARTBEAT_S = 15.0
-"""A quiet stream gets an SSE comment this often, so proxies and load balancers with idle
-timeouts (often 30-60 s) do not cut a task that is busy in one long tool call."""
-SSE_KEEPALIVE = ": keepalive\n\n"
-_SSE_BUFFER = 64
+"""A stream gets an SSE comment this often, so proxies and load balancers with idle timeouts
+(often 30-60 s) do not cut a task that is busy in one long tool call."""
+
+SseMessage = dict[str, str]
+"""One SSE message as ``sse_starlette`` takes it: ``event``, ``data`` and optionally ``id``."""
 
 
-async def sse_stream(
-    frames: AsyncGenerator[str, None], heartbeat_s: float, door: Door = Door.REST
-) -> AsyncIterator[str]:
-    """Send ``frames`` (ready SSE text) with a comment line after ``heartbeat_s`` of quiet.
+def _keepalive() -> ServerSentEvent:
+    return ServerSentEvent(comment="keepalive", sep="\n")
+
+
+def event_source(
+    messages: AsyncGenerator[SseMessage, None], heartbeat_s: float, door: Door = Door.REST
+) -> EventSourceResponse:
+    """Stream ``messages`` with a ``: keepalive`` comment every ``heartbeat_s`` (sse-starlette's ping).
 
     A failure after the 200 went out can no longer change the status, so an ``OpspawnError``
-    raised by ``frames`` is sent as a final ``problem`` event carrying the same problem JSON
-    (worded for ``door``).
-    The frames run in their own task feeding a small queue, so waiting for the next frame can
-    time out without cancelling the watch behind them. The dashboard streams its own frames
-    through here too.
+    raised by ``messages`` is sent as a final ``problem`` event carrying the same problem JSON
+    (worded for ``door``). The dashboard streams its timeline through here too.
     """
-    queue: asyncio.Queue[str | None] = asyncio.Queue(_SSE_BUFFER)
 
-    async def pump() -> None:
-        try:
-            async for frame in frames:
-                await queue.put(frame)
-        except OpspawnError as exc:
-            await queue.put(f"event: problem\ndata: {json.dumps(error_document(exc, door))}\n\n")
-        finally:
-            await frames.aclose()
-            await queue.put(None)  # also after an unexpected error, which ``await producer`` raises
-
-    producer = asyncio.create_task(pump())
-    try:
-        while True:
+    async def framed() -> AsyncGenerator[SseMessage, None]:
+        async with contextlib.aclosing(messages):
             try:
-                frame = await asyncio.wait_for(queue.get(), heartbeat_s)
-            except TimeoutError:
-                yield SSE_KEEPALIVE
-                continue
-            if frame is None:
-                break
-            yield frame
-        await producer
-    finally:
-        if not producer.done():
-            producer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await producer
+                async for message in messages:
+                    yield message
+            except OpspawnError as exc:
+                yield {"event": "problem", "data": json.dumps(error_document(exc, door))}
+
+    return EventSourceResponse(framed(), ping=heartbeat_s, sep="\n", ping_message_factory=_keepalive)
 
 
-async def _event_frames(events: AsyncGenerator[TaskEvent, None]) -> AsyncGenerator[str, None]:
-    try:
+async def _event_messages(events: AsyncGenerator[TaskEvent, None]) -> AsyncGenerator[SseMessage, None]:
+    async with contextlib.aclosing(events):
         async for event in events:
-            yield _sse(event)
-    finally:
-        await events.aclose()
+            yield {"id": str(event.seq), "event": event.kind, "data": event.model_dump_json()}
 
 
 _MALFORMED = object()
@@ -204,8 +180,7 @@ class _Routes:
         # the watch generator itself would only raise once the stream had started.
         await self.service.events(task_id, after, 1, by=by)  # type: ignore[arg-type]
         stream = self.service.watch(task_id, after, by=by)  # type: ignore[arg-type]
-        frames = sse_stream(_event_frames(stream), self.sse_heartbeat_s)
-        return StreamingResponse(frames, media_type="text/event-stream", headers=SSE_HEADERS)
+        return event_source(_event_messages(stream), self.sse_heartbeat_s)
 
     async def servers(self, request: Request) -> Response:
         infos = [s.model_dump(mode="json") for s in self.service.list_servers(by=principal_of(request.scope))]

@@ -15,11 +15,11 @@ from typing import Any
 
 from starlette.datastructures import URL
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from gateway.app import MAX_BODY_BYTES, SSE_HEADERS, SSE_HEARTBEAT_S, read_body, sse_stream
+from gateway.app import MAX_BODY_BYTES, SSE_HEARTBEAT_S, SseMessage, event_source, read_body
 from gateway.problems import error_response
 from opspawn_mcp.errors import Door, InvalidInput, NotFound, OpspawnError
 from opspawn_mcp.http_guard import DASHBOARD_SIGN_IN
@@ -58,10 +58,9 @@ def _local(url: URL) -> str:
     return url.path + (f"?{url.query}" if url.query else "")
 
 
-def sse_frame(event: str, html: str, seq: int | None = None) -> str:
-    """One SSE message whose data is an HTML fragment (one ``data:`` line per line of it)."""
-    head = [f"event: {event}", *([f"id: {seq}"] if seq is not None else [])]
-    return "\n".join([*head, *(f"data: {line}" for line in html.splitlines() or [""])]) + "\n\n"
+def sse_message(event: str, html: str, seq: int | None = None) -> SseMessage:
+    """One SSE message whose data is an HTML fragment (sent as one ``data:`` line per line of it)."""
+    return {"event": event, "data": html} | ({"id": str(seq)} if seq is not None else {})
 
 
 class Dashboard:
@@ -187,22 +186,21 @@ class Dashboard:
             await self.service.events(task.id, 0, min(after, EVENTS_PAGE_MAX), by=by) if after else []
         ):
             durations.took(seen)
-        frames = sse_stream(self._timeline(task, after, durations, by), self.heartbeat_s, Door.UI)
-        return StreamingResponse(frames, media_type="text/event-stream", headers=SSE_HEADERS)
+        return event_source(self._timeline(task, after, durations, by), self.heartbeat_s, Door.UI)
 
     async def _timeline(
         self, task: Task, after: int, durations: Durations, by: Principal
-    ) -> AsyncGenerator[str, None]:
+    ) -> AsyncGenerator[SseMessage, None]:
         events: AsyncGenerator[TaskEvent, None] = self.service.watch(task.id, after, by=by)
         try:
             async for event in events:
                 took = durations.took(event)
                 row = self.env.get_template("_event.html").render(event=event, task=task, took=took)
-                yield sse_frame("item", row, event.seq)
+                yield sse_message("item", row, event.seq)
                 if event.kind in SUMMARY_KINDS:
                     task = await self.service.get(task.id, by=by)
-                    yield sse_frame("summary", self.env.get_template("_summary.html").render(task=task))
-            yield sse_frame("end", "")
+                    yield sse_message("summary", self.env.get_template("_summary.html").render(task=task))
+            yield sse_message("end", "")
         finally:
             await events.aclose()
 
