@@ -365,13 +365,14 @@ class TaskService:
         self, task_id: str, timeout_s: float, on_event: EventCallback | None = None, *, by: Principal
     ) -> Task:
         """Follow the task for up to ``timeout_s`` seconds, calling ``on_event`` for each new event;
-        return the task as it is then (terminal, or still queued/running if time ran out).
+        return the task as it is then: terminal, paused for a person (waiting on would only hold
+        the caller while nobody answers), or still queued/running if time ran out.
 
         Every door that offers "submit and wait" uses this, so they all time out the same way.
         """
         self.check_wait(timeout_s)
         task = await self.get(task_id, by=by)
-        if timeout_s == 0 or task.status.terminal:
+        if timeout_s == 0 or task.status.terminal or task.status is TaskStatus.INPUT_REQUIRED:
             return task
         stream = self.watch(task.id, by=by)
         try:
@@ -379,11 +380,17 @@ class TaskService:
                 async for event in stream:
                     if on_event is not None:
                         await on_event(event)
+                    if event.kind == "input_required" and await self._paused(task.id):
+                        break
         except TimeoutError:
             pass
         finally:
             await stream.aclose()
         return await self.get(task.id, by=by)
+
+    async def _paused(self, task_id: str) -> bool:
+        """Still paused now? The log replays earlier pauses that were answered since."""
+        return (await self._store.get(task_id)).status is TaskStatus.INPUT_REQUIRED
 
     # -- health ---------------------------------------------------------------------------
 

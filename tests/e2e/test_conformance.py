@@ -37,29 +37,18 @@ TASKS_SCENARIOS = [
     "tasks-required-task-error",
     "tasks-mrtr-composition",
 ]
+BOTH_ERAS = [
+    "tools-list",
+    "tools-call-simple-text",
+    "tools-call-error",
+    "server-sse-multiple-streams",
+    "resources-list",
+    "prompts-list",
+    "dns-rebinding-protection",
+]
 GENERIC_SCENARIOS = {
-    "2025-11-25": [
-        "server-initialize",
-        "server-session-lifecycle",
-        "logging-set-level",
-        "ping",
-        "tools-list",
-        "tools-call-simple-text",
-        "tools-call-error",
-        "server-sse-multiple-streams",
-        "resources-list",
-        "prompts-list",
-        "dns-rebinding-protection",
-    ],
-    "2026-07-28": [
-        "tools-list",
-        "tools-call-simple-text",
-        "tools-call-error",
-        "server-sse-multiple-streams",
-        "resources-list",
-        "prompts-list",
-        "dns-rebinding-protection",
-    ],
+    "2025-11-25": ["server-initialize", "server-session-lifecycle", "logging-set-level", "ping", *BOTH_ERAS],
+    "2026-07-28": BOTH_ERAS,
 }
 SCENARIO_TIMEOUT_S = 120
 

@@ -134,6 +134,23 @@ async def test_a_legacy_client_gets_the_answer_synchronously_and_cancels(serve: 
         )
 
 
+async def test_a_legacy_client_is_told_of_an_approval_at_once_and_answers_it(serve: ServerProcess) -> None:
+    async with Client(serve.url, mode="legacy") as client:
+        arguments = {"goal": "echo legacy approved", "servers": ["guarded"], "wait": 40}
+        paused = await client.call_tool("submit_task", arguments)
+        view = paused.structured_content
+        assert view is not None and view["status"] == "input_required", view  # the wait ends at the pause
+        answer = {"task_id": view["task_id"], "request_id": view["approval"]["id"], "approve": True}
+        assert not (await client.call_tool("approve_task", answer)).is_error
+        for _ in range(POLLS):
+            status = await client.call_tool("get_status", {"task_id": view["task_id"]})
+            assert status.structured_content is not None
+            if status.structured_content["done"]:
+                break
+            await anyio.sleep(0.1)
+        assert status.structured_content["result"] == "done: legacy approved"
+
+
 async def test_a_legacy_client_never_sees_a_task_result_shape(serve: ServerProcess) -> None:
     async with Client(serve.url, mode="legacy", extensions=[TasksAware()]) as client:
         result = await client.call_tool("submit_task", {"goal": "echo no task here", "servers": ["testing"]})

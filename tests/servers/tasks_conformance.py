@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -48,7 +46,7 @@ from opspawn_mcp.mcp_tasks import DetailedTask, TasksExtension, serve_task_notif
 from opspawn_mcp.mcp_tasks.backend import RequestContext
 from opspawn_mcp.mcp_tasks.memory import MemoryTaskBackend, TaskInput
 from tests.servers.harness import free_port
-from tests.support.fake_openai import wait_for_http
+from tests.support.fake_openai import spawn_python_server
 
 MCP_PATH = "/mcp"
 
@@ -181,28 +179,8 @@ async def serve_stdio() -> None:
 def spawn_tasks_fixture(port: int | None = None) -> Iterator[str]:
     """Run this fixture as a subprocess on 127.0.0.1; yields its MCP URL."""
     port = port or free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.servers.tasks_conformance", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-
-    def why() -> str:
-        err = proc.stderr.read().decode() if proc.stderr and proc.poll() is not None else ""
-        return f"the tasks conformance fixture did not start: {err}"
-
-    try:
-        wait_for_http(proc, f"http://127.0.0.1:{port}/health", deadline_s=30, why=why)
+    with spawn_python_server("tests.servers.tasks_conformance", port=port, what="tasks conformance fixture"):
         yield f"http://127.0.0.1:{port}{MCP_PATH}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
 
 
 def main(argv: list[str] | None = None) -> None:

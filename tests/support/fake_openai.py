@@ -411,23 +411,24 @@ def wait_for_http(
 
 
 @contextmanager
-def spawn_fake_openai(*args: str, port: int | None = None) -> Iterator[str]:
-    """Run ``python -m tests.support.fake_openai`` as a subprocess; yields its base_url."""
-    port = port or free_port()
+def spawn_python_server(
+    module: str, *args: str, port: int, what: str, deadline_s: float = 20
+) -> Iterator[None]:
+    """Run ``python -m module --port port *args`` until the block ends; ready once its
+    ``/health`` answers 200 (``RuntimeError`` naming ``what`` and its stderr if it never does)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.support.fake_openai", "--port", str(port), *args],
+        [sys.executable, "-m", module, "--port", str(port), *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    base_url = f"http://127.0.0.1:{port}/v1"
 
     def why() -> str:
         err = proc.stderr.read().decode() if proc.stderr and proc.poll() is not None else ""
-        return f"the fake OpenAI server process did not start: {err}"
+        return f"the {what} process did not start: {err}"
 
     try:
-        wait_for_http(proc, f"http://127.0.0.1:{port}/health", deadline_s=20, why=why)
-        yield base_url
+        wait_for_http(proc, f"http://127.0.0.1:{port}/health", deadline_s=deadline_s, why=why)
+        yield
     finally:
         proc.terminate()
         try:
@@ -437,6 +438,14 @@ def spawn_fake_openai(*args: str, port: int | None = None) -> Iterator[str]:
             proc.wait()
         if proc.stderr:
             proc.stderr.close()
+
+
+@contextmanager
+def spawn_fake_openai(*args: str, port: int | None = None) -> Iterator[str]:
+    """Run ``python -m tests.support.fake_openai`` as a subprocess; yields its base_url."""
+    port = port or free_port()
+    with spawn_python_server("tests.support.fake_openai", *args, port=port, what="fake OpenAI server"):
+        yield f"http://127.0.0.1:{port}/v1"
 
 
 def main(argv: list[str] | None = None) -> None:

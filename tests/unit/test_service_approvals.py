@@ -6,6 +6,7 @@ paused through the real store as a worker would (``service_kit.pause``).
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import pytest
@@ -42,6 +43,15 @@ async def test_a_paused_task_shows_its_request_and_can_be_listed_by_its_state(
     assert "tool_call" not in seen.model_dump(mode="json")["approval"]  # internal key stays inside
     page = await service.list("input_required", by=LOCAL)
     assert [t.id for t in page.items] == [task.id]
+
+
+async def test_a_wait_returns_when_the_task_pauses_for_a_person(
+    service: TaskService, store: MemoryStore
+) -> None:
+    task = await service.submit({"goal": "delete /tmp/x"}, by=LOCAL)
+    waiting = asyncio.create_task(service.wait(task.id, 600, by=LOCAL))  # pytest's timeout guards
+    await pause(store, task.id)
+    assert (await waiting).status is TaskStatus.INPUT_REQUIRED
 
 
 async def test_approving_records_the_answer_and_queues_the_task_for_any_worker(
