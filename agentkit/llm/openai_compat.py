@@ -30,10 +30,8 @@ from agentkit.llm.base import (
     Message,
     ToolChoice,
     ToolDefinition,
-    messages_to_openai,
-    response_from_openai_dict,
-    tool_choice_to_openai,
 )
+from agentkit.llm.wire import messages_to_openai, response_from_openai_dict, tool_choice_to_openai
 
 log = logging.getLogger(__name__)
 

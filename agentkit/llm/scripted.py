@@ -21,8 +21,8 @@ from agentkit.llm.base import (
     ToolDefinition,
     Usage,
     estimate_tokens,
-    normalise_tool_calls,
 )
+from agentkit.llm.wire import normalise_tool_calls
 
 
 @dataclass(frozen=True)
