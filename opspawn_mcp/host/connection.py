@@ -84,7 +84,7 @@ def _is_connection_lost(exc: MCPError) -> bool:
     return exc.code == types.INVALID_REQUEST and "session terminated" in exc.message.lower()
 
 
-def _describe(exc: BaseException) -> str:
+def _failure_line(exc: BaseException) -> str:
     """One line for a person: exception groups from transports are unwrapped to their first leaf."""
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
@@ -230,13 +230,13 @@ class ServerConnection:
                 try:
                     await self._serve(attempt, tg)
                 except Exception as exc:
-                    self._failed(attempt, _describe(exc))
+                    self._failed(attempt, _failure_line(exc))
                 # The transport is closed and the process reaped; give the stderr reader a moment
                 # to log the last lines (a crash's traceback) before it is cancelled. A grandchild
                 # still holding the pipe cannot stall shutdown past this deadline.
                 tg.cancel_scope.deadline = anyio.current_time() + STDERR_DRAIN_S
         except Exception as exc:
-            self._failed(attempt, _describe(exc))
+            self._failed(attempt, _failure_line(exc))
         finally:
             attempt.ended = True
             attempt.session = None
@@ -342,7 +342,7 @@ class ServerConnection:
                 tg.start_soon(self._refresh_quietly, session)
         elif isinstance(message, Exception):
             logger.warning(
-                "MCP server %r transport error: %s", self.name, self.secrets.redact(_describe(message))
+                "MCP server %r transport error: %s", self.name, self.secrets.redact(_failure_line(message))
             )
 
     # -- catalogue -------------------------------------------------------------------------------
@@ -378,7 +378,7 @@ class ServerConnection:
         try:
             await self._refresh(session)
         except Exception as exc:
-            logger.warning("MCP server %r: refreshing tools failed: %s", self.name, _describe(exc))
+            logger.warning("MCP server %r: refreshing tools failed: %s", self.name, _failure_line(exc))
 
     def cached_tool(self, name: str) -> types.Tool | None:
         """The tool from the last tools/list, if listed; no I/O (a cold pool knows no tools)."""
@@ -393,7 +393,7 @@ class ServerConnection:
                 if _is_connection_lost(exc):
                     raise self._call_failed(exc, "tools/list", session) from None
                 raise Unavailable(
-                    f"MCP server {self.name!r} refused tools/list: {self.secrets.redact(_describe(exc))}.",
+                    f"MCP server {self.name!r} refused tools/list: {self.secrets.redact(_failure_line(exc))}.",
                     server=self.name,
                 ) from None
             except TimeoutError:
@@ -408,7 +408,7 @@ class ServerConnection:
 
     def _call_failed(self, exc: MCPError, what: str, session: ClientSession) -> Unavailable:
         attempt = self._attempt
-        detail = self.secrets.redact(_describe(exc))
+        detail = self.secrets.redact(_failure_line(exc))
         if attempt is not None and attempt.session is session:
             self._failed(attempt, f"connection lost during {what}: {detail}")
         return Unavailable(
@@ -561,7 +561,7 @@ class ServerConnection:
             # something the agent can report; it must not take the worker down.
             raise ToolError(
                 f"MCP server {self.name!r} returned an unusable result for {tool!r}: "
-                f"{self.secrets.redact(_describe(exc))}."
+                f"{self.secrets.redact(_failure_line(exc))}."
             ) from None
         self._answered()
         return result
