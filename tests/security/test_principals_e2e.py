@@ -16,15 +16,23 @@ import json
 import os
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import grpc
 import httpx
+import httpx2
 import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+from mcp.types import EmptyResult
 
 from opspawn_mcp.grpc_internal.gen import tasks_pb2 as pb
+from opspawn_mcp.mcp_tasks import CancelTaskRequest, DetailedTask, GetTaskRequest, UpdateTaskRequest
+from opspawn_mcp.mcp_tasks.wire import TaskIdParams, UpdateTaskParams
 from tests.security.kit import (
     EXAMPLE_SERVER,
     GrpcDoor,
@@ -37,6 +45,7 @@ from tests.security.kit import (
     run_serve,
 )
 from tests.servers.harness import HANG_GUARD_S, opspawn_command
+from tests.support.tasks_client import TasksAware
 
 TOKENS = {name: f"{name}-{uuid.uuid4().hex}" for name in ("alice", "bob", "root", "xonly")}
 ALICE, BOB, ROOT, XONLY = (TOKENS[n] for n in ("alice", "bob", "root", "xonly"))
@@ -394,3 +403,36 @@ def test_the_cli_speaks_as_the_principal_of_opspawn_token(serve: Serve, tmp_path
     assert (
         anonymous.returncode == 2 and "HTTP 401" in anonymous.stderr and "OPSPAWN_TOKEN" in anonymous.stderr
     )
+
+
+async def test_bob_cannot_follow_or_stop_alices_task_over_mcp_tasks(serve: Serve) -> None:
+    """The tasks extension's methods are scoped like the tools: another principal's task id is
+    unknown (-32602), to tasks/get, tasks/update and tasks/cancel alike."""
+    outcome, task_id = await submit(serve, "rest", ALICE, {"goal": "sleep 30", "servers": ["example"]})
+    assert outcome == "ok", task_id
+    params = TaskIdParams(task_id=task_id)
+    requests: list[tuple[Any, type[Any]]] = [
+        (GetTaskRequest(params=params), DetailedTask),
+        (UpdateTaskRequest(params=UpdateTaskParams(task_id=task_id)), EmptyResult),
+        (CancelTaskRequest(params=params), EmptyResult),
+    ]
+    async with tasks_session(serve, BOB) as bob:
+        for request, result in requests:
+            with pytest.raises(MCPError) as refused:
+                await bob.session.send_request(request, result)
+            assert refused.value.code == -32602, request.method
+    async with tasks_session(serve, ALICE) as alice:
+        seen = await alice.session.send_request(GetTaskRequest(params=params), DetailedTask)
+        assert seen.status == "working"
+        await alice.session.send_request(CancelTaskRequest(params=params), EmptyResult)
+    assert await get(serve, "rest", ALICE, task_id) == ("ok", "cancelled")
+
+
+@asynccontextmanager
+async def tasks_session(serve: Serve, token: str) -> AsyncIterator[Client]:
+    headers = {"Authorization": f"Bearer {token}"}
+    async with (
+        httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30.0, read=None)) as http,
+        Client(streamable_http_client(serve.mcp, http_client=http), extensions=[TasksAware()]) as client,
+    ):
+        yield client
