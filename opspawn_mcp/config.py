@@ -236,6 +236,13 @@ class TelemetrySettings(_Strict):
     log_format: Literal["text", "json"] = Field(
         default="text", description="json: one JSON object per line, with the task id while a task runs."
     )
+    worker_metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="opspawn-mcp worker serves its own /metrics here (on server.host, behind the same guard); "
+        "unset: no HTTP in workers.",
+    )
 
 
 def default_store_url() -> str:

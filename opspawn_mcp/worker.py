@@ -29,6 +29,8 @@ from opspawn_mcp.broker import (
 from opspawn_mcp.config import Config, redact_url
 from opspawn_mcp.recovery import recovery_interval, recovery_loop
 from opspawn_mcp.runner import TaskRunner
+from opspawn_mcp.service import TaskService
+from opspawn_mcp.telemetry.http import METRICS_PATH, worker_metrics
 from opspawn_mcp.telemetry.logs import announce
 
 __all__ = ["execute_agent_task_actor", "run_worker_process"]
@@ -89,7 +91,10 @@ class _ProcessHost:
                     self.config.mcp_servers, default_concurrency=self.config.opspawn.worker.concurrency
                 ) as pool,
                 TaskRunner(self.config, store, pool, enqueuer.enqueue) as runner,
+                worker_metrics(self.config, TaskService(self.config, store, enqueuer, pool)) as metrics_url,
             ):
+                if metrics_url is not None:
+                    announce(f"opspawn-mcp worker: metrics at {metrics_url}{METRICS_PATH}")
                 recovery = asyncio.create_task(
                     recovery_loop(
                         store,

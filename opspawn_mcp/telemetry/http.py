@@ -1,4 +1,5 @@
-"""The HTTP app's part: the ``/metrics`` route and a server span per REST request.
+"""The HTTP app's part: the ``/metrics`` route, a server span per REST request, and the small
+guarded HTTP server an ``opspawn-mcp worker`` may run for its own ``/metrics``.
 
 ``/metrics`` is an ordinary route behind the one HTTP guard (Host, Origin, token); its counts
 span every principal's tasks, so ``TaskService.task_counts`` admits admins only. MCP's paths
@@ -9,17 +10,23 @@ every later call of that session.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import asyncio
+from collections.abc import AsyncIterator, Collection
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
+import uvicorn
 from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from opspawn_mcp.principals import principal_of
+from opspawn_mcp.config import Config
+from opspawn_mcp.http_guard import HttpGuard
+from opspawn_mcp.principals import Principals, principal_of
 from opspawn_mcp.telemetry import metrics, tracing
 
 if TYPE_CHECKING:
@@ -36,6 +43,46 @@ def metrics_route(service: TaskService) -> Route:
         return Response(metrics.exposition(counts), media_type=CONTENT_TYPE_LATEST)
 
     return Route(METRICS_PATH, scrape, methods=["GET"], name="metrics")
+
+
+@asynccontextmanager
+async def worker_metrics(config: Config, service: TaskService) -> AsyncIterator[str | None]:
+    """Serve ``/metrics`` on ``opspawn.telemetry.worker_metrics_port`` inside the block (the
+    counters of a worker process live only there), on ``opspawn.server.host`` behind the same
+    guard and bind rule as ``serve``; yields its base URL, or None when no port is set."""
+    port = config.opspawn.telemetry.worker_metrics_port
+    if port is None:
+        yield None
+        return
+    from gateway.problems import EXCEPTION_HANDLERS
+    from opspawn_mcp.app import bind_http, check_bind
+
+    settings = config.opspawn.server
+    principals = Principals.from_config(config)
+    check_bind(settings.host, principals)
+    sock = bind_http(settings.host, port)
+    bound: int = sock.getsockname()[1]
+    guard = HttpGuard.for_server(
+        principals,
+        settings.host,
+        bound,
+        allowed_hosts=settings.allowed_hosts,
+        allowed_origins=settings.allowed_origins,
+    )
+    app = Starlette(
+        routes=[metrics_route(service)], middleware=guard.middleware(), exception_handlers=EXCEPTION_HANDLERS
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, log_config=None)
+    )
+    serving = asyncio.create_task(server.serve(sockets=[sock]), name="opspawn-worker-metrics")
+    try:
+        shown = f"[{settings.host}]" if ":" in settings.host else settings.host
+        yield f"http://{shown}:{bound}"
+    finally:
+        server.should_exit = True
+        await serving
+        sock.close()
 
 
 class TracedRequests:

@@ -19,11 +19,11 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from opspawn_mcp.models import TaskStatus
 from tests.servers.harness import HANG_GUARD_S, REPO_ROOT, free_port, opspawn_process
 from tests.support.fake_openai import spawn_fake_openai
+from tests.support.metrics import sample, samples
 from tests.support.serve import write_config
 
 TOKENS = {"ops": "obs-e2e-admin-token", "alice": "obs-e2e-alice-token"}
@@ -87,15 +87,6 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             yield Served(base, log, task)
 
 
-def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """Every sample of the exposition by (name, labels), parsed by prometheus_client."""
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
 def test_metrics_after_a_task_count_it_from_the_store_and_from_this_process(served: Served) -> None:
     scrape = served.get("/metrics", "ops")
     assert scrape.status_code == 200, scrape.text
@@ -103,7 +94,7 @@ def test_metrics_after_a_task_count_it_from_the_store_and_from_this_process(serv
     found = samples(scrape.text)
 
     def value(name: str, **labels: str) -> float:
-        return found[(name, frozenset(labels.items()))]
+        return found[sample(name, **labels)]
 
     assert {status.value: value("opspawn_tasks", state=status.value) for status in TaskStatus} == {
         **{status.value: 0.0 for status in TaskStatus},

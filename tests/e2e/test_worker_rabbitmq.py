@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from agentkit import INTERRUPTED_MESSAGE
@@ -34,6 +35,7 @@ from opspawn_mcp.store import open_store
 from opspawn_mcp.store.base import TaskStore
 from tests.servers.harness import REPO_ROOT, free_port, lines, stdio_config, wait_until
 from tests.support.fake_openai import FakeOpenAIServer
+from tests.support.metrics import sample, samples
 from tests.support.otlp_collector import OtlpCollector
 from tests.support.services import POSTGRES_URL, RABBITMQ_URL, delete_queues, drop_schema, require_service
 from tests.support.task_waits import states, until, until_a_tool_is_called, until_finished
@@ -223,6 +225,33 @@ async def test_the_trace_context_crosses_rabbitmq_to_a_worker_process_exporting_
     assert tool.parent_span_id == run.span_id and wire.parent_span_id == tool.span_id
     assert {s.trace_id for s in [process, run, *chats, tool, wire]} == {trace_id(send)}
     assert {s.service for s in spans} == {"opspawn"}
+
+
+async def test_a_worker_process_serves_its_own_metrics_behind_the_guard(
+    tmp_path: Path, fake: FakeOpenAIServer
+) -> None:
+    """Its model and downstream counters live in the worker; the task counts come from the store."""
+    port = free_port()
+    async with deployment(tmp_path, fake.base_url) as d:
+        worker = WorkerProcess(d, "metrics", env={"OPSPAWN_TELEMETRY_WORKER_METRICS_PORT": str(port)})
+        with _no_leftovers(worker):
+            await worker.start()
+            assert f"metrics at http://127.0.0.1:{port}/metrics" in worker.log()
+            task = await d.service.submit({"goal": "echo counted", "servers": ["t"]}, by=LOCAL)
+            done = await d.finished(task.id)
+            assert done.status is TaskStatus.COMPLETED, f"{done.error}\n{worker.log()}"
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+                scrape = await http.get("/metrics")
+                foreign = await http.get("/metrics", headers={"Host": "evil.example"})
+            assert await worker.stop() == 0
+    assert scrape.status_code == 200 and foreign.status_code == 421
+    found = samples(scrape.text)
+    assert found[sample("opspawn_tasks", state="completed")] == 1
+    assert found[sample("opspawn_downstream_calls_total", outcome="ok", server="t")] == 1
+    assert (
+        found[sample("opspawn_llm_tokens_total", profile="default", type="input")] == done.usage.input_tokens
+    )
+    assert found[sample("opspawn_task_duration_seconds_count", status="completed")] == 1
 
 
 async def test_one_worker_process_runs_tasks_concurrently_sharing_one_downstream_server(
