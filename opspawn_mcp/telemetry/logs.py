@@ -22,8 +22,9 @@ from opentelemetry import trace
 
 LogFormat = Literal["text", "json"]
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-NOISY = ("httpx", "httpx2", "mcp")
-"""One line per request (two per task for the LLM alone): noise, and measurable CPU in a busy worker."""
+NOISY = ("httpx", "httpx2", "mcp", "pika")
+"""One line per request (two per task for the LLM alone), a dozen per RabbitMQ connection: noise,
+and measurable CPU in a busy worker. Their warnings still show."""
 
 current_task: ContextVar[str | None] = ContextVar("opspawn_task_id", default=None)
 _json_lines = False
@@ -63,7 +64,7 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(log_format: LogFormat) -> None:
-    """INFO and up to stderr in ``log_format``, minus the per-request lines of ``NOISY``."""
+    """INFO and up to stderr in ``log_format``, minus the chatter of ``NOISY``."""
     global _json_lines
     _json_lines = log_format == "json"
     handler = logging.StreamHandler(sys.stderr)
