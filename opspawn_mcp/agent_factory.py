@@ -37,18 +37,30 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, cast
+from collections.abc import Collection, Mapping
+from typing import Any, Protocol
 
 import agentkit
-from agentkit.llm import LLM, LocalGGUF, OpenAICompatible
-from agentkit.mcp_proxy import PROXY_TOOL_NAME
+from agentkit.agent import EventCallback
+from agentkit.llm import LLM, LocalGGUF, OpenAICompatible, SharedLLM
+from agentkit.mcp_proxy import PROXY_TOOL_NAME, McpCaller
 from agentkit.mcp_proxy import SEPARATOR as FLAT_SEPARATOR
 from opspawn_mcp.config import DEFAULT_PROFILE, Config, LlmProfile
 from opspawn_mcp.models import ModelSettings, TaskSpec
 from opspawn_mcp.telemetry.hooks import ObservedLLM
 
-EventHandler = Callable[[Any], Awaitable[None]]
+
+class TaskCaller(McpCaller, Protocol):
+    """One task's view of the downstream pool (``host.client.ScopedCaller``): agentkit's caller,
+    plus whether a call cut short by a dead worker may run again."""
+
+    def may_rerun(self, server: str, tool: str) -> bool: ...
+
+
+class ToolPool(Protocol):
+    """The process's downstream MCP pool (``host.client.OpsMcpClient``) as the agent needs it."""
+
+    def scoped(self, allowed: Collection[str] | None) -> TaskCaller: ...
 
 
 class AgentSetupError(Exception):
@@ -81,7 +93,7 @@ class LlmClients:
     def __init__(self, config: Config, environ: Mapping[str, str] | None = None) -> None:
         self._config = config
         self._environ = os.environ if environ is None else environ
-        self._clients: dict[str, LLM] = {}
+        self._clients: dict[str, SharedLLM] = {}
         self._lock = asyncio.Lock()
 
     async def get(self, settings: ModelSettings) -> LLM:
@@ -92,22 +104,18 @@ class LlmClients:
             if shared is None:
                 shared = await open_llm(profile_for(settings, self._config), self._environ)
                 self._clients[name] = shared
-        tuned = {"temperature": settings.temperature, "max_tokens": settings.max_tokens}
-        if not any(v is not None for v in tuned.values()):
+        if settings.temperature is None and settings.max_tokens is None:
             return shared
-        with_settings = getattr(shared, "with_settings", None)
-        return shared if with_settings is None else cast(LLM, with_settings(**tuned))
+        return shared.with_settings(temperature=settings.temperature, max_tokens=settings.max_tokens)
 
     async def aclose(self) -> None:
         """Close every shared client (their HTTP connections); at process shutdown."""
         clients, self._clients = list(self._clients.values()), {}
         for llm in clients:
-            close = getattr(llm, "aclose", None)
-            if close is not None:
-                await close()
+            await llm.aclose()
 
 
-async def open_llm(profile: LlmProfile, environ: Mapping[str, str]) -> LLM:
+async def open_llm(profile: LlmProfile, environ: Mapping[str, str]) -> SharedLLM:
     """The shared client of one profile; raises ``AgentSetupError`` with a fix."""
     if profile.provider == "local":
         try:
@@ -158,7 +166,7 @@ def small_model_planner() -> agentkit.ReActPlanner:
     return agentkit.ReActPlanner(require_tool_first=True, max_tool_rounds=1)
 
 
-async def build_tools(caller: Any, servers: list[str], *, proxy: bool = True) -> agentkit.ToolRegistry:
+async def build_tools(caller: McpCaller, servers: list[str], *, proxy: bool = True) -> agentkit.ToolRegistry:
     """The proxy tool plus one flat tool per downstream tool of every allowed server.
 
     A server that is down leaves out its flat tools only (``expand_server_tools`` logs it); the
@@ -189,13 +197,13 @@ def call_target(call: agentkit.ToolCall) -> tuple[str, str, dict[str, Any]] | No
     return server, name, dict(arguments) if isinstance(arguments, dict) else {}
 
 
-def rerun_policy(caller: Any) -> agentkit.RerunPolicy:
+def rerun_policy(caller: TaskCaller) -> agentkit.RerunPolicy:
     """Whether a downstream call that was in flight when a worker died runs again: only if its
     server's ``retry`` setting and the tool's MCP annotations allow it (``may_rerun``)."""
 
     def decide(call: agentkit.ToolCall, tool: agentkit.Tool | None) -> bool:
         target = call_target(call)
-        return target is not None and bool(caller.may_rerun(target[0], target[1]))
+        return target is not None and caller.may_rerun(target[0], target[1])
 
     return decide
 
@@ -216,7 +224,7 @@ def approval_policy(config: Config) -> agentkit.ApprovalPolicy | None:
 
 
 async def build_agent(
-    spec: TaskSpec, config: Config, pool: Any, on_event: EventHandler, llms: LlmClients
+    spec: TaskSpec, config: Config, pool: ToolPool, on_event: EventCallback, llms: LlmClients
 ) -> agentkit.Agent:
     """The agent for one task, on the process's shared model client of its profile (each call
     counted and traced: ``ObservedLLM``)."""

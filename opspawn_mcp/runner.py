@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import agentkit
-from opspawn_mcp.agent_factory import AgentSetupError, LlmClients, build_agent
+from opspawn_mcp.agent_factory import AgentSetupError, LlmClients, ToolPool, build_agent
 from opspawn_mcp.approvals import approval_request
 from opspawn_mcp.config import Config
 from opspawn_mcp.errors import Conflict, IllegalTransition, OpspawnError, TaskNotFound, Unavailable
@@ -172,7 +172,7 @@ class TaskRunner:
         self,
         config: Config,
         store: TaskStore,
-        pool: Any,
+        pool: ToolPool,
         enqueue: Enqueue,
         *,
         owner: str | None = None,

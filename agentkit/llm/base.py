@@ -143,3 +143,18 @@ class LLM(Protocol):
         tools: Sequence[ToolDefinition] = (),
         tool_choice: ToolChoice = "auto",
     ) -> LLMResponse: ...
+
+
+@runtime_checkable
+class SharedLLM(LLM, Protocol):
+    """An ``LLM`` one process shares between runs (``OpenAICompatible``, ``LocalGGUF``).
+
+    ``with_settings`` is a view tuned for one run that shares the connections or the weights;
+    ``aclose`` releases what the client holds, at shutdown.
+    """
+
+    def with_settings(
+        self, *, temperature: float | None = None, max_tokens: int | None = None
+    ) -> SharedLLM: ...
+
+    async def aclose(self) -> None: ...

@@ -199,6 +199,11 @@ class LocalGGUF:
         view.max_tokens = self.max_tokens if max_tokens is None else max_tokens
         return view
 
+    async def aclose(self) -> None:
+        """Drop this client's reference to the weights (freed once no view holds them either);
+        a later call loads them again."""
+        self._llama = None
+
     async def load(self) -> None:
         """Load the model now instead of on the first call (useful to warm up a worker)."""
         async with self._load_lock:

@@ -117,6 +117,7 @@ class OpenAICompatible:
         return view
 
     async def aclose(self) -> None:
+        """Close the connection pool (the original client only: views share it)."""
         if self._owns_client:
             await self._client.close()
 
