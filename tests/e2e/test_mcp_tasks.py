@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -113,6 +114,27 @@ async def test_a_tasks_client_answers_an_approval_through_input_requests(serve: 
         done = await follow(client.session, created.task_id, TERMINAL)
         assert done.status == "completed", done
         assert done.result is not None and done.result["content"][0]["text"] == "done: approved"
+
+
+async def test_a_task_outlives_the_server_that_made_it(tmp_path: Path) -> None:
+    """The MCP task id is opspawn's: a new ``serve`` on the same store answers tasks/get for it."""
+    with spawn_fake_openai() as llm_url:
+        config = write_config(tmp_path / "opspawn.json", llm_url)
+        first = ServerProcess(config)
+        try:
+            async with tasks_client(first) as client:
+                created = await submit(client, "echo still here")
+                await follow(client.session, created.task_id, TERMINAL)
+        finally:
+            assert first.stop() == 0, first.log.read_text()
+        second = ServerProcess(config)
+        try:
+            async with tasks_client(second) as client:
+                done = await follow(client.session, created.task_id, TERMINAL)
+        finally:
+            assert second.stop() == 0, second.log.read_text()
+    assert done.status == "completed" and done.result is not None
+    assert done.result["content"][0]["text"] == "done: still here"
 
 
 # -- 2025-11-25, without the extension --------------------------------------------------------
