@@ -40,11 +40,12 @@ def enabled() -> bool:
 
 
 def install(provider: TracerProvider) -> None:
-    """Trace from now on, into ``provider``, made the global provider if none was set yet (the
-    MCP SDK's spans go to the global one). ``traced`` calls it; tests pass a provider with an
-    in-memory exporter."""
+    """Trace from now on into the global provider, which ``provider`` becomes unless one was set
+    already (by an application embedding opspawn, say: then all spans go where its own go, the
+    MCP SDK's too). ``traced`` calls it; tests pass a provider with an in-memory exporter."""
     global _tracer
-    trace.set_tracer_provider(provider)
+    if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        trace.set_tracer_provider(provider)
     _tracer = trace.get_tracer(TRACER_NAME)
 
 
