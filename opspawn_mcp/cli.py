@@ -63,10 +63,14 @@ NO_SERVERS = "no downstream MCP servers: agents get no tools and answer from the
 
 def server_warnings(config: Config) -> list[str]:
     """What a config file's ``mcpServers`` leaves out that a newcomer expects: any server at all,
-    and the bundled example server, which the embedded default (no file) attaches."""
+    and the bundled example server, which the embedded default (no file) attaches; and tool
+    filters that can be seen to do nothing without starting the server (the pool warns about the
+    rest once it has the tool list, and ``list_servers`` shows them as ``unmatched``)."""
     warnings = []
     if not config.mcp_servers:
         warnings.append(f"warning: {NO_SERVERS}")
+    for name, server in config.mcp_servers.items():
+        warnings += [f"warning: mcpServers.{name}.tools: {line}" for line in server.tools.static_warnings()]
     if config.source != DEFAULTS_SOURCE and EXAMPLE_SERVER_NAME not in config.mcp_servers:
         example = example_server_config()
         entry = json.dumps({"command": example.command, "args": example.args})

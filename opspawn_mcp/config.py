@@ -18,7 +18,8 @@ import json
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,6 +42,69 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+_GLOB_CHARS = frozenset("*?[")
+
+
+class ToolFilter(_Strict):
+    """Which of a server's tools opspawn shows, to agents and to MCP clients alike (docs/composition.md).
+
+    Entries are tool names or ``fnmatch`` patterns, matched case-sensitively. A tool is shown when
+    ``include`` is unset or one of its entries matches, and no ``exclude`` entry matches.
+    """
+
+    include: list[str] | None = Field(
+        default=None, description="Only these tools (names or patterns); null: every tool."
+    )
+    exclude: list[str] = Field(default_factory=list, description="Never these tools (names or patterns).")
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _patterns(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        for pattern in value:
+            if not pattern.strip() or pattern != pattern.strip():
+                raise ValueError(f"{pattern!r} is not a tool name or pattern: no blanks around it, not empty")
+        if len(set(value)) != len(value):
+            raise ValueError("lists a pattern twice")
+        return value
+
+    @field_validator("include")
+    @classmethod
+    def _some_included(cls, value: list[str] | None) -> list[str] | None:
+        if value == []:
+            raise ValueError(
+                '[] would hide every tool; list the tools to keep, e.g. ["read_*"], or remove the key'
+            )
+        return value
+
+    def hidden_reason(self, tool: str) -> str | None:
+        """Why ``tool`` is hidden (the filter entry that hides it), or None when it is shown."""
+        if self.include is not None and not any(fnmatchcase(tool, p) for p in self.include):
+            return f"not included by {', '.join(repr(p) for p in self.include)}"
+        excluded = next((p for p in self.exclude if fnmatchcase(tool, p)), None)
+        return None if excluded is None else f"excluded by {excluded!r}"
+
+    def unmatched(self, tools: Iterable[str]) -> list[str]:
+        """Entries that match none of ``tools``: usually a typo, or a tool the server renamed."""
+        names = list(tools)
+        return [
+            p for p in [*(self.include or ()), *self.exclude] if not any(fnmatchcase(n, p) for n in names)
+        ]
+
+    def static_warnings(self) -> list[str]:
+        """What ``config check`` can tell without starting the server: with ``include`` naming
+        tools outright, an ``exclude`` entry that matches none of them does nothing."""
+        include = self.include
+        if include is None or any(_GLOB_CHARS & set(p) for p in include):
+            return []
+        return [
+            f"exclude {p!r} matches none of the included tools"
+            for p in self.exclude
+            if not any(fnmatchcase(name, p) for name in include)
+        ]
 
 
 class _ServerBase(_Strict):
@@ -76,6 +140,10 @@ class _ServerBase(_Strict):
         gt=0,
         description="Longest a downstream MCP task may run before the pool cancels it (each tasks/get "
         "gets timeout_s).",
+    )
+    tools: ToolFilter = Field(
+        default_factory=ToolFilter,
+        description="Which tools agents and MCP clients see: include/exclude names or fnmatch patterns.",
     )
 
     @field_validator("require_approval", mode="before")
@@ -508,6 +576,11 @@ def describe(config: Config) -> list[str]:
     settings = config.opspawn
     lines = [f"servers: {', '.join(config.mcp_servers) or 'none (agents get no tools)'}"]
     for name, entry in config.mcp_servers.items():
+        curation = entry.tools
+        if curation.include is not None or curation.exclude:
+            shown = "every tool" if curation.include is None else ", ".join(curation.include)
+            hidden = f" except {', '.join(curation.exclude)}" if curation.exclude else ""
+            lines.append(f"server {name!r}: agents and MCP clients see {shown}{hidden}")
         if entry.require_approval:
             tools = "every tool" if entry.require_approval == "*" else ", ".join(entry.require_approval)
             lines.append(

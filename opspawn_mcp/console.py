@@ -161,10 +161,16 @@ def show_servers(out: Output, answer: dict[str, Any]) -> None:
         out.json(answer)
         return
     rows = [
-        [s["name"], s["state"], ", ".join(s.get("tools") or []) or "-", _one_line(s.get("error"), 60)]
+        [
+            s["name"],
+            s["state"],
+            ", ".join(s.get("tools") or []) or "-",
+            ", ".join(f"{h['name']} ({h['reason']})" for h in s.get("hidden") or []) or "-",
+            _one_line(s.get("last_error"), 60),
+        ]
         for s in answer["servers"]
     ]
-    out.table(["SERVER", "STATE", "TOOLS", "ERROR"], rows)
+    out.table(["SERVER", "STATE", "TOOLS", "HIDDEN", "ERROR"], rows)
 
 
 def describe_event(event: TaskEvent) -> tuple[str, str] | None:

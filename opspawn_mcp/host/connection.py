@@ -33,8 +33,8 @@ from mcp.shared.exceptions import MCPError
 from agentkit.errors import ToolError
 from agentkit.mcp_proxy import error_from_mcp
 from opspawn_mcp.config import ServerConfig, StdioServerConfig
-from opspawn_mcp.errors import OpspawnError, Unavailable
-from opspawn_mcp.host.models import ServerInfo, ServerState
+from opspawn_mcp.errors import Forbidden, Hint, OpspawnError, Unavailable
+from opspawn_mcp.host.models import HiddenTool, ServerInfo, ServerState
 from opspawn_mcp.host.tasks import TASKS_EXTENSION, TaskEnded, TaskOverdue, follow, task_claim
 from opspawn_mcp.host.transports import Secrets, WatchedReadStream, open_transport, stderr_log
 from opspawn_mcp.mcp_tasks import CreateTaskResult, DetailedTask
@@ -127,6 +127,8 @@ class ServerConnection:
         self._failures = 0
         self._retry_at = 0.0
         self._tools: list[types.Tool] = []
+        """Every tool the server listed last; ``tools`` is what the config's filter shows of them."""
+        self._listed = False
         self._tools_stale = False
         self._refresh_lock: anyio.Lock | None = None
         self._timeouts = 0
@@ -165,13 +167,21 @@ class ServerConnection:
         return "unhealthy" if self._unhealthy else "idle"
 
     def info(self) -> ServerInfo:
-        names = [tool.name for tool in self._tools]
+        names = [tool.name for tool in self.tools]
+        curation = self.config.tools
+        hidden = [
+            HiddenTool(name=tool.name, reason=reason)
+            for tool in self._tools
+            if (reason := curation.hidden_reason(tool.name)) is not None
+        ]
         return ServerInfo(
             name=self.name,
             transport=self.transport,
             state=self.state,
             tools=names,
             tool_count=len(names),
+            hidden=hidden,
+            unmatched=curation.unmatched(t.name for t in self._tools) if self._listed else [],
             last_error=self.last_error,
             calls=self.calls,
             errors=self.errors,
@@ -292,7 +302,7 @@ class ServerConnection:
         if attempt.stop.is_set():
             return
         attempt.session = session
-        self._tools = tools
+        self._set_tools(tools)
         self._timeouts = 0
         self._unhealthy = False
         # The failure count is reset by a call that gets an answer, not by the handshake: a server
@@ -347,6 +357,39 @@ class ServerConnection:
 
     # -- catalogue -------------------------------------------------------------------------------
 
+    @property
+    def tools(self) -> list[types.Tool]:
+        """The cached tools the config's ``tools`` filter shows: the one place curation is applied,
+        so agents and MCP clients of opspawn see the same set."""
+        curation = self.config.tools
+        return [tool for tool in self._tools if curation.hidden_reason(tool.name) is None]
+
+    def check_visible(self, tool: str) -> None:
+        """Raise ``Forbidden`` naming the filter entry when the config hides ``tool``; no I/O."""
+        reason = self.config.tools.hidden_reason(tool)
+        if reason is not None:
+            raise Forbidden(
+                f"The tool {self.name}/{tool} is hidden by mcpServers.{self.name}.tools ({reason}), so it "
+                "cannot be called; to use it, change that filter in the config.",
+                hint=Hint("The tools that can be called are listed by {}.", "list_servers"),
+                server=self.name,
+                tool=tool,
+                reason=reason,
+            )
+
+    def _set_tools(self, tools: list[types.Tool]) -> None:
+        self._tools = tools
+        self._listed = True
+        unmatched = self.config.tools.unmatched(tool.name for tool in tools)
+        if unmatched:
+            logger.warning(
+                "MCP server %r: mcpServers.%s.tools entries %s match none of its %d tools",
+                self.name,
+                self.name,
+                ", ".join(map(repr, unmatched)),
+                len(tools),
+            )
+
     @staticmethod
     async def _list_all(session: ClientSession) -> list[types.Tool]:
         tools: list[types.Tool] = []
@@ -371,7 +414,7 @@ class ServerConnection:
             except BaseException:
                 self._tools_stale = True
                 raise
-            self._tools = tools
+            self._set_tools(tools)
             logger.info("MCP server %r tool list changed: %d tools", self.name, len(tools))
 
     async def _refresh_quietly(self, session: ClientSession) -> None:
@@ -381,8 +424,8 @@ class ServerConnection:
             logger.warning("MCP server %r: refreshing tools failed: %s", self.name, _failure_line(exc))
 
     def cached_tool(self, name: str) -> types.Tool | None:
-        """The tool from the last tools/list, if listed; no I/O (a cold pool knows no tools)."""
-        return next((tool for tool in self._tools if tool.name == name), None)
+        """The tool from the last tools/list, if listed and not hidden; no I/O (a cold pool knows no tools)."""
+        return next((tool for tool in self.tools if tool.name == name), None)
 
     async def list_tools(self) -> list[types.Tool]:
         session = await self.session()
@@ -402,7 +445,7 @@ class ServerConnection:
                     server=self.name,
                 ) from None
         self._failures = 0
-        return list(self._tools)
+        return self.tools
 
     # -- calls -----------------------------------------------------------------------------------
 
@@ -475,7 +518,12 @@ class ServerConnection:
     ) -> types.CallToolResult:
         """A successful result, or ``ToolError``: the one value a failed call becomes, whatever
         failed (the tool's ``isError``, a JSON-RPC error, a timeout, a lost or missing session).
-        Its message is what the model reads; a pool failure is its ``__cause__`` (``Unavailable``)."""
+        Its message is what the model reads; a pool failure is its ``__cause__`` (``Unavailable``, or
+        ``Forbidden`` for a tool the config's filter hides, refused before any I/O)."""
+        try:
+            self.check_visible(tool)
+        except Forbidden as exc:
+            raise ToolError(exc.message) from exc
         self.calls += 1
         try:
             result = await self._call(tool, arguments, progress_callback, meta)

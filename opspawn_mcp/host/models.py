@@ -14,14 +14,30 @@ it; ``unavailable``: connecting failed several times in a row, so calls fail fas
 delay has passed."""
 
 
+class HiddenTool(BaseModel):
+    """A tool the server lists that its ``tools`` filter hides from agents and MCP clients."""
+
+    name: str
+    reason: str = Field(description="The filter entry that hides it, e.g. \"excluded by 'delete_*'\".")
+
+
 class ServerInfo(BaseModel):
     """One downstream server as this process's pool sees it. Never holds a secret's value."""
 
     name: str
     transport: Literal["stdio", "sse", "streamable-http"]
     state: ServerState
-    tools: list[str] = Field(default_factory=list, description="Cached tool names, from the last tools/list.")
+    tools: list[str] = Field(
+        default_factory=list, description="Cached tool names agents may use, from the last tools/list."
+    )
     tool_count: int = 0
+    hidden: list[HiddenTool] = Field(
+        default_factory=list, description="Tools the server lists that mcpServers.<name>.tools hides."
+    )
+    unmatched: list[str] = Field(
+        default_factory=list,
+        description="Entries of mcpServers.<name>.tools that match no listed tool (a typo?).",
+    )
     last_error: str | None = Field(default=None, description="The last failure, with secrets redacted.")
     calls: int = Field(default=0, description="tools/call requests made through this pool.")
     errors: int = Field(default=0, description="Calls that failed or returned isError.")

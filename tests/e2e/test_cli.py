@@ -202,7 +202,7 @@ def test_config_is_taken_before_or_after_the_command(serve: Serve) -> None:
             check=False,
         )
         assert out.returncode == 0, out.stderr
-        assert out.stdout.splitlines()[0].split() == ["SERVER", "STATE", "TOOLS", "ERROR"]
+        assert out.stdout.splitlines()[0].split() == ["SERVER", "STATE", "TOOLS", "HIDDEN", "ERROR"]
     bad = cli(serve, "servers", "--config", "/nonexistent/opspawn.json")
     assert bad.returncode == 2 and "cannot read the file" in bad.stderr
 
