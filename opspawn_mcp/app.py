@@ -121,7 +121,7 @@ class Runtime:
             else:
                 enqueuer = await stack.enter_async_context(DramatiqEnqueuer.for_config(self.config))
             self._service = TaskService(self.config, store, enqueuer, pool)
-            self._mcp = build_server(self._service, Principals.from_config(self.config).local)
+            self._mcp = build_server(self._service, Principals.from_config(self.config).local, pool=pool)
             self._stack = stack.pop_all()
         return self
 

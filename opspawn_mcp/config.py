@@ -141,6 +141,10 @@ class _ServerBase(_Strict):
         description="Longest a downstream MCP task may run before the pool cancels it (each tasks/get "
         "gets timeout_s).",
     )
+    expose: bool = Field(
+        default=False,
+        description="Also list this server's tools on opspawn's own MCP server, as <server>__<tool>.",
+    )
     tools: ToolFilter = Field(
         default_factory=ToolFilter,
         description="Which tools agents and MCP clients see: include/exclude names or fnmatch patterns.",

@@ -24,13 +24,17 @@ from datetime import datetime
 from typing import Annotated, Any, get_args
 
 from mcp.server import MCPServer
+from mcp.server.context import ServerRequestContext
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
+from mcp.server.subscriptions import InMemorySubscriptionBus
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.types import (
     CallToolResult,
     InputRequiredResult,
+    ListToolsResult,
     LoggingLevel,
+    PaginatedRequestParams,
     SetLevelRequestParams,
     ToolAnnotations,
 )
@@ -40,6 +44,8 @@ from starlette.routing import BaseRoute
 
 from gateway.problems import EXCEPTION_HANDLERS
 from opspawn_mcp.errors import CLI_CLIENT_NAME, Door, InvalidInput, NotFound, OpspawnError
+from opspawn_mcp.exposed import ExposedTools
+from opspawn_mcp.host import OpsMcpClient
 from opspawn_mcp.host.models import ServerInfo
 from opspawn_mcp.http_guard import HttpGuard
 from opspawn_mcp.mcp_logging import SessionLogLevels
@@ -66,6 +72,7 @@ SERVER_NAME = "opspawn"
 MCP_PATH = "/mcp"
 SSE_PATH = "/sse"
 SSE_MESSAGE_PATH = "/messages/"
+MCP_SESSION_HEADER = "mcp-session-id"
 WAIT_CAP_S = 45.0
 """The longest submit_task waits, whatever ``wait`` asks: clients give up on a tool call after
 about 60 s (Claude Desktop; claude-code #63379), and a call they abandon is an answer lost.
@@ -237,11 +244,39 @@ def caller(ctx: Context, local: Principal) -> Principal:
 class _Server(MCPServer):
     """The SDK's server, with ``submit_task``'s arguments checked like a REST body: a missing
     goal gets the service's message (not the SDK's "validation error for submit_taskArguments"),
-    and an unknown argument is refused (the SDK would drop it silently) with the names it takes."""
+    and an unknown argument is refused (the SDK would drop it silently) with the names it takes.
+    With ``exposed``, it also lists and routes the downstream tools of ``mcpServers.X.expose``."""
+
+    exposed: ExposedTools | None = None
+    local: Principal = LOCAL
+
+    async def _handle_list_tools(
+        self, ctx: ServerRequestContext[Any], params: PaginatedRequestParams | None
+    ) -> ListToolsResult:
+        listed = await super()._handle_list_tools(ctx, params)
+        if self.exposed is None:
+            return listed
+        request = ctx.request
+        if request is None:
+            by, session_id = self.local, None
+        else:
+            by = principal_of(request.scope)
+            session_id = request.headers.get(MCP_SESSION_HEADER) or request.query_params.get("session_id")
+        return ListToolsResult(tools=[*listed.tools, *self.exposed.list_tools(by, ctx.session, session_id)])
 
     async def call_tool(
         self, name: str, arguments: dict[str, Any], context: Context | None = None
     ) -> CallToolResult | InputRequiredResult:
+        if self.exposed is not None and context is not None:
+            by = caller(context, self.local)
+            target = self.exposed.route(name, by)
+            if target is not None:
+                meta = context.request_context.meta or {}
+                progress = context.report_progress if meta.get("progress_token") is not None else None
+                try:
+                    return await self.exposed.call(*target, arguments, by, progress=progress)
+                except OpspawnError as exc:
+                    raise _tool_error(exc, context) from exc
         if name == "submit_task":
             try:
                 submit_spec(arguments)
@@ -256,15 +291,27 @@ class _Server(MCPServer):
         self._lowlevel_server.add_request_handler("logging/setLevel", SetLevelRequestParams, levels.set_level)
 
 
-def build_server(service: TaskService, local: Principal = LOCAL) -> MCPServer:
+def build_server(
+    service: TaskService, local: Principal = LOCAL, *, pool: OpsMcpClient | None = None
+) -> MCPServer:
     """The MCP server for ``service``: the same object serves stdio, SSE and streamable HTTP.
 
-    ``local`` is who stdio (and in-process) callers are: the config's local principal.
+    ``local`` is who stdio (and in-process) callers are: the config's local principal. With
+    ``pool``, the tools of servers configured with ``expose`` are listed and called through it
+    (``opspawn_mcp.exposed``).
     """
     backend = ServiceTaskBackend(service, local, TaskView.of)
+    bus = InMemorySubscriptionBus()
     server = _Server(
-        SERVER_NAME, instructions=INSTRUCTIONS, log_level="WARNING", extensions=[TasksExtension(backend)]
+        SERVER_NAME,
+        instructions=INSTRUCTIONS,
+        log_level="WARNING",
+        extensions=[TasksExtension(backend)],
+        subscriptions=bus,
     )
+    server.local = local
+    if pool is not None:
+        server.exposed = ExposedTools(pool, bus)
     serve_task_notifications(server, backend)
     levels = SessionLogLevels()
     server.serve_log_levels(levels)

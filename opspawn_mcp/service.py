@@ -395,8 +395,15 @@ class TaskService:
     # -- health ---------------------------------------------------------------------------
 
     def list_servers(self, *, by: Principal) -> builtins.list[ServerInfo]:
-        """The downstream servers the caller may use, with state and tools, from the pool."""
-        return [s for s in self._servers.servers_info() if by.may_use_server(s.name)]
+        """The downstream servers the caller may use, with state and tools, from the pool; of the
+        calls made through exposed tools, a non-admin sees only its own."""
+        return [
+            s
+            if by.admin
+            else s.model_copy(update={"recent_calls": [c for c in s.recent_calls if c.by == by.name]})
+            for s in self._servers.servers_info()
+            if by.may_use_server(s.name)
+        ]
 
     async def task_counts(self, *, by: Principal) -> dict[TaskStatus, int]:
         """Every principal's tasks by status (``/metrics``): counts across principals, so admins only."""

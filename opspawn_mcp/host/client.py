@@ -23,7 +23,7 @@ from agentkit.errors import ToolError
 from agentkit.mcp_proxy import idempotent_from_annotations
 from opspawn_mcp.config import ServerConfig
 from opspawn_mcp.errors import Forbidden, NotFound, OpspawnError, Unavailable
-from opspawn_mcp.host.connection import DEFAULT_CONCURRENCY, ServerConnection
+from opspawn_mcp.host.connection import DEFAULT_CONCURRENCY, ServerConnection, ToolsListener
 from opspawn_mcp.host.models import ServerInfo
 from opspawn_mcp.telemetry.hooks import downstream_call
 
@@ -51,8 +51,11 @@ class OpsMcpClient:
     ) -> None:
         if default_concurrency < 1:
             raise ValueError(f"default_concurrency must be at least 1, not {default_concurrency}")
+        self._listeners: list[ToolsListener] = []
         self._servers = {
-            name: ServerConnection(name, config, default_concurrency=default_concurrency)
+            name: ServerConnection(
+                name, config, default_concurrency=default_concurrency, listeners=self._listeners
+            )
             for name, config in servers.items()
         }
         self._eager = eager
@@ -131,6 +134,18 @@ class OpsMcpClient:
         """
         self._get(server)
 
+    def on_tools_changed(self, listener: ToolsListener) -> None:
+        """Call ``listener(server)`` (in the pool's task group) whenever the tools a server shows
+        change: its first listing, a ``list_changed`` refresh, a reconnect with a different set."""
+        self._listeners.append(listener)
+
+    def server_config(self, server: str) -> ServerConfig:
+        return self._get(server).config
+
+    def cached_tools(self, server: str) -> list[types.Tool]:
+        """The tools ``server`` shows (after curation), from the cache; no I/O."""
+        return self._get(server).tools
+
     def scoped(self, allowed: Collection[str] | None) -> ScopedCaller:
         """A view for one task: only ``allowed`` servers (all configured ones when None)."""
         return ScopedCaller(self, None if allowed is None else frozenset(allowed))
@@ -149,8 +164,12 @@ class OpsMcpClient:
         *,
         meta: dict[str, Any] | None = None,
         progress_callback: ProgressFnT | None = None,
+        by: str | None = None,
     ) -> types.CallToolResult:
         """Call ``tool`` on ``server`` through the shared session; a successful result or ``ToolError``.
+
+        ``by`` names the principal of a call made through opspawn's exposed tools; such calls
+        are kept in the server's ``recent_calls`` (agents' calls are in their tasks' events).
 
         ``meta`` is sent as the request's ``_meta`` (merged with the progress token when there is
         a ``progress_callback``); agentkit's tools put the call's idempotency key there
@@ -173,7 +192,7 @@ class OpsMcpClient:
         except NotFound as exc:
             raise ToolError(exc.message) from exc
         return await downstream_call(
-            server, tool, lambda: connection.call_tool(tool, arguments, progress_callback, meta)
+            server, tool, lambda: connection.call_tool(tool, arguments, progress_callback, meta, by)
         )
 
     # -- rerun policy ---------------------------------------------------------------------------

@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import deque
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Literal, cast
 
 import anyio
@@ -34,7 +37,7 @@ from agentkit.errors import ToolError
 from agentkit.mcp_proxy import error_from_mcp
 from opspawn_mcp.config import ServerConfig, StdioServerConfig
 from opspawn_mcp.errors import Forbidden, Hint, OpspawnError, Unavailable
-from opspawn_mcp.host.models import HiddenTool, ServerInfo, ServerState
+from opspawn_mcp.host.models import CallRecord, HiddenTool, ServerInfo, ServerState
 from opspawn_mcp.host.tasks import TASKS_EXTENSION, TaskEnded, TaskOverdue, follow, task_claim
 from opspawn_mcp.host.transports import Secrets, WatchedReadStream, open_transport, stderr_log
 from opspawn_mcp.mcp_tasks import CreateTaskResult, DetailedTask
@@ -68,6 +71,10 @@ A stdio server's own shutdown (close stdin, SIGTERM, SIGKILL) is shielded and bo
 SEND_GRACE_S = 1.0
 """The pool's own deadline for a call is ``timeout_s`` plus this; see ``call_tool``."""
 DEFAULT_CONCURRENCY = 16
+RECENT_CALLS = 20
+"""Exposed calls each server keeps for ``list_servers``; the audit log has them all."""
+ToolsListener = Callable[[str], Coroutine[Any, Any, None]]
+"""Called with the server's name when the tools it shows change (first listing included)."""
 
 
 def backoff_delay(failures: int, rng: random.Random | None = None) -> float:
@@ -113,9 +120,15 @@ class ServerConnection:
     """The pool's state for one configured server; all methods run on the pool's event loop."""
 
     def __init__(
-        self, name: str, config: ServerConfig, *, default_concurrency: int = DEFAULT_CONCURRENCY
+        self,
+        name: str,
+        config: ServerConfig,
+        *,
+        default_concurrency: int = DEFAULT_CONCURRENCY,
+        listeners: list[ToolsListener] | None = None,
     ) -> None:
         self.name = name
+        self._listeners = [] if listeners is None else listeners
         self.config = config
         self.concurrency = config.max_concurrency or default_concurrency
         """Calls in flight at once: the server's ``max_concurrency``, else the pool's default."""
@@ -137,6 +150,7 @@ class ServerConnection:
         self.last_error: str | None = None
         self.calls = 0
         self.errors = 0
+        self.recent_calls: deque[CallRecord] = deque(maxlen=RECENT_CALLS)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -185,6 +199,7 @@ class ServerConnection:
             last_error=self.last_error,
             calls=self.calls,
             errors=self.errors,
+            recent_calls=list(self.recent_calls),
         )
 
     # -- getting a session -----------------------------------------------------------------------
@@ -378,8 +393,12 @@ class ServerConnection:
             )
 
     def _set_tools(self, tools: list[types.Tool]) -> None:
+        before = [tool.name for tool in self.tools] if self._listed else None
         self._tools = tools
         self._listed = True
+        if before != [tool.name for tool in self.tools] and self._tg is not None:
+            for listener in self._listeners:
+                self._tg.start_soon(listener, self.name)
         unmatched = self.config.tools.unmatched(tool.name for tool in tools)
         if unmatched:
             logger.warning(
@@ -515,6 +534,7 @@ class ServerConnection:
         arguments: dict[str, Any],
         progress_callback: ProgressFnT | None,
         meta: dict[str, Any] | None = None,
+        by: str | None = None,
     ) -> types.CallToolResult:
         """A successful result, or ``ToolError``: the one value a failed call becomes, whatever
         failed (the tool's ``isError``, a JSON-RPC error, a timeout, a lost or missing session).
@@ -526,17 +546,23 @@ class ServerConnection:
             raise ToolError(exc.message) from exc
         self.calls += 1
         try:
-            result = await self._call(tool, arguments, progress_callback, meta)
-        except OpspawnError as exc:
+            try:
+                result = await self._call(tool, arguments, progress_callback, meta)
+            except OpspawnError as exc:
+                raise ToolError(exc.message) from exc
+            if result.is_error:
+                raise error_from_mcp(result, server=self.name, tool=tool)
+        except ToolError as exc:
             self.errors += 1
-            raise ToolError(exc.message) from exc
-        except ToolError:
-            self.errors += 1
+            self._record(by, tool, exc.message)
             raise
-        if result.is_error:
-            self.errors += 1
-            raise error_from_mcp(result, server=self.name, tool=tool)
+        self._record(by, tool, None)
         return result
+
+    def _record(self, by: str | None, tool: str, error: str | None) -> None:
+        """Keep an exposed call (one made ``by`` a principal, not by an agent) for ``list_servers``."""
+        if by is not None:
+            self.recent_calls.append(CallRecord(at=datetime.now(UTC), by=by, tool=tool, error=error))
 
     async def _call(
         self,

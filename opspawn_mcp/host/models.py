@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -19,6 +20,15 @@ class HiddenTool(BaseModel):
 
     name: str
     reason: str = Field(description="The filter entry that hides it, e.g. \"excluded by 'delete_*'\".")
+
+
+class CallRecord(BaseModel):
+    """One call an MCP client made through opspawn's exposed tools (``mcpServers.X.expose``)."""
+
+    at: datetime
+    by: str = Field(description="The principal that made the call.")
+    tool: str
+    error: str | None = Field(default=None, description="Why it failed; None when it succeeded.")
 
 
 class ServerInfo(BaseModel):
@@ -41,3 +51,7 @@ class ServerInfo(BaseModel):
     last_error: str | None = Field(default=None, description="The last failure, with secrets redacted.")
     calls: int = Field(default=0, description="tools/call requests made through this pool.")
     errors: int = Field(default=0, description="Calls that failed or returned isError.")
+    recent_calls: list[CallRecord] = Field(
+        default_factory=list,
+        description="The last calls made through opspawn's exposed tools, newest last (admins see everyone's).",
+    )

@@ -1,0 +1,146 @@
+"""Downstream tools listed on opspawn's own MCP server as ``server__tool`` (``mcpServers.X.expose``).
+
+One entry in an assistant's config then stands for every exposed server. Calls go through the
+shared host pool like an agent's, so the pool's curation (``mcpServers.X.tools``), timeouts and
+counters apply; the caller's principal must be allowed the server; a tool under
+``require_approval`` is refused (a direct call has nobody to wait for; a task does, see
+docs/composition.md); every call is logged on ``opspawn_mcp.audit`` and kept in the server's
+``recent_calls`` (``list_servers``). Progress is forwarded to the caller, and a cancelled request
+cancels the downstream call. See docs/composition.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from typing import Any
+
+import mcp.types as types
+from mcp.server.session import ServerSession
+from mcp.server.subscriptions import SubscriptionBus, ToolsListChanged
+from mcp.shared.dispatcher import ProgressFnT
+
+from agentkit.errors import ToolError
+from opspawn_mcp.errors import Forbidden, Hint
+from opspawn_mcp.host import OpsMcpClient
+from opspawn_mcp.principals import Principal
+
+audit = logging.getLogger("opspawn_mcp.audit")
+logger = logging.getLogger("opspawn_mcp.exposed")
+
+SEPARATOR = "__"
+MAX_NAME = 64
+_VALID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+_HASH_CHARS = 12
+MAX_SESSIONS = 1000
+"""Connections remembered for tools/list_changed; the oldest is forgotten first."""
+
+
+def exposed_name(server: str, tool: str) -> str:
+    """The name ``tool`` of ``server`` has on opspawn's MCP server; always valid, never shared.
+
+    ``server__tool`` when that is valid and the server's name has no ``__`` (so the first ``__``
+    splits it back); otherwise a shortened, cleaned form with a hash of both names, which starts
+    with ``_``: a server name never does, so a hashed name cannot equal a plain one, and two
+    hashed names differ unless SHA-256's first 48 bits collide.
+    """
+    plain = f"{server}{SEPARATOR}{tool}"
+    if SEPARATOR not in server and _VALID.match(plain):
+        return plain
+    digest = hashlib.sha256(f"{server}\0{tool}".encode()).hexdigest()[:_HASH_CHARS]
+    cleaned = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "_-") else "_" for ch in plain)
+    return f"_{cleaned[: MAX_NAME - _HASH_CHARS - 2]}_{digest}"
+
+
+class ExposedTools:
+    """The exposed view of the pool: listing, routing calls, telling clients when the list changes."""
+
+    def __init__(self, pool: OpsMcpClient, bus: SubscriptionBus) -> None:
+        configs = {name: pool.server_config(name) for name in pool.server_names}
+        self._configs = {name: config for name, config in configs.items() if config.expose}
+        self._pool = pool
+        self._bus = bus
+        self._sessions: dict[str | None, ServerSession] = {}
+        """2025-11-25 connections that listed tools, by MCP session id (None: stdio), each with the
+        last request's session, which reaches the connection's standalone stream; 2026-07-28
+        clients listen on ``bus`` instead."""
+        pool.on_tools_changed(self._changed)
+
+    @property
+    def servers(self) -> list[str]:
+        return list(self._configs)
+
+    def _catalogue(self, by: Principal) -> dict[str, tuple[str, types.Tool]]:
+        """Exposed name -> (server, tool) for what ``by`` may use, from the pool's cache (no I/O)."""
+        return {
+            exposed_name(server, tool.name): (server, tool)
+            for server in self._configs
+            if by.may_use_server(server)
+            for tool in self._pool.cached_tools(server)
+        }
+
+    def list_tools(
+        self, by: Principal, session: ServerSession | None = None, session_id: str | None = None
+    ) -> list[types.Tool]:
+        """The exposed tools ``by`` may call; ``session``'s connection is told of later changes."""
+        if session is not None:
+            self._sessions.pop(session_id, None)
+            self._sessions[session_id] = session
+            while len(self._sessions) > MAX_SESSIONS:
+                del self._sessions[next(iter(self._sessions))]
+        return [
+            tool.model_copy(
+                update={"name": name, "description": f"[{server}] {tool.description or tool.name}"}
+            )
+            for name, (server, tool) in self._catalogue(by).items()
+        ]
+
+    def route(self, name: str, by: Principal) -> tuple[str, str] | None:
+        """The (server, tool) an exposed name stands for, or None when it names no exposed tool."""
+        found = self._catalogue(by).get(name)
+        return None if found is None else (found[0], found[1].name)
+
+    async def call(
+        self,
+        server: str,
+        tool: str,
+        arguments: dict[str, Any],
+        by: Principal,
+        *,
+        progress: ProgressFnT | None = None,
+    ) -> types.CallToolResult:
+        """Call through the pool; a failure is an ``isError`` result with the text an agent would read."""
+        if self._configs[server].needs_approval(tool):
+            raise Forbidden(
+                f"The tool {server}/{tool} needs a person's approval (mcpServers.{server}.require_approval), "
+                "and a direct call has no task to wait in.",
+                hint=Hint(
+                    "Ask an agent to call it in a task with {}; the task waits for the approval.", "submit"
+                ),
+                server=server,
+                tool=tool,
+            )
+        try:
+            result = await self._pool.call_tool(
+                server, tool, arguments, progress_callback=progress, by=by.name
+            )
+        except ToolError as exc:
+            audit.info("%s called %s/%s: error: %s", by.name, server, tool, exc.message)
+            return types.CallToolResult(
+                content=[types.TextContent(type="text", text=exc.message)], is_error=True
+            )
+        audit.info("%s called %s/%s: ok", by.name, server, tool)
+        return result
+
+    async def _changed(self, server: str) -> None:
+        """A downstream list changed: every session that listed tools is told (tools/list_changed)."""
+        if server not in self._configs:
+            return
+        await self._bus.publish(ToolsListChanged())
+        for session_id, session in list(self._sessions.items()):
+            try:
+                await session.send_tool_list_changed()
+            except Exception as exc:  # a closed connection: it will not list again
+                logger.debug("tools/list_changed not sent to MCP session %s: %r", session_id, exc)
+                self._sessions.pop(session_id, None)
