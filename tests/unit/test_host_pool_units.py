@@ -84,9 +84,12 @@ def test_servers_info_is_pure_data() -> None:
         "state",
         "tools",
         "tool_count",
+        "hidden",
+        "unmatched",
         "last_error",
         "calls",
         "errors",
+        "recent_calls",
     }
     assert [i.name for i in pool.scoped(["legacy"]).servers_info()] == ["legacy"]
 
