@@ -130,7 +130,14 @@ async def test_stdio_runs_a_task_through_the_proxy_with_progress(tmp_path: Path,
     async with Client(params) as client:
         assert "submit_task" in (client.instructions or "")
         names = {t.name for t in (await client.list_tools()).tools}
-        assert names == {"submit_task", "get_status", "list_tasks", "cancel_task", "list_servers"}
+        assert names == {
+            "submit_task",
+            "get_status",
+            "list_tasks",
+            "cancel_task",
+            "approve_task",
+            "list_servers",
+        }
         await check_echo_task_with_progress(client)
         await check_bad_input(client)
         servers = view(await client.call_tool("list_servers", {}))["servers"]
@@ -187,7 +194,7 @@ def test_stdio_writes_only_protocol_messages_to_stdout(tmp_path: Path, llm_url: 
     err = (tmp_path / "stderr.log").read_text()
     assert rest.strip() == ""
     assert answers[1]["result"]["serverInfo"]["name"] == "opspawn"
-    assert len(answers[2]["result"]["tools"]) == 5
+    assert len(answers[2]["result"]["tools"]) == 6
     assert answers[3]["result"]["structuredContent"]["servers"][0]["name"] == "testing"
     assert "Traceback" not in err
 
