@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -156,6 +157,17 @@ def submit_by_rest(serve: Serve, spec: dict[str, Any]) -> str:
     return task_id
 
 
+def until_waiting_for_input(serve: Serve, task_id: str) -> None:
+    """Poll REST (bounded by the hang guard) until the task pauses, so the page opens on the pause."""
+    deadline = time.monotonic() + HANG_GUARD_S
+    while time.monotonic() < deadline:
+        r = httpx.get(f"{serve.http}/v1/tasks/{task_id}", headers={"Authorization": f"Bearer {TOKEN}"})
+        if r.json()["status"] == "input_required":
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"task {task_id} did not pause for approval within {HANG_GUARD_S} s")
+
+
 def test_sign_in_submit_and_watch_the_timeline_fill_live_until_completed(
     page: Page, llm: FakeOpenAIServer
 ) -> None:
@@ -225,6 +237,7 @@ def test_answer_an_approval_request_and_the_task_goes_on(page: Page, serve: Serv
     sign_in(page)
     word, done = ("approve", "approved") if approve else ("deny", "denied")
     task_id = submit_by_rest(serve, {"goal": f"echo {word} me", "servers": ["guarded"]})
+    until_waiting_for_input(serve, task_id)
     page.goto(f"/ui/tasks/{task_id}")
     panel = page.locator("#approval")
     expect(page.locator("#task-status")).to_have_text("input_required")
