@@ -1043,27 +1043,21 @@ class SqlStore:
         return await self._run(body, write=True)
 
     async def expired(self, now: datetime | None = None, limit: int = 100) -> builtins.list[Task]:
-        check_limit(limit)
-        cutoff = as_utc(now) if now is not None else utcnow()
-        query = (
-            select(tasks)
-            .where(tasks.c.status == TaskStatus.RUNNING.value, tasks.c.lease_expires_at < cutoff)
-            .order_by(tasks.c.lease_expires_at, tasks.c.id)
-            .limit(limit)
-        )
-
-        async def body(conn: AsyncConnection) -> builtins.list[Row[Any]]:
-            return builtins.list((await conn.execute(query)).all())
-
-        return [_to_task(r) for r in await self._run(body)]
+        return await self._past_deadline(TaskStatus.RUNNING, tasks.c.lease_expires_at, now, limit)
 
     async def expired_approvals(self, now: datetime | None = None, limit: int = 100) -> builtins.list[Task]:
+        return await self._past_deadline(TaskStatus.INPUT_REQUIRED, tasks.c.approval_expires_at, now, limit)
+
+    async def _past_deadline(
+        self, status: TaskStatus, deadline: Any, now: datetime | None, limit: int
+    ) -> builtins.list[Task]:
+        """Tasks in ``status`` whose ``deadline`` column is before ``now``, oldest deadline first."""
         check_limit(limit)
         cutoff = as_utc(now) if now is not None else utcnow()
         query = (
             select(tasks)
-            .where(tasks.c.status == TaskStatus.INPUT_REQUIRED.value, tasks.c.approval_expires_at < cutoff)
-            .order_by(tasks.c.approval_expires_at, tasks.c.id)
+            .where(tasks.c.status == status.value, deadline < cutoff)
+            .order_by(deadline, tasks.c.id)
             .limit(limit)
         )
 
