@@ -45,6 +45,7 @@ from agentkit.agent import EventCallback
 from agentkit.llm import LLM, LocalGGUF, OpenAICompatible, SharedLLM
 from agentkit.mcp_proxy import PROXY_TOOL_NAME, McpCaller
 from agentkit.mcp_proxy import SEPARATOR as FLAT_SEPARATOR
+from opspawn_mcp.chaining import instance_id, outgoing_meta
 from opspawn_mcp.config import DEFAULT_PROFILE, Config, LlmProfile
 from opspawn_mcp.models import ModelSettings, TaskSpec
 from opspawn_mcp.telemetry.hooks import ObservedLLM
@@ -60,7 +61,9 @@ class TaskCaller(McpCaller, Protocol):
 class ToolPool(Protocol):
     """The process's downstream MCP pool (``host.client.OpsMcpClient``) as the agent needs it."""
 
-    def scoped(self, allowed: Collection[str] | None) -> TaskCaller: ...
+    def scoped(
+        self, allowed: Collection[str] | None, *, meta: Mapping[str, Any] | None = None
+    ) -> TaskCaller: ...
 
 
 class AgentSetupError(Exception):
@@ -231,7 +234,9 @@ async def build_agent(
     profile = profile_for(spec.model, config)
     llm = ObservedLLM(await llms.get(spec.model), spec.model.profile or DEFAULT_PROFILE, profile.model)
     servers = list(spec.servers) if spec.servers is not None else list(config.mcp_servers)
-    caller = pool.scoped(servers)
+    # Every downstream call carries the task's delegation chain with this instance appended, so
+    # an opspawn downstream refuses a goal that would loop (opspawn_mcp.chaining).
+    caller = pool.scoped(servers, meta=outgoing_meta(spec.chain, instance_id(config)))
     small = profile.provider == "local"
     tools = await build_tools(caller, servers, proxy=not small)
     planner: str | agentkit.Planner = spec.planner

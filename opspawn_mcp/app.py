@@ -30,6 +30,7 @@ from starlette.routing import BaseRoute
 
 from gateway.app import gateway_routes
 from opspawn_mcp.broker import DramatiqEnqueuer, is_embedded
+from opspawn_mcp.chaining import ProcessChain
 from opspawn_mcp.config import LOCALHOSTS, Config
 from opspawn_mcp.embedded import EmbeddedWorker
 from opspawn_mcp.errors import Forbidden, Unavailable
@@ -106,15 +107,21 @@ class Runtime:
                 )
                 await store.start()
                 stack.push_async_callback(store.close)
+            chain = ProcessChain(self.config)
             pool = await stack.enter_async_context(
                 OpsMcpClient(
-                    self.config.mcp_servers, default_concurrency=self.config.opspawn.worker.concurrency
+                    self.config.mcp_servers,
+                    default_concurrency=self.config.opspawn.worker.concurrency,
+                    stdio_env=chain.stdio_env,
                 )
             )
-            # Every server connects in the background, so list_servers shows their tools (and a
-            # broken one its error) without delaying startup.
-            warming = asyncio.create_task(pool.open_all(), name="opspawn-warm-pool")
-            stack.push_async_callback(_cancel, warming)
+            if chain.connect_at_start:
+                # Every server connects in the background, so list_servers shows their tools (and
+                # a broken one its error) without delaying startup.
+                warming = asyncio.create_task(pool.open_all(), name="opspawn-warm-pool")
+                stack.push_async_callback(_cancel, warming)
+            else:
+                log.warning("this opspawn was %s", chain.refusal)
             enqueuer: Enqueuer
             if is_embedded(self.config):
                 enqueuer = await stack.enter_async_context(EmbeddedWorker(self.config, store, pool))

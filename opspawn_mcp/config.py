@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from agentkit.errors import validation_problems
 from opspawn_mcp.errors import ConfigError
+from opspawn_mcp.models import INSTANCE_ID_PATTERN
 
 CONFIG_ENV = "OPSPAWN_CONFIG"
 DEFAULT_CONFIG_NAME = "opspawn.json"
@@ -317,6 +318,24 @@ class TelemetrySettings(_Strict):
     )
 
 
+class ChainingSettings(_Strict):
+    """opspawn instances delegating to each other (docs/composition.md, "Chaining")."""
+
+    instance_id: str | None = Field(
+        default=None,
+        pattern=INSTANCE_ID_PATTERN,
+        description="This instance's name in a delegation chain (io.opspawn/chain); unset: derived "
+        "from the store, so the processes sharing one store are one instance.",
+    )
+    max_depth: int = Field(
+        default=4,
+        ge=0,
+        le=32,
+        description="How many opspawn instances a goal may have passed through before this one "
+        "refuses it; 0 refuses every delegated goal.",
+    )
+
+
 def default_store_url() -> str:
     path = user_state_path("opspawn") / "opspawn.db"
     return f"sqlite+aiosqlite:///{path}"
@@ -335,6 +354,7 @@ class OpspawnSettings(_Strict):
     store: StoreSettings = Field(default_factory=StoreSettings)
     approvals: ApprovalSettings = Field(default_factory=ApprovalSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    chaining: ChainingSettings = Field(default_factory=ChainingSettings)
 
     @property
     def profiles(self) -> dict[str, LlmProfile]:

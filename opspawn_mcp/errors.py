@@ -155,6 +155,14 @@ class Forbidden(OpspawnError):
     grpc_code = "PERMISSION_DENIED"
 
 
+class LoopDetected(Forbidden):
+    """A delegated goal came back to an instance it passed through, or came through more
+    instances than ``opspawn.chaining.max_depth`` allows (docs/composition.md, "Chaining"). A
+    refusal of the caller's request (403), not a failure of this server."""
+
+    kind = "loop_detected"
+
+
 class Unauthenticated(OpspawnError):
     kind = "unauthenticated"
     status = 401

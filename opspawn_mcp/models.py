@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -19,6 +19,9 @@ GOAL_MAX_CHARS = 20_000
 SYSTEM_PROMPT_MAX_CHARS = 20_000
 MAX_STEPS_LIMIT = 100
 TIMEOUT_LIMIT_S = 24 * 3600.0
+INSTANCE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
+"""An opspawn instance's name in a delegation chain (``opspawn.chaining.instance_id``)."""
+CHAIN_MAX_LENGTH = 64
 
 
 def utcnow() -> datetime:
@@ -121,6 +124,12 @@ class TaskSpec(_Strict):
     max_steps: int = Field(default=10, ge=1, le=MAX_STEPS_LIMIT)
     timeout_s: float = Field(default=300.0, gt=0, le=TIMEOUT_LIMIT_S)
     budget: Budget = Field(default_factory=Budget)
+    chain: list[Annotated[str, Field(pattern=INSTANCE_ID_PATTERN)]] = Field(
+        default_factory=list,
+        max_length=CHAIN_MAX_LENGTH,
+        description="The opspawn instances this goal was delegated through, oldest first (an MCP "
+        "caller sends it in _meta io.opspawn/chain); empty for a goal a person submitted.",
+    )
 
     @field_validator("goal", "system_prompt", "servers", mode="before")
     @classmethod

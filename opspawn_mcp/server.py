@@ -43,6 +43,7 @@ from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
 from gateway.problems import EXCEPTION_HANDLERS
+from opspawn_mcp.chaining import ChainingExtension
 from opspawn_mcp.errors import CLI_CLIENT_NAME, Door, InvalidInput, NotFound, OpspawnError
 from opspawn_mcp.exposed import ExposedTools
 from opspawn_mcp.host import OpsMcpClient
@@ -306,7 +307,7 @@ def build_server(
         SERVER_NAME,
         instructions=INSTRUCTIONS,
         log_level="WARNING",
-        extensions=[TasksExtension(backend)],
+        extensions=[TasksExtension(backend), ChainingExtension(service.instance_id, service.max_depth)],
         subscriptions=bus,
     )
     server.local = local
@@ -398,7 +399,7 @@ def build_server(
         }
         try:
             service.check_wait(wait)
-            task = await service.submit(submit_spec(arguments), by=by)
+            task = await service.submit(submit_spec(arguments, ctx.request_context.meta), by=by)
             if wait > 0:
                 count = 0
 

@@ -32,6 +32,7 @@ from mcp_types import (
 )
 from pydantic import BaseModel, ValidationError
 
+from opspawn_mcp.chaining import chain_from_meta
 from opspawn_mcp.errors import Conflict, Door, InvalidInput, NotFound, OpspawnError
 from opspawn_mcp.mcp_tasks import DetailedTask, TaskStatusName, TaskSupport, UnknownTask
 from opspawn_mcp.mcp_tasks.backend import RequestContext
@@ -41,17 +42,19 @@ from opspawn_mcp.recovery import GAVE_UP_PREFIX
 from opspawn_mcp.runner import INTERNAL_ERROR_REASON
 from opspawn_mcp.service import TaskService
 
-SUBMIT_ARGUMENTS = frozenset({*TaskSpec.model_fields, "wait"} - {"timeout_s"} | {"timeout"})
-"""The arguments submit_task takes: the spec's fields (``timeout_s`` is ``timeout``) and ``wait``."""
+SUBMIT_ARGUMENTS = frozenset({*TaskSpec.model_fields, "wait"} - {"timeout_s", "chain"} | {"timeout"})
+"""The arguments submit_task takes: the spec's fields (``timeout_s`` is ``timeout``; ``chain``
+comes from the request's ``_meta``) and ``wait``."""
 POLL_INTERVAL_MS = 1000
 INFRASTRUCTURE_FAILURES = (INTERNAL_ERROR_REASON, GAVE_UP_PREFIX)
 """How the reasons opspawn itself writes when it, not the agent, failed a task begin."""
 
 
-def submit_spec(arguments: Mapping[str, Any]) -> dict[str, Any]:
+def submit_spec(arguments: Mapping[str, Any], meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """submit_task's arguments as a task spec for ``TaskService.submit`` (``wait`` is not part of
-    it). A missing goal gets the service's own message and an unknown argument is refused with
-    the names it takes (the SDK would drop it silently)."""
+    it), with the delegation chain the request's ``_meta`` carries (``opspawn_mcp.chaining``). A
+    missing goal gets the service's own message and an unknown argument is refused with the
+    names it takes (the SDK would drop it silently)."""
     if "goal" not in arguments:
         raise InvalidInput("Invalid task spec: goal: Field required.", problems=["goal: Field required"])
     unknown = sorted(set(arguments) - SUBMIT_ARGUMENTS)
@@ -62,6 +65,9 @@ def submit_spec(arguments: Mapping[str, Any]) -> dict[str, Any]:
             problems=[f"{u}: unknown argument" for u in unknown],
         )
     named = {("timeout_s" if k == "timeout" else k): v for k, v in arguments.items() if k != "wait"}
+    chain = chain_from_meta(meta)
+    if chain:
+        named["chain"] = chain
     return {k: v for k, v in named.items() if v is not None}
 
 
@@ -150,7 +156,8 @@ class ServiceTaskBackend:
 
     async def create(self, params: CallToolRequestParams, ctx: RequestContext) -> DetailedTask | Result:
         try:
-            task = await self._service.submit(submit_spec(params.arguments or {}), by=self._caller(ctx))
+            spec = submit_spec(params.arguments or {}, params.meta)
+            task = await self._service.submit(spec, by=self._caller(ctx))
         except OpspawnError as exc:
             return _text(f"{exc.kind}: {exc.message_for(Door.MCP)}", error=True)
         return self._detailed(task)

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from agentkit.errors import validation_problems
 from opspawn_mcp.approvals import settle
+from opspawn_mcp.chaining import check_chain, instance_id
 from opspawn_mcp.config import Config
 from opspawn_mcp.errors import (
     Conflict,
@@ -96,6 +97,13 @@ class TaskService:
         self._servers = servers
         self._poll_s = poll_interval_s
         self._gate = SubmitGate(store, clock)
+        self.instance_id = instance_id(config)
+        """This instance's name in delegation chains (``opspawn_mcp.chaining``)."""
+
+    @property
+    def max_depth(self) -> int:
+        """How many instances a delegated goal may have come through (``opspawn.chaining``)."""
+        return self._config.opspawn.chaining.max_depth
 
     @property
     def server_names(self) -> builtins.list[str]:
@@ -136,6 +144,7 @@ class TaskService:
             raise InvalidInput("Invalid task spec: " + "; ".join(problems) + ".", problems=problems) from None
         if not checked.goal.strip():
             raise InvalidInput("The goal is blank; say what the agent must do.", field="goal")
+        check_chain(checked.chain, self.instance_id, self._config.opspawn.chaining.max_depth)
         return checked.model_copy(
             update={
                 "servers": self._check_servers(checked.servers, by),

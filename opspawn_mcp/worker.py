@@ -35,6 +35,8 @@ from opspawn_mcp.telemetry.logs import announce
 
 __all__ = ["execute_agent_task_actor", "run_worker_process"]
 
+log = logging.getLogger(__name__)
+
 # The runner of this process, published by the boot task on Dramatiq's event loop. A future
 # (not a plain global) because a message can arrive while the store and pool are still opening.
 _process_runner: concurrent.futures.Future[TaskRunner] | None = None
@@ -69,8 +71,11 @@ class _ProcessHost:
         self.done = asyncio.run_coroutine_threadsafe(self._main(), loop)
 
     async def _main(self) -> None:
+        from opspawn_mcp.chaining import ProcessChain
         from opspawn_mcp.host import OpsMcpClient
         from opspawn_mcp.store import open_store
+
+        chain = ProcessChain(self.config)
 
         self._stop = asyncio.Event()
         settings = self.config.opspawn.worker
@@ -88,7 +93,9 @@ class _ProcessHost:
         try:
             async with (
                 OpsMcpClient(
-                    self.config.mcp_servers, default_concurrency=self.config.opspawn.worker.concurrency
+                    self.config.mcp_servers,
+                    default_concurrency=self.config.opspawn.worker.concurrency,
+                    stdio_env=chain.stdio_env,
                 ) as pool,
                 TaskRunner(self.config, store, pool, enqueuer.enqueue) as runner,
                 worker_metrics(self.config, TaskService(self.config, store, enqueuer, pool)) as metrics_url,
@@ -105,8 +112,12 @@ class _ProcessHost:
                     )
                 )
                 try:
-                    # Sessions open now, not on the first task: its first call would wait for them.
-                    await pool.open_all()
+                    # Sessions open now, not on the first task: its first call would wait for them
+                    # (unless an opspawn chain started this process: opspawn_mcp.chaining).
+                    if chain.connect_at_start:
+                        await pool.open_all()
+                    else:
+                        log.warning("this worker was %s", chain.refusal)
                     self.runner.set_result(runner)
                     await self._stop.wait()
                     runner.begin_shutdown()

@@ -39,7 +39,9 @@ class OpsMcpClient:
 
     ``default_concurrency`` is the calls in flight per server for servers whose config leaves
     ``max_concurrency`` unset: a worker passes its ``worker.concurrency``, so a 1,000-slot worker
-    is not capped at 16 calls per server by a default nobody chose.
+    is not capped at 16 calls per server by a default nobody chose. ``stdio_env`` is added to the
+    environment of every stdio server it starts (a process passes ``OPSPAWN_CHAIN``, so an
+    opspawn it starts knows who started it: ``opspawn_mcp.chaining``).
     """
 
     def __init__(
@@ -48,13 +50,18 @@ class OpsMcpClient:
         *,
         eager: bool = False,
         default_concurrency: int = DEFAULT_CONCURRENCY,
+        stdio_env: Mapping[str, str] | None = None,
     ) -> None:
         if default_concurrency < 1:
             raise ValueError(f"default_concurrency must be at least 1, not {default_concurrency}")
         self._listeners: list[ToolsListener] = []
         self._servers = {
             name: ServerConnection(
-                name, config, default_concurrency=default_concurrency, listeners=self._listeners
+                name,
+                config,
+                default_concurrency=default_concurrency,
+                listeners=self._listeners,
+                stdio_env=stdio_env,
             )
             for name, config in servers.items()
         }
@@ -146,9 +153,12 @@ class OpsMcpClient:
         """The tools ``server`` shows (after curation), from the cache; no I/O."""
         return self._get(server).tools
 
-    def scoped(self, allowed: Collection[str] | None) -> ScopedCaller:
-        """A view for one task: only ``allowed`` servers (all configured ones when None)."""
-        return ScopedCaller(self, None if allowed is None else frozenset(allowed))
+    def scoped(
+        self, allowed: Collection[str] | None, *, meta: Mapping[str, Any] | None = None
+    ) -> ScopedCaller:
+        """A view for one task: only ``allowed`` servers (all configured ones when None); ``meta``
+        goes into every call's ``_meta`` (the task's delegation chain, ``opspawn_mcp.chaining``)."""
+        return ScopedCaller(self, None if allowed is None else frozenset(allowed), meta)
 
     # -- McpCaller ------------------------------------------------------------------------------
 
@@ -231,9 +241,15 @@ class OpsMcpClient:
 class ScopedCaller:
     """``OpsMcpClient`` limited to one task's allowed servers; refuses others before any I/O."""
 
-    def __init__(self, client: OpsMcpClient, allowed: frozenset[str] | None) -> None:
+    def __init__(
+        self,
+        client: OpsMcpClient,
+        allowed: frozenset[str] | None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> None:
         self._client = client
         self._allowed = allowed
+        self._meta = dict(meta or {})
 
     @property
     def allowed(self) -> frozenset[str] | None:
@@ -265,6 +281,8 @@ class ScopedCaller:
             self._check(server)
         except OpspawnError as exc:  # Forbidden or NotFound: the model reads why, once
             raise ToolError(exc.message) from exc
+        if self._meta:
+            meta = {**(meta or {}), **self._meta}
         return await self._client.call_tool(
             server, tool, arguments, meta=meta, progress_callback=progress_callback
         )

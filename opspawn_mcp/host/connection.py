@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, cast
@@ -35,6 +35,7 @@ from mcp.shared.exceptions import MCPError
 
 from agentkit.errors import ToolError
 from agentkit.mcp_proxy import error_from_mcp
+from opspawn_mcp.chaining import advertised_instance
 from opspawn_mcp.config import ServerConfig, StdioServerConfig
 from opspawn_mcp.errors import Forbidden, Hint, OpspawnError, Unavailable
 from opspawn_mcp.host.models import CallRecord, HiddenTool, ServerInfo, ServerState
@@ -126,8 +127,13 @@ class ServerConnection:
         *,
         default_concurrency: int = DEFAULT_CONCURRENCY,
         listeners: list[ToolsListener] | None = None,
+        stdio_env: Mapping[str, str] | None = None,
     ) -> None:
         self.name = name
+        self._stdio_env = dict(stdio_env or {})
+        """Entries of the pool's own in a stdio server's environment (``OPSPAWN_CHAIN``)."""
+        self.opspawn_instance: str | None = None
+        """The instance id the server advertises when it is an opspawn (``io.opspawn/chaining``)."""
         self._listeners = [] if listeners is None else listeners
         self.config = config
         self.concurrency = config.max_concurrency or default_concurrency
@@ -199,6 +205,7 @@ class ServerConnection:
             last_error=self.last_error,
             calls=self.calls,
             errors=self.errors,
+            opspawn_instance=self.opspawn_instance,
             recent_calls=list(self.recent_calls),
         )
 
@@ -272,7 +279,8 @@ class ServerConnection:
 
     async def _serve(self, attempt: _Attempt, tg: anyio.abc.TaskGroup) -> None:
         with anyio.CancelScope() as teardown:
-            async with open_transport(self.name, self.config, self.secrets, tg) as (read, write):
+            transport = open_transport(self.name, self.config, self.secrets, tg, self._stdio_env)
+            async with transport as (read, write):
                 watched = WatchedReadStream(read, lambda: self._lost(attempt, "the server closed the stream"))
                 async with ClientSession(
                     watched,
@@ -317,6 +325,8 @@ class ServerConnection:
         if attempt.stop.is_set():
             return
         attempt.session = session
+        capabilities = session.server_capabilities
+        self.opspawn_instance = advertised_instance(capabilities.extensions if capabilities else None)
         self._set_tools(tools)
         self._timeouts = 0
         self._unhealthy = False

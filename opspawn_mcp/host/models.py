@@ -51,6 +51,11 @@ class ServerInfo(BaseModel):
     last_error: str | None = Field(default=None, description="The last failure, with secrets redacted.")
     calls: int = Field(default=0, description="tools/call requests made through this pool.")
     errors: int = Field(default=0, description="Calls that failed or returned isError.")
+    opspawn_instance: str | None = Field(
+        default=None,
+        description="The instance id of a downstream opspawn (it advertises io.opspawn/chaining): "
+        "delegating to it is chaining (docs/composition.md); null for other servers.",
+    )
     recent_calls: list[CallRecord] = Field(
         default_factory=list,
         description="The last calls made through opspawn's exposed tools, newest last (admins see everyone's).",

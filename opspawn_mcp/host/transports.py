@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -151,22 +151,32 @@ async def pump_stderr(name: str, fd: int, secrets: Secrets) -> None:
 
 
 def open_transport(
-    name: str, config: ServerConfig, secrets: Secrets, tg: anyio.abc.TaskGroup
+    name: str,
+    config: ServerConfig,
+    secrets: Secrets,
+    tg: anyio.abc.TaskGroup,
+    stdio_env: Mapping[str, str] | None = None,
 ) -> AbstractAsyncContextManager[TransportStreams]:
-    """The SDK transport for ``config``; ``tg`` hosts the stderr reader of a stdio server."""
+    """The SDK transport for ``config``; ``tg`` hosts the stderr reader of a stdio server, whose
+    environment also gets ``stdio_env`` (the pool's own entries, e.g. ``OPSPAWN_CHAIN``)."""
     if isinstance(config, StdioServerConfig):
-        return _stdio(name, config, secrets, tg)
+        return _stdio(name, config, secrets, tg, stdio_env or {})
     return _http(name, config, secrets)
 
 
 @asynccontextmanager
 async def _stdio(
-    name: str, config: StdioServerConfig, secrets: Secrets, tg: anyio.abc.TaskGroup
+    name: str,
+    config: StdioServerConfig,
+    secrets: Secrets,
+    tg: anyio.abc.TaskGroup,
+    extra_env: Mapping[str, str],
 ) -> AsyncIterator[TransportStreams]:
+    env = {key: secrets.expand(name, value) for key, value in config.env.items()}
     params = StdioServerParameters(
         command=secrets.expand(name, config.command),
         args=[secrets.expand(name, arg) for arg in config.args],
-        env={key: secrets.expand(name, value) for key, value in config.env.items()} or None,
+        env={**env, **extra_env} or None,
         cwd=config.cwd,
     )
     read_fd, write_fd = os.pipe()

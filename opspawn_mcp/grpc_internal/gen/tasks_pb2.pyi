@@ -47,7 +47,7 @@ class Budget(_message.Message):
     def __init__(self, max_llm_tokens: _Optional[int] = ..., max_tool_calls: _Optional[int] = ...) -> None: ...
 
 class TaskSpec(_message.Message):
-    __slots__ = ("goal", "system_prompt", "model", "servers", "restrict_servers", "planner", "max_steps", "timeout_s", "budget")
+    __slots__ = ("goal", "system_prompt", "model", "servers", "restrict_servers", "planner", "max_steps", "timeout_s", "budget", "chain")
     GOAL_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,7 @@ class TaskSpec(_message.Message):
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_FIELD_NUMBER: _ClassVar[int]
     goal: str
     system_prompt: str
     model: ModelSettings
@@ -66,7 +67,8 @@ class TaskSpec(_message.Message):
     max_steps: int
     timeout_s: float
     budget: Budget
-    def __init__(self, goal: _Optional[str] = ..., system_prompt: _Optional[str] = ..., model: _Optional[_Union[ModelSettings, _Mapping]] = ..., servers: _Optional[_Iterable[str]] = ..., restrict_servers: _Optional[bool] = ..., planner: _Optional[str] = ..., max_steps: _Optional[int] = ..., timeout_s: _Optional[float] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ...) -> None: ...
+    chain: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, goal: _Optional[str] = ..., system_prompt: _Optional[str] = ..., model: _Optional[_Union[ModelSettings, _Mapping]] = ..., servers: _Optional[_Iterable[str]] = ..., restrict_servers: _Optional[bool] = ..., planner: _Optional[str] = ..., max_steps: _Optional[int] = ..., timeout_s: _Optional[float] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., chain: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("input_tokens", "output_tokens")

@@ -1,0 +1,35 @@
+"""The pool's part in chaining, against the testing server over real stdio: a task's calls carry
+its chain in ``_meta``, and a stdio server the pool starts finds ``OPSPAWN_CHAIN`` in its
+environment (``opspawn_mcp.chaining``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mcp.types as types
+
+from agentkit import IDEMPOTENCY_META_KEY
+from opspawn_mcp.chaining import CHAIN_ENV, CHAIN_META_KEY, DEPTH_META_KEY, child_env, outgoing_meta
+from opspawn_mcp.host import OpsMcpClient
+from tests.servers.harness import stdio_config
+
+
+def _text(result: types.CallToolResult) -> str:
+    return "".join(block.text for block in result.content if isinstance(block, types.TextContent))
+
+
+async def test_a_tasks_calls_carry_its_chain_beside_the_idempotency_key(tmp_path: Path) -> None:
+    async with OpsMcpClient({"t": stdio_config(tmp_path)}) as pool:
+        scoped = pool.scoped(["t"], meta=outgoing_meta(["a"], "b"))
+        seen = json.loads(
+            _text(await scoped.call_tool("t", "echo_meta", {}, meta={IDEMPOTENCY_META_KEY: "k"}))
+        )
+        assert seen[CHAIN_META_KEY] == ["a", "b"] and seen[DEPTH_META_KEY] == 2
+        assert seen[IDEMPOTENCY_META_KEY] == "k"
+        assert CHAIN_META_KEY not in json.loads(_text(await pool.call_tool("t", "echo_meta", {})))
+
+
+async def test_a_stdio_server_is_told_the_chain_of_the_process_that_started_it(tmp_path: Path) -> None:
+    async with OpsMcpClient({"t": stdio_config(tmp_path)}, stdio_env=child_env(["a"], "b")) as pool:
+        assert _text(await pool.call_tool("t", "env", {"name": CHAIN_ENV})) == "a,b"
