@@ -24,6 +24,7 @@ from mcp.shared.dispatcher import ProgressFnT
 from agentkit.errors import ToolError
 from opspawn_mcp.errors import Forbidden, Hint
 from opspawn_mcp.host import OpsMcpClient
+from opspawn_mcp.host.connection import Change
 from opspawn_mcp.principals import Principal
 
 audit = logging.getLogger("opspawn_mcp.audit")
@@ -65,20 +66,27 @@ class ExposedTools:
         """2025-11-25 connections that listed tools, by MCP session id (None: stdio), each with the
         last request's session, which reaches the connection's standalone stream; 2026-07-28
         clients listen on ``bus`` instead."""
-        pool.on_tools_changed(self._changed)
+        pool.on_change(self._changed)
+        for name in self._configs:
+            pool.keep_open(name)
 
     @property
     def servers(self) -> list[str]:
         return list(self._configs)
 
     def _catalogue(self, by: Principal) -> dict[str, tuple[str, types.Tool]]:
-        """Exposed name -> (server, tool) for what ``by`` may use, from the pool's cache (no I/O)."""
+        """Exposed name -> (server, tool) for what ``by`` may use, from the pool's cache (no I/O).
+
+        A server without an open session shows nothing: its process died or its connection
+        dropped, and the pool is reconnecting it (``keep_open``); it is listed again once back."""
         return {
             exposed_name(server, tool.name): (server, tool)
-            for server in self._configs
-            if by.may_use_server(server)
+            for server in self._servers_for(by)
             for tool in self._pool.cached_tools(server)
         }
+
+    def _servers_for(self, by: Principal) -> list[str]:
+        return [s for s in self._configs if by.may_use_server(s) and self._pool.is_ready(s)]
 
     def list_tools(
         self, by: Principal, session: ServerSession | None = None, session_id: str | None = None
@@ -133,8 +141,9 @@ class ExposedTools:
         audit.info("%s called %s/%s: ok", by.name, server, tool)
         return result
 
-    async def _changed(self, server: str) -> None:
-        """A downstream list changed: every session that listed tools is told (tools/list_changed)."""
+    async def _changed(self, server: str, change: Change) -> None:
+        """A downstream list changed, or the server came or went: every session that listed tools
+        is told (tools/list_changed)."""
         if server not in self._configs:
             return
         await self._bus.publish(ToolsListChanged())

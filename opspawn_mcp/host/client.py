@@ -23,7 +23,7 @@ from agentkit.errors import ToolError
 from agentkit.mcp_proxy import idempotent_from_annotations
 from opspawn_mcp.config import ServerConfig
 from opspawn_mcp.errors import Forbidden, NotFound, OpspawnError, Unavailable
-from opspawn_mcp.host.connection import DEFAULT_CONCURRENCY, ServerConnection, ToolsListener
+from opspawn_mcp.host.connection import DEFAULT_CONCURRENCY, ChangeListener, ServerConnection
 from opspawn_mcp.host.models import ServerInfo
 from opspawn_mcp.telemetry.hooks import downstream_call
 
@@ -54,7 +54,7 @@ class OpsMcpClient:
     ) -> None:
         if default_concurrency < 1:
             raise ValueError(f"default_concurrency must be at least 1, not {default_concurrency}")
-        self._listeners: list[ToolsListener] = []
+        self._listeners: list[ChangeListener] = []
         self._servers = {
             name: ServerConnection(
                 name,
@@ -141,10 +141,20 @@ class OpsMcpClient:
         """
         self._get(server)
 
-    def on_tools_changed(self, listener: ToolsListener) -> None:
-        """Call ``listener(server)`` (in the pool's task group) whenever the tools a server shows
-        change: its first listing, a ``list_changed`` refresh, a reconnect with a different set."""
+    def on_change(self, listener: ChangeListener) -> None:
+        """Call ``listener(server, change)`` (in the pool's task group) whenever a server comes
+        (a session is ready: ``"state"``) or goes (a ready session is lost: ``"state"``), and
+        when the tools it shows change on a ``list_changed`` refresh (``"tools"``)."""
         self._listeners.append(listener)
+
+    def keep_open(self, server: str) -> None:
+        """Reconnect ``server`` in the background whenever its session is lost (after the usual
+        backoff), instead of on its next call."""
+        self._get(server).keep_open = True
+
+    def is_ready(self, server: str) -> bool:
+        """Whether ``server`` has an open session now; no I/O."""
+        return self._get(server).state == "ready"
 
     def server_config(self, server: str) -> ServerConfig:
         return self._get(server).config

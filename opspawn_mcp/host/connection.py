@@ -74,8 +74,11 @@ SEND_GRACE_S = 1.0
 DEFAULT_CONCURRENCY = 16
 RECENT_CALLS = 20
 """Exposed calls each server keeps for ``list_servers``; the audit log has them all."""
-ToolsListener = Callable[[str], Coroutine[Any, Any, None]]
-"""Called with the server's name when the tools it shows change (first listing included)."""
+Change = Literal["tools", "state"]
+"""What changed about a server: the tools it shows (a ``list_changed`` refresh, a reconnect with
+another set), or its availability (a session became ready, or a ready session was lost)."""
+ChangeListener = Callable[[str, Change], Coroutine[Any, Any, None]]
+"""Called with the server's name and what changed; runs in the pool's task group."""
 
 
 def backoff_delay(failures: int, rng: random.Random | None = None) -> float:
@@ -126,7 +129,7 @@ class ServerConnection:
         config: ServerConfig,
         *,
         default_concurrency: int = DEFAULT_CONCURRENCY,
-        listeners: list[ToolsListener] | None = None,
+        listeners: list[ChangeListener] | None = None,
         stdio_env: Mapping[str, str] | None = None,
     ) -> None:
         self.name = name
@@ -157,6 +160,10 @@ class ServerConnection:
         self.calls = 0
         self.errors = 0
         self.recent_calls: deque[CallRecord] = deque(maxlen=RECENT_CALLS)
+        self.keep_open = False
+        """Reconnect in the background after a loss (with the usual backoff), not on the next call:
+        set for exposed servers, whose tools must come back on opspawn's list by themselves."""
+        self._reopening: set[anyio.CancelScope] = set()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -169,6 +176,8 @@ class ServerConnection:
     def close(self) -> None:
         """Ask the owner task to leave its contexts; the pool's task group waits for it."""
         self._closing = True
+        for scope in self._reopening:
+            scope.cancel()
         attempt, self._attempt = self._attempt, None
         if attempt is not None:
             attempt.stop.set()
@@ -327,7 +336,8 @@ class ServerConnection:
         attempt.session = session
         capabilities = session.server_capabilities
         self.opspawn_instance = advertised_instance(capabilities.extensions if capabilities else None)
-        self._set_tools(tools)
+        self._set_tools(tools, announce=False)
+        self._notify("state")
         self._timeouts = 0
         self._unhealthy = False
         # The failure count is reset by a call that gets an answer, not by the handshake: a server
@@ -336,13 +346,16 @@ class ServerConnection:
         attempt.ready.set()
 
     def _failed(self, attempt: _Attempt, error: str) -> None:
-        """Record a failure once per attempt and schedule the next one."""
+        """Record a failure once per attempt and schedule the next one (in the background too
+        when ``keep_open``); listeners hear of a ready session lost."""
         attempt.stop.set()
         if self._attempt is not attempt:
             return
         self._attempt = None
         if self._closing:
             return
+        if attempt.session is not None:
+            self._notify("state")
         error = self.secrets.redact(error)
         attempt.error = error
         self.last_error = error
@@ -356,7 +369,28 @@ class ServerConnection:
             error,
             delay,
         )
+        if self.keep_open and self._tg is not None:
+            self._tg.start_soon(self._reopen_later, name=f"mcp-server-reopen:{self.name}")
         attempt.ready.set()
+
+    async def _reopen_later(self) -> None:
+        """Once the backoff delay has passed, open a new session unless a call already did; a
+        failure schedules the next try through ``_failed``, so one chain runs at a time."""
+        with anyio.CancelScope() as scope:
+            self._reopening.add(scope)
+            try:
+                await anyio.sleep(max(0.0, self._retry_at - anyio.current_time()))
+                if self._attempt is None and not self._closing:
+                    await self.session()
+            except Unavailable as exc:
+                logger.debug("reopening MCP server %r failed: %s", self.name, exc.message)
+            finally:
+                self._reopening.discard(scope)
+
+    def _notify(self, change: Change) -> None:
+        if self._tg is not None:
+            for listener in self._listeners:
+                self._tg.start_soon(listener, self.name, change)
 
     def _lost(self, attempt: _Attempt, why: str) -> None:
         if self._closing:
@@ -402,13 +436,12 @@ class ServerConnection:
                 reason=reason,
             )
 
-    def _set_tools(self, tools: list[types.Tool]) -> None:
-        before = [tool.name for tool in self.tools] if self._listed else None
+    def _set_tools(self, tools: list[types.Tool], *, announce: bool = True) -> None:
+        before = [tool.name for tool in self.tools]
         self._tools = tools
         self._listed = True
-        if before != [tool.name for tool in self.tools] and self._tg is not None:
-            for listener in self._listeners:
-                self._tg.start_soon(listener, self.name)
+        if announce and before != [tool.name for tool in self.tools]:
+            self._notify("tools")
         unmatched = self.config.tools.unmatched(tool.name for tool in tools)
         if unmatched:
             logger.warning(

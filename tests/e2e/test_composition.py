@@ -1,10 +1,13 @@
 """Aggregated tools end to end: a real ``opspawn-mcp serve`` over streamable HTTP exposes two
 testing servers (same tool names) as ``server__tool`` to the SDK's client, with curation, calls,
-progress, cancellation, the audit record and ``tools/list_changed`` after a downstream change."""
+progress, cancellation, the audit record and ``tools/list_changed`` after a downstream change,
+and when a downstream process dies and comes back."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +31,10 @@ def _testing(tmp_path: Path, **extra: object) -> dict[str, object]:
     }
 
 
+_OMEGA_ARGS = ["-m", "tests.servers.testing_server", "--exit-if-exists"]
+"""omega is killed by its test, and kept down while the file named after these arguments exists."""
+
+
 @pytest.fixture(scope="module")
 def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     tmp = tmp_path_factory.mktemp("compose")
@@ -37,6 +44,7 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         "alpha": _testing(tmp, expose=True),
         "beta": _testing(tmp, expose=True, tools={"exclude": ["crash", "fail*"]}),
         "gamma": _testing(tmp),
+        "omega": {**_testing(tmp, expose=True), "args": [*_OMEGA_ARGS, str(tmp / "omega-down")]},
     }
     config.write_text(json.dumps(raw))
     server = ServerProcess(config)
@@ -140,3 +148,30 @@ async def test_a_downstream_tool_list_change_reaches_a_listening_client(serve: S
             with anyio.fail_after(HANG_GUARD_S):
                 await anext(aiter(subscription))
         assert "beta__modern_extra" in await tool_names(client)
+
+
+async def test_a_downstream_server_that_dies_leaves_the_list_and_comes_back(serve: ServerProcess) -> None:
+    changes: list[object] = []
+
+    async def on_message(message: object) -> None:
+        if isinstance(message, types.ToolListChangedNotification):
+            changes.append(message)
+
+    down = serve.log.parent / "omega-down"
+    async with Client(serve.url, mode="legacy", message_handler=on_message) as client:
+        await listed(client, "omega__pid")
+        pid = int(text(await client.call_tool("omega__pid", {})))
+        seen = len(changes)
+        down.touch()  # the pool's reconnects fail until the file is gone
+        os.kill(pid, signal.SIGKILL)
+
+        async def gone() -> bool:
+            return len(changes) > seen and not any(n.startswith("omega__") for n in await tool_names(client))
+
+        await wait_until_async(gone)
+        assert {"alpha__echo", "beta__echo"} <= await tool_names(client)
+        seen = len(changes)
+        down.unlink()
+        await listed(client, "omega__pid")
+        await wait_until(lambda: len(changes) > seen, "tools/list_changed when omega is back")
+        assert int(text(await client.call_tool("omega__pid", {}))) != pid

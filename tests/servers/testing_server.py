@@ -4,7 +4,8 @@ Each tool exists to provoke one behaviour of a client: ``sleep`` records on disk
 cancelled (so a test proves the cancellation crossed the wire, not that the client gave up),
 ``fail`` returns ``isError``, ``crash`` kills the process mid-call, ``add_tool`` changes the tool
 list and announces it, ``pid`` tells a test which process answered. ``--pid-log`` appends the pid
-at start, so a test counts how many processes a client started; ``--ignore-stdin-close`` makes
+at start, so a test counts how many processes a client started; ``--exit-if-exists`` keeps it from
+starting while a file exists (a server that stays down); ``--ignore-stdin-close`` makes
 the process ignore stdin EOF and SIGTERM, the worst case for a client's shutdown. ``echo_meta``
 returns the request's ``_meta`` (idempotency keys); ``put_value`` and ``charge`` are annotated
 idempotent and not, for a client's re-run policy.
@@ -150,7 +151,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pid-log", default=os.environ.get("TESTING_SERVER_PID_LOG"))
     parser.add_argument("--ignore-stdin-close", action="store_true")
     parser.add_argument("--tag", default="", help="ignored; lets a test find its own processes")
+    parser.add_argument("--exit-if-exists", help="exit at once (code 4) while this file exists")
     args = parser.parse_args(argv)
+    if args.exit_if_exists and Path(args.exit_if_exists).exists():
+        print(f"testing server: {args.exit_if_exists} exists, exiting", file=sys.stderr, flush=True)
+        sys.exit(4)
     _cancel_file = Path(args.cancel_file) if args.cancel_file else None
     if args.pid_log:
         with open(args.pid_log, "a", encoding="utf-8") as f:
