@@ -92,7 +92,8 @@ def idempotent_from_annotations(annotations: mcp_types.ToolAnnotations | None) -
     return None
 
 
-def _describe_resource(resource: mcp_types.TextResourceContents | mcp_types.BlobResourceContents) -> str:
+def _resource_text(resource: mcp_types.TextResourceContents | mcp_types.BlobResourceContents) -> str:
+    """An embedded resource as the model reads it: text with its URI, binary as a labelled placeholder."""
     mime = f" ({resource.mime_type})" if resource.mime_type else ""
     if isinstance(resource, mcp_types.TextResourceContents):
         return f"[resource {resource.uri}{mime}]\n{resource.text}"
@@ -140,7 +141,7 @@ def _render(result: mcp_types.CallToolResult) -> str:
         elif isinstance(block, mcp_types.AudioContent):
             texts.append(f"[audio {block.mime_type}, {len(block.data)} base64 characters]")
         elif isinstance(block, mcp_types.EmbeddedResource):
-            texts.append(_describe_resource(block.resource))
+            texts.append(_resource_text(block.resource))
         elif isinstance(block, mcp_types.ResourceLink):
             texts.append(
                 f"[resource link {block.uri}" + (f": {block.description}" if block.description else "") + "]"

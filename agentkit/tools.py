@@ -8,7 +8,6 @@ and correct, never an exception out of the agent loop.
 
 from __future__ import annotations
 
-import builtins
 import inspect
 import json
 import re
@@ -307,13 +306,13 @@ class ToolRegistry:
     def __len__(self) -> int:
         return len(self._tools)
 
-    def list(self) -> builtins.list[Tool]:
+    def tools(self) -> list[Tool]:
         return list(self._tools.values())
 
-    def names(self) -> builtins.list[str]:
+    def names(self) -> list[str]:
         return list(self._tools)
 
-    def definitions(self) -> builtins.list[ToolDefinition]:
+    def definitions(self) -> list[ToolDefinition]:
         return [t.definition() for t in self._tools.values()]
 
     async def call(self, call: ToolCall) -> ToolResult:

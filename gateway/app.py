@@ -139,12 +139,12 @@ class _Routes:
         location = str(request.url_for("get_task", task_id=task.id))
         return _json(task.model_dump_json(), 202, {"Location": location})
 
-    async def list(self, request: Request) -> Response:
+    async def list_tasks(self, request: Request) -> Response:
         query = request.query_params
         kwargs: dict[str, Any] = {"status": query.get("status"), "cursor": query.get("cursor")}
         if "limit" in query:
             kwargs["limit"] = _int_or_raw(query["limit"])
-        page = await self.service.list(**kwargs, by=principal_of(request.scope))
+        page = await self.service.list_tasks(**kwargs, by=principal_of(request.scope))
         return _json(page.model_dump_json())
 
     async def get(self, request: Request) -> Response:
@@ -213,7 +213,7 @@ def gateway_routes(
     h = _Routes(service, max_body_bytes, openapi, sse_heartbeat_s)
     return [
         Route("/v1/tasks", h.submit, methods=["POST"], name="submit_task"),
-        Route("/v1/tasks", h.list, methods=["GET"], name="list_tasks"),
+        Route("/v1/tasks", h.list_tasks, methods=["GET"], name="list_tasks"),
         Route("/v1/tasks/{task_id}", h.get, methods=["GET"], name="get_task"),
         Route("/v1/tasks/{task_id}/cancel", h.cancel, methods=["POST"], name="cancel_task"),
         Route("/v1/tasks/{task_id}/input", h.answer, methods=["POST"], name="answer_task"),

@@ -104,8 +104,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """
     import logging
 
-    from opspawn_mcp.app import bind_http, check_bind
     from opspawn_mcp.principals import Principals
+    from opspawn_mcp.runtime import bind_http, check_bind
 
     config = _load(args)
     observed = _observed(args, config)
@@ -141,7 +141,7 @@ def _run_loop(main: Coroutine[Any, Any, None]) -> None:
 
 
 async def _serve(config: Config, args: argparse.Namespace, sock: socket.socket | None) -> None:
-    from opspawn_mcp.app import Runtime
+    from opspawn_mcp.runtime import Runtime
 
     try:
         async with Runtime(config) as runtime:

@@ -96,7 +96,7 @@ async def requeue_stale(store: TaskStore, enqueue: Enqueue, older_than_s: float 
     cursor: str | None = None
     count = 0
     while True:
-        page = await store.list(TaskStatus.QUEUED, limit=200, cursor=cursor)
+        page = await store.list_tasks(TaskStatus.QUEUED, limit=200, cursor=cursor)
         for task in page.items:
             if task.created_at < cutoff:
                 await enqueue(task.id)

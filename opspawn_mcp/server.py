@@ -194,7 +194,7 @@ def _door(ctx: Context | None) -> Door:
     return Door.CLI if name == CLI_CLIENT_NAME else Door.MCP
 
 
-def _describe_event(kind: str, data: dict[str, Any]) -> str:
+def _progress_line(kind: str, data: dict[str, Any]) -> str:
     """One short line per event for a progress notification's ``message``."""
     text = json.dumps(data, default=str, separators=(",", ":"))
     return f"{kind} {text[:200]}"
@@ -406,7 +406,7 @@ def build_server(
                 async def progress(event: Any) -> None:
                     nonlocal count
                     count += 1
-                    await ctx.report_progress(count, None, _describe_event(event.kind, event.data))
+                    await ctx.report_progress(count, None, _progress_line(event.kind, event.data))
                     data = {"task_id": task.id, "seq": event.seq, "kind": event.kind, "data": event.data}
                     await levels.log(ctx, _log_level(event.kind, event.data), data)
 
@@ -436,7 +436,7 @@ def build_server(
     ) -> TaskList:
         """Tasks, newest first, one page at a time."""
         try:
-            page = await service.list(status, limit, cursor, by=caller(ctx, local))
+            page = await service.list_tasks(status, limit, cursor, by=caller(ctx, local))
         except OpspawnError as exc:
             raise _tool_error(exc, ctx) from exc
         return TaskList(tasks=[TaskView.of(t) for t in page.items], next_cursor=page.next_cursor)

@@ -9,7 +9,6 @@ typed ``OpspawnError``s back, so behaviour and messages are identical at every d
 from __future__ import annotations
 
 import asyncio
-import builtins
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
@@ -106,12 +105,12 @@ class TaskService:
         return self._config.opspawn.chaining.max_depth
 
     @property
-    def server_names(self) -> builtins.list[str]:
+    def server_names(self) -> list[str]:
         """Every configured downstream server (what an admin may name in ``servers``)."""
         return list(self._config.mcp_servers)
 
     @property
-    def profile_names(self) -> builtins.list[str]:
+    def profile_names(self) -> list[str]:
         """Every configured model profile (what an admin may name in ``model.profile``)."""
         return list(self._config.opspawn.profiles)
 
@@ -154,7 +153,7 @@ class TaskService:
             }
         )
 
-    def _profiles(self, by: Principal) -> builtins.list[str]:
+    def _profiles(self, by: Principal) -> list[str]:
         return [n for n in self._config.opspawn.profiles if by.may_use_profile(n)]
 
     def _refuse_endpoint_fields(self, model: Any, by: Principal) -> None:
@@ -180,7 +179,7 @@ class TaskService:
             )
         return given.model_copy(update={"profile": profile})
 
-    def _check_servers(self, wanted: builtins.list[str] | None, by: Principal) -> builtins.list[str] | None:
+    def _check_servers(self, wanted: list[str] | None, by: Principal) -> list[str] | None:
         """Only servers the config defines (and the caller may use): nobody can add their own."""
         configured = [n for n in self._config.mcp_servers if by.may_use_server(n)]
         if wanted is None:
@@ -237,7 +236,7 @@ class TaskService:
             raise TaskNotFound(task.id)
         return task
 
-    async def list(
+    async def list_tasks(
         self,
         status: TaskStatus | str | None = None,
         limit: int = 50,
@@ -258,7 +257,9 @@ class TaskService:
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= LIST_PAGE_MAX:
             raise InvalidInput(f"limit must be an integer from 1 to {LIST_PAGE_MAX}.", field="limit")
         owner = None if by.admin else by.name
-        return await self._store.list(wanted, limit, cursor or None, principal=owner, goal_contains=text)
+        return await self._store.list_tasks(
+            wanted, limit, cursor or None, principal=owner, goal_contains=text
+        )
 
     async def cancel(self, task_id: str, *, by: Principal) -> Task:
         """Cancel a queued, running or input_required task; cancelling a cancelled task is a no-op.
@@ -325,7 +326,7 @@ class TaskService:
 
     async def events(
         self, task_id: str, after_seq: int = 0, limit: int = 100, *, by: Principal
-    ) -> builtins.list[TaskEvent]:
+    ) -> list[TaskEvent]:
         """One page of the task's event log, oldest first, after ``after_seq``."""
         task = await self.get(task_id, by=by)
         _check_seq(after_seq)
@@ -403,7 +404,7 @@ class TaskService:
 
     # -- health ---------------------------------------------------------------------------
 
-    def list_servers(self, *, by: Principal) -> builtins.list[ServerInfo]:
+    def list_servers(self, *, by: Principal) -> list[ServerInfo]:
         """The downstream servers the caller may use, with state and tools, from the pool; of the
         calls made through exposed tools, a non-admin sees only its own."""
         return [

@@ -103,7 +103,7 @@ class TaskServicer(pb_grpc.TaskServiceServicer):
             kwargs["cursor"] = request.cursor
 
         async def page(by: Principal) -> pb.ListTasksResponse:
-            listed = await self._service.list(convert.status_from_pb(request.status), **kwargs, by=by)
+            listed = await self._service.list_tasks(convert.status_from_pb(request.status), **kwargs, by=by)
             return convert.page_to_pb(listed)
 
         return await answer(context, self._principals, page)

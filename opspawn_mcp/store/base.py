@@ -8,7 +8,6 @@ gets ``IllegalTransition``.
 
 from __future__ import annotations
 
-import builtins
 from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Literal, Protocol
@@ -55,7 +54,7 @@ class TaskStore(Protocol):
     async def get(self, task_id: str) -> Task:
         """Raise ``TaskNotFound`` for an unknown id."""
 
-    async def list(
+    async def list_tasks(
         self,
         status: TaskStatus | None = None,
         limit: int = 50,
@@ -71,7 +70,7 @@ class TaskStore(Protocol):
     async def mark_enqueued(self, task_id: str) -> None:
         """The broker confirmed the message of this queued task (the outbox's "sent" mark)."""
 
-    async def unenqueued(self, created_before: datetime, limit: int = 100) -> builtins.list[str]:
+    async def unenqueued(self, created_before: datetime, limit: int = 100) -> list[str]:
         """Queued tasks created before ``created_before`` whose message no broker confirmed
         (its publish failed, or the publisher died first), oldest first: the recovery loop
         publishes them. A task put back in the queue by a transition counts again."""
@@ -129,10 +128,10 @@ class TaskStore(Protocol):
         still held (running, same owner); a missing id was lost (cancelled, finished, taken
         over or unknown)."""
 
-    async def expired(self, now: datetime | None = None, limit: int = 100) -> builtins.list[Task]:
+    async def expired(self, now: datetime | None = None, limit: int = 100) -> list[Task]:
         """Running tasks whose lease expired before ``now``: the recovery loop re-runs them."""
 
-    async def expired_approvals(self, now: datetime | None = None, limit: int = 100) -> builtins.list[Task]:
+    async def expired_approvals(self, now: datetime | None = None, limit: int = 100) -> list[Task]:
         """``input_required`` tasks whose request expired before ``now``, oldest deadline first:
         the recovery loop answers them as denied."""
 
@@ -167,15 +166,13 @@ class TaskStore(Protocol):
         A journal entry whose key exists raises ``Conflict`` and writes nothing either.
         Raises ``TaskNotFound`` for an unknown id."""
 
-    async def journal(self, task_id: str) -> builtins.list[JournalRow]:
+    async def journal(self, task_id: str) -> list[JournalRow]:
         """The task's journal, each kind's entries in ordinal order. Ordinals count per kind
         (as agentkit's do: the nth model call, the nth tool call), so the order across kinds
         is not the run's chronology; entries of one ordinal come llm, tool_started,
         tool_finished. Raises ``TaskNotFound`` for an unknown id."""
 
-    async def events(
-        self, task_id: str, after_seq: int = 0, limit: int = 1000
-    ) -> builtins.list[TaskEvent]: ...
+    async def events(self, task_id: str, after_seq: int = 0, limit: int = 1000) -> list[TaskEvent]: ...
 
     async def wait_for_change(self, task_id: str, seq: int, timeout_s: float) -> bool:
         """Park until the task has (or may have) an event after ``seq``; True then, False when

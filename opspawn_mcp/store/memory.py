@@ -13,7 +13,6 @@ lock is released (the in-memory "commit"), so nothing here polls.
 from __future__ import annotations
 
 import asyncio
-import builtins
 from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -83,7 +82,7 @@ class MemoryStore:
         async with self._lock:
             return self._get(task_id).model_copy(deep=True)
 
-    async def list(
+    async def list_tasks(
         self,
         status: TaskStatus | None = None,
         limit: int = 50,
@@ -118,7 +117,7 @@ class MemoryStore:
             if task is not None and task.status is TaskStatus.QUEUED:
                 self._tasks[task_id] = task.model_copy(update={"enqueued_at": utcnow()})
 
-    async def unenqueued(self, created_before: datetime, limit: int = 100) -> builtins.list[str]:
+    async def unenqueued(self, created_before: datetime, limit: int = 100) -> list[str]:
         check_limit(limit)
         cutoff = as_utc(created_before)
         async with self._lock:
@@ -220,7 +219,7 @@ class MemoryStore:
                     held.add(task_id)
             return held
 
-    async def expired(self, now: datetime | None = None, limit: int = 100) -> builtins.list[Task]:
+    async def expired(self, now: datetime | None = None, limit: int = 100) -> list[Task]:
         check_limit(limit)
         cutoff = as_utc(now) if now is not None else utcnow()
         async with self._lock:
@@ -234,7 +233,7 @@ class MemoryStore:
         rows.sort(key=lambda t: (t.lease_expires_at or cutoff, t.id))
         return [t.model_copy(deep=True) for t in rows[:limit]]
 
-    async def expired_approvals(self, now: datetime | None = None, limit: int = 100) -> builtins.list[Task]:
+    async def expired_approvals(self, now: datetime | None = None, limit: int = 100) -> list[Task]:
         check_limit(limit)
         cutoff = as_utc(now) if now is not None else utcnow()
         async with self._lock:
@@ -296,7 +295,7 @@ class MemoryStore:
         for row in entries:
             journal[(row.kind, row.ordinal)] = row.model_copy(deep=True)
 
-    async def journal(self, task_id: str) -> builtins.list[JournalRow]:
+    async def journal(self, task_id: str) -> list[JournalRow]:
         async with self._lock:
             self._get(task_id)
             rows = list(self._journal.get(task_id, {}).values())
@@ -320,7 +319,7 @@ class MemoryStore:
             return True
         return await self.changes.wait(task_id, seq, timeout_s)
 
-    async def events(self, task_id: str, after_seq: int = 0, limit: int = 1000) -> builtins.list[TaskEvent]:
+    async def events(self, task_id: str, after_seq: int = 0, limit: int = 1000) -> list[TaskEvent]:
         check_limit(limit)
         async with self._lock:
             self._get(task_id)

@@ -44,7 +44,6 @@ Either background task ends ``WATCH_LINGER_S`` after its last waiter left.
 from __future__ import annotations
 
 import asyncio
-import builtins
 import contextlib
 import functools
 import hashlib
@@ -837,7 +836,7 @@ class SqlStore:
             raise TaskNotFound(task_id)
         return _to_task(row)
 
-    async def list(
+    async def list_tasks(
         self,
         status: TaskStatus | None = None,
         limit: int = 50,
@@ -863,8 +862,8 @@ class SqlStore:
                 )
             )
 
-        async def body(conn: AsyncConnection) -> builtins.list[Row[Any]]:
-            return builtins.list((await conn.execute(query)).all())
+        async def body(conn: AsyncConnection) -> list[Row[Any]]:
+            return list((await conn.execute(query)).all())
 
         rows = await self._run(body)
         items = [_to_task(r) for r in rows[:limit]]
@@ -885,7 +884,7 @@ class SqlStore:
 
         await self._run(body, write=True)
 
-    async def unenqueued(self, created_before: datetime, limit: int = 100) -> builtins.list[str]:
+    async def unenqueued(self, created_before: datetime, limit: int = 100) -> list[str]:
         check_limit(limit)
         query = (
             select(tasks.c.id)
@@ -898,8 +897,8 @@ class SqlStore:
             .limit(limit)
         )
 
-        async def body(conn: AsyncConnection) -> builtins.list[str]:
-            return builtins.list((await conn.execute(query)).scalars().all())
+        async def body(conn: AsyncConnection) -> list[str]:
+            return list((await conn.execute(query)).scalars().all())
 
         return await self._run(body)
 
@@ -924,7 +923,7 @@ class SqlStore:
     @staticmethod
     def _transition_shape(
         new: TaskStatus,
-        allowed: builtins.list[TaskStatus],
+        allowed: list[TaskStatus],
         owner: str | None,
         event: tuple[str, dict[str, Any]] | None,
         result: str | None,
@@ -1028,7 +1027,7 @@ class SqlStore:
 
     async def renew_many(self, leases: Mapping[str, str], ttl_s: float) -> set[str]:
         until = lease_until(utcnow(), ttl_s)
-        pairs = builtins.list(leases.items())
+        pairs = list(leases.items())
         if not pairs:
             return set()
 
@@ -1042,15 +1041,15 @@ class SqlStore:
 
         return await self._run(body, write=True)
 
-    async def expired(self, now: datetime | None = None, limit: int = 100) -> builtins.list[Task]:
+    async def expired(self, now: datetime | None = None, limit: int = 100) -> list[Task]:
         return await self._past_deadline(TaskStatus.RUNNING, tasks.c.lease_expires_at, now, limit)
 
-    async def expired_approvals(self, now: datetime | None = None, limit: int = 100) -> builtins.list[Task]:
+    async def expired_approvals(self, now: datetime | None = None, limit: int = 100) -> list[Task]:
         return await self._past_deadline(TaskStatus.INPUT_REQUIRED, tasks.c.approval_expires_at, now, limit)
 
     async def _past_deadline(
         self, status: TaskStatus, deadline: Any, now: datetime | None, limit: int
-    ) -> builtins.list[Task]:
+    ) -> list[Task]:
         """Tasks in ``status`` whose ``deadline`` column is before ``now``, oldest deadline first."""
         check_limit(limit)
         cutoff = as_utc(now) if now is not None else utcnow()
@@ -1061,8 +1060,8 @@ class SqlStore:
             .limit(limit)
         )
 
-        async def body(conn: AsyncConnection) -> builtins.list[Row[Any]]:
-            return builtins.list((await conn.execute(query)).all())
+        async def body(conn: AsyncConnection) -> list[Row[Any]]:
+            return list((await conn.execute(query)).all())
 
         return [_to_task(r) for r in await self._run(body)]
 
@@ -1126,13 +1125,13 @@ class SqlStore:
             self.changes.notify(task_id, written.seq)
         return written
 
-    async def _task_rows(self, statement: Any, params: dict[str, Any]) -> builtins.list[Row[Any]]:
+    async def _task_rows(self, statement: Any, params: dict[str, Any]) -> list[Row[Any]]:
         """The rows ``statement`` reads for the task ``params["b_id"]``; no rows and no such task
         is ``TaskNotFound`` (checked in the same transaction, only when there are no rows)."""
         task_id = params["b_id"]
 
-        async def body(conn: AsyncConnection) -> builtins.list[Row[Any]] | None:
-            rows = builtins.list((await conn.execute(statement, params)).all())
+        async def body(conn: AsyncConnection) -> list[Row[Any]] | None:
+            rows = list((await conn.execute(statement, params)).all())
             if not rows and (await conn.execute(_EXISTS, {"b_id": task_id})).first() is None:
                 return None
             return rows
@@ -1142,7 +1141,7 @@ class SqlStore:
             raise TaskNotFound(task_id)
         return rows
 
-    async def journal(self, task_id: str) -> builtins.list[JournalRow]:
+    async def journal(self, task_id: str) -> list[JournalRow]:
         rows = await self._task_rows(_JOURNAL, {"b_id": task_id})
         stored = [
             JournalRow(kind=r.kind, ordinal=r.ordinal, step=r.step, attempt=r.attempt, data=r.data)
@@ -1151,7 +1150,7 @@ class SqlStore:
         stored.sort(key=lambda e: journal_order(e.kind, e.ordinal))
         return stored
 
-    async def events(self, task_id: str, after_seq: int = 0, limit: int = 1000) -> builtins.list[TaskEvent]:
+    async def events(self, task_id: str, after_seq: int = 0, limit: int = 1000) -> list[TaskEvent]:
         check_limit(limit)
         rows = await self._task_rows(_EVENTS, {"b_id": task_id, "b_after": after_seq, "b_limit": limit})
         return [_to_event(r) for r in rows]
@@ -1179,15 +1178,15 @@ class SqlStore:
     async def _poll_watched(self) -> None:
         """One query for every task someone waits on; wakes those whose log moved on. A failure
         is the outage the watchers' own reads will report, so it is logged, not raised."""
-        ids = builtins.list(self.changes.watched())
+        ids = list(self.changes.watched())
         if not ids:
             return
 
-        async def body(conn: AsyncConnection) -> builtins.list[Any]:
-            rows: builtins.list[Any] = []
+        async def body(conn: AsyncConnection) -> list[Any]:
+            rows: list[Any] = []
             for start in range(0, len(ids), POLL_CHUNK):
                 chunk = ids[start : start + POLL_CHUNK]
-                rows += builtins.list((await conn.execute(_LAST_SEQS, {"b_ids": chunk})).all())
+                rows += list((await conn.execute(_LAST_SEQS, {"b_ids": chunk})).all())
             return rows
 
         try:

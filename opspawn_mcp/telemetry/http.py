@@ -55,7 +55,7 @@ async def worker_metrics(config: Config, service: TaskService) -> AsyncIterator[
         yield None
         return
     from gateway.problems import EXCEPTION_HANDLERS
-    from opspawn_mcp.app import bind_http, check_bind
+    from opspawn_mcp.runtime import bind_http, check_bind
 
     settings = config.opspawn.server
     principals = Principals.from_config(config)

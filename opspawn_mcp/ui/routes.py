@@ -109,7 +109,7 @@ class Dashboard:
     async def _page_of_tasks(self, request: Request) -> dict[str, Any]:
         query = request.query_params
         status, text, cursor = query.get("status", ""), query.get("q", ""), query.get("cursor", "")
-        page = await self.service.list(
+        page = await self.service.list_tasks(
             status or None,
             PAGE_SIZE,
             cursor or None,

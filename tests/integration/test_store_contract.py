@@ -109,7 +109,7 @@ async def test_list_is_newest_first_with_cursor_pages_and_status_filter(store: T
     cursor: str | None = None
     pages = 0
     while True:
-        page = await store.list(limit=3, cursor=cursor)
+        page = await store.list_tasks(limit=3, cursor=cursor)
         pages += 1
         seen += [t.id for t in page.items]
         cursor = page.next_cursor
@@ -118,13 +118,13 @@ async def test_list_is_newest_first_with_cursor_pages_and_status_filter(store: T
     assert seen == newest_first
     assert pages == 3
 
-    queued = await store.list(status=TaskStatus.QUEUED, limit=2)
+    queued = await store.list_tasks(status=TaskStatus.QUEUED, limit=2)
     assert [t.id for t in queued.items] == [tasks[6].id, tasks[4].id]
     assert queued.next_cursor is not None
-    rest = await store.list(status=TaskStatus.QUEUED, limit=2, cursor=queued.next_cursor)
+    rest = await store.list_tasks(status=TaskStatus.QUEUED, limit=2, cursor=queued.next_cursor)
     assert [t.id for t in rest.items] == [tasks[2].id, tasks[0].id]
     assert rest.next_cursor is None
-    assert (await store.list(status=TaskStatus.CANCELLED)).items == []
+    assert (await store.list_tasks(status=TaskStatus.CANCELLED)).items == []
 
 
 async def test_list_ties_on_created_at_are_broken_by_id(store: TaskStore) -> None:
@@ -135,7 +135,7 @@ async def test_list_ties_on_created_at_are_broken_by_id(store: TaskStore) -> Non
     seen: list[str] = []
     cursor: str | None = None
     while True:
-        page = await store.list(limit=2, cursor=cursor)
+        page = await store.list_tasks(limit=2, cursor=cursor)
         seen += [t.id for t in page.items]
         if (cursor := page.next_cursor) is None:
             break
@@ -149,19 +149,19 @@ async def test_list_finds_goals_containing_a_text_ignoring_case_with_wildcards_l
     ids = {goal: (await store.create(_task(goal=goal))).id for goal in goals}
 
     async def found(text: str) -> set[str]:
-        return {t.id for t in (await store.list(goal_contains=text, limit=50)).items}
+        return {t.id for t in (await store.list_tasks(goal_contains=text, limit=50)).items}
 
     assert await found("hello") == {ids["Echo HELLO"], ids["say hello world"]}
     assert await found("100%") == {ids["100% sure"]}
     assert await found("e_c") == {ids["snake_case"]}
     assert await found("nowhere") == set()
-    queued_only = await store.list(TaskStatus.RUNNING, goal_contains="hello")
+    queued_only = await store.list_tasks(TaskStatus.RUNNING, goal_contains="hello")
     assert queued_only.items == []
 
 
 async def test_list_rejects_a_forged_cursor(store: TaskStore) -> None:
     with pytest.raises(InvalidInput):
-        await store.list(cursor="not-a-cursor!")
+        await store.list_tasks(cursor="not-a-cursor!")
 
 
 # --- transitions -------------------------------------------------------------------------
@@ -628,11 +628,11 @@ async def test_tasks_belong_to_principals(store: TaskStore) -> None:
     alice = [await store.create(Task(spec=TaskSpec(goal=f"a{i}"), principal="alice")) for i in range(3)]
     bob = await store.create(Task(spec=TaskSpec(goal="b"), principal="bob"))
     assert (await store.get(bob.id)).principal == "bob"
-    page = await store.list(limit=2, principal="alice")
+    page = await store.list_tasks(limit=2, principal="alice")
     assert [t.id for t in page.items] == [alice[2].id, alice[1].id]
-    rest = await store.list(limit=2, cursor=page.next_cursor, principal="alice")
+    rest = await store.list_tasks(limit=2, cursor=page.next_cursor, principal="alice")
     assert [t.id for t in rest.items] == [alice[0].id] and rest.next_cursor is None
-    assert len((await store.list(principal=None)).items) == 4
+    assert len((await store.list_tasks(principal=None)).items) == 4
     await store.transition(alice[0].id, {TaskStatus.QUEUED}, TaskStatus.CANCELLED)
     assert (await store.count_active("alice"), await store.count_active("bob")) == (2, 1)
     assert await store.count_active("nobody") == 0
@@ -821,7 +821,7 @@ async def test_pausing_writes_request_event_journal_and_state_in_one_transition(
     assert kinds[-2:] == [("input_required", None), ("state", "input_required")]
     assert (await store.events(paused.id))[-2].data["id"] == "req-2"
     assert [r.kind for r in await store.journal(paused.id)] == ["llm"]
-    assert [t.id for t in (await store.list(TaskStatus.INPUT_REQUIRED)).items] == [paused.id]
+    assert [t.id for t in (await store.list_tasks(TaskStatus.INPUT_REQUIRED)).items] == [paused.id]
     assert await store.claim(paused.id, "w2", ttl_s=60, max_attempts=3) is None
 
 

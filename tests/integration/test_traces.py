@@ -24,13 +24,13 @@ from mcp import Client
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, format_span_id, format_trace_id
 
-from opspawn_mcp.app import Runtime
 from opspawn_mcp.config import parse_config
 from opspawn_mcp.grpc_internal.gen import tasks_pb2 as pb
 from opspawn_mcp.grpc_internal.gen import tasks_pb2_grpc as pb_grpc
 from opspawn_mcp.grpc_internal.server import SERVICE_NAME
 from opspawn_mcp.models import TaskStatus
 from opspawn_mcp.principals import LOCAL
+from opspawn_mcp.runtime import Runtime
 from opspawn_mcp.server import WAIT_CAP_S
 from opspawn_mcp.store import open_store
 from opspawn_mcp.store.base import TaskStore
@@ -152,7 +152,7 @@ async def test_a_rest_submit_continues_the_callers_trace(tmp_path: Path, fake: F
                 headers={"traceparent": f"00-{caller_trace}-{caller_span}-01"},
             )
             assert submitted.status_code == 202, submitted.text
-            (task,) = (await served.store.list()).items
+            (task,) = (await served.store.list_tasks()).items
             await until_terminal(served.runtime, task.id)
         spans = list(exporter.get_finished_spans())
 
@@ -196,7 +196,7 @@ async def test_with_tracing_off_opspawn_makes_no_span_even_under_a_global_provid
                 f"{served.base}/v1/tasks", json={"goal": "show the meta", "servers": ["t"]}
             )
             assert submitted.status_code == 202, submitted.text
-            (task,) = (await served.store.list()).items
+            (task,) = (await served.store.list_tasks()).items
             await until_terminal(served.runtime, task.id)
         names = {s.name for s in exporter.get_finished_spans()}
     assert not names & {"POST /v1/tasks", "send embedded", "process embedded", "run task", "chat fake-model"}

@@ -21,10 +21,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from opspawn_mcp.app import Runtime
 from opspawn_mcp.config import parse_config
 from opspawn_mcp.http_guard import HttpGuard, host_patterns
 from opspawn_mcp.principals import Principals, principal_of
+from opspawn_mcp.runtime import Runtime
 from opspawn_mcp.store.memory import MemoryStore
 from tests.unit.test_gateway import assert_problem
 

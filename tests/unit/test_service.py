@@ -145,12 +145,12 @@ async def test_get_unknown_and_empty_ids(service: TaskService) -> None:
 async def test_list_filters_by_status_and_pages(service: TaskService) -> None:
     ids = [(await service.submit({"goal": f"g{i}"}, by=LOCAL)).id for i in range(3)]
     await service.cancel(ids[0], by=LOCAL)
-    page = await service.list(limit=2, by=LOCAL)
+    page = await service.list_tasks(limit=2, by=LOCAL)
     assert [t.id for t in page.items] == [ids[2], ids[1]]
     assert page.next_cursor
-    rest = await service.list(limit=2, cursor=page.next_cursor, by=LOCAL)
+    rest = await service.list_tasks(limit=2, cursor=page.next_cursor, by=LOCAL)
     assert [t.id for t in rest.items] == [ids[0]]
-    cancelled = await service.list("cancelled", by=LOCAL)
+    cancelled = await service.list_tasks("cancelled", by=LOCAL)
     assert [t.id for t in cancelled.items] == [ids[0]]
 
 
@@ -159,22 +159,22 @@ async def test_list_searches_goals_of_the_callers_own_tasks(service: TaskService
     mine = await service.submit({"goal": "Deploy the web app"}, by=alice)
     await service.submit({"goal": "deploy the database"}, by=bob)
     await service.submit({"goal": "write the report"}, by=alice)
-    page = await service.list(goal_contains="  DEPLOY ", by=alice)
+    page = await service.list_tasks(goal_contains="  DEPLOY ", by=alice)
     assert [t.id for t in page.items] == [mine.id]
-    assert len((await service.list(goal_contains="deploy", by=LOCAL)).items) == 2
-    assert len((await service.list(goal_contains="", by=alice)).items) == 2  # blank: no filter
+    assert len((await service.list_tasks(goal_contains="deploy", by=LOCAL)).items) == 2
+    assert len((await service.list_tasks(goal_contains="", by=alice)).items) == 2  # blank: no filter
 
 
 @pytest.mark.parametrize("text", ["x" * 201, "a\x00b"])
 async def test_list_refuses_a_search_text_too_long_or_with_nul(service: TaskService, text: str) -> None:
     with pytest.raises(InvalidInput, match="search text"):
-        await service.list(goal_contains=text, by=LOCAL)
+        await service.list_tasks(goal_contains=text, by=LOCAL)
 
 
 @pytest.mark.parametrize(("status", "limit"), [("done", 10), (None, 0), (None, 10_000)])
 async def test_list_rejects_bad_arguments(service: TaskService, status: str | None, limit: int) -> None:
     with pytest.raises(InvalidInput):
-        await service.list(status, limit, by=LOCAL)
+        await service.list_tasks(status, limit, by=LOCAL)
 
 
 async def test_cancel_a_queued_task(service: TaskService) -> None:
@@ -397,8 +397,8 @@ async def test_principals_see_and_cancel_only_their_own_tasks(shared: TaskServic
     with pytest.raises(TaskNotFound):
         async for _ in shared.watch(theirs.id, by=ALICE):
             pass
-    assert [t.id for t in (await shared.list(by=ALICE)).items] == [mine.id]
-    assert {t.id for t in (await shared.list(by=ADMIN)).items} == {mine.id, theirs.id}
+    assert [t.id for t in (await shared.list_tasks(by=ALICE)).items] == [mine.id]
+    assert {t.id for t in (await shared.list_tasks(by=ADMIN)).items} == {mine.id, theirs.id}
     assert (await shared.cancel(mine.id, by=ADMIN)).status is TaskStatus.CANCELLED
 
 
@@ -484,7 +484,7 @@ async def test_nul_in_an_id_or_cursor_and_huge_sequence_numbers_are_invalid_inpu
     with pytest.raises(InvalidInput):
         await service.get("a\x00b", by=LOCAL)
     with pytest.raises(InvalidInput):
-        await service.list(cursor="\x00", by=LOCAL)
+        await service.list_tasks(cursor="\x00", by=LOCAL)
     for seq in (2**31, 9999999999999999999):
         with pytest.raises(InvalidInput):
             await service.events(task.id, after_seq=seq, by=LOCAL)

@@ -41,7 +41,7 @@ async def test_a_paused_task_shows_its_request_and_can_be_listed_by_its_state(
     assert seen.approval.arguments == {"path": "/tmp/x"}
     assert "delete" in seen.approval.message and '"/tmp/x"' in seen.approval.message
     assert "tool_call" not in seen.model_dump(mode="json")["approval"]  # internal key stays inside
-    page = await service.list("input_required", by=LOCAL)
+    page = await service.list_tasks("input_required", by=LOCAL)
     assert [t.id for t in page.items] == [task.id]
 
 

@@ -155,7 +155,7 @@ async def test_registry_add_remove_list_lookup() -> None:
     registry = ToolRegistry([add])
     registry.add(greet)
     assert registry.names() == ["add", "greet_person"]
-    assert [t.name for t in registry.list()] == ["add", "greet_person"]
+    assert [t.name for t in registry.tools()] == ["add", "greet_person"]
     assert "add" in registry and len(registry) == 2
     assert registry.get("missing") is None
     assert registry["add"] is add

@@ -48,7 +48,7 @@ from opspawn_mcp.telemetry.http import METRICS_PATH, TracedRequests, metrics_rou
 from opspawn_mcp.telemetry.logs import announce
 from opspawn_mcp.ui import dashboard_routes
 
-log = logging.getLogger("opspawn_mcp.app")
+log = logging.getLogger("opspawn_mcp.runtime")
 
 UNTRACED_PATHS = (MCP_PATH, SSE_PATH, SSE_MESSAGE_PATH, METRICS_PATH, *PROBE_PATHS)
 """No HTTP span: MCP messages get the MCP SDK's spans (``telemetry.http``); scrapes and probes

@@ -10,10 +10,10 @@ import httpx
 import pytest
 from mcp import Client
 
-from opspawn_mcp.app import Runtime, bind_http, check_bind
 from opspawn_mcp.config import parse_config
 from opspawn_mcp.errors import Forbidden
 from opspawn_mcp.principals import LOCAL, Principals
+from opspawn_mcp.runtime import Runtime, bind_http, check_bind
 from opspawn_mcp.store.memory import MemoryStore
 
 NO_TOKENS = Principals.from_config(parse_config({}, environ={}), {})
