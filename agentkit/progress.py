@@ -48,15 +48,35 @@ class ToolProgress:
         self._last_emit: float | None = None
         self._pending: dict[str, Any] | None = None
         self._closed = False
+        self._attached: dict[str, Any] = {}
+        self._last: tuple[float, float | None] = (0, None)
 
     def _data(self, progress: float, total: float | None, message: str | None) -> dict[str, Any]:
+        self._last = (progress, total)
         return {
             "tool": self.tool,
             "call_id": self.call_id,
             "progress": progress,
             "total": total,
             "message": message,
+            **self._attached,
         }
+
+    async def attach(self, message: str | None = None, **fields: Any) -> None:
+        """Add ``fields`` to every later event of this call, and emit one now, unthrottled.
+
+        For what a host learns during a call and a reader needs at once, e.g. the id of the
+        downstream task a call started (``subtask``), so it can be followed or cancelled.
+        """
+        if self._closed:
+            return
+        async with self._lock:
+            if self._closed:
+                return
+            self._attached.update(fields)
+            self._pending = None
+            self._last_emit = anyio.current_time()
+            await self._emit(self._data(*self._last, message))
 
     async def __call__(self, progress: float, total: float | None = None, message: str | None = None) -> None:
         if self._closed:

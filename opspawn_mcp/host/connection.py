@@ -320,6 +320,16 @@ class ServerConnection:
                 return
             except MCPError as exc:
                 logger.info("MCP server %r does not speak 2026-07-28 (%s); using initialize", self.name, exc)
+            try:
+                await session.initialize()
+            except MCPError as exc:
+                if exc.code != types.UNSUPPORTED_PROTOCOL_VERSION:
+                    raise
+                # A modern server slower to start than the probe's timeout (an opspawn importing
+                # its stack on a busy machine) answered it late and now refuses initialize.
+                logger.info("MCP server %r answered server/discover late; probing again", self.name)
+                await session.discover()
+            return
         await session.initialize()
 
     async def _on_log(self, params: types.LoggingMessageNotificationParams) -> None:
@@ -644,6 +654,7 @@ class ServerConnection:
                         poll_timeout_s=self.config.timeout_s,
                         task_timeout_s=self.config.task_timeout_s,
                         progress=progress_callback,
+                        server=self.name,
                     )
                 if not isinstance(answer, types.CallToolResult):
                     raise TypeError(f"expected a tool result, got {type(answer).__name__}")

@@ -19,6 +19,7 @@ from mcp.client.extension import ClaimContext, ResultClaim
 from mcp.client.session import ClientSession
 from mcp.shared.dispatcher import ProgressFnT
 
+from agentkit.progress import ToolProgress
 from opspawn_mcp.mcp_tasks import wire
 from opspawn_mcp.mcp_tasks.wire import TASKS_EXTENSION, CreateTaskResult, DetailedTask, Task
 
@@ -33,7 +34,15 @@ logger = logging.getLogger("opspawn_mcp.host")
 CANCEL_S = 5.0
 """How long leaving a task may wait for the server to acknowledge ``tasks/cancel``."""
 
-__all__ = ["TASKS_EXTENSION", "TaskEnded", "TaskOverdue", "follow", "poll_interval_s", "task_claim"]
+__all__ = [
+    "TASKS_EXTENSION",
+    "TaskEnded",
+    "TaskOverdue",
+    "announce",
+    "follow",
+    "poll_interval_s",
+    "task_claim",
+]
 
 
 class TaskOverdue(Exception):
@@ -62,6 +71,7 @@ async def follow(
     poll_timeout_s: float,
     task_timeout_s: float,
     progress: ProgressFnT | None = None,
+    server: str | None = None,
 ) -> types.CallToolResult:
     """Poll ``created`` until it is terminal and return its tool result.
 
@@ -69,12 +79,15 @@ async def follow(
     one to ask, so it cancels it), ``TaskOverdue`` past ``task_timeout_s``, ``TimeoutError`` when
     one ``tasks/get`` gets no answer within ``poll_timeout_s``, and the SDK's ``MCPError`` for a
     poll the server refuses. Any way out but a result sends ``tasks/cancel`` first, shielded and
-    bounded, so cancelling the caller stops the downstream work too.
+    bounded, so cancelling the caller stops the downstream work too. With ``server`` (the pool's
+    name for it), an agent's ``progress`` sink is first told the task's id (``announce``).
     """
     task: Task = created
     polled: DetailedTask | None = None
     polls = 0
     try:
+        if server is not None:
+            await announce(progress, server, created)
         with anyio.move_on_after(task_timeout_s) as overdue:
             while polled is None or not (polled.terminal or polled.status == "input_required"):
                 await anyio.sleep(poll_interval_s(task))
@@ -93,6 +106,15 @@ async def follow(
     if polled.status != "completed" or polled.result is None:
         raise TaskEnded(polled)
     return types.CallToolResult.model_validate(polled.result)
+
+
+async def announce(progress: ProgressFnT | None, server: str, created: CreateTaskResult) -> None:
+    """Tell an agent's progress sink which downstream task its call started, as soon as it
+    exists: every later ``progress`` event of the call carries ``subtask: {server, task_id}``, so
+    the opspawn task shows where its work went (an opspawn downstream's task id, with chaining)."""
+    if isinstance(progress, ToolProgress):
+        subtask = {"server": server, "task_id": created.task_id}
+        await progress.attach(_progress_text(created), subtask=subtask)
 
 
 def _progress_text(task: Task) -> str:

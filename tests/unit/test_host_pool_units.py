@@ -89,6 +89,7 @@ def test_servers_info_is_pure_data() -> None:
         "last_error",
         "calls",
         "errors",
+        "opspawn_instance",
         "recent_calls",
     }
     assert [i.name for i in pool.scoped(["legacy"]).servers_info()] == ["legacy"]

@@ -22,6 +22,7 @@ from agentkit import (
     tool,
 )
 from agentkit.llm import ScriptedLLM, call
+from agentkit.progress import ToolProgress
 from tests.support.callers import OldCaller
 
 worker = MCPServer("worker", log_level="WARNING")
@@ -144,3 +145,20 @@ async def test_plain_tools_report_progress_and_outside_a_run_it_is_a_no_op() -> 
         ("crunch", 2, 3),
         ("crunch", 3, 3),
     ]
+
+
+async def test_attached_fields_are_emitted_at_once_and_ride_on_every_later_report() -> None:
+    seen: list[dict[str, Any]] = []
+
+    async def emit(data: dict[str, Any]) -> None:
+        seen.append(data)
+
+    sink = ToolProgress(emit, tool="b__submit_task", call_id="c1", interval_s=3600)
+    await sink(1, None, "first")
+    await sink.attach("sub-task created", subtask={"server": "b", "task_id": "t1"})  # not throttled
+    await sink(2, None, "held back by the throttle")
+    await sink.finish()
+    assert [d["message"] for d in seen] == ["first", "sub-task created", "held back by the throttle"]
+    assert "subtask" not in seen[0]
+    assert all(d["subtask"] == {"server": "b", "task_id": "t1"} for d in seen[1:])
+    assert seen[1]["progress"] == 1  # the attach repeats the last progress value
