@@ -79,7 +79,7 @@ async def populate(http: str) -> list[str]:
         for _ in range(TASKS):
             r = await client.post("/v1/tasks", json=SPEC)
             r.raise_for_status()
-            ids.append(r.json()["id"])
+            ids.append(r.json()["task_id"])
         for task_id in ids[1 : 1 + CANCELLED]:
             (await client.post(f"/v1/tasks/{task_id}/cancel")).raise_for_status()
         deadline = time.monotonic() + 30

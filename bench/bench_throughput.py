@@ -438,7 +438,7 @@ async def submit_all(base: str, n: int, concurrency: int, goal: str) -> tuple[li
                 r = await client.post("/v1/tasks", json={"goal": goal.format(i=i), "servers": ["t"]})
                 if r.status_code != 202:
                     raise SystemExit(f"submit failed: {r.status_code} {r.text}")
-                ids.append(r.json()["id"])
+                ids.append(r.json()["task_id"])
 
         start = time.perf_counter()
         await asyncio.gather(*(one() for _ in range(concurrency)))

@@ -136,7 +136,7 @@ class _Routes:
         if spec is _MALFORMED:
             return _malformed()
         task = await self.service.submit(spec, by=principal_of(request.scope))
-        location = str(request.url_for("get_task", task_id=task.id))
+        location = request.url_for("get_task", task_id=task.id).path
         return _json(task.model_dump_json(), 202, {"Location": location})
 
     async def list_tasks(self, request: Request) -> Response:

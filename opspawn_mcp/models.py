@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, computed_field, field_validator
 
 NO_NUL: dict[str, Any] = {"pattern": "^[^\\u0000]*$"}
 """The JSON Schema of ``refuse_nul``, so the OpenAPI document says what the validator enforces."""
@@ -137,10 +137,15 @@ class TaskSpec(_Strict):
         return refuse_nul(value)
 
 
-class Usage(_Strict):
+class Usage(BaseModel):
+    """Token usage. ``total_tokens`` is derived, so it is in every door's answer and never stored
+    apart from its parts; a document that carries it back (the store's, a client's) is read
+    without it (unknown keys are ignored: usage is never client input)."""
+
     input_tokens: int = 0
     output_tokens: int = 0
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def total_tokens(self) -> int:
         return self.input_tokens + self.output_tokens
@@ -211,7 +216,16 @@ class ApprovalInput(ApprovalAnswer):
 
 
 class Task(BaseModel):
-    id: str = Field(default_factory=new_task_id)
+    """A task as the store keeps it and every door shows it. Its id is ``task_id`` in every
+    answer (REST, the MCP resource, like the MCP tools' ``task_id``); code says ``task.id``."""
+
+    model_config = ConfigDict(validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
+
+    id: str = Field(
+        default_factory=new_task_id,
+        serialization_alias="task_id",
+        validation_alias=AliasChoices("task_id", "id"),
+    )
     principal: str = Field(default="local", description="Who submitted it: a token's name, or 'local'.")
     spec: TaskSpec
     status: TaskStatus = TaskStatus.QUEUED

@@ -64,6 +64,7 @@ from opspawn_mcp.models import (
     Task,
     TaskSpec,
     TaskStatus,
+    Usage,
 )
 from opspawn_mcp.principals import LOCAL, Principal, principal_of
 from opspawn_mcp.server_tasks import ServiceTaskBackend, submit_spec
@@ -107,12 +108,6 @@ class TaskProgress(BaseModel):
     max_steps: int = Field(description="The step budget; the task fails if it needs more.")
 
 
-class TaskUsage(BaseModel):
-    input_tokens: int
-    output_tokens: int
-    total_tokens: int
-
-
 class TaskView(BaseModel):
     """A task as an MCP caller sees it: what it needs to decide its next call, nothing internal."""
 
@@ -127,7 +122,7 @@ class TaskView(BaseModel):
     approval: ApprovalRequest | None = Field(
         default=None, description="While input_required: the tool call waiting for a person's approval."
     )
-    usage: TaskUsage
+    usage: Usage
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -159,11 +154,7 @@ class TaskView(BaseModel):
             result=task.result,
             error=task.error,
             approval=task.approval,
-            usage=TaskUsage(
-                input_tokens=task.usage.input_tokens,
-                output_tokens=task.usage.output_tokens,
-                total_tokens=task.usage.total_tokens,
-            ),
+            usage=task.usage,
             created_at=task.created_at,
             started_at=task.started_at,
             finished_at=task.finished_at,

@@ -40,7 +40,7 @@ from opspawn_mcp.models import ApprovalAnswer, ApprovalRequest, Task, TaskSpec, 
 from opspawn_mcp.principals import Principal, principal_of
 from opspawn_mcp.recovery import GAVE_UP_PREFIX
 from opspawn_mcp.runner import INTERNAL_ERROR_REASON
-from opspawn_mcp.service import TaskService
+from opspawn_mcp.service import TaskService, empty_goal
 
 SUBMIT_ARGUMENTS = frozenset({*TaskSpec.model_fields, "wait"} - {"timeout_s", "chain"} | {"timeout"})
 """The arguments submit_task takes: the spec's fields (``timeout_s`` is ``timeout``; ``chain``
@@ -56,7 +56,7 @@ def submit_spec(arguments: Mapping[str, Any], meta: Mapping[str, Any] | None = N
     missing goal gets the service's own message and an unknown argument is refused with the
     names it takes (the SDK would drop it silently)."""
     if "goal" not in arguments:
-        raise InvalidInput("Invalid task spec: goal: Field required.", problems=["goal: Field required"])
+        raise empty_goal()
     unknown = sorted(set(arguments) - SUBMIT_ARGUMENTS)
     if unknown:
         raise InvalidInput(

@@ -129,6 +129,8 @@ class TaskService:
         else:
             raise InvalidInput(f"A task spec must be a JSON object, not {type(spec).__name__}.")
         goal = raw.get("goal")
+        if goal is None or (isinstance(goal, str) and not goal.strip()):
+            raise empty_goal()
         if isinstance(goal, str) and len(goal) > GOAL_MAX_CHARS:
             raise PayloadTooLarge(
                 f"The goal is {len(goal)} characters; the limit is {GOAL_MAX_CHARS}. "
@@ -141,8 +143,6 @@ class TaskService:
         except ValidationError as exc:
             problems = validation_problems(exc, root="(spec)")
             raise InvalidInput("Invalid task spec: " + "; ".join(problems) + ".", problems=problems) from None
-        if not checked.goal.strip():
-            raise InvalidInput("The goal is blank; say what the agent must do.", field="goal")
         check_chain(checked.chain, self.instance_id, self._config.opspawn.chaining.max_depth)
         return checked.model_copy(
             update={
@@ -433,6 +433,14 @@ class TaskService:
         except Exception as exc:
             raise Unavailable(f"The task store cannot be reached: {exc}") from exc
         await self._enqueuer.ping()
+
+
+def empty_goal() -> InvalidInput:
+    """A missing, empty or blank goal, in one message at every door (gRPC cannot tell an empty
+    goal from a missing one, and neither needs the validator's wording)."""
+    return InvalidInput(
+        "The goal is empty; say what the agent must do.", field="goal", problems=["goal: must not be empty"]
+    )
 
 
 _ENDPOINT_FIELDS = frozenset({"provider", "base_url", "model", "api_key_env", "api_key"})

@@ -61,7 +61,7 @@ def _tidy_spec(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def task_to_pb(task: Task) -> pb.Task:
-    data = task.model_dump(mode="json", exclude_none=True)
+    data = task.model_dump(mode="json", exclude_none=True, by_alias=False)
     data["status"] = _PREFIX + task.status.name
     data["spec"] = _tidy_spec(data["spec"])
     message = pb.Task()
@@ -87,7 +87,7 @@ def task_from_pb(message: pb.Task) -> Task:
     data: dict[str, Any] = json_format.MessageToDict(message, preserving_proto_field_name=True)
     data["status"] = status_from_pb(message.status)
     data["spec"] = spec_from_pb(message.spec)
-    for key in ("input_tokens", "output_tokens"):
+    for key in ("input_tokens", "output_tokens", "total_tokens"):
         if key in data.get("usage", {}):
             data["usage"][key] = int(data["usage"][key])
     return Task.model_validate(data)

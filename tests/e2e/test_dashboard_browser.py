@@ -153,7 +153,7 @@ def submit_from_the_page(page: Page, goal: str) -> str:
 def submit_by_rest(serve: Serve, spec: dict[str, Any]) -> str:
     r = httpx.post(f"{serve.http}/v1/tasks", json=spec, headers={"Authorization": f"Bearer {TOKEN}"})
     assert r.status_code == 202, r.text
-    task_id: str = r.json()["id"]
+    task_id: str = r.json()["task_id"]
     return task_id
 
 

@@ -243,13 +243,13 @@ class RestDoor(Door):
 
     @staticmethod
     def _outcome(task: dict[str, Any]) -> Outcome:
-        return Outcome(task["id"], task["status"], task["result"])
+        return Outcome(task["task_id"], task["status"], task["result"])
 
     async def submit(self, spec: dict[str, Any]) -> Outcome:
         r = await self.client.post("/v1/tasks", json=spec)
         task = self._check(r)
         assert r.status_code == 202
-        assert r.headers["location"].endswith(f"/v1/tasks/{task['id']}")
+        assert r.headers["location"].endswith(f"/v1/tasks/{task['task_id']}")
         return self._outcome(task)
 
     async def get(self, task_id: str) -> Outcome:

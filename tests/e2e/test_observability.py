@@ -128,7 +128,7 @@ def test_json_logs_are_one_object_a_line_with_the_task_id_while_it_runs(served: 
     entries = [json.loads(line) for line in lines]  # every line: a log pipeline reads only JSON
     assert all({"time", "level", "logger", "message"} <= entry.keys() for entry in entries)
     assert any(e["message"].startswith("opspawn: serving MCP at ") for e in entries)
-    task_id = served.task["task_id"] if "task_id" in served.task else served.task["id"]
+    task_id = served.task["task_id"]
     finished = [e for e in entries if e["message"] == f"task {task_id} completed"]
     assert len(finished) == 1 and finished[0]["task_id"] == task_id
     assert all(e.get("task_id") in (None, task_id) for e in entries)

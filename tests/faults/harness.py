@@ -178,7 +178,7 @@ class Stack:
         async with self.client() as client:
             r = await client.post("/v1/tasks", json={"goal": goal, "servers": ["c"], **spec})
         assert r.status_code == 202, f"submit answered {r.status_code}: {r.text}"
-        task_id: str = r.json()["id"]
+        task_id: str = r.json()["task_id"]
         return task_id
 
     async def servers(self) -> list[dict[str, Any]]:

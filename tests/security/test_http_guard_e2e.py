@@ -68,7 +68,7 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guarded]:
                 f"{serve.http}/v1/tasks", json={"goal": "sleep 30", "servers": ["example"]}, timeout=30
             )
             assert r.status_code == 202, r.text
-            task_id = r.json()["id"]
+            task_id = r.json()["task_id"]
             yield Guarded(serve, task_id)
             httpx.post(f"{serve.http}/v1/tasks/{task_id}/cancel", timeout=30)
 
@@ -248,7 +248,7 @@ async def test_this_servers_own_host_origin_and_json_go_through(
         r = await client.post("/v1/tasks", json={"goal": "echo allowed"}, headers=headers)
         assert r.status_code == 202, r.text
         _assert_no_cors(r, "an allowed submit")
-        r = await client.get(f"/v1/tasks/{r.json()['id']}", headers=headers)
+        r = await client.get(f"/v1/tasks/{r.json()['task_id']}", headers=headers)
         assert r.status_code == 200, r.text
         for path in ("/v1/servers", "/openapi.json", "/healthz", "/readyz"):
             r = await client.get(path, headers=headers)

@@ -73,7 +73,7 @@ async def _submit(serve: Serve, door: str, token: str, spec: dict[str, Any]) -> 
         async with rest(serve, token) as client:
             r = await client.post("/v1/tasks", json=spec)
         if r.status_code == 202:
-            return {"ok": True, "id": r.json()["id"]}
+            return {"ok": True, "id": r.json()["task_id"]}
         assert r.headers["content-type"].startswith("application/problem+json"), r.headers
         return {
             "ok": False,

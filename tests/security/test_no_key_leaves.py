@@ -193,7 +193,7 @@ async def _submit_valid(world: World, door: str, goal: str, **extra: Any) -> dic
             r = await client.post("/v1/tasks", json=spec)
         world.seen(r.text)
         assert r.status_code == 202, r.text
-        task_id = r.json()["id"]
+        task_id = r.json()["task_id"]
     else:
         grpc_door = GrpcDoor(world.serve)
         try:
@@ -285,7 +285,7 @@ async def test_a_valid_task_completes_and_only_the_profile_key_reaches_only_the_
     assert (done["status"], done["result"]) == ("completed", f"done: {door} {sneaky}"), done
     assert done["spec"]["model"]["profile"] == "default"
     # Everything a client can read about it, at every door, goes through the answer check.
-    task_id = done["id"]
+    task_id = done["task_id"]
     for token in (ALICE, TOKENS["root"]):
         async with rest(world.serve, token) as client:
             world.seen((await client.get(f"/v1/tasks/{task_id}")).text)

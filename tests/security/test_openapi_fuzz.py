@@ -38,7 +38,7 @@ MAX_EXAMPLES = 130
 MIN_CASES = 1000
 MIN_POSITIVE_SUBMIT_SHARE = 0.9
 """Measured: 129 of 130 (the document names the configured servers and profiles and forbids NUL;
-what remains is a goal of only whitespace, which the service calls blank)."""
+what remains is a goal of only whitespace, which the service calls empty)."""
 
 CHECKS = [
     checks.not_a_server_error,
@@ -76,11 +76,14 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
 def _seed(serve: Serve) -> None:
     """Tasks in every terminal state, so listing them puts every optional field under the check."""
     with httpx.Client(base_url=serve.http, headers=AUTH, timeout=30) as client:
-        done = client.post("/v1/tasks", json={"goal": "echo seeded", "servers": ["example"]}).json()["id"]
-        failed = client.post("/v1/tasks", json={"goal": "echo x", "budget": {"max_llm_tokens": 1}}).json()[
-            "id"
-        ]
-        sleeping = client.post("/v1/tasks", json={"goal": "sleep 30", "servers": ["example"]}).json()["id"]
+
+        def submit(spec: dict[str, object]) -> str:
+            task_id: str = client.post("/v1/tasks", json=spec).json()["task_id"]
+            return task_id
+
+        done = submit({"goal": "echo seeded", "servers": ["example"]})
+        failed = submit({"goal": "echo x", "budget": {"max_llm_tokens": 1}})
+        sleeping = submit({"goal": "sleep 30", "servers": ["example"]})
         assert client.post(f"/v1/tasks/{sleeping}/cancel").status_code == 200
 
     async def finished() -> None:

@@ -91,7 +91,7 @@ async def submit(serve: Serve, door: str, token: str, spec: dict[str, Any]) -> t
     if door == "rest":
         async with rest(serve, token) as client:
             r = await client.post("/v1/tasks", json=spec)
-        return ("ok", r.json()["id"]) if r.status_code == 202 else (r.json()["kind"], r.text)
+        return ("ok", r.json()["task_id"]) if r.status_code == 202 else (r.json()["kind"], r.text)
     g = GrpcDoor(serve)
     try:
         sent = await g.call("SubmitTask", pb.SubmitTaskRequest(spec=pb.TaskSpec(**spec)), token)
@@ -212,7 +212,7 @@ async def listed(serve: Serve, door: str, token: str) -> list[str]:
         async with rest(serve, token) as client:
             r = await client.get("/v1/tasks", params={"limit": 100})
         assert r.status_code == 200, r.text
-        return [t["id"] for t in r.json()["items"]]
+        return [t["task_id"] for t in r.json()["items"]]
     g = GrpcDoor(serve)
     try:
         page = await g.call("ListTasks", pb.ListTasksRequest(limit=100), token)
@@ -392,7 +392,7 @@ def test_the_cli_speaks_as_the_principal_of_opspawn_token(serve: Serve, tmp_path
         headers={"Authorization": f"Bearer {ALICE}"},
         timeout=HANG_GUARD_S,
     )
-    task_id = r.json()["id"]
+    task_id = r.json()["task_id"]
     mine = status(task_id, ALICE)
     assert mine.returncode == 0, mine.stderr
     assert json.loads(mine.stdout)["task_id"] == task_id

@@ -6,9 +6,13 @@ RabbitMQ can still run the rest; CI sets the variable, and then a missing servic
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 import shutil
 import socket
+import threading
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -17,7 +21,12 @@ POSTGRES_URL = os.environ.get(
 )
 RABBITMQ_URL = os.environ.get("OPSPAWN_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
-_PORTS = {"postgres": ("127.0.0.1", 5432), "rabbitmq": ("127.0.0.1", 5672)}
+_PG = urlsplit(POSTGRES_URL)
+_RABBIT = urlsplit(RABBITMQ_URL)
+_PORTS = {
+    "postgres": (_PG.hostname or "127.0.0.1", _PG.port or 5432),
+    "rabbitmq": (_RABBIT.hostname or "127.0.0.1", _RABBIT.port or 5672),
+}
 
 
 def services_required() -> bool:
@@ -38,6 +47,46 @@ def require_service(name: str) -> None:
         socket.create_connection((host, port), timeout=2).close()
     except OSError:
         unavailable(f"{name} on {host}:{port}")
+    if name == "postgres":
+        problem = postgres_problem(POSTGRES_URL)
+        if problem is not None:
+            pytest.fail(problem, pytrace=False)
+
+
+@functools.cache
+def postgres_problem(url: str) -> str | None:
+    """Why the PostgreSQL tests cannot use ``url`` although the server answers, in words that say
+    what to do (a missing database, a refused role); None when a connection works. Connects once
+    per URL, on a thread of its own, so it works inside a running event loop too."""
+    import asyncpg
+
+    parts = urlsplit(url.replace("+asyncpg", ""))
+    database = parts.path.lstrip("/") or "postgres"
+    fix = (
+        f"create it (`createdb {database}`, as a role that may) or point OPSPAWN_TEST_POSTGRES_URL "
+        "at one that exists (postgresql+asyncpg://USER@HOST:PORT/DB)"
+    )
+    outcome: list[str | None] = []
+
+    async def probe() -> None:
+        connection = await asyncpg.connect(parts.geturl(), timeout=5)
+        await connection.close()
+
+    def run() -> None:
+        try:
+            asyncio.run(probe())
+            outcome.append(None)
+        except asyncpg.InvalidCatalogNameError:
+            outcome.append(f"PostgreSQL answers, but it has no database {database!r}: {fix}")
+        except Exception as exc:  # a refused role, a password, TLS: say which, and what to set
+            outcome.append(
+                f"PostgreSQL answers, but {url} does not work ({type(exc).__name__}: {exc}): {fix}"
+            )
+
+    thread = threading.Thread(target=run, name="postgres-probe")
+    thread.start()
+    thread.join()
+    return outcome[0] if outcome else "the PostgreSQL probe ended without an answer"
 
 
 def require_command(command: str) -> str:

@@ -108,7 +108,7 @@ async def test_rest_shows_the_request_and_post_input_answers_it(
     assert shown["status"] == "input_required" and shown["approval"]["id"] == task.approval.id
     assert "tool_call" not in shown["approval"]
     listed = (await rest.get("/v1/tasks", params={"status": "input_required"})).json()
-    assert [t["id"] for t in listed["items"]] == [task.id]
+    assert [t["task_id"] for t in listed["items"]] == [task.id]
 
     r = await rest.post(f"/v1/tasks/{task.id}/input", json={"request_id": task.approval.id, "approve": True})
 

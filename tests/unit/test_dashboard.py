@@ -58,7 +58,7 @@ async def submit(http: httpx.AsyncClient, token: str | None, **spec: Any) -> str
     headers = bearer(token) if token else {}
     r = await http.post("/v1/tasks", json={**NO_SERVERS, **spec}, headers=headers)
     assert r.status_code == 202, r.text
-    task_id: str = r.json()["id"]
+    task_id: str = r.json()["task_id"]
     return task_id
 
 

@@ -100,11 +100,12 @@ async def test_submit_returns_202_with_location_and_the_queued_task(
     task = r.json()
     assert task["status"] == "queued"
     assert task["spec"]["max_steps"] == 3
-    assert enqueuer.ids == [task["id"]]
-    assert r.headers["location"] == f"{BASE}/v1/tasks/{task['id']}"
+    assert enqueuer.ids == [task["task_id"]]
+    assert r.headers["location"] == f"/v1/tasks/{task['task_id']}"  # a path, as docs/rest.md shows
     again = await client.get(r.headers["location"])
     assert again.status_code == 200
-    assert again.json()["id"] == task["id"]
+    assert again.json()["task_id"] == task["task_id"]
+    assert again.json()["usage"] == {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
 
 
 @pytest.mark.parametrize("body", [b"{not json", b"", b"[" * 100_000, b"\xff\xfe"])
@@ -161,7 +162,7 @@ async def test_unknown_task_is_404_naming_the_id(client: httpx.AsyncClient) -> N
 async def test_list_filters_by_status_and_pages_with_the_cursor(
     client: httpx.AsyncClient, store: MemoryStore
 ) -> None:
-    ids = [(await client.post("/v1/tasks", json={"goal": f"g{i}"})).json()["id"] for i in range(5)]
+    ids = [(await client.post("/v1/tasks", json={"goal": f"g{i}"})).json()["task_id"] for i in range(5)]
     await finish(store, ids[0], "ok")
     seen: list[str] = []
     cursor: str | None = None
@@ -170,13 +171,13 @@ async def test_list_filters_by_status_and_pages_with_the_cursor(
         if cursor:
             params["cursor"] = cursor
         page = (await client.get("/v1/tasks", params=params)).json()
-        seen += [t["id"] for t in page["items"]]
+        seen += [t["task_id"] for t in page["items"]]
         cursor = page["next_cursor"]
         if cursor is None:
             break
     assert sorted(seen) == sorted(ids[1:])
     completed = (await client.get("/v1/tasks", params={"status": "completed"})).json()
-    assert [t["id"] for t in completed["items"]] == [ids[0]]
+    assert [t["task_id"] for t in completed["items"]] == [ids[0]]
 
 
 @pytest.mark.parametrize(
@@ -192,11 +193,11 @@ async def test_bad_list_query_is_422(client: httpx.AsyncClient, params: dict[str
 async def test_cancel_then_cancel_a_finished_task_is_409(
     client: httpx.AsyncClient, store: MemoryStore
 ) -> None:
-    a = (await client.post("/v1/tasks", json={"goal": "a"})).json()["id"]
+    a = (await client.post("/v1/tasks", json={"goal": "a"})).json()["task_id"]
     r = await client.post(f"/v1/tasks/{a}/cancel")
     assert r.status_code == 200
     assert r.json()["status"] == "cancelled"
-    b = (await client.post("/v1/tasks", json={"goal": "b"})).json()["id"]
+    b = (await client.post("/v1/tasks", json={"goal": "b"})).json()["task_id"]
     await finish(store, b, "ok")
     assert_problem(await client.post(f"/v1/tasks/{b}/cancel"), 409, "conflict")
     assert_problem(await client.post("/v1/tasks/nope/cancel"), 404, "not_found")
@@ -208,7 +209,7 @@ async def test_cancel_then_cancel_a_finished_task_is_409(
 async def test_events_stream_ends_with_the_task_and_resumes_after_last_event_id(
     client: httpx.AsyncClient, store: MemoryStore
 ) -> None:
-    task_id = (await client.post("/v1/tasks", json={"goal": "g"})).json()["id"]
+    task_id = (await client.post("/v1/tasks", json={"goal": "g"})).json()["task_id"]
     await finish(store, task_id, "42")
     r = await client.get(f"/v1/tasks/{task_id}/events")
     assert r.status_code == 200
@@ -230,7 +231,7 @@ async def test_every_sse_event_is_the_documented_task_event(
     media = document["paths"]["/v1/tasks/{task_id}/events"]["get"]["responses"]["200"]["content"]
     name = media["text/event-stream"]["x-sse-data"]["$ref"].rsplit("/", 1)[-1]
     validator = jsonschema.Draft202012Validator(document["components"]["schemas"][name])
-    task_id = (await client.post("/v1/tasks", json={"goal": "g"})).json()["id"]
+    task_id = (await client.post("/v1/tasks", json={"goal": "g"})).json()["task_id"]
     await store.append_event(task_id, "tool_call", {"tool": "echo__echo", "arguments": {"text": "x"}})
     await finish(store, task_id, "42")
     events = parse_sse((await client.get(f"/v1/tasks/{task_id}/events")).text)
@@ -242,7 +243,7 @@ async def test_every_sse_event_is_the_documented_task_event(
 
 
 async def test_events_follow_a_live_task_until_it_ends(client: httpx.AsyncClient, store: MemoryStore) -> None:
-    task_id = (await client.post("/v1/tasks", json={"goal": "g"})).json()["id"]
+    task_id = (await client.post("/v1/tasks", json={"goal": "g"})).json()["task_id"]
     stream = asyncio.create_task(client.get(f"/v1/tasks/{task_id}/events"))
     # The stream can only end once the task is terminal, so finishing it is what completes it.
     await finish(store, task_id, "live")
@@ -252,7 +253,7 @@ async def test_events_follow_a_live_task_until_it_ends(client: httpx.AsyncClient
 
 async def test_events_errors_come_before_the_stream(client: httpx.AsyncClient) -> None:
     assert_problem(await client.get("/v1/tasks/nope/events"), 404, "not_found")
-    task_id = (await client.post("/v1/tasks", json={"goal": "g"})).json()["id"]
+    task_id = (await client.post("/v1/tasks", json={"goal": "g"})).json()["task_id"]
     bad = await client.get(f"/v1/tasks/{task_id}/events", headers={"Last-Event-ID": "abc"})
     assert_problem(bad, 422, "invalid_input")
 
@@ -393,7 +394,7 @@ async def test_a_quiet_event_stream_sends_keepalive_comments(service: TaskServic
         serving = asyncio.create_task(server.serve(sockets=[sock]))
         try:
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
-                task_id = (await http.post("/v1/tasks", json={"goal": "g"})).json()["id"]
+                task_id = (await http.post("/v1/tasks", json={"goal": "g"})).json()["task_id"]
                 seen: list[str] = []
                 async with http.stream("GET", f"/v1/tasks/{task_id}/events") as response:
                     async for line in response.aiter_lines():

@@ -23,7 +23,7 @@ from opspawn_mcp.grpc_internal.convert import event_from_pb, task_from_pb
 from opspawn_mcp.grpc_internal.gen import tasks_pb2 as pb
 from opspawn_mcp.grpc_internal.gen import tasks_pb2_grpc as pb_grpc
 from opspawn_mcp.limits import IN_FLIGHT_RETRY_S
-from opspawn_mcp.models import Task
+from opspawn_mcp.models import Task, Usage
 from opspawn_mcp.principals import LOCAL, Principals
 from opspawn_mcp.service import TaskService
 from opspawn_mcp.store.memory import MemoryStore
@@ -110,7 +110,11 @@ async def test_servers_unset_means_all_and_restricted_empty_means_none(
 @pytest.mark.parametrize(
     ("spec", "code", "words"),
     [
-        (pb.TaskSpec(goal=""), grpc.StatusCode.INVALID_ARGUMENT, "goal"),
+        (
+            pb.TaskSpec(goal=""),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "The goal is empty; say what the agent must do.",
+        ),
         (pb.TaskSpec(goal="x", max_steps=0), grpc.StatusCode.INVALID_ARGUMENT, "max_steps"),
         (pb.TaskSpec(goal="x", planner="yolo"), grpc.StatusCode.INVALID_ARGUMENT, "planner"),
         (pb.TaskSpec(goal="x", servers=["evil"]), grpc.StatusCode.PERMISSION_DENIED, "'evil'"),
@@ -135,6 +139,14 @@ async def test_not_found_and_conflict(stub: Any, store: MemoryStore) -> None:
     code, details = await code_of(stub.CancelTask(pb.CancelTaskRequest(task_id=task.id)))
     assert code == grpc.StatusCode.FAILED_PRECONDITION
     assert "completed" in details
+
+
+async def test_usage_carries_its_total_like_every_door(stub: Any, store: MemoryStore) -> None:
+    task = await stub.SubmitTask(pb.SubmitTaskRequest(spec=pb.TaskSpec(goal="x")))
+    await store.record_progress(task.id, 1, Usage(input_tokens=30, output_tokens=12))
+    got = await stub.GetTask(pb.GetTaskRequest(task_id=task.id))
+    assert (got.usage.input_tokens, got.usage.output_tokens, got.usage.total_tokens) == (30, 12, 42)
+    assert task_from_pb(got).usage == Usage(input_tokens=30, output_tokens=12)
 
 
 async def test_cancel_a_queued_task(stub: Any) -> None:

@@ -145,7 +145,7 @@ async def test_json_with_parameters_and_a_bodyless_post_pass() -> None:
         headers = {"content-type": "Application/JSON; charset=utf-8", "origin": base}
         submitted = await http.post("/v1/tasks", content=b'{"goal": "x", "servers": []}', headers=headers)
         assert submitted.status_code == 202, submitted.text
-        cancelled = await http.post(f"/v1/tasks/{submitted.json()['id']}/cancel")
+        cancelled = await http.post(f"/v1/tasks/{submitted.json()['task_id']}/cancel")
         assert cancelled.status_code in (200, 409), cancelled.text  # the embedded worker may fail it first
         assert (await http.get("/v1/tasks", headers={"host": "LOCALHOST"})).status_code == 200
 
@@ -188,8 +188,8 @@ async def test_two_tokens_are_two_principals(token_env: dict[str, str]) -> None:
             assert (await http.get("/whoami", headers=bob)).json() == {"principal": "bob"}
             task = (await http.post("/v1/tasks", json={"goal": "x", "servers": []}, headers=alice)).json()
             assert task["principal"] == "alice"
-            assert (await http.get(f"/v1/tasks/{task['id']}", headers=alice)).status_code == 200
-            assert_problem(await http.get(f"/v1/tasks/{task['id']}", headers=bob), 404, "not_found")
+            assert (await http.get(f"/v1/tasks/{task['task_id']}", headers=alice)).status_code == 200
+            assert_problem(await http.get(f"/v1/tasks/{task['task_id']}", headers=bob), 404, "not_found")
         async with (
             httpx2.AsyncClient(headers=bob) as bobs,
             Client(streamable_http_client(f"{base}/mcp", http_client=bobs)) as client,

@@ -85,7 +85,7 @@ async def test_submit_returns_the_queued_task_at_once(server: MCPServer, enqueue
         ({"goal": "x", "model": {"base_url": "http://127.0.0.1:9/v1"}}, "model.base_url cannot be set"),
         ({"goal": "x", "model": {"profile": "nope"}}, "forbidden: Unknown model profile 'nope'"),
         ({"goal": "x", "colour": "red"}, "invalid_input: submit_task has no argument(s) 'colour'"),
-        ({"servers": ["testing"]}, "invalid_input: Invalid task spec: goal: Field required"),
+        ({"servers": ["testing"]}, "invalid_input: The goal is empty; say what the agent must do."),
     ],
 )
 async def test_bad_input_is_a_tool_error_with_a_clear_message(
@@ -198,7 +198,7 @@ async def test_resources(server: MCPServer, store: MemoryStore) -> None:
         assert task
         body = await client.read_resource(f"opspawn://tasks/{task['task_id']}")
         doc = json.loads(body.contents[0].text)  # type: ignore[union-attr]
-        assert doc["id"] == task["task_id"] and doc["spec"]["goal"] == "a"
+        assert doc["task_id"] == task["task_id"] and doc["spec"]["goal"] == "a"
         assert "lease_owner" not in doc
         events = await client.read_resource(f"opspawn://tasks/{task['task_id']}/events")
         log = json.loads(events.contents[0].text)  # type: ignore[union-attr]

@@ -93,7 +93,8 @@ async def test_huge_goal_is_payload_too_large(service: TaskService, enqueuer: Re
         ({"goal": "x", "servers": "echo"}, "servers"),
         ({"goal": "x", "planner": "yolo"}, "planner"),
         ({"goal": "x", "colour": "red"}, "colour: unknown field"),
-        ({}, "goal: Field required"),
+        ({}, "The goal is empty; say what the agent must do."),
+        ({"goal": "  "}, "The goal is empty; say what the agent must do."),
     ],
 )
 async def test_wrong_types_are_invalid_with_the_field_named(

@@ -26,15 +26,15 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)opspawn_mcp/grpc_internal/gen/tasks.proto\x12\nopspawn.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc3\x01\n\rModelSettings\x12\x14\n\x07profile\x18\x07 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x06 \x01(\x05H\x02\x88\x01\x01\x42\n\n\x08_profileB\x0e\n\x0c_temperatureB\r\n\x0b_max_tokensJ\x04\x08\x01\x10\x02J\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05R\x08providerR\x08\x62\x61se_urlR\x05modelR\x0b\x61pi_key_env\"h\n\x06\x42udget\x12\x1b\n\x0emax_llm_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0emax_tool_calls\x18\x02 \x01(\x05H\x01\x88\x01\x01\x42\x11\n\x0f_max_llm_tokensB\x11\n\x0f_max_tool_calls\"\xdb\x02\n\x08TaskSpec\x12\x0c\n\x04goal\x18\x01 \x01(\t\x12\x1a\n\rsystem_prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12-\n\x05model\x18\x03 \x01(\x0b\x32\x19.opspawn.v1.ModelSettingsH\x01\x88\x01\x01\x12\x0f\n\x07servers\x18\x04 \x03(\t\x12\x18\n\x10restrict_servers\x18\x05 \x01(\x08\x12\x14\n\x07planner\x18\x06 \x01(\tH\x02\x88\x01\x01\x12\x16\n\tmax_steps\x18\x07 \x01(\x05H\x03\x88\x01\x01\x12\x16\n\ttimeout_s\x18\x08 \x01(\x01H\x04\x88\x01\x01\x12\'\n\x06\x62udget\x18\t \x01(\x0b\x32\x12.opspawn.v1.BudgetH\x05\x88\x01\x01\x12\r\n\x05\x63hain\x18\n \x03(\tB\x10\n\x0e_system_promptB\x08\n\x06_modelB\n\n\x08_plannerB\x0c\n\n_max_stepsB\x0c\n\n_timeout_sB\t\n\x07_budget\"4\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\"\xed\x03\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x04spec\x18\x02 \x01(\x0b\x32\x14.opspawn.v1.TaskSpec\x12&\n\x06status\x18\x03 \x01(\x0e\x32\x16.opspawn.v1.TaskStatus\x12\x13\n\x06result\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x12\n\x05\x65rror\x18\x05 \x01(\tH\x01\x88\x01\x01\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.opspawn.v1.Usage\x12\r\n\x05steps\x18\x07 \x01(\x05\x12\x10\n\x08\x61ttempts\x18\x08 \x01(\x05\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\nstarted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x02\x88\x01\x01\x12\x34\n\x0b\x66inished_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x03\x88\x01\x01\x12\x11\n\tprincipal\x18\x0c \x01(\t\x12\x32\n\x08\x61pproval\x18\r \x01(\x0b\x32\x1b.opspawn.v1.ApprovalRequestH\x04\x88\x01\x01\x42\t\n\x07_resultB\x08\n\x06_errorB\r\n\x0b_started_atB\x0e\n\x0c_finished_atB\x0b\n\t_approval\"\xee\x01\n\x0f\x41pprovalRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06server\x18\x02 \x01(\t\x12\x0c\n\x04tool\x18\x03 \x01(\t\x12*\n\targuments\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x30\n\x0crequested_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x00\x88\x01\x01\x42\r\n\x0b_expires_at\"\x88\x01\n\tTaskEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12%\n\x04\x64\x61ta\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\"7\n\x11SubmitTaskRequest\x12\"\n\x04spec\x18\x01 \x01(\x0b\x32\x14.opspawn.v1.TaskSpec\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"x\n\x10ListTasksRequest\x12&\n\x06status\x18\x01 \x01(\x0e\x32\x16.opspawn.v1.TaskStatus\x12\x12\n\x05limit\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06\x63ursor\x18\x03 \x01(\tH\x01\x88\x01\x01\x42\x08\n\x06_limitB\t\n\x07_cursor\"^\n\x11ListTasksResponse\x12\x1f\n\x05items\x18\x01 \x03(\x0b\x32\x10.opspawn.v1.Task\x12\x18\n\x0bnext_cursor\x18\x02 \x01(\tH\x00\x88\x01\x01\x42\x0e\n\x0c_next_cursor\"$\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"v\n\x11\x41nswerTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x14\n\x07\x61pprove\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x11\n\x04note\x18\x04 \x01(\tH\x01\x88\x01\x01\x42\n\n\x08_approveB\x07\n\x05_note\"6\n\x10WatchTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03*\xc8\x01\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12TASK_STATUS_QUEUED\x10\x01\x12\x17\n\x13TASK_STATUS_RUNNING\x10\x02\x12\x19\n\x15TASK_STATUS_COMPLETED\x10\x03\x12\x16\n\x12TASK_STATUS_FAILED\x10\x04\x12\x19\n\x15TASK_STATUS_CANCELLED\x10\x05\x12\x1e\n\x1aTASK_STATUS_INPUT_REQUIRED\x10\x06\x32\x91\x03\n\x0bTaskService\x12=\n\nSubmitTask\x12\x1d.opspawn.v1.SubmitTaskRequest\x1a\x10.opspawn.v1.Task\x12\x37\n\x07GetTask\x12\x1a.opspawn.v1.GetTaskRequest\x1a\x10.opspawn.v1.Task\x12H\n\tListTasks\x12\x1c.opspawn.v1.ListTasksRequest\x1a\x1d.opspawn.v1.ListTasksResponse\x12=\n\nCancelTask\x12\x1d.opspawn.v1.CancelTaskRequest\x1a\x10.opspawn.v1.Task\x12=\n\nAnswerTask\x12\x1d.opspawn.v1.AnswerTaskRequest\x1a\x10.opspawn.v1.Task\x12\x42\n\tWatchTask\x12\x1c.opspawn.v1.WatchTaskRequest\x1a\x15.opspawn.v1.TaskEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)opspawn_mcp/grpc_internal/gen/tasks.proto\x12\nopspawn.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc3\x01\n\rModelSettings\x12\x14\n\x07profile\x18\x07 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x06 \x01(\x05H\x02\x88\x01\x01\x42\n\n\x08_profileB\x0e\n\x0c_temperatureB\r\n\x0b_max_tokensJ\x04\x08\x01\x10\x02J\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05R\x08providerR\x08\x62\x61se_urlR\x05modelR\x0b\x61pi_key_env\"h\n\x06\x42udget\x12\x1b\n\x0emax_llm_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0emax_tool_calls\x18\x02 \x01(\x05H\x01\x88\x01\x01\x42\x11\n\x0f_max_llm_tokensB\x11\n\x0f_max_tool_calls\"\xdb\x02\n\x08TaskSpec\x12\x0c\n\x04goal\x18\x01 \x01(\t\x12\x1a\n\rsystem_prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12-\n\x05model\x18\x03 \x01(\x0b\x32\x19.opspawn.v1.ModelSettingsH\x01\x88\x01\x01\x12\x0f\n\x07servers\x18\x04 \x03(\t\x12\x18\n\x10restrict_servers\x18\x05 \x01(\x08\x12\x14\n\x07planner\x18\x06 \x01(\tH\x02\x88\x01\x01\x12\x16\n\tmax_steps\x18\x07 \x01(\x05H\x03\x88\x01\x01\x12\x16\n\ttimeout_s\x18\x08 \x01(\x01H\x04\x88\x01\x01\x12\'\n\x06\x62udget\x18\t \x01(\x0b\x32\x12.opspawn.v1.BudgetH\x05\x88\x01\x01\x12\r\n\x05\x63hain\x18\n \x03(\tB\x10\n\x0e_system_promptB\x08\n\x06_modelB\n\n\x08_plannerB\x0c\n\n_max_stepsB\x0c\n\n_timeout_sB\t\n\x07_budget\"J\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x03\"\xed\x03\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x04spec\x18\x02 \x01(\x0b\x32\x14.opspawn.v1.TaskSpec\x12&\n\x06status\x18\x03 \x01(\x0e\x32\x16.opspawn.v1.TaskStatus\x12\x13\n\x06result\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x12\n\x05\x65rror\x18\x05 \x01(\tH\x01\x88\x01\x01\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.opspawn.v1.Usage\x12\r\n\x05steps\x18\x07 \x01(\x05\x12\x10\n\x08\x61ttempts\x18\x08 \x01(\x05\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\nstarted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x02\x88\x01\x01\x12\x34\n\x0b\x66inished_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x03\x88\x01\x01\x12\x11\n\tprincipal\x18\x0c \x01(\t\x12\x32\n\x08\x61pproval\x18\r \x01(\x0b\x32\x1b.opspawn.v1.ApprovalRequestH\x04\x88\x01\x01\x42\t\n\x07_resultB\x08\n\x06_errorB\r\n\x0b_started_atB\x0e\n\x0c_finished_atB\x0b\n\t_approval\"\xee\x01\n\x0f\x41pprovalRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06server\x18\x02 \x01(\t\x12\x0c\n\x04tool\x18\x03 \x01(\t\x12*\n\targuments\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x30\n\x0crequested_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x00\x88\x01\x01\x42\r\n\x0b_expires_at\"\x88\x01\n\tTaskEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12%\n\x04\x64\x61ta\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\"7\n\x11SubmitTaskRequest\x12\"\n\x04spec\x18\x01 \x01(\x0b\x32\x14.opspawn.v1.TaskSpec\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"x\n\x10ListTasksRequest\x12&\n\x06status\x18\x01 \x01(\x0e\x32\x16.opspawn.v1.TaskStatus\x12\x12\n\x05limit\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06\x63ursor\x18\x03 \x01(\tH\x01\x88\x01\x01\x42\x08\n\x06_limitB\t\n\x07_cursor\"^\n\x11ListTasksResponse\x12\x1f\n\x05items\x18\x01 \x03(\x0b\x32\x10.opspawn.v1.Task\x12\x18\n\x0bnext_cursor\x18\x02 \x01(\tH\x00\x88\x01\x01\x42\x0e\n\x0c_next_cursor\"$\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"v\n\x11\x41nswerTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x14\n\x07\x61pprove\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x11\n\x04note\x18\x04 \x01(\tH\x01\x88\x01\x01\x42\n\n\x08_approveB\x07\n\x05_note\"6\n\x10WatchTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03*\xc8\x01\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12TASK_STATUS_QUEUED\x10\x01\x12\x17\n\x13TASK_STATUS_RUNNING\x10\x02\x12\x19\n\x15TASK_STATUS_COMPLETED\x10\x03\x12\x16\n\x12TASK_STATUS_FAILED\x10\x04\x12\x19\n\x15TASK_STATUS_CANCELLED\x10\x05\x12\x1e\n\x1aTASK_STATUS_INPUT_REQUIRED\x10\x06\x32\x91\x03\n\x0bTaskService\x12=\n\nSubmitTask\x12\x1d.opspawn.v1.SubmitTaskRequest\x1a\x10.opspawn.v1.Task\x12\x37\n\x07GetTask\x12\x1a.opspawn.v1.GetTaskRequest\x1a\x10.opspawn.v1.Task\x12H\n\tListTasks\x12\x1c.opspawn.v1.ListTasksRequest\x1a\x1d.opspawn.v1.ListTasksResponse\x12=\n\nCancelTask\x12\x1d.opspawn.v1.CancelTaskRequest\x1a\x10.opspawn.v1.Task\x12=\n\nAnswerTask\x12\x1d.opspawn.v1.AnswerTaskRequest\x1a\x10.opspawn.v1.Task\x12\x42\n\tWatchTask\x12\x1c.opspawn.v1.WatchTaskRequest\x1a\x15.opspawn.v1.TaskEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'opspawn_mcp.grpc_internal.gen.tasks_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASKSTATUS']._serialized_start=2229
-  _globals['_TASKSTATUS']._serialized_end=2429
+  _globals['_TASKSTATUS']._serialized_start=2251
+  _globals['_TASKSTATUS']._serialized_end=2451
   _globals['_MODELSETTINGS']._serialized_start=121
   _globals['_MODELSETTINGS']._serialized_end=316
   _globals['_BUDGET']._serialized_start=318
@@ -42,27 +42,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASKSPEC']._serialized_start=425
   _globals['_TASKSPEC']._serialized_end=772
   _globals['_USAGE']._serialized_start=774
-  _globals['_USAGE']._serialized_end=826
-  _globals['_TASK']._serialized_start=829
-  _globals['_TASK']._serialized_end=1322
-  _globals['_APPROVALREQUEST']._serialized_start=1325
-  _globals['_APPROVALREQUEST']._serialized_end=1563
-  _globals['_TASKEVENT']._serialized_start=1566
-  _globals['_TASKEVENT']._serialized_end=1702
-  _globals['_SUBMITTASKREQUEST']._serialized_start=1704
-  _globals['_SUBMITTASKREQUEST']._serialized_end=1759
-  _globals['_GETTASKREQUEST']._serialized_start=1761
-  _globals['_GETTASKREQUEST']._serialized_end=1794
-  _globals['_LISTTASKSREQUEST']._serialized_start=1796
-  _globals['_LISTTASKSREQUEST']._serialized_end=1916
-  _globals['_LISTTASKSRESPONSE']._serialized_start=1918
-  _globals['_LISTTASKSRESPONSE']._serialized_end=2012
-  _globals['_CANCELTASKREQUEST']._serialized_start=2014
-  _globals['_CANCELTASKREQUEST']._serialized_end=2050
-  _globals['_ANSWERTASKREQUEST']._serialized_start=2052
-  _globals['_ANSWERTASKREQUEST']._serialized_end=2170
-  _globals['_WATCHTASKREQUEST']._serialized_start=2172
-  _globals['_WATCHTASKREQUEST']._serialized_end=2226
-  _globals['_TASKSERVICE']._serialized_start=2432
-  _globals['_TASKSERVICE']._serialized_end=2833
+  _globals['_USAGE']._serialized_end=848
+  _globals['_TASK']._serialized_start=851
+  _globals['_TASK']._serialized_end=1344
+  _globals['_APPROVALREQUEST']._serialized_start=1347
+  _globals['_APPROVALREQUEST']._serialized_end=1585
+  _globals['_TASKEVENT']._serialized_start=1588
+  _globals['_TASKEVENT']._serialized_end=1724
+  _globals['_SUBMITTASKREQUEST']._serialized_start=1726
+  _globals['_SUBMITTASKREQUEST']._serialized_end=1781
+  _globals['_GETTASKREQUEST']._serialized_start=1783
+  _globals['_GETTASKREQUEST']._serialized_end=1816
+  _globals['_LISTTASKSREQUEST']._serialized_start=1818
+  _globals['_LISTTASKSREQUEST']._serialized_end=1938
+  _globals['_LISTTASKSRESPONSE']._serialized_start=1940
+  _globals['_LISTTASKSRESPONSE']._serialized_end=2034
+  _globals['_CANCELTASKREQUEST']._serialized_start=2036
+  _globals['_CANCELTASKREQUEST']._serialized_end=2072
+  _globals['_ANSWERTASKREQUEST']._serialized_start=2074
+  _globals['_ANSWERTASKREQUEST']._serialized_end=2192
+  _globals['_WATCHTASKREQUEST']._serialized_start=2194
+  _globals['_WATCHTASKREQUEST']._serialized_end=2248
+  _globals['_TASKSERVICE']._serialized_start=2454
+  _globals['_TASKSERVICE']._serialized_end=2855
 # @@protoc_insertion_point(module_scope)

@@ -71,12 +71,14 @@ class TaskSpec(_message.Message):
     def __init__(self, goal: _Optional[str] = ..., system_prompt: _Optional[str] = ..., model: _Optional[_Union[ModelSettings, _Mapping]] = ..., servers: _Optional[_Iterable[str]] = ..., restrict_servers: _Optional[bool] = ..., planner: _Optional[str] = ..., max_steps: _Optional[int] = ..., timeout_s: _Optional[float] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., chain: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("input_tokens", "output_tokens")
+    __slots__ = ("input_tokens", "output_tokens", "total_tokens")
     INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     input_tokens: int
     output_tokens: int
-    def __init__(self, input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ...) -> None: ...
+    total_tokens: int
+    def __init__(self, input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
     __slots__ = ("id", "spec", "status", "result", "error", "usage", "steps", "attempts", "created_at", "started_at", "finished_at", "principal", "approval")
