@@ -20,13 +20,14 @@ import uuid
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx
 
-from opspawn_mcp.models import Task, TaskEvent
+from opspawn_mcp.models import Task, TaskEvent, TaskStatus
 from opspawn_mcp.store import open_store
 from opspawn_mcp.store.base import TaskStore
 from tests.servers.harness import REPO_ROOT, free_port, opspawn_command, opspawn_process
@@ -190,25 +191,41 @@ class Stack:
 
     # -- the store, read directly --
 
-    async def finished(self, task_ids: Iterable[str], *, deadline_s: float = HANG_GUARD_S) -> dict[str, Task]:
-        """Poll the store until every task is terminal; the finished tasks by id."""
+    async def finished(self, task_ids: Iterable[str], *, stall_s: float = HANG_GUARD_S) -> dict[str, Task]:
+        """Poll the store until every task is terminal; the finished tasks by id.
+
+        The guard is on progress, not on the whole wait: it fails only when ``stall_s`` pass with
+        no further task finishing, so a loaded machine makes a long batch slower, never red."""
         pending, done = set(task_ids), {}
 
-        async def all_done() -> bool:
+        async def one_more(before: int) -> bool:
             for task_id in list(pending):
                 task = await self.store.get(task_id)
                 if task.status.terminal:
                     done[task_id] = task
                     pending.discard(task_id)
-            return not pending
+            return len(pending) < before or not pending
 
-        try:
-            await poll(all_done, "all tasks finished", interval=0.2, deadline_s=deadline_s)
-        except AssertionError:
-            raise AssertionError(
-                f"{len(pending)} tasks never finished, e.g. {sorted(pending)[:3]}\n{self.logs()}"
-            ) from None
+        while pending:
+            try:
+                await poll(
+                    partial(one_more, len(pending)), "a task finished", interval=0.2, deadline_s=stall_s
+                )
+            except AssertionError:
+                raise AssertionError(
+                    f"{len(pending)} tasks never finished, e.g. {sorted(pending)[:3]}\n{self.logs()}"
+                ) from None
         return done
+
+    async def running_on(self) -> dict[int, list[Task]]:
+        """The running tasks by the pid in their lease (``host:pid:runner/claim``), one query."""
+        page = await self.store.list(TaskStatus.RUNNING, limit=100)
+        out: dict[int, list[Task]] = {}
+        for task in page.items:
+            pid = lease_pid(task)
+            if pid is not None:
+                out.setdefault(pid, []).append(task)
+        return out
 
     async def events(self, task_id: str) -> list[TaskEvent]:
         return await self.store.events(task_id)
@@ -217,6 +234,12 @@ class Stack:
         return sum(
             1 for e in await self.events(task_id) if e.kind == "state" and e.data.get("status") == "completed"
         )
+
+
+def lease_pid(task: Task) -> int | None:
+    """The worker pid in a task's lease owner (``host:pid:runner/claim``); None without a lease."""
+    parts = (task.lease_owner or "").split(":")
+    return int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else None
 
 
 def _tail(path: Path) -> str:
