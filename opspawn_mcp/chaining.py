@@ -33,6 +33,8 @@ from opspawn_mcp.models import CHAIN_MAX_LENGTH, INSTANCE_ID_PATTERN
 
 CHAIN_META_KEY = "io.opspawn/chain"
 DEPTH_META_KEY = "io.opspawn/depth"
+OPSPAWN_NAME = "opspawn"
+"""The ``serverInfo.name`` of opspawn's MCP server."""
 CHAIN_ENV = "OPSPAWN_CHAIN"
 """The chain of the process that started a stdio server, comma-separated, that process last."""
 EXTENSION = "io.opspawn/chaining"

@@ -43,7 +43,7 @@ from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
 from gateway.problems import EXCEPTION_HANDLERS
-from opspawn_mcp.chaining import ChainingExtension
+from opspawn_mcp.chaining import OPSPAWN_NAME, ChainingExtension
 from opspawn_mcp.errors import CLI_CLIENT_NAME, Door, InvalidInput, NotFound, OpspawnError
 from opspawn_mcp.exposed import ExposedTools
 from opspawn_mcp.host import OpsMcpClient
@@ -70,7 +70,7 @@ from opspawn_mcp.principals import LOCAL, Principal, principal_of
 from opspawn_mcp.server_tasks import ServiceTaskBackend, submit_spec
 from opspawn_mcp.service import LIST_PAGE_MAX, WAIT_MAX_S, TaskService
 
-SERVER_NAME = "opspawn"
+SERVER_NAME = OPSPAWN_NAME
 MCP_PATH = "/mcp"
 SSE_PATH = "/sse"
 SSE_MESSAGE_PATH = "/messages/"

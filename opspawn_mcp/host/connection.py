@@ -35,9 +35,10 @@ from mcp.shared.exceptions import MCPError
 
 from agentkit.errors import ToolError
 from agentkit.mcp_proxy import error_from_mcp
-from opspawn_mcp.chaining import advertised_instance
+from opspawn_mcp.chaining import OPSPAWN_NAME, advertised_instance
 from opspawn_mcp.config import ServerConfig, StdioServerConfig
 from opspawn_mcp.errors import Forbidden, Hint, OpspawnError, Unavailable
+from opspawn_mcp.host import subtasks
 from opspawn_mcp.host.models import CallRecord, HiddenTool, ServerInfo, ServerState
 from opspawn_mcp.host.tasks import TASKS_EXTENSION, TaskEnded, TaskOverdue, follow, task_claim
 from opspawn_mcp.host.transports import Secrets, WatchedReadStream, open_transport, stderr_log
@@ -137,6 +138,9 @@ class ServerConnection:
         """Entries of the pool's own in a stdio server's environment (``OPSPAWN_CHAIN``)."""
         self.opspawn_instance: str | None = None
         """The instance id the server advertises when it is an opspawn (``io.opspawn/chaining``)."""
+        self.opspawn = False
+        """Whether the server is an opspawn: it advertises ``io.opspawn/chaining`` (2026-07-28),
+        or, on 2025-11-25 where the SDK sends no extensions, calls itself ``opspawn``."""
         self._listeners = [] if listeners is None else listeners
         self.config = config
         self.concurrency = config.max_concurrency or default_concurrency
@@ -346,6 +350,8 @@ class ServerConnection:
         attempt.session = session
         capabilities = session.server_capabilities
         self.opspawn_instance = advertised_instance(capabilities.extensions if capabilities else None)
+        info = session.server_info
+        self.opspawn = self.opspawn_instance is not None or (info is not None and info.name == OPSPAWN_NAME)
         self._set_tools(tools, announce=False)
         self._notify("state")
         self._timeouts = 0
@@ -632,6 +638,9 @@ class ServerConnection:
             # replaced must use the new session, not the closed one it would have held meanwhile.
             async with self._limit:
                 session = await self.session()
+                delegation = subtasks.follows(tool, self.opspawn)
+                if delegation:
+                    arguments = subtasks.submit_arguments(arguments)
                 # The SDK's read timeout starts once the request is written; a frozen server can
                 # block the write itself (SSE posts one message at a time, a full stdin pipe), so
                 # the whole call also has a deadline, a little later than the SDK's.
@@ -656,6 +665,16 @@ class ServerConnection:
                         progress=progress_callback,
                         server=self.name,
                     )
+                elif delegation and isinstance(answer, types.CallToolResult):
+                    # An opspawn without MCP Tasks on this wire: follow its task with its own tools.
+                    answer = await subtasks.follow_submitted(
+                        session,
+                        answer,
+                        server=self.name,
+                        poll_timeout_s=self.config.timeout_s,
+                        task_timeout_s=self.config.task_timeout_s,
+                        progress=progress_callback,
+                    )
                 if not isinstance(answer, types.CallToolResult):
                     raise TypeError(f"expected a tool result, got {type(answer).__name__}")
                 result = answer
@@ -665,6 +684,9 @@ class ServerConnection:
         except TaskEnded as ended:
             self._answered()
             raise self._task_ended(tool, ended.task) from None
+        except subtasks.SubtaskEnded as ended:
+            self._answered()
+            raise ToolError(self.secrets.redact(str(ended))) from None
         except TaskOverdue as overdue:
             self._answered()
             raise ToolError(

@@ -87,7 +87,7 @@ async def follow(
     polls = 0
     try:
         if server is not None:
-            await announce(progress, server, created)
+            await announce(progress, server, created.task_id, _progress_text(created))
         with anyio.move_on_after(task_timeout_s) as overdue:
             while polled is None or not (polled.terminal or polled.status == "input_required"):
                 await anyio.sleep(poll_interval_s(task))
@@ -108,13 +108,12 @@ async def follow(
     return types.CallToolResult.model_validate(polled.result)
 
 
-async def announce(progress: ProgressFnT | None, server: str, created: CreateTaskResult) -> None:
+async def announce(progress: ProgressFnT | None, server: str, task_id: str, message: str) -> None:
     """Tell an agent's progress sink which downstream task its call started, as soon as it
     exists: every later ``progress`` event of the call carries ``subtask: {server, task_id}``, so
     the opspawn task shows where its work went (an opspawn downstream's task id, with chaining)."""
     if isinstance(progress, ToolProgress):
-        subtask = {"server": server, "task_id": created.task_id}
-        await progress.attach(_progress_text(created), subtask=subtask)
+        await progress.attach(message, subtask={"server": server, "task_id": task_id})
 
 
 def _progress_text(task: Task) -> str:

@@ -54,13 +54,14 @@ def _write(tmp: Path, name: str, llm_url: str, servers: dict[str, Any], **opspaw
     return path
 
 
-def _stdio_opspawn(config: Path) -> dict[str, Any]:
-    """An opspawn instance as a stdio downstream server (PYTHONPATH: this checkout's code)."""
+def _stdio_opspawn(config: Path, *, tasks: bool = True) -> dict[str, Any]:
+    """An opspawn instance as a stdio downstream server (PYTHONPATH: this checkout's code), on
+    the 2026-07-28 wire where MCP Tasks exist (``tasks``), else on 2025-11-25."""
     return {
         "command": opspawn_command(),
         "args": ["--config", str(config), "serve", "--stdio"],
         "env": {"PYTHONPATH": str(REPO_ROOT)},
-        "protocol": "auto",
+        **({"protocol": "auto"} if tasks else {}),
     }
 
 
@@ -99,7 +100,7 @@ def _stop(process: ServerProcess) -> None:
     assert not [pid for pid in family if is_alive(pid)], family
 
 
-@pytest.fixture(scope="module", params=["stdio", "http"])
+@pytest.fixture(scope="module", params=["stdio", "http", "stdio-2025-11-25"])
 def chain(
     request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
@@ -110,12 +111,15 @@ def chain(
     (tmp / "b").mkdir()
     llm_a, llm_b = llms
     a_config = tmp / "a" / "a.json"
-    if request.param == "stdio":
-        # B can reach A too (its config starts A over stdio): the loop A -> B -> A is possible.
-        b_config = _write(tmp / "b", "b", llm_b.base_url, {"example": EXAMPLE, "a": _stdio_opspawn(a_config)})
-        _write(tmp / "a", "a", llm_a.base_url, {"b": _stdio_opspawn(b_config)})
+    if request.param.startswith("stdio"):
+        # Without MCP Tasks (2025-11-25) A's pool follows B's task with get_status instead.
+        tasks = request.param == "stdio"
+        # With them, B can reach A too (its config starts A over stdio): A -> B -> A is possible.
+        b_servers = {"example": EXAMPLE, **({"a": _stdio_opspawn(a_config)} if tasks else {})}
+        b_config = _write(tmp / "b", "b", llm_b.base_url, b_servers)
+        _write(tmp / "a", "a", llm_a.base_url, {"b": _stdio_opspawn(b_config, tasks=tasks)})
         a = ServerProcess(a_config)
-        yield Chain("stdio", a, llm_a.fake, llm_b.fake, _url(tmp, "b"), _url(tmp, "a"))
+        yield Chain(request.param, a, llm_a.fake, llm_b.fake, _url(tmp, "b"), _url(tmp, "a"))
         _stop(a)
         return
     tokens = {"a": {"token_env": "B_TOKEN"}}
