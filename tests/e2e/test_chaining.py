@@ -152,7 +152,7 @@ async def _submit(chain: Chain, goal: str) -> str:
     async with httpx.AsyncClient(base_url=chain.a.base) as http:
         created = await http.post("/v1/tasks", json={"goal": goal, "servers": ["b"]})
         assert created.status_code == 202, created.text
-        task_id: str = created.json()["id"]
+        task_id: str = created.json()["task_id"]
         return task_id
 
 
