@@ -219,7 +219,7 @@ class Stack:
 
     async def running_on(self) -> dict[int, list[Task]]:
         """The running tasks by the pid in their lease (``host:pid:runner/claim``), one query."""
-        page = await self.store.list(TaskStatus.RUNNING, limit=100)
+        page = await self.store.list_tasks(TaskStatus.RUNNING, limit=100)
         out: dict[int, list[Task]] = {}
         for task in page.items:
             pid = lease_pid(task)
