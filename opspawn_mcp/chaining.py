@@ -125,6 +125,14 @@ def outgoing_meta(chain: Sequence[str], me: str) -> dict[str, Any]:
     return {CHAIN_META_KEY: [*chain, me], DEPTH_META_KEY: len(chain) + 1}
 
 
+def relay_meta(meta: Mapping[str, Any] | None, me: str, max_depth: int) -> dict[str, Any]:
+    """The ``_meta`` of a call relayed for a caller (an exposed tool): the caller's chain,
+    checked like a submitted goal's, with this instance appended."""
+    chain = chain_from_meta(meta)
+    check_chain(chain, me, max_depth)
+    return outgoing_meta(chain, me)
+
+
 def process_chain(environ: Mapping[str, str]) -> list[str]:
     """The chain this process inherited from the opspawn that started it (``OPSPAWN_CHAIN``)."""
     return [i for i in environ.get(CHAIN_ENV, "").split(",") if _INSTANCE_ID.match(i)]

@@ -117,8 +117,10 @@ class ExposedTools:
         by: Principal,
         *,
         progress: ProgressFnT | None = None,
+        meta: dict[str, Any] | None = None,
     ) -> types.CallToolResult:
-        """Call through the pool; a failure is an ``isError`` result with the text an agent would read."""
+        """Call through the pool; a failure is an ``isError`` result with the text an agent would read.
+        ``meta`` is the downstream request's ``_meta`` (the caller's delegation chain)."""
         if self._configs[server].needs_approval(tool):
             raise Forbidden(
                 f"The tool {server}/{tool} needs a person's approval (mcpServers.{server}.require_approval), "
@@ -131,7 +133,7 @@ class ExposedTools:
             )
         try:
             result = await self._pool.call_tool(
-                server, tool, arguments, progress_callback=progress, by=by.name
+                server, tool, arguments, meta=meta, progress_callback=progress, by=by.name
             )
         except ToolError as exc:
             audit.info("%s called %s/%s: error: %s", by.name, server, tool, exc.message)

@@ -43,7 +43,7 @@ from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
 from gateway.problems import EXCEPTION_HANDLERS
-from opspawn_mcp.chaining import OPSPAWN_NAME, ChainingExtension
+from opspawn_mcp.chaining import OPSPAWN_NAME, ChainingExtension, relay_meta
 from opspawn_mcp.errors import CLI_CLIENT_NAME, Door, InvalidInput, NotFound, OpspawnError
 from opspawn_mcp.exposed import ExposedTools
 from opspawn_mcp.host import OpsMcpClient
@@ -241,6 +241,8 @@ class _Server(MCPServer):
 
     exposed: ExposedTools | None = None
     local: Principal = LOCAL
+    chain: tuple[str, int] = ("opspawn", 0)
+    """This instance's id and ``max_depth``, for the chain of exposed calls."""
 
     async def _handle_list_tools(
         self, ctx: ServerRequestContext[Any], params: PaginatedRequestParams | None
@@ -266,7 +268,10 @@ class _Server(MCPServer):
                 meta = context.request_context.meta or {}
                 progress = context.report_progress if meta.get("progress_token") is not None else None
                 try:
-                    return await self.exposed.call(*target, arguments, by, progress=progress)
+                    # The caller's delegation chain goes on, with this instance (an opspawn
+                    # calling through here must not hide a loop): opspawn_mcp.chaining.
+                    relayed = relay_meta(meta, *self.chain)
+                    return await self.exposed.call(*target, arguments, by, progress=progress, meta=relayed)
                 except OpspawnError as exc:
                     raise _tool_error(exc, context) from exc
         if name == "submit_task":
@@ -302,6 +307,7 @@ def build_server(
         subscriptions=bus,
     )
     server.local = local
+    server.chain = (service.instance_id, service.max_depth)
     if pool is not None:
         server.exposed = ExposedTools(pool, bus)
     serve_task_notifications(server, backend)

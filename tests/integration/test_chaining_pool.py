@@ -1,6 +1,6 @@
 """The pool's part in chaining, against the testing server over real stdio: a task's calls carry
 its chain in ``_meta``, and a stdio server the pool starts finds ``OPSPAWN_CHAIN`` in its
-environment (``opspawn_mcp.chaining``)."""
+environment (``opspawn_mcp.chaining``); an exposed call relays its caller's chain."""
 
 from __future__ import annotations
 
@@ -8,11 +8,16 @@ import json
 from pathlib import Path
 
 import mcp.types as types
+from mcp import Client
 
 from agentkit import IDEMPOTENCY_META_KEY
 from opspawn_mcp.chaining import CHAIN_ENV, CHAIN_META_KEY, DEPTH_META_KEY, child_env, outgoing_meta
+from opspawn_mcp.config import parse_config
 from opspawn_mcp.host import OpsMcpClient
+from opspawn_mcp.server import build_server
+from opspawn_mcp.store.memory import MemoryStore
 from tests.servers.harness import stdio_config
+from tests.support.service_kit import make_service
 
 
 def _text(result: types.CallToolResult) -> str:
@@ -33,3 +38,25 @@ async def test_a_tasks_calls_carry_its_chain_beside_the_idempotency_key(tmp_path
 async def test_a_stdio_server_is_told_the_chain_of_the_process_that_started_it(tmp_path: Path) -> None:
     async with OpsMcpClient({"t": stdio_config(tmp_path)}, stdio_env=child_env(["a"], "b")) as pool:
         assert _text(await pool.call_tool("t", "env", {"name": CHAIN_ENV})) == "a,b"
+
+
+async def test_an_exposed_call_relays_the_callers_chain_and_refuses_a_loop(tmp_path: Path) -> None:
+    config = parse_config(
+        {"opspawn": {"store_url": "memory://", "chaining": {"instance_id": "b"}}}, environ={}
+    )
+    exposed = stdio_config(tmp_path).model_copy(update={"expose": True})
+    store = MemoryStore()
+    await store.start()
+    async with OpsMcpClient({"t": exposed}, eager=True) as pool:
+        server = build_server(make_service(store, config=config), pool=pool)
+        async with Client(server) as client:
+            relayed = await client.call_tool(
+                "t__echo_meta", {}, meta={CHAIN_META_KEY: ["a"], DEPTH_META_KEY: 1}
+            )
+            seen = json.loads(_text(relayed))
+            assert seen[CHAIN_META_KEY] == ["a", "b"] and seen[DEPTH_META_KEY] == 2
+            looped = await client.call_tool(
+                "t__echo_meta", {}, meta={CHAIN_META_KEY: ["b"], DEPTH_META_KEY: 1}
+            )
+            assert looped.is_error and "loop_detected" in _text(looped) and "(b → b)" in _text(looped)
+    await store.close()
