@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+from mcp import Client
 
 from opspawn_mcp.models import Task, TaskStatus
 from opspawn_mcp.store import open_store
@@ -269,3 +270,21 @@ async def test_a_goal_delegated_back_to_a_is_refused_naming_the_loop(chain: Chai
     )
     opspawns = _serving(_descendants(chain.a.proc.pid))
     assert len(opspawns) == 2, opspawns
+
+
+@pytest.mark.parametrize("chain", ["stdio"], indirect=True)
+async def test_bs_progress_reaches_a_waiting_mcp_client_of_a_as_progress(chain: Chain) -> None:
+    chain.fake_a.script(tool_call("b__submit_task", goal="echo over mcp"))
+    messages: list[str] = []
+
+    async def on_progress(value: float, total: float | None, message: str | None) -> None:
+        messages.append(message or "")
+
+    async with Client(chain.a.url, mode="legacy") as client:
+        answer = await client.call_tool(
+            "submit_task", {"goal": "ask b", "servers": ["b"], "wait": 45}, progress_callback=on_progress
+        )
+    assert answer.structured_content is not None, answer
+    assert answer.structured_content["result"] == "done: done: over mcp"
+    relayed = [m for m in messages if m.startswith("progress ") and '"subtask"' in m]
+    assert relayed and "downstream task" in relayed[-1], messages
