@@ -1,12 +1,15 @@
-"""Downstream tools listed on opspawn's own MCP server as ``server__tool`` (``mcpServers.X.expose``).
+"""Downstream tools, resources and prompts on opspawn's own MCP server (``mcpServers.X.expose``).
 
-One entry in an assistant's config then stands for every exposed server. Calls go through the
+Tools and prompts are named ``server__name``, resources ``opspawn+server://server/<uri>``
+(``opspawn_mcp.exposed_uris``). One entry in an assistant's config then stands for every exposed
+server. Calls go through the
 shared host pool like an agent's, so the pool's curation (``mcpServers.X.tools``), timeouts and
 counters apply; the caller's principal must be allowed the server; a tool under
 ``require_approval`` is refused (a direct call has nobody to wait for; a task does, see
 docs/composition.md); every call is logged on ``opspawn_mcp.audit`` and kept in the server's
 ``recent_calls`` (``list_servers``). Progress is forwarded to the caller, and a cancelled request
-cancels the downstream call. See docs/composition.md.
+cancels the downstream call. Resource reads and prompt gets follow the same access rule and
+audit. See docs/composition.md.
 """
 
 from __future__ import annotations
@@ -14,15 +17,24 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import mcp.types as types
 from mcp.server.session import ServerSession
-from mcp.server.subscriptions import SubscriptionBus, ToolsListChanged
+from mcp.server.subscriptions import (
+    PromptsListChanged,
+    ResourcesListChanged,
+    ServerEvent,
+    SubscriptionBus,
+    ToolsListChanged,
+)
 from mcp.shared.dispatcher import ProgressFnT
+from mcp.shared.exceptions import MCPError
 
 from agentkit.errors import ToolError
-from opspawn_mcp.errors import Forbidden, Hint
+from opspawn_mcp.errors import Forbidden, Hint, OpspawnError
+from opspawn_mcp.exposed_uris import exposed_uri, original_uri
 from opspawn_mcp.host import OpsMcpClient
 from opspawn_mcp.host.connection import Change
 from opspawn_mcp.principals import Principal
@@ -35,7 +47,8 @@ MAX_NAME = 64
 _VALID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _HASH_CHARS = 12
 MAX_SESSIONS = 1000
-"""Connections remembered for tools/list_changed; the oldest is forgotten first."""
+"""Connections remembered for list_changed notifications; the oldest is forgotten first."""
+_T = TypeVar("_T")
 
 
 def exposed_name(server: str, tool: str) -> str:
@@ -88,15 +101,16 @@ class ExposedTools:
     def _servers_for(self, by: Principal) -> list[str]:
         return [s for s in self._configs if by.may_use_server(s) and self._pool.is_ready(s)]
 
-    def list_tools(
-        self, by: Principal, session: ServerSession | None = None, session_id: str | None = None
-    ) -> list[types.Tool]:
-        """The exposed tools ``by`` may call; ``session``'s connection is told of later changes."""
+    def remember(self, session: ServerSession | None, session_id: str | None) -> None:
+        """``session``'s connection listed something: tell it of later changes."""
         if session is not None:
             self._sessions.pop(session_id, None)
             self._sessions[session_id] = session
             while len(self._sessions) > MAX_SESSIONS:
                 del self._sessions[next(iter(self._sessions))]
+
+    def list_tools(self, by: Principal) -> list[types.Tool]:
+        """The exposed tools ``by`` may call."""
         return [
             tool.model_copy(
                 update={"name": name, "description": f"[{server}] {tool.description or tool.name}"}
@@ -143,15 +157,115 @@ class ExposedTools:
         audit.info("%s called %s/%s: ok", by.name, server, tool)
         return result
 
+    # -- resources and prompts -----------------------------------------------------------------
+
+    def list_resources(self, by: Principal) -> list[types.Resource]:
+        """The exposed servers' resources ``by`` may read, under their ``opspawn+server://`` URIs."""
+        return [
+            resource.model_copy(
+                update={"uri": exposed_uri(server, resource.uri), "description": _tagged(server, resource)}
+            )
+            for server in self._servers_for(by)
+            for resource in self._pool.cached_resources(server)
+        ]
+
+    def list_resource_templates(self, by: Principal) -> list[types.ResourceTemplate]:
+        return [
+            template.model_copy(
+                update={
+                    "uri_template": exposed_uri(server, template.uri_template),
+                    "description": _tagged(server, template),
+                }
+            )
+            for server in self._servers_for(by)
+            for template in self._pool.cached_resource_templates(server)
+        ]
+
+    def route_uri(self, uri: str, by: Principal) -> tuple[str, str] | None:
+        """The (server, downstream URI) an exposed URI stands for, if ``by`` may read it. Any URI of
+        the server is passed on (a template's expansion is not listed), the server decides."""
+        found = original_uri(uri)
+        if found is None or found[0] not in self._configs or not by.may_use_server(found[0]):
+            return None
+        return found
+
+    async def read_resource(self, server: str, uri: str, by: Principal) -> types.ReadResourceResult:
+        """``resources/read`` through the pool; the contents carry the exposed URIs."""
+        result = await self._audited(by, server, "read", uri, lambda: self._pool.read_resource(server, uri))
+        contents = [
+            content.model_copy(update={"uri": exposed_uri(server, content.uri)})
+            for content in result.contents
+        ]
+        return result.model_copy(update={"contents": contents})
+
+    def list_prompts(self, by: Principal) -> list[types.Prompt]:
+        return [
+            prompt.model_copy(update={"name": name, "description": _tagged(server, prompt)})
+            for name, (server, prompt) in self._prompts(by).items()
+        ]
+
+    def _prompts(self, by: Principal) -> dict[str, tuple[str, types.Prompt]]:
+        return {
+            exposed_name(server, prompt.name): (server, prompt)
+            for server in self._servers_for(by)
+            for prompt in self._pool.cached_prompts(server)
+        }
+
+    def route_prompt(self, name: str, by: Principal) -> tuple[str, str] | None:
+        found = self._prompts(by).get(name)
+        return None if found is None else (found[0], found[1].name)
+
+    async def get_prompt(
+        self, server: str, prompt: str, arguments: dict[str, str] | None, by: Principal
+    ) -> types.GetPromptResult:
+        return await self._audited(
+            by, server, "got prompt", prompt, lambda: self._pool.get_prompt(server, prompt, arguments)
+        )
+
+    async def _audited(
+        self, by: Principal, server: str, verb: str, name: str, run: Callable[[], Awaitable[_T]]
+    ) -> _T:
+        """Run a read or a prompt get, logging it; a failure becomes the MCP error the client gets."""
+        try:
+            result = await run()
+        except OpspawnError as exc:  # Unavailable: unreachable, dropped, or no answer in time
+            audit.info("%s %s %s/%s: error: %s", by.name, verb, server, name, exc.message)
+            raise MCPError(types.INTERNAL_ERROR, exc.message) from None
+        except MCPError as exc:
+            audit.info("%s %s %s/%s: error: %s", by.name, verb, server, name, exc.message)
+            raise MCPError(exc.code, f"MCP server {server!r} answered: {exc.message}") from None
+        audit.info("%s %s %s/%s: ok", by.name, verb, server, name)
+        return result
+
+    # -- changes ---------------------------------------------------------------------------------
+
     async def _changed(self, server: str, change: Change) -> None:
-        """A downstream list changed, or the server came or went: every session that listed tools
-        is told (tools/list_changed)."""
+        """A downstream list changed, or the server came or went: the clients are told
+        (``*/list_changed``): every kind when it came or went, else the kind that changed."""
         if server not in self._configs:
             return
-        await self._bus.publish(ToolsListChanged())
-        for session_id, session in list(self._sessions.items()):
-            try:
-                await session.send_tool_list_changed()
-            except Exception as exc:  # a closed connection: it will not list again
-                logger.debug("tools/list_changed not sent to MCP session %s: %r", session_id, exc)
-                self._sessions.pop(session_id, None)
+        kinds = _EVENTS if change == "state" else {change: _EVENTS[change]}
+        for kind, event in kinds.items():
+            await self._bus.publish(event)
+            for session_id, session in list(self._sessions.items()):
+                try:
+                    await _SEND[kind](session)
+                except Exception as exc:  # a closed connection: it will not list again
+                    logger.debug("%s/list_changed not sent to MCP session %s: %r", kind, session_id, exc)
+                    self._sessions.pop(session_id, None)
+
+
+_EVENTS: dict[str, ServerEvent] = {
+    "tools": ToolsListChanged(),
+    "resources": ResourcesListChanged(),
+    "prompts": PromptsListChanged(),
+}
+_SEND: dict[str, Callable[[ServerSession], Awaitable[None]]] = {
+    "tools": ServerSession.send_tool_list_changed,
+    "resources": ServerSession.send_resource_list_changed,
+    "prompts": ServerSession.send_prompt_list_changed,
+}
+
+
+def _tagged(server: str, item: types.Resource | types.ResourceTemplate | types.Prompt) -> str:
+    return f"[{server}] {item.description or item.name}"

@@ -21,7 +21,7 @@ import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime
-from typing import Annotated, Any, get_args
+from typing import Annotated, Any, TypeVar, cast, get_args
 
 from mcp.server import MCPServer
 from mcp.server.context import ServerRequestContext
@@ -29,12 +29,21 @@ from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.server.subscriptions import InMemorySubscriptionBus
 from mcp.server.transport_security import TransportSecuritySettings
+from mcp.shared.exceptions import MCPError
 from mcp.types import (
+    INVALID_PARAMS,
     CallToolResult,
+    GetPromptRequestParams,
+    GetPromptResult,
     InputRequiredResult,
+    ListPromptsResult,
+    ListResourcesResult,
+    ListResourceTemplatesResult,
     ListToolsResult,
     LoggingLevel,
     PaginatedRequestParams,
+    ReadResourceRequestParams,
+    ReadResourceResult,
     SetLevelRequestParams,
     ToolAnnotations,
 )
@@ -46,6 +55,7 @@ from gateway.problems import EXCEPTION_HANDLERS
 from opspawn_mcp.chaining import OPSPAWN_NAME, ChainingExtension, relay_meta
 from opspawn_mcp.errors import CLI_CLIENT_NAME, Door, InvalidInput, NotFound, OpspawnError
 from opspawn_mcp.exposed import ExposedTools
+from opspawn_mcp.exposed_uris import original_uri
 from opspawn_mcp.host import OpsMcpClient
 from opspawn_mcp.host.models import ServerInfo
 from opspawn_mcp.http_guard import HttpGuard
@@ -233,30 +243,91 @@ def caller(ctx: Context, local: Principal) -> Principal:
     return local if request is None else principal_of(request.scope)
 
 
+_Listed = TypeVar(
+    "_Listed", ListToolsResult, ListResourcesResult, ListResourceTemplatesResult, ListPromptsResult
+)
+_More = Callable[[ExposedTools, Principal], Sequence[Any]]
+
+
 class _Server(MCPServer):
     """The SDK's server, with ``submit_task``'s arguments checked like a REST body: a missing
     goal gets the service's message (not the SDK's "validation error for submit_taskArguments"),
     and an unknown argument is refused (the SDK would drop it silently) with the names it takes.
-    With ``exposed``, it also lists and routes the downstream tools of ``mcpServers.X.expose``."""
+    With ``exposed``, it also lists and routes the downstream tools, resources and prompts of
+    ``mcpServers.X.expose``; opspawn's own come first and are served as before."""
 
     exposed: ExposedTools | None = None
     local: Principal = LOCAL
     chain: tuple[str, int] = ("opspawn", 0)
     """This instance's id and ``max_depth``, for the chain of exposed calls."""
 
-    async def _handle_list_tools(
-        self, ctx: ServerRequestContext[Any], params: PaginatedRequestParams | None
-    ) -> ListToolsResult:
-        listed = await super()._handle_list_tools(ctx, params)
-        if self.exposed is None:
-            return listed
+    def _listing(self, ctx: ServerRequestContext[Any]) -> Principal:
+        """Who lists; their connection is remembered for ``*/list_changed`` (``ExposedTools``)."""
         request = ctx.request
         if request is None:
             by, session_id = self.local, None
         else:
             by = principal_of(request.scope)
             session_id = request.headers.get(MCP_SESSION_HEADER) or request.query_params.get("session_id")
-        return ListToolsResult(tools=[*listed.tools, *self.exposed.list_tools(by, ctx.session, session_id)])
+        if self.exposed is not None:
+            self.exposed.remember(ctx.session, session_id)
+        return by
+
+    def _requester(self, ctx: ServerRequestContext[Any]) -> Principal:
+        return self.local if ctx.request is None else principal_of(ctx.request.scope)
+
+    def _extended(self, ctx: ServerRequestContext[Any], listed: _Listed, field: str, more: _More) -> _Listed:
+        """``listed`` (opspawn's own) followed by the exposed servers' items of ``field``."""
+        if self.exposed is None:
+            return listed
+        # Narrowed above; mypy loses it while checking each of the TypeVar's constraints.
+        items = [*getattr(listed, field), *more(cast(ExposedTools, self.exposed), self._listing(ctx))]
+        return listed.model_copy(update={field: items})
+
+    async def _handle_list_tools(
+        self, ctx: ServerRequestContext[Any], params: PaginatedRequestParams | None
+    ) -> ListToolsResult:
+        listed = await super()._handle_list_tools(ctx, params)
+        return self._extended(ctx, listed, "tools", ExposedTools.list_tools)
+
+    async def _handle_list_resources(
+        self, ctx: ServerRequestContext[Any], params: PaginatedRequestParams | None
+    ) -> ListResourcesResult:
+        listed = await super()._handle_list_resources(ctx, params)
+        return self._extended(ctx, listed, "resources", ExposedTools.list_resources)
+
+    async def _handle_list_resource_templates(
+        self, ctx: ServerRequestContext[Any], params: PaginatedRequestParams | None
+    ) -> ListResourceTemplatesResult:
+        listed = await super()._handle_list_resource_templates(ctx, params)
+        return self._extended(ctx, listed, "resource_templates", ExposedTools.list_resource_templates)
+
+    async def _handle_read_resource(
+        self, ctx: ServerRequestContext[Any], params: ReadResourceRequestParams
+    ) -> ReadResourceResult | InputRequiredResult:
+        if self.exposed is not None and original_uri(params.uri) is not None:
+            by = self._requester(ctx)
+            target = self.exposed.route_uri(params.uri, by)
+            if target is None:
+                raise MCPError(INVALID_PARAMS, f"Unknown resource: {params.uri}", {"uri": params.uri})
+            return await self.exposed.read_resource(*target, by)
+        return await super()._handle_read_resource(ctx, params)
+
+    async def _handle_list_prompts(
+        self, ctx: ServerRequestContext[Any], params: PaginatedRequestParams | None
+    ) -> ListPromptsResult:
+        listed = await super()._handle_list_prompts(ctx, params)
+        return self._extended(ctx, listed, "prompts", ExposedTools.list_prompts)
+
+    async def _handle_get_prompt(
+        self, ctx: ServerRequestContext[Any], params: GetPromptRequestParams
+    ) -> GetPromptResult | InputRequiredResult:
+        if self.exposed is not None:
+            by = self._requester(ctx)
+            target = self.exposed.route_prompt(params.name, by)
+            if target is not None:
+                return await self.exposed.get_prompt(*target, params.arguments, by)
+        return await super()._handle_get_prompt(ctx, params)
 
     async def call_tool(
         self, name: str, arguments: dict[str, Any], context: Context | None = None

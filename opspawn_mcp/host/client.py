@@ -163,6 +163,30 @@ class OpsMcpClient:
         """The tools ``server`` shows (after curation), from the cache; no I/O."""
         return self._get(server).tools
 
+    def cached_resources(self, server: str) -> list[types.Resource]:
+        """The resources an exposed ``server`` listed last (none for other servers); no I/O."""
+        return self._get(server).extras.resources
+
+    def cached_resource_templates(self, server: str) -> list[types.ResourceTemplate]:
+        return self._get(server).extras.templates
+
+    def cached_prompts(self, server: str) -> list[types.Prompt]:
+        return self._get(server).extras.prompts
+
+    async def read_resource(self, server: str, uri: str) -> types.ReadResourceResult:
+        """``resources/read`` on ``server`` through the shared session (``ServerConnection.request``)."""
+        return await self._get(server).request(
+            f"resources/read of {uri}", lambda session: session.read_resource(uri)
+        )
+
+    async def get_prompt(
+        self, server: str, name: str, arguments: dict[str, str] | None
+    ) -> types.GetPromptResult:
+        """``prompts/get`` on ``server`` through the shared session (``ServerConnection.request``)."""
+        return await self._get(server).request(
+            f"prompts/get of {name}", lambda session: session.get_prompt(name, arguments)
+        )
+
     def scoped(
         self, allowed: Collection[str] | None, *, meta: Mapping[str, Any] | None = None
     ) -> ScopedCaller:

@@ -21,10 +21,11 @@ from __future__ import annotations
 import logging
 import random
 from collections import deque
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeVar, cast
 
 import anyio
 import anyio.abc
@@ -39,6 +40,7 @@ from opspawn_mcp.chaining import OPSPAWN_NAME, advertised_instance
 from opspawn_mcp.config import ServerConfig, StdioServerConfig
 from opspawn_mcp.errors import Forbidden, Hint, OpspawnError, Unavailable
 from opspawn_mcp.host import subtasks
+from opspawn_mcp.host.extras import EXTRA_KINDS, ExtraKind, Extras, all_pages
 from opspawn_mcp.host.models import CallRecord, HiddenTool, ServerInfo, ServerState
 from opspawn_mcp.host.tasks import TASKS_EXTENSION, TaskEnded, TaskOverdue, follow, task_claim
 from opspawn_mcp.host.transports import Secrets, WatchedReadStream, open_transport, stderr_log
@@ -75,9 +77,10 @@ SEND_GRACE_S = 1.0
 DEFAULT_CONCURRENCY = 16
 RECENT_CALLS = 20
 """Exposed calls each server keeps for ``list_servers``; the audit log has them all."""
-Change = Literal["tools", "state"]
-"""What changed about a server: the tools it shows (a ``list_changed`` refresh, a reconnect with
-another set), or its availability (a session became ready, or a ready session was lost)."""
+Change = Literal["tools", "resources", "prompts", "state"]
+"""What changed about a server: the tools it shows (a ``list_changed`` refresh), its resources or
+prompts (``list_changed``, exposed servers only), or its availability (a session became ready, or a ready session was lost)."""
+_Result = TypeVar("_Result")
 ChangeListener = Callable[[str, Change], Coroutine[Any, Any, None]]
 """Called with the server's name and what changed; runs in the pool's task group."""
 
@@ -164,6 +167,8 @@ class ServerConnection:
         self.calls = 0
         self.errors = 0
         self.recent_calls: deque[CallRecord] = deque(maxlen=RECENT_CALLS)
+        self.extras = Extras()
+        """Resources, templates and prompts, listed for exposed servers only (``host.extras``)."""
         self.keep_open = False
         """Reconnect in the background after a loss (with the usual backoff), not on the next call:
         set for exposed servers, whose tools must come back on opspawn's list by themselves."""
@@ -310,6 +315,9 @@ class ServerConnection:
                         await self._handshake(session)
                         self._tools_stale = False
                         tools = await self._list_all(session)
+                        if self.config.expose:
+                            for kind in EXTRA_KINDS:
+                                await self.extras.load(self.name, session, kind)
                     self._ready(attempt, session, tools)
                     await attempt.stop.wait()
                     teardown.deadline = anyio.current_time() + TEARDOWN_S
@@ -425,6 +433,13 @@ class ServerConnection:
             session = attempt.session
             if session is not None:
                 tg.start_soon(self._refresh_quietly, session)
+        elif isinstance(message, types.ResourceListChangedNotification | types.PromptListChangedNotification):
+            kind: ExtraKind = (
+                "resources" if isinstance(message, types.ResourceListChangedNotification) else "prompts"
+            )
+            session = attempt.session
+            if session is not None and self.config.expose:
+                tg.start_soon(self._reload_extras, session, kind)
         elif isinstance(message, Exception):
             logger.warning(
                 "MCP server %r transport error: %s", self.name, self.secrets.redact(_failure_line(message))
@@ -470,15 +485,17 @@ class ServerConnection:
 
     @staticmethod
     async def _list_all(session: ClientSession) -> list[types.Tool]:
-        tools: list[types.Tool] = []
-        cursor: str | None = None
-        while True:
-            params = types.PaginatedRequestParams(cursor=cursor) if cursor else None
-            page = await session.list_tools(params=params)
-            tools.extend(page.tools)
-            cursor = page.next_cursor
-            if not cursor:
-                return tools
+        return await all_pages(session.list_tools, lambda page: page.tools)
+
+    async def _reload_extras(self, session: ClientSession, kind: ExtraKind) -> None:
+        try:
+            with anyio.fail_after(self._connect_timeout()):
+                await self.extras.load(self.name, session, kind)
+        except Exception as exc:
+            logger.warning("MCP server %r: refreshing %s failed: %s", self.name, kind, _failure_line(exc))
+            return
+        logger.info("MCP server %r %s changed", self.name, kind)
+        self._notify(kind)
 
     async def _refresh(self, session: ClientSession) -> None:
         assert self._refresh_lock is not None
@@ -618,6 +635,35 @@ class ServerConnection:
         self._record(by, tool, None)
         return result
 
+    async def request(self, what: str, send: Callable[[ClientSession], Awaitable[_Result]]) -> _Result:
+        """Another request than a tool call (``resources/read``, ``prompts/get``) through the shared
+        session, with a call's slot, deadline and loss handling. Raises ``Unavailable`` (the server
+        cannot be reached, dropped the connection, did not answer within ``timeout_s``) or the
+        server's ``MCPError``, its message with secrets redacted."""
+        session: ClientSession | None = None
+        try:
+            async with self._borrow() as session:
+                with anyio.move_on_after(self.config.timeout_s) as deadline:
+                    answer = await send(session)
+                if deadline.cancelled_caught:
+                    raise self._timed_out(what, session)
+        except MCPError as exc:
+            if _is_connection_lost(exc) and session is not None:
+                raise self._call_failed(exc, what, session) from None
+            self._answered()
+            raise MCPError(exc.code, self.secrets.redact(exc.message)) from None
+        self._answered()
+        return answer
+
+    @asynccontextmanager
+    async def _borrow(self) -> AsyncIterator[ClientSession]:
+        """A call slot, then the session: in that order, so a request that waited for a slot while
+        its server was replaced uses the new session, not the closed one it would have held."""
+        self._ensure_open()
+        assert self._limit is not None
+        async with self._limit:
+            yield await self.session()
+
     def _record(self, by: str | None, tool: str, error: str | None) -> None:
         """Keep an exposed call (one made ``by`` a principal, not by an agent) for ``list_servers``."""
         if by is not None:
@@ -632,12 +678,7 @@ class ServerConnection:
     ) -> types.CallToolResult:
         session: ClientSession | None = None
         try:
-            self._ensure_open()
-            assert self._limit is not None
-            # The slot first, then the session: a call that waited for a slot while its server was
-            # replaced must use the new session, not the closed one it would have held meanwhile.
-            async with self._limit:
-                session = await self.session()
+            async with self._borrow() as session:
                 delegation = subtasks.follows(tool, self.opspawn)
                 if delegation:
                     arguments = subtasks.submit_arguments(arguments)

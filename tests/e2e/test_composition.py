@@ -1,7 +1,8 @@
 """Aggregated tools end to end: a real ``opspawn-mcp serve`` over streamable HTTP exposes two
 testing servers (same tool names) as ``server__tool`` to the SDK's client, with curation, calls,
 progress, cancellation, the audit record and ``tools/list_changed`` after a downstream change,
-and when a downstream process dies and comes back."""
+and when a downstream process dies and comes back; their resources (``opspawn+server://``) and
+prompts (``server__prompt``) too, with their ``list_changed``."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import httpx
 import mcp.types as types
 import pytest
 from mcp import Client
+from mcp.shared.exceptions import MCPError
+from mcp.shared.subscriptions import PromptsListChanged, ResourcesListChanged
 
 from tests.servers.harness import HANG_GUARD_S, REPO_ROOT, lines, wait_until, wait_until_async
 from tests.support.serve import ServerProcess, write_config
@@ -175,3 +178,77 @@ async def test_a_downstream_server_that_dies_leaves_the_list_and_comes_back(serv
         await listed(client, "omega__pid")
         await wait_until(lambda: len(changes) > seen, "tools/list_changed when omega is back")
         assert int(text(await client.call_tool("omega__pid", {}))) != pid
+
+
+def _only_text(contents: list[types.TextResourceContents | types.BlobResourceContents]) -> tuple[str, str]:
+    [content] = contents
+    assert isinstance(content, types.TextResourceContents)
+    return content.uri, content.text
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_downstream_resources_and_prompts_are_listed_read_and_got_by_their_server_name(
+    serve: ServerProcess, mode: str
+) -> None:
+    async with Client(serve.url, mode=mode) as client:
+        await listed(client, "alpha__echo", "beta__echo")
+        uris = {r.uri for r in (await client.list_resources(cache_mode="bypass")).resources}
+        assert {
+            "opspawn+server://alpha/testing://greeting",
+            "opspawn+server://beta/testing://greeting",
+        } <= uris
+        assert not any(uri.startswith("opspawn+server://gamma/") for uri in uris)
+        templates = await client.list_resource_templates(cache_mode="bypass")
+        assert {"opspawn://tasks/{task_id}", "opspawn+server://alpha/testing://items/{item}"} <= {
+            t.uri_template for t in templates.resource_templates
+        }
+        read = await client.read_resource("opspawn+server://beta/testing://items/cup")
+        assert _only_text(read.contents) == ("opspawn+server://beta/testing://items/cup", "item cup")
+        with pytest.raises(MCPError) as unknown:
+            await client.read_resource("opspawn+server://gamma/testing://greeting")
+        assert unknown.value.message == "Unknown resource: opspawn+server://gamma/testing://greeting"
+        prompts = {p.name for p in (await client.list_prompts(cache_mode="bypass")).prompts}
+        assert {"alpha__greet", "beta__greet"} <= prompts
+        got = await client.get_prompt("beta__greet", {"name": "Bo"})
+        assert [getattr(m.content, "text", None) for m in got.messages] == ["Say hello to Bo."]
+
+
+async def test_downstream_resource_and_prompt_list_changes_reach_a_legacy_client(
+    serve: ServerProcess,
+) -> None:
+    resources, prompts = anyio.Event(), anyio.Event()
+
+    async def on_message(message: object) -> None:
+        if isinstance(message, types.ResourceListChangedNotification):
+            resources.set()
+        if isinstance(message, types.PromptListChangedNotification):
+            prompts.set()
+
+    async with Client(serve.url, mode="legacy", message_handler=on_message) as client:
+        await listed(client, "alpha__add_content")
+        await client.list_resources(cache_mode="bypass")
+        await client.call_tool("alpha__add_content", {"name": "legacy_fresh"})
+        with anyio.fail_after(HANG_GUARD_S):
+            await resources.wait()
+            await prompts.wait()
+        uris = {r.uri for r in (await client.list_resources(cache_mode="bypass")).resources}
+        assert "opspawn+server://alpha/testing://added/legacy_fresh" in uris
+        got = await client.get_prompt("alpha__legacy_fresh")
+        assert [getattr(m.content, "text", None) for m in got.messages] == ["added prompt legacy_fresh"]
+
+
+async def test_downstream_resource_and_prompt_list_changes_reach_a_listening_client(
+    serve: ServerProcess,
+) -> None:
+    async with Client(serve.url) as client:
+        await listed(client, "beta__add_content")
+        async with client.listen(resources_list_changed=True, prompts_list_changed=True) as subscription:
+            await client.call_tool("beta__add_content", {"name": "modern_fresh"})
+            events: list[object] = []
+            with anyio.fail_after(HANG_GUARD_S):
+                async for event in subscription:
+                    events.append(event)
+                    if {type(e) for e in events} >= {ResourcesListChanged, PromptsListChanged}:
+                        break
+        prompts = {p.name for p in (await client.list_prompts(cache_mode="bypass")).prompts}
+        assert "beta__modern_fresh" in prompts

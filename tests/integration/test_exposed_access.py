@@ -1,14 +1,22 @@
 """The exposed view's rules against the real testing server over stdio: a principal sees and calls
-only its allowed servers, a tool under ``require_approval`` is refused naming submit_task, and the
-first listing of a server reaches the bus as ``tools/list_changed``."""
+only its allowed servers (tools, resources, prompts), a tool under ``require_approval`` is refused
+naming submit_task, resources and prompts are namespaced and read through the pool, and a server
+coming up reaches the bus as each kind's ``list_changed``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import anyio
+import mcp.types as types
 import pytest
-from mcp.server.subscriptions import InMemorySubscriptionBus, ToolsListChanged
+from mcp.server.subscriptions import (
+    InMemorySubscriptionBus,
+    PromptsListChanged,
+    ResourcesListChanged,
+    ToolsListChanged,
+)
+from mcp.shared.exceptions import MCPError
 
 from opspawn_mcp.errors import Forbidden
 from opspawn_mcp.exposed import ExposedTools
@@ -71,4 +79,43 @@ async def test_a_server_coming_up_is_announced_on_the_bus(tmp_path: Path) -> Non
         await pool.open_all()
         with anyio.fail_after(HANG_GUARD_S):
             await arrived.wait()
-    assert events == [ToolsListChanged()]
+    assert events == [ToolsListChanged(), ResourcesListChanged(), PromptsListChanged()]
+
+
+async def test_resources_and_templates_are_namespaced_by_server_and_read_through_the_pool(
+    tmp_path: Path,
+) -> None:
+    async with _pool(tmp_path) as pool:
+        view = ExposedTools(pool, InMemorySubscriptionBus())
+        assert [r.uri for r in view.list_resources(BOB)] == ["opspawn+server://alpha/testing://greeting"]
+        assert {r.uri for r in view.list_resources(Principal("alice"))} == {
+            "opspawn+server://alpha/testing://greeting",
+            "opspawn+server://beta/testing://greeting",
+        }
+        [template] = view.list_resource_templates(BOB)
+        assert template.uri_template == "opspawn+server://alpha/testing://items/{item}"
+        assert template.description == "[alpha] One item by name."
+        target = view.route_uri("opspawn+server://alpha/testing://items/box", BOB)
+        assert target == ("alpha", "testing://items/box")
+        read = await view.read_resource(*target, BOB)
+        [content] = read.contents
+        assert isinstance(content, types.TextResourceContents)
+        assert (content.uri, content.text) == ("opspawn+server://alpha/testing://items/box", "item box")
+        assert view.route_uri("opspawn+server://beta/testing://greeting", BOB) is None
+        assert view.route_uri("opspawn+server://hidden/testing://greeting", Principal("alice")) is None
+        with pytest.raises(MCPError) as missing:
+            await view.read_resource("alpha", "testing://nothing", BOB)
+        assert missing.value.message.startswith("MCP server 'alpha' answered: ")
+
+
+async def test_prompts_are_named_like_tools_and_got_through_the_pool(tmp_path: Path) -> None:
+    async with _pool(tmp_path) as pool:
+        view = ExposedTools(pool, InMemorySubscriptionBus())
+        [prompt] = view.list_prompts(BOB)
+        assert (prompt.name, prompt.description) == ("alpha__greet", "[alpha] Ask for a greeting.")
+        assert view.route_prompt("beta__greet", BOB) is None
+        target = view.route_prompt("alpha__greet", BOB)
+        assert target == ("alpha", "greet")
+        got = await view.get_prompt(*target, {"name": "Ann"}, BOB)
+        [message] = got.messages
+        assert isinstance(message.content, types.TextContent) and message.content.text == "Say hello to Ann."

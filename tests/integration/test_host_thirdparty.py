@@ -1,4 +1,5 @@
-"""OpsMcpClient against servers we did not write: PyPI mcp-server-time and npm server-everything."""
+"""OpsMcpClient against servers we did not write: PyPI mcp-server-time and npm server-everything
+(its tools, and its resources, templates and prompts through opspawn's exposed view)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ from pathlib import Path
 import anyio
 import mcp.types as types
 import pytest
+from mcp.server.subscriptions import InMemorySubscriptionBus
 
 from agentkit import ToolError
 from opspawn_mcp.config import StdioServerConfig
+from opspawn_mcp.exposed import ExposedTools
 from opspawn_mcp.host import OpsMcpClient
+from opspawn_mcp.principals import Principal
 from tests.servers.harness import HttpServer, free_port
 from tests.support.services import require_command, unavailable
 
@@ -79,3 +83,28 @@ async def test_server_everything_over_streamable_http(tmp_path: Path) -> None:
         echoed = await pool.call_tool("everything", "echo", {"message": "over http"})
         assert "over http" in _text(echoed)
         assert pool.servers_info()[0].state == "ready"
+
+
+@pytest.mark.node
+async def test_server_everything_resources_and_prompts_through_the_exposed_view() -> None:
+    everything = require_command(EVERYTHING)
+    config = StdioServerConfig(command=everything, timeout_s=NODE_TIMEOUT_S, expose=True)
+    alice = Principal("alice")
+    async with OpsMcpClient({"everything": config}, eager=True) as pool:
+        view = ExposedTools(pool, InMemorySubscriptionBus())
+        doc = "opspawn+server://everything/demo://resource/static/document/architecture.md"
+        assert doc in {r.uri for r in view.list_resources(alice)}
+        assert "opspawn+server://everything/demo://resource/dynamic/text/{resourceId}" in {
+            t.uri_template for t in view.list_resource_templates(alice)
+        }
+        target = view.route_uri("opspawn+server://everything/demo://resource/dynamic/text/7", alice)
+        assert target == ("everything", "demo://resource/dynamic/text/7")
+        read = await view.read_resource(*target, alice)
+        assert [c.uri for c in read.contents] == [
+            "opspawn+server://everything/demo://resource/dynamic/text/7"
+        ]
+        assert {"everything__simple-prompt", "everything__args-prompt"} <= {
+            p.name for p in view.list_prompts(alice)
+        }
+        got = await view.get_prompt("everything", "args-prompt", {"city": "Lyon"}, alice)
+        assert "Lyon" in " ".join(getattr(m.content, "text", "") for m in got.messages)

@@ -3,7 +3,8 @@
 Each tool exists to provoke one behaviour of a client: ``sleep`` records on disk that it was
 cancelled (so a test proves the cancellation crossed the wire, not that the client gave up),
 ``fail`` returns ``isError``, ``crash`` kills the process mid-call, ``add_tool`` changes the tool
-list and announces it, ``pid`` tells a test which process answered. ``--pid-log`` appends the pid
+list and announces it (``add_content`` a resource and a prompt; the server also has a fixed
+resource, a resource template and a prompt), ``pid`` tells a test which process answered. ``--pid-log`` appends the pid
 at start, so a test counts how many processes a client started; ``--exit-if-exists`` keeps it from
 starting while a file exists (a server that stays down); ``--ignore-stdin-close`` makes
 the process ignore stdin EOF and SIGTERM, the worst case for a client's shutdown. ``echo_meta``
@@ -95,6 +96,38 @@ async def add_tool(name: str, ctx: Context) -> str:
 
     server.add_tool(added, name=name, description=f"Added at runtime as {name}.")
     await ctx.session.send_tool_list_changed()
+    return f"added {name}"
+
+
+@server.resource("testing://greeting", name="greeting", description="A fixed text.", mime_type="text/plain")
+def greeting() -> str:
+    return "hello from the testing server"
+
+
+@server.resource("testing://items/{item}", name="item", description="One item by name.")
+def item(item: str) -> str:
+    return f"item {item}"
+
+
+@server.prompt(name="greet", description="Ask for a greeting.")
+def greet(name: str) -> str:
+    return f"Say hello to {name}."
+
+
+@server.tool(
+    description="Add a resource testing://added/`name` and a prompt `name`, then send both list_changed."
+)
+async def add_content(name: str, ctx: Context) -> str:
+    def added_resource() -> str:
+        return f"added resource {name}"
+
+    def added_prompt() -> str:
+        return f"added prompt {name}"
+
+    server.resource(f"testing://added/{name}", name=name)(added_resource)
+    server.prompt(name=name)(added_prompt)
+    await ctx.session.send_resource_list_changed()
+    await ctx.session.send_prompt_list_changed()
     return f"added {name}"
 
 
