@@ -18,6 +18,7 @@ from the store, before and after a restart. The status mapping (docs/mcp-server.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -36,11 +37,11 @@ from opspawn_mcp.chaining import chain_from_meta
 from opspawn_mcp.errors import Conflict, Door, InvalidInput, NotFound, OpspawnError
 from opspawn_mcp.mcp_tasks import DetailedTask, TaskStatusName, TaskSupport, UnknownTask
 from opspawn_mcp.mcp_tasks.backend import RequestContext
-from opspawn_mcp.models import ApprovalAnswer, ApprovalRequest, Task, TaskSpec, TaskStatus
+from opspawn_mcp.models import ApprovalAnswer, ApprovalRequest, Task, TaskEvent, TaskSpec, TaskStatus
 from opspawn_mcp.principals import Principal, principal_of
 from opspawn_mcp.recovery import GAVE_UP_PREFIX
 from opspawn_mcp.runner import INTERNAL_ERROR_REASON
-from opspawn_mcp.service import TaskService, empty_goal
+from opspawn_mcp.service import EVENTS_PAGE_MAX, TaskService, empty_goal
 
 SUBMIT_ARGUMENTS = frozenset({*TaskSpec.model_fields, "wait"} - {"timeout_s", "chain"} | {"timeout"})
 """The arguments submit_task takes: the spec's fields (``timeout_s`` is ``timeout``; ``chain``
@@ -139,6 +140,44 @@ def _status(task: Task) -> TaskStatusName:
     return "failed" if infrastructure_failure(task) else _STATUS[task.status]
 
 
+LATEST_REMEMBERED = 1024
+"""Tasks whose newest event a backend remembers between polls (the oldest is forgotten first)."""
+
+
+def event_line(event: TaskEvent) -> str:
+    """One event in a few words, for a task's status message: its kind, the tool, the message."""
+    data = event.data
+    name = data.get("name") or data.get("tool")
+    failed = "failed" if event.kind == "tool_result" and data.get("is_error") else None
+    message = data.get("message") if event.kind == "progress" else None
+    words = [event.kind, name, failed, message]
+    return " ".join(str(w) for w in words if isinstance(w, str) and w)[:200]
+
+
+class LatestEvents:
+    """The newest event of each task a Tasks client follows, read incrementally: each poll of a
+    running task reads only the events written since the last one, so a delegating opspawn's
+    progress shows what this task is doing (chaining, docs/composition.md)."""
+
+    def __init__(self, service: TaskService, size: int = LATEST_REMEMBERED) -> None:
+        self._service = service
+        self._size = size
+        self._seen: OrderedDict[str, tuple[int, str | None]] = OrderedDict()
+
+    async def line(self, task: Task, by: Principal) -> str | None:
+        seq, line = self._seen.pop(task.id, (0, None))
+        while True:
+            events = await self._service.events(task.id, seq, EVENTS_PAGE_MAX, by=by)
+            if events:
+                seq, line = events[-1].seq, event_line(events[-1])
+            if len(events) < EVENTS_PAGE_MAX:
+                break
+        self._seen[task.id] = (seq, line)
+        while len(self._seen) > self._size:
+            self._seen.popitem(last=False)
+        return line
+
+
 class ServiceTaskBackend:
     """``TaskService`` behind ``TasksExtension``; ``view`` shapes a task as submit_task answers it."""
 
@@ -146,6 +185,7 @@ class ServiceTaskBackend:
         self._service = service
         self._local = local
         self._view = view
+        self._latest = LatestEvents(service)
 
     def _caller(self, ctx: RequestContext) -> Principal:
         request = ctx.request
@@ -169,7 +209,11 @@ class ServiceTaskBackend:
             raise UnknownTask(task_id) from None
 
     async def get(self, task_id: str, ctx: RequestContext) -> DetailedTask:
-        return self._detailed(await self._task(task_id, ctx))
+        task = await self._task(task_id, ctx)
+        latest = None
+        if task.status in (TaskStatus.QUEUED, TaskStatus.RUNNING):
+            latest = await self._latest.line(task, self._caller(ctx))
+        return self._detailed(task, latest)
 
     async def update(self, task_id: str, responses: dict[str, Any], ctx: RequestContext) -> None:
         task = await self._task(task_id, ctx)
@@ -188,7 +232,7 @@ class ServiceTaskBackend:
         except Conflict:
             return  # already completed or failed: the ack is the same
 
-    def _detailed(self, task: Task) -> DetailedTask:
+    def _detailed(self, task: Task, latest: str | None = None) -> DetailedTask:
         status = _status(task)
         view = self._view(task).model_dump(mode="json")
         result = error = inputs = None
@@ -204,7 +248,9 @@ class ServiceTaskBackend:
             inputs = {task.approval.id: approval_input(task.approval)}
             message = task.approval.message
         elif status == "working":
-            message = f"{task.status.value}, {task.steps} step(s) taken"
+            message = f"{task.status.value}, {task.steps} step(s) taken" + (
+                f"; last event: {latest}" if latest else ""
+            )
         requested = task.approval.requested_at if task.approval is not None else None
         moments = [
             m for m in (task.created_at, task.started_at, task.finished_at, requested) if m is not None

@@ -217,6 +217,18 @@ async def test_cancelling_as_task_cancels_its_subtask_in_b(chain: Chain) -> None
         events = [e.model_dump(mode="json") for e in await a_store.events(task_id)]
         b_task_id = _subtasks(events)[0]["task_id"]
         await until_a_tool_is_called(b_store, b_task_id)  # B's agent is in example__sleep
+        if chain.transport != "stdio-2025-11-25":
+            # Over MCP Tasks, B's status names its newest event: A's progress shows B's steps.
+
+            async def relayed() -> bool:
+                return any(
+                    e.kind == "progress"
+                    and "last event:" in (e.data.get("message") or "")
+                    and "example__sleep" in e.data["message"]
+                    for e in await a_store.events(task_id)
+                )
+
+            await wait_until_async(relayed)
         async with httpx.AsyncClient(base_url=chain.a.base) as http:
             cancelled = await http.post(f"/v1/tasks/{task_id}/cancel")
             assert cancelled.status_code == 200, cancelled.text

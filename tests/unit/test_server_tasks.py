@@ -152,3 +152,19 @@ def test_a_malformed_approval_answer_is_invalid_params(response: Any) -> None:
     with pytest.raises(MCPError) as raised:
         approval_answer(response)
     assert raised.value.code == -32602
+
+
+async def test_a_working_tasks_status_names_its_newest_event(server: MCPServer, store: MemoryStore) -> None:
+    async with Client(server, extensions=[TasksAware()]) as client:
+        created = await create(client, servers=["echo"])
+        assert (
+            await get(client, created.task_id)
+        ).status_message == "queued, 0 step(s) taken; last event: state"
+        await store.claim(created.task_id, "w1", 30.0, 3)
+        await store.append_event(created.task_id, "tool_call", {"name": "echo__echo", "arguments": {}})
+        seen = await get(client, created.task_id)
+        assert seen.status_message == "running, 0 step(s) taken; last event: tool_call echo__echo"
+        await store.append_event(created.task_id, "progress", {"tool": "echo__echo", "message": "half"})
+        later = await get(client, created.task_id)  # read from the seq the last poll reached
+        assert later.status_message == "running, 0 step(s) taken; last event: progress echo__echo half"
+        assert (await get(client, created.task_id)).status_message == later.status_message
