@@ -638,6 +638,12 @@ def describe(config: Config) -> list[str]:
     else:
         lines.append("no tokens: HTTP serves only loopback, and every caller is the local user")
     lines.append("stdio: the local user, who sees every task")
+    chaining = settings.chaining
+    named = f"is {chaining.instance_id!r}" if chaining.instance_id else "is named after its store"
+    lines.append(
+        f"delegation: this instance {named} in io.opspawn/chain; a goal delegated through more than "
+        f"{chaining.max_depth} instance(s), or back to this one, is refused (loop_detected)"
+    )
     origins = ", ".join(server.allowed_origins) or "none (no CORS)"
     lines.append(f"HTTP on {server.host}:{server.port}; browser origins allowed: {origins}")
     telemetry = settings.telemetry

@@ -20,7 +20,7 @@ from opspawn_mcp.chaining import (
     instance_id,
     outgoing_meta,
 )
-from opspawn_mcp.config import Config, parse_config
+from opspawn_mcp.config import Config, describe, parse_config
 from opspawn_mcp.errors import InvalidInput, LoopDetected
 from opspawn_mcp.principals import LOCAL
 from opspawn_mcp.server import build_server
@@ -132,3 +132,11 @@ def test_a_process_started_in_a_loop_or_too_deep_does_not_connect_at_start() -> 
     assert not looped.connect_at_start and "a → b → a" in (looped.refusal or "")
     deep = ProcessChain(config, {CHAIN_ENV: "c,d"})
     assert not deep.connect_at_start and "max_depth=2" in (deep.refusal or "")
+
+
+def test_config_check_says_how_this_instance_takes_delegated_goals() -> None:
+    named = describe(_config(instance_id="a", max_depth=2))
+    assert any(
+        line.startswith("delegation: this instance is 'a'") and "more than 2" in line for line in named
+    )
+    assert any("is named after its store" in line for line in describe(_config()))
