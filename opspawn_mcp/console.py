@@ -98,7 +98,10 @@ class Output:
 
 
 def status_text(status: str) -> Text:
-    return Text(status, style=STYLES.get(TaskStatus(status), ""))
+    """A status, coloured; ``completed (warning)`` (a task with a ``warning``) in yellow."""
+    name, _, note = status.partition(" ")
+    style = "yellow" if note else STYLES.get(TaskStatus(name), "")
+    return Text(status, style=style)
 
 
 def show_tasks(out: Output, page: dict[str, Any]) -> None:
@@ -113,7 +116,7 @@ def show_tasks(out: Output, page: dict[str, Any]) -> None:
     rows = [
         [
             t["task_id"],
-            status_text(t["status"]),
+            status_text(t["status"] + (" (warning)" if t.get("warning") else "")),
             _one_line(t["goal"], GOAL_COLUMN_CHARS),
             age(t["created_at"]),
             str(t["progress"]["steps"]),

@@ -231,6 +231,11 @@ class Task(BaseModel):
     status: TaskStatus = TaskStatus.QUEUED
     result: str | None = None
     error: str | None = None
+    warning: str | None = Field(
+        default=None,
+        description="Why a completed task's result needs checking: the agent got no successful tool "
+        "result (the last tool error is quoted), had no tools, or gave an empty answer.",
+    )
     usage: Usage = Field(default_factory=Usage)
     steps: int = 0
     attempts: int = 0

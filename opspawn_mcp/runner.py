@@ -41,6 +41,7 @@ from opspawn_mcp.approvals import approval_request
 from opspawn_mcp.config import Config
 from opspawn_mcp.errors import Conflict, IllegalTransition, OpspawnError, TaskNotFound, Unavailable
 from opspawn_mcp.models import ApprovalRequest, Task, TaskEvent, TaskStatus, Usage, utcnow
+from opspawn_mcp.outcome import completion_warning
 from opspawn_mcp.recovery import give_up
 from opspawn_mcp.scheduler import publish
 from opspawn_mcp.store._common import EVENT_KINDS
@@ -363,8 +364,12 @@ class TaskRunner:
             waiting = f"waiting for a person to approve {request.tool} on {request.server}"
             await self._finish(execution, TaskStatus.INPUT_REQUIRED, approval=request, reason=waiting)
         elif status is agentkit.RunStatus.COMPLETED:
-            warning = "; ".join(result.warnings) or None
-            await self._finish(execution, TaskStatus.COMPLETED, result=result.output or "", reason=warning)
+            spec = task.spec
+            servers = list(self.config.mcp_servers) if spec.servers is None else spec.servers
+            warning = completion_warning(result, servers)
+            await self._finish(
+                execution, TaskStatus.COMPLETED, result=result.output or "", reason=warning, warning=warning
+            )
         elif status is agentkit.RunStatus.TIMED_OUT:
             await self._finish(
                 execution,
@@ -389,11 +394,12 @@ class TaskRunner:
         error: str | None = None,
         reason: str | None = None,
         approval: ApprovalRequest | None = None,
+        warning: str | None = None,
     ) -> None:
         """The owner-guarded transition that ends this run (with its steps, its usage and the
         journal entries still held); losing the race (cancel, lost lease) is fine. ``reason``
-        goes into the state event (a warning); ``approval`` pauses the task on that request,
-        announced by an ``input_required`` event."""
+        goes into the state event; ``warning`` is stored on the task (``outcome``); ``approval``
+        pauses the task on that request, announced by an ``input_required`` event."""
         task_id = execution.task.id
         announce = ("input_required", approval.model_dump(mode="json")) if approval is not None else None
         with contextlib.suppress(OpspawnError):
@@ -411,6 +417,7 @@ class TaskRunner:
                 approval=approval,
                 event=announce,
                 entries=execution.journal.take(),
+                warning=warning,
             )
         except IllegalTransition:
             log.info("task %s: not %s, it changed meanwhile (cancelled or taken over)", task_id, status)

@@ -129,6 +129,11 @@ class TaskView(BaseModel):
     progress: TaskProgress
     result: str | None = Field(description="The agent's answer, once completed.")
     error: str | None = Field(description="Why it failed or was cancelled.")
+    warning: str | None = Field(
+        default=None,
+        description="Set on a completed task whose result needs checking: the agent got no successful "
+        "tool result (the last tool error is quoted), had no tools, or gave an empty answer.",
+    )
     approval: ApprovalRequest | None = Field(
         default=None, description="While input_required: the tool call waiting for a person's approval."
     )
@@ -141,7 +146,9 @@ class TaskView(BaseModel):
     @classmethod
     def of(cls, task: Task) -> TaskView:
         status = task.status
-        if status is TaskStatus.COMPLETED:
+        if status is TaskStatus.COMPLETED and task.warning:
+            hint = "Done, with a warning: read `warning` before you rely on `result`."
+        elif status is TaskStatus.COMPLETED:
             hint = "Done: read `result`."
         elif status is TaskStatus.FAILED:
             hint = "Failed: read `error`; fix the goal or servers and submit again."
@@ -163,6 +170,7 @@ class TaskView(BaseModel):
             progress=TaskProgress(steps=task.steps, max_steps=task.spec.max_steps),
             result=task.result,
             error=task.error,
+            warning=task.warning,
             approval=task.approval,
             usage=task.usage,
             created_at=task.created_at,

@@ -46,6 +46,7 @@ def transition_values(
     error: str | None,
     usage: Usage | None,
     approval: ApprovalRequest | None = None,
+    warning: str | None = None,
 ) -> dict[str, Any]:
     """Column values a successful transition writes (``usage`` and ``approval`` still as models).
 
@@ -73,6 +74,8 @@ def transition_values(
         values["error"] = error
     if usage is not None:
         values["usage"] = usage
+    if warning is not None:
+        values["warning"] = warning
     return values
 
 

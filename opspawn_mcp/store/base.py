@@ -97,6 +97,7 @@ class TaskStore(Protocol):
         approval: ApprovalRequest | None = None,
         event: tuple[str, dict[str, Any]] | None = None,
         entries: Sequence[JournalRow] = (),
+        warning: str | None = None,
     ) -> Task:
         """Atomically move the task to ``new`` if its status is in ``expected`` and the move is
         legal (and, when ``owner`` is given, the task's lease belongs to ``owner``).
@@ -111,7 +112,8 @@ class TaskStore(Protocol):
         Sets ``started_at`` on entering running and ``finished_at`` on a terminal state; leaving
         running clears the lease. ``approval`` is required exactly when ``new`` is
         ``input_required`` and is cleared by every other transition; pausing gives the claim's
-        attempt back. Raises ``TaskNotFound`` or ``IllegalTransition``.
+        attempt back. ``warning`` is stored with the task (``Task.warning``: why a completed
+        answer needs checking). Raises ``TaskNotFound`` or ``IllegalTransition``.
         """
 
     async def claim(self, task_id: str, owner: str, ttl_s: float, max_attempts: int) -> Task | None:

@@ -152,6 +152,7 @@ class MemoryStore:
         approval: ApprovalRequest | None = None,
         event: tuple[str, dict[str, Any]] | None = None,
         entries: Sequence[JournalRow] = (),
+        warning: str | None = None,
     ) -> Task:
         new = TaskStatus(new)
         allowed = allowed_from(expected, new)
@@ -162,7 +163,7 @@ class MemoryStore:
             if task.status not in allowed or (owner is not None and task.lease_owner != owner):
                 raise IllegalTransition(task_id, task.status.value, new.value)
             values = transition_values(
-                new, utcnow(), result=result, error=error, usage=usage, approval=approval
+                new, utcnow(), result=result, error=error, usage=usage, approval=approval, warning=warning
             )
             self._check_entries(task_id, entries)
             for name in ("usage", "approval"):

@@ -193,6 +193,8 @@ tasks = Table(
     # The request an input_required task waits on, and when it times out (migration 5).
     Column("approval", _NullableJson),
     Column("approval_expires_at", UtcDateTime),
+    # Why a completed task's answer needs checking (migration 6): Task.warning.
+    Column("warning", Text),
     # list(status=...) newest first, list() newest first, and the recovery loop's scan.
     Index("ix_tasks_status_created", "status", "created_at", "id"),
     Index("ix_tasks_created", "created_at", "id"),
@@ -302,6 +304,14 @@ def _migration_5(conn: Connection) -> None:
             index.create(conn, checkfirst=True)
 
 
+def _migration_6(conn: Connection) -> None:
+    """``warning``: why a completed task's answer needs checking (no successful tool result, an
+    empty answer). Tasks that exist have none: nothing was checked when they completed."""
+    columns = {c["name"] for c in inspect(conn).get_columns("tasks")}
+    if "warning" not in columns:
+        conn.execute(text("ALTER TABLE tasks ADD COLUMN warning TEXT"))
+
+
 # Append only: a released version's step never changes, a new one gets the next number.
 MIGRATIONS: Final = (
     (1, "tasks and task_events", _migration_1),
@@ -309,6 +319,7 @@ MIGRATIONS: Final = (
     (3, "tasks.last_seq; task_journal", _migration_3),
     (4, "tasks.enqueued_at: the outbox", _migration_4),
     (5, "tasks.approval, tasks.approval_expires_at: pauses for approval", _migration_5),
+    (6, "tasks.warning: why a completed answer needs checking", _migration_6),
 )
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
 
@@ -338,6 +349,7 @@ def _to_task(row: Row[Any]) -> Task:
         status=TaskStatus(m["status"]),
         result=m["result"],
         error=m["error"],
+        warning=m["warning"],
         usage=Usage.model_validate(m["usage"] or {}),
         steps=m["steps"],
         attempts=m["attempts"],
@@ -930,11 +942,14 @@ class SqlStore:
         error: str | None,
         usage: Usage | None,
         approval: ApprovalRequest | None,
+        warning: str | None,
     ) -> tuple[Any, dict[str, Any]]:
         """The compare-and-set statement and its values; no statement when no status allows it."""
         if not allowed:
             return None, {}
-        values = transition_values(new, utcnow(), result=result, error=error, usage=usage, approval=approval)
+        values = transition_values(
+            new, utcnow(), result=result, error=error, usage=usage, approval=approval, warning=warning
+        )
         values["status"] = new.value
         values["approval"] = approval_document(approval)
         values["approval_expires_at"] = approval.expires_at if approval is not None else None
@@ -964,12 +979,15 @@ class SqlStore:
         approval: ApprovalRequest | None = None,
         event: tuple[str, dict[str, Any]] | None = None,
         entries: Sequence[JournalRow] = (),
+        warning: str | None = None,
     ) -> Task:
         new = TaskStatus(new)
         allowed = allowed_from(expected, new)
         if event is not None:
             check_kind(event[0])
-        statement, params = self._transition_shape(new, allowed, owner, event, result, error, usage, approval)
+        statement, params = self._transition_shape(
+            new, allowed, owner, event, result, error, usage, approval, warning
+        )
         params["b_id"] = task_id
 
         async def body(conn: AsyncConnection) -> tuple[Task, int] | str | None:

@@ -181,6 +181,23 @@ def test_cancel_stops_a_task_and_follow_exits_3(serve: Serve) -> None:
     assert json.loads(followed.stdout.splitlines()[-1])["status"] == "cancelled"
 
 
+def test_a_tool_error_answer_is_completed_with_a_warning_in_status_tasks_and_follow(serve: Serve) -> None:
+    # The example server refuses sleep(99999); the fake model then answers with the error's text.
+    followed = cli(serve, "submit", "sleep 99999", "--follow")
+    assert followed.returncode == 0, followed.stderr
+    warning = (
+        "the agent finished without a successful tool result (last tool error: example__sleep: "
+        "The tool example/sleep reported an error: Error executing tool sleep: seconds must be at most 30"
+    )
+    assert re.search(r"^status +completed$", followed.stdout, re.M)
+    assert re.search(rf"^warning +{re.escape(warning)}", followed.stdout, re.M), followed.stdout
+    task_id = re.search(r"^task +(\S+)$", followed.stdout, re.M).group(1)  # type: ignore[union-attr]
+    shown = cli(serve, "status", task_id)
+    assert re.search(rf"^warning +{re.escape(warning)}", shown.stdout, re.M), shown.stdout
+    row = next(r for r in cli(serve, "tasks", task_id).stdout.splitlines() if r.startswith(task_id))
+    assert row.split()[1:3] == ["completed", "(warning)"]
+
+
 def test_every_read_command_speaks_json(serve: Serve) -> None:
     task_id = submitted(serve, "echo as json", "--wait", "60")
     assert json.loads(cli(serve, "status", task_id, "--json").stdout)["status"] == "completed"

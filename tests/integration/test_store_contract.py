@@ -189,6 +189,18 @@ async def test_transition_follows_can_become(store: TaskStore, current: TaskStat
         assert (await store.get(task.id)).status is current
 
 
+async def test_a_completed_tasks_warning_is_stored_with_it(store: TaskStore) -> None:
+    task = await store.create(_task(TaskStatus.RUNNING))
+    warning = "the agent finished without a successful tool result (last tool error: t__fail: disk full)"
+    done = await store.transition(
+        task.id, {TaskStatus.RUNNING}, TaskStatus.COMPLETED, result="ok", warning=warning
+    )
+    assert done.warning == warning and (await store.get(task.id)).warning == warning
+    assert [t.warning for t in (await store.list_tasks()).items] == [warning]
+    clean = await store.create(_task(TaskStatus.RUNNING))
+    assert (await store.transition(clean.id, {TaskStatus.RUNNING}, TaskStatus.COMPLETED)).warning is None
+
+
 async def test_transition_needs_the_current_status_in_expected(store: TaskStore) -> None:
     task = await store.create(_task(TaskStatus.QUEUED))
     with pytest.raises(IllegalTransition):

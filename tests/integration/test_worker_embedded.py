@@ -118,6 +118,7 @@ async def test_echo_task_completes_through_the_proxy_with_events(
         assert done.steps == 2
         assert done.usage.input_tokens > 0 and done.usage.output_tokens > 0
         assert done.lease_owner is None and done.finished_at is not None
+        assert done.warning is None  # the answer rests on a successful tool result
         events = await stack.events(task.id)
         assert states(events) == ["queued", "running", "completed"]
         calls = [e for e in events if e.kind == "tool_call"]
@@ -163,6 +164,36 @@ async def test_a_failing_tool_is_an_observation_the_task_reports(
         results = [e for e in await stack.events(task.id) if e.kind == "tool_result"]
         assert results[0].data["is_error"] is True
         assert "disk full on /data" in results[0].data["content"]
+        # ... but the task does not read as a clean success: it says the answer rests on no
+        # successful tool result, quoting the error, and the state event says it too.
+        assert done.warning == (
+            "the agent finished without a successful tool result (last tool error: t__fail: "
+            "The tool t/fail reported an error: disk full on /data)"
+        )
+        assert [e.data.get("reason") for e in await stack.events(task.id) if e.kind == "state"][
+            -1
+        ] == done.warning
+
+
+async def test_an_answer_from_the_model_alone_carries_a_warning(
+    tmp_path: Path, fake: FakeOpenAIServer
+) -> None:
+    async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
+        stack.fake.script("Paris, I believe")
+        task = await stack.service.submit({"goal": "capital of France?", "servers": ["t"]}, by=LOCAL)
+        done = await stack.finished(task.id)
+        assert (done.status, done.result) == (TaskStatus.COMPLETED, "Paris, I believe")
+        assert done.warning == (
+            "the agent finished without calling a tool, so the answer comes from the model alone"
+        )
+
+        task = await stack.service.submit({"goal": "say something", "servers": []}, by=LOCAL)
+        done = await stack.finished(task.id)
+        assert done.status is TaskStatus.COMPLETED and done.result
+        assert done.warning == (
+            "the agent had no tools (no downstream MCP server is configured or allowed), so the "
+            "answer comes from the model alone"
+        )
 
 
 async def test_the_model_reads_each_failed_call_as_one_message_from_the_pool(

@@ -91,12 +91,18 @@ class BrokenStore(MemoryStore):
         raise RuntimeError("secret internal detail")
 
 
-async def finish(store: MemoryStore, task_id: str, result: str) -> None:
-    """Do what a worker does, through the real store: claim, log, complete."""
+WARNING = "the agent finished without a successful tool result (last tool error: t__fail: disk full)"
+"""What the worker writes on a task whose every tool call failed (``opspawn_mcp.outcome``)."""
+
+
+async def finish(store: MemoryStore, task_id: str, result: str, *, warning: str | None = None) -> None:
+    """Do what a worker does, through the real store: claim, log, complete (with ``warning``)."""
     await store.claim(task_id, "w1", 30.0, 3)
     await store.append_event(task_id, "state", {"status": "running"})
     await store.append_event(task_id, "final", {"result": result})
-    await store.transition(task_id, {TaskStatus.RUNNING}, TaskStatus.COMPLETED, result=result, owner="w1")
+    await store.transition(
+        task_id, {TaskStatus.RUNNING}, TaskStatus.COMPLETED, result=result, owner="w1", warning=warning
+    )
 
 
 async def pause(store: MemoryStore, task_id: str, *, timeout_s: float = 3600.0) -> Task:

@@ -19,7 +19,9 @@ import pytest
 from opspawn_mcp.http_guard import DASHBOARD_COOKIE
 from opspawn_mcp.models import EventKind, TaskEvent
 from opspawn_mcp.service import TaskService
+from opspawn_mcp.store.memory import MemoryStore
 from opspawn_mcp.ui.render import Durations
+from tests.support.service_kit import WARNING, finish
 from tests.unit.test_gateway import BASE, assert_problem, http_app, parse_sse
 from tests.unit.test_http_guard import ALICE, BOB, ENV, TOKENS, serving
 
@@ -224,6 +226,17 @@ async def test_pages_show_only_the_principals_own_tasks(token_env: dict[str, str
         cancel = await http.post(f"/ui/tasks/{alices}/cancel", headers={**bobs, "origin": base})
         assert "the task list at /ui" in assert_problem(cancel, 404, "not_found")["detail"]
         assert "secret goal" in (await http.get("/ui", headers=cookie(ALICE))).text
+
+
+async def test_a_completed_task_with_a_warning_shows_it_on_its_page_and_in_the_list(
+    in_process: httpx.AsyncClient, store: MemoryStore
+) -> None:
+    task_id = await submit(in_process, None, goal="use the failing tool")
+    await finish(store, task_id, "done: disk full", warning=WARNING)
+    page = (await in_process.get(f"/ui/tasks/{task_id}")).text
+    assert f'<p class="warning" id="task-warning">{WARNING}</p>' in page
+    rows = (await in_process.get("/ui/tasks/rows")).text
+    assert f'<span class="badge warning" title="{WARNING}">warning</span>' in rows
 
 
 async def test_the_task_list_filters_by_status_and_searches_goals(in_process: httpx.AsyncClient) -> None:

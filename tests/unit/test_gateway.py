@@ -30,7 +30,7 @@ from opspawn_mcp.server import build_http_app, build_server
 from opspawn_mcp.service import TaskService
 from opspawn_mcp.store.memory import MemoryStore
 from opspawn_mcp.ui import dashboard_routes
-from tests.support.service_kit import BrokenStore, RecordingEnqueuer, finish, make_service
+from tests.support.service_kit import WARNING, BrokenStore, RecordingEnqueuer, finish, make_service
 
 TOKEN = "s3cret-token"
 BASE = "http://localhost"
@@ -106,6 +106,18 @@ async def test_submit_returns_202_with_location_and_the_queued_task(
     assert again.status_code == 200
     assert again.json()["task_id"] == task["task_id"]
     assert again.json()["usage"] == {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
+
+
+async def test_a_completed_tasks_warning_is_in_its_json_and_the_openapi_document(
+    client: httpx.AsyncClient, store: MemoryStore
+) -> None:
+    task_id = (await client.post("/v1/tasks", json={"goal": "g"})).json()["task_id"]
+    assert (await client.get(f"/v1/tasks/{task_id}")).json()["warning"] is None
+    await finish(store, task_id, "done: disk full", warning=WARNING)
+    shown = (await client.get(f"/v1/tasks/{task_id}")).json()
+    assert (shown["status"], shown["result"], shown["warning"]) == ("completed", "done: disk full", WARNING)
+    schema = (await client.get("/openapi.json")).json()["components"]["schemas"]["Task"]
+    assert schema["properties"]["warning"]["anyOf"] == [{"type": "string"}, {"type": "null"}]
 
 
 @pytest.mark.parametrize("body", [b"{not json", b"", b"[" * 100_000, b"\xff\xfe"])

@@ -27,7 +27,7 @@ from opspawn_mcp.models import Task, Usage
 from opspawn_mcp.principals import LOCAL, Principals
 from opspawn_mcp.service import TaskService
 from opspawn_mcp.store.memory import MemoryStore
-from tests.support.service_kit import BrokenStore, RecordingEnqueuer, finish, make_service
+from tests.support.service_kit import WARNING, BrokenStore, RecordingEnqueuer, finish, make_service
 
 TOKEN = "grpc_token"
 
@@ -147,6 +147,15 @@ async def test_usage_carries_its_total_like_every_door(stub: Any, store: MemoryS
     got = await stub.GetTask(pb.GetTaskRequest(task_id=task.id))
     assert (got.usage.input_tokens, got.usage.output_tokens, got.usage.total_tokens) == (30, 12, 42)
     assert task_from_pb(got).usage == Usage(input_tokens=30, output_tokens=12)
+
+
+async def test_a_completed_tasks_warning_is_a_field(stub: Any, store: MemoryStore) -> None:
+    task = await stub.SubmitTask(pb.SubmitTaskRequest(spec=pb.TaskSpec(goal="x")))
+    assert not task.HasField("warning")
+    await finish(store, task.id, "done: disk full", warning=WARNING)
+    got = await stub.GetTask(pb.GetTaskRequest(task_id=task.id))
+    assert (got.status, got.warning) == (pb.TASK_STATUS_COMPLETED, WARNING)
+    assert task_from_pb(got).warning == WARNING
 
 
 async def test_cancel_a_queued_task(stub: Any) -> None:

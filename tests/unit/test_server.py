@@ -18,7 +18,7 @@ from opspawn_mcp.models import TaskStatus
 from opspawn_mcp.server import build_server
 from opspawn_mcp.service import TaskService
 from opspawn_mcp.store.memory import MemoryStore
-from tests.support.service_kit import RecordingEnqueuer
+from tests.support.service_kit import WARNING, RecordingEnqueuer, finish
 
 
 @pytest.fixture
@@ -119,6 +119,20 @@ async def test_get_status_list_and_cancel(server: MCPServer) -> None:
         assert rest and [t["task_id"] for t in rest["tasks"]] == [first["task_id"]]
         only = (await client.call_tool("list_tasks", {"status": "cancelled"})).structured_content
         assert only and [t["task_id"] for t in only["tasks"]] == [first["task_id"]]
+
+
+async def test_a_completed_task_with_a_warning_says_to_read_it_first(
+    server: MCPServer, store: MemoryStore
+) -> None:
+    async with Client(server) as client:
+        submitted = (await client.call_tool("submit_task", {"goal": "a"})).structured_content
+        assert submitted and submitted["warning"] is None
+        await finish(store, submitted["task_id"], "done: disk full", warning=WARNING)
+        shown = (await client.call_tool("get_status", {"task_id": submitted["task_id"]})).structured_content
+        assert shown and (shown["status"], shown["warning"]) == ("completed", WARNING)
+        assert shown["next"] == "Done, with a warning: read `warning` before you rely on `result`."
+        listed = (await client.call_tool("list_tasks", {})).structured_content
+        assert listed and listed["tasks"][0]["warning"] == WARNING
 
 
 @pytest.mark.parametrize(
