@@ -141,7 +141,11 @@ class _Routes:
 
     async def list_tasks(self, request: Request) -> Response:
         query = request.query_params
-        kwargs: dict[str, Any] = {"status": query.get("status"), "cursor": query.get("cursor")}
+        kwargs: dict[str, Any] = {
+            "status": query.get("status"),
+            "cursor": query.get("cursor"),
+            "goal_contains": query.get("goal_contains"),
+        }
         if "limit" in query:
             kwargs["limit"] = _int_or_raw(query["limit"])
         page = await self.service.list_tasks(**kwargs, by=principal_of(request.scope))

@@ -22,7 +22,7 @@ from gateway.problems import Problem
 from opspawn_mcp.errors import PROBLEM_MEDIA_TYPE
 from opspawn_mcp.host.models import ServerInfo
 from opspawn_mcp.models import NO_NUL, ApprovalInput, Task, TaskEvent, TaskPage, TaskSpec, TaskStatus
-from opspawn_mcp.service import LIST_PAGE_MAX, TASK_ID_MAX_CHARS
+from opspawn_mcp.service import LIST_PAGE_MAX, SEARCH_MAX_CHARS, TASK_ID_MAX_CHARS
 
 REF = "#/components/schemas/{model}"
 
@@ -176,6 +176,12 @@ def build_openapi(
                         "description": "The next_cursor of the previous page: opaque, and only one "
                         "this server issued is accepted (any other value is a 422).",
                         "schema": {"type": "string"},
+                    },
+                    {
+                        "name": "goal_contains",
+                        "in": "query",
+                        "description": "Only tasks whose goal contains this text (any case); blank: no filter.",
+                        "schema": {"type": "string", "maxLength": SEARCH_MAX_CHARS, **NO_NUL},
                     },
                 ],
             ),

@@ -78,7 +78,7 @@ from opspawn_mcp.models import (
 )
 from opspawn_mcp.principals import LOCAL, Principal, principal_of
 from opspawn_mcp.server_tasks import ServiceTaskBackend, submit_spec
-from opspawn_mcp.service import LIST_PAGE_MAX, WAIT_MAX_S, TaskService
+from opspawn_mcp.service import LIST_PAGE_MAX, SEARCH_MAX_CHARS, WAIT_MAX_S, TaskService
 
 SERVER_NAME = OPSPAWN_NAME
 MCP_PATH = "/mcp"
@@ -509,10 +509,19 @@ def build_server(
         cursor: Annotated[
             Any, _arg("next_cursor from the previous page; omit for the newest.", type="string")
         ] = None,
+        goal_contains: Annotated[
+            Any,
+            _arg(
+                "Only tasks whose goal contains this text (any case).",
+                type="string",
+                maxLength=SEARCH_MAX_CHARS,
+            ),
+        ] = None,
     ) -> TaskList:
-        """Tasks, newest first, one page at a time."""
+        """Tasks, newest first, one page at a time; optionally only those whose goal contains a text."""
         try:
-            page = await service.list_tasks(status, limit, cursor, by=caller(ctx, local))
+            by = caller(ctx, local)
+            page = await service.list_tasks(status, limit, cursor, goal_contains=goal_contains, by=by)
         except OpspawnError as exc:
             raise _tool_error(exc, ctx) from exc
         return TaskList(tasks=[TaskView.of(t) for t in page.items], next_cursor=page.next_cursor)
@@ -566,7 +575,8 @@ def build_server(
     server.add_tool(
         list_tasks,
         title="List tasks",
-        description="List tasks newest first, optionally only those in one status. Page with `cursor`.",
+        description="List tasks newest first, optionally only those in one status or whose goal contains "
+        "`goal_contains`. Page with `cursor`.",
         annotations=read_only,
     )
     server.add_tool(

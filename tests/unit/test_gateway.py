@@ -190,6 +190,8 @@ async def test_list_filters_by_status_and_pages_with_the_cursor(
     assert sorted(seen) == sorted(ids[1:])
     completed = (await client.get("/v1/tasks", params={"status": "completed"})).json()
     assert [t["task_id"] for t in completed["items"]] == [ids[0]]
+    found = (await client.get("/v1/tasks", params={"goal_contains": "G3"})).json()
+    assert [t["task_id"] for t in found["items"]] == [ids[3]]
 
 
 @pytest.mark.parametrize(

@@ -119,6 +119,10 @@ async def test_get_status_list_and_cancel(server: MCPServer) -> None:
         assert rest and [t["task_id"] for t in rest["tasks"]] == [first["task_id"]]
         only = (await client.call_tool("list_tasks", {"status": "cancelled"})).structured_content
         assert only and [t["task_id"] for t in only["tasks"]] == [first["task_id"]]
+        found = (await client.call_tool("list_tasks", {"goal_contains": "B"})).structured_content
+        assert found and [t["task_id"] for t in found["tasks"]] == [second["task_id"]]
+        too_long = await client.call_tool("list_tasks", {"goal_contains": "x" * 300})
+        assert too_long.is_error and "invalid_input: The search text must be at most 200" in text(too_long)
 
 
 async def test_a_completed_task_with_a_warning_says_to_read_it_first(
