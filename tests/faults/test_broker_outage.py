@@ -2,7 +2,7 @@
 
 The node is the test's own (``services.private_rabbitmq``), so the outage touches nobody else.
 Tasks are small (one model call, no tool). Tasks are submitted before, during and after the
-outage; every one accepted must complete exactly once, with no process restarted: the same
+outage, which starts once 10 of the first 80 completed (a count, not a timer); every one accepted must complete exactly once, with no process restarted: the same
 ``serve`` and the same two workers run from the first task to the last.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from opspawn_mcp.models import TaskStatus
-from tests.faults.harness import deployment
+from tests.faults.harness import deployment, poll
 from tests.faults.services import private_rabbitmq
 from tests.support.counting_servers import expected_result, goal
 from tests.support.services import POSTGRES_URL, require_service
@@ -22,6 +22,8 @@ from tests.support.services import POSTGRES_URL, require_service
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.postgres]
 
 BEFORE, DURING, AFTER = 80, 40, 80
+OUTAGE_AFTER = 10
+"""The node is stopped once this many of the first BEFORE tasks completed: progress, not time."""
 
 
 async def test_rabbitmq_stop_app_start_app_during_200_tasks_all_complete_nothing_restarted(
@@ -45,6 +47,13 @@ async def test_rabbitmq_stop_app_start_app_during_200_tasks_all_complete_nothing
             ids: dict[str, str] = {}
             for job in jobs[:BEFORE]:
                 ids[job] = await stack.submit(goal(job))
+
+            async def under_way() -> bool:
+                counts = await stack.store.count_by_status()
+                return counts.get(TaskStatus.COMPLETED, 0) >= OUTAGE_AFTER
+
+            # The outage comes once the run is under way, however slow the machine.
+            await poll(under_way, f"{OUTAGE_AFTER} tasks completed before the outage")
             rabbit.stop_app()
             try:
                 for job in jobs[BEFORE : BEFORE + DURING]:

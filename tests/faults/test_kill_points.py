@@ -50,6 +50,10 @@ async def test_kill_9_at_each_step_boundary_of_a_two_tool_task(tmp_path: Path, t
         broker_url=RABBITMQ_URL,
         shared_schema=schema,
         worker={"concurrency": 8},
+        # Held requests wait until every task reached its point, however loaded the machine;
+        # neither the model call nor the tool call may time out first (the hang guard does).
+        llm_timeout_s=120,
+        server={"timeout_s": 120},
     ) as stack:
         run = uuid.uuid4().hex[:6]
         verb = "recorded" if tool == "record" else "charged"
