@@ -282,7 +282,9 @@ async def test_killed_worker_mid_task_the_next_worker_completes_it_once(
         first, second = WorkerProcess(d, "first"), WorkerProcess(d, "second")
         with _no_leftovers(first, second):
             await first.start()
-            task = await d.service.submit({"goal": "sleep 3", "servers": ["t"]}, by=LOCAL)
+            # A sleep far longer than the test: the kill lands mid-call however slow the machine
+            # is between the call's start and the kill (a 3 s sleep could finish first).
+            task = await d.service.submit({"goal": "sleep 60", "servers": ["t"]}, by=LOCAL)
             await until_a_tool_is_called(d.store, task.id)
             first.kill_hard()
             assert (await d.store.get(task.id)).status is TaskStatus.RUNNING
