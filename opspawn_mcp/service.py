@@ -379,10 +379,13 @@ class TaskService:
         the caller while nobody answers), or still queued/running if time ran out.
 
         Every door that offers "submit and wait" uses this, so they all time out the same way.
+        A task that already ended (or paused) still has its events replayed to ``on_event``: what
+        a caller is told must not depend on whether the worker beat this call to the store.
         """
         self.check_wait(timeout_s)
         task = await self.get(task_id, by=by)
-        if timeout_s == 0 or task.status.terminal or task.status is TaskStatus.INPUT_REQUIRED:
+        settled = task.status.terminal or task.status is TaskStatus.INPUT_REQUIRED
+        if timeout_s == 0 or (settled and on_event is None):
             return task
         stream = self.watch(task.id, by=by)
         try:

@@ -339,6 +339,25 @@ async def test_wait_returns_the_finished_task_and_reports_events(
     assert kinds[-2:] == ["final", "state"]
 
 
+async def test_wait_on_a_task_that_already_finished_still_reports_its_events(
+    service: TaskService, store: MemoryStore
+) -> None:
+    """The worker may finish before the wait reads the task (submit_task's wait on a fast task):
+    the caller is told the same events either way."""
+    task = await service.submit({"goal": "x"}, by=LOCAL)
+    go = asyncio.Event()
+    go.set()
+    await _run_worker(store, task.id, go)
+    kinds: list[str] = []
+
+    async def on_event(event: TaskEvent) -> None:
+        kinds.append(event.kind)
+
+    done = await service.wait(task.id, 60, on_event, by=LOCAL)
+    assert done.status is TaskStatus.COMPLETED
+    assert kinds[0] == "state" and kinds[-2:] == ["final", "state"]
+
+
 async def test_wait_zero_returns_at_once(service: TaskService) -> None:
     task = await service.submit({"goal": "x"}, by=LOCAL)
     assert (await service.wait(task.id, 0, by=LOCAL)).status is TaskStatus.QUEUED
