@@ -47,6 +47,7 @@ from opspawn_mcp.scheduler import publish
 from opspawn_mcp.store._common import EVENT_KINDS
 from opspawn_mcp.store.base import JournalRow, TaskStore
 from opspawn_mcp.telemetry.hooks import runs_task, task_finished
+from opspawn_mcp.telemetry.logs import announce
 
 log = logging.getLogger(__name__)
 
@@ -222,9 +223,20 @@ class TaskRunner:
         return [e.task.id for e in self._running.values()]
 
     def begin_shutdown(self) -> None:
-        """Refuse new work and stop every running agent; each hands its task back as ``queued``."""
+        """Refuse new work and stop every running agent; each hands its task back as ``queued``.
+
+        Says at once which tasks it hands back and how long it waits at most (a Ctrl-C that is
+        quiet for seconds reads as a hang)."""
         self._closing = True
-        for execution in list(self._running.values()):
+        stopping = [e for e in self._running.values() if e.stop_reason is None]
+        if stopping:
+            where = "to the queue" if self._requeue_on_shutdown else "for the next start"
+            announce(
+                f"opspawn: stopping {len(stopping)} running task(s) and handing them back {where}: "
+                f"{', '.join(e.task.id for e in stopping)}; waiting at most {CANCEL_GRACE_S:g} s "
+                "for their agents to stop"
+            )
+        for execution in stopping:
             execution.stop("shutdown")
 
     async def wait_idle(self) -> None:

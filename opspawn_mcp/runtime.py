@@ -83,6 +83,7 @@ class Runtime:
         self._stack: AsyncExitStack | None = None
         self._service: TaskService | None = None
         self._mcp: MCPServer | None = None
+        self._embedded: EmbeddedWorker | None = None
 
     @property
     def service(self) -> TaskService:
@@ -124,7 +125,9 @@ class Runtime:
                 log.warning("this opspawn was %s", chain.refusal)
             enqueuer: Enqueuer
             if is_embedded(self.config):
-                enqueuer = await stack.enter_async_context(EmbeddedWorker(self.config, store, pool))
+                enqueuer = self._embedded = await stack.enter_async_context(
+                    EmbeddedWorker(self.config, store, pool)
+                )
             else:
                 enqueuer = await stack.enter_async_context(DramatiqEnqueuer.for_config(self.config))
             self._service = TaskService(self.config, store, enqueuer, pool)
@@ -138,8 +141,15 @@ class Runtime:
         stack, self._stack = self._stack, None
         self._service = None
         self._mcp = None
+        self._embedded = None
         if stack is not None:
             await stack.__aexit__(exc_type, exc, tb)
+
+    def begin_shutdown(self) -> None:
+        """On SIGINT/SIGTERM, before the doors close: the embedded worker stops its agents now
+        and says which tasks it hands back (the doors may take a while to drain)."""
+        if self._embedded is not None:
+            self._embedded.runner.begin_shutdown()
 
     # -- transports -------------------------------------------------------------------------
 
@@ -160,6 +170,7 @@ class Runtime:
         def stop() -> None:
             nonlocal stopped
             stopped = True
+            self.begin_shutdown()
             task.cancel()
 
         with _on_signals(stop):
@@ -235,6 +246,7 @@ class Runtime:
         server = _Server(config)
 
         def stop() -> None:
+            self.begin_shutdown()
             server.should_exit = True
 
         try:

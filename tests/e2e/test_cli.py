@@ -14,6 +14,7 @@ import os
 import pty
 import re
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -222,6 +223,63 @@ def test_config_is_taken_before_or_after_the_command(serve: Serve) -> None:
         assert out.stdout.splitlines()[0].split() == ["SERVER", "STATE", "TOOLS", "HIDDEN", "ERROR"]
     bad = cli(serve, "servers", "--config", "/nonexistent/opspawn.json")
     assert bad.returncode == 2 and "cannot read the file" in bad.stderr
+
+
+# -- the server itself ---------------------------------------------------------------------------
+
+
+def test_ctrl_c_with_running_tasks_says_at_once_which_it_hands_back_and_how_long_it_waits(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    with spawn_fake_openai() as llm_url:
+        config = {
+            "mcpServers": {
+                "example": {"command": sys.executable, "args": ["-m", "opspawn_mcp.example_server"]}
+            },
+            "opspawn": {
+                "store_url": f"sqlite+aiosqlite:///{tmp_path / 'opspawn.db'}",
+                "llm": {"provider": "openai", "base_url": llm_url, "model": "fake-model", "timeout_s": 30},
+            },
+        }
+        path = tmp_path / "opspawn.json"
+        path.write_text(json.dumps(config))
+        log = tmp_path / "serve.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OPSPAWN_")}
+        # --config and --port after the command, as a user types them.
+        args = ("serve", "--config", str(path), "--port", str(port))
+        with opspawn_process(*args, cwd=REPO_ROOT, env=env, log=log) as proc:
+            base = f"http://127.0.0.1:{port}"
+            wait_for_http(
+                proc, f"{base}/readyz", deadline_s=HANG_GUARD_S, why=lambda: log.read_text()[-3000:]
+            )
+            spec = {"goal": "sleep 25", "servers": ["example"]}
+            ids = [
+                httpx.post(f"{base}/v1/tasks", json=spec, timeout=HANG_GUARD_S).json()["task_id"]
+                for _ in "ab"
+            ]
+
+            def sleeping(task_id: str) -> bool:
+                task = httpx.get(f"{base}/v1/tasks/{task_id}", timeout=HANG_GUARD_S).json()
+                return bool(task["status"] == "running" and task["steps"] >= 1)  # its sleep call is next
+
+            deadline = time.monotonic() + HANG_GUARD_S
+            while not all(sleeping(i) for i in ids):
+                assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-3000:]
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGINT)
+            line = "opspawn: stopping 2 running task(s) and handing them back for the next start: "
+            while line not in log.read_text():
+                assert proc.poll() is None, (
+                    f"exited before saying what it waits for: {log.read_text()[-3000:]}"
+                )
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.1)
+            said = next(s for s in log.read_text().splitlines() if s.startswith(line))
+            assert set(said.removeprefix(line).split(";")[0].split(", ")) == set(ids)
+            assert said.endswith("; waiting at most 10 s for their agents to stop")
+            assert proc.wait(timeout=HANG_GUARD_S) == 0
+        assert "Traceback" not in log.read_text()
 
 
 # -- errors in each door's own words ----------------------------------------------------------
