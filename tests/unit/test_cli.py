@@ -97,6 +97,20 @@ def test_serve_refuses_a_port_that_is_not_one_with_a_usage_line(port: str) -> No
     )
 
 
+def test_a_port_in_use_is_one_line_naming_the_option_and_the_variable(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {"OPSPAWN_CONFIG": "", "XDG_STATE_HOME": str(tmp_path)}
+        out = run_cli("serve", "--port", str(port), env=env)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.splitlines()[-1] == (
+        f"opspawn-mcp: Cannot listen on 127.0.0.1:{port}: Address already in use. Pick another port "
+        "with `serve --port P` (or opspawn.server.port, $OPSPAWN_SERVER_PORT), or stop what is using this one."
+    )
+
+
 def test_version_and_config_after_the_command(tmp_path: Path) -> None:
     assert run_cli("--version").stdout.startswith("opspawn-mcp 0.")
     good = tmp_path / "good.json"
