@@ -208,7 +208,7 @@ def gateway_routes(
     max_body_bytes: int = MAX_BODY_BYTES,
     sse_heartbeat_s: float = SSE_HEARTBEAT_S,
 ) -> list[Route]:
-    """The REST routes, for the one HTTP app (``opspawn_mcp.server.build_http_app``), which puts
+    """The REST routes, for the one HTTP app (``opspawn_mcp.mcp_http.build_http_app``), which puts
     them behind the guard beside the MCP routes; ``auth_required`` (from the same ``Principals``
     the guard uses) makes the OpenAPI document state the bearer scheme."""
     openapi = build_openapi(

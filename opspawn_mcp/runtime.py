@@ -37,9 +37,10 @@ from opspawn_mcp.errors import Forbidden, Unavailable
 from opspawn_mcp.grpc_internal import serve_grpc
 from opspawn_mcp.host import OpsMcpClient
 from opspawn_mcp.http_guard import PROBE_PATHS, HttpGuard
+from opspawn_mcp.mcp_http import MCP_PATH, SSE_MESSAGE_PATH, SSE_PATH, build_http_app
 from opspawn_mcp.principals import Principals
 from opspawn_mcp.scheduler import Enqueuer
-from opspawn_mcp.server import MCP_PATH, SSE_MESSAGE_PATH, SSE_PATH, build_http_app, build_server
+from opspawn_mcp.server import build_server
 from opspawn_mcp.service import TaskService
 from opspawn_mcp.store import open_store
 from opspawn_mcp.store.base import TaskStore

@@ -1,26 +1,15 @@
-"""opspawn's own MCP server: five tools and two resources over ``TaskService``, on every transport.
+"""opspawn's own MCP server: the tools and resources over ``TaskService``, on every transport.
 
-The tools are thin adapters: they name the service's arguments for an LLM caller, call the
-service, and shape its answer. Every rule (which servers exist, goal limits, cancel rules)
-lives in ``TaskService`` and the models; a typed ``OpspawnError`` becomes a tool result with
-``isError`` and the error's message, so a bad request is something the caller can read and
-fix, never a protocol failure.
-
-The input schemas document the limits the models enforce (``maxLength``, ``minimum``...) but do
-not enforce them again: the service does, so an MCP caller gets exactly the message a REST or
-gRPC caller gets.
-
-HTTP: streamable HTTP at ``/mcp`` and SSE at ``/sse`` (+ ``/messages/``) share one Starlette
-app with the REST routes, behind the one HTTP guard (``opspawn_mcp.http_guard``: Host, Origin,
-token, content type), which also names the caller for the tools.
+The tools are thin adapters: every rule lives in ``TaskService`` and the models, and a typed
+``OpspawnError`` becomes a tool result with ``isError`` and the same message REST and gRPC give.
+HTTP assembly is ``opspawn_mcp.mcp_http``; the answers' shapes ``opspawn_mcp.mcp_views``.
+docs/mcp-server.md is the reference.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from datetime import datetime
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any, TypeVar, cast, get_args
 
 from mcp.server import MCPServer
@@ -28,7 +17,6 @@ from mcp.server.context import ServerRequestContext
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.server.subscriptions import InMemorySubscriptionBus
-from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.exceptions import MCPError
 from mcp.types import (
     INVALID_PARAMS,
@@ -48,19 +36,16 @@ from mcp.types import (
     ToolAnnotations,
 )
 from pydantic import BaseModel, Field
-from starlette.applications import Starlette
-from starlette.routing import BaseRoute
 
-from gateway.problems import EXCEPTION_HANDLERS
 from opspawn_mcp.chaining import OPSPAWN_NAME, ChainingExtension, relay_meta
 from opspawn_mcp.errors import CLI_CLIENT_NAME, Door, InvalidInput, NotFound, OpspawnError
 from opspawn_mcp.exposed import ExposedTools
 from opspawn_mcp.exposed_uris import original_uri
 from opspawn_mcp.host import OpsMcpClient
-from opspawn_mcp.host.models import ServerInfo
-from opspawn_mcp.http_guard import HttpGuard
+from opspawn_mcp.mcp_http import MCP_SESSION_HEADER
 from opspawn_mcp.mcp_logging import SessionLogLevels
 from opspawn_mcp.mcp_tasks import TasksExtension, serve_task_notifications
+from opspawn_mcp.mcp_views import ServerList, TaskList, TaskView
 from opspawn_mcp.models import (
     APPROVAL_NOTE_MAX_CHARS,
     GOAL_MAX_CHARS,
@@ -68,23 +53,16 @@ from opspawn_mcp.models import (
     NO_NUL,
     SYSTEM_PROMPT_MAX_CHARS,
     TIMEOUT_LIMIT_S,
-    ApprovalRequest,
     Budget,
     ModelSettings,
-    Task,
     TaskSpec,
     TaskStatus,
-    Usage,
 )
 from opspawn_mcp.principals import LOCAL, Principal, principal_of
 from opspawn_mcp.server_tasks import ServiceTaskBackend, submit_spec
 from opspawn_mcp.service import LIST_PAGE_MAX, SEARCH_MAX_CHARS, WAIT_MAX_S, TaskService
 
 SERVER_NAME = OPSPAWN_NAME
-MCP_PATH = "/mcp"
-SSE_PATH = "/sse"
-SSE_MESSAGE_PATH = "/messages/"
-MCP_SESSION_HEADER = "mcp-session-id"
 WAIT_CAP_S = 45.0
 """The longest submit_task waits, whatever ``wait`` asks: clients give up on a tool call after
 about 60 s (Claude Desktop; claude-code #63379), and a call they abandon is an answer lost.
@@ -111,84 +89,6 @@ Tasks outlive this conversation: keep the task_id. A task that failed carries an
 why. Resources: opspawn://tasks/{{task_id}} (the task as JSON) and
 opspawn://tasks/{{task_id}}/events (its step log).
 """
-
-
-class TaskProgress(BaseModel):
-    steps: int = Field(description="Agent steps taken so far.")
-    max_steps: int = Field(description="The step budget; the task fails if it needs more.")
-
-
-class TaskView(BaseModel):
-    """A task as an MCP caller sees it: what it needs to decide its next call, nothing internal."""
-
-    task_id: str
-    status: TaskStatus
-    done: bool = Field(description="True once the task is completed, failed or cancelled.")
-    goal: str
-    servers: list[str] | None = Field(description="Downstream servers allowed; null means all.")
-    progress: TaskProgress
-    result: str | None = Field(description="The agent's answer, once completed.")
-    error: str | None = Field(description="Why it failed or was cancelled.")
-    warning: str | None = Field(
-        default=None,
-        description="Set on a completed task whose result needs checking: the agent got no successful "
-        "tool result (the last tool error is quoted), had no tools, or gave an empty answer.",
-    )
-    approval: ApprovalRequest | None = Field(
-        default=None, description="While input_required: the tool call waiting for a person's approval."
-    )
-    usage: Usage
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    next: str = Field(description="What to do next with this task.")
-
-    @classmethod
-    def of(cls, task: Task) -> TaskView:
-        status = task.status
-        if status is TaskStatus.COMPLETED and task.warning:
-            hint = "Done, with a warning: read `warning` before you rely on `result`."
-        elif status is TaskStatus.COMPLETED:
-            hint = "Done: read `result`."
-        elif status is TaskStatus.FAILED:
-            hint = "Failed: read `error`; fix the goal or servers and submit again."
-        elif status is TaskStatus.CANCELLED:
-            hint = "Cancelled; submit again if still needed."
-        elif task.approval is not None:
-            hint = (
-                f"Waiting for a person: ask the user about `approval`, then call approve_task with "
-                f"task_id {task.id!r} and request_id {task.approval.id!r} (approve true or false)."
-            )
-        else:
-            hint = f"Still {status.value}: call get_status with task_id {task.id!r} later, or cancel_task."
-        return cls(
-            task_id=task.id,
-            status=status,
-            done=status.terminal,
-            goal=task.spec.goal,
-            servers=task.spec.servers,
-            progress=TaskProgress(steps=task.steps, max_steps=task.spec.max_steps),
-            result=task.result,
-            error=task.error,
-            warning=task.warning,
-            approval=task.approval,
-            usage=task.usage,
-            created_at=task.created_at,
-            started_at=task.started_at,
-            finished_at=task.finished_at,
-            next=hint,
-        )
-
-
-class TaskList(BaseModel):
-    tasks: list[TaskView]
-    next_cursor: str | None = Field(
-        description="Pass as `cursor` to get the next (older) page; null at the end."
-    )
-
-
-class ServerList(BaseModel):
-    servers: list[ServerInfo]
 
 
 def _tool_error(exc: OpspawnError, ctx: Context | None) -> ToolError:
@@ -629,47 +529,3 @@ def build_server(
         return json.dumps([e.model_dump(mode="json") for e in events])
 
     return server
-
-
-# -- HTTP -------------------------------------------------------------------------------------
-
-
-def mcp_http_routes(
-    server: MCPServer,
-) -> tuple[list[BaseRoute], Callable[[], AbstractAsyncContextManager[None]]]:
-    """Routes for streamable HTTP (/mcp) and SSE (/sse, /messages/), and the lifespan the
-    streamable HTTP session manager needs.
-
-    The SDK's own DNS-rebinding check is off: these routes are only served behind the HTTP
-    guard (``build_http_app``), which checks Host and Origin for every route alike.
-    """
-    unchecked = TransportSecuritySettings(enable_dns_rebinding_protection=False)
-    streamable = server.streamable_http_app(streamable_http_path=MCP_PATH, transport_security=unchecked)
-    sse = server.sse_app(sse_path=SSE_PATH, message_path=SSE_MESSAGE_PATH, transport_security=unchecked)
-
-    @asynccontextmanager
-    async def lifespan() -> AsyncIterator[None]:
-        async with server.session_manager.run():
-            yield
-
-    return [*streamable.routes, *sse.routes], lifespan
-
-
-def build_http_app(
-    server: MCPServer, guard: HttpGuard, *, extra_routes: Sequence[BaseRoute] = ()
-) -> Starlette:
-    """The one HTTP app: both MCP transports and ``extra_routes`` (the REST gateway's) in one
-    router, behind ``guard.middleware()``; an unknown path or a wrong method is a problem too."""
-    routes, session_lifespan = mcp_http_routes(server)
-
-    @asynccontextmanager
-    async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        async with session_lifespan():
-            yield
-
-    return Starlette(
-        routes=[*routes, *extra_routes],
-        middleware=guard.middleware(),
-        exception_handlers=EXCEPTION_HANDLERS,
-        lifespan=lifespan,
-    )

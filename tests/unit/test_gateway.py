@@ -24,9 +24,10 @@ from gateway.app import MAX_BODY_BYTES, gateway_routes
 from opspawn_mcp.config import parse_config
 from opspawn_mcp.errors import PROBLEM_MEDIA_TYPE, Unavailable
 from opspawn_mcp.http_guard import HttpGuard
+from opspawn_mcp.mcp_http import build_http_app
 from opspawn_mcp.models import TaskEvent
 from opspawn_mcp.principals import LOCAL, Principals
-from opspawn_mcp.server import build_http_app, build_server
+from opspawn_mcp.server import build_server
 from opspawn_mcp.service import TaskService
 from opspawn_mcp.store.memory import MemoryStore
 from opspawn_mcp.ui import dashboard_routes
