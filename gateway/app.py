@@ -190,6 +190,15 @@ class _Routes:
         infos = [s.model_dump(mode="json") for s in self.service.list_servers(by=principal_of(request.scope))]
         return JSONResponse(infos)
 
+    async def calls(self, request: Request) -> Response:
+        """The audit of exposed calls: the caller's own (an admin's: everyone's), newest first."""
+        query = request.query_params
+        kwargs: dict[str, Any] = {"server": query.get("server"), "cursor": query.get("cursor")}
+        if "limit" in query:
+            kwargs["limit"] = _int_or_raw(query["limit"])
+        page = await self.service.list_calls(**kwargs, by=principal_of(request.scope))
+        return _json(page.model_dump_json())
+
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -223,6 +232,7 @@ def gateway_routes(
         Route("/v1/tasks/{task_id}/input", h.answer, methods=["POST"], name="answer_task"),
         Route("/v1/tasks/{task_id}/events", h.events, methods=["GET"], name="task_events"),
         Route("/v1/servers", h.servers, methods=["GET"], name="list_servers"),
+        Route("/v1/audit", h.calls, methods=["GET"], name="list_calls"),
         Route("/healthz", h.healthz, methods=["GET"], name="healthz"),
         Route("/readyz", h.readyz, methods=["GET"], name="readyz"),
         Route("/openapi.json", h.openapi_json, methods=["GET"], name="openapi"),

@@ -21,7 +21,16 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from gateway.problems import Problem
 from opspawn_mcp.errors import PROBLEM_MEDIA_TYPE
 from opspawn_mcp.host.models import ServerInfo
-from opspawn_mcp.models import NO_NUL, ApprovalInput, Task, TaskEvent, TaskPage, TaskSpec, TaskStatus
+from opspawn_mcp.models import (
+    NO_NUL,
+    ApprovalInput,
+    ExposedCallPage,
+    Task,
+    TaskEvent,
+    TaskPage,
+    TaskSpec,
+    TaskStatus,
+)
 from opspawn_mcp.service import LIST_PAGE_MAX, SEARCH_MAX_CHARS, TASK_ID_MAX_CHARS
 
 REF = "#/components/schemas/{model}"
@@ -33,6 +42,7 @@ _MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
     (TaskPage, "serialization"),
     (TaskEvent, "serialization"),
     (ServerInfo, "serialization"),
+    (ExposedCallPage, "serialization"),
     (Problem, "serialization"),
 ]
 
@@ -42,7 +52,7 @@ _DESCRIPTIONS = {
     401: "Missing or wrong bearer token.",
     403: "The Origin header names a web origin this server does not allow; for a submit, also a "
     "spec naming a server or model this caller may not use.",
-    404: "No such task, or no such route.",
+    404: "No such task (or, for the audit, no such server for this caller), or no such route.",
     409: "The task's state does not allow this (e.g. cancelling a finished task, or answering a task that "
     "waits on no approval request or on another one: `pending_request_id` names the one it waits on).",
     413: "The body, or the goal in it, is too large.",
@@ -115,6 +125,20 @@ def build_openapi(
         "schema": {"type": "string", "minLength": 1, "maxLength": TASK_ID_MAX_CHARS, **NO_NUL},
     }
     auth = (401,) if auth_required else ()
+    paging = [
+        {
+            "name": "limit",
+            "in": "query",
+            "schema": {"type": "integer", "minimum": 1, "maximum": LIST_PAGE_MAX, "default": 50},
+        },
+        {
+            "name": "cursor",
+            "in": "query",
+            "description": "The next_cursor of the previous page: opaque, and only one "
+            "this server issued is accepted (any other value is a 422).",
+            "schema": {"type": "string"},
+        },
+    ]
 
     def op(summary: str, responses: dict[str, Any], *statuses: int, **extra: Any) -> dict[str, Any]:
         return {
@@ -165,18 +189,7 @@ def build_openapi(
                         "in": "query",
                         "schema": {"type": "string", "enum": [s.value for s in TaskStatus]},
                     },
-                    {
-                        "name": "limit",
-                        "in": "query",
-                        "schema": {"type": "integer", "minimum": 1, "maximum": LIST_PAGE_MAX, "default": 50},
-                    },
-                    {
-                        "name": "cursor",
-                        "in": "query",
-                        "description": "The next_cursor of the previous page: opaque, and only one "
-                        "this server issued is accepted (any other value is a 422).",
-                        "schema": {"type": "string"},
-                    },
+                    *paging,
                     {
                         "name": "goal_contains",
                         "in": "query",
@@ -277,6 +290,26 @@ def build_openapi(
                 "The downstream MCP servers tasks may use, with their state and tools.",
                 {"200": _json("The servers.", {"type": "array", "items": ref(ServerInfo)})},
                 operation_id="listServers",
+            )
+        },
+        "/v1/audit": {
+            "get": op(
+                "The audit of calls MCP clients made through exposed servers (mcpServers.X.expose): tool "
+                "calls, resource reads, prompt gets, newest first; the caller's own, an admin's everyone's.",
+                {"200": _json("One page of calls.", ref(ExposedCallPage))},
+                404,
+                422,
+                503,
+                operation_id="listCalls",
+                parameters=[
+                    {
+                        "name": "server",
+                        "in": "query",
+                        "description": "Only the calls to this server (404 for one the caller may not use).",
+                        "schema": {"type": "string", **({"enum": list(servers)} if servers else {})},
+                    },
+                    *paging,
+                ],
             )
         },
     }

@@ -6,8 +6,8 @@ server. Calls go through the
 shared host pool like an agent's, so the pool's curation (``mcpServers.X.tools``), timeouts and
 counters apply; the caller's principal must be allowed the server; a tool under
 ``require_approval`` is refused (a direct call has nobody to wait for; a task does, see
-docs/composition.md); every call is logged on ``opspawn_mcp.audit`` and kept in the server's
-``recent_calls`` (``list_servers``). Progress is forwarded to the caller, and a cancelled request
+docs/composition.md); every call is audited (``opspawn_mcp.audit``: logged, and kept in the
+store by ``serve``) and the last ones are in the server's ``recent_calls`` (``list_servers``). Progress is forwarded to the caller, and a cancelled request
 cancels the downstream call. Resource reads and prompt gets follow the same access rule and
 audit. See docs/composition.md.
 """
@@ -33,13 +33,14 @@ from mcp.shared.dispatcher import ProgressFnT
 from mcp.shared.exceptions import MCPError
 
 from agentkit.errors import ToolError
+from opspawn_mcp.audit import AuditTrail, Keep
 from opspawn_mcp.errors import Forbidden, Hint, OpspawnError
 from opspawn_mcp.exposed_uris import exposed_uri, original_uri
 from opspawn_mcp.host import OpsMcpClient
 from opspawn_mcp.host.connection import Change
+from opspawn_mcp.models import ExposedKind
 from opspawn_mcp.principals import Principal
 
-audit = logging.getLogger("opspawn_mcp.audit")
 logger = logging.getLogger("opspawn_mcp.exposed")
 
 SEPARATOR = "__"
@@ -70,11 +71,13 @@ def exposed_name(server: str, tool: str) -> str:
 class ExposedTools:
     """The exposed view of the pool: listing, routing calls, telling clients when the list changes."""
 
-    def __init__(self, pool: OpsMcpClient, bus: SubscriptionBus) -> None:
+    def __init__(self, pool: OpsMcpClient, bus: SubscriptionBus, keep: Keep | None = None) -> None:
         configs = {name: pool.server_config(name) for name in pool.server_names}
         self._configs = {name: config for name, config in configs.items() if config.expose}
         self._pool = pool
         self._bus = bus
+        self._trail = AuditTrail(keep, pool.redact)
+        """Every call, read and get is logged and, with ``keep``, stored (``opspawn_mcp.audit``)."""
         self._sessions: dict[str | None, ServerSession] = {}
         """2025-11-25 connections that listed tools, by MCP session id (None: stdio), each with the
         last request's session, which reaches the connection's standalone stream; 2026-07-28
@@ -135,6 +138,29 @@ class ExposedTools:
     ) -> types.CallToolResult:
         """Call through the pool; a failure is an ``isError`` result with the text an agent would read.
         ``meta`` is the downstream request's ``_meta`` (the caller's delegation chain)."""
+        try:
+            return await self._trail.run(
+                by.name,
+                server,
+                "tool",
+                tool,
+                arguments,
+                lambda: self._call(server, tool, arguments, by, progress, meta),
+            )
+        except ToolError as exc:
+            return types.CallToolResult(
+                content=[types.TextContent(type="text", text=exc.message)], is_error=True
+            )
+
+    async def _call(
+        self,
+        server: str,
+        tool: str,
+        arguments: dict[str, Any],
+        by: Principal,
+        progress: ProgressFnT | None,
+        meta: dict[str, Any] | None,
+    ) -> types.CallToolResult:
         if self._configs[server].needs_approval(tool):
             raise Forbidden(
                 f"The tool {server}/{tool} needs a person's approval (mcpServers.{server}.require_approval), "
@@ -145,17 +171,9 @@ class ExposedTools:
                 server=server,
                 tool=tool,
             )
-        try:
-            result = await self._pool.call_tool(
-                server, tool, arguments, meta=meta, progress_callback=progress, by=by.name
-            )
-        except ToolError as exc:
-            audit.info("%s called %s/%s: error: %s", by.name, server, tool, exc.message)
-            return types.CallToolResult(
-                content=[types.TextContent(type="text", text=exc.message)], is_error=True
-            )
-        audit.info("%s called %s/%s: ok", by.name, server, tool)
-        return result
+        return await self._pool.call_tool(
+            server, tool, arguments, meta=meta, progress_callback=progress, by=by.name
+        )
 
     # -- resources and prompts -----------------------------------------------------------------
 
@@ -191,7 +209,9 @@ class ExposedTools:
 
     async def read_resource(self, server: str, uri: str, by: Principal) -> types.ReadResourceResult:
         """``resources/read`` through the pool; the contents carry the exposed URIs."""
-        result = await self._audited(by, server, "read", uri, lambda: self._pool.read_resource(server, uri))
+        result = await self._mapped(
+            by, server, "resource", uri, {}, lambda: self._pool.read_resource(server, uri)
+        )
         contents = [
             content.model_copy(update={"uri": exposed_uri(server, content.uri)})
             for content in result.contents
@@ -218,24 +238,31 @@ class ExposedTools:
     async def get_prompt(
         self, server: str, prompt: str, arguments: dict[str, str] | None, by: Principal
     ) -> types.GetPromptResult:
-        return await self._audited(
-            by, server, "got prompt", prompt, lambda: self._pool.get_prompt(server, prompt, arguments)
+        return await self._mapped(
+            by,
+            server,
+            "prompt",
+            prompt,
+            dict(arguments or {}),
+            lambda: self._pool.get_prompt(server, prompt, arguments),
         )
 
-    async def _audited(
-        self, by: Principal, server: str, verb: str, name: str, run: Callable[[], Awaitable[_T]]
+    async def _mapped(
+        self,
+        by: Principal,
+        server: str,
+        kind: ExposedKind,
+        name: str,
+        arguments: dict[str, Any],
+        request: Callable[[], Awaitable[_T]],
     ) -> _T:
-        """Run a read or a prompt get, logging it; a failure becomes the MCP error the client gets."""
+        """An audited read or prompt get; a failure becomes the MCP error the client gets."""
         try:
-            result = await run()
+            return await self._trail.run(by.name, server, kind, name, arguments, request)
         except OpspawnError as exc:  # Unavailable: unreachable, dropped, or no answer in time
-            audit.info("%s %s %s/%s: error: %s", by.name, verb, server, name, exc.message)
             raise MCPError(types.INTERNAL_ERROR, exc.message) from None
         except MCPError as exc:
-            audit.info("%s %s %s/%s: error: %s", by.name, verb, server, name, exc.message)
             raise MCPError(exc.code, f"MCP server {server!r} answered: {exc.message}") from None
-        audit.info("%s %s %s/%s: ok", by.name, verb, server, name)
-        return result
 
     # -- changes ---------------------------------------------------------------------------------
 

@@ -277,3 +277,34 @@ class TaskEvent(BaseModel):
 class TaskPage(BaseModel):
     items: list[Task]
     next_cursor: str | None = None
+
+
+ExposedKind = Literal["tool", "resource", "prompt"]
+AUDIT_ARGUMENTS_MAX_CHARS = 4000
+"""Arguments longer than this (as JSON) are kept cut, as ``{"truncated": "<the first chars>"}``."""
+
+
+class ExposedCall(BaseModel):
+    """One request an MCP client made through opspawn's exposed view (``mcpServers.X.expose``),
+    as the store keeps it for the audit: who, what, with which arguments, how it ended.
+
+    ``arguments`` have the values of the server's ``${VAR}`` secrets replaced by ``***``, as
+    every message about a server has; a resource read keeps ``{}`` (its URI is the ``name``)."""
+
+    id: str = Field(default_factory=new_task_id)
+    at: datetime = Field(default_factory=utcnow, description="When the request arrived (UTC).")
+    principal: str = Field(description="The principal that made it.")
+    server: str
+    kind: ExposedKind
+    name: str = Field(description="The tool or prompt name on the server, or the resource's downstream URI.")
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    outcome: Literal["ok", "error"]
+    error: str | None = Field(default=None, description="Why it failed; None when it succeeded.")
+    duration_ms: float = Field(ge=0, description="From the request to its answer, in milliseconds.")
+
+
+class ExposedCallPage(BaseModel):
+    calls: list[ExposedCall]
+    next_cursor: str | None = Field(
+        default=None, description="Pass as `cursor` for the next (older) page; null at the end."
+    )

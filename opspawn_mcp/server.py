@@ -288,7 +288,7 @@ def build_server(
     server.local = local
     server.chain = (service.instance_id, service.max_depth)
     if pool is not None:
-        server.exposed = ExposedTools(pool, bus)
+        server.exposed = ExposedTools(pool, bus, service.record_call)
     serve_task_notifications(server, backend)
     levels = SessionLogLevels()
     server.serve_log_levels(levels)

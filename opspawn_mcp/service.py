@@ -25,6 +25,7 @@ from opspawn_mcp.errors import (
     Hint,
     IllegalTransition,
     InvalidInput,
+    NotFound,
     OpspawnError,
     PayloadTooLarge,
     TaskNotFound,
@@ -36,6 +37,8 @@ from opspawn_mcp.models import (
     GOAL_MAX_CHARS,
     ApprovalAnswer,
     Budget,
+    ExposedCall,
+    ExposedCallPage,
     ModelSettings,
     Task,
     TaskEvent,
@@ -250,16 +253,28 @@ class TaskService:
         (case-insensitive)."""
         wanted = _status(status)
         text = _search_text(goal_contains)
-        if cursor is not None and not isinstance(cursor, str):
-            raise InvalidInput("cursor must be the next_cursor string of a previous page.", field="cursor")
-        if isinstance(cursor, str) and "\x00" in cursor:
-            raise InvalidInput("The cursor is not one this server issued.", field="cursor")
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= LIST_PAGE_MAX:
-            raise InvalidInput(f"limit must be an integer from 1 to {LIST_PAGE_MAX}.", field="limit")
+        _check_page(limit, cursor)
         owner = None if by.admin else by.name
         return await self._store.list_tasks(
             wanted, limit, cursor or None, principal=owner, goal_contains=text
         )
+
+    async def list_calls(
+        self, server: str | None = None, limit: int = 50, cursor: str | None = None, *, by: Principal
+    ) -> ExposedCallPage:
+        """Calls made through the exposed view, newest first: the caller's own (an admin's:
+        everyone's), of one ``server`` when given (one the caller may use, else ``NotFound``)."""
+        _check_page(limit, cursor)
+        if server is not None and (
+            not isinstance(server, str) or server not in self.server_names or not by.may_use_server(server)
+        ):
+            raise NotFound(f"No MCP server named {server!r} is configured for you.", server=str(server))
+        owner = None if by.admin else by.name
+        return await self._store.list_calls(limit, cursor or None, principal=owner, server=server)
+
+    async def record_call(self, call: ExposedCall) -> None:
+        """Keep an exposed call for the audit (``opspawn_mcp.exposed`` records every one)."""
+        await self._store.record_call(call)
 
     async def cancel(self, task_id: str, *, by: Principal) -> Task:
         """Cancel a queued, running or input_required task; cancelling a cancelled task is a no-op.
@@ -527,3 +542,13 @@ def _not_waiting_for(task: Task, request_id: str) -> Conflict:
         status=task.status.value,
         pending_request_id=pending.id,
     )
+
+
+def _check_page(limit: Any, cursor: Any) -> None:
+    """A page request every list takes: ``limit`` from 1 to ``LIST_PAGE_MAX``, ``cursor`` a string."""
+    if cursor is not None and not isinstance(cursor, str):
+        raise InvalidInput("cursor must be the next_cursor string of a previous page.", field="cursor")
+    if isinstance(cursor, str) and "\x00" in cursor:
+        raise InvalidInput("The cursor is not one this server issued.", field="cursor")
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= LIST_PAGE_MAX:
+        raise InvalidInput(f"limit must be an integer from 1 to {LIST_PAGE_MAX}.", field="limit")

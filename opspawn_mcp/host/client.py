@@ -163,6 +163,10 @@ class OpsMcpClient:
         """The tools ``server`` shows (after curation), from the cache; no I/O."""
         return self._get(server).tools
 
+    def redact(self, server: str, text: str) -> str:
+        """``text`` with the values of ``server``'s ``${VAR}`` references replaced by ``***``."""
+        return self._get(server).secrets.redact(text)
+
     def cached_resources(self, server: str) -> list[types.Resource]:
         """The resources an exposed ``server`` listed last (none for other servers); no I/O."""
         return self._get(server).extras.resources

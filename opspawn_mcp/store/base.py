@@ -14,7 +14,16 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from opspawn_mcp.models import ApprovalRequest, Task, TaskEvent, TaskPage, TaskStatus, Usage
+from opspawn_mcp.models import (
+    ApprovalRequest,
+    ExposedCall,
+    ExposedCallPage,
+    Task,
+    TaskEvent,
+    TaskPage,
+    TaskStatus,
+    Usage,
+)
 
 JournalKind = Literal["llm", "tool_started", "tool_finished", "approval"]
 
@@ -185,3 +194,17 @@ class TaskStore(Protocol):
         processes through PostgreSQL ``NOTIFY``, else through one shared poll per store. A
         True may be spurious (re-read and wait again); an unknown task simply times out.
         Callers still bound the wait: a lost wakeup then costs ``timeout_s``, never an event."""
+
+    async def record_call(self, call: ExposedCall) -> None:
+        """Keep one exposed call for the audit (``list_calls``); a call id stored twice is ``Conflict``."""
+
+    async def list_calls(
+        self,
+        limit: int = 50,
+        cursor: str | None = None,
+        *,
+        principal: str | None = None,
+        server: str | None = None,
+    ) -> ExposedCallPage:
+        """Exposed calls newest first, one page at a time (``cursor``: the previous page's
+        ``next_cursor``), only ``principal``'s and only ``server``'s when given."""

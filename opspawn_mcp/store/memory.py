@@ -13,12 +13,22 @@ lock is released (the in-memory "commit"), so nothing here polls.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from opspawn_mcp.errors import Conflict, IllegalTransition, TaskNotFound, Unavailable
-from opspawn_mcp.models import ApprovalRequest, Task, TaskEvent, TaskPage, TaskStatus, Usage, utcnow
+from opspawn_mcp.models import (
+    ApprovalRequest,
+    ExposedCall,
+    ExposedCallPage,
+    Task,
+    TaskEvent,
+    TaskPage,
+    TaskStatus,
+    Usage,
+    utcnow,
+)
 from opspawn_mcp.store._common import (
     allowed_from,
     as_utc,
@@ -46,6 +56,7 @@ class MemoryStore:
         self._tasks: dict[str, Task] = {}
         self._events: dict[str, list[TaskEvent]] = {}
         self._journal: dict[str, dict[tuple[str, int], JournalRow]] = {}
+        self._calls: dict[str, ExposedCall] = {}
         self._closed = False
         self.changes = ChangeHub()
 
@@ -102,13 +113,7 @@ class MemoryStore:
                 and (principal is None or t.principal == principal)
                 and text in t.spec.goal.lower()
             ]
-        rows.sort(key=lambda t: (t.created_at, t.id), reverse=True)
-        if after is not None:
-            rows = [t for t in rows if (t.created_at, t.id) < after]
-        page = rows[: limit + 1]
-        more = len(page) > limit
-        items = [t.model_copy(deep=True) for t in page[:limit]]
-        next_cursor = encode_cursor(items[-1].created_at, items[-1].id) if more else None
+        items, next_cursor = _newest_first(rows, lambda t: (t.created_at, t.id), limit, after)
         return TaskPage(items=items, next_cursor=next_cursor)
 
     async def mark_enqueued(self, task_id: str) -> None:
@@ -327,6 +332,31 @@ class MemoryStore:
             log = self._events.get(task_id, [])
             return [e.model_copy(deep=True) for e in log[max(after_seq, 0) :][:limit]]
 
+    async def record_call(self, call: ExposedCall) -> None:
+        async with self._lock:
+            if call.id in self._calls:
+                raise Conflict(f"An exposed call with id {call.id!r} is already recorded.")
+            self._calls[call.id] = call.model_copy(update={"at": as_utc(call.at)}, deep=True)
+
+    async def list_calls(
+        self,
+        limit: int = 50,
+        cursor: str | None = None,
+        *,
+        principal: str | None = None,
+        server: str | None = None,
+    ) -> ExposedCallPage:
+        check_limit(limit)
+        after = decode_cursor(cursor) if cursor else None
+        async with self._lock:
+            rows = [
+                c
+                for c in self._calls.values()
+                if (principal is None or c.principal == principal) and (server is None or c.server == server)
+            ]
+        calls, next_cursor = _newest_first(rows, lambda c: (c.at, c.id), limit, after)
+        return ExposedCallPage(calls=calls, next_cursor=next_cursor)
+
 
 def _normalised(task: Task) -> Task:
     """A copy with every timestamp aware UTC, as the SQL store would read it back."""
@@ -353,3 +383,19 @@ def _claimable(task: Task, now: datetime, max_attempts: int) -> bool:
         and task.lease_expires_at is not None
         and task.lease_expires_at < now
     )
+
+
+_Row = TypeVar("_Row", Task, ExposedCall)
+
+
+def _newest_first(
+    rows: list[_Row],
+    key: Callable[[_Row], tuple[datetime, str]],
+    limit: int,
+    after: tuple[datetime, str] | None,
+) -> tuple[list[_Row], str | None]:
+    """One keyset page of ``rows`` (copies), newest ``key`` first, as the SQL store pages."""
+    rows = sorted((r for r in rows if after is None or key(r) < after), key=key, reverse=True)
+    page = [r.model_copy(deep=True) for r in rows[:limit]]
+    more = len(rows) > limit
+    return page, encode_cursor(*key(page[-1])) if more else None

@@ -63,6 +63,7 @@ from sqlalchemy import (
     Connection,
     DateTime,
     Dialect,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -100,7 +101,18 @@ from sqlalchemy.types import TypeDecorator
 
 from opspawn_mcp.config import DEFAULT_PROFILE, LOCAL_PRINCIPAL
 from opspawn_mcp.errors import Conflict, IllegalTransition, InvalidInput, TaskNotFound, Unavailable
-from opspawn_mcp.models import ApprovalRequest, Task, TaskEvent, TaskPage, TaskSpec, TaskStatus, Usage, utcnow
+from opspawn_mcp.models import (
+    ApprovalRequest,
+    ExposedCall,
+    ExposedCallPage,
+    Task,
+    TaskEvent,
+    TaskPage,
+    TaskSpec,
+    TaskStatus,
+    Usage,
+    utcnow,
+)
 from opspawn_mcp.store._common import (
     allowed_from,
     approval_document,
@@ -230,6 +242,25 @@ task_journal = Table(
     PrimaryKeyConstraint("task_id", "kind", "ordinal", name="pk_task_journal"),
 )
 
+exposed_calls = Table(
+    "exposed_calls",
+    metadata,
+    Column("id", String, primary_key=True),
+    Column("at", UtcDateTime, nullable=False),
+    Column("principal", String, nullable=False),
+    Column("server", String, nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("name", Text, nullable=False),
+    Column("arguments", _Json, nullable=False),
+    Column("outcome", String(8), nullable=False),
+    Column("error", Text),
+    Column("duration_ms", Float, nullable=False),
+    # Everyone's newest first (admins), one principal's, one server's.
+    Index("ix_exposed_calls_at", "at", "id"),
+    Index("ix_exposed_calls_principal_at", "principal", "at", "id"),
+    Index("ix_exposed_calls_server_at", "server", "at", "id"),
+)
+
 schema_version = Table(
     "schema_version",
     metadata,
@@ -312,6 +343,12 @@ def _migration_6(conn: Connection) -> None:
         conn.execute(text("ALTER TABLE tasks ADD COLUMN warning TEXT"))
 
 
+def _migration_7(conn: Connection) -> None:
+    """The audit of exposed calls: every tool call, resource read and prompt get an MCP client
+    made through ``mcpServers.X.expose``, kept beyond the process (it was in memory only)."""
+    exposed_calls.create(conn, checkfirst=True)
+
+
 # Append only: a released version's step never changes, a new one gets the next number.
 MIGRATIONS: Final = (
     (1, "tasks and task_events", _migration_1),
@@ -320,6 +357,7 @@ MIGRATIONS: Final = (
     (4, "tasks.enqueued_at: the outbox", _migration_4),
     (5, "tasks.approval, tasks.approval_expires_at: pauses for approval", _migration_5),
     (6, "tasks.warning: why a completed answer needs checking", _migration_6),
+    (7, "exposed_calls: the audit of calls through exposed servers", _migration_7),
 )
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
 
@@ -339,6 +377,12 @@ def _migrate(conn: Connection) -> None:
             conn.execute(
                 insert(schema_version).values(version=version, description=description, applied_at=utcnow())
             )
+
+
+def _older(at: Any, row_id: Any, cursor: str) -> Any:
+    """Rows after ``cursor`` in newest-first keyset order: an earlier time, or the same and a smaller id."""
+    after, last_id = decode_cursor(cursor)
+    return or_(at < after, and_(at == after, row_id < last_id))
 
 
 def _to_task(row: Row[Any]) -> Task:
@@ -866,22 +910,53 @@ class SqlStore:
         if goal_contains:
             query = query.where(tasks.c.spec["goal"].as_string().icontains(goal_contains, autoescape=True))
         if cursor:
-            created_at, last_id = decode_cursor(cursor)
-            query = query.where(
-                or_(
-                    tasks.c.created_at < created_at,
-                    and_(tasks.c.created_at == created_at, tasks.c.id < last_id),
-                )
-            )
-
-        async def body(conn: AsyncConnection) -> list[Row[Any]]:
-            return list((await conn.execute(query)).all())
-
-        rows = await self._run(body)
+            query = query.where(_older(tasks.c.created_at, tasks.c.id, cursor))
+        rows = await self._rows(query)
         items = [_to_task(r) for r in rows[:limit]]
         more = len(rows) > limit
         return TaskPage(
             items=items, next_cursor=encode_cursor(items[-1].created_at, items[-1].id) if more else None
+        )
+
+    async def _rows(self, query: Any) -> list[Row[Any]]:
+        async def body(conn: AsyncConnection) -> list[Row[Any]]:
+            return list((await conn.execute(query)).all())
+
+        return await self._run(body)
+
+    async def record_call(self, call: ExposedCall) -> None:
+        query = insert(exposed_calls).values(call.model_dump() | {"at": as_utc(call.at)})
+
+        async def body(conn: AsyncConnection) -> None:
+            try:
+                await conn.execute(query)
+            except IntegrityError as exc:
+                raise Conflict(f"An exposed call with id {call.id!r} is already recorded.") from exc
+
+        await self._run(body, write=True, idempotent=False)
+
+    async def list_calls(
+        self,
+        limit: int = 50,
+        cursor: str | None = None,
+        *,
+        principal: str | None = None,
+        server: str | None = None,
+    ) -> ExposedCallPage:
+        check_limit(limit)
+        c = exposed_calls.c
+        query = select(exposed_calls).order_by(c.at.desc(), c.id.desc()).limit(limit + 1)
+        if principal is not None:
+            query = query.where(c.principal == principal)
+        if server is not None:
+            query = query.where(c.server == server)
+        if cursor:
+            query = query.where(_older(c.at, c.id, cursor))
+        rows = await self._rows(query)
+        calls = [ExposedCall.model_validate(dict(r._mapping)) for r in rows[:limit]]
+        more = len(rows) > limit
+        return ExposedCallPage(
+            calls=calls, next_cursor=encode_cursor(calls[-1].at, calls[-1].id) if more else None
         )
 
     async def mark_enqueued(self, task_id: str) -> None:

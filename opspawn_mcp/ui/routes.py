@@ -30,6 +30,8 @@ from opspawn_mcp.ui import session
 from opspawn_mcp.ui.render import Durations, build_environment
 
 PAGE_SIZE = 50
+CALLS_SHOWN = 50
+"""Exposed calls the servers page shows, newest first (the rest: ``GET /v1/audit``)."""
 SUMMARY_KINDS = frozenset({"state", "llm", "final", "error", "input_required", "input_answered"})
 """Events after which the task's summary (status, steps, tokens, buttons) is sent again."""
 SECURITY_HEADERS = {
@@ -207,8 +209,15 @@ class Dashboard:
     # -- servers, sign-in, the rest -----------------------------------------------------------
 
     async def servers(self, request: Request) -> Response:
-        servers = self.service.list_servers(by=principal_of(request.scope))
-        return self.render("servers.html", servers=servers, **self._chrome(request))
+        by = principal_of(request.scope)
+        servers = self.service.list_servers(by=by)
+        calls = await self.service.list_calls(limit=CALLS_SHOWN, by=by)
+        return self.render("servers.html", servers=servers, calls=calls.calls, **self._chrome(request))
+
+    async def call_rows(self, request: Request) -> Response:
+        """The newest exposed calls from the audit (the caller's own; an admin's: everyone's)."""
+        calls = await self.service.list_calls(limit=CALLS_SHOWN, by=principal_of(request.scope))
+        return self.render("_call_rows.html", calls=calls.calls)
 
     async def server_rows(self, request: Request) -> Response:
         return self.render(
@@ -247,6 +256,7 @@ def dashboard_routes(
         Route("/ui/tasks/{task_id}/events", d.call(d.events), methods=["GET"], name="ui_task_events"),
         Route("/ui/servers", d.page(d.servers), methods=["GET"], name="ui_servers"),
         Route("/ui/servers/rows", d.call(d.server_rows), methods=["GET"], name="ui_server_rows"),
+        Route("/ui/servers/calls", d.call(d.call_rows), methods=["GET"], name="ui_call_rows"),
         Route(DASHBOARD_SIGN_IN, d.sign_in_page, methods=["GET"], name="ui_sign_in_page"),
         Route(DASHBOARD_SIGN_IN, d.call(d.sign_in), methods=["POST"], name="ui_sign_in"),
         Route("/ui/logout", d.call(d.sign_out), methods=["POST"], name="ui_sign_out"),

@@ -34,6 +34,8 @@ def _testing(tmp_path: Path, **extra: object) -> dict[str, object]:
     }
 
 
+SECRET = "hush-hush-42"
+"""alpha's ${COMPOSE_SECRET}: never in the audit."""
 _OMEGA_ARGS = ["-m", "tests.servers.testing_server", "--exit-if-exists"]
 """omega is killed by its test, and kept down while the file named after these arguments exists."""
 
@@ -44,13 +46,13 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     config = write_config(tmp / "opspawn.json", "http://127.0.0.1:9/v1")
     raw = json.loads(config.read_text())
     raw["mcpServers"] = {
-        "alpha": _testing(tmp, expose=True),
+        "alpha": _testing(tmp, expose=True, env={"COMPOSE_SECRET": "${COMPOSE_SECRET}"}),
         "beta": _testing(tmp, expose=True, tools={"exclude": ["crash", "fail*"]}),
         "gamma": _testing(tmp),
         "omega": {**_testing(tmp, expose=True), "args": [*_OMEGA_ARGS, str(tmp / "omega-down")]},
     }
     config.write_text(json.dumps(raw))
-    server = ServerProcess(config)
+    server = ServerProcess(config, env={"COMPOSE_SECRET": SECRET})
     yield server
     assert server.stop() == 0, server.log.read_text()
     assert "Traceback" not in server.log.read_text()
@@ -252,3 +254,32 @@ async def test_downstream_resource_and_prompt_list_changes_reach_a_listening_cli
                         break
         prompts = {p.name for p in (await client.list_prompts(cache_mode="bypass")).prompts}
         assert "beta__modern_fresh" in prompts
+
+
+async def test_exposed_calls_reads_and_gets_are_kept_in_the_audit_with_secrets_redacted(
+    serve: ServerProcess,
+) -> None:
+    async with Client(serve.url, mode="legacy") as client:
+        await listed(client, "alpha__echo")
+        await client.call_tool("alpha__echo", {"text": f"the {SECRET} inside"})
+        await client.call_tool("alpha__fail", {"message": "audited failure"})
+        await client.read_resource("opspawn+server://alpha/testing://items/audited")
+        await client.get_prompt("alpha__greet", {"name": "Audit"})
+    async with httpx.AsyncClient() as http:
+        page = (await http.get(f"{serve.base}/v1/audit", params={"server": "alpha", "limit": 4})).json()
+    prompt, read, failed, echo = page["calls"]
+    assert {
+        "principal": "local",
+        "kind": "tool",
+        "name": "echo",
+        "outcome": "ok",
+        "error": None,
+    }.items() <= echo.items()
+    assert echo["arguments"] == {"text": "the *** inside"} and echo["duration_ms"] >= 0
+    assert (
+        failed["outcome"] == "error"
+        and failed["error"] == "The tool alpha/fail reported an error: audited failure"
+    )
+    assert (read["kind"], read["name"], read["arguments"]) == ("resource", "testing://items/audited", {})
+    assert (prompt["kind"], prompt["name"], prompt["arguments"]) == ("prompt", "greet", {"name": "Audit"})
+    assert SECRET not in serve.log.read_text()

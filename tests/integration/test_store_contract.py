@@ -25,7 +25,7 @@ import pytest
 
 from opspawn_mcp.config import StoreSettings
 from opspawn_mcp.errors import Conflict, IllegalTransition, InvalidInput, TaskNotFound, Unavailable
-from opspawn_mcp.models import ApprovalRequest, Task, TaskSpec, TaskStatus, Usage, utcnow
+from opspawn_mcp.models import ApprovalRequest, ExposedCall, Task, TaskSpec, TaskStatus, Usage, utcnow
 from opspawn_mcp.store import JournalRow, MemoryStore, TaskStore, open_store, pool_size_for
 from tests.support.services import POSTGRES_URL, drop_schema, require_service
 
@@ -948,6 +948,51 @@ async def test_migration_5_adds_the_approval_columns_to_an_old_database(backend:
             await again.close()
         if schema is not None:
             await drop_schema(schema)
+
+
+# --- the audit of exposed calls ----------------------------------------------------------
+
+
+def _call(i: int, **fields: Any) -> ExposedCall:
+    values: dict[str, Any] = {
+        "principal": "alice" if i % 2 else "bob",
+        "server": "fs" if i < 3 else "gh",
+        "kind": "tool",
+        "name": f"t{i}",
+        "arguments": {"i": i, "nested": {"path": "/srv"}},
+        "outcome": "ok",
+        "duration_ms": 1.5 + i,
+    }
+    return ExposedCall(**(values | fields))
+
+
+async def test_exposed_calls_are_kept_and_paged_newest_first_by_principal_and_server(
+    store: TaskStore,
+) -> None:
+    base = utcnow()
+    calls = [_call(i, at=base + timedelta(seconds=i)) for i in range(5)]
+    calls[1] = calls[1].model_copy(update={"outcome": "error", "error": "no luck", "kind": "prompt"})
+    for call in calls:
+        await store.record_call(call)
+    first = await store.list_calls(limit=2)
+    assert [c.name for c in first.calls] == ["t4", "t3"] and first.next_cursor is not None
+    rest = await store.list_calls(limit=10, cursor=first.next_cursor)
+    assert [c.name for c in rest.calls] == ["t2", "t1", "t0"] and rest.next_cursor is None
+    assert rest.calls[1:] == [calls[1], calls[0]]  # every field as recorded
+    assert [c.name for c in (await store.list_calls(principal="alice")).calls] == ["t3", "t1"]
+    assert [c.name for c in (await store.list_calls(principal="bob", server="fs")).calls] == ["t2", "t0"]
+    assert (await store.list_calls(server="nowhere")).calls == []
+
+
+async def test_an_exposed_call_is_recorded_once_and_bad_pages_are_refused(store: TaskStore) -> None:
+    call = _call(0)
+    await store.record_call(call)
+    with pytest.raises(Conflict):
+        await store.record_call(call)
+    with pytest.raises(InvalidInput):
+        await store.list_calls(limit=0)
+    with pytest.raises(InvalidInput):
+        await store.list_calls(cursor="not a cursor")
 
 
 # --- races -------------------------------------------------------------------------------

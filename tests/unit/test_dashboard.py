@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from opspawn_mcp.http_guard import DASHBOARD_COOKIE
-from opspawn_mcp.models import EventKind, TaskEvent
+from opspawn_mcp.models import EventKind, ExposedCall, TaskEvent
 from opspawn_mcp.service import TaskService
 from opspawn_mcp.store.memory import MemoryStore
 from opspawn_mcp.ui.render import Durations
@@ -298,6 +298,31 @@ async def test_the_servers_page_lists_the_servers_the_principal_may_use() -> Non
         assert page.status_code == 200 and 'data-refresh="/ui/servers/rows"' in page.text
         rows = await http.get("/ui/servers/rows")
         assert "No downstream servers you may use" in rows.text
+
+
+async def test_the_servers_page_shows_the_audit_of_exposed_calls(
+    in_process: httpx.AsyncClient, store: MemoryStore
+) -> None:
+    await store.record_call(
+        ExposedCall(
+            principal="local", server="echo", kind="prompt", name="greet", outcome="ok", duration_ms=12
+        )
+    )
+    failed = ExposedCall(
+        principal="local",
+        server="files",
+        kind="tool",
+        name="read",
+        outcome="error",
+        error="no luck",
+        duration_ms=3,
+    )
+    await store.record_call(failed)
+    page = await in_process.get("/ui/servers")
+    assert page.status_code == 200 and 'data-refresh="/ui/servers/calls"' in page.text
+    rows = (await in_process.get("/ui/servers/calls")).text
+    assert rows.index(f'data-call="{failed.id}"') < rows.index("<code>greet</code>")
+    assert '<span class="badge failed">error</span>' in rows and "no luck" in rows and "12 ms" in rows
 
 
 def test_timings_are_a_tool_result_since_its_call_and_a_model_reply_since_the_event_before() -> None:

@@ -25,7 +25,7 @@ from opspawn_mcp.config import parse_config
 from opspawn_mcp.errors import PROBLEM_MEDIA_TYPE, Unavailable
 from opspawn_mcp.http_guard import HttpGuard
 from opspawn_mcp.mcp_http import build_http_app
-from opspawn_mcp.models import TaskEvent
+from opspawn_mcp.models import ExposedCall, TaskEvent
 from opspawn_mcp.principals import LOCAL, Principals
 from opspawn_mcp.server import build_server
 from opspawn_mcp.service import TaskService
@@ -308,10 +308,11 @@ async def test_openapi_document_is_3_1_and_covers_every_route(client: httpx.Asyn
         "/v1/tasks/{task_id}/input",
         "/v1/tasks/{task_id}/events",
         "/v1/servers",
+        "/v1/audit",
         "/healthz",
         "/readyz",
     }
-    assert {"Task", "TaskSpec", "TaskPage", "TaskEvent", "ServerInfo", "Problem"} <= set(
+    assert {"Task", "TaskSpec", "TaskPage", "TaskEvent", "ServerInfo", "ExposedCallPage", "Problem"} <= set(
         doc["components"]["schemas"]
     )
 
@@ -336,6 +337,26 @@ async def test_with_the_token_requests_pass_and_probes_never_need_it(secured: ht
         assert (await secured.get("/readyz")).status_code == 200
         doc = (await secured.get("/openapi.json", headers={"Authorization": f"bearer {TOKEN}"})).json()
         assert doc["security"] == [{"bearer": []}]
+
+
+async def test_the_audit_shows_a_principal_its_own_calls_and_an_admin_everyone_s(
+    secured: httpx.AsyncClient, client: httpx.AsyncClient, store: MemoryStore
+) -> None:
+    for i, (who, server) in enumerate([("ci", "echo"), ("local", "echo"), ("ci", "files")]):
+        await store.record_call(
+            ExposedCall(principal=who, server=server, kind="tool", name=f"t{i}", outcome="ok", duration_ms=1)
+        )
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with secured:
+        own = (await secured.get("/v1/audit", headers=auth)).json()
+        echo = (await secured.get("/v1/audit?server=echo", headers=auth)).json()
+        assert_problem(await secured.get("/v1/audit?server=nope", headers=auth), 404, "not_found")
+        assert_problem(await secured.get("/v1/audit?limit=0", headers=auth), 422, "invalid_input")
+    assert [c["name"] for c in own["calls"]] == ["t2", "t0"] and own["next_cursor"] is None
+    assert [c["name"] for c in echo["calls"]] == ["t0"]
+    first = (await client.get("/v1/audit?limit=2")).json()
+    rest = (await client.get(f"/v1/audit?cursor={first['next_cursor']}")).json()
+    assert [c["name"] for c in first["calls"] + rest["calls"]] == ["t2", "t1", "t0"]
 
 
 async def test_over_a_limit_is_429_with_retry_after(secured: httpx.AsyncClient) -> None:
