@@ -51,6 +51,15 @@ def _int_or_raw(value: str | None) -> int | str | None:
     return int(text) if text.isascii() and text.lstrip("-").isdigit() and len(text) < 20 else value
 
 
+def _page_query(request: Request, *names: str) -> dict[str, Any]:
+    """A list's query: the ``names`` given, ``cursor``, and ``limit`` when sent (the service's default otherwise)."""
+    query = request.query_params
+    kwargs: dict[str, Any] = {name: query.get(name) for name in (*names, "cursor")}
+    if "limit" in query:
+        kwargs["limit"] = _int_or_raw(query["limit"])
+    return kwargs
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it is known to exceed ``limit``:
     from ``Content-Length`` before reading anything, or while streaming a chunked body."""
@@ -140,14 +149,7 @@ class _Routes:
         return _json(task.model_dump_json(), 202, {"Location": location})
 
     async def list_tasks(self, request: Request) -> Response:
-        query = request.query_params
-        kwargs: dict[str, Any] = {
-            "status": query.get("status"),
-            "cursor": query.get("cursor"),
-            "goal_contains": query.get("goal_contains"),
-        }
-        if "limit" in query:
-            kwargs["limit"] = _int_or_raw(query["limit"])
+        kwargs = _page_query(request, "status", "goal_contains")
         page = await self.service.list_tasks(**kwargs, by=principal_of(request.scope))
         return _json(page.model_dump_json())
 
@@ -192,11 +194,7 @@ class _Routes:
 
     async def calls(self, request: Request) -> Response:
         """The audit of exposed calls: the caller's own (an admin's: everyone's), newest first."""
-        query = request.query_params
-        kwargs: dict[str, Any] = {"server": query.get("server"), "cursor": query.get("cursor")}
-        if "limit" in query:
-            kwargs["limit"] = _int_or_raw(query["limit"])
-        page = await self.service.list_calls(**kwargs, by=principal_of(request.scope))
+        page = await self.service.list_calls(**_page_query(request, "server"), by=principal_of(request.scope))
         return _json(page.model_dump_json())
 
     async def healthz(self, request: Request) -> Response:
