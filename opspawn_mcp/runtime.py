@@ -71,6 +71,11 @@ def check_bind(host: str, principals: Principals) -> None:
         )
 
 
+FIRST_CONNECT_WAIT_S = 15.0
+"""How long ``serve --stdio`` waits for the first connect attempt of every downstream server
+before it answers its client; a server that takes longer is shown ``connecting`` meanwhile."""
+
+
 class Runtime:
     """Owns the store, the pool, the enqueuer/worker, the service and the MCP server.
 
@@ -85,6 +90,7 @@ class Runtime:
         self._service: TaskService | None = None
         self._mcp: MCPServer | None = None
         self._embedded: EmbeddedWorker | None = None
+        self._warming: asyncio.Task[None] | None = None
 
     @property
     def service(self) -> TaskService:
@@ -120,7 +126,7 @@ class Runtime:
             if chain.connect_at_start:
                 # Every server connects in the background, so list_servers shows their tools (and
                 # a broken one its error) without delaying startup.
-                warming = asyncio.create_task(pool.open_all(), name="opspawn-warm-pool")
+                warming = self._warming = asyncio.create_task(pool.open_all(), name="opspawn-warm-pool")
                 stack.push_async_callback(_cancel, warming)
             else:
                 log.warning("this opspawn was %s", chain.refusal)
@@ -143,6 +149,7 @@ class Runtime:
         self._service = None
         self._mcp = None
         self._embedded = None
+        self._warming = None
         if stack is not None:
             await stack.__aexit__(exc_type, exc, tb)
 
@@ -176,11 +183,21 @@ class Runtime:
 
         with _on_signals(stop):
             try:
+                await self._first_connects()
                 await serve_stdio(self.mcp)
             except asyncio.CancelledError:
                 if not stopped:
                     raise
                 task.uncancel()
+
+    async def _first_connects(self) -> None:
+        """Wait (at most ``FIRST_CONNECT_WAIT_S``) until every configured server was tried once.
+
+        An assistant looks at ``list_servers`` right after it connects over stdio, once; a server
+        still ``connecting`` with no tools then reads as "nothing here". Over HTTP nobody is
+        waiting on the first answer, so ``serve_http`` does not wait."""
+        if self._warming is not None and not self._warming.done():
+            await asyncio.wait({self._warming}, timeout=FIRST_CONNECT_WAIT_S)
 
     def http_app(
         self,

@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -142,6 +143,47 @@ async def test_stdio_runs_a_task_through_the_proxy_with_progress(tmp_path: Path,
         await check_bad_input(client)
         servers = view(await client.call_tool("list_servers", {}))["servers"]
         assert [s["name"] for s in servers] == ["testing"]
+
+
+async def test_stdio_list_servers_right_after_connecting_shows_the_example_servers_tools(
+    tmp_path: Path, llm_url: str
+) -> None:
+    """An assistant looks once, at once: serve --stdio answers only after every server's first
+    connect attempt (bounded), so the first list_servers is not "connecting, no tools"."""
+    config = write_config(tmp_path / "opspawn.json", llm_url)
+    document = json.loads(config.read_text())
+    document["mcpServers"] = {
+        "example": {"command": sys.executable, "args": ["-m", "opspawn_mcp.example_server"]}
+    }
+    config.write_text(json.dumps(document))
+    params = StdioServerParameters(
+        command=opspawn_command(),
+        args=["serve", "--stdio", "--config", str(config)],
+        cwd=str(REPO_ROOT),
+        env=dict(os.environ),  # the SDK passes only a few variables by default; PYTHONPATH picks the tree
+    )
+    async with Client(params) as client:
+        (example,) = view(await client.call_tool("list_servers", {}))["servers"]
+    assert (example["name"], example["state"]) == ("example", "ready")
+    assert {"echo", "add", "word_count", "utc_now", "sleep"} <= set(example["tools"])
+
+
+async def test_the_claude_desktop_example_works_as_written_with_the_checkout_path(tmp_path: Path) -> None:
+    """README: replace /path/to/opspawn with the checkout's absolute path; no config file needed
+    (the embedded default, with the bundled example server)."""
+    entry = json.loads((REPO_ROOT / "claude_desktop_config.example.json").read_text())["mcpServers"][
+        "opspawn"
+    ]
+    checkout = Path(opspawn_command()).parents[2]  # where `make run` made .venv
+    command = entry["command"].replace("/path/to/opspawn", str(checkout))
+    assert command == opspawn_command() and entry["args"] == ["serve", "--stdio"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPSPAWN_")}
+    env["XDG_STATE_HOME"] = str(tmp_path / "state")  # the embedded default's SQLite goes here
+    # An assistant starts it from its own directory, where no opspawn.json is.
+    params = StdioServerParameters(command=command, args=entry["args"], cwd=str(tmp_path), env=env)
+    async with Client(params) as client:
+        (example,) = view(await client.call_tool("list_servers", {}))["servers"]
+    assert (example["name"], example["state"]) == ("example", "ready"), example
 
 
 def test_stdio_writes_only_protocol_messages_to_stdout(tmp_path: Path, llm_url: str) -> None:
