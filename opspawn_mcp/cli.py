@@ -109,8 +109,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = _load(args)
     observed = _observed(args, config)
-    if not config.mcp_servers:
-        logging.getLogger(__name__).warning("%s", NO_SERVERS)
+    for line in server_warnings(config):
+        # What `config check` says about mcpServers, said again where a newcomer looks: a file
+        # without servers gives agents no tools (the example server is the no-file default).
+        logging.getLogger(__name__).warning("%s", line.removeprefix("warning: "))
     sock = None
     if not args.stdio:
         # Refuse a bad bind (no token, port taken) before opening anything, so the error is

@@ -72,6 +72,23 @@ def test_config_check_warns_of_no_servers_and_of_the_example_server_left_out(tmp
     )
 
 
+def test_serve_says_it_too_when_agents_get_no_tools(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.json"
+    db = tmp_path / "o.db"
+    empty.write_text(json.dumps({"opspawn": {"store_url": f"sqlite+aiosqlite:///{db}"}}))
+    out = subprocess.run(
+        [sys.executable, "-m", "opspawn_mcp.cli", "serve", "--stdio", "--config", str(empty)],
+        input="",  # the client hangs up at once: serve starts, warns, and ends
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0 and out.stdout == "", out.stderr
+    assert "no downstream MCP servers: agents get no tools and answer from the model alone" in out.stderr
+    assert "the bundled example server is not attached" in out.stderr
+
+
 def test_the_embedded_default_needs_no_warning(tmp_path: Path) -> None:
     env = {"OPSPAWN_CONFIG": "", "XDG_STATE_HOME": str(tmp_path)}
     out = subprocess.run(
