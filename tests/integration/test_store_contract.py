@@ -613,7 +613,8 @@ async def test_start_is_idempotent_and_reopen_keeps_data(open_new: StoreFactory)
 async def test_schema_version_is_recorded(store: TaskStore) -> None:
     if isinstance(store, MemoryStore):
         return  # nothing to migrate; the contract part (idempotent start) is tested above
-    from opspawn_mcp.store.sql import SCHEMA_VERSION, SqlStore
+    from opspawn_mcp.store.sql import SqlStore
+    from opspawn_mcp.store.sql_schema import SCHEMA_VERSION
 
     assert isinstance(store, SqlStore)
     assert await store.schema_version() == SCHEMA_VERSION
@@ -688,7 +689,8 @@ async def test_migration_2_gives_old_tasks_a_principal_and_a_model_profile(tmp_p
     """A database written by the first schema (model settings with endpoints, no principals)."""
     from sqlalchemy import text
 
-    from opspawn_mcp.store.sql import SCHEMA_VERSION, SqlStore
+    from opspawn_mcp.store.sql import SqlStore
+    from opspawn_mcp.store.sql_schema import SCHEMA_VERSION
 
     url = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
     store = open_store(url)
@@ -728,7 +730,8 @@ async def test_migration_3_numbers_old_logs_from_their_max_seq_and_adds_the_jour
     """A database written by schema version 2: events but no ``last_seq``, no journal table."""
     from sqlalchemy import text
 
-    from opspawn_mcp.store.sql import SCHEMA_VERSION, SqlStore
+    from opspawn_mcp.store.sql import SqlStore
+    from opspawn_mcp.store.sql_schema import SCHEMA_VERSION
 
     schema: str | None = None
     if backend == "postgres":
@@ -907,7 +910,8 @@ async def test_migration_5_adds_the_approval_columns_to_an_old_database(backend:
     """A database written by schema version 4: no approval columns."""
     from sqlalchemy import text
 
-    from opspawn_mcp.store.sql import SCHEMA_VERSION, SqlStore
+    from opspawn_mcp.store.sql import SqlStore
+    from opspawn_mcp.store.sql_schema import SCHEMA_VERSION
 
     schema: str | None = None
     if backend == "postgres":
@@ -1246,7 +1250,8 @@ async def test_newer_schema_than_the_code_is_refused(tmp_path: Path) -> None:
     from sqlalchemy import insert
 
     from opspawn_mcp.errors import Unavailable
-    from opspawn_mcp.store.sql import SqlStore, schema_version
+    from opspawn_mcp.store.sql import SqlStore
+    from opspawn_mcp.store.sql_schema import schema_version
 
     url = f"sqlite+aiosqlite:///{tmp_path / 'opspawn.db'}"
     store = open_store(url)
@@ -1301,7 +1306,8 @@ async def test_many_stores_starting_at_once_migrate_exactly_once(open_new: Store
     stores = await asyncio.gather(*(open_new() for _ in range(WRITERS)))
     task = await stores[0].create(_task())
     assert all([(await s.get(task.id)).id == task.id for s in stores])
-    from opspawn_mcp.store.sql import SCHEMA_VERSION, SqlStore
+    from opspawn_mcp.store.sql import SqlStore
+    from opspawn_mcp.store.sql_schema import SCHEMA_VERSION
 
     for s in stores:
         if isinstance(s, SqlStore):
