@@ -312,6 +312,7 @@ HTTP_ROUTES = [
     ("POST", "/v1/tasks/some-id/input"),
     ("GET", "/v1/tasks/some-id/events"),
     ("GET", "/v1/servers"),
+    ("GET", "/v1/audit"),
     ("GET", "/openapi.json"),
 ]
 BAD_AUTHORIZATION = [

@@ -56,6 +56,7 @@ PATHS: list[tuple[str, str, Any]] = [
     ("POST", f"/v1/tasks/{TASK}/cancel", None),
     ("GET", f"/v1/tasks/{TASK}/events", None),
     ("GET", "/v1/servers", None),
+    ("GET", "/v1/audit", None),
     ("GET", "/openapi.json", None),
     ("GET", "/healthz", None),
     ("GET", "/readyz", None),
