@@ -27,6 +27,7 @@ import pytest
 
 from tests.servers.harness import HANG_GUARD_S, REPO_ROOT, free_port, opspawn_command, opspawn_process
 from tests.support.fake_openai import spawn_fake_openai, wait_for_http
+from tests.support.services import require_command
 
 CLI_TIMEOUT_S = 120.0
 
@@ -223,6 +224,30 @@ def test_config_is_taken_before_or_after_the_command(serve: Serve) -> None:
         assert out.stdout.splitlines()[0].split() == ["SERVER", "STATE", "TOOLS", "HIDDEN", "ERROR"]
     bad = cli(serve, "servers", "--config", "/nonexistent/opspawn.json")
     assert bad.returncode == 2 and "cannot read the file" in bad.stderr
+
+
+def test_the_readmes_inspector_command_lists_and_calls_the_tools(serve: Serve) -> None:
+    """README: the MCP Inspector's CLI, pinned to tests/node/package.json's version."""
+    pinned = json.loads((REPO_ROOT / "tests/node/package.json").read_text())["dependencies"]
+    assert pinned["@modelcontextprotocol/inspector"] == "2.12.0"  # the README names this version
+    inspector = require_command("inspector")  # tests/node/node_modules/.bin, on PATH in `make test`
+    base = [inspector, "--cli", serve.url, "--transport", "http", "--method"]
+    listed = subprocess.run([*base, "tools/list"], capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+    assert listed.returncode == 0, listed.stderr
+    assert "submit_task" in {t["name"] for t in json.loads(listed.stdout)["tools"]}
+    call = [
+        "tools/call",
+        "--tool-name",
+        "submit_task",
+        "--tool-arg",
+        "goal=echo inspected",
+        "--tool-arg",
+        "wait=45",
+    ]
+    called = subprocess.run([*base, *call], capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+    assert called.returncode == 0, called.stderr
+    answer = json.loads(called.stdout)["structuredContent"]
+    assert (answer["status"], answer["result"]) == ("completed", "done: inspected")
 
 
 # -- the server itself ---------------------------------------------------------------------------
