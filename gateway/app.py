@@ -29,6 +29,7 @@ from gateway.openapi import build_openapi
 from gateway.problems import EXCEPTION_HANDLERS, error_document, problem_response
 from opspawn_mcp.errors import PROBLEM_MEDIA_TYPE, Door, InvalidInput, OpspawnError, PayloadTooLarge
 from opspawn_mcp.http_guard import HttpGuard
+from opspawn_mcp.idempotency import HEADER as IDEMPOTENCY_HEADER
 from opspawn_mcp.models import TaskEvent
 from opspawn_mcp.principals import principal_of
 from opspawn_mcp.service import TaskService
@@ -144,7 +145,8 @@ class _Routes:
         spec = await self._body(request)
         if spec is _MALFORMED:
             return _malformed()
-        task = await self.service.submit(spec, by=principal_of(request.scope))
+        key = request.headers.get(IDEMPOTENCY_HEADER)
+        task = await self.service.submit(spec, by=principal_of(request.scope), idempotency_key=key)
         location = request.url_for("get_task", task_id=task.id).path
         return _json(task.model_dump_json(), 202, {"Location": location})
 

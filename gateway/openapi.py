@@ -21,6 +21,8 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from gateway.problems import Problem
 from opspawn_mcp.errors import PROBLEM_MEDIA_TYPE
 from opspawn_mcp.host.models import ServerInfo
+from opspawn_mcp.idempotency import HEADER as IDEMPOTENCY_HEADER
+from opspawn_mcp.idempotency import KEY_MAX_CHARS
 from opspawn_mcp.models import (
     NO_NUL,
     ApprovalInput,
@@ -54,7 +56,9 @@ _DESCRIPTIONS = {
     "spec naming a server or model this caller may not use.",
     404: "No such task (or, for the audit, no such server for this caller), or no such route.",
     409: "The task's state does not allow this (e.g. cancelling a finished task, or answering a task that "
-    "waits on no approval request or on another one: `pending_request_id` names the one it waits on).",
+    "waits on no approval request or on another one: `pending_request_id` names the one it waits on); "
+    "for a submit, an Idempotency-Key this caller used for a different request (`fields` names what "
+    "differs).",
     413: "The body, or the goal in it, is too large.",
     415: "A body that is not application/json.",
     421: "The Host header names a server this is not (see opspawn.server.allowed_hosts).",
@@ -166,12 +170,23 @@ def build_openapi(
                     )
                 },
                 400,
+                409,
                 413,
                 415,
                 422,
                 429,
                 503,
                 operation_id="submitTask",
+                parameters=[
+                    {
+                        "name": IDEMPOTENCY_HEADER,
+                        "in": "header",
+                        "description": "A key for this request (printable ASCII, no spaces, at most "
+                        f"{KEY_MAX_CHARS} characters): a repeated submit with the same key and the same "
+                        "spec answers the task the first one created instead of starting another.",
+                        "schema": {"type": "string", "minLength": 1, "maxLength": KEY_MAX_CHARS},
+                    }
+                ],
                 requestBody={
                     "required": True,
                     "content": {"application/json": {"schema": ref(TaskSpec, "validation")}},

@@ -250,6 +250,9 @@ class Task(BaseModel):
     lease_expires_at: datetime | None = Field(default=None, exclude=True)
     # When the broker confirmed the task's message (the outbox); internal too.
     enqueued_at: datetime | None = Field(default=None, exclude=True)
+    # The submitter's idempotency key (an MCP caller's _meta io.opspawn/idempotency-key, REST's
+    # Idempotency-Key): a repeated submit with it answers this task. Unique per principal; internal.
+    idempotency_key: str | None = Field(default=None, exclude=True)
 
 
 EventKind = Literal[

@@ -39,15 +39,16 @@ class Scheduler:
         self._store = store
         self._enqueuer = enqueuer
 
-    async def schedule(self, spec: TaskSpec, *, principal: str) -> Task:
+    async def schedule(self, spec: TaskSpec, *, principal: str, idempotency_key: str | None = None) -> Task:
         """Store ``principal``'s task as ``queued``, then enqueue its id; return the stored task.
 
         An enqueue failure is logged, not raised: the task is already accepted and durable, and
         the recovery loop will enqueue it again. Raising here would tell the client the task was
-        refused while it may still run.
+        refused while it may still run. A taken ``idempotency_key`` raises the store's
+        ``KeyTaken`` before anything is written or published.
         """
         # ``create`` writes the ``queued`` state event in its own transaction: one round trip.
-        task = await self._store.create(Task(spec=spec, principal=principal))
+        task = await self._store.create(Task(spec=spec, principal=principal, idempotency_key=idempotency_key))
         await publish(self._store, self._enqueuer.enqueue, task.id)
         return task
 

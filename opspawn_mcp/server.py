@@ -42,6 +42,7 @@ from opspawn_mcp.errors import CLI_CLIENT_NAME, Door, InvalidInput, NotFound, Op
 from opspawn_mcp.exposed import ExposedTools
 from opspawn_mcp.exposed_uris import original_uri
 from opspawn_mcp.host import OpsMcpClient
+from opspawn_mcp.idempotency import key_from_meta
 from opspawn_mcp.mcp_http import MCP_SESSION_HEADER
 from opspawn_mcp.mcp_logging import SessionLogLevels
 from opspawn_mcp.mcp_tasks import TasksExtension, serve_task_notifications
@@ -375,7 +376,10 @@ def build_server(
         }
         try:
             service.check_wait(wait)
-            task = await service.submit(submit_spec(arguments, ctx.request_context.meta), by=by)
+            meta = ctx.request_context.meta
+            task = await service.submit(
+                submit_spec(arguments, meta), by=by, idempotency_key=key_from_meta(meta)
+            )
             if wait > 0:
                 count = 0
 

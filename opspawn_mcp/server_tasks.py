@@ -35,6 +35,7 @@ from pydantic import BaseModel, ValidationError
 
 from opspawn_mcp.chaining import chain_from_meta
 from opspawn_mcp.errors import Conflict, Door, InvalidInput, NotFound, OpspawnError
+from opspawn_mcp.idempotency import key_from_meta
 from opspawn_mcp.mcp_tasks import DetailedTask, TaskStatusName, TaskSupport, UnknownTask
 from opspawn_mcp.mcp_tasks.backend import RequestContext
 from opspawn_mcp.models import ApprovalAnswer, ApprovalRequest, Task, TaskEvent, TaskSpec, TaskStatus
@@ -197,7 +198,8 @@ class ServiceTaskBackend:
     async def create(self, params: CallToolRequestParams, ctx: RequestContext) -> DetailedTask | Result:
         try:
             spec = submit_spec(params.arguments or {}, params.meta)
-            task = await self._service.submit(spec, by=self._caller(ctx))
+            key = key_from_meta(params.meta)
+            task = await self._service.submit(spec, by=self._caller(ctx), idempotency_key=key)
         except OpspawnError as exc:
             return _text(f"{exc.kind}: {exc.message_for(Door.MCP)}", error=True)
         return self._detailed(task)

@@ -32,6 +32,7 @@ from opspawn_mcp.errors import (
     Unavailable,
 )
 from opspawn_mcp.host.models import ServerInfo
+from opspawn_mcp.idempotency import check_key, repeated
 from opspawn_mcp.limits import SubmitGate
 from opspawn_mcp.models import (
     GOAL_MAX_CHARS,
@@ -48,7 +49,7 @@ from opspawn_mcp.models import (
 )
 from opspawn_mcp.principals import Principal
 from opspawn_mcp.scheduler import Enqueuer, Scheduler
-from opspawn_mcp.store.base import TaskStore
+from opspawn_mcp.store.base import KeyTaken, TaskStore
 
 TASK_ID_MAX_CHARS = 64
 EVENTS_PAGE_MAX = 1000
@@ -224,14 +225,27 @@ class TaskService:
 
     # -- commands ---------------------------------------------------------------------------
 
-    async def submit(self, spec: TaskSpec | Mapping[str, Any], *, by: Principal) -> Task:
+    async def submit(
+        self, spec: TaskSpec | Mapping[str, Any], *, by: Principal, idempotency_key: str | None = None
+    ) -> Task:
         """Validate, check the caller's limits, persist as ``queued``, enqueue.
 
-        The returned task is durable and will run.
+        The returned task is durable and will run. With ``idempotency_key``, a caller that
+        already submitted this request under that key gets that task back (whatever its
+        status, and even at its limits: nothing new is started); the same key with another
+        request is a ``Conflict`` (``opspawn_mcp.idempotency``).
         """
         checked = self.validate(spec, by=by)
-        async with self._gate.admit(by):
-            return await self._scheduler.schedule(checked, principal=by.name)
+        key = check_key(idempotency_key, field="idempotency_key")
+        if key is not None:
+            existing = await self._store.get_by_key(by.name, key)
+            if existing is not None:
+                return repeated(existing, checked)
+        try:
+            async with self._gate.admit(by):
+                return await self._scheduler.schedule(checked, principal=by.name, idempotency_key=key)
+        except KeyTaken as taken:  # a concurrent submit with the key won the insert
+            return repeated(taken.task, checked)
 
     async def get(self, task_id: str, *, by: Principal) -> Task:
         task = await self._store.get(_check_id(task_id))

@@ -23,14 +23,20 @@ from opspawn_mcp.service import TaskService
 UNAUTHENTICATED_MESSAGE = "Send a token of this server as 'authorization: Bearer <token>' metadata."
 
 
-def authorization_of(metadata: Any) -> str | None:
-    """The call's ``authorization`` metadata value, if any."""
+def metadata_value(metadata: Any, name: str) -> str | None:
+    """The call's ``name`` metadata value (a lower-case key), if any."""
     for key, value in metadata or ():
-        if key.lower() == "authorization" and isinstance(value, str):
+        if key.lower() == name and isinstance(value, str):
             return value
     return None
 
 
+def authorization_of(metadata: Any) -> str | None:
+    """The call's ``authorization`` metadata value, if any."""
+    return metadata_value(metadata, "authorization")
+
+
+IDEMPOTENCY_METADATA = "idempotency-key"
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -80,10 +86,12 @@ class TaskServicer(pb_grpc.TaskServiceServicer):
     async def SubmitTask(
         self, request: pb.SubmitTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.Task:
+        # A repeated submit with the same key answers the first task (opspawn_mcp.idempotency).
+        key = metadata_value(context.invocation_metadata(), IDEMPOTENCY_METADATA)
         task = await answer(
             context,
             self._principals,
-            lambda by: self._service.submit(convert.spec_from_pb(request.spec), by=by),
+            lambda by: self._service.submit(convert.spec_from_pb(request.spec), by=by, idempotency_key=key),
         )
         return convert.task_to_pb(task)
 

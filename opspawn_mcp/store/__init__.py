@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from opspawn_mcp.config import StoreSettings, redact_url
 from opspawn_mcp.errors import InvalidInput
-from opspawn_mcp.store.base import JournalRow, TaskStore
+from opspawn_mcp.store.base import JournalRow, KeyTaken, TaskStore
 from opspawn_mcp.store.memory import MemoryStore
 
-__all__ = ["JournalRow", "MemoryStore", "TaskStore", "open_store", "pool_size_for"]
+__all__ = ["JournalRow", "KeyTaken", "MemoryStore", "TaskStore", "open_store", "pool_size_for"]
 
 # The pool a process gets when it does not say how much work it runs (serve, the CLI).
 DEFAULT_CONCURRENCY = 8

@@ -14,6 +14,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from opspawn_mcp.errors import Conflict
 from opspawn_mcp.models import (
     ApprovalRequest,
     ExposedCall,
@@ -46,6 +47,17 @@ class JournalRow(BaseModel):
     data: dict[str, Any] = Field(default_factory=dict)
 
 
+class KeyTaken(Conflict):
+    """``create`` of a task whose principal already used its idempotency key: nothing was
+    written, and ``task`` is the task holding the key (``TaskService.submit`` answers it)."""
+
+    def __init__(self, task: Task) -> None:
+        super().__init__(
+            f"The idempotency key {task.idempotency_key!r} is taken by task {task.id}.", task_id=task.id
+        )
+        self.task = task
+
+
 class TaskStore(Protocol):
     async def start(self) -> None:
         """Connect and create or migrate the schema (idempotent)."""
@@ -58,7 +70,11 @@ class TaskStore(Protocol):
     async def create(self, task: Task) -> Task:
         """Insert the task and, in the same transaction, its first event (seq 1): the ``state``
         event of its initial status, so no reader ever sees a task without it. Raises
-        ``Conflict`` for an id that exists."""
+        ``Conflict`` for an id that exists, and ``KeyTaken`` (naming the task that holds it)
+        when ``task.idempotency_key`` is set and its principal already has a task with it."""
+
+    async def get_by_key(self, principal: str, key: str) -> Task | None:
+        """``principal``'s task created with idempotency key ``key``, or None."""
 
     async def get(self, task_id: str) -> Task:
         """Raise ``TaskNotFound`` for an unknown id."""

@@ -44,7 +44,7 @@ from opspawn_mcp.store._common import (
     state_event,
     transition_values,
 )
-from opspawn_mcp.store.base import JournalRow
+from opspawn_mcp.store.base import JournalRow, KeyTaken
 from opspawn_mcp.store.changes import ChangeHub
 
 
@@ -57,6 +57,8 @@ class MemoryStore:
         self._events: dict[str, list[TaskEvent]] = {}
         self._journal: dict[str, dict[tuple[str, int], JournalRow]] = {}
         self._calls: dict[str, ExposedCall] = {}
+        self._keys: dict[tuple[str, str], str] = {}
+        """(principal, idempotency key) -> task id."""
         self._closed = False
         self.changes = ChangeHub()
 
@@ -81,8 +83,14 @@ class MemoryStore:
         async with self._lock:
             if task.id in self._tasks:
                 raise Conflict(f"A task with id {task.id!r} already exists; create it with a new id.")
+            if task.idempotency_key is not None:
+                holder = self._by_key(task.principal, task.idempotency_key)
+                if holder is not None:
+                    raise KeyTaken(holder.model_copy(deep=True))
             stored = _normalised(task)
             self._tasks[stored.id] = stored
+            if stored.idempotency_key is not None:
+                self._keys[(stored.principal, stored.idempotency_key)] = stored.id
             self._events[stored.id] = []
             self._journal[stored.id] = {}
             self._append(stored.id, "state", state_event(stored.status, None))
@@ -92,6 +100,15 @@ class MemoryStore:
     async def get(self, task_id: str) -> Task:
         async with self._lock:
             return self._get(task_id).model_copy(deep=True)
+
+    def _by_key(self, principal: str, key: str) -> Task | None:
+        task_id = self._keys.get((principal, key))
+        return None if task_id is None else self._tasks[task_id]
+
+    async def get_by_key(self, principal: str, key: str) -> Task | None:
+        async with self._lock:
+            found = self._by_key(principal, key)
+            return None if found is None else found.model_copy(deep=True)
 
     async def list_tasks(
         self,

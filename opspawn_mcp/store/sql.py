@@ -115,7 +115,7 @@ from opspawn_mcp.store._common import (
     state_event,
     transition_values,
 )
-from opspawn_mcp.store.base import JournalRow
+from opspawn_mcp.store.base import JournalRow, KeyTaken
 from opspawn_mcp.store.changes import ChangeHub
 from opspawn_mcp.store.sql_schema import (
     exposed_calls,
@@ -168,6 +168,7 @@ def _to_task(row: Row[Any]) -> Task:
         result=m["result"],
         error=m["error"],
         warning=m["warning"],
+        idempotency_key=m["idempotency_key"],
         usage=Usage.model_validate(m["usage"] or {}),
         steps=m["steps"],
         attempts=m["attempts"],
@@ -198,6 +199,9 @@ _QUEUED = TaskStatus.QUEUED.value
 # The hot statements, built once: a call binds values and reuses the compiled form, instead of
 # building a statement and its cache key every time (most of the store's CPU before).
 _GET = select(tasks).where(tasks.c.id == bindparam("b_id"))
+_BY_KEY = select(tasks).where(
+    tasks.c.principal == bindparam("b_principal"), tasks.c.idempotency_key == bindparam("b_key")
+)
 _EXISTS = select(tasks.c.id).where(tasks.c.id == bindparam("b_id"))
 _STATUS = select(tasks.c.status).where(tasks.c.id == bindparam("b_id"))
 _INSERT_TASK = insert(tasks).returning(*tasks.c)
@@ -642,6 +646,7 @@ class SqlStore:
             "principal": task.principal,
             "last_seq": 1,
             "enqueued_at": task.enqueued_at,
+            "idempotency_key": task.idempotency_key,
         }
 
         async def body(conn: AsyncConnection) -> Row[Any]:
@@ -653,9 +658,21 @@ class SqlStore:
         try:
             row = await self._run(body, write=True, idempotent=False)
         except IntegrityError as exc:
+            holder = None
+            if task.idempotency_key is not None:
+                holder = await self.get_by_key(task.principal, task.idempotency_key)
+            if holder is not None:
+                raise KeyTaken(holder) from exc
             raise Conflict(f"A task with id {task.id!r} already exists; create it with a new id.") from exc
         self.changes.notify(task.id, 1)
         return _to_task(row)
+
+    async def get_by_key(self, principal: str, key: str) -> Task | None:
+        async def body(conn: AsyncConnection) -> Row[Any] | None:
+            return (await conn.execute(_BY_KEY, {"b_principal": principal, "b_key": key})).first()
+
+        row = await self._run(body)
+        return None if row is None else _to_task(row)
 
     async def get(self, task_id: str) -> Task:
         async def body(conn: AsyncConnection) -> Row[Any] | None:

@@ -94,6 +94,8 @@ tasks = Table(
     Column("approval_expires_at", UtcDateTime),
     # Why a completed task's answer needs checking (migration 6): Task.warning.
     Column("warning", Text),
+    # The submitter's idempotency key, unique per principal (migration 8): Task.idempotency_key.
+    Column("idempotency_key", String),
     # list(status=...) newest first, list() newest first, and the recovery loop's scan.
     Index("ix_tasks_status_created", "status", "created_at", "id"),
     Index("ix_tasks_created", "created_at", "id"),
@@ -102,6 +104,8 @@ tasks = Table(
     # One principal's tasks newest first, and its tasks in flight.
     Index("ix_tasks_principal_created", "principal", "created_at", "id"),
     Index("ix_tasks_principal_status", "principal", "status"),
+    # A repeated submit with the same key finds its task; a second insert of the key fails.
+    Index("ux_tasks_principal_key", "principal", "idempotency_key", unique=True),
 )
 
 task_events = Table(
@@ -175,7 +179,8 @@ def _migration_2(conn: Connection) -> None:
             text(f"ALTER TABLE tasks ADD COLUMN principal VARCHAR NOT NULL DEFAULT '{LOCAL_PRINCIPAL}'")
         )
         for index in tasks.indexes:
-            if "principal" in index.columns:
+            # Not the indexes of columns a later migration adds (ux_tasks_principal_key: 8).
+            if "principal" in index.columns and {c.name for c in index.columns} <= columns | {"principal"}:
                 index.create(conn, checkfirst=True)
     for task_id, spec in conn.execute(select(tasks.c.id, tasks.c.spec)).all():
         model = dict(spec.get("model") or {})
@@ -236,6 +241,17 @@ def _migration_7(conn: Connection) -> None:
     exposed_calls.create(conn, checkfirst=True)
 
 
+def _migration_8(conn: Connection) -> None:
+    """``idempotency_key``, unique per principal (NULLs never clash): a repeated submit with the
+    same key answers the task it created. Tasks that exist were submitted without one."""
+    columns = {c["name"] for c in inspect(conn).get_columns("tasks")}
+    if "idempotency_key" not in columns:
+        conn.execute(text("ALTER TABLE tasks ADD COLUMN idempotency_key VARCHAR"))
+    for index in tasks.indexes:
+        if "idempotency_key" in index.columns:
+            index.create(conn, checkfirst=True)
+
+
 # Append only: a released version's step never changes, a new one gets the next number.
 MIGRATIONS: Final = (
     (1, "tasks and task_events", _migration_1),
@@ -245,6 +261,7 @@ MIGRATIONS: Final = (
     (5, "tasks.approval, tasks.approval_expires_at: pauses for approval", _migration_5),
     (6, "tasks.warning: why a completed answer needs checking", _migration_6),
     (7, "exposed_calls: the audit of calls through exposed servers", _migration_7),
+    (8, "tasks.idempotency_key: repeated submits answer one task", _migration_8),
 )
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
 

@@ -26,7 +26,7 @@ import pytest
 from opspawn_mcp.config import StoreSettings
 from opspawn_mcp.errors import Conflict, IllegalTransition, InvalidInput, TaskNotFound, Unavailable
 from opspawn_mcp.models import ApprovalRequest, ExposedCall, Task, TaskSpec, TaskStatus, Usage, utcnow
-from opspawn_mcp.store import JournalRow, MemoryStore, TaskStore, open_store, pool_size_for
+from opspawn_mcp.store import JournalRow, KeyTaken, MemoryStore, TaskStore, open_store, pool_size_for
 from tests.support.services import POSTGRES_URL, drop_schema, require_service
 
 BACKENDS = ["memory", "sqlite", "postgres"]
@@ -89,6 +89,33 @@ async def test_create_then_get_round_trips(store: TaskStore) -> None:
     assert got.status is TaskStatus.QUEUED
     assert got.created_at.utcoffset() == timedelta(0)
     assert abs(got.created_at - task.created_at) < timedelta(milliseconds=1)
+
+
+async def test_an_idempotency_key_is_unique_per_principal(store: TaskStore) -> None:
+    keyed = await store.create(Task(spec=TaskSpec(goal="g"), principal="a", idempotency_key="k:1"))
+    assert keyed.idempotency_key == "k:1" and await store.get_by_key("a", "k:1") == keyed
+    assert await store.get_by_key("b", "k:1") is None and await store.get_by_key("a", "k:2") is None
+    with pytest.raises(KeyTaken) as caught:
+        await store.create(Task(spec=TaskSpec(goal="other"), principal="a", idempotency_key="k:1"))
+    assert caught.value.task == keyed and isinstance(caught.value, Conflict)
+    theirs = await store.create(Task(spec=TaskSpec(goal="g"), principal="b", idempotency_key="k:1"))
+    assert await store.get_by_key("b", "k:1") == theirs
+    await store.create(_task())
+    await store.create(_task())  # tasks without a key never clash
+    assert len((await store.list_tasks()).items) == 4
+
+
+async def test_concurrent_creates_with_one_key_insert_one_task(open_new: StoreFactory) -> None:
+    stores = [await open_new() for _ in range(4)]
+
+    async def create(store: TaskStore) -> str:
+        try:
+            return (await store.create(Task(spec=TaskSpec(goal="g"), idempotency_key="k"))).id
+        except KeyTaken as taken:
+            return taken.task.id
+
+    ids = await asyncio.gather(*(create(s) for s in stores))
+    assert len(set(ids)) == 1 and len((await stores[0].list_tasks()).items) == 1
 
 
 async def test_get_unknown_raises_task_not_found(store: TaskStore) -> None:
@@ -700,6 +727,8 @@ async def test_migration_2_gives_old_tasks_a_principal_and_a_model_profile(tmp_p
     async with store._tx() as conn:  # white-box: rebuild the version-1 shape by hand
         await conn.execute(text("DROP INDEX ix_tasks_principal_created"))
         await conn.execute(text("DROP INDEX ix_tasks_principal_status"))
+        await conn.execute(text("DROP INDEX ux_tasks_principal_key"))
+        await conn.execute(text("ALTER TABLE tasks DROP COLUMN idempotency_key"))
         await conn.execute(text("ALTER TABLE tasks DROP COLUMN principal"))
         await conn.execute(text("DELETE FROM schema_version WHERE version > 1"))
         await conn.execute(
@@ -997,6 +1026,61 @@ async def test_an_exposed_call_is_recorded_once_and_bad_pages_are_refused(store:
         await store.list_calls(limit=0)
     with pytest.raises(InvalidInput):
         await store.list_calls(cursor="not a cursor")
+
+
+@contextlib.asynccontextmanager
+async def _downgraded(backend: str, tmp_path: Path, *statements: str) -> AsyncIterator[Callable[[], Any]]:
+    """A started SQL store whose schema ``statements`` rolled back by hand (white-box); yields
+    a factory of stores reopened on it (migrating it again), all closed and dropped after."""
+    from sqlalchemy import text
+
+    from opspawn_mcp.store.sql import SqlStore
+
+    schema = f"opspawn_test_{uuid.uuid4().hex[:12]}" if backend == "postgres" else None
+    if schema is not None:
+        require_service("postgres")
+    url = POSTGRES_URL if schema is not None else f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
+    opened: list[TaskStore] = [open_store(url, schema=schema)]
+    try:
+        first = opened[0]
+        assert isinstance(first, SqlStore)
+        await first.start()
+        async with first._tx() as conn:
+            for statement in statements:
+                await conn.execute(text(statement))
+        await first.close()
+
+        async def reopen() -> TaskStore:
+            opened.append(open_store(url, schema=schema))
+            await opened[-1].start()
+            return opened[-1]
+
+        yield reopen
+    finally:
+        for store in opened:
+            await store.close()
+        if schema is not None:
+            await drop_schema(schema)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_migration_8_adds_the_idempotency_key_to_an_old_database(backend: str, tmp_path: Path) -> None:
+    from opspawn_mcp.store.sql import SqlStore
+    from opspawn_mcp.store.sql_schema import SCHEMA_VERSION
+
+    async with _downgraded(
+        backend,
+        tmp_path,
+        "DROP INDEX ux_tasks_principal_key",
+        "ALTER TABLE tasks DROP COLUMN idempotency_key",
+        "DELETE FROM schema_version WHERE version > 7",
+    ) as reopen:
+        store = await reopen()
+        assert isinstance(store, SqlStore) and await store.schema_version() == SCHEMA_VERSION
+        keyed = await store.create(Task(spec=TaskSpec(goal="g"), idempotency_key="k"))
+        with pytest.raises(KeyTaken):
+            await store.create(Task(spec=TaskSpec(goal="g"), idempotency_key="k"))
+        assert await store.get_by_key("local", "k") == keyed
 
 
 # --- races -------------------------------------------------------------------------------

@@ -442,3 +442,18 @@ async def test_a_quiet_event_stream_sends_keepalive_comments(service: TaskServic
             await serving
     assert ": keepalive" in seen
     assert [e["event"] for e in parse_sse("\n".join(seen)) if "event" in e][-1] == "state"
+
+
+async def test_a_repeated_submit_with_an_idempotency_key_answers_the_first_task(
+    client: httpx.AsyncClient, enqueuer: RecordingEnqueuer
+) -> None:
+    keyed = {"Idempotency-Key": "k:1"}
+    first = await client.post("/v1/tasks", json={"goal": "echo hi"}, headers=keyed)
+    again = await client.post("/v1/tasks", json={"goal": "echo hi"}, headers=keyed)
+    assert first.status_code == again.status_code == 202
+    assert again.json()["task_id"] == first.json()["task_id"] and len(enqueuer.ids) == 1
+    assert again.headers["location"] == first.headers["location"]
+    other = await client.post("/v1/tasks", json={"goal": "echo bye"}, headers=keyed)
+    assert assert_problem(other, 409, "conflict")["fields"] == ["goal"]
+    bad = await client.post("/v1/tasks", json={"goal": "echo hi"}, headers={"Idempotency-Key": "a b"})
+    assert_problem(bad, 422, "invalid_input")

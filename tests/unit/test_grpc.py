@@ -310,3 +310,16 @@ async def test_over_the_limit_is_resource_exhausted_with_retry_after(service: Ta
             await stub.SubmitTask(request, metadata=metadata)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert dict(info.value.trailing_metadata() or ())["retry-after"] == str(int(IN_FLIGHT_RETRY_S))
+
+
+async def test_a_repeated_submit_with_idempotency_key_metadata_answers_the_first_task(
+    stub: Any, enqueuer: RecordingEnqueuer
+) -> None:
+    request = pb.SubmitTaskRequest(spec=pb.TaskSpec(goal="echo hi"))
+    keyed = (("idempotency-key", "k:1"),)
+    first = await stub.SubmitTask(request, metadata=keyed)
+    again = await stub.SubmitTask(request, metadata=keyed)
+    assert again.id == first.id and enqueuer.ids == [first.id]
+    other = pb.SubmitTaskRequest(spec=pb.TaskSpec(goal="echo bye"))
+    code, details = await code_of(stub.SubmitTask(other, metadata=keyed))
+    assert code is grpc.StatusCode.FAILED_PRECONDITION and "(goal differ)" in details
