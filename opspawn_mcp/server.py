@@ -15,7 +15,7 @@ from typing import Annotated, Any, TypeVar, cast, get_args
 from mcp.server import MCPServer
 from mcp.server.context import ServerRequestContext
 from mcp.server.mcpserver import Context
-from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
+from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError, UnexpectedToolError
 from mcp.server.subscriptions import InMemorySubscriptionBus
 from mcp.shared.exceptions import MCPError
 from mcp.types import (
@@ -38,7 +38,7 @@ from mcp.types import (
 from pydantic import BaseModel, Field
 
 from opspawn_mcp.chaining import OPSPAWN_NAME, ChainingExtension, relay_meta
-from opspawn_mcp.errors import CLI_CLIENT_NAME, Door, InvalidInput, NotFound, OpspawnError
+from opspawn_mcp.errors import CLI_CLIENT_NAME, Door, NotFound, OpspawnError
 from opspawn_mcp.exposed import ExposedTools
 from opspawn_mcp.exposed_uris import original_uri
 from opspawn_mcp.host import OpsMcpClient
@@ -241,24 +241,35 @@ class _Server(MCPServer):
     async def call_tool(
         self, name: str, arguments: dict[str, Any], context: Context | None = None
     ) -> CallToolResult | InputRequiredResult:
+        """The one place a typed error becomes a tool error. A tool body raises ``OpspawnError``
+        as it is: the SDK wraps it as an unexpected crash with a blank message, so it is
+        unwrapped here and worded by ``_tool_error`` under the SDK's usual prefix."""
+        try:
+            return await self._call_tool(name, arguments, context)
+        except OpspawnError as exc:
+            raise _tool_error(exc, context) from exc
+        except UnexpectedToolError as exc:
+            if not isinstance(exc.__cause__, OpspawnError):
+                raise
+            raise ToolError(
+                f"Error executing tool {name}: {_tool_error(exc.__cause__, context)}"
+            ) from exc.__cause__
+
+    async def _call_tool(
+        self, name: str, arguments: dict[str, Any], context: Context | None
+    ) -> CallToolResult | InputRequiredResult:
         if self.exposed is not None and context is not None:
             by = caller(context, self.local)
             target = self.exposed.route(name, by)
             if target is not None:
                 meta = context.request_context.meta or {}
                 progress = context.report_progress if meta.get("progress_token") is not None else None
-                try:
-                    # The caller's delegation chain goes on, with this instance (an opspawn
-                    # calling through here must not hide a loop): opspawn_mcp.chaining.
-                    relayed = relay_meta(meta, *self.chain)
-                    return await self.exposed.call(*target, arguments, by, progress=progress, meta=relayed)
-                except OpspawnError as exc:
-                    raise _tool_error(exc, context) from exc
+                # The caller's delegation chain goes on, with this instance (an opspawn
+                # calling through here must not hide a loop): opspawn_mcp.chaining.
+                relayed = relay_meta(meta, *self.chain)
+                return await self.exposed.call(*target, arguments, by, progress=progress, meta=relayed)
         if name == "submit_task":
-            try:
-                submit_spec(arguments)
-            except InvalidInput as exc:
-                raise _tool_error(exc, context) from exc
+            submit_spec(arguments)
         return await super().call_tool(name, arguments, context)
 
     def serve_log_levels(self, levels: SessionLogLevels) -> None:
@@ -374,35 +385,27 @@ def build_server(
             "timeout": timeout,
             "system_prompt": system_prompt,
         }
-        try:
-            service.check_wait(wait)
-            meta = ctx.request_context.meta
-            task = await service.submit(
-                submit_spec(arguments, meta), by=by, idempotency_key=key_from_meta(meta)
-            )
-            if wait > 0:
-                count = 0
+        service.check_wait(wait)
+        meta = ctx.request_context.meta
+        task = await service.submit(submit_spec(arguments, meta), by=by, idempotency_key=key_from_meta(meta))
+        if wait > 0:
+            count = 0
 
-                async def progress(event: Any) -> None:
-                    nonlocal count
-                    count += 1
-                    await ctx.report_progress(count, None, _progress_line(event.kind, event.data))
-                    data = {"task_id": task.id, "seq": event.seq, "kind": event.kind, "data": event.data}
-                    await levels.log(ctx, _log_level(event.kind, event.data), data)
+            async def progress(event: Any) -> None:
+                nonlocal count
+                count += 1
+                await ctx.report_progress(count, None, _progress_line(event.kind, event.data))
+                data = {"task_id": task.id, "seq": event.seq, "kind": event.kind, "data": event.data}
+                await levels.log(ctx, _log_level(event.kind, event.data), data)
 
-                # The task runs on whatever happens to this call: a client that gives up or
-                # disconnects cancels only this wait.
-                task = await service.wait(task.id, min(wait, WAIT_CAP_S), progress, by=by)
-        except OpspawnError as exc:
-            raise _tool_error(exc, ctx) from exc
+            # The task runs on whatever happens to this call: a client that gives up or
+            # disconnects cancels only this wait.
+            task = await service.wait(task.id, min(wait, WAIT_CAP_S), progress, by=by)
         return TaskView.of(task)
 
     async def get_status(ctx: Context, task_id: TaskId = None) -> TaskView:
         """Status, steps taken, result or error, token usage and times of one task."""
-        try:
-            return TaskView.of(await service.get(task_id, by=caller(ctx, local)))
-        except OpspawnError as exc:
-            raise _tool_error(exc, ctx) from exc
+        return TaskView.of(await service.get(task_id, by=caller(ctx, local)))
 
     async def list_tasks(
         ctx: Context,
@@ -423,19 +426,13 @@ def build_server(
         ] = None,
     ) -> TaskList:
         """Tasks, newest first, one page at a time; optionally only those whose goal contains a text."""
-        try:
-            by = caller(ctx, local)
-            page = await service.list_tasks(status, limit, cursor, goal_contains=goal_contains, by=by)
-        except OpspawnError as exc:
-            raise _tool_error(exc, ctx) from exc
+        by = caller(ctx, local)
+        page = await service.list_tasks(status, limit, cursor, goal_contains=goal_contains, by=by)
         return TaskList(tasks=[TaskView.of(t) for t in page.items], next_cursor=page.next_cursor)
 
     async def cancel_task(ctx: Context, task_id: TaskId = None) -> TaskView:
         """Stop a queued or running task. A running agent stops within one step."""
-        try:
-            return TaskView.of(await service.cancel(task_id, by=caller(ctx, local)))
-        except OpspawnError as exc:
-            raise _tool_error(exc, ctx) from exc
+        return TaskView.of(await service.cancel(task_id, by=caller(ctx, local)))
 
     async def approve_task(
         ctx: Context,
@@ -451,10 +448,7 @@ def build_server(
     ) -> TaskView:
         """Answer the approval request of an input_required task; the task then goes on."""
         answer = {k: v for k, v in {"approve": approve, "note": note}.items() if v is not None}
-        try:
-            return TaskView.of(await service.answer(task_id, request_id, answer, by=caller(ctx, local)))
-        except OpspawnError as exc:
-            raise _tool_error(exc, ctx) from exc
+        return TaskView.of(await service.answer(task_id, request_id, answer, by=caller(ctx, local)))
 
     async def list_servers(ctx: Context) -> ServerList:
         """Downstream MCP servers agents may use, with their state and cached tool names."""
