@@ -23,6 +23,7 @@ from agentkit.errors import ToolError
 from agentkit.mcp_proxy import idempotent_from_annotations
 from opspawn_mcp.config import ServerConfig
 from opspawn_mcp.errors import Forbidden, NotFound, OpspawnError, Unavailable
+from opspawn_mcp.host import subtasks
 from opspawn_mcp.host.connection import DEFAULT_CONCURRENCY, ChangeListener, ServerConnection
 from opspawn_mcp.host.models import ServerInfo
 from opspawn_mcp.telemetry.hooks import downstream_call
@@ -253,8 +254,17 @@ class OpsMcpClient:
         cache: a pool that has not listed the server's tools yet knows nothing, so list or
         ``open_all`` first). The rule is agentkit's ``idempotent_from_annotations``, so the pool
         and an agent's tools never disagree. Annotations are hints; ``retry`` overrides them.
+
+        One exception: an opspawn downstream's ``submit_task`` (a delegation, ``host.subtasks``)
+        is idempotent whatever it is annotated, because every agent call carries its
+        idempotency key in ``_meta`` (stable across restarts) and an opspawn answers a repeated
+        submit with that key with the task it already started (``opspawn_mcp.idempotency``). So
+        a resumed run sends the call again and follows the same sub-task to its end.
         """
-        found = self._get(server).cached_tool(tool)
+        connection = self._get(server)
+        if subtasks.follows(tool, connection.opspawn):
+            return True
+        found = connection.cached_tool(tool)
         return idempotent_from_annotations(found.annotations if found is not None else None)
 
     def may_rerun(self, server: str, tool: str) -> bool:

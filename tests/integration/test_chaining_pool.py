@@ -12,11 +12,11 @@ from mcp import Client
 
 from agentkit import IDEMPOTENCY_META_KEY
 from opspawn_mcp.chaining import CHAIN_ENV, CHAIN_META_KEY, DEPTH_META_KEY, child_env, outgoing_meta
-from opspawn_mcp.config import parse_config
+from opspawn_mcp.config import StdioServerConfig, parse_config
 from opspawn_mcp.host import OpsMcpClient
 from opspawn_mcp.server import build_server
 from opspawn_mcp.store.memory import MemoryStore
-from tests.servers.harness import stdio_config
+from tests.servers.harness import REPO_ROOT, opspawn_command, stdio_config
 from tests.support.service_kit import make_service
 
 
@@ -60,3 +60,20 @@ async def test_an_exposed_call_relays_the_callers_chain_and_refuses_a_loop(tmp_p
             )
             assert looped.is_error and "loop_detected" in _text(looped) and "(b → b)" in _text(looped)
     await store.close()
+
+
+async def test_an_opspawn_downstreams_submit_task_is_rerun_after_a_crash(tmp_path: Path) -> None:
+    """A real opspawn over stdio: its submit_task is annotated not idempotent, yet the pool lets
+    a resumed run send it again, because the call's idempotency key makes B answer the task it
+    already started (opspawn_mcp.idempotency); its other tools keep their annotations."""
+    config = tmp_path / "b.json"
+    config.write_text(json.dumps({"opspawn": {"store_url": "memory://"}}))
+    b = StdioServerConfig(
+        command=opspawn_command(),
+        args=["--config", str(config), "serve", "--stdio"],
+        env={"PYTHONPATH": str(REPO_ROOT)},
+    )
+    async with OpsMcpClient({"b": b, "t": stdio_config(tmp_path)}, eager=True) as pool:
+        assert pool.may_rerun("b", "submit_task") and pool.idempotent("b", "submit_task") is True
+        assert not pool.may_rerun("b", "approve_task")
+        assert pool.idempotent("t", "submit_task") is None  # not an opspawn: nothing known
