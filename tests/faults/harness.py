@@ -272,18 +272,27 @@ async def deployment(
     server: dict[str, Any] | None = None,
     llm_delay: float = 0.0,
     llm_timeout_s: float = 30.0,
+    mcp_servers: dict[str, Any] | None = None,
+    llm_url: str | None = None,
 ) -> AsyncIterator[Stack]:
     """The whole deployment; ``shared_schema`` names the schema to drop after (shared PostgreSQL);
-    with ``broker_url`` amqp a unique queue is used and deleted after (on a shared RabbitMQ)."""
+    with ``broker_url`` amqp a unique queue is used and deleted after (on a shared RabbitMQ).
+    ``mcp_servers`` are configured beside ``c`` (another opspawn, for chaining); ``llm_url`` is
+    the model's endpoint instead of the counting LLM (whose journal then has no model calls)."""
     control = Control(tmp / "control")
     control.path.mkdir(parents=True, exist_ok=True)
     journal = Journal(tmp / "journal.jsonl")
     queue = f"opspawn_fault_{uuid.uuid4().hex[:10]}"
     http_port = free_port()
     async with AsyncExitStack() as exits:
-        base_url = exits.enter_context(spawn_counting_llm(journal.path, control.path, delay=llm_delay))
+        base_url = llm_url or exits.enter_context(
+            spawn_counting_llm(journal.path, control.path, delay=llm_delay)
+        )
         config = {
-            "mcpServers": {"c": mcp_server_entry(journal.path, control.path, **(server or {}))},
+            "mcpServers": {
+                "c": mcp_server_entry(journal.path, control.path, **(server or {})),
+                **(mcp_servers or {}),
+            },
             "opspawn": {
                 "store_url": store_url,
                 "broker_url": broker_url,
