@@ -45,7 +45,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
 async def submit(args: argparse.Namespace, remote: Remote, out: Output) -> int:
     arguments: dict[str, object] = {"goal": args.goal, "wait": args.wait}
-    optional = {"servers": args.servers, "max_steps": args.max_steps, "timeout": args.timeout}
+    optional = {"servers": args.servers, "max_steps": args.max_steps, "timeout_s": args.timeout}
     arguments.update({k: v for k, v in optional.items() if v is not None})
     # The server answers only when the wait ends, so the client must wait longer than that.
     view = await remote.call("submit_task", arguments, timeout_s=max(args.wait, 0.0) + RESPONSE_MARGIN_S)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from typing import Annotated, Any, TypeVar, cast, get_args
+from typing import Annotated, Any, TypeVar, cast
 
 from mcp.server import MCPServer
 from mcp.server.context import ServerRequestContext
@@ -35,7 +35,7 @@ from mcp.types import (
     SetLevelRequestParams,
     ToolAnnotations,
 )
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from opspawn_mcp.chaining import OPSPAWN_NAME, ChainingExtension, relay_meta
 from opspawn_mcp.errors import CLI_CLIENT_NAME, Door, NotFound, OpspawnError
@@ -49,13 +49,6 @@ from opspawn_mcp.mcp_tasks import TasksExtension, serve_task_notifications
 from opspawn_mcp.mcp_views import ServerList, TaskList, TaskView
 from opspawn_mcp.models import (
     APPROVAL_NOTE_MAX_CHARS,
-    GOAL_MAX_CHARS,
-    MAX_STEPS_LIMIT,
-    NO_NUL,
-    SYSTEM_PROMPT_MAX_CHARS,
-    TIMEOUT_LIMIT_S,
-    Budget,
-    ModelSettings,
     TaskSpec,
     TaskStatus,
 )
@@ -130,17 +123,22 @@ def _arg(description: str, **schema: Any) -> Any:
     return Field(description=description, json_schema_extra=schema)
 
 
-PLANNERS = get_args(TaskSpec.model_fields["planner"].annotation)
+_SPEC_SCHEMA = TaskSpec.model_json_schema()
 
 
-def _object_schema(model: type[BaseModel]) -> dict[str, Any]:
-    return {k: v for k, v in model.model_json_schema().items() if k in ("type", "properties")} | {
-        "additionalProperties": False
-    }
+def _spec_arg(name: str, description: str) -> Any:
+    """A submit_task argument documented with ``TaskSpec``'s own schema for the field (type,
+    limits, enum), so each limit is written once, on the model; ``description`` is worded for
+    an LLM caller. An optional field shows its non-null form, a nested model its properties."""
+    field = dict(_SPEC_SCHEMA["properties"][name])
+    if "$ref" in field:
+        field = dict(_SPEC_SCHEMA["$defs"][field.pop("$ref").rsplit("/", 1)[-1]])
+    for branch in field.pop("anyOf", []):
+        if branch.get("type") != "null":
+            field |= branch
+    schema = {k: v for k, v in field.items() if k not in ("title", "default", "description")}
+    return _arg(description, **schema)
 
-
-_MODEL_SCHEMA = _object_schema(ModelSettings)
-_BUDGET_SCHEMA = _object_schema(Budget)
 
 TaskId = Annotated[Any, _arg("The task_id returned by submit_task or list_tasks.", type="string")]
 
@@ -308,58 +306,32 @@ def build_server(
     async def submit_task(
         goal: Annotated[
             Any,
-            _arg(
-                "What the agent must do, in plain language, with everything it needs to know.",
-                type="string",
-                minLength=1,
-                maxLength=GOAL_MAX_CHARS,
-                **NO_NUL,
-            ),
+            _spec_arg("goal", "What the agent must do, in plain language, with everything it needs to know."),
         ],
         ctx: Context,
         servers: Annotated[
-            Any,
-            _arg(
-                "Names from list_servers the agent may use; omit to allow all of them.",
-                type="array",
-                items={"type": "string"},
-            ),
+            Any, _spec_arg("servers", "Names from list_servers the agent may use; omit to allow all of them.")
         ] = None,
         model: Annotated[
             Any,
-            _arg(
+            _spec_arg(
+                "model",
                 "A model profile of this server by name, and its temperature/max_tokens; omit for the "
                 "default profile.",
-                **_MODEL_SCHEMA,
             ),
         ] = None,
         budget: Annotated[
-            Any, _arg("Per-task budgets: max_llm_tokens, max_tool_calls.", **_BUDGET_SCHEMA)
+            Any, _spec_arg("budget", "Per-task budgets: max_llm_tokens, max_tool_calls.")
         ] = None,
-        max_steps: Annotated[
-            Any,
-            _arg("Step budget (LLM calls); default 10.", type="integer", minimum=1, maximum=MAX_STEPS_LIMIT),
-        ] = None,
+        max_steps: Annotated[Any, _spec_arg("max_steps", "Step budget (LLM calls); default 10.")] = None,
         planner: Annotated[
-            Any,
-            _arg(
-                "'react' (default) acts step by step; 'plan_and_execute' plans first.",
-                type="string",
-                enum=list(PLANNERS),
-            ),
+            Any, _spec_arg("planner", "'react' (default) acts step by step; 'plan_and_execute' plans first.")
         ] = None,
-        timeout: Annotated[  # noqa: ASYNC109 - the task's run time limit, not this call's
-            Any,
-            _arg(
-                "Seconds the task may run before it fails; default 300.",
-                type="number",
-                exclusiveMinimum=0,
-                maximum=TIMEOUT_LIMIT_S,
-            ),
+        timeout_s: Annotated[
+            Any, _spec_arg("timeout_s", "Seconds the task may run before it fails; default 300.")
         ] = None,
         system_prompt: Annotated[
-            Any,
-            _arg("Extra instructions for the agent's LLM.", type="string", maxLength=SYSTEM_PROMPT_MAX_CHARS),
+            Any, _spec_arg("system_prompt", "Extra instructions for the agent's LLM.")
         ] = None,
         wait: Annotated[
             Any,
@@ -382,7 +354,7 @@ def build_server(
             "budget": budget,
             "max_steps": max_steps,
             "planner": planner,
-            "timeout": timeout,
+            "timeout_s": timeout_s,
             "system_prompt": system_prompt,
         }
         service.check_wait(wait)

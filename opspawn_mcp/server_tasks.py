@@ -44,9 +44,9 @@ from opspawn_mcp.recovery import GAVE_UP_PREFIX
 from opspawn_mcp.runner import INTERNAL_ERROR_REASON
 from opspawn_mcp.service import EVENTS_PAGE_MAX, TaskService, empty_goal
 
-SUBMIT_ARGUMENTS = frozenset({*TaskSpec.model_fields, "wait"} - {"timeout_s", "chain"} | {"timeout"})
-"""The arguments submit_task takes: the spec's fields (``timeout_s`` is ``timeout``; ``chain``
-comes from the request's ``_meta``) and ``wait``."""
+SUBMIT_ARGUMENTS = frozenset({*TaskSpec.model_fields, "wait"} - {"chain"})
+"""The arguments submit_task takes: the spec's fields (but ``chain``, which comes from the
+request's ``_meta``) and ``wait``."""
 POLL_INTERVAL_MS = 1000
 INFRASTRUCTURE_FAILURES = (INTERNAL_ERROR_REASON, GAVE_UP_PREFIX)
 """How the reasons opspawn itself writes when it, not the agent, failed a task begin."""
@@ -66,7 +66,7 @@ def submit_spec(arguments: Mapping[str, Any], meta: Mapping[str, Any] | None = N
             f"{', '.join(sorted(SUBMIT_ARGUMENTS))}.",
             problems=[f"{u}: unknown argument" for u in unknown],
         )
-    named = {("timeout_s" if k == "timeout" else k): v for k, v in arguments.items() if k != "wait"}
+    named = {k: v for k, v in arguments.items() if k != "wait"}
     chain = chain_from_meta(meta)
     if chain:
         named["chain"] = chain

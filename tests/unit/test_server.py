@@ -49,7 +49,7 @@ async def test_tools_have_descriptions_and_schemas(server: MCPServer) -> None:
         assert submit["required"] == ["goal"]
         assert submit["properties"]["goal"]["maxLength"] == 20_000
         assert submit["properties"]["max_steps"]["maximum"] == 100
-        assert set(submit["properties"]) >= {"servers", "model", "max_steps", "planner", "timeout", "wait"}
+        assert set(submit["properties"]) >= {"servers", "model", "max_steps", "planner", "timeout_s", "wait"}
         assert tools["get_status"].annotations is not None and tools["get_status"].annotations.read_only_hint
         assert "submit_task" in (client.instructions or "")
 
@@ -57,7 +57,7 @@ async def test_tools_have_descriptions_and_schemas(server: MCPServer) -> None:
 async def test_submit_returns_the_queued_task_at_once(server: MCPServer, enqueuer: RecordingEnqueuer) -> None:
     async with Client(server) as client:
         result = await client.call_tool(
-            "submit_task", {"goal": "echo hi", "servers": ["echo"], "max_steps": 3, "timeout": 60}
+            "submit_task", {"goal": "echo hi", "servers": ["echo"], "max_steps": 3, "timeout_s": 60}
         )
         assert not result.is_error
         view = result.structured_content
