@@ -11,8 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,6 @@ import pytest
 from mcp import Client
 
 from opspawn_mcp.models import Task, TaskStatus
-from opspawn_mcp.store import open_store
-from opspawn_mcp.store.base import TaskStore
 from tests.servers.harness import (
     HANG_GUARD_S,
     REPO_ROOT,
@@ -34,6 +31,7 @@ from tests.servers.harness import (
 )
 from tests.support.fake_openai import FakeOpenAI, FakeOpenAIServer, tool_call
 from tests.support.serve import ServerProcess
+from tests.support.services import started_store
 from tests.support.task_waits import until, until_a_tool_is_called, until_finished
 
 B_TOKEN = "b-token-for-a-0123456789abcdef"
@@ -138,17 +136,6 @@ def _url(tmp: Path, name: str) -> str:
     return f"sqlite+aiosqlite:///{tmp / name / name}.db"
 
 
-@asynccontextmanager
-async def _store(url: str) -> AsyncIterator[TaskStore]:
-    """An instance's store, read from the test as any other process of that instance would."""
-    store = open_store(url)
-    await store.start()
-    try:
-        yield store
-    finally:
-        await store.close()
-
-
 async def _submit(chain: Chain, goal: str) -> str:
     async with httpx.AsyncClient(base_url=chain.a.base) as http:
         created = await http.post("/v1/tasks", json={"goal": goal, "servers": ["b"]})
@@ -197,7 +184,7 @@ async def test_an_agent_in_a_delegates_to_b_and_answers_with_bs_result(chain: Ch
     messages = [e["data"]["message"] for e in events if e["kind"] == "progress"]
     assert any(m.startswith(f"downstream task {b_task_id} ") for m in messages), messages
     assert any("completed" in m for m in messages), messages
-    async with _store(chain.b_store_url) as b_store:
+    async with started_store(chain.b_store_url) as b_store:
         sub = await b_store.get(b_task_id)
         assert sub.status is TaskStatus.COMPLETED and sub.result == "done: hello from a"
         assert sub.spec.chain == ["a"] and sub.spec.goal == "echo hello from a"
@@ -208,7 +195,7 @@ async def test_an_agent_in_a_delegates_to_b_and_answers_with_bs_result(chain: Ch
 async def test_cancelling_as_task_cancels_its_subtask_in_b(chain: Chain) -> None:
     chain.fake_a.script(tool_call("b__submit_task", goal="sleep 30"))
     task_id = await _submit(chain, "ask b to sleep")
-    async with _store(chain.a_store_url) as a_store, _store(chain.b_store_url) as b_store:
+    async with started_store(chain.a_store_url) as a_store, started_store(chain.b_store_url) as b_store:
 
         async def delegated() -> bool:
             return bool(_subtasks([e.model_dump(mode="json") for e in await a_store.events(task_id)]))

@@ -17,28 +17,20 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from opspawn_mcp.models import TaskStatus
-from opspawn_mcp.store import open_store
 from opspawn_mcp.store.base import TaskStore
 from tests.faults.harness import deployment, poll
-from tests.support.counting_servers import (
-    Control,
-    Journal,
-    expected_result,
-    goal,
-    mcp_server_entry,
-    spawn_counting_llm,
-)
+from tests.support import counting_servers as counting
 from tests.support.fake_openai import FakeOpenAIServer, tool_call
 from tests.support.serve import ServerProcess
-from tests.support.services import POSTGRES_URL, RABBITMQ_URL, require_service
+from tests.support.services import POSTGRES_URL, RABBITMQ_URL, require_service, started_store
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.postgres]
 
@@ -46,16 +38,16 @@ JOB = "sub"
 
 
 @contextmanager
-def opspawn_b(tmp: Path) -> Iterator[tuple[ServerProcess, Journal, Control, str]]:
+def opspawn_b(tmp: Path) -> Iterator[tuple[ServerProcess, counting.Journal, counting.Control, str]]:
     """B: ``serve`` over HTTP with the counting LLM and the counting server as ``c``; its
     process, the counting journal and control, and its store's URL."""
     tmp.mkdir()
-    journal, control = Journal(tmp / "journal.jsonl"), Control(tmp / "control")
+    journal, control = counting.Journal(tmp / "journal.jsonl"), counting.Control(tmp / "control")
     control.path.mkdir()
     store_url = f"sqlite+aiosqlite:///{tmp / 'b.db'}"
-    with spawn_counting_llm(journal.path, control.path) as llm_url:
+    with counting.spawn_counting_llm(journal.path, control.path) as llm_url:
         config = {
-            "mcpServers": {"c": mcp_server_entry(journal.path, control.path, timeout_s=120)},
+            "mcpServers": {"c": counting.mcp_server_entry(journal.path, control.path, timeout_s=120)},
             "opspawn": {
                 "store_url": store_url,
                 "llm": {"provider": "openai", "base_url": llm_url, "model": "fake"},
@@ -70,16 +62,6 @@ def opspawn_b(tmp: Path) -> Iterator[tuple[ServerProcess, Journal, Control, str]
         finally:
             control.release_all()
             b.stop()
-
-
-@asynccontextmanager
-async def opened(url: str) -> AsyncIterator[TaskStore]:
-    store = open_store(url)
-    await store.start()
-    try:
-        yield store
-    finally:
-        await store.close()
 
 
 async def reattached(store: TaskStore, task_id: str) -> bool:
@@ -98,7 +80,7 @@ async def test_a_resumed_worker_reattaches_to_bs_subtask_instead_of_starting_ano
     schema = f"opspawn_fault_{uuid.uuid4().hex[:10]}"
     with FakeOpenAIServer() as llm_a, opspawn_b(tmp_path / "b") as (b, b_journal, b_control, b_url):
         b_control.block_tool(JOB, 1)  # B's agent is held in its one tool call until released
-        llm_a.fake.script(tool_call("b__submit_task", goal=goal(JOB, "record")))
+        llm_a.fake.script(tool_call("b__submit_task", goal=counting.goal(JOB, "record")))
         downstream: dict[str, Any] = {"b": {"url": b.url, "protocol": protocol, "timeout_s": 30}}
         async with (
             deployment(
@@ -109,7 +91,7 @@ async def test_a_resumed_worker_reattaches_to_bs_subtask_instead_of_starting_ano
                 mcp_servers=downstream,
                 llm_url=llm_a.base_url,
             ) as stack,
-            opened(b_url) as b_store,
+            started_store(b_url) as b_store,
         ):
             task_id = await stack.submit("delegate to b", servers=["b"])
 
@@ -127,13 +109,13 @@ async def test_a_resumed_worker_reattaches_to_bs_subtask_instead_of_starting_ano
             b_control.release_tool(JOB, 1)
 
             task = (await stack.finished([task_id]))[task_id]
-            answer = expected_result(JOB, f"recorded {JOB}/1")
+            answer = counting.expected_result(JOB, f"recorded {JOB}/1")
             assert task.status is TaskStatus.COMPLETED, f"{task.error}\n{stack.logs()}"
             assert task.result == f"done: {answer}" and task.attempts == 2
             assert len(llm_a.fake.requests) == 2  # step 1 was not asked again after the crash
 
             (sub,) = (await b_store.list_tasks()).items
             assert sub.id == subtasks[0].id and sub.status is TaskStatus.COMPLETED
-            assert sub.result == answer and sub.spec.goal == goal(JOB, "record")
+            assert sub.result == answer and sub.spec.goal == counting.goal(JOB, "record")
             assert sub.idempotency_key is not None and sub.idempotency_key.startswith(task_id)
             assert b_journal.counts(JOB) == {"llm0": 1, "tool1": 1, "llm1": 1}  # one run of B's agent

@@ -12,9 +12,13 @@ import os
 import shutil
 import socket
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
 
 import pytest
+
+from opspawn_mcp.store import TaskStore, open_store
 
 POSTGRES_URL = os.environ.get(
     "OPSPAWN_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -121,3 +125,14 @@ async def drop_schema(schema: str) -> None:
             await conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
     finally:
         await engine.dispose()
+
+
+@asynccontextmanager
+async def started_store(url: str) -> AsyncIterator[TaskStore]:
+    """An instance's store, read from the test as any other process of that instance would."""
+    store = open_store(url)
+    await store.start()
+    try:
+        yield store
+    finally:
+        await store.close()
