@@ -11,7 +11,9 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, computed_field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+
+from agentkit.llm.base import Usage as Usage  # one Usage for agentkit and every door
 
 NO_NUL: dict[str, Any] = {"pattern": "^[^\\u0000]*$"}
 """The JSON Schema of ``refuse_nul``, so the OpenAPI document says what the validator enforces."""
@@ -135,26 +137,6 @@ class TaskSpec(_Strict):
     @classmethod
     def _no_nul(cls, value: Any) -> Any:
         return refuse_nul(value)
-
-
-class Usage(BaseModel):
-    """Token usage. ``total_tokens`` is derived, so it is in every door's answer and never stored
-    apart from its parts; a document that carries it back (the store's, a client's) is read
-    without it (unknown keys are ignored: usage is never client input)."""
-
-    input_tokens: int = 0
-    output_tokens: int = 0
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def total_tokens(self) -> int:
-        return self.input_tokens + self.output_tokens
-
-    def __add__(self, other: Usage) -> Usage:
-        return Usage(
-            input_tokens=self.input_tokens + other.input_tokens,
-            output_tokens=self.output_tokens + other.output_tokens,
-        )
 
 
 def refuse_nul(value: Any) -> Any:

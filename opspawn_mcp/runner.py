@@ -356,9 +356,7 @@ class TaskRunner:
     async def _conclude(self, execution: _Execution, result: agentkit.RunResult | None) -> None:
         task = execution.task
         if result is not None:
-            execution.usage = Usage(
-                input_tokens=result.usage.input_tokens, output_tokens=result.usage.output_tokens
-            )
+            execution.usage = result.usage
             execution.steps = len(result.steps) or execution.steps
         reason = execution.stop_reason
         if reason == "shutdown":

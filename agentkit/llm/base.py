@@ -14,7 +14,7 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, computed_field
 
 from agentkit.errors import AgentKitError
 
@@ -46,11 +46,16 @@ class LLMError(AgentKitError):
 
 
 class Usage(BaseModel):
-    """Token counts, summed over every model call of a run (including summaries and plans)."""
+    """Token counts, summed over every model call of a run (including summaries and plans).
+
+    One model for agentkit and opspawn's doors: ``total_tokens`` is derived, so it is in every
+    serialised answer and never stored apart from its parts; a document that carries it back is
+    read without it (unknown keys are ignored)."""
 
     input_tokens: int = 0
     output_tokens: int = 0
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def total_tokens(self) -> int:
         return self.input_tokens + self.output_tokens
