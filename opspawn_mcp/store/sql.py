@@ -1,44 +1,9 @@
 """The SQL store: SQLite (one machine) or PostgreSQL (many workers) through SQLAlchemy async Core.
 
-Every state change is a single guarded ``UPDATE ... WHERE id = ? AND status IN (...)`` whose
-returned row says whether it won; the database arbitrates races, never a read in Python
-followed by a write. Only when the guard did not match do we read the row, to tell the
-caller *why* (``TaskNotFound`` vs ``IllegalTransition``).
-
-SQLite notes: writers use ``BEGIN IMMEDIATE`` so two writers queue on the busy timeout
-instead of failing with "database is locked" half-way through a read-then-insert (the
-event ``seq``), and the file runs in WAL mode so readers do not block the writer.
-The tables, column types and migrations are ``store/sql_schema.py``; this module is the queries.
-
-Every append takes its ``seq`` from ``tasks.last_seq`` (``UPDATE ... SET last_seq = last_seq + 1
-RETURNING last_seq``), so the statement that numbers the event also takes the task's row lock
-that queues other appenders: no ``SELECT max(seq)`` and no separate ``FOR UPDATE``. The hot
-statements (get, record, claim, renew, the appends) are built once at import with bind
-parameters, so a call only binds values and hits SQLAlchemy's compiled cache.
-
-Pool: sized by ``opspawn.store`` (see ``open_store``), no ``pool_pre_ping`` (a round trip per
-checkout); a connection that died (PostgreSQL restarted) fails its first statement, SQLAlchemy
-invalidates the pool's connections of that generation, and idempotent calls retry once on a
-fresh one. A checkout that times out because every connection is busy is ``Unavailable``.
-
-PostgreSQL notes: a ``schema`` (``?schema=name`` or the keyword) is put on every
-connection's ``search_path``, so one server can host several isolated stores (tests use
-one per run). Schema creation and migrations run under an advisory lock, so twenty
-workers starting at once migrate exactly once.
-
-Events wake watchers (``wait_for_change``). Every event insert also sends
-``pg_notify(channel, '<task_id>:<seq>')`` in the same statement (a data-modifying CTE, so no
-extra round trip), and PostgreSQL delivers it only if the transaction commits. The channel is
-``opspawn_events``, or ``opspawn_events_<hash of the schema>`` for a store in a schema, so stores
-in different schemas of one server never wake each other (channels are per database already).
-A store with waiters holds one dedicated asyncpg connection (outside the pool, named
-``opspawn-listen <channel>`` in ``pg_stat_activity``) that LISTENs and feeds the store's
-``ChangeHub``; its writes also wake local waiters directly. While that connection is down the
-store polls for all its waiters at once (one query every ``FALLBACK_POLL_S``) and reconnects
-with a bounded backoff; after (re)connecting it polls once, for what was written while it was
-not listening. SQLite has no cross-process channel: local writes wake at once, and one shared
-poll every ``SQLITE_POLL_S`` covers writers in other processes (a worker on the same file).
-Either background task ends ``WATCH_LINGER_S`` after its last waiter left.
+Every state change is one guarded ``UPDATE ... WHERE status IN (...)`` whose returned row says
+whether it won; a row is read only to say why it lost. The tables and migrations are
+``store/sql_schema.py``. Why the statements, locks, pool and wakeups are what they are:
+docs/architecture.md ("The SQL store", "Events wake watchers").
 """
 
 from __future__ import annotations
