@@ -96,7 +96,7 @@ def _json(description: str, schema: dict[str, Any], **extra: Any) -> dict[str, A
 def _name_choices(schemas: dict[str, Any], servers: Sequence[str], profiles: Sequence[str]) -> None:
     """Name the configured servers and model profiles in the spec's schema, so a generated
     request that follows the document is one this server accepts (a principal may be allowed
-    fewer: that is a 403)."""
+    fewer: that is a 403), and leave out the delegation chain."""
     listed = next(
         s for s in schemas["TaskSpec"]["properties"]["servers"]["anyOf"] if s.get("type") == "array"
     )
@@ -105,6 +105,9 @@ def _name_choices(schemas: dict[str, Any], servers: Sequence[str], profiles: Seq
     )
     if not servers:
         listed["maxItems"] = 0
+    # A delegation chain comes from an MCP caller's _meta (opspawn_mcp.chaining); a REST client
+    # names none (one it made up could only be refused as a loop), and a task's is shown empty.
+    schemas["TaskSpec"]["properties"]["chain"]["maxItems"] = 0
     profile = schemas["ModelSettings"]["properties"]["profile"]
     profile["anyOf"] = [{"type": "string", "enum": list(profiles)}, {"type": "null"}]
     profile.pop("pattern", None)
