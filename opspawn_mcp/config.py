@@ -402,6 +402,12 @@ def redact_url(url: str) -> str:
     return url
 
 
+def env_references(value: str) -> list[str]:
+    """The variable names a string's ``${NAME}`` references name, in order: the one reading of the
+    syntax, for ``config check`` and for the transports that resolve them."""
+    return list(_ENV_REF.findall(value))
+
+
 def expand_env(value: str, environ: Mapping[str, str] | None = None) -> str:
     """Replace ``${NAME}`` with the variable's value; an unset one raises ``KeyError``."""
     env = os.environ if environ is None else environ
@@ -456,7 +462,7 @@ def _env_problems(config: Config, environ: Mapping[str, str]) -> list[str]:
     problems: list[str] = []
 
     def check(path: str, text: str) -> None:
-        for name in _ENV_REF.findall(text):
+        for name in env_references(text):
             if name not in environ:
                 problems.append(f"{path}: environment variable {name} is not set")
 

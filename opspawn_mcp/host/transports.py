@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -28,12 +27,11 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.message import SessionMessage
 
-from opspawn_mcp.config import HttpServerConfig, ServerConfig, StdioServerConfig, expand_env
+from opspawn_mcp.config import HttpServerConfig, ServerConfig, StdioServerConfig, env_references, expand_env
 from opspawn_mcp.errors import Unavailable
 
 stderr_log = logging.getLogger("opspawn_mcp.host.stderr")
 
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _MIN_SECRET_LEN = 4
 """Shorter values are not redacted: replacing every "1" or "on" in a message would garble it."""
 
@@ -49,7 +47,7 @@ class Secrets:
     values: set[str] = field(default_factory=set)
 
     def expand(self, name: str, text: str) -> str:
-        for var in _ENV_REF.findall(text):
+        for var in env_references(text):
             if var not in os.environ:
                 raise Unavailable(
                     f"MCP server {name!r} needs the environment variable {var}, which is not set. "
