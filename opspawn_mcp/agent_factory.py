@@ -1,36 +1,9 @@
-"""Turning a stored ``TaskSpec`` into a runnable agentkit ``Agent``.
+"""Turning a stored ``TaskSpec`` into a runnable agentkit ``Agent``, in the worker at run time.
 
-Everything here is resolved at run time, in the worker, never at submit time:
-
-* the task names a model *profile*; its endpoint, model and key variable come from this
-  worker's config (``opspawn.llm`` is ``default``, ``opspawn.models`` the others), never from
-  the task, so no client can point a worker at a URL or at an environment variable;
-* the API key is read from the variable the profile names, in the worker's own environment,
-  and handed straight to the client: it never enters the store, an event or a log;
-* the tools are bound to ``pool.scoped(spec.servers)``, so an agent can reach only the servers
-  its task allows, whatever the model asks for.
-
-The bundled local model (``provider: local``, SmolLM2-135M by default) gets a setup of its own,
-because a 135M model follows only the simplest protocol reliably (see ``SMALL_MODEL_*``):
-
-* only the flat tools (``example__echo``, ...), not ``mcp_proxy_tool``: picking a tool by name
-  and filling in its own arguments is something it can do; naming a server, a tool and a nested
-  ``arguments`` object in one call is not (it copies the schema into the arguments instead);
-* a short system prompt that says exactly that: call the tool for the request, then answer;
-* with the default ``react`` planner, a tool call is required on the first step and the tools
-  are withdrawn after one round (``ReActPlanner(require_tool_first=True, max_tool_rounds=1)``),
-  so it neither answers from thin air nor loops on calls.
-
-Downstream progress (``notifications/progress`` during a long MCP call) reaches the task: the
-agent hands each MCP tool call a progress callback, and every report becomes a ``progress``
-agent event, which the worker writes as a ``progress`` task event. ``PROGRESS_INTERVAL_S``
-throttles them per tool call (the last report is always kept), so a chatty server cannot flood
-the store.
-
-A task's own ``system_prompt`` or ``planner: plan_and_execute`` is respected as given.
-
-Problems a human must fix (no model name, unset key variable, no local model installed) raise
-``AgentSetupError`` with a sentence saying what to change; the worker fails the task with it.
+The model profile, its endpoint and its key come from this worker's config and environment,
+never from the task; the tools are bound to ``pool.scoped(spec.servers)``; the bundled 135M
+model gets its own setup (``SMALL_MODEL_*``). Why: docs/workers.md ("What the actor does",
+step 3) and docs/architecture.md ("A setup of its own for the bundled 135M model").
 """
 
 from __future__ import annotations

@@ -1,26 +1,9 @@
 """The actor body: ``TaskRunner.execute(task_id)`` runs one task, whoever delivered its id.
 
-It is idempotent, because delivery is at least once: it *claims* the task in the store
-(``queued -> running`` with a lease, or a running task whose lease expired), and does nothing if
-the claim is refused (finished, cancelled, or held by a live worker). While the agent runs, a
-heartbeat renews the lease; each agent step is written as a task event. The run ends with
-``completed`` + result or ``failed`` + a reason a human can act on, both as a compare-and-set
-guarded by the lease owner, so a worker that lost its lease (or a task cancelled meanwhile) can
-never overwrite the truth. Nothing escapes as an exception: a tool error is an observation for
-the model (agentkit), an LLM failure or a bug is a ``failed`` task with its reason.
-
-**Approval.** A run that reaches a tool call a person must approve ends ``input_required``
-(agentkit); the runner pauses the task on that request in one transaction and returns, so the
-task holds no slot and no lease while it waits. The answer re-enqueues it (``approvals``), and
-whichever worker claims it replays the journal up to that call and finds the answer there.
-
-**Cancellation** is a store transition made by ``TaskService.cancel``. A queued task then never
-starts (``claim`` refuses it). A running one learns it on its next agent event or heartbeat
-(``renew`` refuses a task that is no longer running), whichever comes first, and calls
-``agent.cancel()``: it stops within one step, and the in-flight tool call is cancelled.
-
-The runner lives on one event loop with its store and pool (asyncio objects are loop-bound);
-``embedded.EmbeddedWorker`` and ``worker.run_worker_process`` are its two hosts.
+Idempotent because delivery is at least once: it claims the task (a lease), heartbeats it,
+writes each step, and ends with an owner-guarded compare-and-set, pausing on an approval and
+stopping within a step on a cancel. One loop holds it with its store and pool; its hosts are
+``embedded.EmbeddedWorker`` and ``worker.run_worker_process``. docs/workers.md is the reference.
 """
 
 from __future__ import annotations
