@@ -1,22 +1,9 @@
 """The message broker: how a task id travels from the scheduler to a worker.
 
-Two brokers, chosen by ``opspawn.broker_url``:
-
-* ``amqp://...``: Dramatiq's ``RabbitmqBroker``. ``DramatiqEnqueuer`` publishes one message per
-  task id on the task queue; ``opspawn-mcp worker`` processes (``worker.run_worker_process``)
-  consume it with the async actor ``execute_agent_task_actor``.
-* ``embedded``: no broker process at all. ``worker.EmbeddedWorker`` *is* the enqueuer: it keeps
-  the ids in an in-process queue and runs the same actor body on the server's own event loop
-  (see ``worker.py`` for why that beats a ``StubBroker`` + Dramatiq worker threads).
-
-The message carries only the task id: the store is the truth, so a message can be duplicated,
-redelivered or lost without harm (the actor is idempotent and the recovery loop re-enqueues).
-
-We build the broker with a deliberately short middleware list. Dramatiq's defaults would fight
-our own rules: ``Retries`` re-runs a failed message behind the store's back (we count attempts
-in the store, with a limit, instead), ``TimeLimit`` kills an actor after 10 minutes (an agent
-task has its own ``timeout_s`` up to a day) and ``AgeLimit``/``Callbacks``/``Pipelines`` are
-unused. ``AsyncIO`` is what lets one process run many agent tasks concurrently on one loop.
+``amqp://...`` is Dramatiq's ``RabbitmqBroker`` (``DramatiqEnqueuer`` publishes, ``opspawn-mcp
+worker`` consumes with ``execute_agent_task_actor``); ``embedded`` is ``embedded.EmbeddedWorker``
+on the server's own loop. A message carries only the task id (the store is the truth), and the
+broker's middleware list is deliberately short: docs/workers.md says why.
 """
 
 from __future__ import annotations
