@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,56 +25,17 @@ from grpc_reflection.v1alpha import reflection
 from opspawn_mcp.errors import OpspawnError
 from opspawn_mcp.grpc_internal.gen import tasks_pb2 as pb
 from opspawn_mcp.grpc_internal.gen import tasks_pb2_grpc as pb_grpc
-from opspawn_mcp.grpc_internal.task_servicer import UNAUTHENTICATED_MESSAGE, TaskServicer, authorization_of
+from opspawn_mcp.grpc_internal.interceptors import HEALTH_PREFIX, BearerInterceptor, TracedGrpc
+from opspawn_mcp.grpc_internal.task_servicer import TaskServicer
 from opspawn_mcp.principals import Principals
 from opspawn_mcp.service import TaskService
 from opspawn_mcp.telemetry import tracing
-from opspawn_mcp.telemetry.grpc import TracedGrpc
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["TaskService"].full_name
-HEALTH_PREFIX = "/grpc.health.v1.Health/"
 READINESS_INTERVAL_S = 5.0
 STOP_GRACE_S = 5.0
-
-
-class BearerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Refuses calls without a valid token before they reach a servicer (health stays open)."""
-
-    def __init__(self, principals: Principals) -> None:
-        self._principals = principals
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or details.method.startswith(HEALTH_PREFIX):
-            return handler
-        if self._principals.authenticate(authorization_of(details.invocation_metadata)) is not None:
-            return handler
-        return _denying(handler)
-
-
-async def _deny(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
-
-
-def _denying(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` that only aborts with UNAUTHENTICATED."""
-    codecs = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(_deny, **codecs)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(_deny, **codecs)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(_deny, **codecs)
-    return grpc.stream_stream_rpc_method_handler(_deny, **codecs)
 
 
 @dataclass(frozen=True)
@@ -124,7 +85,7 @@ async def serve_grpc(
     ``async with`` block ends; the health status is refreshed every ``readiness_interval_s``."""
     interceptors = [BearerInterceptor(principals)] if principals.auth_required else []
     if tracing.enabled():
-        interceptors.insert(0, TracedGrpc(untraced=HEALTH_PREFIX))
+        interceptors.insert(0, TracedGrpc(HEALTH_PREFIX))
     server = grpc.aio.server(interceptors=interceptors)
     pb_grpc.add_TaskServiceServicer_to_server(TaskServicer(service, principals), server)  # type: ignore[no-untyped-call]
     health_servicer = health.aio.HealthServicer()
