@@ -109,10 +109,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = _load(args)
     observed = _observed(args, config)
-    for line in server_warnings(config):
-        # What `config check` says about mcpServers, said again where a newcomer looks: a file
-        # without servers gives agents no tools (the example server is the no-file default).
-        logging.getLogger(__name__).warning("%s", line.removeprefix("warning: "))
     sock = None
     if not args.stdio:
         # Refuse a bad bind (no token, port taken) before opening anything, so the error is
@@ -120,6 +116,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host = args.host or config.opspawn.server.host
         check_bind(host, Principals.from_config(config))
         sock = bind_http(host, config.opspawn.server.port if args.port is None else args.port)
+    for line in server_warnings(config):
+        # What `config check` says about mcpServers, said again where a newcomer looks: a file
+        # without servers gives agents no tools (the example server is the no-file default).
+        logging.getLogger(__name__).warning("%s", line.removeprefix("warning: "))
     try:
         with observed:
             _run_loop(_serve(config, args, sock))
