@@ -22,7 +22,7 @@ from gateway.problems import Problem
 from opspawn_mcp.errors import PROBLEM_MEDIA_TYPE
 from opspawn_mcp.host.models import ServerInfo
 from opspawn_mcp.idempotency import HEADER as IDEMPOTENCY_HEADER
-from opspawn_mcp.idempotency import KEY_MAX_CHARS
+from opspawn_mcp.idempotency import KEY_MAX_CHARS, KEY_PATTERN
 from opspawn_mcp.models import (
     NO_NUL,
     ApprovalInput,
@@ -96,7 +96,7 @@ def _json(description: str, schema: dict[str, Any], **extra: Any) -> dict[str, A
 def _name_choices(schemas: dict[str, Any], servers: Sequence[str], profiles: Sequence[str]) -> None:
     """Name the configured servers and model profiles in the spec's schema, so a generated
     request that follows the document is one this server accepts (a principal may be allowed
-    fewer: that is a 403), and leave out the delegation chain."""
+    fewer: that is a 403)."""
     listed = next(
         s for s in schemas["TaskSpec"]["properties"]["servers"]["anyOf"] if s.get("type") == "array"
     )
@@ -105,9 +105,6 @@ def _name_choices(schemas: dict[str, Any], servers: Sequence[str], profiles: Seq
     )
     if not servers:
         listed["maxItems"] = 0
-    # A delegation chain comes from an MCP caller's _meta (opspawn_mcp.chaining); a REST client
-    # names none (one it made up could only be refused as a loop), and a task's is shown empty.
-    schemas["TaskSpec"]["properties"]["chain"]["maxItems"] = 0
     profile = schemas["ModelSettings"]["properties"]["profile"]
     profile["anyOf"] = [{"type": "string", "enum": list(profiles)}, {"type": "null"}]
     profile.pop("pattern", None)
@@ -187,7 +184,7 @@ def build_openapi(
                         "description": "A key for this request (printable ASCII, no spaces, at most "
                         f"{KEY_MAX_CHARS} characters): a repeated submit with the same key and the same "
                         "spec answers the task the first one created instead of starting another.",
-                        "schema": {"type": "string", "minLength": 1, "maxLength": KEY_MAX_CHARS},
+                        "schema": {"type": "string", "pattern": KEY_PATTERN},
                     }
                 ],
                 requestBody={

@@ -20,7 +20,8 @@ from opspawn_mcp.errors import Conflict, InvalidInput
 from opspawn_mcp.models import Task, TaskSpec
 
 KEY_MAX_CHARS = 200
-_KEY = re.compile(rf"^[\x21-\x7e]{{1,{KEY_MAX_CHARS}}}$")
+KEY_PATTERN = rf"^[\x21-\x7e]{{1,{KEY_MAX_CHARS}}}$"
+_KEY = re.compile(KEY_PATTERN)
 """Printable ASCII without spaces, as an HTTP header carries it; agentkit's keys are
 ``{run_id}:{step}:{ordinal}``."""
 HEADER = "Idempotency-Key"

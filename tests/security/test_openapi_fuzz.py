@@ -37,7 +37,7 @@ MAX_EXAMPLES = 130
 """Per operation and mode: 5 operations with parameters x 2 modes x 130 is well over 1,000."""
 MIN_CASES = 1000
 MIN_POSITIVE_SUBMIT_SHARE = 0.9
-"""Measured: 129 of 130 (the document names the configured servers and profiles and forbids NUL;
+"""Measured: 54 of the 55 counted (the document names the configured servers and profiles and forbids NUL;
 what remains is a goal of only whitespace, which the service calls empty)."""
 
 CHECKS = [
@@ -55,6 +55,9 @@ class FuzzRun:
     statuses: dict[str, collections.Counter[int]] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
     samples: dict[str, list[str]] = field(default_factory=dict)
+    repeated_key: dict[str, collections.Counter[int]] = field(default_factory=dict)
+    """Per label, the statuses of cases with a repeated Idempotency-Key or a delegation chain."""
+    keys_seen: set[str] = field(default_factory=set)
 
     @property
     def total(self) -> int:
@@ -96,6 +99,7 @@ def _seed(serve: Serve) -> None:
 def _fuzzer(operation: Any, mode: GenerationMode, label: str, run: FuzzRun) -> Any:
     """A hypothesis test of one operation in one mode, counting its cases and statuses."""
     statuses = run.statuses.setdefault(label, collections.Counter())
+    statuses_repeat = run.repeated_key.setdefault(label, collections.Counter())
 
     @given(case=operation.as_strategy(generation_mode=mode))
     @settings(
@@ -111,6 +115,15 @@ def _fuzzer(operation: Any, mode: GenerationMode, label: str, run: FuzzRun) -> A
         # Stream endpoints end when the task does; a 30 s bound keeps a mistake finite.
         response = case.call(headers=AUTH, timeout=30)
         statuses[response.status_code] += 1
+        key = (case.headers or {}).get("Idempotency-Key")
+        chain = case.body.get("chain") if isinstance(case.body, dict) else None
+        if (key is not None and key in run.keys_seen) or chain:
+            # A key seen before names an earlier request (a 409 for another body is the
+            # documented answer), and a made-up delegation chain may be refused as a loop (403):
+            # only the other cases count towards the share of accepted submits.
+            statuses_repeat[response.status_code] += 1
+        if key is not None:
+            run.keys_seen.add(key)
         if mode == GenerationMode.POSITIVE and response.status_code >= 400:
             kept = run.samples.setdefault(f"{label} -> {response.status_code}", [])
             if len(kept) < 3:
@@ -156,13 +169,14 @@ def test_every_generated_request_gets_a_documented_answer_and_no_5xx(fuzz: FuzzR
 
 
 def test_positive_submits_mostly_create_tasks(fuzz: FuzzRun) -> None:
-    statuses = fuzz.statuses["positive POST /v1/tasks"]
+    label = "positive POST /v1/tasks"
+    statuses = fuzz.statuses[label] - fuzz.repeated_key[label]
     total = sum(statuses.values())
     share = statuses[202] / total if total else 0.0
     print(
         f"\npositive POST /v1/tasks: {statuses[202]}/{total} created a task ({share:.0%}); {dict(statuses)}"
     )
-    assert total >= 100, statuses
+    assert total >= 50, statuses  # measured: 55 of 130 carry no chain and no repeated key
     assert share >= MIN_POSITIVE_SUBMIT_SHARE, (
         f"only {share:.0%} of schema-valid submits were accepted: {dict(statuses)}; the document "
         "promises requests the server refuses"
