@@ -1,13 +1,7 @@
 """Approvals: the request a paused task shows, and the answer (or timeout) that resumes it.
 
-A task pauses when its agent reaches a tool call that ``mcpServers.X.require_approval`` names
-(agentkit ends the run ``input_required``; see docs/approvals.md). The worker then writes the
-request, the ``input_required`` event, the pending journal entries and the new state in one
-transaction and returns: the task holds no slot and no lease. An answer is the mirror image:
-the ``approval`` journal entry agentkit will replay, the ``input_answered`` event and the move
-back to ``queued`` in one transaction, then a message through the outbox, so any worker resumes
-the task from its journal. An unanswered request past its deadline is answered "denied" by the
-recovery loop, through the same path.
+The pause, an answer and a timeout are each one store transaction, and an answer re-queues the
+task through the outbox. See docs/approvals.md, "What happens".
 """
 
 from __future__ import annotations

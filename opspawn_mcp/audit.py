@@ -1,12 +1,7 @@
 """The audit of exposed calls: each tool call, resource read and prompt get an MCP client makes
 through ``mcpServers.X.expose`` is logged on ``opspawn_mcp.audit`` and kept in the store.
 
-A record holds who, which server and name, the arguments, the outcome and the duration
-(``ExposedCall``). The arguments are redacted as every message about a server is (the values of
-its ``${VAR}`` references become ``***``), cut to ``AUDIT_ARGUMENTS_MAX_CHARS`` of JSON, and NUL
-characters are replaced (PostgreSQL's JSON refuses them). Keeping the record never fails the
-call: a store that cannot be reached costs a warning in the log, and a call the client cancels
-is still recorded (as ``cancelled by the client``).
+See docs/composition.md, "The audit of exposed calls".
 """
 
 from __future__ import annotations

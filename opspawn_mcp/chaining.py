@@ -1,19 +1,7 @@
 """Chaining: opspawn instances delegating goals to each other, without loops.
 
-An agent in instance A delegates a sub-goal to instance B by calling B's ``submit_task`` (B is an
-MCP server in A's config). Every downstream call of A's agent carries, in the request's
-``_meta``, the chain of instances the goal came through, oldest first, this one last
-(``io.opspawn/chain``), and its length (``io.opspawn/depth``). B's doors read it into the task's
-``spec.chain``, B's service refuses the goal with ``LoopDetected`` when the chain already names B
-(A → B → A) or is longer than ``opspawn.chaining.max_depth``, and B's agent stamps its own
-downstream calls with the chain plus B.
-
-Requests are not the only way to loop: ``serve`` connects its downstream servers at start, so
-A starting B over stdio, with B's config starting A, would start processes forever without one
-task. A stdio server the pool starts gets ``OPSPAWN_CHAIN`` (this process's chain plus this
-instance) in its environment; an opspawn process whose inherited chain names it, or is
-``max_depth`` long, does not connect its servers at start. They connect on first use, which only a
-task causes, and a task got past the request check. See docs/composition.md, "Chaining".
+The chain a request carries in ``_meta``, the ``loop_detected`` refusal, and ``OPSPAWN_CHAIN`` for
+the processes the pool starts. See docs/composition.md, "Chaining" ("Loops and depth").
 """
 
 from __future__ import annotations

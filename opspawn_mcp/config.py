@@ -1,15 +1,7 @@
 """opspawn's one config file, its defaults, env overrides and the checks behind ``config check``.
 
-The file is JSON. ``mcpServers`` has the Claude Desktop shape, so an existing assistant config can
-be pointed at opspawn unchanged; the ``opspawn`` object holds everything else. Every key under
-``opspawn`` can be overridden by an environment variable named ``OPSPAWN_`` + its path in upper
-case joined by ``_``: ``opspawn.store_url`` -> ``OPSPAWN_STORE_URL``, ``opspawn.llm.model`` ->
-``OPSPAWN_LLM_MODEL``, ``opspawn.server.port`` -> ``OPSPAWN_SERVER_PORT``.
-
-Secrets are references: ``${NAME}`` inside a server's ``env``, ``headers`` or ``args`` and the
-``*_env`` keys name environment variables; values are read when a connection is opened and are
-never written back to the store, the logs or an answer. An unset variable is a config problem,
-so a bad config is refused before anything starts.
+``mcpServers`` in the Claude Desktop shape, the ``opspawn`` object with its ``OPSPAWN_*``
+overrides, and secrets as ``${NAME}`` references. See docs/configuration.md.
 """
 
 from __future__ import annotations

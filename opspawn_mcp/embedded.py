@@ -1,12 +1,7 @@
 """The worker inside ``opspawn-mcp serve`` when ``broker_url`` is ``embedded``.
 
-The server already has a loop with its store and pool. A ``StubBroker`` + Dramatiq worker would
-run the actor on Dramatiq's own loop thread, where the server's store and pool cannot be used
-(and a ``memory://`` store cannot be shared at all). So the embedded worker is a small
-in-process queue consumed by ``concurrency`` tasks on the server's loop, calling the same
-``TaskRunner.execute`` as the Dramatiq actor: same claim, lease, events and recovery; no
-threads, no broker. With tracing on, each queued id travels with its producer span's context,
-like a RabbitMQ message's ``trace_context`` (``telemetry.messages``).
+An in-process queue consumed on the server's own loop by ``TaskRunner.execute``, the actor body,
+with no threads and no broker. See docs/workers.md, "The embedded worker".
 """
 
 from __future__ import annotations

@@ -1,11 +1,7 @@
-"""The typed errors every front door maps.
+"""The typed errors every front door maps, and the hints that word each fix in a door's own terms.
 
-Each error kind is raised in exactly one layer (service, store, host pool, config) and mapped
-once per door: MCP turns it into a tool result with ``isError``, REST into an RFC 9457 problem
-with ``status``, gRPC into ``grpc_code``. Messages are written for the person (or LLM) on the
-other side of the door, so they say what to do, never how the code failed. What to do is said in
-the door's own words: a ``Hint`` names an action (``list_tasks``), and ``message_for(door)`` words
-it as that door's command or route (``opspawn-mcp tasks``, ``GET /v1/tasks``, ``ListTasks``).
+Each kind carries its HTTP status and gRPC code, so every door maps it once. See
+docs/architecture.md, "One service, three doors", and docs/mcp-server.md, "Tools" (Errors).
 """
 
 from __future__ import annotations

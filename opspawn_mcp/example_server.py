@@ -1,9 +1,7 @@
 """The downstream MCP server opspawn attaches by default, so a fresh install has tools to call.
 
-``config.example_server_config()`` runs ``python -m opspawn_mcp.example_server`` over stdio. The
-tools are small and deterministic on purpose: a demo agent (or a test) can predict every answer,
-and nothing here touches the network or the disk. stdout carries the MCP protocol, so every log
-line goes to stderr, where opspawn's host pool picks it up under this server's name.
+Small, predictable tools that touch neither the network nor the disk; logs go to stderr.
+See docs/configuration.md, "The example server".
 """
 
 from __future__ import annotations

@@ -1,15 +1,7 @@
 """Downstream tools, resources and prompts on opspawn's own MCP server (``mcpServers.X.expose``).
 
-Tools and prompts are named ``server__name``, resources ``opspawn+server://server/<uri>``
-(``opspawn_mcp.exposed_uris``). One entry in an assistant's config then stands for every exposed
-server. Calls go through the
-shared host pool like an agent's, so the pool's curation (``mcpServers.X.tools``), timeouts and
-counters apply; the caller's principal must be allowed the server; a tool under
-``require_approval`` is refused (a direct call has nobody to wait for; a task does, see
-docs/composition.md); every call is audited (``opspawn_mcp.audit``: logged, and kept in the
-store by ``serve``) and the last ones are in the server's ``recent_calls`` (``list_servers``). Progress is forwarded to the caller, and a cancelled request
-cancels the downstream call. Resource reads and prompt gets follow the same access rule and
-audit. See docs/composition.md.
+Names, access by principal, the approval refusal, progress, cancellation and the audit, all
+through the shared host pool. See docs/composition.md, "Aggregated tools".
 """
 
 from __future__ import annotations
