@@ -1,11 +1,7 @@
 """The URIs downstream resources have on opspawn's MCP server: ``opspawn+server://<server>/<uri>``.
 
-The downstream URI is kept verbatim after the server's name, so a resource template stays a
-template (``opspawn+server://fs/file:///{path}`` expands as ``file:///{path}`` does) and the
-original is the rest of the string after the first ``/`` past the name. Server names are
-1-64 of ``[A-Za-z0-9_.-]`` (the config checks), valid as a URI authority and never containing
-``/``, so two servers' URIs cannot clash, and none can equal one of opspawn's own
-(``opspawn://``). See docs/composition.md.
+The downstream URI is kept verbatim behind the server's name, so templates stay templates and
+no two servers' URIs can clash. See docs/composition.md, "Resources and prompts of exposed servers".
 """
 
 from __future__ import annotations

@@ -1,25 +1,8 @@
 """The one guard in front of every HTTP route: MCP (streamable HTTP, SSE), REST and the probes.
 
-``HttpGuard.middleware()`` is the whole rule, as one Starlette middleware list, in this order:
-
-1. **Host** must name this server (loopback names, the bind address, a wildcard bind's machine
-   names, ``opspawn.server.allowed_hosts``), else ``421``: a page on a rebinding domain cannot
-   reach a server on loopback.
-2. **CORS**, only when ``opspawn.server.allowed_origins`` is set: Starlette's ``CORSMiddleware``
-   for exactly those origins, so their preflights are answered before any token is asked for.
-3. **Origin**, when sent, must be this server's own or an allowed one, else ``403``. A dashboard
-   action (a POST under ``/ui``) must send this server's own Origin: its cookie acts for no
-   other page (no CSRF).
-4. **Auth**: ``Principals.authenticate`` names the caller, else ``401``; the ``Principal`` goes
-   into ``scope[PRINCIPAL_SCOPE_KEY]`` for the MCP tools and REST handlers. The probes skip it.
-   Under ``/ui`` only, the token may come from the dashboard's HttpOnly cookie (a browser sends
-   no bearer header when it navigates); a dashboard page without one redirects to the sign-in
-   page, which, with the dashboard's script and styles, is open.
-5. **Content type**: a body must be ``application/json``, else ``415``; so no form or text body
-   (what a page may send cross-origin without a preflight) reaches a handler.
-
-Every layer is pure ASGI (not ``BaseHTTPMiddleware``), so SSE streams pass unbuffered, and every
-refusal is an RFC 9457 problem. The MCP SDK's own Host/Origin check is off: the rule lives here.
+``HttpGuard.middleware()`` is the whole rule as one list of pure ASGI middleware: Host, CORS,
+Origin, bearer token (or the dashboard's cookie under ``/ui``), content type. See docs/rest.md,
+"The HTTP guard", and docs/security.md.
 """
 
 from __future__ import annotations

@@ -1,12 +1,7 @@
 """Idempotent submits: a repeated ``submit_task`` with the same key answers the task it created.
 
-A delegating opspawn whose worker died mid-call re-sends the same ``submit_task`` after it
-resumes (agentkit's journal re-runs an interrupted call the pool calls idempotent), with the
-same key in ``_meta`` (``agentkit.IDEMPOTENCY_META_KEY``: stable across restarts). Without
-this rule B would start a second sub-task and leave the first running for nobody. The key is
-scoped by principal (the store's unique index), so one caller's key never finds another's task;
-the same key with a different request is a ``Conflict``: a key names one request, not a slot.
-REST sends the same key as the ``Idempotency-Key`` header.
+The key is scoped by principal, and the same key with a different request is a ``Conflict``.
+See docs/reliability.md, "Idempotent submits".
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """Submit limits per principal: tasks in flight (counted in the store) and a token bucket.
 
-Both are checked by ``TaskService.submit`` before a task is persisted, under one lock per
-principal, so concurrent submits of one caller cannot slip past ``max_in_flight`` together.
-The bucket lives in the serving process: with several ``serve`` replicas each enforces its own
-rate (docs/security.md). Per-task budgets (tokens, tool calls, wall time) are the worker's.
+``TaskService.submit`` checks both before a task is persisted, under one lock per principal.
+See docs/configuration.md, "Limits".
 """
 
 from __future__ import annotations

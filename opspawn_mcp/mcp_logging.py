@@ -1,10 +1,7 @@
 """opspawn's MCP log notifications (``notifications/message``), sent only at levels the client wants.
 
-On 2025-11-25 a client picks a minimum level per session with ``logging/setLevel``; the SDK
-leaves the filtering to the server, so the level is kept here per session (the streamable HTTP
-``Mcp-Session-Id``, the SSE ``session_id``, or the one stdio session), ``info`` until set. On
-2026-07-28 there is no ``logging/setLevel``: each request opts in with its ``_meta`` log level,
-which the SDK's ``allowed_log_levels`` reads.
+The level is kept per session on 2025-11-25 and read from each request's ``_meta`` on
+2026-07-28. See docs/mcp-server.md, "Two protocol eras, and MCP Tasks".
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
 """Why a completed task's answer needs checking: the one rule behind ``Task.warning``.
 
-A run that ends ``completed`` only means the model stopped and said something. When it never got
-a successful tool result (it had no tools, called none, or every call failed) or said nothing,
-the answer comes from the model alone, and a small model is often wrong (README: the bundled
-one). The worker stores this text with the task, and every door shows it beside the result.
+See docs/workers.md, "What the actor does" (step 5).
 """
 
 from __future__ import annotations

@@ -1,16 +1,7 @@
 """Who is calling: principals, the tokens that name them, and what each may use.
 
-Every request at every door resolves to a ``Principal`` before it reaches ``TaskService``:
-
-* over HTTP (MCP, REST) and gRPC, the bearer token names it (``opspawn.server.tokens``, or the
-  single ``auth_token_env`` token, which is the admin principal ``default``);
-* with no token configured (loopback only), and always over stdio, it is ``local``: the user
-  who started the process, who can read the store file anyway, so ``local`` is an admin.
-
-A principal's tasks are its own: the service shows and cancels only those (admins see all).
-Its ``servers`` and ``models`` allowlists bound what a task may use, its ``limits`` bound how
-much. Token values are read from the environment once, at start, and compared in constant time;
-they are never stored or logged.
+Every request at every door resolves to a ``Principal`` (a token's, or ``local``) before it
+reaches ``TaskService``. See docs/configuration.md, "Principals: who may do what".
 """
 
 from __future__ import annotations

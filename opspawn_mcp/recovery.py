@@ -1,22 +1,7 @@
 """The recovery loop: no accepted task is lost, whatever dies.
 
-Delivery is at least once and the store is the truth, so recovery never trusts the broker:
-
-* **Expired leases.** A running task whose lease ran out belongs to a worker that died or
-  stalled. Periodically, ``store.expired()`` lists them; the process that found one resumes it
-  at once (not behind the queue's backlog), and the actor's ``claim`` (a compare-and-set that
-  accepts only an expired lease) decides which of many recovery loops runs it. The resumed run
-  replays the task's journal, so finished steps are not done again. A task that has used up
-  ``max_attempts`` is failed here with "gave up after N attempts: ..." instead.
-* **Unconfirmed messages** (the outbox). A task is marked ``enqueued_at`` once the broker
-  confirmed its message (``scheduler.publish``). A publish that failed (the broker was down) or
-  never happened (the publisher died) leaves the mark unset, and every pass publishes those
-  tasks again, so a task accepted while RabbitMQ was stopped runs once it is back, with no
-  restart. Marked tasks are never re-published: a long backlog stays one message per task.
-* **Unanswered approvals.** An ``input_required`` task whose request passed its deadline
-  (``opspawn.approvals.timeout_s``) is answered "denied" and queued again (``time_out_approvals``).
-* **The embedded worker's queue** lives in the server's memory and dies with it: at start, every
-  ``queued`` task is re-enqueued (``requeue_stale``), as nothing else consumes that queue.
+Expired leases, unconfirmed messages (the outbox), unanswered approvals and the embedded
+worker's lost queue. See docs/workers.md, "Recovery: no accepted task is lost".
 """
 
 from __future__ import annotations
