@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from typing import Any
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -122,16 +123,14 @@ def _malformed() -> Response:
     return problem_response(400, "malformed_json", "The request body is not valid JSON.")
 
 
+@dataclass(frozen=True)
 class _Routes:
     """The handlers, bound to one service."""
 
-    def __init__(
-        self, service: TaskService, max_body_bytes: int, openapi: dict[str, Any], sse_heartbeat_s: float
-    ) -> None:
-        self.service = service
-        self.max_body_bytes = max_body_bytes
-        self.openapi = openapi
-        self.sse_heartbeat_s = sse_heartbeat_s
+    service: TaskService
+    max_body_bytes: int
+    openapi: dict[str, Any]
+    sse_heartbeat_s: float
 
     async def _body(self, request: Request) -> Any:
         """The JSON body, or ``_MALFORMED`` for one that is not JSON (answered 400 ``malformed_json``)."""

@@ -97,6 +97,16 @@ class OpspawnError(Exception):
     status: ClassVar[int] = 500
     grpc_code: ClassVar[str] = "INTERNAL"
 
+    def __init_subclass__(
+        cls, *, kind: str | None = None, status: int | None = None, grpc_code: str | None = None
+    ) -> None:
+        """A subclass states its facts in its header (``kind=``, ``status=``, ``grpc_code=``);
+        what it leaves out it inherits (``PayloadTooLarge`` answers gRPC as ``InvalidInput``)."""
+        super().__init_subclass__()
+        cls.kind = kind or cls.kind
+        cls.status = status or cls.status
+        cls.grpc_code = grpc_code or cls.grpc_code
+
     def __init__(self, message: str, *, hint: Hint | None = None, **details: Any) -> None:
         self.facts = message
         self.hint = hint
@@ -115,23 +125,16 @@ class OpspawnError(Exception):
         return problem_document(self.status, self.kind, self.message_for(door), **extra)
 
 
-class InvalidInput(OpspawnError):
+class InvalidInput(OpspawnError, kind="invalid_input", status=422, grpc_code="INVALID_ARGUMENT"):
     """The request is malformed: wrong type, empty goal, out-of-range limit."""
 
-    kind = "invalid_input"
-    status = 422
-    grpc_code = "INVALID_ARGUMENT"
+
+class PayloadTooLarge(InvalidInput, kind="payload_too_large", status=413):
+    """A request body over the door's size limit."""
 
 
-class PayloadTooLarge(InvalidInput):
-    kind = "payload_too_large"
-    status = 413
-
-
-class NotFound(OpspawnError):
-    kind = "not_found"
-    status = 404
-    grpc_code = "NOT_FOUND"
+class NotFound(OpspawnError, kind="not_found", status=404, grpc_code="NOT_FOUND"):
+    """The task, server or resource named does not exist (for this caller)."""
 
 
 class TaskNotFound(NotFound):
@@ -143,49 +146,30 @@ class TaskNotFound(NotFound):
         )
 
 
-class Forbidden(OpspawnError):
+class Forbidden(OpspawnError, kind="forbidden", status=403, grpc_code="PERMISSION_DENIED"):
     """The caller named something the config does not allow (a server, a tool)."""
 
-    kind = "forbidden"
-    status = 403
-    grpc_code = "PERMISSION_DENIED"
 
-
-class LoopDetected(Forbidden):
+class LoopDetected(Forbidden, kind="loop_detected"):
     """A delegated goal came back to an instance it passed through, or came through more
     instances than ``opspawn.chaining.max_depth`` allows (docs/composition.md, "Chaining"). A
     refusal of the caller's request (403), not a failure of this server."""
 
-    kind = "loop_detected"
+
+class Unauthenticated(OpspawnError, kind="unauthenticated", status=401, grpc_code="UNAUTHENTICATED"):
+    """A network door's request without a valid bearer token."""
 
 
-class Unauthenticated(OpspawnError):
-    kind = "unauthenticated"
-    status = 401
-    grpc_code = "UNAUTHENTICATED"
-
-
-class MisdirectedRequest(OpspawnError):
+class MisdirectedRequest(OpspawnError, kind="misdirected_request", status=421, grpc_code="PERMISSION_DENIED"):
     """HTTP only: the Host header names a server this is not (DNS rebinding, a wrong proxy)."""
 
-    kind = "misdirected_request"
-    status = 421
-    grpc_code = "PERMISSION_DENIED"
 
-
-class UnsupportedMediaType(InvalidInput):
+class UnsupportedMediaType(InvalidInput, kind="unsupported_media_type", status=415):
     """HTTP only: a request body that is not ``application/json``."""
 
-    kind = "unsupported_media_type"
-    status = 415
 
-
-class Conflict(OpspawnError):
+class Conflict(OpspawnError, kind="conflict", status=409, grpc_code="FAILED_PRECONDITION"):
     """The request is valid but the task's current state does not allow it."""
-
-    kind = "conflict"
-    status = 409
-    grpc_code = "FAILED_PRECONDITION"
 
 
 class IllegalTransition(Conflict):
@@ -198,13 +182,9 @@ class IllegalTransition(Conflict):
         )
 
 
-class RateLimited(OpspawnError):
+class RateLimited(OpspawnError, kind="rate_limited", status=429, grpc_code="RESOURCE_EXHAUSTED"):
     """The caller is over one of its limits (tasks in flight, submit rate); ``retry_after_s`` says
     when trying again can succeed. REST adds ``Retry-After``, gRPC ``retry-after`` metadata."""
-
-    kind = "rate_limited"
-    status = 429
-    grpc_code = "RESOURCE_EXHAUSTED"
 
     def __init__(self, message: str, *, retry_after_s: float, **details: Any) -> None:
         self.retry_after_s = max(1, math.ceil(retry_after_s))
@@ -213,20 +193,12 @@ class RateLimited(OpspawnError):
         )
 
 
-class Unavailable(OpspawnError):
+class Unavailable(OpspawnError, kind="unavailable", status=503, grpc_code="UNAVAILABLE"):
     """A dependency (store, broker, downstream MCP server, LLM) cannot be reached right now."""
 
-    kind = "unavailable"
-    status = 503
-    grpc_code = "UNAVAILABLE"
 
-
-class ConfigError(OpspawnError):
+class ConfigError(OpspawnError, kind="config_error", status=400, grpc_code="INVALID_ARGUMENT"):
     """The config file is wrong; ``problems`` holds one line per problem with its JSON path."""
-
-    kind = "config_error"
-    status = 400
-    grpc_code = "INVALID_ARGUMENT"
 
     def __init__(self, source: str, problems: list[str]) -> None:
         lines = "\n".join(f"  - {p}" for p in problems)

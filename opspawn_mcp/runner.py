@@ -16,7 +16,7 @@ import os
 import socket
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import agentkit
 from opspawn_mcp.agent_factory import AgentSetupError, LlmClients, ToolPool, build_agent
@@ -46,6 +46,16 @@ CANCEL_GRACE_S = 10.0
 MAX_EVENT_TEXT = 8_000
 SHUTDOWN_REASON = "worker shutting down"
 STORE_RETRY_S = 2.0
+
+
+class _Outcome(TypedDict, total=False):
+    """How a run ended, as ``TaskStore.transition`` keeps it: the answer or the error, the state
+    event's ``reason``, the completed task's ``warning`` (``TaskRunner._finish``)."""
+
+    result: str
+    error: str
+    reason: str | None
+    warning: str | None
 
 
 def new_owner_id() -> str:
@@ -383,11 +393,8 @@ class TaskRunner:
         execution: _Execution,
         status: TaskStatus,
         *,
-        result: str | None = None,
-        error: str | None = None,
-        reason: str | None = None,
         approval: ApprovalRequest | None = None,
-        warning: str | None = None,
+        **outcome: Unpack[_Outcome],
     ) -> None:
         """The owner-guarded transition that ends this run (with its steps, its usage and the
         journal entries still held); losing the race (cancel, lost lease) is fine. ``reason``
@@ -402,20 +409,18 @@ class TaskRunner:
                 task_id,
                 {TaskStatus.RUNNING},
                 status,
-                result=result,
-                error=error,
                 usage=execution.usage,
                 owner=execution.owner,
-                reason=reason,
                 approval=approval,
                 event=announce,
                 entries=execution.journal.take(),
-                warning=warning,
+                **outcome,
             )
         except IllegalTransition:
             log.info("task %s: not %s, it changed meanwhile (cancelled or taken over)", task_id, status)
             return
         task_finished(finished)
+        error = outcome.get("error")
         log.info("task %s %s%s", task_id, status.value, f": {error}" if error else "")
 
     async def _hand_back(self, execution: _Execution) -> None:

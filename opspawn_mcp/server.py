@@ -37,6 +37,7 @@ from mcp.types import (
 )
 from pydantic import Field
 
+from agentkit.tools import parse_docstring
 from opspawn_mcp.chaining import OPSPAWN_NAME, ChainingExtension, relay_meta
 from opspawn_mcp.errors import CLI_CLIENT_NAME, Door, NotFound, OpspawnError
 from opspawn_mcp.exposed import ExposedTools
@@ -154,6 +155,9 @@ _Listed = TypeVar(
     "_Listed", ListToolsResult, ListResourcesResult, ListResourceTemplatesResult, ListPromptsResult
 )
 _More = Callable[[ExposedTools, Principal], Sequence[Any]]
+_Tool = TypeVar("_Tool", bound=Callable[..., Any])
+
+READ_ONLY = ToolAnnotations(read_only_hint=True, open_world_hint=False)
 
 
 class _Server(MCPServer):
@@ -270,6 +274,17 @@ class _Server(MCPServer):
             submit_spec(arguments)
         return await super().call_tool(name, arguments, context)
 
+    def described_tool(self, title: str, annotations: ToolAnnotations) -> Callable[[_Tool], _Tool]:
+        """``MCPServer.tool`` with the function's docstring as its description, on one line (the
+        SDK passes ``__doc__`` as written, indentation and all, to the LLM that reads it)."""
+
+        def register(fn: _Tool) -> _Tool:
+            summary, _ = parse_docstring(fn.__doc__)
+            self.add_tool(fn, title=title, description=summary, annotations=annotations)
+            return fn
+
+        return register
+
     def serve_log_levels(self, levels: SessionLogLevels) -> None:
         """``logging/setLevel`` for 2025-11-25 clients. MCPServer has no public hook for a spec
         method the 2026-07-28 revision removed; the SDK's ``MethodBinding`` docs point to the
@@ -303,6 +318,10 @@ def build_server(
     levels = SessionLogLevels()
     server.serve_log_levels(levels)
 
+    @server.described_tool(
+        "Submit an agent task",
+        ToolAnnotations(destructive_hint=False, idempotent_hint=False, open_world_hint=True),
+    )
     async def submit_task(
         goal: Annotated[
             Any,
@@ -345,7 +364,9 @@ def build_server(
             ),
         ] = 0,
     ) -> TaskView:
-        """Start an agent task; returns at once (or after up to `wait` seconds) with its task_id."""
+        """Start an autonomous agent task: an LLM works toward `goal` using the tools of the allowed
+        downstream servers (see list_servers). Returns the task's status with its task_id; poll
+        get_status until `done`, or pass `wait` to block for the result."""
         by = caller(ctx, local)
         arguments = {
             "goal": goal,
@@ -375,10 +396,13 @@ def build_server(
             task = await service.wait(task.id, min(wait, WAIT_CAP_S), progress, by=by)
         return TaskView.of(task)
 
+    @server.described_tool("Get a task's status", READ_ONLY)
     async def get_status(ctx: Context, task_id: TaskId = None) -> TaskView:
-        """Status, steps taken, result or error, token usage and times of one task."""
+        """Show one task: status (queued, running, completed, failed, cancelled), steps taken, the
+        result when completed or the error when failed, token usage and times."""
         return TaskView.of(await service.get(task_id, by=caller(ctx, local)))
 
+    @server.described_tool("List tasks", READ_ONLY)
     async def list_tasks(
         ctx: Context,
         status: Annotated[
@@ -397,15 +421,24 @@ def build_server(
             ),
         ] = None,
     ) -> TaskList:
-        """Tasks, newest first, one page at a time; optionally only those whose goal contains a text."""
+        """List tasks newest first, optionally only those in one status or whose goal contains
+        `goal_contains`. Page with `cursor`."""
         by = caller(ctx, local)
         page = await service.list_tasks(status, limit, cursor, goal_contains=goal_contains, by=by)
         return TaskList(tasks=[TaskView.of(t) for t in page.items], next_cursor=page.next_cursor)
 
+    @server.described_tool(
+        "Cancel a task", ToolAnnotations(destructive_hint=True, idempotent_hint=True, open_world_hint=False)
+    )
     async def cancel_task(ctx: Context, task_id: TaskId = None) -> TaskView:
-        """Stop a queued or running task. A running agent stops within one step."""
+        """Cancel a queued, running or input_required task. Cancelling a cancelled task is harmless; a
+        completed or failed task cannot be cancelled."""
         return TaskView.of(await service.cancel(task_id, by=caller(ctx, local)))
 
+    @server.described_tool(
+        "Approve or deny a waiting tool call",
+        ToolAnnotations(destructive_hint=True, idempotent_hint=False, open_world_hint=False),
+    )
     async def approve_task(
         ctx: Context,
         task_id: TaskId = None,
@@ -418,59 +451,17 @@ def build_server(
             _arg("Why; the agent reads it with a denial.", type="string", maxLength=APPROVAL_NOTE_MAX_CHARS),
         ] = None,
     ) -> TaskView:
-        """Answer the approval request of an input_required task; the task then goes on."""
+        """Answer the approval request of a task in status input_required (get_status shows it in
+        `approval`): approve=true runs the tool call, false denies it and the agent reads your
+        note. Ask the user first; the task goes on either way."""
         answer = {k: v for k, v in {"approve": approve, "note": note}.items() if v is not None}
         return TaskView.of(await service.answer(task_id, request_id, answer, by=caller(ctx, local)))
 
+    @server.described_tool("List downstream servers", READ_ONLY)
     async def list_servers(ctx: Context) -> ServerList:
-        """Downstream MCP servers agents may use, with their state and cached tool names."""
+        """The MCP servers opspawn's agents may use (name them in submit_task's `servers`), with
+        connection state and tool names."""
         return ServerList(servers=service.list_servers(by=caller(ctx, local)))
-
-    read_only = ToolAnnotations(read_only_hint=True, open_world_hint=False)
-    server.add_tool(
-        submit_task,
-        title="Submit an agent task",
-        description="Start an autonomous agent task: an LLM works toward `goal` using the tools of the "
-        "allowed downstream servers (see list_servers). Returns the task's status with its task_id; "
-        "poll get_status until `done`, or pass `wait` to block for the result.",
-        annotations=ToolAnnotations(destructive_hint=False, idempotent_hint=False, open_world_hint=True),
-    )
-    server.add_tool(
-        get_status,
-        title="Get a task's status",
-        description="Show one task: status (queued, running, completed, failed, cancelled), steps taken, "
-        "the result when completed or the error when failed, token usage and times.",
-        annotations=read_only,
-    )
-    server.add_tool(
-        list_tasks,
-        title="List tasks",
-        description="List tasks newest first, optionally only those in one status or whose goal contains "
-        "`goal_contains`. Page with `cursor`.",
-        annotations=read_only,
-    )
-    server.add_tool(
-        cancel_task,
-        title="Cancel a task",
-        description="Cancel a queued, running or input_required task. Cancelling a cancelled task is harmless; a completed "
-        "or failed task cannot be cancelled.",
-        annotations=ToolAnnotations(destructive_hint=True, idempotent_hint=True, open_world_hint=False),
-    )
-    server.add_tool(
-        approve_task,
-        title="Approve or deny a waiting tool call",
-        description="Answer the approval request of a task in status input_required (get_status shows it in "
-        "`approval`): approve=true runs the tool call, false denies it and the agent reads your note. "
-        "Ask the user first; the task goes on either way.",
-        annotations=ToolAnnotations(destructive_hint=True, idempotent_hint=False, open_world_hint=False),
-    )
-    server.add_tool(
-        list_servers,
-        title="List downstream servers",
-        description="The MCP servers opspawn's agents may use (name them in submit_task's `servers`), "
-        "with connection state and tool names.",
-        annotations=read_only,
-    )
 
     @server.resource(
         "opspawn://tasks/{task_id}",
