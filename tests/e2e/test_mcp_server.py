@@ -29,6 +29,7 @@ from mcp.types import CallToolResult
 
 from tests.servers.harness import REPO_ROOT, opspawn_command
 from tests.support.fake_openai import spawn_fake_openai
+from tests.support.mcp_wire import OPSPAWN_TOOLS, initialize_request, tool_call_request
 from tests.support.serve import ServerProcess, write_config
 from tests.support.services import (
     POSTGRES_URL,
@@ -131,14 +132,7 @@ async def test_stdio_runs_a_task_through_the_proxy_with_progress(tmp_path: Path,
     async with Client(params) as client:
         assert "submit_task" in (client.instructions or "")
         names = {t.name for t in (await client.list_tools()).tools}
-        assert names == {
-            "submit_task",
-            "get_status",
-            "list_tasks",
-            "cancel_task",
-            "approve_task",
-            "list_servers",
-        }
+        assert names == OPSPAWN_TOOLS
         await check_echo_task_with_progress(client)
         await check_bad_input(client)
         servers = view(await client.call_tool("list_servers", {}))["servers"]
@@ -189,24 +183,10 @@ async def test_the_claude_desktop_example_works_as_written_with_the_checkout_pat
 def test_stdio_writes_only_protocol_messages_to_stdout(tmp_path: Path, llm_url: str) -> None:
     config = write_config(tmp_path / "opspawn.json", llm_url)
     requests = [
-        {
-            "jsonrpc": "2.0",
-            "id": 1,
-            "method": "initialize",
-            "params": {
-                "protocolVersion": "2025-06-18",
-                "capabilities": {},
-                "clientInfo": {"name": "raw", "version": "0"},
-            },
-        },
+        initialize_request("raw"),
         {"jsonrpc": "2.0", "method": "notifications/initialized"},
         {"jsonrpc": "2.0", "id": 2, "method": "tools/list"},
-        {
-            "jsonrpc": "2.0",
-            "id": 3,
-            "method": "tools/call",
-            "params": {"name": "list_servers", "arguments": {}},
-        },
+        tool_call_request("list_servers", {}, 3),
     ]
     errlog = (tmp_path / "stderr.log").open("w")
     proc = subprocess.Popen(

@@ -29,6 +29,16 @@ def _info(pool: OpsMcpClient, name: str) -> ServerInfo:
     return next(info for info in pool.servers_info() if info.name == name)
 
 
+def _most_in_flight(tmp_path: Path) -> int:
+    """The most calls the testing server ran at once: it appends started/finished lines in the
+    order it runs them."""
+    running = peak = 0
+    for line in lines(tmp_path / "cancels"):
+        running += 1 if line.startswith("started") else -1
+        peak = max(peak, running)
+    return peak
+
+
 async def test_concurrent_calls_on_a_cold_server_share_one_process(tmp_path: Path) -> None:
     async with OpsMcpClient({"t": stdio_config(tmp_path)}) as pool:
         assert _info(pool, "t").state == "idle"
@@ -55,12 +65,7 @@ async def test_max_concurrency_bounds_calls_in_flight(tmp_path: Path) -> None:
     async with pool, anyio.create_task_group() as tg:
         for i in range(6):
             tg.start_soon(pool.call_tool, "t", "sleep", {"seconds": 1.0, "tag": str(i)})
-    # The server appends started/finished lines in the order it runs them.
-    running = peak = 0
-    for line in lines(tmp_path / "cancels"):
-        running += 1 if line.startswith("started") else -1
-        peak = max(peak, running)
-    assert peak == 2
+    assert _most_in_flight(tmp_path) == 2
     assert sum(line.startswith("finished") for line in lines(tmp_path / "cancels")) == 6
 
 
@@ -414,11 +419,7 @@ async def test_unset_max_concurrency_takes_the_pool_default(tmp_path: Path) -> N
     async with pool, anyio.create_task_group() as tg:
         for i in range(5):
             tg.start_soon(pool.call_tool, "t", "sleep", {"seconds": 0.5, "tag": str(i)})
-    running = peak = 0
-    for line in lines(tmp_path / "cancels"):
-        running += 1 if line.startswith("started") else -1
-        peak = max(peak, running)
-    assert peak == 2
+    assert _most_in_flight(tmp_path) == 2
 
 
 async def test_eager_connects_everything_on_entry(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import anyio
 import grpc
@@ -285,7 +285,8 @@ class GrpcAnswer:
 
 
 class GrpcDoor:
-    """The generated stub on one channel; ``call`` returns the reply or the status as data."""
+    """The generated stub on one channel (``async with`` closes it); ``call`` returns the reply
+    or the status as data."""
 
     def __init__(self, serve: Serve) -> None:
         self.channel = grpc.aio.insecure_channel(serve.grpc)
@@ -325,6 +326,12 @@ class GrpcDoor:
 
     async def close(self) -> None:
         await self.channel.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
 
 def _grpc_error(exc: grpc.aio.AioRpcError) -> GrpcAnswer:

@@ -27,26 +27,13 @@ import httpx
 import pytest
 
 from tests.security.kit import Serve, capturing_llm, rest, run_serve
+from tests.support.mcp_wire import initialize_request, tool_call_request
 
 MARKER = f"refused-{uuid.uuid4().hex[:12]}"
 """In the goal of every refused submit: no task with it may ever exist."""
 
-INITIALIZE = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-06-18",
-        "capabilities": {},
-        "clientInfo": {"name": "guard-e2e", "version": "0"},
-    },
-}
-SUBMIT_CALL = {
-    "jsonrpc": "2.0",
-    "id": 2,
-    "method": "tools/call",
-    "params": {"name": "submit_task", "arguments": {"goal": f"echo {MARKER}"}},
-}
+INITIALIZE = initialize_request("guard-e2e")
+SUBMIT_CALL = tool_call_request("submit_task", {"goal": f"echo {MARKER}"}, 2)
 
 
 @dataclass(frozen=True)

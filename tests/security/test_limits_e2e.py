@@ -82,11 +82,8 @@ async def _submit(serve: Serve, door: str, token: str, spec: dict[str, Any]) -> 
             "text": r.text,
             "headers": r.headers,
         }
-    g = GrpcDoor(serve)
-    try:
+    async with GrpcDoor(serve) as g:
         sent = await g.call("SubmitTask", pb.SubmitTaskRequest(spec=pb.TaskSpec(**spec)), token)
-    finally:
-        await g.close()
     if sent.code == grpc.StatusCode.OK:
         return {"ok": True, "id": sent.reply.id}
     return {"ok": False, "code": sent.code, "text": sent.details, "trailing": sent.trailing}

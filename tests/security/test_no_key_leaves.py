@@ -195,11 +195,8 @@ async def _submit_valid(world: World, door: str, goal: str, **extra: Any) -> dic
         assert r.status_code == 202, r.text
         task_id = r.json()["task_id"]
     else:
-        grpc_door = GrpcDoor(world.serve)
-        try:
+        async with GrpcDoor(world.serve) as grpc_door:
             sent = await grpc_door.call("SubmitTask", pb.SubmitTaskRequest(spec=pb.TaskSpec(**spec)), ALICE)
-        finally:
-            await grpc_door.close()
         world.seen(sent.reply, sent.details)
         assert sent.code == grpc.StatusCode.OK, sent.details
         task_id = sent.reply.id
@@ -215,8 +212,7 @@ async def test_every_endpoint_or_env_field_is_refused_with_the_doors_typed_error
 ) -> None:
     before = len(world.llm.fake.raw_requests)
     refused: list[str] = []
-    grpc_door = GrpcDoor(world.serve)
-    try:
+    async with GrpcDoor(world.serve) as grpc_door:
         for spec in attacks(world.trap.url):
             if door == "mcp":
                 answer = await mcp_call(world.serve, ALICE, "submit_task", spec)
@@ -241,8 +237,6 @@ async def test_every_endpoint_or_env_field_is_refused_with_the_doors_typed_error
                 assert sent.code in REFUSED_GRPC, (spec, sent.code, sent.details)
                 assert "Traceback" not in sent.details
                 refused.append(sent.code.name)
-    finally:
-        await grpc_door.close()
     assert refused, "no attack was tried"
     # Refused requests ran nothing: not one LLM call was made while they were answered.
     assert len(world.llm.fake.raw_requests) == before
@@ -259,11 +253,8 @@ async def test_fields_the_proto_reserved_steer_nothing(world: World) -> None:
         + field_bytes(4, "OPENAI_API_KEY")
     )
     spec = field_bytes(1, "echo reserved") + field_bytes(3, model) + field_bytes(4, "example")
-    grpc_door = GrpcDoor(world.serve)
-    try:
+    async with GrpcDoor(world.serve) as grpc_door:
         sent = await grpc_door.submit_raw(field_bytes(1, spec), ALICE)
-    finally:
-        await grpc_door.close()
     world.seen(sent.reply, sent.details)
     assert sent.code in (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT), (sent.code, sent.details)
     if sent.code == grpc.StatusCode.OK:
@@ -297,14 +288,11 @@ async def test_a_valid_task_completes_and_only_the_profile_key_reaches_only_the_
         world.seen((await mcp_call(world.serve, token, "get_status", {"task_id": task_id})).text)
         world.seen((await mcp_call(world.serve, token, "list_tasks", {})).text)
         world.seen((await mcp_read(world.serve, token, f"opspawn://tasks/{task_id}/events")).text)
-        grpc_door = GrpcDoor(world.serve)
-        try:
+        async with GrpcDoor(world.serve) as grpc_door:
             got = await grpc_door.call("GetTask", pb.GetTaskRequest(task_id=task_id), token)
             assert got.code == grpc.StatusCode.OK and grpc_status_name(got.reply) == "completed"
             world.seen(got.reply, (await grpc_door.call("ListTasks", pb.ListTasksRequest(), token)).reply)
             world.seen((await grpc_door.watch(task_id, token)).reply)
-        finally:
-            await grpc_door.close()
     assert world.llm.fake.raw_requests, "the task never reached the profile's endpoint"
     _assert_clean(world)
 
@@ -318,11 +306,8 @@ async def test_an_unknown_token_gets_nothing_and_leaks_nothing(world: World) -> 
     world.seen(r.text.replace(wrong, "<the caller's own token>"))
     answer = await mcp_call(world.serve, wrong, "list_tasks", {})
     assert answer.http_status == 401, answer
-    grpc_door = GrpcDoor(world.serve)
-    try:
+    async with GrpcDoor(world.serve) as grpc_door:
         sent = await grpc_door.call("ListTasks", pb.ListTasksRequest(), wrong)
-    finally:
-        await grpc_door.close()
     assert sent.code == grpc.StatusCode.UNAUTHENTICATED, sent
     assert wrong not in sent.details and wrong not in r.text
     _assert_clean(world)

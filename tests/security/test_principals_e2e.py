@@ -16,8 +16,9 @@ import json
 import os
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -92,76 +93,54 @@ async def submit(serve: Serve, door: str, token: str, spec: dict[str, Any]) -> t
         async with rest(serve, token) as client:
             r = await client.post("/v1/tasks", json=spec)
         return ("ok", r.json()["task_id"]) if r.status_code == 202 else (r.json()["kind"], r.text)
-    g = GrpcDoor(serve)
-    try:
+    async with GrpcDoor(serve) as g:
         sent = await g.call("SubmitTask", pb.SubmitTaskRequest(spec=pb.TaskSpec(**spec)), token)
-    finally:
-        await g.close()
     return ("ok", sent.reply.id) if sent.code == grpc.StatusCode.OK else (sent.code.name, sent.details)
 
 
-async def get(serve: Serve, door: str, token: str, task_id: str) -> tuple[str, Any]:
-    """``("ok", status)`` or ``(error kind, detail)``."""
-    if door == "mcp":
-        answer = await mcp_call(serve, token, "get_status", {"task_id": task_id})
-        return (answer.kind, answer.text) if answer.is_error else ("ok", (answer.data or {})["status"])
-    if door == "rest":
-        async with rest(serve, token) as client:
-            r = await client.get(f"/v1/tasks/{task_id}")
-        return ("ok", r.json()["status"]) if r.status_code == 200 else (_rest_kind(r), r.text)
-    g = GrpcDoor(serve)
-    try:
-        got = await g.call("GetTask", pb.GetTaskRequest(task_id=task_id), token)
-    finally:
-        await g.close()
-    return (
-        ("ok", grpc_status_name(got.reply)) if got.reply is not None else (_grpc_kind(got.code), got.details)
-    )
+@dataclass(frozen=True)
+class TaskOperation:
+    """One operation on an existing task as each door spells it, answered with the task:
+    ``await op(serve, door, token, task_id)`` is ``("ok", status)`` or ``(error kind, detail)``.
+    ``fields`` go into the MCP arguments, the REST body and the gRPC request alike."""
+
+    tool: str
+    method: str
+    path: str
+    rpc: str
+    request: Callable[..., Any]
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    async def __call__(self, serve: Serve, door: str, token: str, task_id: str) -> tuple[str, Any]:
+        if door == "mcp":
+            reply = await mcp_call(serve, token, self.tool, {"task_id": task_id, **self.fields})
+            return (reply.kind, reply.text) if reply.is_error else ("ok", (reply.data or {})["status"])
+        if door == "rest":
+            async with rest(serve, token) as client:
+                r = await client.request(
+                    self.method, self.path.format(task_id=task_id), json=self.fields or None
+                )
+            return ("ok", r.json()["status"]) if r.status_code == 200 else (_rest_kind(r), r.text)
+        async with GrpcDoor(serve) as g:
+            got = await g.call(self.rpc, self.request(task_id=task_id, **self.fields), token)
+        if got.reply is None:
+            return _grpc_kind(got.code), got.details
+        return "ok", grpc_status_name(got.reply)
 
 
-async def answer(serve: Serve, door: str, token: str, task_id: str) -> tuple[str, Any]:
-    """An approval answer (to a request the task may not even have): ``(error kind, detail)``."""
-    if door == "mcp":
-        reply = await mcp_call(
-            serve, token, "approve_task", {"task_id": task_id, "request_id": "r", "approve": True}
-        )
-        return (reply.kind, reply.text) if reply.is_error else ("ok", (reply.data or {})["status"])
-    if door == "rest":
-        async with rest(serve, token) as client:
-            r = await client.post(f"/v1/tasks/{task_id}/input", json={"request_id": "r", "approve": True})
-        return ("ok", r.json()["status"]) if r.status_code == 200 else (_rest_kind(r), r.text)
-    g = GrpcDoor(serve)
-    try:
-        sent = await g.call(
-            "AnswerTask", pb.AnswerTaskRequest(task_id=task_id, request_id="r", approve=True), token
-        )
-    finally:
-        await g.close()
-    return (
-        ("ok", grpc_status_name(sent.reply))
-        if sent.reply is not None
-        else (_grpc_kind(sent.code), sent.details)
-    )
-
-
-async def cancel(serve: Serve, door: str, token: str, task_id: str) -> tuple[str, Any]:
-    if door == "mcp":
-        answer = await mcp_call(serve, token, "cancel_task", {"task_id": task_id})
-        return (answer.kind, answer.text) if answer.is_error else ("ok", (answer.data or {})["status"])
-    if door == "rest":
-        async with rest(serve, token) as client:
-            r = await client.post(f"/v1/tasks/{task_id}/cancel")
-        return ("ok", r.json()["status"]) if r.status_code == 200 else (_rest_kind(r), r.text)
-    g = GrpcDoor(serve)
-    try:
-        done = await g.call("CancelTask", pb.CancelTaskRequest(task_id=task_id), token)
-    finally:
-        await g.close()
-    return (
-        ("ok", grpc_status_name(done.reply))
-        if done.reply is not None
-        else (_grpc_kind(done.code), done.details)
-    )
+get = TaskOperation("get_status", "GET", "/v1/tasks/{task_id}", "GetTask", pb.GetTaskRequest)
+cancel = TaskOperation(
+    "cancel_task", "POST", "/v1/tasks/{task_id}/cancel", "CancelTask", pb.CancelTaskRequest
+)
+answer = TaskOperation(
+    "approve_task",
+    "POST",
+    "/v1/tasks/{task_id}/input",
+    "AnswerTask",
+    pb.AnswerTaskRequest,
+    {"request_id": "r", "approve": True},
+)
+"""An approval answer (to a request the task may not even have)."""
 
 
 async def watch(serve: Serve, door: str, token: str, task_id: str) -> list[tuple[str, Any]]:
@@ -188,8 +167,7 @@ async def watch(serve: Serve, door: str, token: str, task_id: str) -> list[tuple
                     assert r.headers["content-type"].startswith("application/problem+json"), r.headers
                     outcomes.append((_rest_kind(r), r.text))
             return outcomes
-    g = GrpcDoor(serve)
-    try:
+    async with GrpcDoor(serve) as g:
         metadata = (("authorization", f"Bearer {token}"),)
         stream = g.stub.WatchTask(pb.WatchTaskRequest(task_id=task_id), metadata=metadata)
         try:
@@ -198,8 +176,6 @@ async def watch(serve: Serve, door: str, token: str, task_id: str) -> list[tuple
             return [(_grpc_kind(exc.code()), exc.details())]
         stream.cancel()
         return [("ok", "streaming")]
-    finally:
-        await g.close()
 
 
 async def listed(serve: Serve, door: str, token: str) -> list[str]:
@@ -213,11 +189,8 @@ async def listed(serve: Serve, door: str, token: str) -> list[str]:
             r = await client.get("/v1/tasks", params={"limit": 100})
         assert r.status_code == 200, r.text
         return [t["task_id"] for t in r.json()["items"]]
-    g = GrpcDoor(serve)
-    try:
+    async with GrpcDoor(serve) as g:
         page = await g.call("ListTasks", pb.ListTasksRequest(limit=100), token)
-    finally:
-        await g.close()
     assert page.code == grpc.StatusCode.OK, page.details
     return [t.id for t in page.reply.items]
 
@@ -344,8 +317,7 @@ async def test_an_unknown_or_missing_token_is_401_at_every_http_route(serve: Ser
 async def test_an_unknown_or_missing_token_is_unauthenticated_at_every_rpc_and_the_mcp_door(
     serve: Serve,
 ) -> None:
-    g = GrpcDoor(serve)
-    try:
+    async with GrpcDoor(serve) as g:
         calls: list[tuple[str, Any]] = [
             ("SubmitTask", pb.SubmitTaskRequest(spec=pb.TaskSpec(goal="echo x"))),
             ("GetTask", pb.GetTaskRequest(task_id="some-id")),
@@ -358,8 +330,6 @@ async def test_an_unknown_or_missing_token_is_unauthenticated_at_every_rpc_and_t
                 answer = await g.call(method, request, token)
                 assert answer.code == grpc.StatusCode.UNAUTHENTICATED, (method, token, answer.code)
             assert [k for k, _ in await _grpc_watch_kinds(g, token)] == ["UNAUTHENTICATED"]
-    finally:
-        await g.close()
     for token in (None, "wrong-token"):
         answer = await mcp_call(serve, token, "list_tasks", {})
         assert answer.http_status == 401, answer

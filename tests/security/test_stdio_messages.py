@@ -24,6 +24,7 @@ from typing import IO, Any
 import pytest
 
 from opspawn_mcp.stdio import MAX_LINE_BYTES
+from tests.support.mcp_wire import initialize_request
 
 READ_GUARD_S = 30.0
 """Per-read deadline: only there to turn a missing reply into a failure, never a timing check."""
@@ -32,16 +33,7 @@ PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
 METHOD_NOT_FOUND = -32601
 
-INITIALIZE = {
-    "jsonrpc": "2.0",
-    "id": "init",
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-06-18",
-        "capabilities": {},
-        "clientInfo": {"name": "stdio-security-test", "version": "0"},
-    },
-}
+INITIALIZE = initialize_request("stdio-security-test", "init")
 
 
 class StdioServer:

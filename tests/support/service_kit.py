@@ -14,7 +14,7 @@ import agentkit
 from opspawn_mcp.approvals import approval_request
 from opspawn_mcp.config import Config, parse_config
 from opspawn_mcp.host.models import ServerInfo
-from opspawn_mcp.models import Task, TaskStatus
+from opspawn_mcp.models import Task, TaskEvent, TaskStatus
 from opspawn_mcp.scheduler import Enqueuer
 from opspawn_mcp.service import TaskService
 from opspawn_mcp.store.memory import MemoryStore
@@ -82,6 +82,18 @@ def make_service(
         Directory(),
         poll_interval_s=0.01,
     )
+
+
+class CountingStore(MemoryStore):
+    """A real memory store that counts the log reads its watchers make."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.event_reads = 0
+
+    async def events(self, task_id: str, after_seq: int = 0, limit: int = 1000) -> list[TaskEvent]:
+        self.event_reads += 1
+        return await super().events(task_id, after_seq, limit)
 
 
 class BrokenStore(MemoryStore):

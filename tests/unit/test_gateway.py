@@ -31,7 +31,14 @@ from opspawn_mcp.server import build_server
 from opspawn_mcp.service import TaskService
 from opspawn_mcp.store.memory import MemoryStore
 from opspawn_mcp.ui import dashboard_routes
-from tests.support.service_kit import WARNING, BrokenStore, RecordingEnqueuer, finish, make_service
+from tests.support.service_kit import (
+    WARNING,
+    BrokenStore,
+    CountingStore,
+    RecordingEnqueuer,
+    finish,
+    make_service,
+)
 
 TOKEN = "s3cret-token"
 BASE = "http://localhost"
@@ -371,18 +378,14 @@ async def test_over_a_limit_is_429_with_retry_after(secured: httpx.AsyncClient) 
 # -- failures after the fact, and bugs --------------------------------------------------------
 
 
-class StoreThatDiesMidStream(MemoryStore):
+class StoreThatDiesMidStream(CountingStore):
     """Answers the pre-stream check, then loses its database while the stream is being served."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.event_reads = 0
-
     async def events(self, task_id: str, after_seq: int = 0, limit: int = 1000) -> list[TaskEvent]:
-        self.event_reads += 1
+        events = await super().events(task_id, after_seq, limit)
         if self.event_reads > 1:
             raise Unavailable("The task store cannot be reached; retry later.")
-        return await super().events(task_id, after_seq, limit)
+        return events
 
 
 async def test_a_failure_after_the_stream_started_ends_it_with_a_problem_event(

@@ -26,6 +26,7 @@ from opspawn_mcp.http_guard import HttpGuard, host_patterns
 from opspawn_mcp.principals import Principals, principal_of
 from opspawn_mcp.runtime import Runtime
 from opspawn_mcp.store.memory import MemoryStore
+from tests.support.mcp_wire import initialize_request
 from tests.unit.test_gateway import assert_problem
 
 ALICE, BOB = "alice-token-0123456789", "bob-token-0123456789"
@@ -33,16 +34,7 @@ ENV = {"ALICE_TOKEN": ALICE, "BOB_TOKEN": BOB}
 TOKENS = {"tokens": {"alice": {"token_env": "ALICE_TOKEN"}, "bob": {"token_env": "BOB_TOKEN"}}}
 APP_ORIGIN = "https://app.example"
 TASK = "0" * 32
-INITIALIZE = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-06-18",
-        "capabilities": {},
-        "clientInfo": {"name": "t", "version": "1"},
-    },
-}
+INITIALIZE = initialize_request("t")
 
 # Every path the app serves: (method, path, the body a real client sends).
 PATHS: list[tuple[str, str, Any]] = [

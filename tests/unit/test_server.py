@@ -18,6 +18,7 @@ from opspawn_mcp.models import TaskStatus
 from opspawn_mcp.server import build_server
 from opspawn_mcp.service import TaskService
 from opspawn_mcp.store.memory import MemoryStore
+from tests.support.mcp_wire import OPSPAWN_TOOLS
 from tests.support.service_kit import WARNING, RecordingEnqueuer, finish
 
 
@@ -35,14 +36,7 @@ def text(result: Any) -> str:
 async def test_tools_have_descriptions_and_schemas(server: MCPServer) -> None:
     async with Client(server) as client:
         tools = {t.name: t for t in (await client.list_tools()).tools}
-        assert set(tools) == {
-            "submit_task",
-            "get_status",
-            "list_tasks",
-            "cancel_task",
-            "approve_task",
-            "list_servers",
-        }
+        assert set(tools) == OPSPAWN_TOOLS
         for tool in tools.values():
             assert tool.description and tool.output_schema
         submit = tools["submit_task"].input_schema

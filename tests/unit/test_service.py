@@ -21,7 +21,7 @@ from opspawn_mcp.models import GOAL_MAX_CHARS, TaskEvent, TaskSpec, TaskStatus
 from opspawn_mcp.principals import LOCAL, Principal
 from opspawn_mcp.service import TaskService
 from opspawn_mcp.store.memory import MemoryStore
-from tests.support.service_kit import Directory, RecordingEnqueuer, make_config, make_service
+from tests.support.service_kit import CountingStore, Directory, RecordingEnqueuer, make_config, make_service
 
 
 class BrokenEnqueuer:
@@ -246,18 +246,6 @@ async def test_watch_follows_the_log_until_the_task_is_terminal(
     assert [e.kind for e in seen] == ["state", "state", "progress", "final", "state"]
     assert seen[-1].data == {"status": "completed"}
     assert [e.seq for e in seen] == [1, 2, 3, 4, 5]
-
-
-class CountingStore(MemoryStore):
-    """A real memory store that counts the log reads its watchers make."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.event_reads = 0
-
-    async def events(self, task_id: str, after_seq: int = 0, limit: int = 1000) -> list[TaskEvent]:
-        self.event_reads += 1
-        return await super().events(task_id, after_seq, limit)
 
 
 async def _parked(store: MemoryStore) -> None:
