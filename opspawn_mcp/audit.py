@@ -10,6 +10,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import anyio
@@ -32,6 +33,18 @@ Redact = Callable[[str, str], str]
 """(server, text) -> the text with that server's secret values replaced."""
 
 
+@dataclass(frozen=True)
+class ExposedRequest:
+    """What one exposed request is, as its record names it: who, on which server, which kind, the
+    name (a tool's or a prompt's, or the resource's downstream URI) and the arguments."""
+
+    principal: str
+    server: str
+    kind: ExposedKind
+    name: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+
 class AuditTrail:
     """Runs an exposed request and records it: ``keep`` stores the record (``TaskService.record_call``;
     None keeps the log line only), ``redact`` hides a server's secrets in its arguments."""
@@ -40,16 +53,8 @@ class AuditTrail:
         self._keep = keep
         self._redact = redact
 
-    async def run(
-        self,
-        principal: str,
-        server: str,
-        kind: ExposedKind,
-        name: str,
-        arguments: dict[str, Any],
-        request: Callable[[], Awaitable[_T]],
-    ) -> _T:
-        """``request()``'s answer, or its error re-raised, once the record is kept."""
+    async def run(self, exposed: ExposedRequest, request: Callable[[], Awaitable[_T]]) -> _T:
+        """``request()``'s answer, or its error re-raised, once the record of ``exposed`` is kept."""
         started = time.monotonic()
         error: str | None = CANCELLED
         try:
@@ -61,12 +66,13 @@ class AuditTrail:
             error = None
             return result
         finally:
+            server = exposed.server
             record = ExposedCall(
-                principal=principal,
+                principal=exposed.principal,
                 server=server,
-                kind=kind,
-                name=name,
-                arguments=self._arguments(server, arguments),
+                kind=exposed.kind,
+                name=exposed.name,
+                arguments=self._arguments(server, exposed.arguments),
                 outcome="ok" if error is None else "error",
                 error=None if error is None else self._redact(server, error),
                 duration_ms=(time.monotonic() - started) * 1000,

@@ -25,12 +25,11 @@ from mcp.shared.dispatcher import ProgressFnT
 from mcp.shared.exceptions import MCPError
 
 from agentkit.errors import ToolError
-from opspawn_mcp.audit import AuditTrail, Keep
+from opspawn_mcp.audit import AuditTrail, ExposedRequest, Keep
 from opspawn_mcp.errors import Forbidden, Hint, OpspawnError
 from opspawn_mcp.exposed_uris import exposed_uri, original_uri
 from opspawn_mcp.host import OpsMcpClient
 from opspawn_mcp.host.connection import Change
-from opspawn_mcp.models import ExposedKind
 from opspawn_mcp.principals import Principal
 
 logger = logging.getLogger("opspawn_mcp.exposed")
@@ -132,11 +131,7 @@ class ExposedTools:
         ``meta`` is the downstream request's ``_meta`` (the caller's delegation chain)."""
         try:
             return await self._trail.run(
-                by.name,
-                server,
-                "tool",
-                tool,
-                arguments,
+                ExposedRequest(by.name, server, "tool", tool, arguments),
                 lambda: self._call(server, tool, arguments, by, progress, meta),
             )
         except ToolError as exc:
@@ -202,7 +197,7 @@ class ExposedTools:
     async def read_resource(self, server: str, uri: str, by: Principal) -> types.ReadResourceResult:
         """``resources/read`` through the pool; the contents carry the exposed URIs."""
         result = await self._mapped(
-            by, server, "resource", uri, {}, lambda: self._pool.read_resource(server, uri)
+            ExposedRequest(by.name, server, "resource", uri), lambda: self._pool.read_resource(server, uri)
         )
         contents = [
             content.model_copy(update={"uri": exposed_uri(server, content.uri)})
@@ -231,26 +226,15 @@ class ExposedTools:
         self, server: str, prompt: str, arguments: dict[str, str] | None, by: Principal
     ) -> types.GetPromptResult:
         return await self._mapped(
-            by,
-            server,
-            "prompt",
-            prompt,
-            dict(arguments or {}),
+            ExposedRequest(by.name, server, "prompt", prompt, dict(arguments or {})),
             lambda: self._pool.get_prompt(server, prompt, arguments),
         )
 
-    async def _mapped(
-        self,
-        by: Principal,
-        server: str,
-        kind: ExposedKind,
-        name: str,
-        arguments: dict[str, Any],
-        request: Callable[[], Awaitable[_T]],
-    ) -> _T:
+    async def _mapped(self, exposed: ExposedRequest, request: Callable[[], Awaitable[_T]]) -> _T:
         """An audited read or prompt get; a failure becomes the MCP error the client gets."""
+        server = exposed.server
         try:
-            return await self._trail.run(by.name, server, kind, name, arguments, request)
+            return await self._trail.run(exposed, request)
         except OpspawnError as exc:  # Unavailable: unreachable, dropped, or no answer in time
             raise MCPError(types.INTERNAL_ERROR, exc.message) from None
         except MCPError as exc:
