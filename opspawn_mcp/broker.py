@@ -1,9 +1,7 @@
 """The message broker: how a task id travels from the scheduler to a worker.
 
-``amqp://...`` is Dramatiq's ``RabbitmqBroker`` (``DramatiqEnqueuer`` publishes, ``opspawn-mcp
-worker`` consumes with ``execute_agent_task_actor``); ``embedded`` is ``embedded.EmbeddedWorker``
-on the server's own loop. A message carries only the task id (the store is the truth), and the
-broker's middleware list is deliberately short: docs/workers.md says why.
+Dramatiq's ``RabbitmqBroker`` (``DramatiqEnqueuer``) for ``amqp://...``, the embedded queue
+otherwise; a message carries only the task id. See docs/workers.md, "RabbitMQ workers".
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
 """The CLI's client of a running ``opspawn-mcp serve``: one tool call, or one task's event stream.
 
-Tool calls go over MCP (streamable HTTP), so the CLI sees exactly what an assistant sees; the
-client introduces itself as ``CLI_CLIENT_NAME``, so the server words its hints with the CLI's
-commands. Following a task reads the same server's event stream (``GET /v1/tasks/{id}/events``,
-Server-Sent Events until the task ends), which pushes each event as it is written: no polling.
-Every failure is one of two exceptions whose text is the one line to show.
+Tool calls go over MCP (streamable HTTP), so the CLI sees what an assistant sees; ``--follow``
+reads the REST event stream. See docs/mcp-server.md, "From a shell with opspawn-mcp itself".
 """
 
 from __future__ import annotations

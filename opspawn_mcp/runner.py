@@ -1,9 +1,7 @@
 """The actor body: ``TaskRunner.execute(task_id)`` runs one task, whoever delivered its id.
 
-Idempotent because delivery is at least once: it claims the task (a lease), heartbeats it,
-writes each step, and ends with an owner-guarded compare-and-set, pausing on an approval and
-stopping within a step on a cancel. One loop holds it with its store and pool; its hosts are
-``embedded.EmbeddedWorker`` and ``worker.run_worker_process``. docs/workers.md is the reference.
+Claim, heartbeat, journal, and an owner-guarded conclusion, so a duplicate delivery is harmless.
+See docs/workers.md, "What the actor does".
 """
 
 from __future__ import annotations

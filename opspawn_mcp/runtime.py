@@ -1,15 +1,8 @@
 """The server process's runtime: the one owner of everything ``opspawn-mcp serve`` runs.
 
-``Runtime`` opens, in order, the store, the downstream MCP pool, the enqueuer (the embedded
-worker, or a RabbitMQ publisher), the ``TaskService`` and the MCP server, and closes them in
-reverse: running agents stop and hand their tasks back before the pool and the store they use
-go away, and no child process or task outlives the ``async with`` block::
-
-    async with Runtime(config) as rt:
-        await rt.serve_http("127.0.0.1", 8765)     # or: await rt.serve_stdio()
-
-Binding rules live here, once: HTTP binds loopback by default, and binding anywhere else needs
-bearer tokens (``opspawn.server.tokens``), or the server refuses to start.
+``Runtime`` opens the store, the pool, the enqueuer, the ``TaskService`` and the MCP server, and
+closes them in reverse; the binding rules live here (``check_bind``). See docs/mcp-server.md,
+"Embedding the HTTP app".
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
 """The Scheduler: turns an accepted ``TaskSpec`` into a ``queued`` task in the store and a message.
 
-The store is the truth; the broker message carries only the task id. The order is fixed:
-persist first, then enqueue, then mark the task enqueued (``publish``, the outbox). If
-enqueueing fails the task simply stays ``queued`` and unmarked, and a recovery loop publishes it
-once the broker is back, so an accepted task is never lost, and a message never points at a
-task that does not exist.
+Persist, then enqueue, then mark the task enqueued (the outbox), so an accepted task is never
+lost. See docs/workers.md, "Recovery: no accepted task is lost".
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """opspawn's own MCP server: the tools and resources over ``TaskService``, on every transport.
 
-The tools are thin adapters: every rule lives in ``TaskService`` and the models, and a typed
-``OpspawnError`` becomes a tool result with ``isError`` and the same message REST and gRPC give.
-HTTP assembly is ``opspawn_mcp.mcp_http``; the answers' shapes ``opspawn_mcp.mcp_views``.
-docs/mcp-server.md is the reference.
+Thin adapters; a typed ``OpspawnError`` becomes an ``isError`` result in one place. HTTP assembly
+is ``mcp_http``, the answers' shapes ``mcp_views``. See docs/mcp-server.md.
 """
 
 from __future__ import annotations

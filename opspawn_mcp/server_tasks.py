@@ -1,19 +1,7 @@
 """opspawn's tasks as MCP Tasks: ``TaskService`` as the ``TaskBackend`` of the tasks extension.
 
-``submit_task`` is task-supporting (optional): a client that declares the extension gets a
-``CreateTaskResult`` whose ``taskId`` is opspawn's task id, so any replica answers ``tasks/get``
-from the store, before and after a restart. The status mapping (docs/mcp-server.md):
-
-- ``queued``, ``running``: ``working``;
-- ``input_required``: ``input_required``, the pending approval as one elicitation form
-  (``approve`` boolean, optional ``note``) keyed by its request id; ``tasks/update`` answers it
-  through ``TaskService.answer``;
-- ``completed``: ``completed``, the agent's answer as the tool result's text (the task view as
-  its structured content);
-- ``failed`` because the agent failed (an error, its time or step budget): ``completed`` with
-  ``isError: true``, the reason as its text; ``failed`` because opspawn itself broke (an internal
-  error in the worker, or every attempt's worker died): ``failed`` with a -32603 error object;
-- ``cancelled``: ``cancelled``.
+Our task id is the MCP task id and the store answers ``tasks/get``; the status mapping is in
+docs/mcp-server.md, "Two protocol eras, and MCP Tasks".
 """
 
 from __future__ import annotations

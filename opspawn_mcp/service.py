@@ -1,9 +1,7 @@
 """TaskService: the one API behind every front door (MCP tools, REST routes, gRPC methods).
 
-Every rule about what a client may ask lives here once: which servers and model profiles a
-task may use, how a spec is validated and resolved for its caller, which tasks a caller may
-see, the caller's limits, what cancel means in each state, how a watcher follows a task. The doors only translate their wire format to these calls and the
-typed ``OpspawnError``s back, so behaviour and messages are identical at every door.
+Every rule about what a client may ask lives here once; the doors only translate. See
+docs/architecture.md, "One service, three doors".
 """
 
 from __future__ import annotations

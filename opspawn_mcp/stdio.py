@@ -1,23 +1,7 @@
 """MCP over stdio, with every malformed line answered.
 
-The SDK's stdio reader (``mcp.server.stdio.stdio_server``) drops a line that fails validation
-(the session only logs the exception), decodes invalid UTF-8 as U+FFFD and answers under the
-mangled id, and turns a request whose ``id`` is ``null``, a float, a boolean, an object or an
-array into a notification, so a client that made a mistake waits forever for an answer. Its
-reader thread also cannot be cancelled, so SIGINT/SIGTERM waited until the client closed stdin.
-
-``serve_stdio`` keeps the SDK's transport (its stdout claim and writer, its session) and puts a
-screen in front of its reader: each line is read off a private duplicate of fd 0, checked, and
-either handed to the SDK unchanged or answered with a JSON-RPC 2.0 error written through the
-same write stream the session uses (so replies never interleave on stdout):
-
-- ``-32700`` Parse error, id ``null``: not UTF-8, not JSON (incl. lone surrogate escapes, NaN,
-  nesting past the parser's depth limit).
-- ``-32600`` Invalid Request: valid JSON that is not one MCP message: a batch, a scalar, a bad
-  ``jsonrpc``, ``method``, ``id`` or ``params``, a malformed response, a line over
-  ``MAX_LINE_BYTES``. The id is echoed when it is a valid MCP id (string or integer), else ``null``.
-
-Valid notifications still get no reply, and blank lines are skipped (they carry no message).
+``serve_stdio`` keeps the SDK's transport and session and screens each line before the SDK's
+reader sees it. See docs/mcp-server.md, "Malformed messages over stdio".
 """
 
 from __future__ import annotations

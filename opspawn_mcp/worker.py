@@ -1,11 +1,7 @@
 """``opspawn-mcp worker``: a process that runs agent tasks from RabbitMQ.
 
-Dramatiq with RabbitMQ: the ``AsyncIO`` middleware runs one event loop thread;
-``execute_agent_task_actor`` is an ``async def`` actor, so each of the ``concurrency`` worker
-threads only waits while its coroutine runs on that one loop. At worker boot we open the store
-and the ``OpsMcpClient`` *on that loop*, in one long-lived task that owns them (anyio scopes
-must exit in the task that entered them), and every task of the process shares the pool's
-downstream connections. The actor body is ``runner.TaskRunner.execute``.
+Dramatiq's ``AsyncIO`` middleware runs the ``async def`` actor on one loop, which owns the
+process's store and pool. See docs/workers.md, "RabbitMQ workers".
 """
 
 from __future__ import annotations
