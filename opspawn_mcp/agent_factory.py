@@ -1,7 +1,8 @@
 """Turning a stored ``TaskSpec`` into a runnable agentkit ``Agent``, in the worker at run time.
 
 The model profile and its key come from this worker's config, never the task. See docs/workers.md,
-"What the actor does" (step 3), and docs/architecture.md on the bundled 135M model.
+"What the actor does" (step 3), and docs/architecture.md, "A setup of its own for the bundled 135M
+model".
 """
 
 from __future__ import annotations
