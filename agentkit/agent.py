@@ -37,7 +37,17 @@ from agentkit.journal import (
     reset_current_call_key,
     set_current_call_key,
 )
-from agentkit.llm.base import LLM, LLMError, LLMResponse, Message, ToolCall, ToolChoice, ToolDefinition, Usage
+from agentkit.llm.base import (
+    LLM,
+    ChatRequest,
+    LLMError,
+    LLMResponse,
+    LLMWrapper,
+    Message,
+    ToolCall,
+    ToolChoice,
+    Usage,
+)
 from agentkit.memory import Memory
 from agentkit.planners import Planner, RunContext, get_planner
 from agentkit.progress import ToolProgress, reset_current_progress, set_current_progress
@@ -153,7 +163,7 @@ def _recorded(entry: JournalEntry, read: Callable[[], Any]) -> Any:
         raise JournalError(f"The journal entry {entry.key} ({entry.kind}) is not valid: {exc}") from exc
 
 
-class _MeteredLLM:
+class _MeteredLLM(LLMWrapper):
     """Sums usage over every call a run makes, including those of planners and memory.
 
     Every call goes through here, so this is where ``max_total_tokens`` is enforced (after each
@@ -168,29 +178,17 @@ class _MeteredLLM:
         journal: _RunJournal | None = None,
         step: Callable[[], int] = lambda: 0,
     ) -> None:
-        self.inner = llm
+        super().__init__(llm)
         self.usage = Usage()
         self.max_total_tokens = max_total_tokens
         self.journal = journal if journal is not None else _RunJournal(None, None)
         self.step = step
 
-    async def chat(
-        self,
-        messages: Sequence[Message],
-        *,
-        tools: Sequence[ToolDefinition] = (),
-        tool_choice: ToolChoice = "auto",
-    ) -> LLMResponse:
-        response, _ = await self.chat_traced(messages, tools=tools, tool_choice=tool_choice)
+    async def complete(self, request: ChatRequest) -> LLMResponse:
+        response, _ = await self.complete_traced(request)
         return response
 
-    async def chat_traced(
-        self,
-        messages: Sequence[Message],
-        *,
-        tools: Sequence[ToolDefinition] = (),
-        tool_choice: ToolChoice = "auto",
-    ) -> tuple[LLMResponse, bool]:
+    async def complete_traced(self, request: ChatRequest) -> tuple[LLMResponse, bool]:
         """The response and whether it was replayed from the journal (its event was emitted then)."""
         self.journal.llm_calls += 1
         ordinal = self.journal.llm_calls
@@ -198,8 +196,8 @@ class _MeteredLLM:
         if entry is not None:
             response: LLMResponse = _recorded(entry, entry.response)
         else:
-            response = await self.inner.chat(messages, tools=tools, tool_choice=tool_choice)
-            await self.journal.append(JournalEntry.llm(ordinal, self.step(), response))
+            response = await self.inner.complete(request)
+            await self.journal.append(JournalEntry.of("llm", ordinal, self.step(), response))
         replayed = entry is not None
         self.usage = self.usage + response.usage
         if self.max_total_tokens is not None and self.usage.total_tokens > self.max_total_tokens:
@@ -431,8 +429,8 @@ class Agent:
         tools = self.tools.definitions() if tool_choice != "none" else []
         over: _OverBudget | None = None
         try:
-            response, replayed = await run.metered.chat_traced(
-                window, tools=tools, tool_choice=tool_choice if tools else "none"
+            response, replayed = await run.metered.complete_traced(
+                ChatRequest(window, tools, tool_choice if tools else "none")
             )
         except _OverBudget as exc:
             over, response, replayed = exc, exc.response, exc.replayed
@@ -647,7 +645,7 @@ class Agent:
                     call_id=call.id, name=call.name, is_error=True, content=denial_message(answer)
                 )
                 return await self._record_outcome(ctx, run, ordinal, denied)
-            await journal.append(JournalEntry.tool_started(ordinal, step, call))
+            await journal.append(JournalEntry.of("tool_started", ordinal, step, call))
             await ctx.emit("tool_call", {"id": call.id, "name": call.name, "arguments": call.arguments})
         elif not await decide(self.rerun_interrupted, call, self.tools.get(call.name)):
             interrupted = ToolResult(
@@ -660,7 +658,7 @@ class Agent:
     async def _record_outcome(
         self, ctx: RunContext, run: _Run, ordinal: int, result: ToolResult
     ) -> ToolResult:
-        await run.journal.append(JournalEntry.tool_finished(ordinal, ctx.step, result))
+        await run.journal.append(JournalEntry.of("tool_finished", ordinal, ctx.step, result))
         await ctx.emit("tool_result", result.model_dump(mode="json"))
         return result
 

@@ -63,21 +63,14 @@ class JournalEntry(BaseModel):
         return f"{'llm' if self.kind == 'llm' else 'tool'}:{self.ordinal}"
 
     @classmethod
-    def llm(cls, ordinal: int, step: int, response: LLMResponse) -> JournalEntry:
-        return cls(kind="llm", ordinal=ordinal, step=step, data=response.model_dump(mode="json"))
-
-    @classmethod
-    def tool_started(cls, ordinal: int, step: int, call: ToolCall) -> JournalEntry:
-        return cls(kind="tool_started", ordinal=ordinal, step=step, data=call.model_dump(mode="json"))
-
-    @classmethod
-    def tool_finished(cls, ordinal: int, step: int, result: ToolResult) -> JournalEntry:
-        return cls(kind="tool_finished", ordinal=ordinal, step=step, data=result.model_dump(mode="json"))
+    def of(cls, kind: EntryKind, ordinal: int, step: int, fact: BaseModel) -> JournalEntry:
+        """The entry that records ``fact``, the model ``data`` holds for ``kind`` (see above)."""
+        return cls(kind=kind, ordinal=ordinal, step=step, data=fact.model_dump(mode="json"))
 
     @classmethod
     def approval(cls, ordinal: int, step: int, answer: Approval) -> JournalEntry:
         """A person's answer to the run's ``ordinal``th tool call (``RunResult.pending``)."""
-        return cls(kind="approval", ordinal=ordinal, step=step, data=answer.model_dump(mode="json"))
+        return cls.of("approval", ordinal, step, answer)
 
     def response(self) -> LLMResponse:
         """The recorded model response of an ``"llm"`` entry."""

@@ -2,8 +2,10 @@
 
 from agentkit.llm.base import (
     LLM,
+    ChatRequest,
     LLMError,
     LLMResponse,
+    LLMWrapper,
     Message,
     SharedLLM,
     TokenCounter,
@@ -15,16 +17,17 @@ from agentkit.llm.base import (
 )
 from agentkit.llm.local import LocalGGUF, default_model_path
 from agentkit.llm.openai_compat import OpenAICompatible
-from agentkit.llm.scripted import ScriptedCall, ScriptedLLM, call, calls
+from agentkit.llm.scripted import ScriptedLLM, call, calls
 
 __all__ = [
     "LLM",
+    "ChatRequest",
     "LLMError",
     "LLMResponse",
+    "LLMWrapper",
     "LocalGGUF",
     "Message",
     "OpenAICompatible",
-    "ScriptedCall",
     "ScriptedLLM",
     "SharedLLM",
     "TokenCounter",

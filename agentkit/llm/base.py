@@ -10,9 +10,12 @@ one SDK's classes, and every message is JSON-serialisable for progress events.
 
 from __future__ import annotations
 
+import copy
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, Field, computed_field
 
@@ -133,10 +136,24 @@ class LLMResponse(BaseModel):
     model: str | None = None
 
 
-@runtime_checkable
-class LLM(Protocol):
+@dataclass(frozen=True)
+class ChatRequest:
+    """One model call: the conversation so far, the tools offered and how the model may use them."""
+
+    messages: list[Message]
+    tools: list[ToolDefinition] = field(default_factory=list)
+    tool_choice: ToolChoice = "auto"
+
+    @property
+    def offered_tools(self) -> list[ToolDefinition]:
+        """The tools the model may call: none when ``tool_choice`` is ``"none"``."""
+        return self.tools if self.tool_choice != "none" else []
+
+
+class LLM(ABC):
     """A chat model that may call tools.
 
+    Callers use ``chat``; a client implements ``complete``, the one request every call becomes.
     Implementations raise ``LLMError`` (and only that) once their own retries are spent, and
     report usage on every response so runs can be metered.
     """
@@ -147,19 +164,49 @@ class LLM(Protocol):
         *,
         tools: Sequence[ToolDefinition] = (),
         tool_choice: ToolChoice = "auto",
-    ) -> LLMResponse: ...
+    ) -> LLMResponse:
+        return await self.complete(ChatRequest(list(messages), list(tools), tool_choice))
+
+    @abstractmethod
+    async def complete(self, request: ChatRequest) -> LLMResponse: ...
 
 
-@runtime_checkable
-class SharedLLM(LLM, Protocol):
+class LLMWrapper(LLM):
+    """A model client around another, the one hook point on model calls (metering, journaling,
+    telemetry): override ``complete`` and await ``self.inner.complete(request)`` in it."""
+
+    def __init__(self, inner: LLM) -> None:
+        self.inner = inner
+
+    async def complete(self, request: ChatRequest) -> LLMResponse:
+        return await self.inner.complete(request)
+
+
+class SharedLLM(LLM):
     """An ``LLM`` one process shares between runs (``OpenAICompatible``, ``LocalGGUF``).
 
     ``with_settings`` is a view tuned for one run that shares the connections or the weights;
-    ``aclose`` releases what the client holds, at shutdown.
+    ``aclose`` releases what the client holds, at shutdown (``async with`` calls it).
     """
 
-    def with_settings(
-        self, *, temperature: float | None = None, max_tokens: int | None = None
-    ) -> SharedLLM: ...
+    temperature: float | None
+    max_tokens: int | None
 
+    def with_settings(self, *, temperature: float | None = None, max_tokens: int | None = None) -> Self:
+        """This client with other sampling settings (None keeps the current one), sharing what
+        the original holds."""
+        view = copy.copy(self)
+        if temperature is not None:
+            view.temperature = temperature
+        if max_tokens is not None:
+            view.max_tokens = max_tokens
+        return view
+
+    @abstractmethod
     async def aclose(self) -> None: ...
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

@@ -23,12 +23,11 @@ The model loads on first use, so building an agent stays cheap.
 
 from __future__ import annotations
 
-import copy
 import importlib.metadata
 import json
 import threading
 from collections.abc import Sequence
-from functools import partial
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +35,12 @@ import anyio
 import anyio.to_thread
 
 from agentkit.llm.base import (
+    ChatRequest,
     LLMError,
     LLMResponse,
     Message,
+    SharedLLM,
     ToolCall,
-    ToolChoice,
     ToolDefinition,
     Usage,
 )
@@ -143,35 +143,27 @@ def _gbnf_literal(text: str) -> str:
     return json.dumps(text)
 
 
-class LocalGGUF:
+@dataclass(eq=False)
+class LocalGGUF(SharedLLM):
     """An ``LLM`` over llama-cpp-python, in-process.
 
     Defaults are deterministic (temperature 0, fixed seed) because small models are only usable
     when they are reproducible. The prompt format is ChatML, which SmolLM2 and most instruct
-    GGUFs understand.
+    GGUFs understand. A ``with_settings`` view shares the loaded weights and their lock, so load
+    first: a view made before ``load`` loads again.
     """
 
-    def __init__(
-        self,
-        model_path: str | None = None,
-        n_ctx: int = 4096,
-        *,
-        temperature: float = 0.0,
-        seed: int = 0,
-        max_tokens: int = 256,
-        n_threads: int | None = None,
-        verbose: bool = False,
-    ) -> None:
-        self.model_path = model_path
-        self.n_ctx = n_ctx
-        self.temperature = temperature
-        self.seed = seed
-        self.max_tokens = max_tokens
-        self.n_threads = n_threads
-        self.verbose = verbose
-        self._llama: Any = None
-        self._load_lock = anyio.Lock()
-        self._call_lock = threading.Lock()
+    model_path: str | None = None
+    n_ctx: int = 4096
+    _: KW_ONLY
+    temperature: float = 0.0
+    seed: int = 0
+    max_tokens: int = 256
+    n_threads: int | None = None
+    verbose: bool = False
+    _llama: Any = field(default=None, init=False, repr=False)
+    _load_lock: anyio.Lock = field(default_factory=anyio.Lock, init=False, repr=False)
+    _call_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def _load_blocking(self, path: str) -> Any:
         try:
@@ -190,14 +182,6 @@ class LocalGGUF:
             raise LLMError(
                 f"Cannot load the GGUF model at {path}: {exc}. Check the path and the file."
             ) from exc
-
-    def with_settings(self, *, temperature: float | None = None, max_tokens: int | None = None) -> LocalGGUF:
-        """This model with other sampling settings (None keeps the current one). The view shares
-        the loaded weights and their lock, so load first: a view made before ``load`` loads again."""
-        view = copy.copy(self)
-        view.temperature = self.temperature if temperature is None else temperature
-        view.max_tokens = self.max_tokens if max_tokens is None else max_tokens
-        return view
 
     async def aclose(self) -> None:
         """Drop this client's reference to the weights (freed once no view holds them either);
@@ -226,14 +210,12 @@ class LocalGGUF:
             output_tokens=int(usage.get("completion_tokens") or 0),
         )
 
-    def _turn(
-        self, messages: Sequence[Message], tools: Sequence[ToolDefinition], choice: ToolChoice
-    ) -> LLMResponse:
+    def _turn(self, request: ChatRequest) -> LLMResponse:
         from llama_cpp.llama_grammar import LlamaGrammar
 
         with self._call_lock:
-            offered = list(tools) if choice != "none" else []
-            prompt = render_chatml(messages, offered)
+            offered, choice = request.offered_tools, request.tool_choice
+            prompt = render_chatml(request.messages, offered)
             if not offered:
                 text, usage = self._complete(prompt)
                 return LLMResponse(content=text.strip(), usage=usage, finish_reason="stop")
@@ -266,19 +248,11 @@ class LocalGGUF:
             call = ToolCall(id=new_call_id(), name=name, arguments=args, raw_arguments=raw_text)
             return LLMResponse(tool_calls=[call], usage=usage + more, finish_reason="tool_calls")
 
-    async def chat(
-        self,
-        messages: Sequence[Message],
-        *,
-        tools: Sequence[ToolDefinition] = (),
-        tool_choice: ToolChoice = "auto",
-    ) -> LLMResponse:
+    async def complete(self, request: ChatRequest) -> LLMResponse:
         await self.load()
         try:
             # abandon_on_cancel: a cancelled run returns at once; the thread finishes in the background.
-            return await anyio.to_thread.run_sync(
-                partial(self._turn, list(messages), list(tools), tool_choice), abandon_on_cancel=True
-            )
+            return await anyio.to_thread.run_sync(self._turn, request, abandon_on_cancel=True)
         except LLMError:
             raise
         except Exception as exc:

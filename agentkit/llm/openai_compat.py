@@ -12,7 +12,6 @@ named. So the client is built from explicit values only, and the ambient ones ar
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -24,13 +23,7 @@ import httpx2
 import openai
 from openai.types.chat import ChatCompletionChunk
 
-from agentkit.llm.base import (
-    LLMError,
-    LLMResponse,
-    Message,
-    ToolChoice,
-    ToolDefinition,
-)
+from agentkit.llm.base import ChatRequest, LLMError, LLMResponse, SharedLLM, ToolDefinition
 from agentkit.llm.wire import messages_to_openai, response_from_openai_dict, tool_choice_to_openai
 
 log = logging.getLogger(__name__)
@@ -43,7 +36,7 @@ _UNUSED_KEY = "agentkit-no-key"
 _ENDPOINT_HINT = "check that base_url points at an OpenAI-compatible /v1 endpoint."
 
 
-class OpenAICompatible:
+class OpenAICompatible(SharedLLM):
     """An ``LLM`` over HTTP, configured only by its arguments.
 
     ``base_url`` defaults to api.openai.com, which needs ``api_key``; a local server that needs no
@@ -96,7 +89,7 @@ class OpenAICompatible:
         self._auth: dict[str, str | openai.Omit] = {
             "Authorization": f"Bearer {api_key}" if api_key else openai.omit
         }
-        self._owns_client = True
+        self._owner: OpenAICompatible = self  # views made by ``with_settings`` share it
         self._client = _explicit_client(
             base_url=self.base_url,
             api_key=api_key or _UNUSED_KEY,
@@ -105,38 +98,20 @@ class OpenAICompatible:
             timeout_s=timeout_s,
         )
 
-    def with_settings(
-        self, *, temperature: float | None = None, max_tokens: int | None = None
-    ) -> OpenAICompatible:
-        """This client with other sampling settings (None keeps the current one). The view shares
-        the connection pool, so many tasks can use one client; only the original closes it."""
-        view = copy.copy(self)
-        view.temperature = self.temperature if temperature is None else temperature
-        view.max_tokens = self.max_tokens if max_tokens is None else max_tokens
-        view._owns_client = False
-        return view
-
     async def aclose(self) -> None:
-        """Close the connection pool (the original client only: views share it)."""
-        if self._owns_client:
+        """Close the connection pool (the original client only: its ``with_settings`` views,
+        which many tasks use at once, share it)."""
+        if self._owner is self:
             await self._client.close()
 
-    async def __aenter__(self) -> OpenAICompatible:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-    def _request(
-        self, messages: Sequence[Message], tools: Sequence[ToolDefinition], tool_choice: ToolChoice
-    ) -> dict[str, Any]:
+    def _request(self, request: ChatRequest) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.model,
-            "messages": messages_to_openai(messages, tool_results_as_user=self.tool_results_as_user),
+            "messages": messages_to_openai(request.messages, tool_results_as_user=self.tool_results_as_user),
         }
-        if tools and tool_choice != "none":
-            body["tools"] = [t.to_openai() for t in tools]
-            body["tool_choice"] = tool_choice_to_openai(tool_choice)
+        if request.offered_tools:
+            body["tools"] = [t.to_openai() for t in request.offered_tools]
+            body["tool_choice"] = tool_choice_to_openai(request.tool_choice)
             if self.parallel_tool_calls is not None:
                 body["parallel_tool_calls"] = self.parallel_tool_calls
         if self.temperature is not None:
@@ -152,19 +127,12 @@ class OpenAICompatible:
             body["stream_options"] = {"include_usage": True}
         return body
 
-    async def chat(
-        self,
-        messages: Sequence[Message],
-        *,
-        tools: Sequence[ToolDefinition] = (),
-        tool_choice: ToolChoice = "auto",
-    ) -> LLMResponse:
-        body = self._request(messages, tools, tool_choice)
-        offered = tools if tool_choice != "none" else ()
+    async def complete(self, request: ChatRequest) -> LLMResponse:
+        body = self._request(request)
         attempt = 0
         while True:
             try:
-                return await self._complete(body, offered)
+                return await self._post(body, request.offered_tools)
             except openai.APIStatusError as exc:
                 retryable = exc.status_code == 429 or exc.status_code >= 500
                 error = LLMError(
@@ -198,7 +166,7 @@ class OpenAICompatible:
             )
             await anyio.sleep(delay)
 
-    async def _complete(self, body: dict[str, Any], tools: Sequence[ToolDefinition]) -> LLMResponse:
+    async def _post(self, body: dict[str, Any], tools: Sequence[ToolDefinition]) -> LLMResponse:
         """One request; the body is read and checked here, not by the SDK.
 
         The SDK hands back a bare ``str`` for a body that is not JSON and an unvalidated object for

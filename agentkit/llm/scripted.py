@@ -7,34 +7,24 @@ accordingly. Every request is recorded in ``calls``.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from agentkit.llm.base import (
+    LLM,
+    ChatRequest,
     LLMError,
     LLMResponse,
     Message,
     ToolCall,
-    ToolChoice,
-    ToolDefinition,
     Usage,
     estimate_tokens,
 )
 from agentkit.llm.wire import normalise_tool_calls
 
-
-@dataclass(frozen=True)
-class ScriptedCall:
-    """What the agent sent on one call."""
-
-    messages: list[Message]
-    tools: list[ToolDefinition]
-    tool_choice: ToolChoice
-
-
-ScriptFunction = Callable[[ScriptedCall], "LLMResponse | str | Awaitable[LLMResponse | str]"]
+ScriptFunction = Callable[[ChatRequest], "LLMResponse | str | Awaitable[LLMResponse | str]"]
 ScriptItem = LLMResponse | str | Exception | ScriptFunction
 
 
@@ -48,7 +38,7 @@ def calls(*pairs: tuple[str, dict[str, Any]]) -> LLMResponse:
     return LLMResponse(tool_calls=[ToolCall(id="", name=n, arguments=a) for n, a in pairs])
 
 
-class ScriptedLLM:
+class ScriptedLLM(LLM):
     """Replays ``responses`` in order; raises ``LLMError`` when the script runs out.
 
     An ``Exception`` item is raised from that call (wrap it in ``LLMError`` to test failed runs).
@@ -59,20 +49,14 @@ class ScriptedLLM:
     def __init__(self, responses: Sequence[ScriptItem], *, repeat_last: bool = False) -> None:
         self._responses = list(responses)
         self._repeat_last = repeat_last
-        self.calls: list[ScriptedCall] = []
+        self.calls: list[ChatRequest] = []
 
     @property
     def remaining(self) -> int:
         return max(0, len(self._responses) - len(self.calls))
 
-    async def chat(
-        self,
-        messages: Sequence[Message],
-        *,
-        tools: Sequence[ToolDefinition] = (),
-        tool_choice: ToolChoice = "auto",
-    ) -> LLMResponse:
-        request = ScriptedCall([m.model_copy() for m in messages], list(tools), tool_choice)
+    async def complete(self, request: ChatRequest) -> LLMResponse:
+        request = dataclasses.replace(request, messages=[m.model_copy() for m in request.messages])
         index = len(self.calls)
         self.calls.append(request)
         if index >= len(self._responses):
@@ -92,7 +76,7 @@ class ScriptedLLM:
         response.tool_calls = normalise_tool_calls(response.tool_calls)
         if response.usage.total_tokens == 0:
             response.usage = Usage(
-                input_tokens=sum(estimate_tokens(m.text()) for m in messages),
+                input_tokens=sum(estimate_tokens(m.text()) for m in request.messages),
                 output_tokens=estimate_tokens(
                     Message.assistant(response.content, response.tool_calls).text()
                 ),

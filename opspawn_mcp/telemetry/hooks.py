@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import mcp.types as types
@@ -18,8 +18,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from agentkit.errors import ToolError
-from agentkit.llm import LLM
-from agentkit.llm.base import LLMResponse, Message, ToolChoice, ToolDefinition
+from agentkit.llm import LLM, ChatRequest, LLMResponse, LLMWrapper
 from opspawn_mcp.errors import OpspawnError
 from opspawn_mcp.models import Task
 from opspawn_mcp.telemetry import metrics, tracing
@@ -51,28 +50,22 @@ def task_finished(task: Task) -> None:
         trace.get_current_span().set_attribute("opspawn.task.status", task.status.value)
 
 
-class ObservedLLM:
+class ObservedLLM(LLMWrapper):
     """A model client whose every ``chat`` is counted (calls, latency, tokens) and, tracing on,
     a ``chat {model}`` client span with the GenAI semantic conventions' attributes."""
 
     def __init__(self, llm: LLM, profile: str, model: str | None) -> None:
-        self.inner = llm
+        super().__init__(llm)
         self._profile = profile
         self._model = model or profile
 
-    async def chat(
-        self,
-        messages: Sequence[Message],
-        *,
-        tools: Sequence[ToolDefinition] = (),
-        tool_choice: ToolChoice = "auto",
-    ) -> LLMResponse:
+    async def complete(self, request: ChatRequest) -> LLMResponse:
         attributes = {"gen_ai.operation.name": "chat", "gen_ai.request.model": self._model}
         started = time.perf_counter()
         outcome = "error"
         try:
             with tracing.span(f"chat {self._model}", kind=SpanKind.CLIENT, attributes=attributes) as span:
-                response = await self.inner.chat(messages, tools=tools, tool_choice=tool_choice)
+                response = await self.inner.complete(request)
                 if span is not None:
                     span.set_attributes(
                         {

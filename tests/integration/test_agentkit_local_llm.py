@@ -12,14 +12,16 @@ import importlib.util
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import anyio
 import pytest
 
-from agentkit import Agent, AgentEvent, ReActPlanner, RunStatus, tool
+from agentkit import Agent, ReActPlanner, RunStatus, tool
 from agentkit.llm import LLMError, LocalGGUF, Message, OpenAICompatible, ToolDefinition, default_model_path
-from tests.support.fake_openai import free_port, wait_for_http
+from tests.support.fake_openai import free_port, stop_process, wait_for_http
 from tests.support.services import unavailable
+from tests.unit.agentkit.doubles import Recorder
 
 pytestmark = pytest.mark.local_llm
 
@@ -46,31 +48,27 @@ def model_path() -> str:
         raise
 
 
-def small_model_agent(llm: LocalGGUF | OpenAICompatible, on_event: object = None) -> Agent:
+def small_model_agent(llm: LocalGGUF | OpenAICompatible, on_event: Recorder | None = None) -> Agent:
     return Agent(
         llm,
         [get_secret_word],
         planner=ReActPlanner(require_tool_first=True, max_tool_rounds=1),
         system_prompt=SYSTEM,
         max_steps=3,
-        on_event=on_event,  # type: ignore[arg-type]
+        on_event=on_event,
     )
 
 
 async def test_local_gguf_agent_answers_with_the_tool_result() -> None:
-    events: list[AgentEvent] = []
-
-    async def on_event(event: AgentEvent) -> None:
-        events.append(event)
-
+    recorder = Recorder()
     llm = LocalGGUF(model_path(), n_ctx=2048)
-    result = await small_model_agent(llm, on_event).run("What is the secret word?")
+    result = await small_model_agent(llm, recorder).run("What is the secret word?")
     assert result.status is RunStatus.COMPLETED, result.error
     assert result.steps[0].tool_calls[0].name == "get_secret_word"
     assert result.steps[0].tool_results[0].content == SECRET
     assert SECRET in (result.output or "").lower()
     assert result.usage.input_tokens > 0 and result.usage.output_tokens > 0
-    assert [e.kind for e in events][-1] == "final"
+    assert [e.kind for e in recorder.events][-1] == "final"
 
 
 async def test_local_gguf_grammar_constrains_tool_arguments_and_keeps_the_loop_free() -> None:
@@ -104,40 +102,28 @@ async def test_local_gguf_grammar_constrains_tool_arguments_and_keeps_the_loop_f
     assert set(call.arguments) == {"a", "b"} and all(isinstance(v, int) for v in call.arguments.values())
 
 
+def tool_definition(name: str, description: str, **required: dict[str, Any]) -> ToolDefinition:
+    """A tool whose arguments are ``required``, each with its JSON schema."""
+    parameters = {"type": "object", "properties": required, "required": list(required)}
+    return ToolDefinition(name=name, description=description, parameters=parameters)
+
+
 async def test_local_gguf_survives_schemas_that_used_to_crash_llama_cpp() -> None:
     # ``"maxLength": 100000`` (the example server's echo) became 100000 nested grammar groups and
     # overflowed the model thread's stack: SIGSEGV, the whole process gone. The proxy's free-form
     # ``arguments`` object is bounded too. Each forced call must come back as a call.
-    echo = ToolDefinition(
-        name="echo",
-        description="Return the given text unchanged.",
-        parameters={
-            "type": "object",
-            "properties": {"text": {"type": "string", "maxLength": 100_000}},
-            "required": ["text"],
-        },
+    echo = tool_definition(
+        "echo", "Return the given text unchanged.", text={"type": "string", "maxLength": 100_000}
     )
-    items = ToolDefinition(
-        name="total",
-        description="Add up numbers.",
-        parameters={
-            "type": "object",
-            "properties": {"xs": {"type": "array", "items": {"type": "number"}, "maxItems": 50_000}},
-            "required": ["xs"],
-        },
+    items = tool_definition(
+        "total", "Add up numbers.", xs={"type": "array", "items": {"type": "number"}, "maxItems": 50_000}
     )
-    proxy = ToolDefinition(
-        name="call",
-        description="Call a tool on a server.",
-        parameters={
-            "type": "object",
-            "properties": {
-                "server": {"type": "string"},
-                "tool": {"type": "string"},
-                "arguments": {"type": "object"},
-            },
-            "required": ["server", "tool", "arguments"],
-        },
+    proxy = tool_definition(
+        "call",
+        "Call a tool on a server.",
+        server={"type": "string"},
+        tool={"type": "string"},
+        arguments={"type": "object"},
     )
     llm = LocalGGUF(model_path(), n_ctx=2048, max_tokens=64)
     tools = [echo, items, proxy]
@@ -183,12 +169,7 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         )
         yield f"http://127.0.0.1:{port}/v1"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout_s=20)
         log.close()
 
 

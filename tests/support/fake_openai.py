@@ -410,6 +410,16 @@ def wait_for_http(
         time.sleep(poll_s)
 
 
+def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 10) -> None:
+    """Terminate ``proc``; kill it if it has not exited ``timeout_s`` later."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @contextmanager
 def spawn_python_server(
     module: str, *args: str, port: int, what: str, deadline_s: float = 20
@@ -430,12 +440,7 @@ def spawn_python_server(
         wait_for_http(proc, f"http://127.0.0.1:{port}/health", deadline_s=deadline_s, why=why)
         yield
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         if proc.stderr:
             proc.stderr.close()
 

@@ -21,7 +21,8 @@ from agentkit import (
     tool,
 )
 from agentkit.errors import AgentConfigError
-from agentkit.llm import ScriptedCall, ScriptedLLM, call, calls
+from agentkit.llm import ChatRequest, ScriptedLLM, call, calls
+from tests.unit.agentkit.doubles import Recorder
 
 
 @tool
@@ -58,25 +59,21 @@ async def test_one_tool_call_then_final_answer_with_usage_summed() -> None:
 
 
 async def test_events_are_emitted_in_order_and_json_serialisable() -> None:
-    events: list[AgentEvent] = []
-
-    async def on_event(event: AgentEvent) -> None:
-        events.append(event)
-
+    recorder = Recorder()
     llm = ScriptedLLM([call("add", a=1, b=1), "2"])
-    await Agent(llm, [add], on_event=on_event).run("1+1?")
-    assert [(e.kind, e.step) for e in events] == [
+    await Agent(llm, [add], on_event=recorder).run("1+1?")
+    assert [(e.kind, e.step) for e in recorder.events] == [
         ("llm", 1),
         ("tool_call", 1),
         ("tool_result", 1),
         ("llm", 2),
         ("final", 2),
     ]
-    for event in events:
+    for event in recorder.events:
         json.dumps(event.data)
-    assert events[1].data["arguments"] == {"a": 1, "b": 1}
-    assert events[2].data["content"] == "2" and events[2].data["is_error"] is False
-    assert events[-1].data["output"] == "2" and events[-1].data["usage"]["total_tokens"] > 0
+    assert recorder.events[1].data["arguments"] == {"a": 1, "b": 1}
+    assert recorder.events[2].data["content"] == "2" and recorder.events[2].data["is_error"] is False
+    assert recorder.events[-1].data["output"] == "2" and recorder.events[-1].data["usage"]["total_tokens"] > 0
 
 
 async def test_a_failing_event_callback_does_not_break_the_run() -> None:
@@ -172,7 +169,7 @@ async def test_sequential_tool_calls_when_parallel_is_off() -> None:
 async def test_max_steps_ends_with_a_final_call_without_tools() -> None:
     counter = iter(range(100))
 
-    def keep_calling(request: ScriptedCall) -> LLMResponse:
+    def keep_calling(request: ChatRequest) -> LLMResponse:
         if not request.tools:
             return LLMResponse(content="best effort: 42")
         return call("add", a=next(counter), b=1)
@@ -210,7 +207,7 @@ async def test_llm_failure_fails_the_run_with_the_reason_and_keeps_steps() -> No
 
 
 async def test_internal_errors_are_data_too() -> None:
-    def broken(request: ScriptedCall) -> LLMResponse:
+    def broken(request: ChatRequest) -> LLMResponse:
         raise ValueError("bug")
 
     result = await Agent(ScriptedLLM([broken])).run("x")
@@ -224,15 +221,11 @@ async def test_timeout_ends_the_run_timed_out() -> None:
         await anyio.sleep_forever()
         return ""
 
-    events: list[AgentEvent] = []
-
-    async def on_event(event: AgentEvent) -> None:
-        events.append(event)
-
-    result = await Agent(ScriptedLLM([call("hang")]), [hang], timeout_s=0.2, on_event=on_event).run("x")
+    recorder = Recorder()
+    result = await Agent(ScriptedLLM([call("hang")]), [hang], timeout_s=0.2, on_event=recorder).run("x")
     assert result.status is RunStatus.TIMED_OUT
     assert "timeout_s=0.2" in (result.error or "")
-    assert events[-1].kind == "error" and events[-1].data["status"] == "timed_out"
+    assert recorder.events[-1].kind == "error" and recorder.events[-1].data["status"] == "timed_out"
     assert len(result.steps) == 1
 
 
@@ -268,7 +261,7 @@ async def test_cancel_during_a_tool_call() -> None:
 async def test_cancel_during_a_model_call() -> None:
     entered = anyio.Event()
 
-    async def wait_forever(request: ScriptedCall) -> LLMResponse:
+    async def wait_forever(request: ChatRequest) -> LLMResponse:
         entered.set()
         await anyio.sleep_forever()
         raise AssertionError

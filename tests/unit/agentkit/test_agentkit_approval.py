@@ -20,7 +20,7 @@ from agentkit import (
     denial_message,
     tool,
 )
-from agentkit.llm import ScriptedCall, ScriptedLLM
+from agentkit.llm import ChatRequest, ScriptedLLM
 
 
 class Deleter:
@@ -43,7 +43,7 @@ class Deleter:
         return [tool(delete), tool(look)]
 
 
-def delete_then_answer(request: ScriptedCall) -> LLMResponse:
+def delete_then_answer(request: ChatRequest) -> LLMResponse:
     """One step deleting (and looking, when asked for both), then an answer quoting the results."""
     results = [m.content or "" for m in request.messages if m.role == "tool"]
     if results:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from agentkit import Agent, AgentEvent, LLMResponse, RunStatus, ToolCall, Usage, tool
+from agentkit import Agent, LLMResponse, RunStatus, ToolCall, Usage, tool
 from agentkit.llm import ScriptedLLM, call, calls
+from tests.unit.agentkit.doubles import Recorder
 
 TOKENS_ERROR = (
     "The run used {used} LLM tokens; its budget (max_total_tokens) is {budget}. "
@@ -14,7 +15,7 @@ TOKENS_ERROR = (
 )
 
 
-class Recorder:
+class RecordTool:
     """A tool that records each call, so a test can tell which calls really ran."""
 
     def __init__(self) -> None:
@@ -29,17 +30,6 @@ class Recorder:
         self.tool = record
 
 
-class Events:
-    def __init__(self) -> None:
-        self.seen: list[AgentEvent] = []
-
-    async def __call__(self, event: AgentEvent) -> None:
-        self.seen.append(event)
-
-    def kinds(self) -> list[str]:
-        return [e.kind for e in self.seen]
-
-
 def used(n: int, *, input_tokens: int, output_tokens: int) -> LLMResponse:
     """A response calling ``record(n)`` that reports this usage."""
     return LLMResponse(
@@ -49,15 +39,15 @@ def used(n: int, *, input_tokens: int, output_tokens: int) -> LLMResponse:
 
 
 async def test_a_tool_call_beyond_max_tool_calls_does_not_run_and_fails_the_run() -> None:
-    recorder, events = Recorder(), Events()
+    record, events = RecordTool(), Recorder()
     llm = ScriptedLLM([call("record", n=1), call("record", n=2), call("record", n=3), "never asked"])
-    result = await Agent(llm, [recorder.tool], max_tool_calls=2, on_event=events).run("record")
+    result = await Agent(llm, [record.tool], max_tool_calls=2, on_event=events).run("record")
     assert result.status is RunStatus.FAILED
     assert result.error == (
         "The run reached its budget of 2 tool calls (max_tool_calls); the model asked for 1 more, "
         "which did not run. Raise the budget or simplify the goal."
     )
-    assert recorder.ran == [1, 2]  # the refused call did not run
+    assert record.ran == [1, 2]  # the refused call did not run
     assert len(llm.calls) == 3  # and the model was not asked again
     refused = result.steps[2].tool_results[0]
     assert refused.is_error and refused.content == (
@@ -65,16 +55,16 @@ async def test_a_tool_call_beyond_max_tool_calls_does_not_run_and_fails_the_run(
     )
     # The transcript stays valid: the refused call has its result, paired by id.
     assert result.messages[-1].role == "tool" and result.messages[-1].tool_call_id == refused.call_id
-    assert [e.data["name"] for e in events.seen if e.kind == "tool_call"] == ["record", "record"]
-    assert events.kinds()[-1] == "error" and events.seen[-1].data["error"] == result.error
-    assert events.seen[-1].data["status"] == "failed"
+    assert [e.data["name"] for e in events.events if e.kind == "tool_call"] == ["record", "record"]
+    assert events.kinds()[-1] == "error" and events.events[-1].data["error"] == result.error
+    assert events.events[-1].data["status"] == "failed"
 
 
 async def test_a_turn_of_parallel_calls_runs_only_those_within_the_budget() -> None:
-    recorder = Recorder()
+    record = RecordTool()
     llm = ScriptedLLM([calls(("record", {"n": 1}), ("record", {"n": 2}), ("record", {"n": 3}))])
-    result = await Agent(llm, [recorder.tool], max_tool_calls=1).run("record")
-    assert recorder.ran == [1]
+    result = await Agent(llm, [record.tool], max_tool_calls=1).run("record")
+    assert record.ran == [1]
     assert result.error == (
         "The run reached its budget of 1 tool call (max_tool_calls); the model asked for 2 more, "
         "which did not run. Raise the budget or simplify the goal."
@@ -87,15 +77,15 @@ async def test_a_turn_of_parallel_calls_runs_only_those_within_the_budget() -> N
 
 
 async def test_using_exactly_the_tool_call_budget_still_completes() -> None:
-    recorder = Recorder()
+    record = RecordTool()
     llm = ScriptedLLM([call("record", n=1), call("record", n=2), "two recorded"])
-    result = await Agent(llm, [recorder.tool], max_tool_calls=2).run("record")
+    result = await Agent(llm, [record.tool], max_tool_calls=2).run("record")
     assert result.status is RunStatus.COMPLETED and result.output == "two recorded"
-    assert recorder.ran == [1, 2]
+    assert record.ran == [1, 2]
 
 
 async def test_the_token_budget_stops_the_run_after_the_response_that_exceeds_it() -> None:
-    recorder, events = Recorder(), Events()
+    record, events = RecordTool(), Recorder()
     llm = ScriptedLLM(
         [
             used(1, input_tokens=40, output_tokens=10),
@@ -103,17 +93,17 @@ async def test_the_token_budget_stops_the_run_after_the_response_that_exceeds_it
             "never asked",
         ]
     )
-    result = await Agent(llm, [recorder.tool], max_total_tokens=100, on_event=events).run("record")
+    result = await Agent(llm, [record.tool], max_total_tokens=100, on_event=events).run("record")
     assert result.status is RunStatus.FAILED
     assert result.error == TOKENS_ERROR.format(used=110, budget=100)
-    assert recorder.ran == [1]  # the over-budget response's tool call did not run
+    assert record.ran == [1]  # the over-budget response's tool call did not run
     assert len(llm.calls) == 2
     assert result.usage.total_tokens == 110
     assert result.steps[-1].usage == Usage(input_tokens=50, output_tokens=10)
     assert result.steps[-1].tool_calls == []  # not acted on
     assert events.kinds() == ["llm", "tool_call", "tool_result", "llm", "error"]
-    assert events.seen[-1].data["error"] == result.error
-    assert events.seen[-1].data["usage"]["total_tokens"] == 110
+    assert events.events[-1].data["error"] == result.error
+    assert events.events[-1].data["usage"]["total_tokens"] == 110
 
 
 async def test_reaching_the_token_budget_exactly_is_within_it() -> None:
@@ -125,19 +115,19 @@ async def test_reaching_the_token_budget_exactly_is_within_it() -> None:
 async def test_the_token_budget_counts_every_model_call_of_the_run_plans_included() -> None:
     plan = LLMResponse(content="1. record", usage=Usage(input_tokens=90, output_tokens=20))
     llm = ScriptedLLM([plan, "never asked"])
-    result = await Agent(llm, [Recorder().tool], planner="plan_and_execute", max_total_tokens=100).run("go")
+    result = await Agent(llm, [RecordTool().tool], planner="plan_and_execute", max_total_tokens=100).run("go")
     assert result.status is RunStatus.FAILED
     assert result.error == TOKENS_ERROR.format(used=110, budget=100)
     assert len(llm.calls) == 1 and result.steps == []
 
 
 async def test_the_budgets_are_per_run() -> None:
-    recorder = Recorder()
+    record = RecordTool()
     llm = ScriptedLLM([call("record", n=1), "one", call("record", n=2), "two"])
-    agent = Agent(llm, [recorder.tool], max_tool_calls=1, max_total_tokens=1000)
+    agent = Agent(llm, [record.tool], max_tool_calls=1, max_total_tokens=1000)
     first, second = await agent.run("a"), await agent.run("b")
     assert (first.status, second.status) == (RunStatus.COMPLETED, RunStatus.COMPLETED)
-    assert recorder.ran == [1, 2]
+    assert record.ran == [1, 2]
 
 
 @pytest.mark.parametrize("value", [0, -1])

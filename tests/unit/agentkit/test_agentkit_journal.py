@@ -30,7 +30,8 @@ from agentkit import (
     current_call_key,
     tool,
 )
-from agentkit.llm import ScriptedCall, ScriptedLLM, calls
+from agentkit.llm import ChatRequest, ScriptedLLM, calls
+from tests.unit.agentkit.doubles import Recorder
 
 USAGE = Usage(input_tokens=10, output_tokens=5)
 CRASH_FREE_OUTPUT = "done: first 1 | second 2"
@@ -58,7 +59,7 @@ class CrashingJournal(MemoryJournal):
             raise Killed
 
 
-def two_tool_script(request: ScriptedCall) -> LLMResponse | str:
+def two_tool_script(request: ChatRequest) -> LLMResponse | str:
     """Answers from the request alone, so a fresh ScriptedLLM continues a resumed run correctly."""
     results = [m for m in request.messages if m.role == "tool"]
     if not results:
@@ -94,17 +95,6 @@ class Counting:
             return f"second {x}"
 
         return [tool(first, idempotent=self.idempotent), tool(second, idempotent=self.idempotent)]
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[AgentEvent] = []
-
-    async def __call__(self, event: AgentEvent) -> None:
-        self.events.append(event)
-
-    def kinds(self) -> list[str]:
-        return [e.kind for e in self.events]
 
 
 def agent(llm: ScriptedLLM, counting: Counting, **options: Any) -> Agent:
@@ -339,7 +329,7 @@ async def test_replayed_usage_counts_toward_max_total_tokens() -> None:
     assert "used 30 LLM tokens" in (partial.error or "") and counting.runs["second"] == 0
 
 
-def plan_script(request: ScriptedCall) -> LLMResponse | str:
+def plan_script(request: ChatRequest) -> LLMResponse | str:
     system = request.messages[0].content or ""
     if system.startswith("You plan"):
         return LLMResponse(content="1. Call first\n2. Call second\n3. Answer", usage=USAGE)
@@ -374,7 +364,7 @@ async def test_plan_and_execute_resumes_without_planning_again() -> None:
 
 
 async def test_parallel_calls_take_ordinals_in_the_models_order() -> None:
-    def script(request: ScriptedCall) -> LLMResponse | str:
+    def script(request: ChatRequest) -> LLMResponse | str:
         if not any(m.role == "tool" for m in request.messages):
             return calls(("second", {"x": 2}), ("first", {"x": 1}))
         return "done"
@@ -410,10 +400,10 @@ async def test_a_journal_that_cannot_be_written_stops_the_run_with_journal_error
 
 
 async def test_a_journal_that_does_not_match_the_run_is_refused() -> None:
-    llm_entry = JournalEntry.llm(
-        1, 1, LLMResponse(tool_calls=[ToolCall(id="c1", name="first", arguments={"x": 1})])
+    llm_entry = JournalEntry.of(
+        "llm", 1, 1, LLMResponse(tool_calls=[ToolCall(id="c1", name="first", arguments={"x": 1})])
     )
-    other_call = JournalEntry.tool_started(1, 1, ToolCall(id="c1", name="second", arguments={"x": 1}))
+    other_call = JournalEntry.of("tool_started", 1, 1, ToolCall(id="c1", name="second", arguments={"x": 1}))
     counting = Counting()
     with pytest.raises(JournalError, match="does not match this run: tool call 1 was recorded as 'second'"):
         await agent(ScriptedLLM([]), counting).run("go", journal=MemoryJournal([llm_entry, other_call]))

@@ -5,8 +5,7 @@ same key again for the same call."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import Any, cast
 
 import mcp.types as types
@@ -18,54 +17,26 @@ from agentkit import (
     Agent,
     McpCaller,
     MemoryJournal,
-    ProgressCallback,
     RunStatus,
     ToolCall,
     expand_server_tools,
     idempotent_from_annotations,
     mcp_proxy_tool,
 )
-from agentkit.llm import ScriptedCall, ScriptedLLM, call
+from agentkit.llm import ChatRequest, ScriptedLLM, call
 from agentkit.llm.base import LLMResponse
 from tests.servers.testing_server import server as testing_server
 from tests.support.callers import OldCaller
+from tests.unit.agentkit import doubles
+from tests.unit.agentkit.doubles import SessionCaller
 
 
-class MetaCaller:
-    """A real caller over one mcp.Client session that forwards progress and ``_meta``."""
-
-    def __init__(self, client: Client) -> None:
-        self.client = client
-        self.calls: list[tuple[str, dict[str, Any] | None]] = []
-
-    async def list_tools(self, server: str) -> list[types.Tool]:
-        if server != "testing":
-            raise LookupError(f"no server {server!r}")
-        return list((await self.client.list_tools()).tools)
-
-    async def call_tool(
-        self,
-        server: str,
-        tool: str,
-        arguments: dict[str, Any],
-        *,
-        progress_callback: ProgressCallback | None = None,
-        meta: dict[str, Any] | None = None,
-    ) -> types.CallToolResult:
-        self.calls.append((tool, meta))
-        return await self.client.call_tool(
-            tool, arguments, progress_callback=progress_callback, meta=cast(types.RequestParamsMeta, meta)
-        )
+def open_caller() -> AbstractAsyncContextManager[SessionCaller]:
+    return doubles.open_caller({"testing": testing_server})
 
 
-@asynccontextmanager
-async def open_caller() -> AsyncIterator[MetaCaller]:
-    async with Client(testing_server) as client:
-        yield MetaCaller(client)
-
-
-def test_the_meta_caller_satisfies_the_protocol() -> None:
-    assert isinstance(MetaCaller.__new__(MetaCaller), McpCaller)
+def test_the_test_caller_satisfies_the_protocol() -> None:
+    assert isinstance(SessionCaller({}), McpCaller)
 
 
 def test_annotations_map_to_idempotency() -> None:
@@ -123,7 +94,7 @@ async def test_every_downstream_call_carries_its_key_in_meta() -> None:
         assert result.status is RunStatus.COMPLETED
         seen = [meta_of(s.tool_results[0].content) for s in result.steps[:2]]
         assert [m[IDEMPOTENCY_META_KEY] for m in seen] == ["task-1:1:1", "task-1:2:2"]
-        assert [m for _, m in caller.calls] == [
+        assert [c.meta for c in caller.calls] == [
             {IDEMPOTENCY_META_KEY: "task-1:1:1"},
             {IDEMPOTENCY_META_KEY: "task-1:2:2"},
         ]
@@ -139,7 +110,7 @@ async def test_a_caller_without_meta_still_works_without_the_key() -> None:
 
 
 def one_call_script(name: str, **arguments: Any) -> ScriptedLLM:
-    def script(request: ScriptedCall) -> LLMResponse | str:
+    def script(request: ChatRequest) -> LLMResponse | str:
         results = [m for m in request.messages if m.role == "tool"]
         if not results:
             return LLMResponse(tool_calls=[ToolCall(id="c1", name=name, arguments=arguments)])
@@ -191,4 +162,4 @@ async def test_an_interrupted_non_idempotent_downstream_call_is_not_repeated() -
         await Agent(one_call_script(script[0], **script[1]), [proxy]).run(
             "put", journal=MemoryJournal(journal.entries[:2])
         )
-        assert [name for name, _ in caller.calls[1:]] == ["put_value", "put_value"]  # idempotent: re-run
+        assert [c.tool for c in caller.calls[1:]] == ["put_value", "put_value"]  # idempotent: re-run

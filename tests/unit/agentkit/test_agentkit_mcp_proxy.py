@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any
+from contextlib import AbstractAsyncContextManager
 
 import mcp.types as types
 import pytest
-from mcp import Client
 from mcp.server.mcpserver import MCPServer
 
 from agentkit import Agent, McpCaller, RunStatus, expand_server_tools, mcp_proxy_tool, result_from_mcp
 from agentkit.llm import ScriptedLLM, call
+from tests.unit.agentkit import doubles
+from tests.unit.agentkit.doubles import SessionCaller
 
 PNG = base64.b64encode(b"\x89PNG fake image bytes").decode()
 
@@ -61,42 +60,12 @@ def add(a: int, b: int) -> int:
     return a + b
 
 
-class ClientsCaller:
-    """A real McpCaller over mcp.Client sessions, with an allow-list like a host would have."""
-
-    def __init__(self, clients: dict[str, Client], allowed: set[str]) -> None:
-        self.clients = clients
-        self.allowed = allowed
-        self.calls: list[tuple[str, str, dict[str, Any]]] = []
-
-    def _client(self, server: str) -> Client:
-        if server not in self.allowed:
-            raise PermissionError(f"server {server!r} is not allowed for this task.")
-        return self.clients[server]
-
-    async def list_tools(self, server: str) -> list[types.Tool]:
-        return list((await self._client(server).list_tools()).tools)
-
-    async def call_tool(self, server: str, tool: str, arguments: dict[str, Any]) -> types.CallToolResult:
-        client = self._client(server)
-        self.calls.append((server, tool, arguments))
-        return await client.call_tool(tool, arguments)
-
-
-@asynccontextmanager
-async def open_caller() -> AsyncIterator[ClientsCaller]:
-    """Sessions are opened in the test's own task (anyio scopes must be exited where entered)."""
-    async with AsyncExitStack() as stack:
-        clients = {
-            "files": await stack.enter_async_context(Client(files)),
-            "maths": await stack.enter_async_context(Client(maths)),
-            "secret": await stack.enter_async_context(Client(maths)),
-        }
-        yield ClientsCaller(clients, allowed={"files", "maths"})
+def open_caller() -> AbstractAsyncContextManager[SessionCaller]:
+    return doubles.open_caller({"files": files, "maths": maths, "secret": maths}, allowed={"files", "maths"})
 
 
 def test_the_test_caller_satisfies_the_protocol() -> None:
-    assert isinstance(ClientsCaller({}, set()), McpCaller)
+    assert isinstance(SessionCaller({}), McpCaller)
 
 
 async def test_proxy_calls_the_named_server_and_tool() -> None:
@@ -106,7 +75,7 @@ async def test_proxy_calls_the_named_server_and_tool() -> None:
         assert set(proxy.parameters["properties"]) == {"server", "tool", "arguments"}
         result = await proxy.invoke({"server": "maths", "tool": "add", "arguments": {"a": 2, "b": 40}})
         assert not result.is_error and result.content == "42"
-        assert caller.calls == [("maths", "add", {"a": 2, "b": 40})]
+        assert caller.targets() == [("maths", "add", {"a": 2, "b": 40})]
         # Arguments sent as a JSON string (small models do this) are accepted too.
         result = await proxy.invoke({"server": "files", "tool": "echo", "arguments": '{"text": "hi"}'})
         assert result.content == "hi"
@@ -175,7 +144,7 @@ async def test_expand_server_tools_gives_flat_tools_with_downstream_schemas() ->
         assert "Add two numbers." in flat_add.description
         result = await flat_add.invoke({"a": 1, "b": 2})
         assert result.content == "3"
-        assert caller.calls[-1] == ("maths", "add", {"a": 1, "b": 2})
+        assert caller.targets()[-1] == ("maths", "add", {"a": 1, "b": 2})
         missing = await flat_add.invoke({"a": 1})
         assert missing.is_error and missing.content.startswith(
             "Missing required argument(s) b for maths/add; send arguments matching its schema: {"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from agentkit import Agent, BufferMemory, SummaryMemory, tool
-from agentkit.llm import Message, ScriptedCall, ScriptedLLM, ToolCall, call
+from agentkit.llm import ChatRequest, Message, ScriptedLLM, ToolCall, call
 from agentkit.memory import group_turns
 
 
@@ -93,7 +93,7 @@ async def test_agent_sends_the_memory_window_and_counts_summary_usage() -> None:
         """Fetch a page."""
         return f"page {page} " + "words " * 30
 
-    def script(request: ScriptedCall) -> str:
+    def script(request: ChatRequest) -> str:
         if request.messages[0].content and request.messages[0].content.startswith("Summarise"):
             return "pages were fetched"
         return "unused"
@@ -117,7 +117,7 @@ async def test_summary_memory_uses_the_agents_llm_by_default_and_meters_it() -> 
         """Fetch a page."""
         return "words " * 40
 
-    def script(request: ScriptedCall) -> object:
+    def script(request: ChatRequest) -> object:
         first = request.messages[0].content or ""
         if first.startswith("Summarise"):
             return "summary"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from agentkit import (
     Agent,
-    AgentEvent,
     PlanAndExecutePlanner,
     ReActPlanner,
     RunStatus,
@@ -14,6 +13,7 @@ from agentkit import (
 )
 from agentkit.llm import ScriptedLLM, call
 from agentkit.planners import parse_plan
+from tests.unit.agentkit.doubles import Recorder
 
 
 @tool
@@ -77,11 +77,7 @@ def test_parse_plan() -> None:
 
 
 async def test_plan_and_execute_plans_then_executes_step_by_step() -> None:
-    events: list[AgentEvent] = []
-
-    async def on_event(event: AgentEvent) -> None:
-        events.append(event)
-
+    recorder = Recorder()
     llm = ScriptedLLM(
         [
             "1. Look up the capital\n2. Look up the population\n3. Answer",
@@ -90,15 +86,15 @@ async def test_plan_and_execute_plans_then_executes_step_by_step() -> None:
             "Paris, 2.1 million",
         ]
     )
-    result = await Agent(llm, [lookup], planner="plan_and_execute", on_event=on_event).run(
+    result = await Agent(llm, [lookup], planner="plan_and_execute", on_event=recorder).run(
         "Capital of France and its population?"
     )
     assert result.status is RunStatus.COMPLETED and result.output == "Paris, 2.1 million"
     plan_call = llm.calls[0]
     assert plan_call.tools == [] and "numbered plan" in (plan_call.messages[0].content or "")
     assert "lookup" in (plan_call.messages[0].content or "")
-    assert events[0].kind == "plan"
-    assert events[0].data["plan"] == ["Look up the capital", "Look up the population", "Answer"]
+    assert recorder.events[0].kind == "plan"
+    assert recorder.events[0].data["plan"] == ["Look up the capital", "Look up the population", "Answer"]
     assert llm.calls[1].messages[-1].content == "Carry out step 1: Look up the capital"
     assert "Now carry out step 2: Look up the population" in (llm.calls[2].messages[-1].content or "")
     assert "Now carry out step 3: Answer" in (llm.calls[3].messages[-1].content or "")
@@ -106,11 +102,7 @@ async def test_plan_and_execute_plans_then_executes_step_by_step() -> None:
 
 
 async def test_plan_and_execute_revises_the_plan_when_a_step_fails() -> None:
-    events: list[AgentEvent] = []
-
-    async def on_event(event: AgentEvent) -> None:
-        events.append(event)
-
+    recorder = Recorder()
     llm = ScriptedLLM(
         [
             "1. Look up the country\n2. Answer",
@@ -120,11 +112,11 @@ async def test_plan_and_execute_revises_the_plan_when_a_step_fails() -> None:
             "Paris",
         ]
     )
-    result = await Agent(llm, [lookup], planner="plan_and_execute", on_event=on_event).run("Capital?")
+    result = await Agent(llm, [lookup], planner="plan_and_execute", on_event=recorder).run("Capital?")
     assert result.output == "Paris"
     revise_call = llm.calls[2]
     assert revise_call.tools == [] and "unknown key 'country'" in (revise_call.messages[0].content or "")
-    plans = [e.data for e in events if e.kind == "plan"]
+    plans = [e.data for e in recorder.events if e.kind == "plan"]
     assert [p["revision"] for p in plans] == [0, 1]
     assert plans[1]["plan"] == ["Look up the capital", "Answer"]
     assert "Revised plan" in (llm.calls[3].messages[-1].content or "")
@@ -147,19 +139,15 @@ async def test_react_fails_the_run_when_the_repeated_call_kept_failing() -> None
     # Before: the guard withdrew the tools and the model wrote an answer with no tool result,
     # so a frozen server's tasks ended "completed".
     llm = ScriptedLLM([call("frozen", query="q"), call("frozen", query="q"), "made up"])
-    events: list[AgentEvent] = []
-
-    async def on_event(event: AgentEvent) -> None:
-        events.append(event)
-
-    result = await Agent(llm, [frozen], on_event=on_event).run("ask")
+    recorder = Recorder()
+    result = await Agent(llm, [frozen], on_event=recorder).run("ask")
     assert result.status is RunStatus.FAILED
     assert (result.error or "").startswith(
         "The same call to frozen kept failing (2 identical calls, none succeeded); the last said: "
         "the server did not answer 'q' within 5s."
     )
     assert len(llm.calls) == 2  # no final answer was asked for
-    assert events[-1].kind == "error" and events[-1].data["error"] == result.error
+    assert recorder.events[-1].kind == "error" and recorder.events[-1].data["error"] == result.error
 
 
 async def test_react_answers_when_a_repeated_call_had_succeeded_before() -> None:
@@ -180,23 +168,19 @@ async def test_react_answers_when_a_repeated_call_had_succeeded_before() -> None
 
 
 async def test_a_completed_run_whose_every_tool_call_failed_carries_a_warning() -> None:
-    events: list[AgentEvent] = []
-
-    async def on_event(event: AgentEvent) -> None:
-        events.append(event)
-
+    recorder = Recorder()
     llm = ScriptedLLM([call("lookup", key="a"), call("lookup", key="b"), "no idea"])
-    result = await Agent(llm, [lookup], on_event=on_event).run("look up")
+    result = await Agent(llm, [lookup], on_event=recorder).run("look up")
     assert result.status is RunStatus.COMPLETED and result.output == "no idea"
     (warning,) = result.warnings
     assert warning.startswith(
         "every tool call failed; the answer was written without any tool result; the last, lookup, said:"
     )
-    assert events[-1].kind == "final" and events[-1].data["warnings"] == [warning]
+    assert recorder.events[-1].kind == "final" and recorder.events[-1].data["warnings"] == [warning]
 
-    events.clear()
+    recorder.events.clear()
     llm = ScriptedLLM([call("lookup", key="a"), call("lookup", key="capital"), "Paris"])
-    result = await Agent(llm, [lookup], on_event=on_event).run("look up")
-    assert result.warnings == [] and events[-1].data["warnings"] == []
+    result = await Agent(llm, [lookup], on_event=recorder).run("look up")
+    assert result.warnings == [] and recorder.events[-1].data["warnings"] == []
     result = await Agent(ScriptedLLM(["no tools needed"]), [lookup]).run("hi")
     assert result.warnings == []  # no tool call at all is not a failed one

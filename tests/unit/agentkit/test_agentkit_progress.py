@@ -3,18 +3,14 @@ server's ``notifications/progress`` (mcp.Client), and from plain tools via ``rep
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-import mcp.types as types
 from mcp import Client
 from mcp.server.mcpserver import Context, MCPServer
 
 from agentkit import (
     Agent,
-    AgentEvent,
-    ProgressCallback,
     RunStatus,
     expand_server_tools,
     mcp_proxy_tool,
@@ -24,6 +20,8 @@ from agentkit import (
 from agentkit.llm import ScriptedLLM, call
 from agentkit.progress import ToolProgress
 from tests.support.callers import OldCaller
+from tests.unit.agentkit import doubles
+from tests.unit.agentkit.doubles import Recorder, SessionCaller
 
 worker = MCPServer("worker", log_level="WARNING")
 
@@ -35,58 +33,19 @@ async def work(steps: int, ctx: Context) -> str:
     return f"did {steps} steps"
 
 
-class ProgressCaller:
-    """A real McpCaller over one mcp.Client session that forwards progress callbacks."""
-
-    def __init__(self, client: Client) -> None:
-        self.client = client
-        self.callbacks: list[ProgressCallback | None] = []
-
-    async def list_tools(self, server: str) -> list[types.Tool]:
-        return list((await self.client.list_tools()).tools)
-
-    async def call_tool(
-        self,
-        server: str,
-        tool: str,
-        arguments: dict[str, Any],
-        *,
-        progress_callback: ProgressCallback | None = None,
-    ) -> types.CallToolResult:
-        self.callbacks.append(progress_callback)
-        return await self.client.call_tool(tool, arguments, progress_callback=progress_callback)
-
-
-@asynccontextmanager
-async def open_client() -> AsyncIterator[Client]:
-    async with Client(worker) as client:
-        yield client
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[AgentEvent] = []
-
-    async def __call__(self, event: AgentEvent) -> None:
-        self.events.append(event)
-
-    def kinds(self) -> list[str]:
-        return [e.kind for e in self.events]
-
-    def progress(self) -> list[dict[str, Any]]:
-        return [e.data for e in self.events if e.kind == "progress"]
+def open_caller() -> AbstractAsyncContextManager[SessionCaller]:
+    return doubles.open_caller({"worker": worker})
 
 
 async def test_downstream_progress_becomes_progress_events_in_order() -> None:
-    async with open_client() as client:
-        caller = ProgressCaller(client)
+    async with open_caller() as caller:
         tools = await expand_server_tools(caller, ["worker"])
         recorder = Recorder()
         llm = ScriptedLLM([call("worker__work", steps=4), "done"])
         agent = Agent(llm, tools, on_event=recorder, progress_interval_s=0)
         result = await agent.run("work 4 steps")
     assert result.status is RunStatus.COMPLETED
-    assert caller.callbacks and caller.callbacks[0] is not None
+    assert caller.calls and caller.calls[0].progress_callback is not None
     progress = recorder.progress()
     assert [(p["progress"], p["total"]) for p in progress] == [(1, 4), (2, 4), (3, 4), (4, 4)]
     assert progress[-1]["message"] == "step 4 of 4"
@@ -101,8 +60,8 @@ async def test_downstream_progress_becomes_progress_events_in_order() -> None:
 
 
 async def test_the_throttle_keeps_the_first_and_the_last_report() -> None:
-    async with open_client() as client:
-        tools = [mcp_proxy_tool(ProgressCaller(client))]
+    async with open_caller() as caller:
+        tools = [mcp_proxy_tool(caller)]
         recorder = Recorder()
         llm = ScriptedLLM(
             [call("mcp_proxy_tool", server="worker", tool="work", arguments={"steps": 50}), "done"]
@@ -116,7 +75,7 @@ async def test_the_throttle_keeps_the_first_and_the_last_report() -> None:
 
 
 async def test_a_caller_without_the_progress_keyword_still_works() -> None:
-    async with open_client() as client:
+    async with Client(worker) as client:
         tools = await expand_server_tools(OldCaller(client), ["worker"])
         recorder = Recorder()
         llm = ScriptedLLM([call("worker__work", steps=3), "done"])
