@@ -80,22 +80,30 @@ async def sleep(
     return f"slept {seconds:g}s"
 
 
+def add_transport_options(parser: argparse.ArgumentParser, port: int) -> None:
+    """``--transport`` (stdio by default, or HTTP) and, for HTTP, ``--host`` and ``--port``."""
+    parser.add_argument("--transport", choices=["stdio", "sse", "streamable-http"], default="stdio")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=port)
+
+
+def run(mcp_server: MCPServer, args: argparse.Namespace) -> None:
+    """Serve ``mcp_server`` on the transport of ``args`` (``add_transport_options``) until it ends."""
+    if args.transport == "stdio":
+        mcp_server.run("stdio")
+    else:
+        mcp_server.run(args.transport, host=args.host, port=args.port)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run over stdio (the default attachment) or over HTTP for trying the server by hand."""
     parser = argparse.ArgumentParser(prog="python -m opspawn_mcp.example_server", description=__doc__)
-    parser.add_argument("--transport", choices=["stdio", "sse", "streamable-http"], default="stdio")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8766)
+    add_transport_options(parser, port=8766)
     args = parser.parse_args(argv)
     logging.basicConfig(
         stream=sys.stderr, level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    if args.transport == "stdio":
-        server.run("stdio")
-    elif args.transport == "sse":
-        server.run("sse", host=args.host, port=args.port)
-    else:
-        server.run("streamable-http", host=args.host, port=args.port)
+    run(server, args)
 
 
 if __name__ == "__main__":

@@ -164,23 +164,19 @@ class HttpGuard:
             if origin is not None and self.own_origin(origin):
                 return None
             sent = "no Origin header" if origin is None else f"the origin {origin!r}"
-            return error_response(
-                Forbidden(
-                    f"A dashboard action must come from the dashboard's own page, and this request "
-                    f"carries {sent}. Use the dashboard at {DASHBOARD_PATH}; scripts use the REST "
-                    "API under /v1 with a bearer token.",
-                    origin=origin,
-                )
+            why = (
+                f"A dashboard action must come from the dashboard's own page, and this request "
+                f"carries {sent}. Use the dashboard at {DASHBOARD_PATH}; scripts use the REST "
+                "API under /v1 with a bearer token."
             )
-        if origin is None or self.origin_ok(origin):
+        elif origin is None or self.origin_ok(origin):
             return None
-        return error_response(
-            Forbidden(
+        else:
+            why = (
                 f"Requests from the web origin {origin!r} are not allowed; list it in "
-                "opspawn.server.allowed_origins to let that site call this server.",
-                origin=origin,
+                "opspawn.server.allowed_origins to let that site call this server."
             )
-        )
+        return error_response(Forbidden(why, origin=origin))
 
     def authenticate(self, scope: Scope, headers: Headers) -> Response | None:
         path: str = scope["path"]

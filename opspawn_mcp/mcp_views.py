@@ -64,21 +64,17 @@ class TaskView(BaseModel):
             hint = f"Still {status.value}: call get_status with task_id {task.id!r} later, or cancel_task."
         return cls(
             task_id=task.id,
-            status=status,
             done=status.terminal,
             goal=task.spec.goal,
             servers=task.spec.servers,
             progress=TaskProgress(steps=task.steps, max_steps=task.spec.max_steps),
-            result=task.result,
-            error=task.error,
-            warning=task.warning,
-            approval=task.approval,
-            usage=task.usage,
-            created_at=task.created_at,
-            started_at=task.started_at,
-            finished_at=task.finished_at,
             next=hint,
+            **{name: getattr(task, name) for name in _AS_ON_TASK},
         )
+
+
+_AS_ON_TASK = TaskView.model_fields.keys() & Task.model_fields.keys()
+"""The fields a ``TaskView`` shows as ``Task`` holds them (status, result, error, usage, times...)."""
 
 
 class TaskList(BaseModel):

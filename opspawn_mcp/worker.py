@@ -119,9 +119,10 @@ class _ProcessHost:
                     runner.begin_shutdown()
                     await runner.wait_idle()
                 finally:
+                    # Wait for the cancel to land; unlike suppress(CancelledError), a cancel of
+                    # this task itself still propagates (recovery_loop logs its own failures).
                     recovery.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await recovery
+                    await asyncio.gather(recovery, return_exceptions=True)
                     await enqueuer.aclose()
         except BaseException as exc:
             if not self.runner.done():

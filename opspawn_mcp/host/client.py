@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection, Mapping
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypedDict, Unpack
 
 import anyio
 import anyio.abc
@@ -286,6 +286,13 @@ class OpsMcpClient:
         return [server.info() for server in self._servers.values()]
 
 
+class CallOptions(TypedDict, total=False):
+    """The keywords of agentkit's ``McpCaller.call_tool``, as a view passes them on."""
+
+    meta: dict[str, Any] | None
+    progress_callback: ProgressFnT | None
+
+
 class ScopedCaller:
     """``OpsMcpClient`` limited to one task's allowed servers; refuses others before any I/O."""
 
@@ -317,23 +324,16 @@ class ScopedCaller:
         return await self._client.list_tools(server)
 
     async def call_tool(
-        self,
-        server: str,
-        tool: str,
-        arguments: dict[str, Any],
-        *,
-        meta: dict[str, Any] | None = None,
-        progress_callback: ProgressFnT | None = None,
+        self, server: str, tool: str, arguments: dict[str, Any], **options: Unpack[CallOptions]
     ) -> types.CallToolResult:
+        """``OpsMcpClient.call_tool`` for an allowed server, with this task's ``meta`` added."""
         try:
             self._check(server)
         except OpspawnError as exc:  # Forbidden or NotFound: the model reads why, once
             raise ToolError(exc.message) from exc
         if self._meta:
-            meta = {**(meta or {}), **self._meta}
-        return await self._client.call_tool(
-            server, tool, arguments, meta=meta, progress_callback=progress_callback
-        )
+            options["meta"] = {**(options.get("meta") or {}), **self._meta}
+        return await self._client.call_tool(server, tool, arguments, **options)
 
     def idempotent(self, server: str, tool: str) -> bool | None:
         """``OpsMcpClient.idempotent``, refused (``Forbidden``) for a server outside this task."""

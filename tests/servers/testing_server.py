@@ -29,6 +29,8 @@ import anyio
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
 
+from opspawn_mcp.example_server import add_transport_options, run
+
 server: MCPServer = MCPServer("opspawn-testing", log_level="WARNING")
 _cancel_file: Path | None = None
 
@@ -177,9 +179,7 @@ def _linger(*_: Any) -> None:
 def main(argv: list[str] | None = None) -> None:
     global _cancel_file
     parser = argparse.ArgumentParser(prog="python -m tests.servers.testing_server")
-    parser.add_argument("--transport", choices=["stdio", "sse", "streamable-http"], default="stdio")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
+    add_transport_options(parser, port=0)
     parser.add_argument("--cancel-file", default=os.environ.get("TESTING_SERVER_CANCEL_FILE"))
     parser.add_argument("--pid-log", default=os.environ.get("TESTING_SERVER_PID_LOG"))
     parser.add_argument("--ignore-stdin-close", action="store_true")
@@ -194,14 +194,9 @@ def main(argv: list[str] | None = None) -> None:
         with open(args.pid_log, "a", encoding="utf-8") as f:
             f.write(f"{os.getpid()}\n")
     print(f"testing server {os.getpid()} starting on {args.transport}", file=sys.stderr, flush=True)
-    if args.transport == "stdio":
-        server.run("stdio")
-        if args.ignore_stdin_close:
-            _linger()
-    elif args.transport == "sse":
-        server.run("sse", host=args.host, port=args.port)
-    else:
-        server.run("streamable-http", host=args.host, port=args.port)
+    run(server, args)
+    if args.transport == "stdio" and args.ignore_stdin_close:
+        _linger()
 
 
 if __name__ == "__main__":
