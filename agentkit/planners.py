@@ -74,6 +74,7 @@ class Planner(Protocol):
         ...
 
 
+@dataclass(kw_only=True)
 class ReActPlanner:
     """Reason and act with native tool calling: the model calls tools until it answers.
 
@@ -90,18 +91,10 @@ class ReActPlanner:
       would hide a broken tool (a frozen server's timeouts) behind a "completed" run.
     """
 
-    def __init__(
-        self,
-        *,
-        require_tool_first: bool = False,
-        parallel_tool_calls: bool = True,
-        max_tool_rounds: int | None = None,
-        stop_repeated_calls: bool = True,
-    ) -> None:
-        self.require_tool_first = require_tool_first
-        self.parallel_tool_calls = parallel_tool_calls
-        self.max_tool_rounds = max_tool_rounds
-        self.stop_repeated_calls = stop_repeated_calls
+    require_tool_first: bool = False
+    parallel_tool_calls: bool = True
+    max_tool_rounds: int | None = None
+    stop_repeated_calls: bool = True
 
     async def begin(self, ctx: RunContext) -> None:
         ctx.state.update(rounds=0, seen=set(), succeeded=set(), answer_now=False)
@@ -177,6 +170,7 @@ def parse_plan(text: str | None) -> list[str]:
     return [line.strip(" -*") for line in lines if line.strip(" -*")]
 
 
+@dataclass(kw_only=True)
 class PlanAndExecutePlanner:
     """First ask for a numbered plan, then execute it one step at a time, revising when a step fails.
 
@@ -185,12 +179,9 @@ class PlanAndExecutePlanner:
     as an instruction, and a failed tool call triggers a revised plan (at most ``max_revisions``).
     """
 
-    def __init__(
-        self, *, max_plan_steps: int = 6, max_revisions: int = 2, parallel_tool_calls: bool = True
-    ) -> None:
-        self.max_plan_steps = max_plan_steps
-        self.max_revisions = max_revisions
-        self.parallel_tool_calls = parallel_tool_calls
+    max_plan_steps: int = 6
+    max_revisions: int = 2
+    parallel_tool_calls: bool = True
 
     @staticmethod
     def _tool_list(ctx: RunContext) -> str:
