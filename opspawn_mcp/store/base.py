@@ -8,9 +8,11 @@ gets ``IllegalTransition``.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -24,6 +26,17 @@ from opspawn_mcp.models import (
     TaskPage,
     TaskStatus,
     Usage,
+    utcnow,
+)
+from opspawn_mcp.store._common import (
+    allowed_from,
+    check_kind,
+    check_limit,
+    decode_cursor,
+    encode_cursor,
+    gives_back_attempt,
+    state_event,
+    transition_values,
 )
 
 JournalKind = Literal["llm", "tool_started", "tool_finished", "approval"]
@@ -58,24 +71,110 @@ class KeyTaken(Conflict):
         self.task = task
 
 
-class TaskStore(Protocol):
+_Row = TypeVar("_Row", Task, ExposedCall)
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """One keyset page as a backend reads it: the rows strictly older than ``after`` (the
+    decoded cursor) in newest-first order, at most ``limit + 1`` of them: the extra row only
+    says that a next page exists."""
+
+    limit: int
+    after: tuple[datetime, str] | None
+
+    def cut(
+        self, rows: Sequence[_Row], key: Callable[[_Row], tuple[datetime, str]]
+    ) -> tuple[list[_Row], str | None]:
+        """The page and its ``next_cursor`` (None on the last page)."""
+        page = list(rows[: self.limit])
+        return page, encode_cursor(*key(page[-1])) if len(rows) > self.limit else None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskQuery(Window):
+    """``list_tasks``'s filters: None (or ``""`` for the goal text) keeps everything."""
+
+    status: TaskStatus | None
+    principal: str | None
+    goal_contains: str
+
+
+@dataclass(frozen=True, slots=True)
+class CallQuery(Window):
+    """``list_calls``'s filters: None keeps everything."""
+
+    principal: str | None
+    server: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """One transition as ``TaskStore.transition`` checked it, for a backend to apply at once.
+
+    ``allowed`` is the part of ``expected`` from which ``new`` is legal (empty: it cannot win,
+    and the backend only says why); ``values`` are the fields it writes (``transition_values``:
+    ``usage`` and ``approval`` still models); ``state`` is the data of the ``state`` event
+    written with it, ``event`` the event just before that one, if any."""
+
+    task_id: str
+    new: TaskStatus
+    allowed: tuple[TaskStatus, ...]
+    owner: str | None
+    values: Mapping[str, Any]
+    state: dict[str, Any]
+    event: tuple[str, dict[str, Any]] | None
+    entries: Sequence[JournalRow]
+
+    @property
+    def refund(self) -> bool:
+        """Whether the claim's attempt is given back (``gives_back_attempt``)."""
+        return gives_back_attempt(self.new)
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """One agent event as ``TaskStore.record`` checked it: the event, the steps and usage so
+    far and the journal entries, written only while ``owner`` holds the running task."""
+
+    task_id: str
+    owner: str
+    kind: str
+    data: dict[str, Any]
+    steps: int
+    usage: Usage
+    entries: Sequence[JournalRow]
+
+
+class TaskStore(ABC):
+    """The contract every backend keeps (tests/integration/test_store_contract.py runs it on
+    each). The methods whose arguments need checking (``transition``, ``record``, the two
+    lists) are stated and checked here once and hand a backend one checked value (``Move``,
+    ``Progress``, ``TaskQuery``, ``CallQuery``); a backend implements the rest as they stand."""
+
+    @abstractmethod
     async def start(self) -> None:
         """Connect and create or migrate the schema (idempotent)."""
 
+    @abstractmethod
     async def close(self) -> None: ...
 
+    @abstractmethod
     async def ping(self) -> None:
         """Raise ``Unavailable`` when the store cannot be reached (used by readiness checks)."""
 
+    @abstractmethod
     async def create(self, task: Task) -> Task:
         """Insert the task and, in the same transaction, its first event (seq 1): the ``state``
         event of its initial status, so no reader ever sees a task without it. Raises
         ``Conflict`` for an id that exists, and ``KeyTaken`` (naming the task that holds it)
         when ``task.idempotency_key`` is set and its principal already has a task with it."""
 
+    @abstractmethod
     async def get_by_key(self, principal: str, key: str) -> Task | None:
         """``principal``'s task created with idempotency key ``key``, or None."""
 
+    @abstractmethod
     async def get(self, task_id: str) -> Task:
         """Raise ``TaskNotFound`` for an unknown id."""
 
@@ -91,19 +190,33 @@ class TaskStore(Protocol):
         """Newest first; ``cursor`` is the opaque ``next_cursor`` of the previous page;
         ``principal`` keeps only that principal's tasks (None: everyone's), ``goal_contains``
         only tasks whose goal contains that text, ignoring case (``%`` and ``_`` are literal)."""
+        check_limit(limit)
+        after = decode_cursor(cursor) if cursor else None
+        wanted = None if status is None else TaskStatus(status)
+        query = TaskQuery(limit, after, wanted, principal, goal_contains or "")
+        items, next_cursor = query.cut(await self._list_tasks(query), lambda t: (t.created_at, t.id))
+        return TaskPage(items=items, next_cursor=next_cursor)
 
+    @abstractmethod
+    async def _list_tasks(self, query: TaskQuery) -> list[Task]:
+        """The tasks of ``query``'s page (``Window``)."""
+
+    @abstractmethod
     async def mark_enqueued(self, task_id: str) -> None:
         """The broker confirmed the message of this queued task (the outbox's "sent" mark)."""
 
+    @abstractmethod
     async def unenqueued(self, created_before: datetime, limit: int = 100) -> list[str]:
         """Queued tasks created before ``created_before`` whose message no broker confirmed
         (its publish failed, or the publisher died first), oldest first: the recovery loop
         publishes them. A task put back in the queue by a transition counts again."""
 
+    @abstractmethod
     async def count_active(self, principal: str) -> int:
         """How many of ``principal``'s tasks are not finished (queued, running or waiting for
         input: its tasks in flight)."""
 
+    @abstractmethod
     async def count_by_status(self) -> dict[TaskStatus, int]:
         """Every principal's tasks by status, every status present (zero counts too): one
         grouped count, cheap enough for each ``/metrics`` scrape."""
@@ -140,31 +253,57 @@ class TaskStore(Protocol):
         attempt back. ``warning`` is stored with the task (``Task.warning``: why a completed
         answer needs checking). Raises ``TaskNotFound`` or ``IllegalTransition``.
         """
+        new = TaskStatus(new)
+        if event is not None:
+            check_kind(event[0])
+        allowed = tuple(allowed_from(expected, new))
+        # A move no status allows writes nothing (the backend only says why), so it needs no values.
+        values = (
+            transition_values(
+                new, utcnow(), result=result, error=error, usage=usage, approval=approval, warning=warning
+            )
+            if allowed
+            else {}
+        )
+        state = state_event(new, reason or error)
+        return await self._move(Move(task_id, new, allowed, owner, values, state, event, entries))
 
+    @abstractmethod
+    async def _move(self, move: Move) -> Task:
+        """Apply ``move`` as one transaction and answer the moved task, or raise
+        ``TaskNotFound`` or ``IllegalTransition`` (nothing written)."""
+
+    @abstractmethod
     async def claim(self, task_id: str, owner: str, ttl_s: float, max_attempts: int) -> Task | None:
         """Take the task for ``owner``: ``queued -> running``, or a ``running`` task whose lease
         has expired. Counts an attempt and sets the lease. Returns None if someone else holds it,
         it is terminal, or it has reached ``max_attempts`` (the caller then fails it)."""
 
+    @abstractmethod
     async def renew(self, task_id: str, owner: str, ttl_s: float) -> bool:
         """Extend the lease if ``owner`` still holds it; False means the task was lost."""
 
+    @abstractmethod
     async def renew_many(self, leases: Mapping[str, str], ttl_s: float) -> set[str]:
         """Extend every lease in ``leases`` (task id -> owner) in one statement: a worker process
         renews all its running tasks in one round trip instead of one per task. Returns the ids
         still held (running, same owner); a missing id was lost (cancelled, finished, taken
         over or unknown)."""
 
+    @abstractmethod
     async def expired(self, now: datetime | None = None, limit: int = 100) -> list[Task]:
         """Running tasks whose lease expired before ``now``: the recovery loop re-runs them."""
 
+    @abstractmethod
     async def expired_approvals(self, now: datetime | None = None, limit: int = 100) -> list[Task]:
         """``input_required`` tasks whose request expired before ``now``, oldest deadline first:
         the recovery loop answers them as denied."""
 
+    @abstractmethod
     async def record_progress(self, task_id: str, steps: int, usage: Usage) -> None:
         """Store the step count and token usage so far (shown by get_status while running)."""
 
+    @abstractmethod
     async def append_event(self, task_id: str, kind: str, data: dict[str, Any]) -> TaskEvent:
         """Append with the next ``seq`` for that task (1, 2, 3...), unique even under races.
 
@@ -192,15 +331,24 @@ class TaskStore(Protocol):
         (cancelled, finished, or taken over): then nothing is written, and the caller stops.
         A journal entry whose key exists raises ``Conflict`` and writes nothing either.
         Raises ``TaskNotFound`` for an unknown id."""
+        check_kind(kind)
+        return await self._record(Progress(task_id, owner, kind, data, steps, usage, entries))
 
+    @abstractmethod
+    async def _record(self, progress: Progress) -> TaskEvent | None:
+        """Write ``progress`` as one transaction (see ``record``)."""
+
+    @abstractmethod
     async def journal(self, task_id: str) -> list[JournalRow]:
         """The task's journal, each kind's entries in ordinal order. Ordinals count per kind
         (as agentkit's do: the nth model call, the nth tool call), so the order across kinds
         is not the run's chronology; entries of one ordinal come llm, tool_started,
         tool_finished. Raises ``TaskNotFound`` for an unknown id."""
 
+    @abstractmethod
     async def events(self, task_id: str, after_seq: int = 0, limit: int = 1000) -> list[TaskEvent]: ...
 
+    @abstractmethod
     async def wait_for_change(self, task_id: str, seq: int, timeout_s: float) -> bool:
         """Park until the task has (or may have) an event after ``seq``; True then, False when
         ``timeout_s`` passed first. Watchers call it between reads instead of sleeping.
@@ -211,6 +359,7 @@ class TaskStore(Protocol):
         True may be spurious (re-read and wait again); an unknown task simply times out.
         Callers still bound the wait: a lost wakeup then costs ``timeout_s``, never an event."""
 
+    @abstractmethod
     async def record_call(self, call: ExposedCall) -> None:
         """Keep one exposed call for the audit (``list_calls``); a call id stored twice is ``Conflict``."""
 
@@ -224,3 +373,11 @@ class TaskStore(Protocol):
     ) -> ExposedCallPage:
         """Exposed calls newest first, one page at a time (``cursor``: the previous page's
         ``next_cursor``), only ``principal``'s and only ``server``'s when given."""
+        check_limit(limit)
+        query = CallQuery(limit, decode_cursor(cursor) if cursor else None, principal, server)
+        calls, next_cursor = query.cut(await self._list_calls(query), lambda c: (c.at, c.id))
+        return ExposedCallPage(calls=calls, next_cursor=next_cursor)
+
+    @abstractmethod
+    async def _list_calls(self, query: CallQuery) -> list[ExposedCall]:
+        """The calls of ``query``'s page (``Window``)."""

@@ -13,42 +13,43 @@ lock is released (the in-memory "commit"), so nothing here polls.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
 from opspawn_mcp.errors import Conflict, IllegalTransition, TaskNotFound, Unavailable
 from opspawn_mcp.models import (
-    ApprovalRequest,
     ExposedCall,
-    ExposedCallPage,
     Task,
     TaskEvent,
-    TaskPage,
     TaskStatus,
     Usage,
     utcnow,
 )
 from opspawn_mcp.store._common import (
-    allowed_from,
     as_utc,
     check_kind,
     check_limit,
     check_log_open,
-    decode_cursor,
-    encode_cursor,
-    gives_back_attempt,
     journal_conflict,
     journal_order,
     lease_until,
     state_event,
-    transition_values,
 )
-from opspawn_mcp.store.base import JournalRow, KeyTaken
+from opspawn_mcp.store.base import (
+    CallQuery,
+    JournalRow,
+    KeyTaken,
+    Move,
+    Progress,
+    TaskQuery,
+    TaskStore,
+    Window,
+)
 from opspawn_mcp.store.changes import ChangeHub
 
 
-class MemoryStore:
+class MemoryStore(TaskStore):
     """``TaskStore`` in a dict. Nothing survives ``close()`` or the process."""
 
     def __init__(self) -> None:
@@ -110,28 +111,17 @@ class MemoryStore:
             found = self._by_key(principal, key)
             return None if found is None else found.model_copy(deep=True)
 
-    async def list_tasks(
-        self,
-        status: TaskStatus | None = None,
-        limit: int = 50,
-        cursor: str | None = None,
-        *,
-        principal: str | None = None,
-        goal_contains: str | None = None,
-    ) -> TaskPage:
-        check_limit(limit)
-        after = decode_cursor(cursor) if cursor else None
-        text = (goal_contains or "").lower()
+    async def _list_tasks(self, query: TaskQuery) -> list[Task]:
+        text = query.goal_contains.lower()
         async with self._lock:
             rows = [
                 t
                 for t in self._tasks.values()
-                if (status is None or t.status == status)
-                and (principal is None or t.principal == principal)
+                if (query.status is None or t.status == query.status)
+                and (query.principal is None or t.principal == query.principal)
                 and text in t.spec.goal.lower()
             ]
-        items, next_cursor = _newest_first(rows, lambda t: (t.created_at, t.id), limit, after)
-        return TaskPage(items=items, next_cursor=next_cursor)
+        return _newest_first(rows, lambda t: (t.created_at, t.id), query)
 
     async def mark_enqueued(self, task_id: str) -> None:
         async with self._lock:
@@ -160,46 +150,25 @@ class MemoryStore:
             statuses = [t.status for t in self._tasks.values()]
         return {status: statuses.count(status) for status in TaskStatus}
 
-    async def transition(
-        self,
-        task_id: str,
-        expected: Collection[TaskStatus],
-        new: TaskStatus,
-        *,
-        result: str | None = None,
-        error: str | None = None,
-        usage: Usage | None = None,
-        owner: str | None = None,
-        reason: str | None = None,
-        approval: ApprovalRequest | None = None,
-        event: tuple[str, dict[str, Any]] | None = None,
-        entries: Sequence[JournalRow] = (),
-        warning: str | None = None,
-    ) -> Task:
-        new = TaskStatus(new)
-        allowed = allowed_from(expected, new)
-        if event is not None:
-            check_kind(event[0])
+    async def _move(self, move: Move) -> Task:
         async with self._lock:
-            task = self._get(task_id)
-            if task.status not in allowed or (owner is not None and task.lease_owner != owner):
-                raise IllegalTransition(task_id, task.status.value, new.value)
-            values = transition_values(
-                new, utcnow(), result=result, error=error, usage=usage, approval=approval, warning=warning
-            )
-            self._check_entries(task_id, entries)
+            task = self._get(move.task_id)
+            if task.status not in move.allowed or (move.owner is not None and task.lease_owner != move.owner):
+                raise IllegalTransition(move.task_id, task.status.value, move.new.value)
+            self._check_entries(move.task_id, move.entries)
+            values = dict(move.values)
             for name in ("usage", "approval"):
                 if values.get(name) is not None:
                     values[name] = values[name].model_copy(deep=True)
-            if gives_back_attempt(new):
+            if move.refund:
                 values["attempts"] = task.attempts - 1
             updated = task.model_copy(update=values)
-            self._tasks[task_id] = updated
-            self._insert_entries(task_id, entries)
-            if event is not None:
-                self._append(task_id, *event)
-            written = self._append(task_id, "state", state_event(new, reason or error))
-        self.changes.notify(task_id, written.seq)
+            self._tasks[move.task_id] = updated
+            self._insert_entries(move.task_id, move.entries)
+            if move.event is not None:
+                self._append(move.task_id, *move.event)
+            written = self._append(move.task_id, "state", move.state)
+        self.changes.notify(move.task_id, written.seq)
         return updated.model_copy(deep=True)
 
     async def claim(self, task_id: str, owner: str, ttl_s: float, max_attempts: int) -> Task | None:
@@ -281,27 +250,18 @@ class MemoryStore:
         self.changes.notify(task_id, event.seq)
         return event
 
-    async def record(
-        self,
-        task_id: str,
-        owner: str,
-        kind: str,
-        data: dict[str, Any],
-        *,
-        steps: int,
-        usage: Usage,
-        entries: Sequence[JournalRow] = (),
-    ) -> TaskEvent | None:
-        check_kind(kind)
+    async def _record(self, progress: Progress) -> TaskEvent | None:
+        task_id = progress.task_id
         async with self._lock:
             task = self._get(task_id)
-            if task.status is not TaskStatus.RUNNING or task.lease_owner != owner:
+            if task.status is not TaskStatus.RUNNING or task.lease_owner != progress.owner:
                 return None
-            self._check_entries(task_id, entries)
+            self._check_entries(task_id, progress.entries)
             # Every check is done: from here on all three writes happen, as in one transaction.
-            event = self._append(task_id, kind, data)
-            self._tasks[task_id] = task.model_copy(update={"steps": steps, "usage": usage.model_copy()})
-            self._insert_entries(task_id, entries)
+            event = self._append(task_id, progress.kind, progress.data)
+            update = {"steps": progress.steps, "usage": progress.usage.model_copy()}
+            self._tasks[task_id] = task.model_copy(update=update)
+            self._insert_entries(task_id, progress.entries)
         self.changes.notify(task_id, event.seq)
         return event
 
@@ -355,24 +315,15 @@ class MemoryStore:
                 raise Conflict(f"An exposed call with id {call.id!r} is already recorded.")
             self._calls[call.id] = call.model_copy(update={"at": as_utc(call.at)}, deep=True)
 
-    async def list_calls(
-        self,
-        limit: int = 50,
-        cursor: str | None = None,
-        *,
-        principal: str | None = None,
-        server: str | None = None,
-    ) -> ExposedCallPage:
-        check_limit(limit)
-        after = decode_cursor(cursor) if cursor else None
+    async def _list_calls(self, query: CallQuery) -> list[ExposedCall]:
         async with self._lock:
             rows = [
                 c
                 for c in self._calls.values()
-                if (principal is None or c.principal == principal) and (server is None or c.server == server)
+                if (query.principal is None or c.principal == query.principal)
+                and (query.server is None or c.server == query.server)
             ]
-        calls, next_cursor = _newest_first(rows, lambda c: (c.at, c.id), limit, after)
-        return ExposedCallPage(calls=calls, next_cursor=next_cursor)
+        return _newest_first(rows, lambda c: (c.at, c.id), query)
 
 
 def _normalised(task: Task) -> Task:
@@ -406,13 +357,8 @@ _Row = TypeVar("_Row", Task, ExposedCall)
 
 
 def _newest_first(
-    rows: list[_Row],
-    key: Callable[[_Row], tuple[datetime, str]],
-    limit: int,
-    after: tuple[datetime, str] | None,
-) -> tuple[list[_Row], str | None]:
-    """One keyset page of ``rows`` (copies), newest ``key`` first, as the SQL store pages."""
-    rows = sorted((r for r in rows if after is None or key(r) < after), key=key, reverse=True)
-    page = [r.model_copy(deep=True) for r in rows[:limit]]
-    more = len(rows) > limit
-    return page, encode_cursor(*key(page[-1])) if more else None
+    rows: list[_Row], key: Callable[[_Row], tuple[datetime, str]], window: Window
+) -> list[_Row]:
+    """``window``'s rows (copies), newest ``key`` first, as the SQL store reads them."""
+    rows = sorted((r for r in rows if window.after is None or key(r) < window.after), key=key, reverse=True)
+    return [r.model_copy(deep=True) for r in rows[: window.limit + 1]]

@@ -16,7 +16,7 @@ import inspect as pyinspect
 import logging
 import re
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
@@ -55,32 +55,33 @@ from opspawn_mcp.errors import Conflict, IllegalTransition, InvalidInput, TaskNo
 from opspawn_mcp.models import (
     ApprovalRequest,
     ExposedCall,
-    ExposedCallPage,
     Task,
     TaskEvent,
-    TaskPage,
-    TaskSpec,
     TaskStatus,
     Usage,
     utcnow,
 )
 from opspawn_mcp.store._common import (
-    allowed_from,
     approval_document,
     as_utc,
     check_kind,
     check_limit,
     check_log_open,
-    decode_cursor,
-    encode_cursor,
-    gives_back_attempt,
     journal_conflict,
     journal_order,
     lease_until,
     state_event,
-    transition_values,
 )
-from opspawn_mcp.store.base import JournalRow, KeyTaken
+from opspawn_mcp.store.base import (
+    CallQuery,
+    JournalRow,
+    KeyTaken,
+    Move,
+    Progress,
+    TaskQuery,
+    TaskStore,
+    Window,
+)
 from opspawn_mcp.store.changes import ChangeHub
 from opspawn_mcp.store.sql_schema import (
     exposed_calls,
@@ -118,34 +119,9 @@ _log = logging.getLogger(__name__)
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
-def _older(at: Any, row_id: Any, cursor: str) -> Any:
-    """Rows after ``cursor`` in newest-first keyset order: an earlier time, or the same and a smaller id."""
-    after, last_id = decode_cursor(cursor)
-    return or_(at < after, and_(at == after, row_id < last_id))
-
-
 def _to_task(row: Row[Any]) -> Task:
-    m = row._mapping
-    return Task(
-        id=m["id"],
-        spec=TaskSpec.model_validate(m["spec"]),
-        status=TaskStatus(m["status"]),
-        result=m["result"],
-        error=m["error"],
-        warning=m["warning"],
-        idempotency_key=m["idempotency_key"],
-        usage=Usage.model_validate(m["usage"] or {}),
-        steps=m["steps"],
-        attempts=m["attempts"],
-        created_at=m["created_at"],
-        started_at=m["started_at"],
-        finished_at=m["finished_at"],
-        lease_owner=m["lease_owner"],
-        lease_expires_at=m["lease_expires_at"],
-        principal=m["principal"],
-        enqueued_at=m["enqueued_at"],
-        approval=ApprovalRequest.model_validate(m["approval"]) if m["approval"] is not None else None,
-    )
+    """The task a ``tasks`` row holds (the model ignores the store's own columns)."""
+    return Task.model_validate(dict(row._mapping))
 
 
 def _to_event(row: Row[Any]) -> TaskEvent:
@@ -284,6 +260,41 @@ def _transition_statement(
     return update(tasks).where(*where).values(**values).returning(*tasks.c)
 
 
+def _move_statement(move: Move) -> tuple[Any, dict[str, Any]]:
+    """The compare-and-set of ``move`` and its bound values; no statement when no status allows it."""
+    if not move.allowed:
+        return None, {"b_id": move.task_id}
+    approval: ApprovalRequest | None = move.values["approval"]
+    values = dict(move.values)
+    values["status"] = move.new.value
+    values["approval"] = approval_document(approval)
+    values["approval_expires_at"] = approval.expires_at if approval is not None else None
+    if values.get("usage") is not None:
+        values["usage"] = values["usage"].model_dump(mode="json")
+    columns = tuple(sorted(values))
+    statement = _transition_statement(
+        tuple(s.value for s in move.allowed),
+        columns,
+        move.owner is not None,
+        move.refund,
+        1 + bool(move.event),
+    )
+    params = {f"b_{c}": values[c] for c in columns} | {"b_id": move.task_id}
+    if move.owner is not None:
+        params["b_owner"] = move.owner
+    return statement, params
+
+
+def _newest_first(statement: Any, at: Any, row_id: Any, window: Window) -> Any:
+    """``statement`` narrowed to ``window``: newest ``(at, row_id)`` first, at most one row more
+    than the page, only rows older than the cursor (keyset pagination)."""
+    statement = statement.order_by(at.desc(), row_id.desc()).limit(window.limit + 1)
+    if window.after is None:
+        return statement
+    after, last_id = window.after
+    return statement.where(or_(at < after, and_(at == after, row_id < last_id)))
+
+
 async def _insert_event(
     conn: AsyncConnection,
     task_id: str,
@@ -357,7 +368,7 @@ def _retryable(exc: Unavailable, *, idempotent: bool) -> bool:
     return type(original).__name__ == "InterfaceError" and str(original) == "connection is closed"
 
 
-class SqlStore:
+class SqlStore(TaskStore):
     """``TaskStore`` on ``sqlite+aiosqlite:///path`` or ``postgresql+asyncpg://...``.
 
     Build it cheaply, then ``await start()`` to connect and migrate; ``close()`` disposes
@@ -648,31 +659,16 @@ class SqlStore:
             raise TaskNotFound(task_id)
         return _to_task(row)
 
-    async def list_tasks(
-        self,
-        status: TaskStatus | None = None,
-        limit: int = 50,
-        cursor: str | None = None,
-        *,
-        principal: str | None = None,
-        goal_contains: str | None = None,
-    ) -> TaskPage:
-        check_limit(limit)
-        query = select(tasks).order_by(tasks.c.created_at.desc(), tasks.c.id.desc()).limit(limit + 1)
-        if status is not None:
-            query = query.where(tasks.c.status == TaskStatus(status).value)
-        if principal is not None:
-            query = query.where(tasks.c.principal == principal)
-        if goal_contains:
-            query = query.where(tasks.c.spec["goal"].as_string().icontains(goal_contains, autoescape=True))
-        if cursor:
-            query = query.where(_older(tasks.c.created_at, tasks.c.id, cursor))
-        rows = await self._rows(query)
-        items = [_to_task(r) for r in rows[:limit]]
-        more = len(rows) > limit
-        return TaskPage(
-            items=items, next_cursor=encode_cursor(items[-1].created_at, items[-1].id) if more else None
-        )
+    async def _list_tasks(self, query: TaskQuery) -> list[Task]:
+        statement = _newest_first(select(tasks), tasks.c.created_at, tasks.c.id, query)
+        if query.status is not None:
+            statement = statement.where(tasks.c.status == query.status.value)
+        if query.principal is not None:
+            statement = statement.where(tasks.c.principal == query.principal)
+        if query.goal_contains:
+            goal = tasks.c.spec["goal"].as_string()
+            statement = statement.where(goal.icontains(query.goal_contains, autoescape=True))
+        return [_to_task(r) for r in await self._rows(statement)]
 
     async def _rows(self, query: Any) -> list[Row[Any]]:
         async def body(conn: AsyncConnection) -> list[Row[Any]]:
@@ -691,29 +687,14 @@ class SqlStore:
 
         await self._run(body, write=True, idempotent=False)
 
-    async def list_calls(
-        self,
-        limit: int = 50,
-        cursor: str | None = None,
-        *,
-        principal: str | None = None,
-        server: str | None = None,
-    ) -> ExposedCallPage:
-        check_limit(limit)
+    async def _list_calls(self, query: CallQuery) -> list[ExposedCall]:
         c = exposed_calls.c
-        query = select(exposed_calls).order_by(c.at.desc(), c.id.desc()).limit(limit + 1)
-        if principal is not None:
-            query = query.where(c.principal == principal)
-        if server is not None:
-            query = query.where(c.server == server)
-        if cursor:
-            query = query.where(_older(c.at, c.id, cursor))
-        rows = await self._rows(query)
-        calls = [ExposedCall.model_validate(dict(r._mapping)) for r in rows[:limit]]
-        more = len(rows) > limit
-        return ExposedCallPage(
-            calls=calls, next_cursor=encode_cursor(calls[-1].at, calls[-1].id) if more else None
-        )
+        statement = _newest_first(select(exposed_calls), c.at, c.id, query)
+        if query.principal is not None:
+            statement = statement.where(c.principal == query.principal)
+        if query.server is not None:
+            statement = statement.where(c.server == query.server)
+        return [ExposedCall.model_validate(dict(r._mapping)) for r in await self._rows(statement)]
 
     async def mark_enqueued(self, task_id: str) -> None:
         query = (
@@ -763,63 +744,9 @@ class SqlStore:
 
         return await self._run(body)
 
-    @staticmethod
-    def _transition_shape(
-        new: TaskStatus,
-        allowed: list[TaskStatus],
-        owner: str | None,
-        event: tuple[str, dict[str, Any]] | None,
-        result: str | None,
-        error: str | None,
-        usage: Usage | None,
-        approval: ApprovalRequest | None,
-        warning: str | None,
-    ) -> tuple[Any, dict[str, Any]]:
-        """The compare-and-set statement and its values; no statement when no status allows it."""
-        if not allowed:
-            return None, {}
-        values = transition_values(
-            new, utcnow(), result=result, error=error, usage=usage, approval=approval, warning=warning
-        )
-        values["status"] = new.value
-        values["approval"] = approval_document(approval)
-        values["approval_expires_at"] = approval.expires_at if approval is not None else None
-        if usage is not None:
-            values["usage"] = usage.model_dump(mode="json")
-        columns = tuple(sorted(values))
-        refund = gives_back_attempt(new)
-        statement = _transition_statement(
-            tuple(s.value for s in allowed), columns, owner is not None, refund, 1 + bool(event)
-        )
-        params = {f"b_{c}": values[c] for c in columns}
-        if owner is not None:
-            params["b_owner"] = owner
-        return statement, params
-
-    async def transition(
-        self,
-        task_id: str,
-        expected: Collection[TaskStatus],
-        new: TaskStatus,
-        *,
-        result: str | None = None,
-        error: str | None = None,
-        usage: Usage | None = None,
-        owner: str | None = None,
-        reason: str | None = None,
-        approval: ApprovalRequest | None = None,
-        event: tuple[str, dict[str, Any]] | None = None,
-        entries: Sequence[JournalRow] = (),
-        warning: str | None = None,
-    ) -> Task:
-        new = TaskStatus(new)
-        allowed = allowed_from(expected, new)
-        if event is not None:
-            check_kind(event[0])
-        statement, params = self._transition_shape(
-            new, allowed, owner, event, result, error, usage, approval, warning
-        )
-        params["b_id"] = task_id
+    async def _move(self, move: Move) -> Task:
+        task_id = move.task_id
+        statement, params = _move_statement(move)
 
         async def body(conn: AsyncConnection) -> tuple[Task, int] | str | None:
             """The moved task and its event's seq, or (the guard did not match) the current
@@ -829,11 +756,10 @@ class SqlStore:
                 # The UPDATE bumped last_seq (once per event) and holds the row lock, as in
                 # append_event.
                 seq = int(row.last_seq)
-                if event is not None:
-                    await _insert_event(conn, task_id, seq - 1, *event, self._notify_on)
-                state = state_event(new, reason or error)
-                written = await _insert_event(conn, task_id, seq, "state", state, self._notify_on)
-                await _insert_entries(conn, task_id, entries, written.time)
+                if move.event is not None:
+                    await _insert_event(conn, task_id, seq - 1, *move.event, self._notify_on)
+                written = await _insert_event(conn, task_id, seq, "state", move.state, self._notify_on)
+                await _insert_entries(conn, task_id, move.entries, written.time)
                 return _to_task(row), seq
             return (await conn.execute(_STATUS, {"b_id": task_id})).scalar()
 
@@ -843,7 +769,7 @@ class SqlStore:
             return current[0]
         if current is None:
             raise TaskNotFound(task_id)
-        raise IllegalTransition(task_id, str(current), new.value)
+        raise IllegalTransition(task_id, str(current), move.new.value)
 
     async def claim(self, task_id: str, owner: str, ttl_s: float, max_attempts: int) -> Task | None:
         now = utcnow()
@@ -940,23 +866,13 @@ class SqlStore:
         self.changes.notify(task_id, event.seq)
         return event
 
-    async def record(
-        self,
-        task_id: str,
-        owner: str,
-        kind: str,
-        data: dict[str, Any],
-        *,
-        steps: int,
-        usage: Usage,
-        entries: Sequence[JournalRow] = (),
-    ) -> TaskEvent | None:
-        check_kind(kind)
+    async def _record(self, progress: Progress) -> TaskEvent | None:
+        task_id = progress.task_id
         params = {
             "b_id": task_id,
-            "b_owner": owner,
-            "b_steps": steps,
-            "b_usage": usage.model_dump(mode="json"),
+            "b_owner": progress.owner,
+            "b_steps": progress.steps,
+            "b_usage": progress.usage.model_dump(mode="json"),
         }
 
         async def body(conn: AsyncConnection) -> TaskEvent | None:
@@ -965,8 +881,10 @@ class SqlStore:
                 if (await conn.execute(_EXISTS, {"b_id": task_id})).first() is None:
                     raise TaskNotFound(task_id)
                 return None  # not ours any more: the guard matched nothing, nothing was written
-            event = await _insert_event(conn, task_id, int(seq), kind, data, self._notify_on)
-            await _insert_entries(conn, task_id, entries, event.time)
+            event = await _insert_event(
+                conn, task_id, int(seq), progress.kind, progress.data, self._notify_on
+            )
+            await _insert_entries(conn, task_id, progress.entries, event.time)
             return event
 
         written = await self._run(body, write=True, idempotent=False)
