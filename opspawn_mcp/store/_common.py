@@ -140,21 +140,3 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
             "The cursor is not one this server issued; pass the next_cursor of the previous page, "
             "or omit it to start from the newest task."
         ) from exc
-
-
-# Entries of one ordinal in the order a run makes them: the model's answer, then a person's
-# answer to its tool call, the call starting and finishing. Both stores sort with this, so their journals read back identically.
-JOURNAL_KIND_ORDER: dict[str, int] = {"llm": 0, "approval": 1, "tool_started": 2, "tool_finished": 3}
-
-
-def journal_order(kind: str, ordinal: int) -> tuple[int, int]:
-    return ordinal, JOURNAL_KIND_ORDER.get(kind, len(JOURNAL_KIND_ORDER))
-
-
-def journal_conflict(task_id: str, kind: str, ordinal: int) -> Conflict:
-    """A second write of one journal key means a replay re-ran finished work: refuse it loudly."""
-    return Conflict(
-        f"Task {task_id} already has a {kind!r} journal entry with ordinal {ordinal}; an entry is "
-        "written once (a resumed run must replay it, not record it again).",
-        task_id=task_id,
-    )

@@ -30,6 +30,7 @@ from opspawn_mcp.models import (
 )
 from opspawn_mcp.store._common import (
     allowed_from,
+    as_utc,
     check_kind,
     check_limit,
     decode_cursor,
@@ -59,6 +60,29 @@ class JournalRow(BaseModel):
     attempt: int = Field(default=0, ge=0)
     data: dict[str, Any] = Field(default_factory=dict)
 
+    @property
+    def order(self) -> tuple[int, int]:
+        """Where it stands in ``TaskStore.journal``: by ordinal, then in ``JOURNAL_KIND_ORDER``."""
+        return self.ordinal, JOURNAL_KIND_ORDER[self.kind]
+
+
+# Entries of one ordinal in the order a run makes them: the model's answer, then a person's
+# answer to its tool call, the call starting and finishing. Both stores sort with it, so their
+# journals read back identically.
+JOURNAL_KIND_ORDER: dict[JournalKind, int] = {"llm": 0, "approval": 1, "tool_started": 2, "tool_finished": 3}
+
+
+class JournalKeyTaken(Conflict):
+    """A second write of one journal key: a replay re-ran finished work, so it is refused loudly
+    (and nothing else the transaction wrote is kept)."""
+
+    def __init__(self, task_id: str, row: JournalRow) -> None:
+        super().__init__(
+            f"Task {task_id} already has a {row.kind!r} journal entry with ordinal {row.ordinal}; an entry "
+            "is written once (a resumed run must replay it, not record it again).",
+            task_id=task_id,
+        )
+
 
 class KeyTaken(Conflict):
     """``create`` of a task whose principal already used its idempotency key: nothing was
@@ -76,12 +100,21 @@ _Row = TypeVar("_Row", Task, ExposedCall)
 
 @dataclass(frozen=True, slots=True)
 class Window:
-    """One keyset page as a backend reads it: the rows strictly older than ``after`` (the
-    decoded cursor) in newest-first order, at most ``limit + 1`` of them: the extra row only
-    says that a next page exists."""
+    """One keyset page as a backend reads it: the rows whose fields equal ``match`` (and whose
+    goal contains ``goal_contains``, ignoring case: tasks only), strictly older than ``after``
+    (the decoded cursor), newest first, at most ``limit + 1`` of them: the extra row only says
+    that a next page exists."""
 
     limit: int
     after: tuple[datetime, str] | None
+    match: Mapping[str, str]
+    goal_contains: str = ""
+
+    @classmethod
+    def of(cls, limit: int, cursor: str | None, goal_contains: str = "", **match: str | None) -> Window:
+        check_limit(limit)
+        after = decode_cursor(cursor) if cursor else None
+        return cls(limit, after, {k: v for k, v in match.items() if v is not None}, goal_contains)
 
     def cut(
         self, rows: Sequence[_Row], key: Callable[[_Row], tuple[datetime, str]]
@@ -89,23 +122,6 @@ class Window:
         """The page and its ``next_cursor`` (None on the last page)."""
         page = list(rows[: self.limit])
         return page, encode_cursor(*key(page[-1])) if len(rows) > self.limit else None
-
-
-@dataclass(frozen=True, slots=True)
-class TaskQuery(Window):
-    """``list_tasks``'s filters: None (or ``""`` for the goal text) keeps everything."""
-
-    status: TaskStatus | None
-    principal: str | None
-    goal_contains: str
-
-
-@dataclass(frozen=True, slots=True)
-class CallQuery(Window):
-    """``list_calls``'s filters: None keeps everything."""
-
-    principal: str | None
-    server: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +166,7 @@ class TaskStore(ABC):
     """The contract every backend keeps (tests/integration/test_store_contract.py runs it on
     each). The methods whose arguments need checking (``transition``, ``record``, the two
     lists) are stated and checked here once and hand a backend one checked value (``Move``,
-    ``Progress``, ``TaskQuery``, ``CallQuery``); a backend implements the rest as they stand."""
+    ``Progress``, ``Window``); a backend implements the rest as they stand."""
 
     @abstractmethod
     async def start(self) -> None:
@@ -190,26 +206,29 @@ class TaskStore(ABC):
         """Newest first; ``cursor`` is the opaque ``next_cursor`` of the previous page;
         ``principal`` keeps only that principal's tasks (None: everyone's), ``goal_contains``
         only tasks whose goal contains that text, ignoring case (``%`` and ``_`` are literal)."""
-        check_limit(limit)
-        after = decode_cursor(cursor) if cursor else None
-        wanted = None if status is None else TaskStatus(status)
-        query = TaskQuery(limit, after, wanted, principal, goal_contains or "")
-        items, next_cursor = query.cut(await self._list_tasks(query), lambda t: (t.created_at, t.id))
+        wanted = None if status is None else TaskStatus(status).value
+        window = Window.of(limit, cursor, goal_contains or "", status=wanted, principal=principal)
+        items, next_cursor = window.cut(await self._list_tasks(window), lambda t: (t.created_at, t.id))
         return TaskPage(items=items, next_cursor=next_cursor)
 
     @abstractmethod
-    async def _list_tasks(self, query: TaskQuery) -> list[Task]:
-        """The tasks of ``query``'s page (``Window``)."""
+    async def _list_tasks(self, window: Window) -> list[Task]:
+        """The tasks of ``window``."""
 
     @abstractmethod
     async def mark_enqueued(self, task_id: str) -> None:
         """The broker confirmed the message of this queued task (the outbox's "sent" mark)."""
 
-    @abstractmethod
     async def unenqueued(self, created_before: datetime, limit: int = 100) -> list[str]:
         """Queued tasks created before ``created_before`` whose message no broker confirmed
         (its publish failed, or the publisher died first), oldest first: the recovery loop
         publishes them. A task put back in the queue by a transition counts again."""
+        check_limit(limit)
+        return await self._unenqueued(as_utc(created_before), limit)
+
+    @abstractmethod
+    async def _unenqueued(self, cutoff: datetime, limit: int) -> list[str]:
+        """``unenqueued`` with its arguments checked."""
 
     @abstractmethod
     async def count_active(self, principal: str) -> int:
@@ -290,25 +309,37 @@ class TaskStore(ABC):
         still held (running, same owner); a missing id was lost (cancelled, finished, taken
         over or unknown)."""
 
-    @abstractmethod
     async def expired(self, now: datetime | None = None, limit: int = 100) -> list[Task]:
         """Running tasks whose lease expired before ``now``: the recovery loop re-runs them."""
+        check_limit(limit)
+        return await self._past_deadline(TaskStatus.RUNNING, as_utc(now or utcnow()), limit)
 
-    @abstractmethod
     async def expired_approvals(self, now: datetime | None = None, limit: int = 100) -> list[Task]:
         """``input_required`` tasks whose request expired before ``now``, oldest deadline first:
         the recovery loop answers them as denied."""
+        check_limit(limit)
+        return await self._past_deadline(TaskStatus.INPUT_REQUIRED, as_utc(now or utcnow()), limit)
+
+    @abstractmethod
+    async def _past_deadline(self, status: TaskStatus, cutoff: datetime, limit: int) -> list[Task]:
+        """Up to ``limit`` tasks in ``status`` whose deadline (a running task's lease, a paused
+        one's request) is before ``cutoff``, oldest deadline first."""
 
     @abstractmethod
     async def record_progress(self, task_id: str, steps: int, usage: Usage) -> None:
         """Store the step count and token usage so far (shown by get_status while running)."""
 
-    @abstractmethod
     async def append_event(self, task_id: str, kind: str, data: dict[str, Any]) -> TaskEvent:
         """Append with the next ``seq`` for that task (1, 2, 3...), unique even under races.
 
         Once the task is terminal only ``state`` events are accepted; anything else raises
         ``Conflict`` (checked under the same lock as the append, so it cannot race a cancel)."""
+        check_kind(kind)
+        return await self._append_event(task_id, kind, data)
+
+    @abstractmethod
+    async def _append_event(self, task_id: str, kind: str, data: dict[str, Any]) -> TaskEvent:
+        """``append_event`` with its kind checked."""
 
     async def record(
         self,
@@ -345,8 +376,15 @@ class TaskStore(ABC):
         is not the run's chronology; entries of one ordinal come llm, tool_started,
         tool_finished. Raises ``TaskNotFound`` for an unknown id."""
 
+    async def events(self, task_id: str, after_seq: int = 0, limit: int = 1000) -> list[TaskEvent]:
+        """The task's events after ``after_seq`` in order, at most ``limit``. Raises
+        ``TaskNotFound`` for an unknown id."""
+        check_limit(limit)
+        return await self._events(task_id, after_seq, limit)
+
     @abstractmethod
-    async def events(self, task_id: str, after_seq: int = 0, limit: int = 1000) -> list[TaskEvent]: ...
+    async def _events(self, task_id: str, after_seq: int, limit: int) -> list[TaskEvent]:
+        """``events`` with its limit checked."""
 
     @abstractmethod
     async def wait_for_change(self, task_id: str, seq: int, timeout_s: float) -> bool:
@@ -373,11 +411,10 @@ class TaskStore(ABC):
     ) -> ExposedCallPage:
         """Exposed calls newest first, one page at a time (``cursor``: the previous page's
         ``next_cursor``), only ``principal``'s and only ``server``'s when given."""
-        check_limit(limit)
-        query = CallQuery(limit, decode_cursor(cursor) if cursor else None, principal, server)
-        calls, next_cursor = query.cut(await self._list_calls(query), lambda c: (c.at, c.id))
+        window = Window.of(limit, cursor, principal=principal, server=server)
+        calls, next_cursor = window.cut(await self._list_calls(window), lambda c: (c.at, c.id))
         return ExposedCallPage(calls=calls, next_cursor=next_cursor)
 
     @abstractmethod
-    async def _list_calls(self, query: CallQuery) -> list[ExposedCall]:
-        """The calls of ``query``'s page (``Window``)."""
+    async def _list_calls(self, window: Window) -> list[ExposedCall]:
+        """The calls of ``window``."""

@@ -18,34 +18,9 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from opspawn_mcp.errors import Conflict, IllegalTransition, TaskNotFound, Unavailable
-from opspawn_mcp.models import (
-    ExposedCall,
-    Task,
-    TaskEvent,
-    TaskStatus,
-    Usage,
-    utcnow,
-)
-from opspawn_mcp.store._common import (
-    as_utc,
-    check_kind,
-    check_limit,
-    check_log_open,
-    journal_conflict,
-    journal_order,
-    lease_until,
-    state_event,
-)
-from opspawn_mcp.store.base import (
-    CallQuery,
-    JournalRow,
-    KeyTaken,
-    Move,
-    Progress,
-    TaskQuery,
-    TaskStore,
-    Window,
-)
+from opspawn_mcp.models import ExposedCall, Task, TaskEvent, TaskStatus, Usage, utcnow
+from opspawn_mcp.store._common import as_utc, check_log_open, lease_until, state_event
+from opspawn_mcp.store.base import JournalKeyTaken, JournalRow, KeyTaken, Move, Progress, TaskStore, Window
 from opspawn_mcp.store.changes import ChangeHub
 
 
@@ -55,7 +30,7 @@ class MemoryStore(TaskStore):
     def __init__(self) -> None:
         self._lock = asyncio.Lock()
         self._tasks: dict[str, Task] = {}
-        self._events: dict[str, list[TaskEvent]] = {}
+        self._logs: dict[str, list[TaskEvent]] = {}
         self._journal: dict[str, dict[tuple[str, int], JournalRow]] = {}
         self._calls: dict[str, ExposedCall] = {}
         self._keys: dict[tuple[str, str], str] = {}
@@ -92,7 +67,7 @@ class MemoryStore(TaskStore):
             self._tasks[stored.id] = stored
             if stored.idempotency_key is not None:
                 self._keys[(stored.principal, stored.idempotency_key)] = stored.id
-            self._events[stored.id] = []
+            self._logs[stored.id] = []
             self._journal[stored.id] = {}
             self._append(stored.id, "state", state_event(stored.status, None))
         self.changes.notify(stored.id, 1)
@@ -111,17 +86,11 @@ class MemoryStore(TaskStore):
             found = self._by_key(principal, key)
             return None if found is None else found.model_copy(deep=True)
 
-    async def _list_tasks(self, query: TaskQuery) -> list[Task]:
-        text = query.goal_contains.lower()
+    async def _list_tasks(self, window: Window) -> list[Task]:
+        text = window.goal_contains.lower()
         async with self._lock:
-            rows = [
-                t
-                for t in self._tasks.values()
-                if (query.status is None or t.status == query.status)
-                and (query.principal is None or t.principal == query.principal)
-                and text in t.spec.goal.lower()
-            ]
-        return _newest_first(rows, lambda t: (t.created_at, t.id), query)
+            rows = [t for t in self._tasks.values() if _matches(t, window) and text in t.spec.goal.lower()]
+        return _newest_first(rows, lambda t: (t.created_at, t.id), window)
 
     async def mark_enqueued(self, task_id: str) -> None:
         async with self._lock:
@@ -129,9 +98,7 @@ class MemoryStore(TaskStore):
             if task is not None and task.status is TaskStatus.QUEUED:
                 self._tasks[task_id] = task.model_copy(update={"enqueued_at": utcnow()})
 
-    async def unenqueued(self, created_before: datetime, limit: int = 100) -> list[str]:
-        check_limit(limit)
-        cutoff = as_utc(created_before)
+    async def _unenqueued(self, cutoff: datetime, limit: int) -> list[str]:
         async with self._lock:
             rows = [
                 t
@@ -211,30 +178,13 @@ class MemoryStore(TaskStore):
                     held.add(task_id)
             return held
 
-    async def expired(self, now: datetime | None = None, limit: int = 100) -> list[Task]:
-        check_limit(limit)
-        cutoff = as_utc(now) if now is not None else utcnow()
+    async def _past_deadline(self, status: TaskStatus, cutoff: datetime, limit: int) -> list[Task]:
+        deadline = _DEADLINES[status]
         async with self._lock:
             rows = [
-                t
-                for t in self._tasks.values()
-                if t.status is TaskStatus.RUNNING
-                and t.lease_expires_at is not None
-                and t.lease_expires_at < cutoff
+                t for t in self._tasks.values() if t.status is status and (deadline(t) or cutoff) < cutoff
             ]
-        rows.sort(key=lambda t: (t.lease_expires_at or cutoff, t.id))
-        return [t.model_copy(deep=True) for t in rows[:limit]]
-
-    async def expired_approvals(self, now: datetime | None = None, limit: int = 100) -> list[Task]:
-        check_limit(limit)
-        cutoff = as_utc(now) if now is not None else utcnow()
-        async with self._lock:
-            rows = [
-                t
-                for t in self._tasks.values()
-                if t.status is TaskStatus.INPUT_REQUIRED and (_deadline(t) or cutoff) < cutoff
-            ]
-        rows.sort(key=lambda t: (_deadline(t) or cutoff, t.id))
+        rows.sort(key=lambda t: (deadline(t) or cutoff, t.id))
         return [t.model_copy(deep=True) for t in rows[:limit]]
 
     async def record_progress(self, task_id: str, steps: int, usage: Usage) -> None:
@@ -242,8 +192,7 @@ class MemoryStore(TaskStore):
             task = self._get(task_id)
             self._tasks[task_id] = task.model_copy(update={"steps": steps, "usage": usage.model_copy()})
 
-    async def append_event(self, task_id: str, kind: str, data: dict[str, Any]) -> TaskEvent:
-        check_kind(kind)
+    async def _append_event(self, task_id: str, kind: str, data: dict[str, Any]) -> TaskEvent:
         async with self._lock:
             check_log_open(task_id, self._get(task_id).status, kind)
             event = self._append(task_id, kind, data)
@@ -270,7 +219,7 @@ class MemoryStore(TaskStore):
         seen = set(self._journal.get(task_id, {}))
         for row in entries:
             if (row.kind, row.ordinal) in seen:
-                raise journal_conflict(task_id, row.kind, row.ordinal)
+                raise JournalKeyTaken(task_id, row)
             seen.add((row.kind, row.ordinal))
 
     def _insert_entries(self, task_id: str, entries: Sequence[JournalRow]) -> None:
@@ -282,12 +231,12 @@ class MemoryStore(TaskStore):
         async with self._lock:
             self._get(task_id)
             rows = list(self._journal.get(task_id, {}).values())
-        rows.sort(key=lambda r: journal_order(r.kind, r.ordinal))
+        rows.sort(key=lambda r: r.order)
         return [r.model_copy(deep=True) for r in rows]
 
     def _append(self, task_id: str, kind: str, data: dict[str, Any]) -> TaskEvent:
         """Append under the caller's lock."""
-        log = self._events.setdefault(task_id, [])
+        log = self._logs.setdefault(task_id, [])
         event = TaskEvent.model_validate(
             {"task_id": task_id, "seq": len(log) + 1, "time": utcnow(), "kind": kind, "data": data}
         )
@@ -298,15 +247,14 @@ class MemoryStore(TaskStore):
     async def wait_for_change(self, task_id: str, seq: int, timeout_s: float) -> bool:
         # The log is right here, so a write between the caller's read and this call is seen
         # exactly (no await between this check and parking), not only through the hub's memory.
-        if len(self._events.get(task_id, ())) > seq:
+        if len(self._logs.get(task_id, ())) > seq:
             return True
         return await self.changes.wait(task_id, seq, timeout_s)
 
-    async def events(self, task_id: str, after_seq: int = 0, limit: int = 1000) -> list[TaskEvent]:
-        check_limit(limit)
+    async def _events(self, task_id: str, after_seq: int, limit: int) -> list[TaskEvent]:
         async with self._lock:
             self._get(task_id)
-            log = self._events.get(task_id, [])
+            log = self._logs.get(task_id, [])
             return [e.model_copy(deep=True) for e in log[max(after_seq, 0) :][:limit]]
 
     async def record_call(self, call: ExposedCall) -> None:
@@ -315,15 +263,10 @@ class MemoryStore(TaskStore):
                 raise Conflict(f"An exposed call with id {call.id!r} is already recorded.")
             self._calls[call.id] = call.model_copy(update={"at": as_utc(call.at)}, deep=True)
 
-    async def _list_calls(self, query: CallQuery) -> list[ExposedCall]:
+    async def _list_calls(self, window: Window) -> list[ExposedCall]:
         async with self._lock:
-            rows = [
-                c
-                for c in self._calls.values()
-                if (query.principal is None or c.principal == query.principal)
-                and (query.server is None or c.server == query.server)
-            ]
-        return _newest_first(rows, lambda c: (c.at, c.id), query)
+            rows = [c for c in self._calls.values() if _matches(c, window)]
+        return _newest_first(rows, lambda c: (c.at, c.id), window)
 
 
 def _normalised(task: Task) -> Task:
@@ -336,8 +279,11 @@ def _normalised(task: Task) -> Task:
     return stored
 
 
-def _deadline(task: Task) -> datetime | None:
-    return task.approval.expires_at if task.approval is not None else None
+# Each status with a deadline, and where a task in it keeps it: its lease, its approval request.
+_DEADLINES: dict[TaskStatus, Callable[[Task], datetime | None]] = {
+    TaskStatus.RUNNING: lambda t: t.lease_expires_at,
+    TaskStatus.INPUT_REQUIRED: lambda t: t.approval.expires_at if t.approval is not None else None,
+}
 
 
 def _claimable(task: Task, now: datetime, max_attempts: int) -> bool:
@@ -354,6 +300,10 @@ def _claimable(task: Task, now: datetime, max_attempts: int) -> bool:
 
 
 _Row = TypeVar("_Row", Task, ExposedCall)
+
+
+def _matches(row: Task | ExposedCall, window: Window) -> bool:
+    return all(getattr(row, name) == value for name, value in window.match.items())
 
 
 def _newest_first(

@@ -27,6 +27,7 @@ from sqlalchemy import (
     Connection,
     Integer,
     Row,
+    Table,
     Text,
     and_,
     bindparam,
@@ -52,36 +53,9 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from opspawn_mcp.errors import Conflict, IllegalTransition, InvalidInput, TaskNotFound, Unavailable
-from opspawn_mcp.models import (
-    ApprovalRequest,
-    ExposedCall,
-    Task,
-    TaskEvent,
-    TaskStatus,
-    Usage,
-    utcnow,
-)
-from opspawn_mcp.store._common import (
-    approval_document,
-    as_utc,
-    check_kind,
-    check_limit,
-    check_log_open,
-    journal_conflict,
-    journal_order,
-    lease_until,
-    state_event,
-)
-from opspawn_mcp.store.base import (
-    CallQuery,
-    JournalRow,
-    KeyTaken,
-    Move,
-    Progress,
-    TaskQuery,
-    TaskStore,
-    Window,
-)
+from opspawn_mcp.models import ApprovalRequest, ExposedCall, Task, TaskEvent, TaskStatus, Usage, utcnow
+from opspawn_mcp.store._common import approval_document, as_utc, check_log_open, lease_until, state_event
+from opspawn_mcp.store.base import JournalKeyTaken, JournalRow, KeyTaken, Move, Progress, TaskStore, Window
 from opspawn_mcp.store.changes import ChangeHub
 from opspawn_mcp.store.sql_schema import (
     exposed_calls,
@@ -285,14 +259,28 @@ def _move_statement(move: Move) -> tuple[Any, dict[str, Any]]:
     return statement, params
 
 
-def _newest_first(statement: Any, at: Any, row_id: Any, window: Window) -> Any:
-    """``statement`` narrowed to ``window``: newest ``(at, row_id)`` first, at most one row more
-    than the page, only rows older than the cursor (keyset pagination)."""
-    statement = statement.order_by(at.desc(), row_id.desc()).limit(window.limit + 1)
+def _newest_first(table: Table, at: Column[Any], window: Window) -> Any:
+    """``table``'s rows in ``window``: fields equal to its ``match``, newest ``(at, id)`` first, at
+    most one row more than the page, only rows older than the cursor (keyset pagination)."""
+    row_id = table.c.id
+    statement = (
+        select(table)
+        .where(*(table.c[name] == value for name, value in window.match.items()))
+        .order_by(at.desc(), row_id.desc())
+        .limit(window.limit + 1)
+    )
     if window.after is None:
         return statement
     after, last_id = window.after
     return statement.where(or_(at < after, and_(at == after, row_id < last_id)))
+
+
+# Each status with a deadline, and the column that keeps it: a running task's lease, a paused
+# task's approval request.
+_DEADLINES = {
+    TaskStatus.RUNNING: tasks.c.lease_expires_at,
+    TaskStatus.INPUT_REQUIRED: tasks.c.approval_expires_at,
+}
 
 
 async def _insert_event(
@@ -336,7 +324,7 @@ async def _insert_entries(
                 },
             )
         except IntegrityError as exc:
-            raise journal_conflict(task_id, row.kind, row.ordinal) from exc
+            raise JournalKeyTaken(task_id, row) from exc
 
 
 def notify_channel(schema: str | None) -> str:
@@ -659,15 +647,11 @@ class SqlStore(TaskStore):
             raise TaskNotFound(task_id)
         return _to_task(row)
 
-    async def _list_tasks(self, query: TaskQuery) -> list[Task]:
-        statement = _newest_first(select(tasks), tasks.c.created_at, tasks.c.id, query)
-        if query.status is not None:
-            statement = statement.where(tasks.c.status == query.status.value)
-        if query.principal is not None:
-            statement = statement.where(tasks.c.principal == query.principal)
-        if query.goal_contains:
+    async def _list_tasks(self, window: Window) -> list[Task]:
+        statement = _newest_first(tasks, tasks.c.created_at, window)
+        if window.goal_contains:
             goal = tasks.c.spec["goal"].as_string()
-            statement = statement.where(goal.icontains(query.goal_contains, autoescape=True))
+            statement = statement.where(goal.icontains(window.goal_contains, autoescape=True))
         return [_to_task(r) for r in await self._rows(statement)]
 
     async def _rows(self, query: Any) -> list[Row[Any]]:
@@ -687,13 +671,8 @@ class SqlStore(TaskStore):
 
         await self._run(body, write=True, idempotent=False)
 
-    async def _list_calls(self, query: CallQuery) -> list[ExposedCall]:
-        c = exposed_calls.c
-        statement = _newest_first(select(exposed_calls), c.at, c.id, query)
-        if query.principal is not None:
-            statement = statement.where(c.principal == query.principal)
-        if query.server is not None:
-            statement = statement.where(c.server == query.server)
+    async def _list_calls(self, window: Window) -> list[ExposedCall]:
+        statement = _newest_first(exposed_calls, exposed_calls.c.at, window)
         return [ExposedCall.model_validate(dict(r._mapping)) for r in await self._rows(statement)]
 
     async def mark_enqueued(self, task_id: str) -> None:
@@ -708,14 +687,13 @@ class SqlStore(TaskStore):
 
         await self._run(body, write=True)
 
-    async def unenqueued(self, created_before: datetime, limit: int = 100) -> list[str]:
-        check_limit(limit)
+    async def _unenqueued(self, cutoff: datetime, limit: int) -> list[str]:
         query = (
             select(tasks.c.id)
             .where(
                 tasks.c.status == TaskStatus.QUEUED.value,
                 tasks.c.enqueued_at.is_(None),
-                tasks.c.created_at < as_utc(created_before),
+                tasks.c.created_at < cutoff,
             )
             .order_by(tasks.c.created_at, tasks.c.id)
             .limit(limit)
@@ -816,29 +794,15 @@ class SqlStore(TaskStore):
 
         return await self._run(body, write=True)
 
-    async def expired(self, now: datetime | None = None, limit: int = 100) -> list[Task]:
-        return await self._past_deadline(TaskStatus.RUNNING, tasks.c.lease_expires_at, now, limit)
-
-    async def expired_approvals(self, now: datetime | None = None, limit: int = 100) -> list[Task]:
-        return await self._past_deadline(TaskStatus.INPUT_REQUIRED, tasks.c.approval_expires_at, now, limit)
-
-    async def _past_deadline(
-        self, status: TaskStatus, deadline: Any, now: datetime | None, limit: int
-    ) -> list[Task]:
-        """Tasks in ``status`` whose ``deadline`` column is before ``now``, oldest deadline first."""
-        check_limit(limit)
-        cutoff = as_utc(now) if now is not None else utcnow()
+    async def _past_deadline(self, status: TaskStatus, cutoff: datetime, limit: int) -> list[Task]:
+        deadline = _DEADLINES[status]
         query = (
             select(tasks)
             .where(tasks.c.status == status.value, deadline < cutoff)
             .order_by(deadline, tasks.c.id)
             .limit(limit)
         )
-
-        async def body(conn: AsyncConnection) -> list[Row[Any]]:
-            return list((await conn.execute(query)).all())
-
-        return [_to_task(r) for r in await self._run(body)]
+        return [_to_task(r) for r in await self._rows(query)]
 
     async def record_progress(self, task_id: str, steps: int, usage: Usage) -> None:
         params = {"b_id": task_id, "b_steps": steps, "b_usage": usage.model_dump(mode="json")}
@@ -849,8 +813,7 @@ class SqlStore(TaskStore):
         if await self._run(body, write=True) == 0:
             raise TaskNotFound(task_id)
 
-    async def append_event(self, task_id: str, kind: str, data: dict[str, Any]) -> TaskEvent:
-        check_kind(kind)
+    async def _append_event(self, task_id: str, kind: str, data: dict[str, Any]) -> TaskEvent:
 
         async def body(conn: AsyncConnection) -> TaskEvent:
             # Numbering the event locks the task's row (PostgreSQL; SQLite's BEGIN IMMEDIATE
@@ -914,11 +877,10 @@ class SqlStore(TaskStore):
             JournalRow(kind=r.kind, ordinal=r.ordinal, step=r.step, attempt=r.attempt, data=r.data)
             for r in rows
         ]
-        stored.sort(key=lambda e: journal_order(e.kind, e.ordinal))
+        stored.sort(key=lambda e: e.order)
         return stored
 
-    async def events(self, task_id: str, after_seq: int = 0, limit: int = 1000) -> list[TaskEvent]:
-        check_limit(limit)
+    async def _events(self, task_id: str, after_seq: int, limit: int) -> list[TaskEvent]:
         rows = await self._task_rows(_EVENTS, {"b_id": task_id, "b_after": after_seq, "b_limit": limit})
         return [_to_event(r) for r in rows]
 
