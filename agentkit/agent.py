@@ -1,9 +1,7 @@
 """The agent loop: ask the model, run the tools it calls, feed back what they returned, repeat.
 
-A run always ends with a ``RunResult``: tool failures are observations the model sees, model
-failures end the run ``failed`` with the reason, limits end it ``timed_out`` or with a forced
-final answer, and ``cancel()`` ends it ``cancelled``. Hosts rely on that: a worker never has to
-guess what an exception out of ``run`` means.
+Every run ends with a ``RunResult`` whose status says how; tool and model failures are data.
+See docs/agentkit.md, "A complete example" and "The loop".
 """
 
 from __future__ import annotations

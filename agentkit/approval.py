@@ -1,12 +1,7 @@
 """Human approval of tool calls: a run pauses before a call that needs it, and resumes with the answer.
 
-An agent given ``require_approval`` (a policy: does this call need a person's yes?) checks every
-tool call of a step before it runs any of them. A call that needs approval and has no answer in
-the run's journal ends the run ``input_required``, with the call in ``RunResult.pending``; nothing
-waits in a thread. The host asks a person, appends the answer to the journal as
-``JournalEntry.approval(...)`` and runs the agent again on that journal: the replay reaches the
-same call, finds the answer, and either runs the call (approved) or gives the model the denial as
-an error observation (``denial_message``), so the model can go on without it.
+The pause is a ``RunResult`` (``input_required``), the answer a journal entry; nothing waits.
+See docs/agentkit.md, "Approval: a run that waits for a person".
 """
 
 from __future__ import annotations

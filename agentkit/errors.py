@@ -1,9 +1,6 @@
-"""The exceptions agentkit raises.
+"""The exceptions agentkit raises, for what a caller has to change (failures during a run are data).
 
-Failures of tools and models during a run are turned into data (observations, a failed
-``RunResult``); these types are for the cases where the caller has to change something:
-a misconfigured registry, a model that cannot be reached, a tool that wants to tell the model
-what went wrong.
+See docs/agentkit.md, "A complete example".
 """
 
 from __future__ import annotations

@@ -1,17 +1,7 @@
 """The step journal: what a run has already done, so a restarted run does not do it again.
 
-A run is a fold over its journal. Every model response and every tool call's start and outcome
-is appended as a ``JournalEntry`` before the agent acts on it; a run given a journal that
-already holds entries replays them (no model call, no tool call) and so reaches the same state
-as the run that wrote them, then continues with the first fact that is not there. A host that
-stores the journal next to its task (opspawn keeps it in its SQL store) can therefore kill a
-worker at any point and resume on another without repeating finished work.
-
-A tool call that was started but never finished (the process died while it ran) has an unknown
-effect: it is re-run only when the tool is known to be idempotent (``rerun_if_idempotent``, the
-default policy), otherwise the model is told so (``INTERRUPTED_MESSAGE``). Every tool call also
-gets a key that is stable across restarts (``current_call_key()``), which the MCP tools send
-downstream as ``_meta[IDEMPOTENCY_META_KEY]`` so a server can de-duplicate a repeated call.
+A run is a fold over its journal; an interrupted call is re-run only if the tool is idempotent.
+See docs/agentkit.md, "Journal: checkpoint and resume".
 """
 
 from __future__ import annotations

@@ -1,21 +1,7 @@
 """Calling downstream MCP servers as agent tools, through a caller the host injects.
 
-The host (opspawn's connection pool, or your own ``mcp`` client sessions) implements
-``McpCaller`` and decides where calls go and which servers are allowed; agentkit only shapes the
-calls and maps results, so it never needs to know about transports or configuration.
-
-Progress: when an agent runs a proxy or flat tool, ``call_tool`` gets a ``progress_callback``
-keyword (the call's ``ToolProgress``, see ``agentkit.progress``); pass it to the ``mcp`` session's
-``call_tool`` and the downstream server's progress notifications become ``progress`` agent
-events. A caller whose ``call_tool`` has no such keyword still works, without progress.
-
-Idempotency: every call also gets ``meta={IDEMPOTENCY_META_KEY: key}`` (the call's
-``agentkit.current_call_key()``, stable across a resumed run); pass it to the session's
-``call_tool(meta=...)`` so the downstream server sees it in the request's ``_meta`` and can
-de-duplicate. Callers without a ``meta`` keyword still work, without the key. The flat tools
-take ``Tool.idempotent`` from the downstream tool's annotations, and the proxy answers
-``idempotent_for(call)`` from the annotations of the tool a call targets, so a resumed run knows
-which interrupted calls it may repeat.
+The host's ``McpCaller`` decides where calls go; agentkit shapes the calls and maps the results.
+See docs/agentkit.md, "MCP tools", "Progress of long tool calls" and "The idempotency key".
 """
 
 from __future__ import annotations

@@ -1,10 +1,6 @@
-"""What part of a run's transcript the model sees on each call.
+"""What part of a run's transcript the model sees on each call, cut at turn boundaries.
 
-The agent keeps the whole transcript (it is the run's record); a ``Memory`` chooses the window
-sent to the model, so long runs stay inside the context size without losing the record.
-Transcripts are cut at turn boundaries: an assistant message that calls tools and the tool
-results that answer it form one unit, because sending a call without its result (or a result
-without its call) is rejected by most APIs and confuses every model.
+See docs/agentkit.md, "Memory".
 """
 
 from __future__ import annotations

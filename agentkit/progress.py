@@ -1,12 +1,6 @@
-"""Progress of a long tool call, reported while it runs.
+"""Progress of a long tool call, reported while it runs, as throttled ``progress`` agent events.
 
-The agent gives every tool call a ``ToolProgress`` in a context variable for the duration of the
-call; a tool reports through ``report_progress`` (any tool) or, for MCP tools, the proxy hands it
-to ``McpCaller.call_tool`` as ``progress_callback`` so the downstream server's
-``notifications/progress`` arrive here. Each report becomes an ``AgentEvent(kind="progress")``,
-throttled to one per ``interval_s`` per call, and the newest report held back by the throttle is
-always emitted when the call ends, so a host sees the final state without a chatty tool flooding
-its event sink.
+See docs/agentkit.md, "Progress of long tool calls".
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """Tools: plain functions the model can call, with schemas derived from their signatures.
 
-The schema comes from type hints and the docstring because that is where a Python author already
-writes it; arguments are validated with pydantic before the function runs, and every failure
-(bad arguments, an exception, an unknown name) becomes an error observation the model can read
-and correct, never an exception out of the agent loop.
+Every failure becomes an error observation the model can read, never an exception out of the
+loop. See docs/agentkit.md, "Tools".
 """
 
 from __future__ import annotations

@@ -1,11 +1,7 @@
 """The one interface every model client implements, and the message types it speaks.
 
-The Chat Completions wire helpers the HTTP and local clients share are in ``agentkit.llm.wire``.
-
-Messages follow the Chat Completions shape (system / user / assistant / tool) because every
-backend we target (OpenAI, vLLM, llama.cpp, Ollama, LM Studio) accepts it; keeping our own
-small pydantic types instead of SDK dicts means the agent loop, memory and tests never depend on
-one SDK's classes, and every message is JSON-serialisable for progress events.
+Our own small pydantic types in the Chat Completions shape; the wire helpers are ``llm.wire``.
+See docs/agentkit.md, "Models".
 """
 
 from __future__ import annotations

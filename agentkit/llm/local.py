@@ -1,24 +1,7 @@
 """A GGUF model run in-process by llama-cpp-python, so an agent can work with no network at all.
 
-Tool calls are grammar-constrained, in the style of llama.cpp's ``chatml-function-calling``
-format (``functions.<name>:`` then a JSON object), but driven here rather than through that
-chat handler: the handler drops ``tool`` messages from its template (the model never sees its
-observations), rejects ``tool_choice="required"``, and in ``auto`` mode constrains plain answers to
-an empty message. Each turn is two small completions: a grammar picks ``functions.<name>`` or
-``message``, then a grammar built from the tool's JSON schema writes the arguments (or free text
-writes the answer). A 135M model cannot produce a malformed call this way.
-
-No tool schema can crash the process: llama.cpp parses a grammar with a recursive-descent parser
-that recurses once per nested group, and ``json_schema_to_gbnf`` writes a ``maxLength`` (or
-``minItems``/``maxItems``, or a ``{m,n}`` in a ``pattern``) of N as N nested groups, so an
-ordinary ``"maxLength": 100000`` overflows the thread's stack and kills the process with SIGSEGV,
-nothing Python can catch. ``grammar_for_schema`` therefore drops length and item bounds above
-``REPEAT_LIMIT`` (the tool still validates them), bounds free-form objects to two levels, and
-falls back to a generic JSON-object grammar when the result is still too deep or too large.
-
-llama.cpp calls block for seconds, so each one runs in a worker thread (the event loop keeps
-serving other tasks); a lock serialises them because a ``Llama`` context is not thread-safe.
-The model loads on first use, so building an agent stays cheap.
+Grammar-constrained tool calls, a grammar no tool schema can make crash the process, and one
+blocking call at a time in a worker thread. See docs/agentkit.md, "Models".
 """
 
 from __future__ import annotations

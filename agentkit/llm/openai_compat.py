@@ -1,13 +1,7 @@
 """Any Chat Completions server (OpenAI, vLLM, llama.cpp, Ollama, LM Studio) through the official SDK.
 
-We disable the SDK's own retries and retry here instead, so the policy (which statuses, how long,
-``Retry-After``) is one visible piece of code, cancellation interrupts a backoff sleep promptly,
-and the final failure is one ``LLMError`` that says what to check.
-
-Nothing comes from the environment. The SDK fills every argument left ``None`` from ``OPENAI_*``
-variables and merges ``OPENAI_CUSTOM_HEADERS`` into every request; a host that lets a task pick
-the endpoint would then send the worker's key (or its custom headers) to whatever URL the task
-named. So the client is built from explicit values only, and the ambient ones are undone.
+Our own retry policy, and nothing from the environment (``OPENAI_*`` is undone).
+See docs/agentkit.md, "Models".
 """
 
 from __future__ import annotations
