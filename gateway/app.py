@@ -1,15 +1,7 @@
 """The REST gateway: plain-HTTP routes over ``TaskService``, nothing more.
 
-Each handler translates HTTP to one service call and the result back; every rule (what a
-valid spec is, what cancel means, page limits, which servers exist) lives in the service
-and the models, and every error status comes from ``opspawn_mcp.errors``. So REST, MCP and
-gRPC clients see the same behaviour, and a rule is tested once, against the service.
-
-The gateway only owns what is about HTTP itself: reading a bounded body, JSON syntax,
-query-string parsing, the SSE messages (framed by sse-starlette), and the OpenAPI document. Who the caller is, and whether
-the request may come in at all (Host, Origin, token, content type), is decided before a handler
-runs, by the one HTTP guard (``opspawn_mcp.http_guard``) in front of the whole app; a handler
-only hands the principal it left in the scope to the service.
+Each handler turns a request into one service call and back; the HTTP guard has already decided
+who the caller is. See docs/rest.md.
 """
 
 from __future__ import annotations

@@ -1,13 +1,6 @@
 """The OpenAPI 3.1 document, generated from the same pydantic models the routes serialise.
 
-Schemas are never written by hand: request and response bodies come from ``models.py``,
-``ServerInfo`` and ``Problem`` through pydantic's JSON Schema (2020-12, which OpenAPI 3.1
-uses as is), and limits such as the page size come from the constants the service enforces.
-The schemathesis test checks the document against the running app, so it stays true.
-
-The HTTP guard (``opspawn_mcp.http_guard``) answers before any route, so its refusals are
-documented on every operation it can refuse: 421 (Host) and 403 (Origin) everywhere, 401 and the
-bearer scheme wherever a token is needed once tokens are configured, 415 where a body can be sent.
+It states the HTTP guard's refusals and the bearer scheme too. See docs/rest.md, "The HTTP guard".
 """
 
 from __future__ import annotations

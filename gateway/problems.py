@@ -1,10 +1,7 @@
-"""RFC 9457 problem details: the one shape every REST error takes.
+"""RFC 9457 problem details: the one shape every REST error takes, the guard's refusals included.
 
-The status and the kind come from ``opspawn_mcp.errors`` (``.status``, ``.kind``), so the
-gateway never decides on its own that, say, a conflict is a 409. Starlette's own HTTP errors
-(unknown route, wrong method) and anything unexpected are turned into the same shape, so a
-client parses one error format and never sees a traceback. The HTTP guard
-(``opspawn_mcp.http_guard``) answers its refusals (401, 403, 415, 421) through here too.
+Status and kind come from ``opspawn_mcp.errors``. See docs/rest.md, "Errors: RFC 9457 problem
+details".
 """
 
 from __future__ import annotations

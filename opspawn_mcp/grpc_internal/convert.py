@@ -1,12 +1,7 @@
-"""Between the pydantic models and their protobuf mirrors, by field name.
+"""Between the pydantic models and their protobuf mirrors, by field name, through the JSON forms.
 
-Conversion goes through the models' JSON form and protobuf's JSON mapping, so a field added
-to both sides needs no code here; only the differences of the wire format are spelled out:
-proto enum names for ``TaskStatus``, and ``restrict_servers`` (proto3 cannot tell an empty
-``servers`` list from an unset one, and the two mean "none" and "all" in ``TaskSpec``).
-
-Requests are converted to plain dicts and handed to ``TaskService``, which validates them:
-the proto carries no rule of its own.
+Only the wire's differences are spelled out (enum names, ``restrict_servers``).
+See docs/grpc.md, "Messages mirror the models".
 """
 
 from __future__ import annotations

@@ -1,12 +1,7 @@
 """Running the gRPC door: the task servicer, standard health checking and server reflection.
 
-``serve_grpc`` is an async context manager, so the server is stopped (with a short grace for
-open ``WatchTask`` streams) by whoever started it, however that scope ends. With a token
-configured every call except health checks needs ``authorization: Bearer <token>`` metadata
-naming a principal (``opspawn_mcp.principals``), the same rule as the MCP and REST doors; health stays open because probes carry no secrets.
-
-The health status follows ``TaskService.ready()``: SERVING while the store answers, NOT_SERVING
-when it does not, so a load balancer stops sending tasks to a server that cannot keep them.
+``serve_grpc`` owns the server's lifetime; health follows ``TaskService.ready()``.
+See docs/grpc.md, "Authentication" and "In-process".
 """
 
 from __future__ import annotations

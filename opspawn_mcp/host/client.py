@@ -1,10 +1,7 @@
 """OpsMcpClient: the process-wide pool of MCP sessions every agent's proxy calls go through.
 
-A worker runs many agent tasks on one event loop; they all share this pool, so a downstream
-server is started (or dialled) once per process, not once per task or per call. Access control
-lives here too: every call names a server, and a server outside the config or outside the task's
-allowed set is refused before any I/O, so a prompt-injected agent cannot reach a server its task
-was not given.
+It also refuses, before any I/O, a server outside the config or the task's allowed set.
+See docs/host.md.
 """
 
 from __future__ import annotations

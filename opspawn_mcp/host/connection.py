@@ -1,19 +1,7 @@
 """One downstream server's long-lived session: opening it, sharing it, noticing when it breaks.
 
-Each session lives in its own owner task, started in the pool's task group. The owner enters the
-transport and the ``ClientSession`` with ``async with``, serves until told to stop or until the
-stream ends, and then leaves both contexts itself: anyio cancel scopes must be entered and exited
-by the same task, so a caller never opens or closes a transport, it only borrows the session.
-
-Callers that arrive while a session is opening wait for that attempt instead of starting a second
-one. A failure (cannot connect, the process exited, the HTTP stream dropped) ends the session and
-schedules the next attempt after an exponential backoff with jitter; after ``UNAVAILABLE_AFTER``
-failures in a row the server is ``unavailable`` and calls fail fast until the delay has passed,
-so a dead server costs other servers' callers nothing.
-
-A frozen server (SIGSTOPped, deadlocked) keeps its stream open, so only timeouts reveal it: after
-``max_timeouts`` call timeouts in a row on one session the server is ``unhealthy`` and that session
-is closed like a lost one (a stdio process is killed), so the next call replaces it.
+An owner task per session, single-flight opening, backoff, and a frozen server replaced.
+See docs/host.md, "How a session lives", "States" and "Faults".
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
 """A server's resources, resource templates and prompts, cached like its tools for the exposed view.
 
-Agents use tools only, so only servers with ``expose`` are asked for these: at connect and again
-on ``notifications/resources/list_changed`` or ``notifications/prompts/list_changed``. A server
-that does not advertise the capability is not asked; one that refuses a listing shows none of
-that kind (with a warning), since its tools still work and must not be held back by it.
+See docs/composition.md, "Resources and prompts of exposed servers".
 """
 
 from __future__ import annotations

@@ -1,14 +1,7 @@
 """An opspawn downstream's ``submit_task`` followed without MCP Tasks (the 2025-11-25 wire).
 
-Where both sides speak the Tasks extension (``protocol: "auto"``) B's ``submit_task`` answers
-with an MCP task and ``host.tasks.follow`` drives it. Otherwise B answers with its task view at
-once, and an agent left to poll ``get_status`` itself would spend a model step per poll. So
-for a server that is an opspawn (it advertises ``io.opspawn/chaining``, or on 2025-11-25,
-where the SDK sends no extensions, its ``serverInfo.name`` is ``opspawn``) the pool does what ``follow`` does, with
-B's own tools: ``submit_task`` with ``wait: 0`` (so the task id is known before any waiting, and
-a cancel can never miss it), ``get_status`` every ``POLL_S`` (each poll a progress report, each
-bounded by ``timeout_s``, the whole by ``task_timeout_s``), and ``cancel_task`` on any way out
-but an answer. The agent gets B's answer as the call's result. See docs/composition.md.
+Submit with ``wait: 0``, poll ``get_status``, ``cancel_task`` on any way out but an answer.
+See docs/composition.md, "Chaining: opspawn B as a server of opspawn A".
 """
 
 from __future__ import annotations

@@ -1,12 +1,6 @@
 """Downstream MCP Tasks (SEP-2663): a ``tools/call`` answered with a task is followed to its end.
 
-On the 2026-07-28 wire (``mcpServers.X.protocol: "auto"``) every session declares the
-``io.modelcontextprotocol/tasks`` extension, so a server that advertises it may answer a long
-tool with a ``CreateTaskResult`` at once. The pool then polls ``tasks/get`` at the server's
-``pollIntervalMs`` (each poll bounded by the per-call ``timeout_s``, the whole by
-``task_timeout_s``) and hands the agent the task's result as if the call had returned it; a call
-left early (the opspawn task cancelled, the agent's timeout, a failed poll) sends ``tasks/cancel``.
-See docs/host.md, "Downstream tasks".
+See docs/host.md, "Downstream tasks (MCP Tasks, SEP-2663)".
 """
 
 from __future__ import annotations

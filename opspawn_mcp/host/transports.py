@@ -1,10 +1,6 @@
 """Opening the official SDK transport for one server config, with secrets resolved only here.
 
-``${VAR}`` references in a server's env, args, url and headers are expanded at the moment a
-connection opens, never earlier, and the values that came from the environment are remembered as
-secrets so error messages and logs can redact them. A stdio server's stderr is read from a pipe
-and logged line by line under the server's name, so a misbehaving server explains itself in the
-worker's log instead of on a terminal nobody reads.
+See docs/host.md, "Secrets and logs".
 """
 
 from __future__ import annotations
