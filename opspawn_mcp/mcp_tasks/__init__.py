@@ -1,9 +1,7 @@
 """MCP Tasks (SEP-2663, ``io.modelcontextprotocol/tasks``) as an SDK extension over a task backend.
 
-``TasksExtension`` speaks the wire (``serve_task_notifications`` adds ``notifications/tasks`` on
-``subscriptions/listen``, which no extension can bind); a ``TaskBackend`` runs and stores the tasks: opspawn's
-``TaskService`` (``opspawn_mcp.server``) or coroutines in memory
-(``opspawn_mcp.mcp_tasks.memory``). Design and status mapping: docs/mcp-server.md.
+``TasksExtension`` and ``serve_task_notifications`` speak the wire; a ``TaskBackend`` runs and
+stores the tasks. See docs/mcp-server.md, "Two protocol eras, and MCP Tasks".
 """
 
 from opspawn_mcp.mcp_tasks.backend import TaskBackend, TaskSupport, UnknownTask

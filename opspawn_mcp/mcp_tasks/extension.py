@@ -1,13 +1,7 @@
 """The Tasks extension (SEP-2663) on the SDK's extension API, over any ``TaskBackend``.
 
-It advertises ``io.modelcontextprotocol/tasks`` under ``capabilities.extensions``, turns a
-``tools/call`` of a task-supporting tool into a flat ``CreateTaskResult`` when the request
-declares the extension (per request on the 2026-07-28 wire, where every request carries its
-client capabilities in ``_meta``), and serves ``tasks/get``, ``tasks/update`` and
-``tasks/cancel``. A request that did not declare the extension never sees a task: an optional
-tool runs synchronously, a required one and the ``tasks/*`` methods answer -32021. Tasks are a
-2026-07-28 shape: the SDK cannot deliver ``resultType: "task"`` on a 2025-11-25 session, so there
-every call stays synchronous.
+It makes a declared ``tools/call`` a task and serves ``tasks/get``, ``tasks/update`` and
+``tasks/cancel``. See docs/mcp-server.md, "Two protocol eras, and MCP Tasks".
 """
 
 from __future__ import annotations

@@ -1,11 +1,7 @@
 """``notifications/tasks`` over ``subscriptions/listen`` (SEP-2663 on SEP-2575).
 
-A listen request whose ``notifications`` name ``taskIds`` gets a stream of ``notifications/tasks``,
-each a full ``DetailedTask`` (what ``tasks/get`` would answer then), once per change of a task's
-status, update time or pending inputs; the stream ends when every task it follows has ended. The
-ack names the task ids honoured (the caller's known tasks, at most ``MAX_TASKS``); a listen
-without ``taskIds`` goes to the SDK's own handler unchanged. The handler learns of changes by
-``tasks/get`` at each task's ``pollIntervalMs``: the ``TaskBackend`` protocol has no push.
+A ``taskIds`` listen streams each followed task's changes, read at its ``pollIntervalMs``.
+See docs/mcp-server.md, "Two protocol eras, and MCP Tasks".
 """
 
 from __future__ import annotations

@@ -1,11 +1,7 @@
 """A ``TaskBackend`` that runs coroutines in this process and keeps their tasks in memory.
 
-For servers whose tasks need not outlive the process (the conformance fixture, tests of
-clients). A job gets the call's params and a ``TaskInput`` through which it can ask the client
-for input: the task is then ``input_required`` with those requests in ``inputRequests`` until
-``tasks/update`` answers every one. A job's ``CallToolResult`` (``isError`` or not) completes the
-task; an ``MCPError`` it raises fails it with that error, any other exception fails it with
--32603. Enter the backend (``async with``) around serving: it owns the jobs' task group.
+For servers whose tasks need not outlive the process (the conformance fixture, client tests).
+See docs/mcp-server.md, "Two protocol eras, and MCP Tasks".
 """
 
 from __future__ import annotations

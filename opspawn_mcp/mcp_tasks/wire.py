@@ -1,11 +1,6 @@
 """The Tasks extension's wire shapes (SEP-2663), for servers and clients alike.
 
-A ``Task`` is flat: ``CreateTaskResult`` is ``Result & Task`` with ``resultType: "task"`` (no
-nested ``task`` key, no ``requestState``), and ``DetailedTask`` (the ``tasks/get`` answer) is a
-``Task`` with the status's payload inlined: ``result`` when completed, ``error`` when failed,
-``inputRequests`` when input is required. Durations are integer milliseconds (``ttlMs``,
-``pollIntervalMs``). The request classes set ``name_param`` so an SDK client sends the
-``Mcp-Name: <taskId>`` header the extension requires on streamable HTTP.
+See docs/mcp-server.md, "Two protocol eras, and MCP Tasks".
 """
 
 from __future__ import annotations
