@@ -1,9 +1,7 @@
 """The hooks the runtime calls: a task's run, a model call, a downstream call, a finished task.
 
-Each is one line at its call site (``runner``, ``agent_factory``, ``host.client``) and does the
-span (only when tracing is on), the metrics and the log context of that moment together, so
-the call sites stay about their own work. A model client is wrapped, not patched: agentkit
-stays free of opspawn (design rule 1).
+Each does the span, the metrics and the log context of its moment in one line at the call site.
+See docs/operations.md, "Traces".
 """
 
 from __future__ import annotations

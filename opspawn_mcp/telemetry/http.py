@@ -1,11 +1,7 @@
 """The HTTP app's part: the ``/metrics`` route, a server span per REST request, and the small
 guarded HTTP server an ``opspawn-mcp worker`` may run for its own ``/metrics``.
 
-``/metrics`` is an ordinary route behind the one HTTP guard (Host, Origin, token); its counts
-span every principal's tasks, so ``TaskService.task_counts`` admits admins only. MCP's paths
-get no HTTP span: the MCP SDK makes a server span per message, and a session's handlers run in
-the session's own task, so a span of the request that opened the session would wrongly parent
-every later call of that session.
+See docs/operations.md, "Metrics" and "Traces".
 """
 
 from __future__ import annotations

@@ -1,10 +1,6 @@
 """Logs on stderr: text for people, or one JSON object per line for log pipelines.
 
-The task a line belongs to is a context variable (``task_context``), set while a worker runs the
-task; asyncio copies it into every task started under it (the agent, its tool calls), so each
-line logged on the task's behalf names it, in whichever module it was written. JSON lines carry
-it as ``task_id``, and the current span's ``trace_id``/``span_id`` when tracing is on, so a
-line leads to its trace. The shapes are shown in docs/operations.md ("Logs").
+Every line logged while a task runs names it (``task_context``). See docs/operations.md, "Logs".
 """
 
 from __future__ import annotations

@@ -1,13 +1,6 @@
 """The trace context in Dramatiq messages: injected on enqueue, extracted in the worker.
 
-With tracing on, a task message carries one option besides the task id: ``trace_context``, the
-W3C context of its producer span (``DramatiqEnqueuer.enqueue`` publishes inside that span, in a
-copy of the caller's context, so ``before_enqueue`` sees it on the publishing thread). In the
-worker, ``before_process_message`` opens the consumer span as its child and makes it current on
-the worker thread. Dramatiq's AsyncIO middleware then submits the actor's coroutine from that
-thread (``asyncio.run_coroutine_threadsafe`` copies the thread's context into the new task), so
-the run and every model and downstream call under it are the consumer span's children. With
-tracing off, every hook returns at once and messages are unchanged.
+See docs/operations.md, "Traces" (how the context crosses the queue).
 """
 
 from __future__ import annotations

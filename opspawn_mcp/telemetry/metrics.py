@@ -1,15 +1,6 @@
 """Prometheus metrics, served at ``/metrics`` behind the HTTP guard (admins only).
 
-Two kinds, so every number is right however many processes run tasks:
-
-* **From the store, at scrape time**: ``opspawn_tasks`` by state and ``opspawn_queue_depth``
-  (tasks waiting for a worker), one grouped count per scrape. They describe the whole
-  deployment, whichever process answers.
-* **Per process**: task durations, model calls and tokens, downstream calls by server and
-  outcome, with their latency, counted where the work happens (``telemetry.hooks``). With
-  separate ``opspawn-mcp worker`` processes those counters live in the workers.
-
-The names and labels are listed in docs/operations.md ("Metrics").
+Store gauges read at scrape time, and per-process counters. See docs/operations.md, "Metrics".
 """
 
 from __future__ import annotations

@@ -1,14 +1,7 @@
 """OpenTelemetry traces: one trace follows a task from its door to its last downstream call.
 
-Off unless an OTLP endpoint is configured: ``opspawn.telemetry.otlp_endpoint``, else the standard
-``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` / ``OTEL_EXPORTER_OTLP_ENDPOINT``. Off, the SDK is never
-imported and every hook returns after one check of a module global: no span object, no trace
-context in messages. On, ``traced`` installs an SDK ``TracerProvider`` exporting over OTLP/HTTP
-as the global provider, so the MCP SDK's own spans (a server span per inbound ``tools/call``, a
-client span per downstream request, the W3C context carried in ``_meta`` as SEP-414 says) land
-in the same traces as opspawn's.
-
-The spans and how they link are listed in docs/operations.md ("Traces").
+Off (and the SDK never imported) unless an OTLP endpoint is configured.
+See docs/operations.md, "Traces".
 """
 
 from __future__ import annotations

@@ -1,10 +1,6 @@
 """The dashboard's routes: pages, the fragments its script swaps in, its actions, its SSE.
 
-Each handler makes ``TaskService`` calls for the principal the HTTP guard left in the scope
-(``principal_of``), exactly as the REST routes do, so a page shows what that principal may see
-at any door and nothing else. A page that fails renders the error's message as HTML with the
-error's status; the script's calls (fragments, actions) get an RFC 9457 problem, whose
-``detail`` it shows; both are worded for the dashboard (``Door.UI``).
+See docs/operations.md, "Dashboard".
 """
 
 from __future__ import annotations

@@ -1,10 +1,6 @@
 """Signing in to the dashboard: the token goes into a cookie the HTTP guard reads under /ui.
 
-A browser cannot send ``Authorization: Bearer`` when it follows a link, so the sign-in form
-posts the token once (as JSON, from this server's own page: the guard checks both) and gets it
-back as a cookie that is ``HttpOnly`` (no script reads it), ``SameSite=Strict`` (no other site's
-request carries it), ``Path=/ui`` (the API never sees it) and ``Secure`` over HTTPS. It lasts
-until the browser closes or the user signs out. The choice is explained in docs/security.md.
+See docs/security.md, "The dashboard's sign-in (`/ui`)".
 """
 
 from __future__ import annotations
