@@ -1,9 +1,7 @@
 """Rules both store implementations share, so memory and SQL cannot drift apart.
 
-The memory store is what unit tests run against; if it computed timestamps, leases or
-cursors differently from the SQL store, a test could pass on one and the bug ship on the
-other. Everything that is a *decision* (which fields a transition sets, what a cursor
-looks like, which event kinds exist, which limits are valid) lives here once.
+Every decision (the fields a transition sets, cursors, event kinds, limits) is made here once.
+See docs/architecture.md, "The store is the truth".
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """The Metadata Store contract: one async protocol, three implementations (memory, SQLite, PostgreSQL).
 
-The store is the truth about a task; broker messages carry only ids. Every status change goes
-through ``transition``, a compare-and-set that also checks ``TaskStatus.can_become``, so two
-workers (or a worker and a cancel) can never both finish one task: exactly one wins, the other
-gets ``IllegalTransition``.
+Every status change is ``transition``, a compare-and-set, so exactly one of two writers wins.
+See docs/architecture.md, "The store is the truth".
 """
 
 from __future__ import annotations

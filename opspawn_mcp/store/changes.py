@@ -1,18 +1,6 @@
-"""Writers wake watchers: the in-process half of "events wake watchers".
+"""Writers wake watchers: the in-process half of "events wake watchers" (``ChangeHub``).
 
-Every store owns one ``ChangeHub``. A watcher that has read a task's log up to ``seq`` parks in
-``wait`` instead of polling; every committed event write calls ``notify(task_id, seq)``, which
-wakes exactly the waiters of that task that have not seen ``seq`` yet. Other processes reach the
-hub through whatever feeds it (PostgreSQL ``LISTEN``, or the SQL store's shared poll), never
-through a timer per watcher.
-
-The hub also remembers the newest seq it was told of per task (an LRU of ``LATEST_CAPACITY``
-tasks), because a watcher reads the log and only then parks: a write that committed in between
-has already notified, and without that memory the watcher would sleep through it until its
-safety timeout. A task evicted from the LRU costs at most that timeout, never an event.
-
-Waking only schedules the waiter (a future's result), so ``notify`` is cheap and safe to call
-from a lock-holding writer or a database driver's notification callback.
+See docs/architecture.md, "Events wake watchers".
 """
 
 from __future__ import annotations

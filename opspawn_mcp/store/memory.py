@@ -1,13 +1,7 @@
-"""An in-process store with exactly the SQL store's semantics.
+"""An in-process store with exactly the SQL store's semantics, for ``memory://`` and the unit tests.
 
-It backs ``store_url=memory://`` (a single-process server that keeps nothing) and the unit
-tests. One ``asyncio.Lock`` makes every method atomic, which is the in-memory equivalent
-of the SQL store's guarded ``UPDATE``: the compare-and-set still decides, not the caller.
-Tasks are copied in and out, so a caller mutating a returned ``Task`` cannot change the
-store behind its back (a database would not let it either).
-
-Watchers park in ``wait_for_change``; every event write wakes the waiters of its task once the
-lock is released (the in-memory "commit"), so nothing here polls.
+One lock makes every method atomic; tasks are copied in and out.
+See docs/architecture.md, "The store is the truth".
 """
 
 from __future__ import annotations

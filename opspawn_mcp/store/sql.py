@@ -1,9 +1,7 @@
 """The SQL store: SQLite (one machine) or PostgreSQL (many workers) through SQLAlchemy async Core.
 
-Every state change is one guarded ``UPDATE ... WHERE status IN (...)`` whose returned row says
-whether it won; a row is read only to say why it lost. The tables and migrations are
-``store/sql_schema.py``. Why the statements, locks, pool and wakeups are what they are:
-docs/architecture.md ("The SQL store", "Events wake watchers").
+The queries; the tables and migrations are ``store/sql_schema.py``.
+See docs/architecture.md, "The SQL store" and "Events wake watchers".
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
-"""The SQL store's schema: the tables, the column types every dialect reads back alike, and
-the numbered migrations ``SqlStore.start`` applies (under an advisory lock on PostgreSQL).
+"""The SQL store's schema: the tables, the column types every dialect reads back alike, and the
+numbered, append-only migrations ``SqlStore.start`` applies.
 
-Append only: a released migration never changes, a new one gets the next number. SQLite stores
-naive datetimes, so ``UtcDateTime`` writes UTC and reads it back aware. The queries are
-``store/sql.py``; docs/architecture.md ("The store is the truth") says how they use the tables.
+See docs/architecture.md, "The SQL store".
 """
 
 from __future__ import annotations
