@@ -214,24 +214,9 @@ class OpsMcpClient:
     ) -> types.CallToolResult:
         """Call ``tool`` on ``server`` through the shared session; a successful result or ``ToolError``.
 
-        ``by`` names the principal of a call made through opspawn's exposed tools; such calls
-        are kept in the server's ``recent_calls`` (agents' calls are in their tasks' events).
-
-        ``meta`` is sent as the request's ``_meta`` (merged with the progress token when there is
-        a ``progress_callback``); agentkit's tools put the call's idempotency key there
-        (``agentkit.IDEMPOTENCY_META_KEY``), so a server can recognise a call run again after a crash.
-
-        Every failure raises agentkit's ``ToolError``, whose message is the one text the model
-        reads: the tool's ``isError`` result, a JSON-RPC error, and, with the pool's typed error as
-        ``__cause__``, an unknown server (``NotFound``) or one that cannot be reached, drops the
-        connection or runs past its ``timeout_s`` (``Unavailable``; the call is then cancelled on
-        the server). After ``max_timeouts`` timeouts in a row the server is ``unhealthy`` and
-        replaced on the next call. See docs/host.md, "Errors". Every call is counted, timed and
-        traced by server (``telemetry.hooks.downstream_call``).
-
-        A server on the 2026-07-28 wire (``protocol: "auto"``) that answers with an MCP task is
-        followed to the task's end (``tasks/get`` polls, ``tasks/cancel`` if the call is left
-        early), so the result is the task's; see docs/host.md, "Downstream tasks".
+        ``meta`` becomes the request's ``_meta``; ``by`` names the principal of a call made through
+        opspawn's exposed tools (kept in the server's ``recent_calls``). A task answer is followed
+        to its end. See docs/host.md, "Errors", "Downstream tasks" and "Idempotency keys and re-runs".
         """
         try:
             connection = self._get(server)
@@ -246,17 +231,9 @@ class OpsMcpClient:
     def idempotent(self, server: str, tool: str) -> bool | None:
         """What the tool's annotations (from the cached tools/list) say about running it twice.
 
-        True when ``idempotentHint`` or ``readOnlyHint`` is true, False when one is explicitly
-        false and neither is true, None when the server does not say (or the tool is not in the
-        cache: a pool that has not listed the server's tools yet knows nothing, so list or
-        ``open_all`` first). The rule is agentkit's ``idempotent_from_annotations``, so the pool
-        and an agent's tools never disagree. Annotations are hints; ``retry`` overrides them.
-
-        One exception: an opspawn downstream's ``submit_task`` (a delegation, ``host.subtasks``)
-        is idempotent whatever it is annotated, because every agent call carries its
-        idempotency key in ``_meta`` (stable across restarts) and an opspawn answers a repeated
-        submit with that key with the task it already started (``opspawn_mcp.idempotency``). So
-        a resumed run sends the call again and follows the same sub-task to its end.
+        agentkit's ``idempotent_from_annotations`` rule (None for a tool not in the cache), except
+        that an opspawn downstream's ``submit_task`` is always True: a repeat with the call's key
+        re-attaches to the task it started. See docs/host.md, "Idempotency keys and re-runs".
         """
         connection = self._get(server)
         if subtasks.follows(tool, connection.opspawn):
