@@ -1,4 +1,4 @@
-"""The Metadata Store contract: one async protocol, three implementations (memory, SQLite, PostgreSQL).
+"""The Metadata Store contract: one abstract base, three implementations (memory, SQLite, PostgreSQL).
 
 Every status change is ``transition``, a compare-and-set, so exactly one of two writers wins.
 See docs/architecture.md, "The store is the truth".
