@@ -137,17 +137,21 @@ def build_openapi(
         },
     ]
 
-    def op(summary: str, responses: dict[str, Any], *statuses: int, **extra: Any) -> dict[str, Any]:
+    def op(
+        operation_id: str, summary: str, responses: dict[str, Any], errors: tuple[int, ...] = (), **extra: Any
+    ) -> dict[str, Any]:
+        """One operation: its answers, plus a problem for each of ``errors`` and the guard's."""
         return {
             "summary": summary,
-            "operationId": extra.pop("operation_id"),
+            "operationId": operation_id,
             **extra,
-            "responses": {**responses, **_problems(*sorted({*_GUARD, *auth, *statuses}))},
+            "responses": {**responses, **_problems(*sorted({*_GUARD, *auth, *errors}))},
         }
 
     paths: dict[str, Any] = {
         "/v1/tasks": {
             "post": op(
+                "submitTask",
                 "Submit a task; it is queued and runs in a worker.",
                 {
                     "202": _json(
@@ -162,14 +166,7 @@ def build_openapi(
                         },
                     )
                 },
-                400,
-                409,
-                413,
-                415,
-                422,
-                429,
-                503,
-                operation_id="submitTask",
+                (400, 409, 413, 415, 422, 429, 503),
                 parameters=[
                     {
                         "name": IDEMPOTENCY_HEADER,
@@ -186,11 +183,10 @@ def build_openapi(
                 },
             ),
             "get": op(
+                "listTasks",
                 "List tasks, newest first.",
                 {"200": _json("One page of tasks.", ref(TaskPage))},
-                422,
-                503,
-                operation_id="listTasks",
+                (422, 503),
                 parameters=[
                     {
                         "name": "status",
@@ -209,42 +205,30 @@ def build_openapi(
         },
         "/v1/tasks/{task_id}": {
             "get": op(
+                "getTask",
                 "Get one task.",
                 {"200": _json("The task.", ref(Task))},
-                404,
-                422,
-                503,
-                operation_id="getTask",
+                (404, 422, 503),
                 parameters=[task_id],
             )
         },
         "/v1/tasks/{task_id}/cancel": {
             "post": op(
+                "cancelTask",
                 "Cancel an unfinished task: queued, running or input_required (cancelling a cancelled task "
                 "is a no-op).",
                 {"200": _json("The task, now cancelled.", ref(Task))},
-                404,
-                409,
-                415,
-                422,
-                503,
-                operation_id="cancelTask",
+                (404, 409, 415, 422, 503),
                 parameters=[task_id],
             )
         },
         "/v1/tasks/{task_id}/input": {
             "post": op(
+                "answerTask",
                 "Answer the approval request an input_required task waits on (its `approval`); the task is "
                 "queued again and goes on: approved, the tool call runs; denied, the agent reads the note.",
                 {"200": _json("The task, queued again.", ref(Task))},
-                400,
-                404,
-                409,
-                413,
-                415,
-                422,
-                503,
-                operation_id="answerTask",
+                (400, 404, 409, 413, 415, 422, 503),
                 parameters=[task_id],
                 requestBody={
                     "required": True,
@@ -254,6 +238,7 @@ def build_openapi(
         },
         "/v1/tasks/{task_id}/events": {
             "get": op(
+                "watchTask",
                 "Server-Sent Events: the task's events, then live ones until the task ends.",
                 {
                     "200": {
@@ -272,10 +257,7 @@ def build_openapi(
                         },
                     }
                 },
-                404,
-                422,
-                503,
-                operation_id="watchTask",
+                (404, 422, 503),
                 parameters=[
                     task_id,
                     {
@@ -295,20 +277,18 @@ def build_openapi(
         },
         "/v1/servers": {
             "get": op(
+                "listServers",
                 "The downstream MCP servers tasks may use, with their state and tools.",
                 {"200": _json("The servers.", {"type": "array", "items": ref(ServerInfo)})},
-                operation_id="listServers",
             )
         },
         "/v1/audit": {
             "get": op(
+                "listCalls",
                 "The audit of calls MCP clients made through exposed servers (mcpServers.X.expose): tool "
                 "calls, resource reads, prompt gets, newest first; the caller's own, an admin's everyone's.",
                 {"200": _json("One page of calls.", ref(ExposedCallPage))},
-                404,
-                422,
-                503,
-                operation_id="listCalls",
+                (404, 422, 503),
                 parameters=[
                     {
                         "name": "server",

@@ -18,7 +18,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import INTERNAL_ERROR, CallToolRequestParams, CallToolResult, Result
 
 from opspawn_mcp.mcp_tasks.backend import RequestContext, TaskSupport, UnknownTask
-from opspawn_mcp.mcp_tasks.wire import DetailedTask, TaskStatusName
+from opspawn_mcp.mcp_tasks.wire import DetailedTask, Task, TaskStatusName
 
 DEFAULT_TTL_MS = 3_600_000
 DEFAULT_POLL_INTERVAL_MS = 200
@@ -45,26 +45,25 @@ Job = Callable[[CallToolRequestParams, TaskInput], Awaitable[CallToolResult]]
 
 @dataclass
 class _Entry:
-    task_id: str
-    created_at: datetime
-    ttl_ms: int
-    status: TaskStatusName = "working"
-    updated_at: datetime = field(init=False)
+    meta: Task
+    """What every answer about the task carries, its status and last update kept current."""
     result: CallToolResult | None = None
     error: dict[str, Any] | None = None
     pending: dict[str, tuple[dict[str, Any], asyncio.Future[Any]]] = field(default_factory=dict)
     runner: asyncio.Task[None] | None = None
 
-    def __post_init__(self) -> None:
-        self.updated_at = self.created_at
+    @property
+    def status(self) -> TaskStatusName:
+        return self.meta.status
 
     def touch(self, status: TaskStatusName) -> None:
-        self.status = status
-        self.updated_at = datetime.now(UTC)
+        self.meta = self.meta.model_copy(update={"status": status, "last_updated_at": datetime.now(UTC)})
 
     @property
     def expired(self) -> bool:
-        return datetime.now(UTC) > self.created_at + timedelta(milliseconds=self.ttl_ms)
+        ttl_ms = self.meta.ttl_ms
+        kept_until = None if ttl_ms is None else self.meta.created_at + timedelta(milliseconds=ttl_ms)
+        return kept_until is not None and datetime.now(UTC) > kept_until
 
 
 class MemoryTaskBackend:
@@ -106,8 +105,18 @@ class MemoryTaskBackend:
         if self._group is None:
             raise RuntimeError("enter the MemoryTaskBackend (async with) before serving its tasks")
         self._tasks = {k: e for k, e in self._tasks.items() if not e.expired}
-        entry = _Entry(task_id=str(uuid.uuid4()), created_at=datetime.now(UTC), ttl_ms=self._ttl_ms)
-        self._tasks[entry.task_id] = entry
+        now = datetime.now(UTC)
+        entry = _Entry(
+            Task(
+                task_id=str(uuid.uuid4()),
+                status="working",
+                created_at=now,
+                last_updated_at=now,
+                ttl_ms=self._ttl_ms,
+                poll_interval_ms=self._poll_ms,
+            )
+        )
+        self._tasks[entry.meta.task_id] = entry
         entry.runner = self._group.create_task(self._run(entry, self._jobs[params.name][1], params))
         return self._view(entry)
 
@@ -137,12 +146,7 @@ class MemoryTaskBackend:
     def _view(self, entry: _Entry) -> DetailedTask:
         pending = {key: request for key, (request, _) in entry.pending.items()}
         return DetailedTask(
-            task_id=entry.task_id,
-            status=entry.status,
-            created_at=entry.created_at,
-            last_updated_at=entry.updated_at,
-            ttl_ms=entry.ttl_ms,
-            poll_interval_ms=self._poll_ms,
+            **dict(entry.meta),
             result=None
             if entry.result is None
             else entry.result.model_dump(by_alias=True, mode="json", exclude_none=True),

@@ -50,8 +50,10 @@ from sqlalchemy.exc import (
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from opspawn_mcp.config import StoreSettings
 from opspawn_mcp.errors import Conflict, IllegalTransition, InvalidInput, TaskNotFound, Unavailable
 from opspawn_mcp.models import ApprovalRequest, ExposedCall, Task, TaskEvent, TaskStatus, Usage, utcnow
+from opspawn_mcp.store import pool_size_for
 from opspawn_mcp.store._common import approval_document, as_utc, check_log_open, lease_until, state_event
 from opspawn_mcp.store.base import JournalKeyTaken, JournalRow, KeyTaken, Move, Progress, TaskStore, Window
 from opspawn_mcp.store.changes import ChangeHub
@@ -66,9 +68,8 @@ from opspawn_mcp.store.sql_schema import (
 
 SQLITE_BUSY_TIMEOUT_S: Final = 30.0
 PG_CONNECT_TIMEOUT_S: Final = 10.0
-DEFAULT_POOL_SIZE: Final = 12
-DEFAULT_POOL_TIMEOUT_S: Final = 30.0
-DEFAULT_POOL_RECYCLE_S: Final = 300.0
+# The pool's defaults are the config's (``opspawn.store``), stated there once.
+_DEFAULTS: Final = StoreSettings()
 # Renewals per statement: 2 bind parameters each, well inside SQLite's and asyncpg's limits.
 RENEW_CHUNK: Final = 1000
 _T = TypeVar("_T")
@@ -132,14 +133,14 @@ _NEXT_SEQ = (
     .values(last_seq=tasks.c.last_seq + 1)
     .returning(tasks.c.last_seq, tasks.c.status)
 )
-# record(): the guard (ours and running), the seq and the progress in one statement.
+# The task's row while ``b_owner`` holds it running: the guard of every write a worker makes.
+_HELD = and_(
+    tasks.c.id == bindparam("b_id"), tasks.c.status == _RUNNING, tasks.c.lease_owner == bindparam("b_owner")
+)
+# record(): the guard, the seq and the progress in one statement.
 _RECORD = (
     update(tasks)
-    .where(
-        tasks.c.id == bindparam("b_id"),
-        tasks.c.status == _RUNNING,
-        tasks.c.lease_owner == bindparam("b_owner"),
-    )
+    .where(_HELD)
     .values(
         last_seq=tasks.c.last_seq + 1,
         steps=bindparam("b_steps"),
@@ -178,15 +179,7 @@ _CLAIM = (
     )
     .returning(*tasks.c)
 )
-_RENEW = (
-    update(tasks)
-    .where(
-        tasks.c.id == bindparam("b_id"),
-        tasks.c.status == _RUNNING,
-        tasks.c.lease_owner == bindparam("b_owner"),
-    )
-    .values(lease_expires_at=_b("b_until", tasks.c.lease_expires_at))
-)
+_RENEW = update(tasks).where(_HELD).values(lease_expires_at=_b("b_until", tasks.c.lease_expires_at))
 _RENEW_MANY = (
     update(tasks)
     .where(
@@ -366,10 +359,10 @@ class SqlStore(TaskStore):
         url: str,
         *,
         schema: str | None = None,
-        pool_size: int = DEFAULT_POOL_SIZE,
+        pool_size: int = pool_size_for(None, None),
         max_overflow: int | None = None,
-        pool_timeout_s: float = DEFAULT_POOL_TIMEOUT_S,
-        pool_recycle_s: float = DEFAULT_POOL_RECYCLE_S,
+        pool_timeout_s: float = _DEFAULTS.pool_timeout_s,
+        pool_recycle_s: float = _DEFAULTS.pool_recycle_s,
     ) -> None:
         try:
             parsed = make_url(url)

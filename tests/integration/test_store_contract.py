@@ -19,7 +19,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -27,10 +27,15 @@ from opspawn_mcp.config import StoreSettings
 from opspawn_mcp.errors import Conflict, IllegalTransition, InvalidInput, TaskNotFound, Unavailable
 from opspawn_mcp.models import ApprovalRequest, ExposedCall, Task, TaskSpec, TaskStatus, Usage, utcnow
 from opspawn_mcp.store import JournalRow, KeyTaken, MemoryStore, TaskStore, open_store, pool_size_for
+from opspawn_mcp.store.sql_schema import SCHEMA_VERSION
 from tests.support.services import POSTGRES_URL, drop_schema, require_service
+
+if TYPE_CHECKING:
+    from opspawn_mcp.store.sql import SqlStore
 
 BACKENDS = ["memory", "sqlite", "postgres"]
 StoreFactory = Callable[[], Awaitable[TaskStore]]
+Reopen = Callable[[], Awaitable["SqlStore"]]
 
 
 def _task(status: TaskStatus = TaskStatus.QUEUED, goal: str = "say hello") -> Task:
@@ -45,26 +50,35 @@ async def open_new(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
     instance every time; the SQL factories open a new engine each call.
     """
     backend: str = request.param
-    opened: list[TaskStore] = []
     schema: str | None = None
     if backend == "postgres":
         require_service("postgres")
         schema = f"opspawn_test_{uuid.uuid4().hex[:12]}"
     shared = MemoryStore()
 
-    async def factory() -> TaskStore:
-        if backend == "memory":
-            store: TaskStore = shared
-        elif backend == "sqlite":
-            store = open_store(f"sqlite+aiosqlite:///{tmp_path / 'db' / 'opspawn.db'}")
-        else:
-            store = open_store(POSTGRES_URL, schema=schema)
-        await store.start()
-        opened.append(store)
-        return store
+    async with _closing(schema) as opened:
 
-    try:
+        async def factory() -> TaskStore:
+            if backend == "memory":
+                store: TaskStore = shared
+            elif backend == "sqlite":
+                store = open_store(f"sqlite+aiosqlite:///{tmp_path / 'db' / 'opspawn.db'}")
+            else:
+                store = open_store(POSTGRES_URL, schema=schema)
+            await store.start()
+            opened.append(store)
+            return store
+
         yield factory
+
+
+@contextlib.asynccontextmanager
+async def _closing(schema: str | None) -> AsyncIterator[list[TaskStore]]:
+    """A list for every store a test opens: all closed at the end, and the PostgreSQL
+    ``schema`` (when one was made) dropped."""
+    opened: list[TaskStore] = []
+    try:
+        yield opened
     finally:
         for store in opened:
             await store.close()
@@ -641,7 +655,6 @@ async def test_schema_version_is_recorded(store: TaskStore) -> None:
     if isinstance(store, MemoryStore):
         return  # nothing to migrate; the contract part (idempotent start) is tested above
     from opspawn_mcp.store.sql import SqlStore
-    from opspawn_mcp.store.sql_schema import SCHEMA_VERSION
 
     assert isinstance(store, SqlStore)
     assert await store.schema_version() == SCHEMA_VERSION
@@ -712,44 +725,70 @@ async def test_a_value_postgres_cannot_hold_is_invalid_input_not_an_outage() -> 
         await drop_schema(schema)
 
 
+@contextlib.asynccontextmanager
+async def _old_database(backend: str, tmp_path: Path) -> AsyncIterator[tuple[SqlStore, Reopen]]:
+    """A started SQL store whose schema the test rolls back by hand (white-box, through its
+    ``_tx()``), and a factory of stores reopened on it (migrating it again); all of them are
+    closed, and the PostgreSQL schema dropped, afterwards."""
+    from opspawn_mcp.store.sql import SqlStore
+
+    schema = f"opspawn_test_{uuid.uuid4().hex[:12]}" if backend == "postgres" else None
+    if schema is not None:
+        require_service("postgres")
+    url = POSTGRES_URL if schema is not None else f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
+    async with _closing(schema) as opened:
+        opened.append(first := open_store(url, schema=schema))
+        assert isinstance(first, SqlStore)
+        await first.start()
+
+        async def reopen() -> SqlStore:
+            await first.close()
+            opened.append(again := open_store(url, schema=schema))
+            assert isinstance(again, SqlStore)
+            await again.start()
+            assert await again.schema_version() == SCHEMA_VERSION
+            return again
+
+        yield first, reopen
+
+
+@contextlib.asynccontextmanager
+async def _downgraded(backend: str, tmp_path: Path, *statements: str) -> AsyncIterator[Reopen]:
+    """``_old_database`` rolled back by ``statements``."""
+    from sqlalchemy import text
+
+    async with _old_database(backend, tmp_path) as (first, reopen):
+        async with first._tx() as conn:
+            for statement in statements:
+                await conn.execute(text(statement))
+        yield reopen
+
+
 async def test_migration_2_gives_old_tasks_a_principal_and_a_model_profile(tmp_path: Path) -> None:
     """A database written by the first schema (model settings with endpoints, no principals)."""
     from sqlalchemy import text
 
-    from opspawn_mcp.store.sql import SqlStore
-    from opspawn_mcp.store.sql_schema import SCHEMA_VERSION
-
-    url = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
-    store = open_store(url)
-    assert isinstance(store, SqlStore)
-    await store.start()
     legacy = {"goal": "old", "model": {"provider": "openai", "base_url": "http://x/v1", "temperature": 0.2}}
-    async with store._tx() as conn:  # white-box: rebuild the version-1 shape by hand
-        await conn.execute(text("DROP INDEX ix_tasks_principal_created"))
-        await conn.execute(text("DROP INDEX ix_tasks_principal_status"))
-        await conn.execute(text("DROP INDEX ux_tasks_principal_key"))
-        await conn.execute(text("ALTER TABLE tasks DROP COLUMN idempotency_key"))
-        await conn.execute(text("ALTER TABLE tasks DROP COLUMN principal"))
-        await conn.execute(text("DELETE FROM schema_version WHERE version > 1"))
-        await conn.execute(
-            text(
-                "INSERT INTO tasks (id, status, spec, usage, steps, attempts, created_at) "
-                "VALUES ('t1', 'queued', :spec, '{}', 0, 0, '2026-01-01 00:00:00')"
-            ),
-            {"spec": json.dumps(legacy)},
-        )
-    await store.close()
-    again = open_store(url)
-    assert isinstance(again, SqlStore)
-    await again.start()
-    try:
+    async with _old_database("sqlite", tmp_path) as (store, reopen):
+        async with store._tx() as conn:  # white-box: rebuild the version-1 shape by hand
+            await conn.execute(text("DROP INDEX ix_tasks_principal_created"))
+            await conn.execute(text("DROP INDEX ix_tasks_principal_status"))
+            await conn.execute(text("DROP INDEX ux_tasks_principal_key"))
+            await conn.execute(text("ALTER TABLE tasks DROP COLUMN idempotency_key"))
+            await conn.execute(text("ALTER TABLE tasks DROP COLUMN principal"))
+            await conn.execute(text("DELETE FROM schema_version WHERE version > 1"))
+            await conn.execute(
+                text(
+                    "INSERT INTO tasks (id, status, spec, usage, steps, attempts, created_at) "
+                    "VALUES ('t1', 'queued', :spec, '{}', 0, 0, '2026-01-01 00:00:00')"
+                ),
+                {"spec": json.dumps(legacy)},
+            )
+        again = await reopen()
         task = await again.get("t1")
         assert task.principal == "local"
         assert task.spec.model.model_dump(exclude_none=True) == {"profile": "default", "temperature": 0.2}
-        assert await again.schema_version() == SCHEMA_VERSION
         assert await again.count_active("local") == 1
-    finally:
-        await again.close()
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
@@ -759,21 +798,7 @@ async def test_migration_3_numbers_old_logs_from_their_max_seq_and_adds_the_jour
     """A database written by schema version 2: events but no ``last_seq``, no journal table."""
     from sqlalchemy import text
 
-    from opspawn_mcp.store.sql import SqlStore
-    from opspawn_mcp.store.sql_schema import SCHEMA_VERSION
-
-    schema: str | None = None
-    if backend == "postgres":
-        require_service("postgres")
-        schema = f"opspawn_test_{uuid.uuid4().hex[:12]}"
-        url = POSTGRES_URL
-    else:
-        url = f"sqlite+aiosqlite:///{tmp_path / 'v2.db'}"
-    store = open_store(url, schema=schema)
-    assert isinstance(store, SqlStore)
-    await store.start()
-    again: SqlStore | None = None
-    try:
+    async with _old_database(backend, tmp_path) as (store, reopen):
         async with store._tx() as conn:  # white-box: rebuild the version-2 shape by hand
             await conn.execute(text("DROP TABLE task_journal"))
             await conn.execute(text("ALTER TABLE tasks DROP COLUMN last_seq"))
@@ -794,12 +819,7 @@ async def test_migration_3_numbers_old_logs_from_their_max_seq_and_adds_the_jour
                         ),
                         {"id": task_id, "seq": seq, "data": json.dumps({"n": seq})},
                     )
-        await store.close()
-        reopened = open_store(url, schema=schema)
-        assert isinstance(reopened, SqlStore)
-        again = reopened
-        await again.start()
-        assert await again.schema_version() == SCHEMA_VERSION
+        again = await reopen()
         assert (await again.append_event("old", "log", {"n": 4})).seq == 4
         assert (await again.append_event("quiet", "log", {"n": 1})).seq == 1
         assert [e.seq for e in await again.events("old")] == [1, 2, 3, 4]
@@ -810,12 +830,6 @@ async def test_migration_3_numbers_old_logs_from_their_max_seq_and_adds_the_jour
         event = await again.record("old", "w", "llm", {}, steps=1, usage=Usage(), entries=[entry])
         assert event is not None and event.seq == 5
         assert await again.journal("old") == [entry]
-    finally:
-        await store.close()
-        if again is not None:
-            await again.close()
-        if schema is not None:
-            await drop_schema(schema)
 
 
 # --- approvals ---------------------------------------------------------------------------
@@ -939,33 +953,14 @@ async def test_migration_5_adds_the_approval_columns_to_an_old_database(backend:
     """A database written by schema version 4: no approval columns."""
     from sqlalchemy import text
 
-    from opspawn_mcp.store.sql import SqlStore
-    from opspawn_mcp.store.sql_schema import SCHEMA_VERSION
-
-    schema: str | None = None
-    if backend == "postgres":
-        require_service("postgres")
-        schema = f"opspawn_test_{uuid.uuid4().hex[:12]}"
-        url = POSTGRES_URL
-    else:
-        url = f"sqlite+aiosqlite:///{tmp_path / 'v4.db'}"
-    store = open_store(url, schema=schema)
-    assert isinstance(store, SqlStore)
-    await store.start()
-    old = await store.create(_task())
-    again: SqlStore | None = None
-    try:
+    async with _old_database(backend, tmp_path) as (store, reopen):
+        old = await store.create(_task())
         async with store._tx() as conn:  # white-box: rebuild the version-4 shape by hand
             await conn.execute(text("DROP INDEX ix_tasks_status_approval"))
             await conn.execute(text("ALTER TABLE tasks DROP COLUMN approval"))
             await conn.execute(text("ALTER TABLE tasks DROP COLUMN approval_expires_at"))
             await conn.execute(text("DELETE FROM schema_version WHERE version > 4"))
-        await store.close()
-        reopened = open_store(url, schema=schema)
-        assert isinstance(reopened, SqlStore)
-        again = reopened
-        await again.start()
-        assert await again.schema_version() == SCHEMA_VERSION
+        again = await reopen()
         assert (await again.get(old.id)).approval is None
         assert await again.claim(old.id, "w1", ttl_s=3600, max_attempts=3) is not None
         request = _request(expires_in_s=1)
@@ -975,12 +970,6 @@ async def test_migration_5_adds_the_approval_columns_to_an_old_database(backend:
         assert (await again.get(old.id)).approval == request
         expired = await again.expired_approvals(now=utcnow() + timedelta(seconds=5))
         assert [t.id for t in expired] == [old.id]
-    finally:
-        await store.close()
-        if again is not None:
-            await again.close()
-        if schema is not None:
-            await drop_schema(schema)
 
 
 # --- the audit of exposed calls ----------------------------------------------------------
@@ -1028,46 +1017,8 @@ async def test_an_exposed_call_is_recorded_once_and_bad_pages_are_refused(store:
         await store.list_calls(cursor="not a cursor")
 
 
-@contextlib.asynccontextmanager
-async def _downgraded(backend: str, tmp_path: Path, *statements: str) -> AsyncIterator[Callable[[], Any]]:
-    """A started SQL store whose schema ``statements`` rolled back by hand (white-box); yields
-    a factory of stores reopened on it (migrating it again), all closed and dropped after."""
-    from sqlalchemy import text
-
-    from opspawn_mcp.store.sql import SqlStore
-
-    schema = f"opspawn_test_{uuid.uuid4().hex[:12]}" if backend == "postgres" else None
-    if schema is not None:
-        require_service("postgres")
-    url = POSTGRES_URL if schema is not None else f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
-    opened: list[TaskStore] = [open_store(url, schema=schema)]
-    try:
-        first = opened[0]
-        assert isinstance(first, SqlStore)
-        await first.start()
-        async with first._tx() as conn:
-            for statement in statements:
-                await conn.execute(text(statement))
-        await first.close()
-
-        async def reopen() -> TaskStore:
-            opened.append(open_store(url, schema=schema))
-            await opened[-1].start()
-            return opened[-1]
-
-        yield reopen
-    finally:
-        for store in opened:
-            await store.close()
-        if schema is not None:
-            await drop_schema(schema)
-
-
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 async def test_migration_8_adds_the_idempotency_key_to_an_old_database(backend: str, tmp_path: Path) -> None:
-    from opspawn_mcp.store.sql import SqlStore
-    from opspawn_mcp.store.sql_schema import SCHEMA_VERSION
-
     async with _downgraded(
         backend,
         tmp_path,
@@ -1076,7 +1027,6 @@ async def test_migration_8_adds_the_idempotency_key_to_an_old_database(backend: 
         "DELETE FROM schema_version WHERE version > 7",
     ) as reopen:
         store = await reopen()
-        assert isinstance(store, SqlStore) and await store.schema_version() == SCHEMA_VERSION
         keyed = await store.create(Task(spec=TaskSpec(goal="g"), idempotency_key="k"))
         with pytest.raises(KeyTaken):
             await store.create(Task(spec=TaskSpec(goal="g"), idempotency_key="k"))
@@ -1391,7 +1341,6 @@ async def test_many_stores_starting_at_once_migrate_exactly_once(open_new: Store
     task = await stores[0].create(_task())
     assert all([(await s.get(task.id)).id == task.id for s in stores])
     from opspawn_mcp.store.sql import SqlStore
-    from opspawn_mcp.store.sql_schema import SCHEMA_VERSION
 
     for s in stores:
         if isinstance(s, SqlStore):
