@@ -110,6 +110,7 @@ class Window:
 
     @classmethod
     def of(cls, limit: int, cursor: str | None, goal_contains: str = "", **match: str | None) -> Window:
+        """The window a caller's ``limit`` and ``cursor`` ask for; a None filter keeps everything."""
         check_limit(limit)
         after = decode_cursor(cursor) if cursor else None
         return cls(limit, after, {k: v for k, v in match.items() if v is not None}, goal_contains)
