@@ -14,7 +14,7 @@ import os
 import socket
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, TypedDict, Unpack
+from typing import Any, Unpack
 
 import agentkit
 from opspawn_mcp.agent_factory import AgentSetupError, LlmClients, ToolPool, build_agent
@@ -26,7 +26,7 @@ from opspawn_mcp.outcome import completion_warning
 from opspawn_mcp.recovery import give_up
 from opspawn_mcp.scheduler import publish
 from opspawn_mcp.store._common import EVENT_KINDS
-from opspawn_mcp.store.base import JournalRow, TaskStore
+from opspawn_mcp.store.base import JournalRow, Outcome, TaskStore
 from opspawn_mcp.telemetry.hooks import runs_task, task_finished
 from opspawn_mcp.telemetry.logs import announce
 
@@ -44,16 +44,6 @@ CANCEL_GRACE_S = 10.0
 MAX_EVENT_TEXT = 8_000
 SHUTDOWN_REASON = "worker shutting down"
 STORE_RETRY_S = 2.0
-
-
-class _Outcome(TypedDict, total=False):
-    """How a run ended, as ``TaskStore.transition`` keeps it: the answer or the error, the state
-    event's ``reason``, the completed task's ``warning`` (``TaskRunner._finish``)."""
-
-    result: str
-    error: str
-    reason: str | None
-    warning: str | None
 
 
 def new_owner_id() -> str:
@@ -392,7 +382,7 @@ class TaskRunner:
         status: TaskStatus,
         *,
         approval: ApprovalRequest | None = None,
-        **outcome: Unpack[_Outcome],
+        **outcome: Unpack[Outcome],
     ) -> None:
         """The owner-guarded transition that ends this run (with its steps, its usage and the
         journal entries still held); losing the race (cancel, lost lease) is fine. ``reason``

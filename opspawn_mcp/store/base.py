@@ -10,7 +10,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypedDict, TypeVar, Unpack
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -94,6 +94,17 @@ class KeyTaken(Conflict):
 
 
 _Row = TypeVar("_Row", Task, ExposedCall)
+
+
+class Outcome(TypedDict, total=False):
+    """What a transition records of how the task got there: the answer (``result``) or the
+    ``error``, the ``state`` event's ``reason`` (default: the error) and the completed task's
+    ``warning`` (``TaskStore.transition``; ``TaskRunner._finish`` forwards a run's)."""
+
+    result: str
+    error: str
+    reason: str | None
+    warning: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,15 +256,12 @@ class TaskStore(ABC):
         expected: Collection[TaskStatus],
         new: TaskStatus,
         *,
-        result: str | None = None,
-        error: str | None = None,
         usage: Usage | None = None,
         owner: str | None = None,
-        reason: str | None = None,
         approval: ApprovalRequest | None = None,
         event: tuple[str, dict[str, Any]] | None = None,
         entries: Sequence[JournalRow] = (),
-        warning: str | None = None,
+        **outcome: Unpack[Outcome],
     ) -> Task:
         """Atomically move the task to ``new`` if its status is in ``expected`` and the move is
         legal (and, when ``owner`` is given, the task's lease belongs to ``owner``).
@@ -276,6 +284,9 @@ class TaskStore(ABC):
             check_kind(event[0])
         allowed = tuple(allowed_from(expected, new))
         # A move no status allows writes nothing (the backend only says why), so it needs no values.
+        if unknown := outcome.keys() - Outcome.__optional_keys__:
+            raise TypeError(f"transition() got unexpected keyword arguments {sorted(unknown)}")
+        result, error, warning = outcome.get("result"), outcome.get("error"), outcome.get("warning")
         values = (
             transition_values(
                 new, utcnow(), result=result, error=error, usage=usage, approval=approval, warning=warning
@@ -283,7 +294,7 @@ class TaskStore(ABC):
             if allowed
             else {}
         )
-        state = state_event(new, reason or error)
+        state = state_event(new, outcome.get("reason") or error)
         return await self._move(Move(task_id, new, allowed, owner, values, state, event, entries))
 
     @abstractmethod
