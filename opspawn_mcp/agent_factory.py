@@ -42,9 +42,15 @@ class AgentSetupError(Exception):
     """The task cannot start as specified; ``str(exc)`` tells a human what to change."""
 
 
+def profile_name(settings: ModelSettings) -> str:
+    """The profile a task runs on: the name the service resolved at submit time (a spec built in
+    code may name none: the default)."""
+    return settings.profile or DEFAULT_PROFILE
+
+
 def profile_for(settings: ModelSettings, config: Config) -> LlmProfile:
-    """The config's profile the task chose (the service resolved the name at submit time)."""
-    name = settings.profile or DEFAULT_PROFILE
+    """The config's profile the task chose, as this worker's config defines it."""
+    name = profile_name(settings)
     profile = config.opspawn.profiles.get(name)
     if profile is None:
         raise AgentSetupError(
@@ -73,7 +79,7 @@ class LlmClients:
 
     async def get(self, settings: ModelSettings) -> LLM:
         """The client for the task's profile, tuned by its settings; ``AgentSetupError`` with a fix."""
-        name = settings.profile or DEFAULT_PROFILE
+        name = profile_name(settings)
         async with self._lock:
             shared = self._clients.get(name)
             if shared is None:
@@ -204,7 +210,7 @@ async def build_agent(
     """The agent for one task, on the process's shared model client of its profile (each call
     counted and traced: ``ObservedLLM``)."""
     profile = profile_for(spec.model, config)
-    llm = ObservedLLM(await llms.get(spec.model), spec.model.profile or DEFAULT_PROFILE, profile.model)
+    llm = ObservedLLM(await llms.get(spec.model), profile_name(spec.model), profile.model)
     servers = list(spec.servers) if spec.servers is not None else list(config.mcp_servers)
     # Every downstream call carries the task's delegation chain with this instance appended, so
     # an opspawn downstream refuses a goal that would loop (opspawn_mcp.chaining).

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import dramatiq
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
@@ -44,7 +43,7 @@ def queue_name_for(config: Config) -> str:
     return config.opspawn.worker.queue_name
 
 
-def build_rabbitmq_broker(url: str, middleware: list[Any] | None = None) -> Any:
+def build_rabbitmq_broker(url: str, middleware: list[dramatiq.Middleware] | None = None) -> RabbitmqBroker:
     """A ``RabbitmqBroker`` with only the middleware we want (see the module docstring).
 
     ``confirm_delivery`` makes a publish wait for RabbitMQ's ack, so ``enqueue`` returning
@@ -56,7 +55,7 @@ def build_rabbitmq_broker(url: str, middleware: list[Any] | None = None) -> Any:
     return RabbitmqBroker(url=url, confirm_delivery=True, middleware=[*stack, TraceContext()])
 
 
-def task_message(queue_name: str, task_id: str) -> Any:
+def task_message(queue_name: str, task_id: str) -> dramatiq.Message[None]:
     """The one message shape: the actor's name and the task id, nothing else."""
     return dramatiq.Message(
         queue_name=queue_name, actor_name=ACTOR_NAME, args=(task_id,), kwargs={}, options={}
@@ -74,7 +73,7 @@ class DramatiqEnqueuer:
     it in ``close()``), or pass an existing broker (the worker process shares its own).
     """
 
-    def __init__(self, broker: Any, queue_name: str, *, owns_broker: bool = False) -> None:
+    def __init__(self, broker: RabbitmqBroker, queue_name: str, *, owns_broker: bool = False) -> None:
         self._broker = broker
         self._queue_name = queue_name
         self._owns_broker = owns_broker

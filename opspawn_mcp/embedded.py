@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from types import TracebackType
-from typing import Any
 
+from opspawn_mcp.agent_factory import ToolPool
 from opspawn_mcp.config import Config
 from opspawn_mcp.errors import OpspawnError, Unavailable
 from opspawn_mcp.recovery import recovery_interval, recovery_loop, requeue_stale
@@ -37,7 +37,7 @@ class EmbeddedWorker:
     tasks back as ``queued``, so the next start runs them again.
     """
 
-    def __init__(self, config: Config, store: TaskStore, pool: Any, *, owner: str | None = None) -> None:
+    def __init__(self, config: Config, store: TaskStore, pool: ToolPool, *, owner: str | None = None) -> None:
         self.config = config
         self.store = store
         self.pool = pool

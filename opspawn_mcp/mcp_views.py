@@ -7,9 +7,12 @@ The task's fields are decided once on ``opspawn_mcp.models.Task``; docs/mcp-serv
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
+from mcp.server.context import ServerRequestContext
 from pydantic import BaseModel, Field
 
+from opspawn_mcp.errors import CLI_CLIENT_NAME, Door, OpspawnError
 from opspawn_mcp.host.models import ServerInfo
 from opspawn_mcp.models import ApprovalRequest, Task, TaskStatus, Usage
 
@@ -86,3 +89,13 @@ class TaskList(BaseModel):
 
 class ServerList(BaseModel):
     servers: list[ServerInfo]
+
+
+def error_line(exc: OpspawnError, ctx: ServerRequestContext[Any, Any] | None) -> str:
+    """A typed error as an MCP tool error's one line, for the tools and a submit over MCP Tasks
+    alike: kind first, then the fix, worded for the CLI's commands when the caller is opspawn's
+    own CLI (``CLI_CLIENT_NAME``)."""
+    params = ctx.session.client_params if ctx is not None else None
+    name = params.client_info.name if params is not None else None
+    door = Door.CLI if name == CLI_CLIENT_NAME else Door.MCP
+    return f"{exc.kind}: {exc.message_for(door)}"

@@ -65,17 +65,6 @@ def _jsonable(value: Any) -> Any:
     return _jsonable(json.loads(json.dumps(value, default=str)))
 
 
-def _usage_of(value: Any) -> Usage:
-    if value is None:
-        return Usage()
-    data = value.model_dump() if hasattr(value, "model_dump") else value
-    if not isinstance(data, dict):
-        return Usage()
-    return Usage(
-        input_tokens=int(data.get("input_tokens") or 0), output_tokens=int(data.get("output_tokens") or 0)
-    )
-
-
 class _StoreJournal:
     """agentkit's ``Journal`` over the task's stored entries.
 
@@ -439,7 +428,7 @@ class TaskRunner:
             kind = "log"
         if "usage" in event.data:
             # "llm" events carry one call's usage; "final"/"error" carry the run's total.
-            usage = _usage_of(event.data["usage"])
+            usage = Usage.model_validate(event.data["usage"])
             execution.usage = execution.usage + usage if kind == "llm" else usage
         execution.steps = max(execution.steps, event.step)
         await self._write(execution, kind, data)

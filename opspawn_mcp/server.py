@@ -37,7 +37,7 @@ from pydantic import Field
 
 from agentkit.tools import parse_docstring
 from opspawn_mcp.chaining import OPSPAWN_NAME, ChainingExtension, relay_meta
-from opspawn_mcp.errors import CLI_CLIENT_NAME, Door, NotFound, OpspawnError
+from opspawn_mcp.errors import NotFound, OpspawnError
 from opspawn_mcp.exposed import ExposedTools
 from opspawn_mcp.exposed_uris import original_uri
 from opspawn_mcp.host import OpsMcpClient
@@ -45,7 +45,7 @@ from opspawn_mcp.idempotency import key_from_meta
 from opspawn_mcp.mcp_http import MCP_SESSION_HEADER
 from opspawn_mcp.mcp_logging import SessionLogLevels
 from opspawn_mcp.mcp_tasks import TasksExtension, serve_task_notifications
-from opspawn_mcp.mcp_views import ServerList, TaskList, TaskView
+from opspawn_mcp.mcp_views import ServerList, TaskList, TaskView, error_line
 from opspawn_mcp.models import (
     APPROVAL_NOTE_MAX_CHARS,
     TaskSpec,
@@ -82,18 +82,6 @@ Tasks outlive this conversation: keep the task_id. A task that failed carries an
 why. Resources: opspawn://tasks/{{task_id}} (the task as JSON) and
 opspawn://tasks/{{task_id}}/events (its step log).
 """
-
-
-def _tool_error(exc: OpspawnError, ctx: Context | None) -> ToolError:
-    """The one mapping from a typed error to an MCP tool error: kind first, then the fix, worded
-    for the CLI's commands when the caller is opspawn's own CLI (``CLI_CLIENT_NAME``)."""
-    return ToolError(f"{exc.kind}: {exc.message_for(_door(ctx))}")
-
-
-def _door(ctx: Context | None) -> Door:
-    params = ctx.request_context.session.client_params if ctx is not None else None
-    name = params.client_info.name if params is not None else None
-    return Door.CLI if name == CLI_CLIENT_NAME else Door.MCP
 
 
 def _progress_line(kind: str, data: dict[str, Any]) -> str:
@@ -243,17 +231,18 @@ class _Server(MCPServer):
     ) -> CallToolResult | InputRequiredResult:
         """The one place a typed error becomes a tool error. A tool body raises ``OpspawnError``
         as it is: the SDK wraps it as an unexpected crash with a blank message, so it is
-        unwrapped here and worded by ``_tool_error`` under the SDK's usual prefix."""
+        unwrapped here and worded by ``mcp_views.error_line`` under the SDK's usual prefix; an
+        argument refused before the tool runs carries no prefix."""
+        request = context.request_context if context is not None else None
         try:
             return await self._call_tool(name, arguments, context)
         except OpspawnError as exc:
-            raise _tool_error(exc, context) from exc
+            raise ToolError(error_line(exc, request)) from exc
         except UnexpectedToolError as exc:
             if not isinstance(exc.__cause__, OpspawnError):
                 raise
-            raise ToolError(
-                f"Error executing tool {name}: {_tool_error(exc.__cause__, context)}"
-            ) from exc.__cause__
+            line = error_line(exc.__cause__, request)
+            raise ToolError(f"Error executing tool {name}: {line}") from exc.__cause__
 
     async def _call_tool(
         self, name: str, arguments: dict[str, Any], context: Context | None

@@ -22,15 +22,16 @@ from mcp_types import (
 from pydantic import BaseModel, ValidationError
 
 from opspawn_mcp.chaining import chain_from_meta
-from opspawn_mcp.errors import Conflict, Door, InvalidInput, NotFound, OpspawnError
+from opspawn_mcp.errors import Conflict, InvalidInput, NotFound, OpspawnError
 from opspawn_mcp.idempotency import key_from_meta
 from opspawn_mcp.mcp_tasks import DetailedTask, TaskStatusName, TaskSupport, UnknownTask
 from opspawn_mcp.mcp_tasks.backend import RequestContext
+from opspawn_mcp.mcp_views import error_line
 from opspawn_mcp.models import ApprovalAnswer, ApprovalRequest, Task, TaskEvent, TaskSpec, TaskStatus
 from opspawn_mcp.principals import Principal, principal_of
 from opspawn_mcp.recovery import GAVE_UP_PREFIX
 from opspawn_mcp.runner import INTERNAL_ERROR_REASON
-from opspawn_mcp.service import EVENTS_PAGE_MAX, TaskService, empty_goal
+from opspawn_mcp.service import EVENTS_PAGE_MAX, TaskService, empty_goal, invalid
 
 SUBMIT_ARGUMENTS = frozenset({*TaskSpec.model_fields, "wait"} - {"chain"})
 """The arguments submit_task takes: the spec's fields (but ``chain``, which comes from the
@@ -104,9 +105,8 @@ def approval_answer(response: Any) -> ApprovalAnswer:
             note=note if note is not None or accepted else f"the client answered {response['action']}",
         )
     except ValidationError as exc:
-        raise MCPError(
-            code=INVALID_PARAMS, message=f"Invalid approval answer: {exc.errors()[0]['msg']}"
-        ) from None
+        refused = invalid("approval answer", exc, root="(answer)")
+        raise MCPError(code=INVALID_PARAMS, message=refused.message) from None
 
 
 def _text(text: str, *, error: bool = False, structured: Any = None) -> CallToolResult:
@@ -189,7 +189,7 @@ class ServiceTaskBackend:
             key = key_from_meta(params.meta)
             task = await self._service.submit(spec, by=self._caller(ctx), idempotency_key=key)
         except OpspawnError as exc:
-            return _text(f"{exc.kind}: {exc.message_for(Door.MCP)}", error=True)
+            return _text(error_line(exc, ctx), error=True)
         return self._detailed(task)
 
     async def _task(self, task_id: str, ctx: RequestContext) -> Task:

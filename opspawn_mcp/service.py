@@ -125,35 +125,31 @@ class TaskService:
         so the worker runs exactly what was accepted even if the config changes later.
         """
         if isinstance(spec, TaskSpec):
-            raw: Any = spec.model_dump(exclude_unset=True)
+            _check_goal(spec.goal)
+            checked = spec  # already a valid spec: not validated again
         elif isinstance(spec, Mapping):
-            raw = dict(spec)
+            checked = self._parse(spec, by)
         else:
             raise InvalidInput(f"A task spec must be a JSON object, not {type(spec).__name__}.")
-        goal = raw.get("goal")
-        if goal is None or (isinstance(goal, str) and not goal.strip()):
-            raise empty_goal()
-        if isinstance(goal, str) and len(goal) > GOAL_MAX_CHARS:
-            raise PayloadTooLarge(
-                f"The goal is {len(goal)} characters; the limit is {GOAL_MAX_CHARS}. "
-                "Shorten it or move bulky material into a downstream server the agent can read.",
-                field="goal",
-            )
-        self._refuse_endpoint_fields(raw.get("model"), by)
-        try:
-            checked = TaskSpec.model_validate(raw)
-        except ValidationError as exc:
-            problems = validation_problems(exc, root="(spec)")
-            raise InvalidInput("Invalid task spec: " + "; ".join(problems) + ".", problems=problems) from None
         check_chain(checked.chain, self.instance_id, self._config.opspawn.chaining.max_depth)
         return checked.model_copy(
             update={
                 "servers": self._check_servers(checked.servers, by),
                 "model": self._check_model(checked.model, by),
-                "timeout_s": self._check_timeout(checked, raw, by),
+                "timeout_s": self._check_timeout(checked, by),
                 "budget": self._check_budget(checked.budget, by),
             }
         )
+
+    def _parse(self, fields: Mapping[str, Any], by: Principal) -> TaskSpec:
+        """A JSON client's fields as a ``TaskSpec``, validated once; a missing or blank goal and
+        a model endpoint are refused first, each with its own message."""
+        _check_goal(fields.get("goal"))
+        self._refuse_endpoint_fields(fields.get("model"), by)
+        try:
+            return TaskSpec.model_validate(fields)
+        except ValidationError as exc:
+            raise invalid("task spec", exc, root="(spec)") from None
 
     def _profiles(self, by: Principal) -> list[str]:
         return [n for n in self._config.opspawn.profiles if by.may_use_profile(n)]
@@ -196,11 +192,11 @@ class TaskService:
             )
         return list(dict.fromkeys(wanted))
 
-    def _check_timeout(self, spec: TaskSpec, raw: Mapping[str, Any], by: Principal) -> float:
+    def _check_timeout(self, spec: TaskSpec, by: Principal) -> float:
         limit = by.limits.max_task_seconds
         if limit is None or spec.timeout_s <= limit:
             return spec.timeout_s
-        if "timeout_s" not in raw:
+        if "timeout_s" not in spec.model_fields_set:
             return limit  # the default is longer than this caller may run: its limit applies
         raise InvalidInput(
             f"timeout_s={spec.timeout_s:g} is over your limit of {limit:g} s; ask for at most that.",
@@ -465,6 +461,26 @@ class TaskService:
         await self._enqueuer.ping()
 
 
+def invalid(what: str, exc: ValidationError, *, root: str) -> InvalidInput:
+    """A failed validation as the one ``invalid_input`` every door shows: ``Invalid <what>:``
+    then each problem as ``path: message`` (``root`` names the whole value)."""
+    problems = validation_problems(exc, root=root)
+    return InvalidInput(f"Invalid {what}: " + "; ".join(problems) + ".", problems=problems)
+
+
+def _check_goal(goal: Any) -> None:
+    """A missing or blank goal is ``empty_goal``; an over-long one is refused before any
+    validation, as a payload too large."""
+    if goal is None or (isinstance(goal, str) and not goal.strip()):
+        raise empty_goal()
+    if isinstance(goal, str) and len(goal) > GOAL_MAX_CHARS:
+        raise PayloadTooLarge(
+            f"The goal is {len(goal)} characters; the limit is {GOAL_MAX_CHARS}. "
+            "Shorten it or move bulky material into a downstream server the agent can read.",
+            field="goal",
+        )
+
+
 def empty_goal() -> InvalidInput:
     """A missing, empty or blank goal, in one message at every door (gRPC cannot tell an empty
     goal from a missing one, and neither needs the validator's wording)."""
@@ -533,8 +549,7 @@ def _check_answer(answer: ApprovalAnswer | Mapping[str, Any]) -> ApprovalAnswer:
     try:
         return ApprovalAnswer.model_validate(dict(answer))
     except ValidationError as exc:
-        problems = validation_problems(exc, root="(answer)")
-        raise InvalidInput("Invalid answer: " + "; ".join(problems) + ".", problems=problems) from None
+        raise invalid("answer", exc, root="(answer)") from None
 
 
 def _not_waiting_for(task: Task, request_id: str) -> Conflict:

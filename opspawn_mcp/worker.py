@@ -13,7 +13,11 @@ import logging
 import signal
 import threading
 from types import FrameType
-from typing import Any
+
+import dramatiq
+from dramatiq.asyncio import get_event_loop_thread
+from dramatiq.brokers.rabbitmq import RabbitmqBroker
+from dramatiq.middleware.asyncio import AsyncIO
 
 from opspawn_mcp.broker import (
     ACTOR_NAME,
@@ -54,7 +58,7 @@ async def execute_agent_task_actor(task_id: str) -> None:
 class _ProcessHost:
     """Owns the worker process's store, pool and runner, in one task on Dramatiq's loop."""
 
-    def __init__(self, config: Config, broker: Any) -> None:
+    def __init__(self, config: Config, broker: RabbitmqBroker) -> None:
         self.config = config
         self.broker = broker
         self.runner: concurrent.futures.Future[TaskRunner] = concurrent.futures.Future()
@@ -146,26 +150,24 @@ class _ProcessHost:
             self.done.result()
 
 
-def _runtime_middleware(host: _ProcessHost) -> Any:
+class _Runtime(dramatiq.Middleware):
     """Boots the host right after the AsyncIO loop starts, and closes it before the loop stops
     (``after_*`` hooks run in reverse order, so this must come after ``AsyncIO`` in the list)."""
-    from dramatiq import Middleware
-    from dramatiq.asyncio import get_event_loop_thread
 
-    class _Runtime(Middleware):
-        def after_worker_boot(self, broker: Any, worker: Any) -> None:
-            thread = get_event_loop_thread()
-            if thread is None:
-                raise RuntimeError("the AsyncIO middleware must come before the runtime middleware")
-            host.start(thread.loop)
+    def __init__(self, host: _ProcessHost) -> None:
+        self.host = host
 
-        def after_worker_shutdown(self, broker: Any, worker: Any) -> None:
-            host.close()
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        thread = get_event_loop_thread()
+        if thread is None:
+            raise RuntimeError("the AsyncIO middleware must come before the runtime middleware")
+        self.host.start(thread.loop)
 
-    return _Runtime()
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        self.host.close()
 
 
-def _rabbitmq_problem(broker: Any) -> str | None:
+def _rabbitmq_problem(broker: RabbitmqBroker) -> str | None:
     """One connection attempt up front, so a wrong URL is one clear line, not endless retries."""
     import pika
     import pika.exceptions
@@ -186,9 +188,6 @@ def run_worker_process(config: Config, stop: threading.Event | None = None) -> i
     handed back to the queue for another worker; nothing is left half-written.
     """
     global _process_runner
-    import dramatiq
-    from dramatiq.middleware.asyncio import AsyncIO
-
     if is_embedded(config):
         announce(
             "opspawn-mcp: the embedded broker runs inside `opspawn-mcp serve`; set opspawn.broker_url "
@@ -207,11 +206,17 @@ def run_worker_process(config: Config, stop: threading.Event | None = None) -> i
         )
         return 2
     host = _ProcessHost(config, broker)
-    broker.add_middleware(_runtime_middleware(host))
+    broker.add_middleware(_Runtime(host))
     _process_runner = host.runner
     queue = queue_name_for(config)
-    actor_fn: Any = execute_agent_task_actor
-    dramatiq.Actor(actor_fn, broker=broker, actor_name=ACTOR_NAME, queue_name=queue, priority=0, options={})
+    dramatiq.Actor[[str], None](
+        execute_agent_task_actor,
+        broker=broker,
+        actor_name=ACTOR_NAME,
+        queue_name=queue,
+        priority=0,
+        options={},
+    )
     concurrency = config.opspawn.worker.concurrency
     worker = dramatiq.Worker(broker, worker_threads=concurrency, worker_timeout=1000)
     # Prefetch no more than we can run: an agent task lasts seconds to hours, so a message

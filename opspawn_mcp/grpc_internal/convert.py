@@ -82,10 +82,7 @@ def task_from_pb(message: pb.Task) -> Task:
     data: dict[str, Any] = json_format.MessageToDict(message, preserving_proto_field_name=True)
     data["status"] = status_from_pb(message.status)
     data["spec"] = spec_from_pb(message.spec)
-    for key in ("input_tokens", "output_tokens", "total_tokens"):
-        if key in data.get("usage", {}):
-            data["usage"][key] = int(data["usage"][key])
-    return Task.model_validate(data)
+    return Task.model_validate(data)  # int64 counts arrive as JSON strings, which pydantic reads
 
 
 def event_from_pb(message: pb.TaskEvent) -> TaskEvent:
