@@ -33,13 +33,9 @@ class TaskView(BaseModel):
     progress: TaskProgress
     result: str | None = Field(description="The agent's answer, once completed.")
     error: str | None = Field(description="Why it failed or was cancelled.")
-    warning: str | None = Field(
-        default=None,
-        description="Set on a completed task whose result needs checking: the agent got no successful "
-        "tool result (the last tool error is quoted), had no tools, or gave an empty answer.",
-    )
+    warning: str | None = Field(default=None, description=Task.model_fields["warning"].description)
     approval: ApprovalRequest | None = Field(
-        default=None, description="While input_required: the tool call waiting for a person's approval."
+        default=None, description=Task.model_fields["approval"].description
     )
     usage: Usage
     created_at: datetime

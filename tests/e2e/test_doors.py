@@ -187,18 +187,11 @@ class McpDoor:
     def _outcome(view: dict[str, Any]) -> Outcome:
         return Outcome(view["task_id"], view["status"], view["result"])
 
-    @staticmethod
-    def _args(spec: dict[str, Any]) -> dict[str, Any]:
-        args = dict(spec)
-        if "timeout_s" in args:
-            args["timeout"] = args.pop("timeout_s")
-        return args
-
     async def run(self, spec: dict[str, Any]) -> Outcome:
-        return self._outcome(await self._call("submit_task", {**self._args(spec), "wait": HANG_GUARD_S}))
+        return self._outcome(await self._call("submit_task", {**spec, "wait": HANG_GUARD_S}))
 
     async def submit(self, spec: dict[str, Any]) -> Outcome:
-        return self._outcome(await self._call("submit_task", self._args(spec)))
+        return self._outcome(await self._call("submit_task", spec))
 
     async def get(self, task_id: str) -> Outcome:
         return self._outcome(await self._call("get_status", {"task_id": task_id}))

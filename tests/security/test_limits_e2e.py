@@ -186,7 +186,7 @@ async def test_asking_for_more_than_a_limit_allows_is_refused(serve: Serve, door
     for token, spec, field in (
         (TOKENS["frugal"], {"goal": "echo x", "budget": {"max_tool_calls": 5}}, "budget.max_tool_calls"),
         (TOKENS["stingy"], {"goal": "echo x", "budget": {"max_llm_tokens": 6}}, "budget.max_llm_tokens"),
-        (TOKENS["brief"], {"goal": "echo x", "timeout_s" if door != "mcp" else "timeout": 10}, "timeout_s"),
+        (TOKENS["brief"], {"goal": "echo x", "timeout_s": 10}, "timeout_s"),
     ):
         answer = await _submit(serve, door, token, spec)
         assert not answer["ok"], (door, spec, answer)
