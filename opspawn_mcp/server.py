@@ -7,13 +7,20 @@ is ``mcp_http``, the answers' shapes ``mcp_views``. See docs/mcp-server.md.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Annotated, Any, TypeVar, cast
 
 from mcp.server import MCPServer
 from mcp.server.context import ServerRequestContext
+from mcp.server.lowlevel.helper_types import ReadResourceContents
 from mcp.server.mcpserver import Context
-from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError, UnexpectedToolError
+from mcp.server.mcpserver.exceptions import (
+    ResourceError,
+    ResourceNotFoundError,
+    ToolError,
+    UnexpectedResourceError,
+    UnexpectedToolError,
+)
 from mcp.server.subscriptions import InMemorySubscriptionBus
 from mcp.shared.exceptions import MCPError
 from mcp.types import (
@@ -33,7 +40,7 @@ from mcp.types import (
     SetLevelRequestParams,
     ToolAnnotations,
 )
-from pydantic import Field
+from pydantic import AnyUrl, Field
 
 from agentkit.tools import parse_docstring
 from opspawn_mcp.chaining import OPSPAWN_NAME, ChainingExtension, relay_meta
@@ -243,6 +250,23 @@ class _Server(MCPServer):
                 raise
             line = error_line(exc.__cause__, request)
             raise ToolError(f"Error executing tool {name}: {line}") from exc.__cause__
+
+    async def read_resource(
+        self, uri: AnyUrl | str, context: Context | None = None
+    ) -> Iterable[ReadResourceContents] | InputRequiredResult:
+        """The one place a typed error becomes a resource error, as ``call_tool`` does for tools:
+        a task the caller cannot see is not found (-32602), any other typed error its one line."""
+        try:
+            return await super().read_resource(uri, context)
+        except UnexpectedResourceError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, NotFound):
+                raise ResourceNotFoundError(cause.message) from cause
+            if isinstance(cause, OpspawnError):
+                raise ResourceError(
+                    error_line(cause, context.request_context if context else None)
+                ) from cause
+            raise
 
     async def _call_tool(
         self, name: str, arguments: dict[str, Any], context: Context | None
@@ -457,11 +481,7 @@ def build_server(
         mime_type="application/json",
     )
     async def task_resource(task_id: str, ctx: Context) -> str:
-        try:
-            task = await service.get(task_id, by=caller(ctx, local))
-        except NotFound as exc:
-            raise ResourceNotFoundError(exc.message) from exc
-        return task.model_dump_json()
+        return (await service.get(task_id, by=caller(ctx, local))).model_dump_json()
 
     @server.resource(
         "opspawn://tasks/{task_id}/events",
@@ -470,10 +490,7 @@ def build_server(
         mime_type="application/json",
     )
     async def events_resource(task_id: str, ctx: Context) -> str:
-        try:
-            events = await service.events(task_id, 0, 1000, by=caller(ctx, local))
-        except NotFound as exc:
-            raise ResourceNotFoundError(exc.message) from exc
+        events = await service.events(task_id, 0, 1000, by=caller(ctx, local))
         return json.dumps([e.model_dump(mode="json") for e in events])
 
     return server
