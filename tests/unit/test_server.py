@@ -16,6 +16,7 @@ from mcp.server import MCPServer
 
 from opspawn_mcp.models import TaskStatus
 from opspawn_mcp.server import build_server
+from opspawn_mcp.server_tasks import SUBMIT_ARGUMENTS
 from opspawn_mcp.service import TaskService
 from opspawn_mcp.store.memory import MemoryStore
 from tests.support.mcp_wire import OPSPAWN_TOOLS
@@ -44,6 +45,8 @@ async def test_tools_have_descriptions_and_schemas(server: MCPServer) -> None:
         assert submit["properties"]["goal"]["maxLength"] == 20_000
         assert submit["properties"]["max_steps"]["maximum"] == 100
         assert set(submit["properties"]) >= {"servers", "model", "max_steps", "planner", "timeout_s", "wait"}
+        # The arguments it lists are the ones it takes: TaskSpec's fields (but chain) and wait.
+        assert set(submit["properties"]) == SUBMIT_ARGUMENTS
         assert tools["get_status"].annotations is not None and tools["get_status"].annotations.read_only_hint
         assert "submit_task" in (client.instructions or "")
 
