@@ -58,8 +58,8 @@ from opspawn_mcp.models import (
     TaskSpec,
     TaskStatus,
 )
-from opspawn_mcp.principals import LOCAL, Principal, principal_of
-from opspawn_mcp.server_tasks import ServiceTaskBackend, submit_spec
+from opspawn_mcp.principals import LOCAL, Principal
+from opspawn_mcp.server_tasks import ServiceTaskBackend, requester, submit_spec
 from opspawn_mcp.service import LIST_PAGE_MAX, SEARCH_MAX_CHARS, WAIT_MAX_S, TaskService
 
 SERVER_NAME = OPSPAWN_NAME
@@ -138,10 +138,8 @@ TaskId = Annotated[Any, _arg("The task_id returned by submit_task or list_tasks.
 
 
 def caller(ctx: Context, local: Principal) -> Principal:
-    """Who sent this MCP request: over HTTP the principal the HTTP guard authenticated; with no
-    HTTP request (stdio, an in-process client) the local user, ``local``."""
-    request = ctx.request_context.request
-    return local if request is None else principal_of(request.scope)
+    """Who sent this tool call or resource read (``server_tasks.requester``)."""
+    return requester(ctx.request_context, local)
 
 
 _Listed = TypeVar(
@@ -168,17 +166,12 @@ class _Server(MCPServer):
     def _listing(self, ctx: ServerRequestContext[Any]) -> Principal:
         """Who lists; their connection is remembered for ``*/list_changed`` (``ExposedTools``)."""
         request = ctx.request
-        if request is None:
-            by, session_id = self.local, None
-        else:
-            by = principal_of(request.scope)
+        session_id = None
+        if request is not None:
             session_id = request.headers.get(MCP_SESSION_HEADER) or request.query_params.get("session_id")
         if self.exposed is not None:
             self.exposed.remember(ctx.session, session_id)
-        return by
-
-    def _requester(self, ctx: ServerRequestContext[Any]) -> Principal:
-        return self.local if ctx.request is None else principal_of(ctx.request.scope)
+        return requester(ctx, self.local)
 
     def _extended(self, ctx: ServerRequestContext[Any], listed: _Listed, field: str, more: _More) -> _Listed:
         """``listed`` (opspawn's own) followed by the exposed servers' items of ``field``."""
@@ -210,7 +203,7 @@ class _Server(MCPServer):
         self, ctx: ServerRequestContext[Any], params: ReadResourceRequestParams
     ) -> ReadResourceResult | InputRequiredResult:
         if self.exposed is not None and original_uri(params.uri) is not None:
-            by = self._requester(ctx)
+            by = requester(ctx, self.local)
             target = self.exposed.route_uri(params.uri, by)
             if target is None:
                 raise MCPError(INVALID_PARAMS, f"Unknown resource: {params.uri}", {"uri": params.uri})
@@ -227,7 +220,7 @@ class _Server(MCPServer):
         self, ctx: ServerRequestContext[Any], params: GetPromptRequestParams
     ) -> GetPromptResult | InputRequiredResult:
         if self.exposed is not None:
-            by = self._requester(ctx)
+            by = requester(ctx, self.local)
             target = self.exposed.route_prompt(params.name, by)
             if target is not None:
                 return await self.exposed.get_prompt(*target, params.arguments, by)

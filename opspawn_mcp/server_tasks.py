@@ -62,6 +62,13 @@ def submit_spec(arguments: Mapping[str, Any], meta: Mapping[str, Any] | None = N
     return {k: v for k, v in named.items() if v is not None}
 
 
+def requester(ctx: RequestContext, local: Principal) -> Principal:
+    """Who sent this MCP request: over HTTP the principal the HTTP guard authenticated; with no
+    HTTP request (stdio, an in-process client) the local user, ``local``."""
+    request = ctx.request
+    return local if request is None else principal_of(request.scope)
+
+
 def infrastructure_failure(task: Task) -> bool:
     """A failure of opspawn (not of the agent): MCP Tasks reports it as ``failed``."""
     return task.status is TaskStatus.FAILED and (task.error or "").startswith(INFRASTRUCTURE_FAILURES)
@@ -177,8 +184,7 @@ class ServiceTaskBackend:
         self._latest = LatestEvents(service)
 
     def _caller(self, ctx: RequestContext) -> Principal:
-        request = ctx.request
-        return self._local if request is None else principal_of(request.scope)
+        return requester(ctx, self._local)
 
     def support(self, tool: str) -> TaskSupport | None:
         return "optional" if tool == "submit_task" else None
