@@ -16,65 +16,39 @@ import re
 import select
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.security.kit import Serve, run_serve, write_serve_config
 from tests.servers.harness import HANG_GUARD_S, REPO_ROOT, free_port, opspawn_command, opspawn_process
 from tests.support.fake_openai import spawn_fake_openai, wait_for_http
+from tests.support.serve import deployment_env, fake_llm_profile
 from tests.support.services import require_command
 
 CLI_TIMEOUT_S = 120.0
 
 
-@dataclass(frozen=True)
-class Serve:
-    url: str
-    config: Path
-    env: dict[str, str]
-
-    @property
-    def rest(self) -> str:
-        return self.url.removesuffix("/mcp")
-
-
 @pytest.fixture(scope="module")
 def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
     tmp = tmp_path_factory.mktemp("cli")
-    port = free_port()
-    with spawn_fake_openai() as llm_url:
-        config = {
-            "mcpServers": {
-                "example": {"command": sys.executable, "args": ["-m", "opspawn_mcp.example_server"]}
-            },
-            "opspawn": {
-                "store_url": f"sqlite+aiosqlite:///{tmp / 'opspawn.db'}",
-                "llm": {"provider": "openai", "base_url": llm_url, "model": "fake-model", "timeout_s": 30},
-                "server": {"port": port},
-            },
-        }
-        path = tmp / "opspawn.json"
-        path.write_text(json.dumps(config))
-        log = tmp / "serve.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OPSPAWN_")}
-        with opspawn_process("--config", str(path), "serve", cwd=REPO_ROOT, env=env, log=log) as proc:
-            base = f"http://127.0.0.1:{port}"
-            wait_for_http(
-                proc, f"{base}/readyz", deadline_s=HANG_GUARD_S, why=lambda: log.read_text()[-3000:]
-            )
-            yield Serve(url=f"{base}/mcp", config=path, env={**env, "OPSPAWN_URL": f"{base}/mcp"})
+    with spawn_fake_openai() as llm_url, run_serve(tmp, {"llm": fake_llm_profile(llm_url)}) as running:
+        yield running
+
+
+def cli_env(serve: Serve) -> dict[str, str]:
+    """A user's shell pointed at ``serve`` by ``$OPSPAWN_URL``."""
+    return deployment_env(OPSPAWN_URL=serve.mcp)
 
 
 def cli(serve: Serve, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [opspawn_command(), *args],
         cwd=REPO_ROOT,
-        env=serve.env,
+        env=cli_env(serve),
         capture_output=True,
         text=True,
         timeout=CLI_TIMEOUT_S,
@@ -92,7 +66,7 @@ def submitted(serve: Serve, goal: str, *args: str) -> str:
 def on_a_terminal(serve: Serve, *args: str) -> str:
     """``opspawn-mcp *args`` with stdout on a pseudo-terminal (what a user's shell gives it)."""
     leader, follower = pty.openpty()
-    env = {**serve.env, "TERM": "xterm-256color", "COLUMNS": "160"}
+    env = {**cli_env(serve), "TERM": "xterm-256color", "COLUMNS": "160"}
     env.pop("NO_COLOR", None)
     proc = subprocess.Popen(
         [opspawn_command(), *args], cwd=REPO_ROOT, env=env, stdout=follower, stderr=subprocess.PIPE
@@ -210,10 +184,10 @@ def test_every_read_command_speaks_json(serve: Serve) -> None:
 
 
 def test_config_is_taken_before_or_after_the_command(serve: Serve) -> None:
-    env_free = {**serve.env, "OPSPAWN_URL": ""}
+    env_free = {**cli_env(serve), "OPSPAWN_URL": ""}
     for args in (["--config", str(serve.config), "servers"], ["servers", "--config", str(serve.config)]):
         out = subprocess.run(
-            [opspawn_command(), *args, "--url", serve.url],
+            [opspawn_command(), *args, "--url", serve.mcp],
             env=env_free,
             capture_output=True,
             text=True,
@@ -231,7 +205,7 @@ def test_the_readmes_inspector_command_lists_and_calls_the_tools(serve: Serve) -
     pinned = json.loads((REPO_ROOT / "tests/node/package.json").read_text())["dependencies"]
     assert pinned["@modelcontextprotocol/inspector"] == "2.12.0"  # the README names this version
     inspector = require_command("inspector")  # tests/node/node_modules/.bin, on PATH in `make test`
-    base = [inspector, "--cli", serve.url, "--transport", "http", "--method"]
+    base = [inspector, "--cli", serve.mcp, "--transport", "http", "--method"]
     listed = subprocess.run([*base, "tools/list"], capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
     assert listed.returncode == 0, listed.stderr
     assert "submit_task" in {t["name"] for t in json.loads(listed.stdout)["tools"]}
@@ -258,22 +232,11 @@ def test_ctrl_c_with_running_tasks_says_at_once_which_it_hands_back_and_how_long
 ) -> None:
     port = free_port()
     with spawn_fake_openai() as llm_url:
-        config = {
-            "mcpServers": {
-                "example": {"command": sys.executable, "args": ["-m", "opspawn_mcp.example_server"]}
-            },
-            "opspawn": {
-                "store_url": f"sqlite+aiosqlite:///{tmp_path / 'opspawn.db'}",
-                "llm": {"provider": "openai", "base_url": llm_url, "model": "fake-model", "timeout_s": 30},
-            },
-        }
-        path = tmp_path / "opspawn.json"
-        path.write_text(json.dumps(config))
+        path = write_serve_config(tmp_path, {"llm": fake_llm_profile(llm_url)})
         log = tmp_path / "serve.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OPSPAWN_")}
         # --config and --port after the command, as a user types them.
         args = ("serve", "--config", str(path), "--port", str(port))
-        with opspawn_process(*args, cwd=REPO_ROOT, env=env, log=log) as proc:
+        with opspawn_process(*args, cwd=REPO_ROOT, env=deployment_env(), log=log) as proc:
             base = f"http://127.0.0.1:{port}"
             wait_for_http(
                 proc, f"{base}/readyz", deadline_s=HANG_GUARD_S, why=lambda: log.read_text()[-3000:]
@@ -320,12 +283,12 @@ def test_an_unknown_task_names_the_command_that_lists_tasks(serve: Serve) -> Non
 
 
 def test_rest_names_its_own_routes(serve: Serve) -> None:
-    answer = httpx.get(f"{serve.rest}/v1/tasks/no-such-task", timeout=HANG_GUARD_S).json()
+    answer = httpx.get(f"{serve.http}/v1/tasks/no-such-task", timeout=HANG_GUARD_S).json()
     assert (
         answer["detail"] == "No task with id 'no-such-task'. List tasks with GET /v1/tasks to find valid ids."
     )
     refused = httpx.post(
-        f"{serve.rest}/v1/tasks", json={"goal": "x", "servers": ["ghost"]}, timeout=HANG_GUARD_S
+        f"{serve.http}/v1/tasks", json={"goal": "x", "servers": ["ghost"]}, timeout=HANG_GUARD_S
     ).json()
     assert refused["detail"].endswith("List them with GET /v1/servers.")
 

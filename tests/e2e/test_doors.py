@@ -13,29 +13,23 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
 import httpx
-import httpx2
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from mcp import Client
-from mcp.client.streamable_http import streamable_http_client
 
 from opspawn_mcp.errors import Conflict, InvalidInput, OpspawnError, TaskNotFound, Unauthenticated
 from opspawn_mcp.grpc_internal.gen import tasks_pb2 as pb
 from opspawn_mcp.grpc_internal.gen import tasks_pb2_grpc as pb_grpc
-from tests.servers.harness import HANG_GUARD_S, REPO_ROOT, free_port, opspawn_process, wait_until_serving
+from tests.security.kit import Serve, mcp_call, mcp_read, rest, run_serve
+from tests.servers.harness import HANG_GUARD_S
 from tests.support.fake_openai import spawn_fake_openai
+from tests.support.serve import fake_llm_profile
 
 TOKEN = "doors-e2e-token"
 TOKEN_ENV = "OPSPAWN_DOORS_TOKEN"
@@ -44,60 +38,12 @@ TOKEN_ENV = "OPSPAWN_DOORS_TOKEN"
 # -- the server process -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Server:
-    http: str
-    grpc: str
-
-    @property
-    def mcp(self) -> str:
-        return f"{self.http}/mcp"
-
-
-def _wait_ready(proc: subprocess.Popen[bytes], http: str, grpc_target: str, log: Path) -> None:
-    """Until both the REST readiness probe and the gRPC health check say serving."""
-
-    def ready() -> bool:
-        r = httpx.get(f"{http}/readyz", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=1)
-        if r.status_code != 200:
-            return False
-        with grpc.insecure_channel(grpc_target) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
-            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-
-    wait_until_serving(proc, log, ready, (httpx.HTTPError, grpc.RpcError))
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    tmp = tmp_path_factory.mktemp("doors")
-    http_port, grpc_port = free_port(), free_port()
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
     with spawn_fake_openai() as llm_url:
-        config = {
-            "mcpServers": {
-                "example": {"command": sys.executable, "args": ["-m", "opspawn_mcp.example_server"]}
-            },
-            "opspawn": {
-                "store_url": f"sqlite+aiosqlite:///{tmp / 'opspawn.db'}",
-                "broker_url": "embedded",
-                "llm": {"provider": "openai", "base_url": llm_url, "model": "fake-model", "timeout_s": 30},
-                "server": {
-                    "host": "127.0.0.1",
-                    "port": http_port,
-                    "grpc_port": grpc_port,
-                    "auth_token_env": TOKEN_ENV,
-                },
-            },
-        }
-        path = tmp / "opspawn.json"
-        path.write_text(json.dumps(config))
-        log = tmp / "serve.log"
-        env = {**os.environ, TOKEN_ENV: TOKEN}
-        with opspawn_process("--config", str(path), "serve", cwd=REPO_ROOT, env=env, log=log) as proc:
-            http = f"http://127.0.0.1:{http_port}"
-            target = f"127.0.0.1:{grpc_port}"
-            _wait_ready(proc, http, target, log)
-            yield Server(http=http, grpc=target)
+        opspawn = {"llm": fake_llm_profile(llm_url), "server": {"auth_token_env": TOKEN_ENV}}
+        with run_serve(tmp_path_factory.mktemp("doors"), opspawn, env={TOKEN_ENV: TOKEN}) as serve:
+            yield serve
 
 
 # -- the doors --------------------------------------------------------------------------------
@@ -147,41 +93,21 @@ class Door(Protocol):
 class McpDoor:
     """MCP over streamable HTTP; ``submit_task`` with ``wait`` is how an MCP client follows a task."""
 
-    def __init__(self, server: Server, token: str) -> None:
-        self.url = server.mcp
+    def __init__(self, server: Serve, token: str) -> None:
+        self.server = server
         self.token = token
 
     async def _call(self, tool: str, arguments: dict[str, Any]) -> dict[str, Any]:
-        headers = {"Authorization": f"Bearer {self.token}"}
-        statuses: list[int] = []
-
-        async def record(response: httpx2.Response) -> None:
-            statuses.append(response.status_code)
-
-        try:
-            async with (
-                httpx2.AsyncClient(
-                    headers=headers,
-                    timeout=httpx2.Timeout(30.0, read=None),
-                    event_hooks={"response": [record]},
-                ) as http,
-                Client(streamable_http_client(self.url, http_client=http)) as client,
-            ):
-                result = await client.call_tool(tool, arguments)
-        except Exception as exc:
-            # The MCP client reports an HTTP refusal as a generic JSON-RPC error; the status is
-            # what the transport actually answered.
-            if 401 in statuses:
-                raise DoorError("mcp", 401, Unauthenticated.kind, str(exc)) from None
-            raise
-        if result.is_error:
-            text = "".join(getattr(block, "text", "") for block in result.content)
-            text = text.removeprefix(f"Error executing tool {tool}: ")
-            kind, _, message = text.partition(": ")
-            raise DoorError("mcp", None, kind, message)
-        content: dict[str, Any] | None = result.structured_content
-        assert content is not None
-        return content
+        answer = await mcp_call(self.server, self.token, tool, arguments)
+        # The MCP client reports an HTTP refusal as a generic JSON-RPC error; the status is what
+        # the transport actually answered.
+        if answer.http_status == 401:
+            raise DoorError("mcp", 401, Unauthenticated.kind, answer.text)
+        assert answer.http_status is None, answer
+        if answer.is_error:
+            raise DoorError("mcp", None, answer.kind, answer.text.partition(": ")[2])
+        assert answer.data is not None
+        return answer.data
 
     @staticmethod
     def _outcome(view: dict[str, Any]) -> Outcome:
@@ -205,25 +131,16 @@ class McpDoor:
         while not (await self._call("get_status", {"task_id": task_id}))["done"]:
             assert time.monotonic() < deadline, "hang guard"
             await asyncio.sleep(0.05)
-        headers = {"Authorization": f"Bearer {self.token}"}
-        async with (
-            httpx2.AsyncClient(headers=headers, timeout=30.0) as http,
-            Client(streamable_http_client(self.url, http_client=http)) as client,
-        ):
-            contents = await client.read_resource(f"opspawn://tasks/{task_id}/events")
-        text = "".join(getattr(c, "text", "") for c in contents.contents)
-        events = json.loads(text)
+        read = await mcp_read(self.server, self.token, f"opspawn://tasks/{task_id}/events")
+        assert not read.is_error, read.text
+        events = json.loads(read.text)
         items = events["events"] if isinstance(events, dict) else events
         return [e["kind"] for e in items]
 
 
 class RestDoor(Door):
-    def __init__(self, server: Server, token: str) -> None:
-        self.client = httpx.AsyncClient(
-            base_url=server.http,
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=httpx.Timeout(30, read=None),
-        )
+    def __init__(self, server: Serve, token: str) -> None:
+        self.client = rest(server, token)
 
     @staticmethod
     def _check(r: httpx.Response) -> dict[str, Any]:
@@ -264,7 +181,7 @@ class RestDoor(Door):
 
 
 class GrpcDoor(Door):
-    def __init__(self, server: Server, token: str) -> None:
+    def __init__(self, server: Serve, token: str) -> None:
         self.channel = grpc.aio.insecure_channel(server.grpc)
         self.stub = pb_grpc.TaskServiceStub(self.channel)  # type: ignore[no-untyped-call]
         self.metadata = (("authorization", f"Bearer {token}"),)
@@ -305,7 +222,7 @@ DOORS: dict[str, type[McpDoor | RestDoor | GrpcDoor]] = {"mcp": McpDoor, "rest":
 
 
 @asynccontextmanager
-async def open_door(name: str, server: Server, token: str = TOKEN) -> AsyncIterator[Door]:
+async def open_door(name: str, server: Serve, token: str = TOKEN) -> AsyncIterator[Door]:
     door: McpDoor | RestDoor | GrpcDoor = DOORS[name](server, token)
     try:
         yield door
@@ -322,7 +239,7 @@ pytestmark = pytest.mark.parametrize("door_name", list(DOORS))
 # -- the scenarios ----------------------------------------------------------------------------
 
 
-async def test_submit_and_watch_to_completion(server: Server, door_name: str) -> None:
+async def test_submit_and_watch_to_completion(server: Serve, door_name: str) -> None:
     async with open_door(door_name, server) as door:
         done = await door.run({"goal": "echo hello doors", "servers": ["example"]})
         assert (done.status, done.result) == ("completed", "done: hello doors")
@@ -332,7 +249,7 @@ async def test_submit_and_watch_to_completion(server: Server, door_name: str) ->
         assert kinds[-1] == "state"
 
 
-async def test_cancel_a_task_then_cancelling_a_finished_one_conflicts(server: Server, door_name: str) -> None:
+async def test_cancel_a_task_then_cancelling_a_finished_one_conflicts(server: Serve, door_name: str) -> None:
     async with open_door(door_name, server) as door:
         # The agent calls the example server's 30 s sleep tool, so the cancel always lands first.
         task = await door.submit({"goal": "sleep 30", "servers": ["example"]})
@@ -346,7 +263,7 @@ async def test_cancel_a_task_then_cancelling_a_finished_one_conflicts(server: Se
         assert info.value.means(Conflict), info.value
 
 
-async def test_unknown_task_is_not_found(server: Server, door_name: str) -> None:
+async def test_unknown_task_is_not_found(server: Serve, door_name: str) -> None:
     async with open_door(door_name, server) as door:
         for call in (door.get, door.cancel, door.follow):
             with pytest.raises(DoorError) as info:
@@ -359,7 +276,7 @@ async def test_unknown_task_is_not_found(server: Server, door_name: str) -> None
     [({"goal": "x", "max_steps": 0}, "max_steps"), ({"goal": "x", "planner": "yolo"}, "planner")],
 )
 async def test_bad_input_is_invalid_with_the_same_message(
-    server: Server, door_name: str, spec: dict[str, Any], field: str
+    server: Serve, door_name: str, spec: dict[str, Any], field: str
 ) -> None:
     async with open_door(door_name, server) as door:
         with pytest.raises(DoorError) as info:
@@ -368,14 +285,14 @@ async def test_bad_input_is_invalid_with_the_same_message(
         assert field in info.value.message
 
 
-async def test_a_wrong_token_is_unauthenticated(server: Server, door_name: str) -> None:
+async def test_a_wrong_token_is_unauthenticated(server: Serve, door_name: str) -> None:
     async with open_door(door_name, server, token="wrong") as door:
         with pytest.raises(DoorError) as info:
             await door.get("anything")
         assert info.value.means(Unauthenticated), info.value
 
 
-async def test_every_door_sees_the_same_task(server: Server, door_name: str) -> None:
+async def test_every_door_sees_the_same_task(server: Serve, door_name: str) -> None:
     """A task submitted through one door is the same task, same fields, through the others."""
     async with open_door(door_name, server) as door:
         done = await door.run({"goal": "echo shared", "servers": ["example"]})

@@ -37,6 +37,7 @@ from tests.servers.harness import REPO_ROOT, free_port, lines, stdio_config, wai
 from tests.support.fake_openai import FakeOpenAIServer
 from tests.support.metrics import sample, samples
 from tests.support.otlp_collector import OtlpCollector
+from tests.support.serve import fake_llm_profile
 from tests.support.services import POSTGRES_URL, RABBITMQ_URL, delete_queues, drop_schema, require_service
 from tests.support.task_waits import states, until, until_a_tool_is_called, until_finished
 from tests.support.traces import one, recording, span_id, trace_id
@@ -148,7 +149,7 @@ async def deployment(
         "opspawn": {
             "store_url": store_url,
             "broker_url": RABBITMQ_URL,
-            "llm": {"provider": "openai", "base_url": base_url, "model": "fake-model", "timeout_s": 10},
+            "llm": fake_llm_profile(base_url, timeout_s=10),
             "worker": {"concurrency": 4, "lease_ttl_s": 2, "max_attempts": 3, **worker},
         },
     }
@@ -179,6 +180,21 @@ def _no_leftovers(*workers: WorkerProcess) -> Iterator[None]:
                 with suppress(ProcessLookupError):
                     os.killpg(w.process.pid, signal.SIGKILL)
                 w.process.wait()
+
+
+@asynccontextmanager
+async def _mid_call(
+    tmp_path: Path, base_url: str, goal: str
+) -> AsyncIterator[tuple[Deployment, WorkerProcess, WorkerProcess, Task]]:
+    """A deployment with two workers: ``first`` runs ``goal`` and is in the middle of its first
+    tool call; ``second`` is not started yet."""
+    async with deployment(tmp_path, base_url) as d:
+        first, second = WorkerProcess(d, "first"), WorkerProcess(d, "second")
+        with _no_leftovers(first, second):
+            await first.start()
+            task = await d.service.submit({"goal": goal, "servers": ["t"]}, by=LOCAL)
+            await until_a_tool_is_called(d.store, task.id)
+            yield d, first, second, task
 
 
 async def test_a_worker_process_runs_a_task_from_rabbitmq(tmp_path: Path, fake: FakeOpenAIServer) -> None:
@@ -278,79 +294,51 @@ async def test_one_worker_process_runs_tasks_concurrently_sharing_one_downstream
 async def test_killed_worker_mid_task_the_next_worker_completes_it_once(
     tmp_path: Path, fake: FakeOpenAIServer
 ) -> None:
-    async with deployment(tmp_path, fake.base_url) as d:
-        first, second = WorkerProcess(d, "first"), WorkerProcess(d, "second")
-        with _no_leftovers(first, second):
-            await first.start()
-            # A sleep far longer than the test: the kill lands mid-call however slow the machine
-            # is between the call's start and the kill (a 3 s sleep could finish first).
-            task = await d.service.submit({"goal": "sleep 60", "servers": ["t"]}, by=LOCAL)
-            await until_a_tool_is_called(d.store, task.id)
-            first.kill_hard()
-            assert (await d.store.get(task.id)).status is TaskStatus.RUNNING
+    # A sleep far longer than the test: the kill lands mid-call however slow the machine is
+    # between the call's start and the kill (a 3 s sleep could finish first).
+    async with _mid_call(tmp_path, fake.base_url, "sleep 60") as (d, first, second, task):
+        first.kill_hard()
+        assert (await d.store.get(task.id)).status is TaskStatus.RUNNING
 
-            await second.start()
-            done = await d.finished(task.id)
-            assert done.status is TaskStatus.COMPLETED, f"{done.error}\n{second.log()}"
-            # The second attempt resumed from the journal: the model's first answer was not asked
-            # again, and the sleep (not annotated idempotent) was not run again: the model was told
-            # its effect is unknown.
-            assert done.result is not None and done.result.startswith(f"done: {INTERRUPTED_MESSAGE}")
-            assert done.attempts == 2
-            events = await d.events(task.id)
-            assert states(events).count("completed") == 1
-            assert [e.kind for e in events].count("final") == 1
-            assert [e.kind for e in events].count("tool_call") == 1
-            assert sum(1 for line in lines(tmp_path / "cancels") if line.startswith("finished")) == 0
-            assert await second.stop() == 0
+        await second.start()
+        done = await d.finished(task.id)
+        assert done.status is TaskStatus.COMPLETED, f"{done.error}\n{second.log()}"
+        # The second attempt resumed from the journal: the model's first answer was not asked
+        # again, and the sleep (not annotated idempotent) was not run again: the model was told
+        # its effect is unknown.
+        assert done.result is not None and done.result.startswith(f"done: {INTERRUPTED_MESSAGE}")
+        assert done.attempts == 2
+        events = await d.events(task.id)
+        assert states(events).count("completed") == 1
+        assert [e.kind for e in events].count("final") == 1
+        assert [e.kind for e in events].count("tool_call") == 1
+        assert sum(1 for line in lines(tmp_path / "cancels") if line.startswith("finished")) == 0
+        assert await second.stop() == 0
 
 
 async def test_sigterm_hands_a_running_task_back_and_another_worker_finishes_it(
     tmp_path: Path, fake: FakeOpenAIServer
 ) -> None:
-    async with deployment(tmp_path, fake.base_url) as d:
-        first, second = WorkerProcess(d, "first"), WorkerProcess(d, "second")
-        with _no_leftovers(first, second):
-            await first.start()
-            task = await d.service.submit({"goal": "sleep 30", "servers": ["t"]}, by=LOCAL)
-            await until_a_tool_is_called(d.store, task.id)
-            assert await first.stop() == 0
-            handed_back = await d.store.get(task.id)
-            assert handed_back.status is TaskStatus.QUEUED, first.log()
-            assert states(await d.events(task.id))[-1] == "queued"
+    async with _mid_call(tmp_path, fake.base_url, "sleep 30") as (d, first, second, task):
+        assert await first.stop() == 0
+        handed_back = await d.store.get(task.id)
+        assert handed_back.status is TaskStatus.QUEUED, first.log()
+        assert states(await d.events(task.id))[-1] == "queued"
 
-            # The next worker takes the re-published message; cancel it to end the test quickly.
-            await second.start()
-            await until(d.store, task.id, lambda t: t.attempts == 2)
-            await d.service.cancel(task.id, by=LOCAL)
-            done = await d.finished(task.id)
-            assert done.status is TaskStatus.CANCELLED
-            assert await second.stop() == 0
+        # The next worker takes the re-published message; cancel it to end the test quickly.
+        await second.start()
+        await until(d.store, task.id, lambda t: t.attempts == 2)
+        await d.service.cancel(task.id, by=LOCAL)
+        done = await d.finished(task.id)
+        assert done.status is TaskStatus.CANCELLED
+        assert await second.stop() == 0
 
 
-def test_worker_refuses_the_embedded_broker(tmp_path: Path) -> None:
+def _worker_with(tmp_path: Path, opspawn: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    """``opspawn-mcp worker`` on a config of only this ``opspawn`` section, to its exit."""
     config_path = tmp_path / "opspawn.json"
-    config_path.write_text(json.dumps({"opspawn": {"store_url": "memory://"}}), encoding="utf-8")
-    result = subprocess.run(
-        [sys.executable, "-m", "opspawn_mcp.cli", "--config", str(config_path), "worker"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 2
-    assert "the embedded broker runs inside `opspawn-mcp serve`" in result.stderr
-    assert "set opspawn.broker_url to amqp://" in result.stderr
-
-
-def test_worker_with_an_unreachable_rabbitmq_says_so_and_exits(tmp_path: Path) -> None:
-    config_path = tmp_path / "opspawn.json"
-    url = f"amqp://guest:secret-pass@127.0.0.1:{free_port()}/"
-    config_path.write_text(
-        json.dumps({"opspawn": {"store_url": "memory://", "broker_url": url}}), encoding="utf-8"
-    )
-    result = subprocess.run(
+    config_path.write_text(json.dumps({"opspawn": opspawn}), encoding="utf-8")
+    return subprocess.run(
         [sys.executable, "-m", "opspawn_mcp.cli", "--config", str(config_path), "worker"],
         cwd=REPO_ROOT,
         capture_output=True,
@@ -358,6 +346,18 @@ def test_worker_with_an_unreachable_rabbitmq_says_so_and_exits(tmp_path: Path) -
         timeout=120,
         check=False,
     )
+
+
+def test_worker_refuses_the_embedded_broker(tmp_path: Path) -> None:
+    result = _worker_with(tmp_path, {"store_url": "memory://"})
+    assert result.returncode == 2
+    assert "the embedded broker runs inside `opspawn-mcp serve`" in result.stderr
+    assert "set opspawn.broker_url to amqp://" in result.stderr
+
+
+def test_worker_with_an_unreachable_rabbitmq_says_so_and_exits(tmp_path: Path) -> None:
+    url = f"amqp://guest:secret-pass@127.0.0.1:{free_port()}/"
+    result = _worker_with(tmp_path, {"store_url": "memory://", "broker_url": url})
     assert result.returncode == 2
     assert "cannot reach RabbitMQ at amqp://guest:***@127.0.0.1:" in result.stderr
     assert "check that it is running and that opspawn.broker_url is right" in result.stderr

@@ -32,18 +32,13 @@ from opspawn_mcp.store import open_store
 from opspawn_mcp.store.base import TaskStore
 from tests.servers.harness import REPO_ROOT, free_port, opspawn_command, opspawn_process
 from tests.support.counting_servers import Control, Journal, mcp_server_entry, spawn_counting_llm
+from tests.support.serve import deployment_env
 from tests.support.services import delete_queues, drop_schema
 
 HANG_GUARD_S = 60.0
 """Deadline of every wait here: only there to turn a hang into a failure, never asserted."""
 READY = "opspawn-mcp worker ready"
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-    """The environment of a real deployment: no OPSPAWN_*/OPENAI_* override from the shell."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("OPSPAWN_", "OPENAI_"))}
-    return {**base, **extra}
 
 
 async def poll(predicate: Any, what: str, *, interval: float = 0.05, deadline_s: float = HANG_GUARD_S) -> Any:
@@ -89,7 +84,7 @@ class Worker:
             return subprocess.Popen(
                 [opspawn_command(), "--config", str(self.stack.config_path), "worker"],
                 cwd=REPO_ROOT,
-                env=_clean_env(),
+                env=deployment_env(),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -321,7 +316,7 @@ async def deployment(
         serve_log = tmp / "serve.log"
         serve = exits.enter_context(
             opspawn_process(
-                "--config", str(config_path), "serve", cwd=REPO_ROOT, env=_clean_env(), log=serve_log
+                "--config", str(config_path), "serve", cwd=REPO_ROOT, env=deployment_env(), log=serve_log
             )
         )
         http = f"http://127.0.0.1:{http_port}"

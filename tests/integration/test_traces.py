@@ -37,6 +37,7 @@ from opspawn_mcp.store.base import TaskStore
 from opspawn_mcp.telemetry import tracing
 from tests.servers.harness import HANG_GUARD_S, free_port, stdio_config
 from tests.support.fake_openai import FakeOpenAIServer, tool_call
+from tests.support.serve import fake_llm_profile
 from tests.support.traces import named, one, parent_of, recording, span_id, trace_id
 
 
@@ -62,7 +63,7 @@ async def serving(tmp_path: Path, llm_url: str, grpc_port: int | None = None) ->
             "opspawn": {
                 "store_url": f"sqlite+aiosqlite:///{tmp_path / 'opspawn.db'}",
                 "broker_url": "embedded",
-                "llm": {"provider": "openai", "base_url": llm_url, "model": "fake-model", "timeout_s": 30},
+                "llm": fake_llm_profile(llm_url),
                 "server": {"grpc_port": grpc_port},
             }
         },

@@ -27,6 +27,7 @@ from tests.servers.harness import free_port, lines, stdio_config, wait_until, wa
 from tests.servers.tasks_conformance import spawn_tasks_fixture
 from tests.support.callers import task_status
 from tests.support.fake_openai import FakeOpenAI, FakeOpenAIServer, tool_call
+from tests.support.serve import fake_llm_profile
 from tests.support.task_waits import states, until, until_a_tool_is_called, until_finished
 
 
@@ -45,6 +46,11 @@ class Stack:
         await self.worker.join()
         return await self.store.get(task_id)
 
+    async def run(self, spec: dict[str, Any]) -> Task:
+        """Submit ``spec`` as the local user; the task once it has ended."""
+        task = await self.service.submit(spec, by=LOCAL)
+        return await self.finished(task.id)
+
     async def events(self, task_id: str) -> list[TaskEvent]:
         return await self.store.events(task_id)
 
@@ -60,7 +66,7 @@ def make_config(
             "opspawn": {
                 "store_url": f"sqlite+aiosqlite:///{tmp_path / 'opspawn.db'}",
                 "broker_url": "embedded",
-                "llm": {"provider": "openai", "base_url": base_url, "model": "fake-model", "timeout_s": 10},
+                "llm": fake_llm_profile(base_url, timeout_s=10),
                 # Checked where the config was loaded (the variable was set there), run where it is not.
                 "models": {
                     "keyed": {"provider": "openai", "base_url": base_url, "model": "m", "api_key_env": UNSET}
@@ -109,8 +115,7 @@ async def test_echo_task_completes_through_the_proxy_with_events(
     tmp_path: Path, fake: FakeOpenAIServer
 ) -> None:
     async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
-        task = await stack.service.submit({"goal": "echo hello opspawn", "servers": ["t"]}, by=LOCAL)
-        done = await stack.finished(task.id)
+        done = await stack.run({"goal": "echo hello opspawn", "servers": ["t"]})
 
         assert done.status is TaskStatus.COMPLETED, done.error
         assert done.result == "done: hello opspawn"
@@ -119,7 +124,7 @@ async def test_echo_task_completes_through_the_proxy_with_events(
         assert done.usage.input_tokens > 0 and done.usage.output_tokens > 0
         assert done.lease_owner is None and done.finished_at is not None
         assert done.warning is None  # the answer rests on a successful tool result
-        events = await stack.events(task.id)
+        events = await stack.events(done.id)
         assert states(events) == ["queued", "running", "completed"]
         calls = [e for e in events if e.kind == "tool_call"]
         assert [c.data["name"] for c in calls] == ["t__echo"]
@@ -134,19 +139,18 @@ async def test_redelivered_message_for_a_finished_task_is_a_no_op(
     tmp_path: Path, fake: FakeOpenAIServer
 ) -> None:
     async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
-        task = await stack.service.submit({"goal": "echo once", "servers": ["t"]}, by=LOCAL)
-        done = await stack.finished(task.id)
-        before = await stack.events(task.id)
+        done = await stack.run({"goal": "echo once", "servers": ["t"]})
+        before = await stack.events(done.id)
 
         for _ in range(3):
-            await stack.worker.enqueue(task.id)
+            await stack.worker.enqueue(done.id)
         await stack.worker.join()
 
-        after = await stack.store.get(task.id)
+        after = await stack.store.get(done.id)
         assert after.status is TaskStatus.COMPLETED
         assert after.attempts == done.attempts == 1
         assert after.result == done.result and after.finished_at == done.finished_at
-        assert await stack.events(task.id) == before
+        assert await stack.events(done.id) == before
 
 
 async def test_a_failing_tool_is_an_observation_the_task_reports(
@@ -154,14 +158,13 @@ async def test_a_failing_tool_is_an_observation_the_task_reports(
 ) -> None:
     async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
         stack.fake.script(tool_call("t__fail", message="disk full on /data"))
-        task = await stack.service.submit({"goal": "use the failing tool", "servers": ["t"]}, by=LOCAL)
-        done = await stack.finished(task.id)
+        done = await stack.run({"goal": "use the failing tool", "servers": ["t"]})
 
         # The tool error reached the model as data (rule 1 of the fake answers with it); the worker
         # neither crashed nor hid it.
         assert done.status is TaskStatus.COMPLETED, done.error
         assert done.result == "done: The tool t/fail reported an error: disk full on /data"
-        results = [e for e in await stack.events(task.id) if e.kind == "tool_result"]
+        results = [e for e in await stack.events(done.id) if e.kind == "tool_result"]
         assert results[0].data["is_error"] is True
         assert "disk full on /data" in results[0].data["content"]
         # ... but the task does not read as a clean success: it says the answer rests on no
@@ -170,7 +173,7 @@ async def test_a_failing_tool_is_an_observation_the_task_reports(
             "the agent finished without a successful tool result (last tool error: t__fail: "
             "The tool t/fail reported an error: disk full on /data)"
         )
-        assert [e.data.get("reason") for e in await stack.events(task.id) if e.kind == "state"][
+        assert [e.data.get("reason") for e in await stack.events(done.id) if e.kind == "state"][
             -1
         ] == done.warning
 
@@ -180,15 +183,13 @@ async def test_an_answer_from_the_model_alone_carries_a_warning(
 ) -> None:
     async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
         stack.fake.script("Paris, I believe")
-        task = await stack.service.submit({"goal": "capital of France?", "servers": ["t"]}, by=LOCAL)
-        done = await stack.finished(task.id)
+        done = await stack.run({"goal": "capital of France?", "servers": ["t"]})
         assert (done.status, done.result) == (TaskStatus.COMPLETED, "Paris, I believe")
         assert done.warning == (
             "the agent finished without calling a tool, so the answer comes from the model alone"
         )
 
-        task = await stack.service.submit({"goal": "say something", "servers": []}, by=LOCAL)
-        done = await stack.finished(task.id)
+        done = await stack.run({"goal": "say something", "servers": []})
         assert done.status is TaskStatus.COMPLETED and done.result
         assert done.warning == (
             "the agent had no tools (no downstream MCP server is configured or allowed), so the "
@@ -208,8 +209,7 @@ async def test_the_model_reads_each_failed_call_as_one_message_from_the_pool(
             tool_call("t__crash", code=3),  # the server dies mid-call
             "the end",
         )
-        task = await stack.service.submit({"goal": "fail in three ways", "servers": ["t"]}, by=LOCAL)
-        done = await stack.finished(task.id)
+        done = await stack.run({"goal": "fail in three ways", "servers": ["t"]})
 
         assert done.status is TaskStatus.COMPLETED, done.error
         # What the model was sent back, as the fake LLM server received it: one message per
@@ -223,7 +223,7 @@ async def test_the_model_reads_each_failed_call_as_one_message_from_the_pool(
             "MCP server 't' dropped the connection during the call to 'crash' (Connection closed "
             "(MCP error -32000)). The call may or may not have run; the next call reconnects.",
         ]
-        results = [e.data for e in await stack.events(task.id) if e.kind == "tool_result"]
+        results = [e.data for e in await stack.events(done.id) if e.kind == "tool_result"]
         assert [r["is_error"] for r in results] == [True, False, True, False, True]
         assert results[0]["parts"] == [{"type": "text", "text": "disk full on /data"}]
 
@@ -286,14 +286,13 @@ async def test_a_tool_that_keeps_failing_fails_the_task_with_its_error(
         # Different arguments each time: identical repeated calls trip the repeated-call guard first.
         for i in range(MAX_TOOL_ERRORS):
             stack.fake.script(tool_call("t__fail", message=f"disk full on /data ({i})"))
-        task = await stack.service.submit({"goal": "use the failing tool", "servers": ["t"]}, by=LOCAL)
-        done = await stack.finished(task.id)
+        done = await stack.run({"goal": "use the failing tool", "servers": ["t"]})
 
         assert done.status is TaskStatus.FAILED
         assert done.error is not None
         assert f"{MAX_TOOL_ERRORS} tool calls failed in a row; the last, t__fail, said:" in done.error
         assert "disk full on /data" in done.error
-        events = await stack.events(task.id)
+        events = await stack.events(done.id)
         assert [e.kind for e in events].count("tool_result") == MAX_TOOL_ERRORS
         assert states(events)[-1] == "failed" and events[-1].data["reason"] == done.error
 
@@ -303,11 +302,10 @@ async def test_downstream_progress_during_a_long_call_reaches_the_event_log(
 ) -> None:
     async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
         stack.fake.script(tool_call("t__sleep", seconds=0.6))
-        task = await stack.service.submit({"goal": "sleep a little", "servers": ["t"]}, by=LOCAL)
-        done = await stack.finished(task.id)
+        done = await stack.run({"goal": "sleep a little", "servers": ["t"]})
 
         assert done.status is TaskStatus.COMPLETED, done.error
-        events = await stack.events(task.id)
+        events = await stack.events(done.id)
         progress = [e for e in events if e.kind == "progress"]
         # The testing server reports 6 steps of 6; the worker's throttle may merge some, but the
         # first and the last report always reach the log, in order, between call and result.
@@ -326,11 +324,10 @@ async def test_a_downstream_server_crash_is_an_observation_not_a_worker_crash(
 ) -> None:
     async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
         stack.fake.script(tool_call("t__crash", code=3, message="boom"))
-        task = await stack.service.submit({"goal": "crash the server", "servers": ["t"]}, by=LOCAL)
-        done = await stack.finished(task.id)
+        done = await stack.run({"goal": "crash the server", "servers": ["t"]})
 
         assert done.status is TaskStatus.COMPLETED, done.error
-        results = [e for e in await stack.events(task.id) if e.kind == "tool_result"]
+        results = [e for e in await stack.events(done.id) if e.kind == "tool_result"]
         assert results[0].data["is_error"] is True
         # The pool reconnects: the next task uses the server again.
         again = await stack.service.submit({"goal": "echo back again", "servers": ["t"]}, by=LOCAL)
@@ -342,14 +339,13 @@ async def test_a_failing_llm_fails_the_task_with_the_servers_answer(
 ) -> None:
     async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
         stack.fake.fail_next(401, times=1)
-        task = await stack.service.submit({"goal": "echo nope", "servers": ["t"]}, by=LOCAL)
-        done = await stack.finished(task.id)
+        done = await stack.run({"goal": "echo nope", "servers": ["t"]})
 
         assert done.status is TaskStatus.FAILED
         assert done.error is not None
         assert done.error.startswith("the agent failed: The model server at ")
         assert "HTTP 401" in done.error and "API key" in done.error
-        events = await stack.events(task.id)
+        events = await stack.events(done.id)
         assert states(events) == ["queued", "running", "failed"]
         assert events[-1].data["reason"] == done.error
 
@@ -359,8 +355,7 @@ async def test_an_unreachable_llm_fails_the_task_saying_what_to_check(
 ) -> None:
     dead = f"http://127.0.0.1:{free_port()}/v1"
     async with open_stack(tmp_path, dead, fake.fake) as stack:
-        task = await stack.service.submit({"goal": "echo nobody home", "servers": ["t"]}, by=LOCAL)
-        done = await stack.finished(task.id)
+        done = await stack.run({"goal": "echo nobody home", "servers": ["t"]})
         assert done.status is TaskStatus.FAILED
         assert done.error is not None
         assert f"Cannot reach the model server at {dead}" in done.error
@@ -371,10 +366,7 @@ async def test_missing_api_key_variable_fails_with_the_variable_name(
     tmp_path: Path, fake: FakeOpenAIServer
 ) -> None:
     async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
-        created = await stack.service.submit(
-            {"goal": "echo secret", "servers": ["t"], "model": {"profile": "keyed"}}, by=LOCAL
-        )
-        done = await stack.finished(created.id)
+        done = await stack.run({"goal": "echo secret", "servers": ["t"], "model": {"profile": "keyed"}})
         assert done.status is TaskStatus.FAILED
         assert done.error is not None and "OPSPAWN_TEST_UNSET_KEY_VAR" in done.error
         assert "not set in the worker's environment" in done.error
@@ -383,13 +375,10 @@ async def test_missing_api_key_variable_fails_with_the_variable_name(
 async def test_the_worker_enforces_the_tasks_tool_call_budget(tmp_path: Path, fake: FakeOpenAIServer) -> None:
     async with open_stack(tmp_path, fake.base_url, fake.fake) as stack:
         stack.fake.script(tool_call("t__echo", text="one"), tool_call("t__echo", text="two"))
-        task = await stack.service.submit(
-            {"goal": "echo twice", "servers": ["t"], "budget": {"max_tool_calls": 1}}, by=LOCAL
-        )
-        done = await stack.finished(task.id)
+        done = await stack.run({"goal": "echo twice", "servers": ["t"], "budget": {"max_tool_calls": 1}})
         assert done.status is TaskStatus.FAILED
         assert done.error is not None and "max_tool_calls" in done.error
-        results = [e for e in await stack.events(task.id) if e.kind == "tool_result"]
+        results = [e for e in await stack.events(done.id) if e.kind == "tool_result"]
         assert len(results) == 1  # the second call did not run
 
 

@@ -12,7 +12,6 @@ guard as their only deadline; nothing asserts on durations.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from opspawn_mcp.grpc_internal.gen import tasks_pb2 as pb
 from opspawn_mcp.grpc_internal.gen import tasks_pb2_grpc as pb_grpc
 from tests.servers.harness import HANG_GUARD_S, REPO_ROOT, free_port, opspawn_process
 from tests.support.fake_openai import FakeOpenAI, FakeOpenAIServer, Reply
+from tests.support.serve import deployment_env
 
 EXAMPLE_SERVER = {"command": sys.executable, "args": ["-m", "opspawn_mcp.example_server"]}
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
@@ -137,6 +137,7 @@ class Serve:
     grpc: str
     log: Path
     port: int
+    config: Path
 
     @property
     def mcp(self) -> str:
@@ -167,6 +168,25 @@ def _wait_ready(proc: subprocess.Popen[bytes], serve: Serve) -> None:
         time.sleep(0.05)
 
 
+def write_serve_config(
+    tmp: Path, opspawn: dict[str, Any], *, mcp_servers: dict[str, Any] | None = None
+) -> Path:
+    """``tmp/opspawn.json``: ``opspawn`` merged over a SQLite store beside it and the embedded
+    broker; the bundled example server unless ``mcp_servers`` names others."""
+    settings = {
+        "store_url": f"sqlite+aiosqlite:///{tmp / 'opspawn.db'}",
+        "broker_url": "embedded",
+        **opspawn,
+    }
+    config = {
+        "mcpServers": {"example": EXAMPLE_SERVER} if mcp_servers is None else mcp_servers,
+        "opspawn": settings,
+    }
+    path = tmp / "opspawn.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
 @contextmanager
 def run_serve(
     tmp: Path,
@@ -175,35 +195,21 @@ def run_serve(
     env: dict[str, str] | None = None,
     mcp_servers: dict[str, Any] | None = None,
 ) -> Iterator[Serve]:
-    """``opspawn-mcp serve`` with HTTP and gRPC on free ports; ``opspawn`` is merged over a
-    SQLite store and the embedded broker, ``opspawn["server"]`` over the host and ports."""
+    """``opspawn-mcp serve`` with HTTP and gRPC on free ports, configured by
+    ``write_serve_config``; ``opspawn["server"]`` is merged over the host and ports. Its
+    environment is a deployment's (``deployment_env``) plus ``env``."""
     http_port, grpc_port = free_port(), free_port()
-    settings = {
-        "store_url": f"sqlite+aiosqlite:///{tmp / 'opspawn.db'}",
-        "broker_url": "embedded",
-        **opspawn,
-        "server": {
-            "host": "127.0.0.1",
-            "port": http_port,
-            "grpc_port": grpc_port,
-            **opspawn.get("server", {}),
-        },
-    }
-    config = {
-        "mcpServers": {"example": EXAMPLE_SERVER} if mcp_servers is None else mcp_servers,
-        "opspawn": settings,
-    }
-    path = tmp / "opspawn.json"
-    path.write_text(json.dumps(config))
+    server = {"host": "127.0.0.1", "port": http_port, "grpc_port": grpc_port, **opspawn.get("server", {})}
+    path = write_serve_config(tmp, {**opspawn, "server": server}, mcp_servers=mcp_servers)
     log = tmp / "serve.log"
-    # Only what a real deployment would have, plus the test's own variables: no OPSPAWN_*
-    # override of the developer's shell may change the config under test.
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("OPSPAWN_", "OPENAI_"))}
-    with opspawn_process(
-        "--config", str(path), "serve", cwd=REPO_ROOT, env={**base, **(env or {})}, log=log
-    ) as proc:
+    args = ("--config", str(path), "serve")
+    with opspawn_process(*args, cwd=REPO_ROOT, env=deployment_env(**(env or {})), log=log) as proc:
         serve = Serve(
-            http=f"http://127.0.0.1:{http_port}", grpc=f"127.0.0.1:{grpc_port}", log=log, port=http_port
+            http=f"http://127.0.0.1:{http_port}",
+            grpc=f"127.0.0.1:{grpc_port}",
+            log=log,
+            port=http_port,
+            config=path,
         )
         _wait_ready(proc, serve)
         yield serve

@@ -28,6 +28,7 @@ import pytest
 
 from tests.security.kit import Serve, capturing_llm, rest, run_serve
 from tests.support.mcp_wire import initialize_request, tool_call_request
+from tests.support.serve import fake_llm_profile
 
 MARKER = f"refused-{uuid.uuid4().hex[:12]}"
 """In the goal of every refused submit: no task with it may ever exist."""
@@ -47,9 +48,7 @@ class Guarded:
 def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guarded]:
     tmp = tmp_path_factory.mktemp("http-guard")
     with capturing_llm() as llm:
-        opspawn = {
-            "llm": {"provider": "openai", "base_url": llm.base_url, "model": "fake-model", "timeout_s": 30}
-        }
+        opspawn = {"llm": fake_llm_profile(llm.base_url)}
         with run_serve(tmp, opspawn) as serve:
             r = httpx.post(
                 f"{serve.http}/v1/tasks", json={"goal": "sleep 30", "servers": ["example"]}, timeout=30
@@ -136,6 +135,16 @@ async def _assert_nothing_changed(client: httpx.AsyncClient, task_id: str) -> No
     assert r.json()["status"] in ("queued", "running"), r.json()
 
 
+async def _assert_refused_at_every_path(
+    client: httpx.AsyncClient, guarded: Guarded, headers: dict[str, str], status: int
+) -> None:
+    """Every route answers a request with ``headers`` by a ``status`` problem and no CORS header."""
+    for call in routes(guarded.task_id):
+        r = await _send(client, call, headers)
+        _assert_problem(r, status, f"{call} {headers}")
+        _assert_no_cors(r, str(call))
+
+
 def _hosts(port: int) -> list[str]:
     return [
         "evil.example",
@@ -149,10 +158,7 @@ def _hosts(port: int) -> list[str]:
 
 async def test_a_foreign_host_is_421_at_every_path(guarded: Guarded, client: httpx.AsyncClient) -> None:
     for host in _hosts(guarded.serve.port):
-        for call in routes(guarded.task_id):
-            r = await _send(client, call, {"host": host})
-            _assert_problem(r, 421, f"{call} Host: {host}")
-            _assert_no_cors(r, str(call))
+        await _assert_refused_at_every_path(client, guarded, {"host": host}, 421)
     await _assert_nothing_changed(client, guarded.task_id)
 
 
@@ -170,10 +176,7 @@ def _origins(port: int) -> list[str]:
 
 async def test_a_foreign_origin_is_403_at_every_path(guarded: Guarded, client: httpx.AsyncClient) -> None:
     for origin in _origins(guarded.serve.port):
-        for call in routes(guarded.task_id):
-            r = await _send(client, call, {"origin": origin})
-            _assert_problem(r, 403, f"{call} Origin: {origin}")
-            _assert_no_cors(r, str(call))
+        await _assert_refused_at_every_path(client, guarded, {"origin": origin}, 403)
         preflight = await client.options(
             "/v1/tasks",
             headers={"origin": origin, "access-control-request-method": "POST"},

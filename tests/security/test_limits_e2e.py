@@ -33,6 +33,7 @@ from tests.security.kit import (
     run_serve,
     wait_done,
 )
+from tests.support.serve import fake_llm_profile
 
 LIMITS = {
     "one": {"max_in_flight": 1},
@@ -54,7 +55,7 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
         }
         tokens["root"] = {"token_env": "SEC_ROOT", "admin": True}
         opspawn = {
-            "llm": {"provider": "openai", "base_url": llm.base_url, "model": "fake-model", "timeout_s": 30},
+            "llm": fake_llm_profile(llm.base_url),
             "server": {"tokens": tokens},
         }
         env = {f"SEC_{name.upper()}": value for name, value in TOKENS.items()}

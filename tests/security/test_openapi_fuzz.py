@@ -27,9 +27,11 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
-from schemathesis import GenerationMode, checks
+from schemathesis import GenerationMode
 
 from tests.security.kit import Serve, capturing_llm, run_serve, wait_done
+from tests.support.openapi_checks import CONFORMANCE_CHECKS
+from tests.support.serve import fake_llm_profile
 
 TOKEN = f"fuzz-{uuid.uuid4().hex}"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -39,14 +41,6 @@ MIN_CASES = 1000
 MIN_POSITIVE_SUBMIT_SHARE = 0.9
 """Measured: 54 of the 55 counted (the document names the configured servers and profiles and forbids NUL;
 what remains is a goal of only whitespace, which the service calls empty)."""
-
-CHECKS = [
-    checks.not_a_server_error,
-    checks.status_code_conformance,
-    checks.content_type_conformance,
-    checks.response_headers_conformance,
-    checks.response_schema_conformance,
-]
 
 
 @dataclass
@@ -69,7 +63,7 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
     tmp = tmp_path_factory.mktemp("openapi-fuzz")
     with capturing_llm() as llm:
         opspawn = {
-            "llm": {"provider": "openai", "base_url": llm.base_url, "model": "fake-model", "timeout_s": 30},
+            "llm": fake_llm_profile(llm.base_url),
             "server": {"tokens": {"fuzz": {"token_env": "SEC_FUZZ", "admin": True}}},
         }
         with run_serve(tmp, opspawn, env={"SEC_FUZZ": TOKEN}) as running:
@@ -128,7 +122,7 @@ def _fuzzer(operation: Any, mode: GenerationMode, label: str, run: FuzzRun) -> A
             kept = run.samples.setdefault(f"{label} -> {response.status_code}", [])
             if len(kept) < 3:
                 kept.append(f"{case.query or ''} {case.body!r:.200} -> {response.text[:300]}")
-        case.validate_response(response, checks=CHECKS, headers=AUTH)
+        case.validate_response(response, checks=CONFORMANCE_CHECKS, headers=AUTH)
 
     return one
 

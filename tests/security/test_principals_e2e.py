@@ -13,7 +13,6 @@ stdio (always the local user) is covered by the stdio tests.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -46,6 +45,7 @@ from tests.security.kit import (
     run_serve,
 )
 from tests.servers.harness import HANG_GUARD_S, opspawn_command
+from tests.support.serve import deployment_env, fake_llm_profile
 from tests.support.tasks_client import TasksAware
 
 TOKENS = {name: f"{name}-{uuid.uuid4().hex}" for name in ("alice", "bob", "root", "xonly")}
@@ -57,7 +57,7 @@ DOORS = ["mcp", "rest", "grpc"]
 def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
     tmp = tmp_path_factory.mktemp("principals")
     with capturing_llm() as llm:
-        profile = {"provider": "openai", "base_url": llm.base_url, "model": "fake-model", "timeout_s": 30}
+        profile = fake_llm_profile(llm.base_url)
         opspawn = {
             "llm": profile,
             "models": {"strong": profile},
@@ -344,9 +344,7 @@ def test_the_cli_speaks_as_the_principal_of_opspawn_token(serve: Serve, tmp_path
     """``opspawn-mcp status`` is an MCP client like any other: ``$OPSPAWN_TOKEN`` names its caller."""
 
     def status(task_id: str, token: str | None) -> subprocess.CompletedProcess[str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OPSPAWN_")}
-        if token is not None:
-            env["OPSPAWN_TOKEN"] = token
+        env = deployment_env() if token is None else deployment_env(OPSPAWN_TOKEN=token)
         return subprocess.run(
             [opspawn_command(), "status", task_id, "--url", serve.mcp, "--json"],
             cwd=tmp_path,

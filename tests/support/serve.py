@@ -18,6 +18,18 @@ from typing import Any
 from tests.servers.harness import REPO_ROOT, opspawn_command
 
 
+def deployment_env(**extra: str) -> dict[str, str]:
+    """The environment of a real deployment, plus ``extra``: no ``OPSPAWN_*``/``OPENAI_*``
+    override from the developer's shell may change the config under test."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("OPSPAWN_", "OPENAI_"))}
+    return {**base, **extra}
+
+
+def fake_llm_profile(base_url: str, *, timeout_s: float = 30) -> dict[str, Any]:
+    """The fake OpenAI server at ``base_url`` as an ``opspawn.llm`` model profile."""
+    return {"provider": "openai", "base_url": base_url, "model": "fake-model", "timeout_s": timeout_s}
+
+
 def write_config(path: Path, llm_url: str, **server: Any) -> Path:
     config = {
         "mcpServers": {

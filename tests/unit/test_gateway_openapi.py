@@ -13,7 +13,6 @@ from typing import Any
 
 import schemathesis
 from hypothesis import HealthCheck, settings
-from schemathesis import checks
 
 from gateway.app import create_gateway
 from opspawn_mcp.http_guard import HttpGuard
@@ -21,6 +20,7 @@ from opspawn_mcp.models import TaskStatus, Usage
 from opspawn_mcp.principals import Principal
 from opspawn_mcp.service import TaskService
 from opspawn_mcp.store.memory import MemoryStore
+from tests.support.openapi_checks import CONFORMANCE_CHECKS
 from tests.support.service_kit import make_service
 from tests.unit.test_gateway import principals_with
 
@@ -61,16 +61,8 @@ def _app() -> object:
 APP = _app()
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP, headers={"Authorization": f"Bearer {TOKEN}"})
 
-CHECKS = [
-    checks.not_a_server_error,
-    checks.status_code_conformance,
-    checks.content_type_conformance,
-    checks.response_headers_conformance,
-    checks.response_schema_conformance,
-]
-
 
 @schema.parametrize()
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 def test_every_answer_matches_the_openapi_document(case: schemathesis.Case[Any]) -> None:
-    case.call_and_validate(headers={"Authorization": f"Bearer {TOKEN}"}, checks=CHECKS)
+    case.call_and_validate(headers={"Authorization": f"Bearer {TOKEN}"}, checks=CONFORMANCE_CHECKS)
