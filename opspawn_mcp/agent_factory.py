@@ -24,14 +24,14 @@ from opspawn_mcp.telemetry.hooks import ObservedLLM
 
 
 class TaskCaller(McpCaller, Protocol):
-    """One task's view of the downstream pool (``host.client.ScopedCaller``): agentkit's caller,
+    """One task's view of the downstream pool (``host.pool.ScopedCaller``): agentkit's caller,
     plus whether a call cut short by a dead worker may run again."""
 
     def may_rerun(self, server: str, tool: str) -> bool: ...
 
 
 class ToolPool(Protocol):
-    """The process's downstream MCP pool (``host.client.OpsMcpClient``) as the agent needs it."""
+    """The process's downstream MCP pool (``host.pool.OpsMcpClient``) as the agent needs it."""
 
     def scoped(
         self, allowed: Collection[str] | None, *, meta: Mapping[str, Any] | None = None

@@ -4,7 +4,7 @@
 ``mcp_proxy_tool`` plugs straight in. See docs/host.md.
 """
 
-from opspawn_mcp.host.client import OpsMcpClient, ScopedCaller
 from opspawn_mcp.host.models import ServerInfo, ServerState
+from opspawn_mcp.host.pool import OpsMcpClient, ScopedCaller
 
 __all__ = ["OpsMcpClient", "ScopedCaller", "ServerInfo", "ServerState"]
