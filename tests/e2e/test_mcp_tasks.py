@@ -156,6 +156,17 @@ async def test_a_legacy_client_gets_the_answer_synchronously_and_cancels(serve: 
         )
 
 
+async def _status_when_done(client: Client, task_id: str) -> dict[str, Any]:
+    """How a legacy client follows a task: ``get_status`` until it says done (bounded by POLLS)."""
+    for _ in range(POLLS):
+        status = (await client.call_tool("get_status", {"task_id": task_id})).structured_content
+        assert status is not None
+        if status["done"]:
+            return status
+        await anyio.sleep(0.1)
+    raise AssertionError(f"task {task_id} was not done after {POLLS} polls: {status}")
+
+
 async def test_a_legacy_client_is_told_of_an_approval_at_once_and_answers_it(serve: ServerProcess) -> None:
     async with Client(serve.url, mode="legacy") as client:
         arguments = {"goal": "echo legacy approved", "servers": ["guarded"], "wait": 40}
@@ -164,13 +175,7 @@ async def test_a_legacy_client_is_told_of_an_approval_at_once_and_answers_it(ser
         assert view is not None and view["status"] == "input_required", view  # the wait ends at the pause
         answer = {"task_id": view["task_id"], "request_id": view["approval"]["id"], "approve": True}
         assert not (await client.call_tool("approve_task", answer)).is_error
-        for _ in range(POLLS):
-            status = await client.call_tool("get_status", {"task_id": view["task_id"]})
-            assert status.structured_content is not None
-            if status.structured_content["done"]:
-                break
-            await anyio.sleep(0.1)
-        assert status.structured_content["result"] == "done: legacy approved"
+        assert (await _status_when_done(client, view["task_id"]))["result"] == "done: legacy approved"
 
 
 async def test_a_legacy_client_never_sees_a_task_result_shape(serve: ServerProcess) -> None:
@@ -202,13 +207,8 @@ async def test_a_client_that_disconnects_mid_wait_leaves_its_task_running(serve:
         page = await client.call_tool("list_tasks", {"limit": 20})
         assert page.structured_content is not None
         [task] = [t for t in page.structured_content["tasks"] if t["goal"] == "sleep 2"]
-        for _ in range(POLLS):
-            status = await client.call_tool("get_status", {"task_id": task["task_id"]})
-            assert status.structured_content is not None
-            if status.structured_content["done"]:
-                break
-            await anyio.sleep(0.1)
-        assert status.structured_content["status"] == "completed", status.structured_content
+        status = await _status_when_done(client, task["task_id"])
+        assert status["status"] == "completed", status
 
 
 @pytest.mark.filterwarnings("ignore:The logging capability is deprecated")  # it is, from 2026-07-28 on

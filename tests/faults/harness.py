@@ -33,7 +33,7 @@ from opspawn_mcp.store.base import TaskStore
 from tests.servers.harness import REPO_ROOT, free_port, opspawn_command, opspawn_process
 from tests.support.counting_servers import Control, Journal, mcp_server_entry, spawn_counting_llm
 from tests.support.serve import deployment_env
-from tests.support.services import delete_queues, drop_schema
+from tests.support.services import POSTGRES_URL, delete_queues, drop_schema, require_service
 
 HANG_GUARD_S = 60.0
 """Deadline of every wait here: only there to turn a hang into a failure, never asserted."""
@@ -230,6 +230,20 @@ class Stack:
             1 for e in await self.events(task_id) if e.kind == "state" and e.data.get("status") == "completed"
         )
 
+    async def once_problems(self, job: str, task: Task, expected: str) -> list[str]:
+        """What says ``job``'s task did not complete exactly once: another status or result than
+        ``expected``, other than one 'completed' state event, finished work the journal saw redone."""
+        problems: list[str] = []
+        if task.status is not TaskStatus.COMPLETED or task.result != expected:
+            problems.append(f"{job}: {task.status.value}, result {task.result!r}, error {task.error!r}")
+        completed = await self.completed_events(task.id)
+        if completed != 1:
+            problems.append(f"{job}: {completed} 'completed' state events")
+        redone = self.journal.redone(job)
+        if redone:
+            problems.append(f"{job}: finished work redone: {redone} ({self.journal.counts(job)})")
+        return problems
+
 
 def lease_pid(task: Task) -> int | None:
     """The worker pid in a task's lease owner (``host:pid:runner/claim``); None without a lease."""
@@ -259,9 +273,8 @@ async def _wait_http(proc: subprocess.Popen[bytes], url: str, log: Path) -> None
 async def deployment(
     tmp: Path,
     *,
-    store_url: str,
     broker_url: str,
-    shared_schema: str | None = None,
+    store_url: str | None = None,
     workers: int = 1,
     worker: dict[str, Any] | None = None,
     server: dict[str, Any] | None = None,
@@ -270,14 +283,19 @@ async def deployment(
     mcp_servers: dict[str, Any] | None = None,
     llm_url: str | None = None,
 ) -> AsyncIterator[Stack]:
-    """The whole deployment; ``shared_schema`` names the schema to drop after (shared PostgreSQL);
-    with ``broker_url`` amqp a unique queue is used and deleted after (on a shared RabbitMQ).
+    """The whole deployment; without ``store_url``, a schema of its own on the shared PostgreSQL,
+    dropped after, and with ``broker_url`` amqp a unique queue, deleted after (on a shared RabbitMQ).
     ``mcp_servers`` are configured beside ``c`` (another opspawn, for chaining); ``llm_url`` is
     the model's endpoint instead of the counting LLM (whose journal then has no model calls)."""
     control = Control(tmp / "control")
     control.path.mkdir(parents=True, exist_ok=True)
     journal = Journal(tmp / "journal.jsonl")
     queue = f"opspawn_fault_{uuid.uuid4().hex[:10]}"
+    shared_schema = None
+    if store_url is None:
+        require_service("postgres")
+        shared_schema = f"opspawn_fault_{uuid.uuid4().hex[:10]}"
+        store_url = f"{POSTGRES_URL}?schema={shared_schema}"
     http_port = free_port()
     async with AsyncExitStack() as exits:
         base_url = llm_url or exits.enter_context(

@@ -17,7 +17,6 @@ from opspawn_mcp.models import TaskStatus
 from tests.faults.harness import deployment, poll
 from tests.faults.services import private_rabbitmq
 from tests.support.counting_servers import expected_result, goal
-from tests.support.services import POSTGRES_URL, require_service
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.postgres]
 
@@ -29,14 +28,10 @@ OUTAGE_AFTER = 10
 async def test_rabbitmq_stop_app_start_app_during_200_tasks_all_complete_nothing_restarted(
     tmp_path: Path,
 ) -> None:
-    require_service("postgres")
-    schema = f"opspawn_fault_{uuid.uuid4().hex[:10]}"
     with private_rabbitmq() as rabbit:
         async with deployment(
             tmp_path,
-            store_url=f"{POSTGRES_URL}?schema={schema}",
             broker_url=rabbit.url,
-            shared_schema=schema,
             workers=2,
             llm_delay=0.05,
         ) as stack:

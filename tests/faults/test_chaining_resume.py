@@ -16,7 +16,6 @@ Counts and outcomes only; every wait is a poll bounded by the harness's hang gua
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,7 +29,7 @@ from tests.faults.harness import deployment, poll
 from tests.support import counting_servers as counting
 from tests.support.fake_openai import FakeOpenAIServer, tool_call
 from tests.support.serve import ServerProcess
-from tests.support.services import POSTGRES_URL, RABBITMQ_URL, require_service, started_store
+from tests.support.services import RABBITMQ_URL, require_service, started_store
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.postgres]
 
@@ -76,8 +75,6 @@ async def test_a_resumed_worker_reattaches_to_bs_subtask_instead_of_starting_ano
     tmp_path: Path, protocol: str
 ) -> None:
     require_service("rabbitmq")
-    require_service("postgres")
-    schema = f"opspawn_fault_{uuid.uuid4().hex[:10]}"
     with FakeOpenAIServer() as llm_a, opspawn_b(tmp_path / "b") as (b, b_journal, b_control, b_url):
         b_control.block_tool(JOB, 1)  # B's agent is held in its one tool call until released
         llm_a.fake.script(tool_call("b__submit_task", goal=counting.goal(JOB, "record")))
@@ -85,9 +82,7 @@ async def test_a_resumed_worker_reattaches_to_bs_subtask_instead_of_starting_ano
         async with (
             deployment(
                 tmp_path / "a",
-                store_url=f"{POSTGRES_URL}?schema={schema}",
                 broker_url=RABBITMQ_URL,
-                shared_schema=schema,
                 mcp_servers=downstream,
                 llm_url=llm_a.base_url,
             ) as stack,

@@ -28,7 +28,7 @@ from opspawn_mcp.models import TaskStatus
 from tests.faults.harness import deployment, poll
 from tests.servers.harness import is_alive
 from tests.support.counting_servers import expected_result, goal
-from tests.support.services import POSTGRES_URL, RABBITMQ_URL, require_service
+from tests.support.services import RABBITMQ_URL, require_service
 
 pytestmark = [pytest.mark.postgres]
 
@@ -48,15 +48,11 @@ def _state(proc_pid: int) -> str:
 async def test_a_sigstopped_downstream_fails_the_task_with_the_timeout_and_is_replaced(
     tmp_path: Path, where: str
 ) -> None:
-    require_service("postgres")
     if where == "worker":
         require_service("rabbitmq")
-    schema = f"opspawn_fault_{uuid.uuid4().hex[:10]}"
     async with deployment(
         tmp_path,
-        store_url=f"{POSTGRES_URL}?schema={schema}",
         broker_url="embedded" if where == "embedded" else RABBITMQ_URL,
-        shared_schema=schema,
         workers=0 if where == "embedded" else 1,
         server={"timeout_s": TIMEOUT_S, "max_timeouts": 2},
     ) as stack:

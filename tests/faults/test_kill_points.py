@@ -21,7 +21,7 @@ import pytest
 from opspawn_mcp.models import TaskStatus
 from tests.faults.harness import deployment, poll
 from tests.support.counting_servers import expected_result, goal
-from tests.support.services import POSTGRES_URL, RABBITMQ_URL, require_service
+from tests.support.services import RABBITMQ_URL, require_service
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.postgres]
 
@@ -42,13 +42,9 @@ def _name(src: str, index: int) -> str:
 @pytest.mark.parametrize("tool", ["record", "charge"], ids=["idempotent", "non_idempotent"])
 async def test_kill_9_at_each_step_boundary_of_a_two_tool_task(tmp_path: Path, tool: str) -> None:
     require_service("rabbitmq")
-    require_service("postgres")
-    schema = f"opspawn_fault_{uuid.uuid4().hex[:10]}"
     async with deployment(
         tmp_path,
-        store_url=f"{POSTGRES_URL}?schema={schema}",
         broker_url=RABBITMQ_URL,
-        shared_schema=schema,
         worker={"concurrency": 8},
         # Held requests wait until every task reached its point, however loaded the machine;
         # neither the model call nor the tool call may time out first (the hang guard does).

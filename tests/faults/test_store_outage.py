@@ -16,7 +16,6 @@ from pathlib import Path
 import anyio
 import pytest
 
-from opspawn_mcp.models import TaskStatus
 from tests.faults.harness import deployment, poll
 from tests.faults.services import private_postgres
 from tests.support.counting_servers import expected_result, goal
@@ -37,7 +36,6 @@ async def test_postgresql_stopped_and_started_during_50_tasks_503_meanwhile_all_
             tmp_path,
             store_url=pg.url,
             broker_url=RABBITMQ_URL,
-            shared_schema=None,
             workers=2,
             llm_delay=0.3,  # tasks are in flight when the store goes away
         ) as stack:
@@ -74,18 +72,8 @@ async def test_postgresql_stopped_and_started_during_50_tasks_503_meanwhile_all_
             done = await stack.finished(ids.values())
             problems: list[str] = []
             for job in jobs:
-                task = done[ids[job]]
                 expected = expected_result(job, f"recorded {job}/1")
-                if task.status is not TaskStatus.COMPLETED or task.result != expected:
-                    problems.append(
-                        f"{job}: {task.status.value}, result {task.result!r}, error {task.error!r}"
-                    )
-                completed = await stack.completed_events(ids[job])
-                if completed != 1:
-                    problems.append(f"{job}: {completed} 'completed' state events")
-                redone = stack.journal.redone(job)
-                if redone:
-                    problems.append(f"{job}: re-ran finished work: {redone} ({stack.journal.counts(job)})")
+                problems += await stack.once_problems(job, done[ids[job]], expected)
                 counts = stack.journal.counts(job)
                 if any(n > 2 for n in counts.values()):
                     problems.append(f"{job}: a request came more than twice: {counts}")

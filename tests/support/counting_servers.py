@@ -51,7 +51,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,21 +121,27 @@ def run_mcp(log: Path, control: Path) -> None:
         if before == 0:
             await _hold(control, f"tool-{job}-{n}")
 
-    @server.tool(
-        description="Record that step n of job ran. Idempotent: running it again changes nothing.",
-        annotations=ToolAnnotations(read_only_hint=False, idempotent_hint=True, destructive_hint=False),
-    )
-    async def record(job: str, n: int, ctx: Context) -> str:
-        await received("record", job, n, ctx)
-        return f"recorded {job}/{n}"
+    def step_tool(tool: str, done: str) -> Callable[[str, int, Context], Awaitable[str]]:
+        async def step(job: str, n: int, ctx: Context) -> str:
+            await received(tool, job, n, ctx)
+            return f"{done} {job}/{n}"
 
-    @server.tool(
-        description="Charge step n of job. NOT idempotent: running it again charges twice.",
-        annotations=ToolAnnotations(read_only_hint=False, idempotent_hint=False, destructive_hint=True),
-    )
-    async def charge(job: str, n: int, ctx: Context) -> str:
-        await received("charge", job, n, ctx)
-        return f"charged {job}/{n}"
+        return step
+
+    # (name, what it answers, idempotent, description): the annotation is what the tests pin.
+    for tool, done, idempotent, description in (
+        (
+            "record",
+            "recorded",
+            True,
+            "Record that step n of job ran. Idempotent: running it again changes nothing.",
+        ),
+        ("charge", "charged", False, "Charge step n of job. NOT idempotent: running it again charges twice."),
+    ):
+        annotations = ToolAnnotations(
+            read_only_hint=False, idempotent_hint=idempotent, destructive_hint=not idempotent
+        )
+        server.tool(name=tool, description=description, annotations=annotations)(step_tool(tool, done))
 
     @server.tool(description="Wait until the test releases the gate `name`, then return.")
     async def gate(name: str, ctx: Context) -> str:
