@@ -9,7 +9,9 @@ PostgreSQL cluster (initdb as the ``postgres`` user: initdb refuses root), and r
 from __future__ import annotations
 
 import os
+import random
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -19,7 +21,6 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.servers.harness import free_port
 from tests.support.services import require_command, unavailable
 
 PG_BIN = Path(os.environ.get("OPSPAWN_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
@@ -30,6 +31,22 @@ def _run(args: list[str], *, env: dict[str, str] | None = None, timeout: float =
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result.stdout
+
+
+def restartable_port(*taken: int) -> int:
+    """A free port below the kernel's ephemeral range, for a service a test stops and starts.
+
+    A port the kernel handed out (``bind(0)``) lies in the ephemeral range, where any outgoing
+    connection may take it as its source port while the service is down; the restart then fails
+    with ``eaddrinuse``. Below the range only an explicit bind can take it."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    candidates = list(range(max(1024, low - 10_000), low))
+    random.shuffle(candidates)
+    for port in [p for p in candidates if p not in taken][:200]:
+        with socket.socket() as sock, suppress(OSError):
+            sock.bind(("127.0.0.1", port))
+            return port
+    raise RuntimeError(f"no free port below the ephemeral range (which starts at {low})")
 
 
 @dataclass
@@ -66,7 +83,8 @@ def private_rabbitmq() -> Iterator[PrivateRabbit]:
     base = Path(tempfile.mkdtemp(prefix="opspawn-fault-rmq-"))
     base.chmod(0o755)
     node = f"opspawn-fault-{uuid.uuid4().hex[:8]}@localhost"
-    port, dist = free_port(), free_port()
+    port = restartable_port()
+    dist = restartable_port(port)
     (base / "enabled_plugins").write_text("[].\n")
     (base / "rabbitmq.conf").write_text(
         f"listeners.tcp.local = 127.0.0.1:{port}\nloopback_users = none\n", encoding="utf-8"
@@ -161,7 +179,7 @@ def private_postgres() -> Iterator[PrivatePostgres]:
         shutil.chown(base, "postgres")
         shutil.chown(sockets, "postgres")
     base.chmod(0o755)
-    pg = PrivatePostgres(data, sockets, free_port())
+    pg = PrivatePostgres(data, sockets, restartable_port())
     started = False
     try:
         _run(
