@@ -19,7 +19,8 @@ import pytest
 
 from agentkit import Agent, ReActPlanner, RunStatus, tool
 from agentkit.llm import LLMError, LocalGGUF, Message, OpenAICompatible, ToolDefinition, default_model_path
-from tests.support.fake_openai import free_port, stop_process, wait_for_http
+from tests.servers.harness import free_port
+from tests.support.fake_openai import stop_process, wait_for_http
 from tests.support.services import unavailable
 from tests.unit.agentkit.doubles import Recorder
 

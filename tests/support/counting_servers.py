@@ -228,7 +228,8 @@ def run_llm(host: str, port: int, log: Path, control: Path, delay: float) -> Non
 def spawn_counting_llm(log: Path, control: Path, *, delay: float = 0.0) -> Iterator[str]:
     """Run the counting LLM server in its own process (worker kills never touch it); yields its
     base_url. The process is killed on leaving (a blocked request may never end)."""
-    from tests.support.fake_openai import free_port, wait_for_http
+    from tests.servers.harness import free_port
+    from tests.support.fake_openai import wait_for_http
 
     port = free_port()
     args = ["--port", str(port), "--log", str(log), "--control", str(control), "--delay", str(delay)]

@@ -98,6 +98,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from tests.servers.harness import free_port
+
 Reply = dict[str, Any]
 
 
@@ -338,13 +340,6 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
         status_code=status,
         headers=headers,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class FakeOpenAIServer:
